@@ -1,0 +1,22 @@
+//! mover-core: the data plane of the VMware → CloudStack mover.
+//!
+//! Everything that touches disk bytes at volume goes through this crate:
+//!
+//! - [`endpoint`]: one interface ([`endpoint::Endpoint`]) over NBD exports, raw files and block
+//!   devices, with capability queries (size, multi-conn, extents, fast zeroing);
+//! - [`nbd`]: a native NBD client (fixed newstyle, `NBD_OPT_GO`, structured replies, block
+//!   status) over TCP and Unix sockets;
+//! - [`plan`]: which byte ranges a copy covers (all, allocated-only, or an explicit CBT list);
+//! - [`copy`]: the copy engine — workers owning their connections and buffers, many requests
+//!   in flight, zero runs sent as zero commands, progress counters, cancellation, checkpoints.
+//!
+//! The Python binding lives in `py/` behind the `python` feature; nothing else here knows pyo3,
+//! so `cargo test --no-default-features` runs without Python.
+
+pub mod endpoint;
+pub mod error;
+
+pub use error::{MoverError, Result};
+
+#[cfg(feature = "python")]
+mod py;

@@ -1,0 +1,1 @@
+"""The OMA: the control plane on the CloudStack side."""

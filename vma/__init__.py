@@ -1,0 +1,1 @@
+"""The VMA: the appliance next to vCenter."""
