@@ -13,8 +13,12 @@
 //! The Python binding lives in `py/` behind the `python` feature; nothing else here knows pyo3,
 //! so `cargo test --no-default-features` runs without Python.
 
+pub mod checkpoint;
+pub mod copy;
 pub mod endpoint;
 pub mod error;
+pub mod plan;
+pub mod progress;
 
 pub use error::{MoverError, Result};
 

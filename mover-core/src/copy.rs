@@ -1,0 +1,492 @@
+//! The copy engine.
+//!
+//! A copy is `connections × requests` slots. Each slot owns one request buffer and the
+//! endpoint handles of its connection, and loops: take the next work item (one shared atomic
+//! index), read it, scan it for zeros, then write it or send it as one zero command. Nothing on
+//! that path takes a lock; memory is bounded by `connections × requests × request_size` whatever
+//! the disk's size. Items are taken in disk order, so reads stay nearly sequential.
+//!
+//! When a checkpoint file is given, a background task periodically snapshots the done set,
+//! flushes the target, and only then records the snapshot: a checkpoint never names a range that
+//! is not on stable storage. A restarted copy with the same plan skips what it names.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+
+use crate::checkpoint::{self, CheckpointKey, DoneSet};
+use crate::endpoint::Endpoint;
+use crate::error::{MoverError, Result};
+use crate::plan::{self, Plan, PlanKind, WorkItem};
+use crate::progress::{CancelToken, Progress, ProgressSnapshot};
+
+/// EPERM, the NBD error code for writes to a read-only export.
+const EPERM: u32 = 1;
+
+#[derive(Clone, Debug)]
+pub struct CopyOptions {
+    /// Connections per endpoint, used only where the endpoint allows several (multi-conn).
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub requests: usize,
+    /// Bytes per request; a power of two.
+    pub request_size: usize,
+    /// Where to record progress for a resumable copy.
+    pub checkpoint: Option<PathBuf>,
+    pub checkpoint_interval: Duration,
+    /// The target already reads as zeros (a new image): zero runs of the source need no
+    /// command at all.
+    pub target_is_zero: bool,
+    /// How long in-flight requests may take to drain after cancellation before they are
+    /// abandoned.
+    pub cancel_grace: Duration,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            connections: 4,
+            requests: 16,
+            request_size: 1 << 20,
+            checkpoint: None,
+            checkpoint_interval: Duration::from_secs(5),
+            target_is_zero: false,
+            cancel_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CopyOptions {
+    fn check(&self) -> Result<()> {
+        let bad = |m: String| Err(MoverError::InvalidPlan(m));
+        if !(1..=64).contains(&self.connections) {
+            return bad(format!(
+                "connections must be 1 to 64, not {}",
+                self.connections
+            ));
+        }
+        if !(1..=1024).contains(&self.requests) {
+            return bad(format!("requests must be 1 to 1024, not {}", self.requests));
+        }
+        if !self.request_size.is_power_of_two() || !(4096..=32 << 20).contains(&self.request_size) {
+            return bad(format!(
+                "request size must be a power of two from 4 KiB to 32 MiB, not {}",
+                self.request_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The process-wide runtime every blocking entry point runs its copy on.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .thread_name("mover")
+            .enable_all()
+            .build()
+            .expect("the mover runtime starts")
+    })
+}
+
+/// True when every byte of `buf` is zero. Word-wise, stopping at the first non-zero block.
+#[must_use]
+pub fn is_zero(buf: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (head, words, tail) = unsafe { buf.align_to::<u64>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(32)
+            .all(|c| c.iter().fold(0, |acc, w| acc | w) == 0)
+}
+
+/// State every slot of one copy shares; only atomics on the hot path.
+struct Shared {
+    plan: Plan,
+    next: AtomicUsize,
+    done: DoneSet,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+    stop: AtomicBool,
+    error: Mutex<Option<MoverError>>,
+}
+
+impl Shared {
+    fn fail(&self, err: MoverError) {
+        let mut slot = self.error.lock().expect("error slot");
+        if slot.is_none() {
+            *slot = Some(err);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.cancel.is_cancelled()
+    }
+}
+
+async fn run_slot(
+    shared: Arc<Shared>,
+    src: Arc<dyn Endpoint>,
+    dst: Arc<dyn Endpoint>,
+    request_size: usize,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    while !shared.stopped() {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&item) = shared.plan.items.get(i) else {
+            break;
+        };
+        if shared.done.contains(i) {
+            continue;
+        }
+        if buf.capacity() == 0 {
+            buf = vec![0u8; request_size];
+        }
+        match copy_item(&shared.progress, &*src, &*dst, item, buf).await {
+            Ok(b) => {
+                buf = b;
+                shared.done.mark(i);
+                Progress::add(&shared.progress.extents_done, 1);
+            }
+            Err(e) => {
+                shared.fail(e);
+                break;
+            }
+        }
+    }
+}
+
+async fn copy_item(
+    progress: &Progress,
+    src: &dyn Endpoint,
+    dst: &dyn Endpoint,
+    item: WorkItem,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>> {
+    let WorkItem {
+        offset,
+        length,
+        zero,
+    } = item;
+    if zero {
+        dst.write_zeroes(offset, length)
+            .await
+            .map_err(|e| e.on_target(offset, length))?;
+        Progress::add(&progress.bytes_zeroed, length);
+        return Ok(buf);
+    }
+    buf.resize(length as usize, 0);
+    let buf = src
+        .read(offset, buf)
+        .await
+        .map_err(|e| e.on_source(offset, length))?;
+    Progress::add(&progress.bytes_read, length);
+    if is_zero(&buf) {
+        dst.write_zeroes(offset, length)
+            .await
+            .map_err(|e| e.on_target(offset, length))?;
+        Progress::add(&progress.bytes_zeroed, length);
+        Ok(buf)
+    } else {
+        let buf = dst
+            .write(offset, buf)
+            .await
+            .map_err(|e| e.on_target(offset, length))?;
+        Progress::add(&progress.bytes_written, length);
+        Ok(buf)
+    }
+}
+
+/// Flush the target, then record what was done before the flush began.
+async fn record(
+    path: &std::path::Path,
+    key: &CheckpointKey,
+    shared: &Shared,
+    dst: &dyn Endpoint,
+) -> Result<()> {
+    let words = shared.done.snapshot();
+    dst.flush().await?;
+    let (path, key) = (path.to_owned(), key.clone());
+    tokio::task::spawn_blocking(move || checkpoint::save(&path, &key, &words))
+        .await
+        .map_err(|e| MoverError::io("checkpoint writer", std::io::Error::other(e)))?
+}
+
+/// Copy `source` into `target` according to `kind`.
+///
+/// Returns the final progress; on failure or cancellation the checkpoint (if any) records what
+/// was done, and the error names the range that failed.
+pub async fn copy(
+    source: Arc<dyn Endpoint>,
+    target: Arc<dyn Endpoint>,
+    kind: &PlanKind,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+) -> Result<ProgressSnapshot> {
+    opts.check()?;
+    let (src_caps, dst_caps) = (source.capabilities().clone(), target.capabilities().clone());
+    if dst_caps.read_only {
+        return Err(MoverError::target_write(
+            0,
+            0,
+            Some(EPERM),
+            format!("{} is read-only", target.name()),
+        ));
+    }
+    if dst_caps.size < src_caps.size {
+        return Err(MoverError::InvalidPlan(format!(
+            "target {} ({} bytes) is smaller than source {} ({} bytes)",
+            target.name(),
+            dst_caps.size,
+            source.name(),
+            src_caps.size
+        )));
+    }
+    let request_size = opts
+        .request_size
+        .min(usize::try_from(src_caps.max_request.min(dst_caps.max_request)).unwrap_or(usize::MAX))
+        .max(4096);
+    let plan = plan::build(&*source, kind, request_size as u64, opts.target_is_zero).await?;
+
+    let key = CheckpointKey {
+        source: source.name().to_owned(),
+        target: target.name().to_owned(),
+        disk_size: plan.disk_size,
+        items: plan.items.len(),
+        plan: plan.fingerprint() ^ request_size as u64,
+    };
+    let done = match &opts.checkpoint {
+        Some(path) => checkpoint::load(path, &key)?,
+        None => DoneSet::new(plan.items.len()),
+    };
+    let resumed: u64 = (0..plan.items.len())
+        .filter(|&i| done.contains(i))
+        .map(|i| plan.items[i].length)
+        .sum();
+    progress
+        .bytes_planned
+        .store(plan.bytes(), Ordering::Relaxed);
+    progress.bytes_resumed.store(resumed, Ordering::Relaxed);
+    progress
+        .extents_total
+        .store(plan.items.len() as u64, Ordering::Relaxed);
+    progress.start();
+
+    let item_count = plan.items.len();
+    let shared = Arc::new(Shared {
+        plan,
+        next: AtomicUsize::new(0),
+        done,
+        progress: Arc::clone(&progress),
+        cancel: Arc::clone(&cancel),
+        stop: AtomicBool::new(false),
+        error: Mutex::new(None),
+    });
+
+    // One handle pair per connection; endpoints without multi-conn share theirs.
+    let connections = opts.connections.min(item_count.max(1));
+    let mut pairs = vec![(Arc::clone(&source), Arc::clone(&target))];
+    for _ in 1..connections {
+        let s = if src_caps.multi_conn {
+            source.another().await?
+        } else {
+            Arc::clone(&source)
+        };
+        let d = if dst_caps.multi_conn {
+            target.another().await?
+        } else {
+            Arc::clone(&target)
+        };
+        pairs.push((s, d));
+    }
+
+    let mut slots = JoinSet::new();
+    for (s, d) in &pairs {
+        for _ in 0..opts.requests.min(item_count.max(1)) {
+            slots.spawn(run_slot(
+                Arc::clone(&shared),
+                Arc::clone(s),
+                Arc::clone(d),
+                request_size,
+            ));
+        }
+    }
+
+    let mut ticker = tokio::time::interval(opts.checkpoint_interval);
+    ticker.tick().await;
+    let cancelled_then_grace = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(opts.cancel_grace).await;
+    };
+    tokio::pin!(cancelled_then_grace);
+    loop {
+        tokio::select! {
+            joined = slots.join_next() => match joined {
+                None => break,
+                Some(Err(e)) => shared.fail(MoverError::io("copy worker", std::io::Error::other(e))),
+                Some(Ok(())) => {}
+            },
+            _ = ticker.tick(), if opts.checkpoint.is_some() => {
+                let path = opts.checkpoint.as_deref().expect("checked by the guard");
+                if let Err(e) = record(path, &key, &shared, &*target).await {
+                    shared.fail(e);
+                }
+            }
+            () = &mut cancelled_then_grace => {
+                slots.abort_all();
+                break;
+            }
+        }
+    }
+
+    // Whatever happened, make what was written durable and say so in the checkpoint.
+    let failure = shared.error.lock().expect("error slot").take();
+    let outcome = match &opts.checkpoint {
+        Some(path) => record(path, &key, &shared, &*target).await,
+        None => target.flush().await,
+    };
+    progress.finish();
+    for (s, d) in pairs.iter().skip(1) {
+        if src_caps.multi_conn {
+            let _ = s.close().await;
+        }
+        if dst_caps.multi_conn {
+            let _ = d.close().await;
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if cancel.is_cancelled() {
+        return Err(MoverError::Cancelled);
+    }
+    outcome.map_err(|e| e.on_target(0, 0))?;
+    Ok(progress.snapshot())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::{file::FileEndpoint, Access};
+
+    #[test]
+    fn zero_scan() {
+        let mut b = vec![0u8; 1 << 20];
+        assert!(is_zero(&b));
+        assert!(is_zero(&b[3..1001]));
+        b[(1 << 20) - 1] = 1;
+        assert!(!is_zero(&b));
+        b[(1 << 20) - 1] = 0;
+        b[1] = 1;
+        assert!(!is_zero(&b[1..]));
+        assert!(is_zero(&b[2..]));
+    }
+
+    async fn sparse_source(dir: &std::path::Path) -> (String, Vec<u8>) {
+        let path = dir.join("src.raw").to_str().unwrap().to_owned();
+        let size = 16 << 20;
+        let src = FileEndpoint::open(&path, Access::Write { create_size: size })
+            .await
+            .unwrap();
+        let mut expect = vec![0u8; size as usize];
+        for (k, off) in [0u64, 5 << 20, (15 << 20) + 4096].into_iter().enumerate() {
+            let data: Vec<u8> = (0..300_000u32).map(|x| (x as u8) ^ (k as u8 + 1)).collect();
+            let end = (off as usize + data.len()).min(size as usize);
+            expect[off as usize..end].copy_from_slice(&data[..end - off as usize]);
+            src.write(off, data[..end - off as usize].to_vec())
+                .await
+                .unwrap();
+        }
+        (path, expect)
+    }
+
+    async fn run(
+        src: &str,
+        dst: &str,
+        kind: PlanKind,
+        opts: &CopyOptions,
+    ) -> Result<ProgressSnapshot> {
+        let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(src, Access::Read).await?);
+        let size = s.capabilities().size;
+        let d: Arc<dyn Endpoint> =
+            Arc::new(FileEndpoint::open(dst, Access::Write { create_size: size }).await?);
+        copy(s, d, &kind, opts, Arc::default(), Arc::default()).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn allocated_copy_moves_only_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, expect) = sparse_source(dir.path()).await;
+        let dst = dir.path().join("dst.raw").to_str().unwrap().to_owned();
+        let opts = CopyOptions {
+            request_size: 1 << 16,
+            ..CopyOptions::default()
+        };
+        let snap = run(&src, &dst, PlanKind::Allocated, &opts).await.unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), expect);
+        assert!(
+            snap.bytes_read < 2 << 20,
+            "read {} bytes of a mostly sparse disk",
+            snap.bytes_read
+        );
+        assert_eq!(snap.bytes_done(), snap.bytes_planned);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn explicit_extents_past_the_end_are_refused_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _) = sparse_source(dir.path()).await;
+        let dst = dir.path().join("dst.raw").to_str().unwrap().to_owned();
+        let err = run(
+            &src,
+            &dst,
+            PlanKind::Explicit(vec![(0, 4096), (16 << 20, 1)]),
+            &CopyOptions::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, MoverError::InvalidPlan(_)), "{err}");
+        assert!(std::fs::read(&dst).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoint_resume_skips_done_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, expect) = sparse_source(dir.path()).await;
+        let dst = dir.path().join("dst.raw").to_str().unwrap().to_owned();
+        let cp = dir.path().join("cp.json");
+        let opts = CopyOptions {
+            request_size: 1 << 16,
+            checkpoint: Some(cp.clone()),
+            ..CopyOptions::default()
+        };
+        let first = run(&src, &dst, PlanKind::All, &opts).await.unwrap();
+        assert_eq!(first.bytes_resumed, 0);
+        let again = run(&src, &dst, PlanKind::All, &opts).await.unwrap();
+        assert_eq!(again.bytes_resumed, again.bytes_planned);
+        assert_eq!(again.bytes_read, 0);
+        assert_eq!(std::fs::read(&dst).unwrap(), expect);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_options_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _) = sparse_source(dir.path()).await;
+        let dst = dir.path().join("dst.raw").to_str().unwrap().to_owned();
+        let opts = CopyOptions {
+            request_size: 3000,
+            ..CopyOptions::default()
+        };
+        assert!(matches!(
+            run(&src, &dst, PlanKind::All, &opts).await,
+            Err(MoverError::InvalidPlan(_))
+        ));
+    }
+}
