@@ -70,6 +70,8 @@ async def copy(
     request_size: int = 1 << 20,
     checkpoint: str | PathLike[str] | None = None,
     target_is_zero: bool = False,
+    checkpoint_interval: float = 5.0,
+    reconnect_timeout: float = 60.0,
     on_progress: Callable[[CopyProgress], None] | None = None,
     progress_interval: float = 0.5,
 ) -> CopyProgress:
@@ -89,6 +91,8 @@ async def copy(
         request_size=request_size,
         checkpoint=checkpoint,
         target_is_zero=target_is_zero,
+        checkpoint_interval=checkpoint_interval,
+        reconnect_timeout=reconnect_timeout,
     )
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_exit, job)

@@ -218,20 +218,15 @@ async fn record(
         .map_err(|e| MoverError::io("checkpoint writer", std::io::Error::other(e)))?
 }
 
-/// Copy `source` into `target` according to `kind`.
-///
-/// Returns the final progress; on failure or cancellation the checkpoint (if any) records what
-/// was done, and the error names the range that failed.
-pub async fn copy(
-    source: Arc<dyn Endpoint>,
-    target: Arc<dyn Endpoint>,
+/// Check the endpoints against each other and build the plan; nothing is written yet.
+async fn prepare(
+    source: &dyn Endpoint,
+    target: &dyn Endpoint,
     kind: &PlanKind,
     opts: &CopyOptions,
-    progress: Arc<Progress>,
-    cancel: Arc<CancelToken>,
-) -> Result<ProgressSnapshot> {
+) -> Result<(Plan, usize)> {
     opts.check()?;
-    let (src_caps, dst_caps) = (source.capabilities().clone(), target.capabilities().clone());
+    let (src_caps, dst_caps) = (source.capabilities(), target.capabilities());
     if dst_caps.read_only {
         return Err(MoverError::target_write(
             0,
@@ -249,12 +244,88 @@ pub async fn copy(
             src_caps.size
         )));
     }
+    let limit = src_caps.max_request.min(dst_caps.max_request);
     let request_size = opts
         .request_size
-        .min(usize::try_from(src_caps.max_request.min(dst_caps.max_request)).unwrap_or(usize::MAX))
+        .min(usize::try_from(limit).unwrap_or(usize::MAX))
         .max(4096);
-    let plan = plan::build(&*source, kind, request_size as u64, opts.target_is_zero).await?;
+    let plan = plan::build(source, kind, request_size as u64, opts.target_is_zero).await?;
+    Ok((plan, request_size))
+}
 
+/// One handle pair per connection; an endpoint without multi-conn shares its one handle.
+async fn connect_pairs(
+    source: &Arc<dyn Endpoint>,
+    target: &Arc<dyn Endpoint>,
+    connections: usize,
+) -> Result<Vec<(Arc<dyn Endpoint>, Arc<dyn Endpoint>)>> {
+    let mut pairs = vec![(Arc::clone(source), Arc::clone(target))];
+    for _ in 1..connections {
+        let s = if source.capabilities().multi_conn {
+            source.another().await?
+        } else {
+            Arc::clone(source)
+        };
+        let d = if target.capabilities().multi_conn {
+            target.another().await?
+        } else {
+            Arc::clone(target)
+        };
+        pairs.push((s, d));
+    }
+    Ok(pairs)
+}
+
+/// Wait for every slot, recording checkpoints on the way; abandon the slots only when a
+/// cancellation's grace period has run out.
+async fn drive(
+    mut slots: JoinSet<()>,
+    shared: &Shared,
+    opts: &CopyOptions,
+    key: &CheckpointKey,
+    target: &dyn Endpoint,
+) {
+    let mut ticker = tokio::time::interval(opts.checkpoint_interval);
+    ticker.tick().await;
+    let cancelled_then_grace = async {
+        shared.cancel.cancelled().await;
+        tokio::time::sleep(opts.cancel_grace).await;
+    };
+    tokio::pin!(cancelled_then_grace);
+    loop {
+        tokio::select! {
+            joined = slots.join_next() => match joined {
+                None => break,
+                Some(Err(e)) => shared.fail(MoverError::io("copy worker", std::io::Error::other(e))),
+                Some(Ok(())) => {}
+            },
+            _ = ticker.tick(), if opts.checkpoint.is_some() => {
+                let path = opts.checkpoint.as_deref().expect("checked by the guard");
+                if let Err(e) = record(path, key, shared, target).await {
+                    shared.fail(e);
+                }
+            }
+            () = &mut cancelled_then_grace => {
+                slots.abort_all();
+                break;
+            }
+        }
+    }
+}
+
+/// Copy `source` into `target` according to `kind`.
+///
+/// Returns the final progress; on failure or cancellation the checkpoint (if any) records what
+/// was done, and the error names the range that failed.
+pub async fn copy(
+    source: Arc<dyn Endpoint>,
+    target: Arc<dyn Endpoint>,
+    kind: &PlanKind,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+) -> Result<ProgressSnapshot> {
+    let (plan, request_size) = prepare(&*source, &*target, kind, opts).await?;
     let key = CheckpointKey {
         source: source.name().to_owned(),
         target: target.name().to_owned(),
@@ -279,7 +350,7 @@ pub async fn copy(
         .store(plan.items.len() as u64, Ordering::Relaxed);
     progress.start();
 
-    let item_count = plan.items.len();
+    let item_count = plan.items.len().max(1);
     let shared = Arc::new(Shared {
         plan,
         next: AtomicUsize::new(0),
@@ -289,27 +360,10 @@ pub async fn copy(
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
     });
-
-    // One handle pair per connection; endpoints without multi-conn share theirs.
-    let connections = opts.connections.min(item_count.max(1));
-    let mut pairs = vec![(Arc::clone(&source), Arc::clone(&target))];
-    for _ in 1..connections {
-        let s = if src_caps.multi_conn {
-            source.another().await?
-        } else {
-            Arc::clone(&source)
-        };
-        let d = if dst_caps.multi_conn {
-            target.another().await?
-        } else {
-            Arc::clone(&target)
-        };
-        pairs.push((s, d));
-    }
-
+    let pairs = connect_pairs(&source, &target, opts.connections.min(item_count)).await?;
     let mut slots = JoinSet::new();
     for (s, d) in &pairs {
-        for _ in 0..opts.requests.min(item_count.max(1)) {
+        for _ in 0..opts.requests.min(item_count) {
             slots.spawn(run_slot(
                 Arc::clone(&shared),
                 Arc::clone(s),
@@ -318,33 +372,7 @@ pub async fn copy(
             ));
         }
     }
-
-    let mut ticker = tokio::time::interval(opts.checkpoint_interval);
-    ticker.tick().await;
-    let cancelled_then_grace = async {
-        cancel.cancelled().await;
-        tokio::time::sleep(opts.cancel_grace).await;
-    };
-    tokio::pin!(cancelled_then_grace);
-    loop {
-        tokio::select! {
-            joined = slots.join_next() => match joined {
-                None => break,
-                Some(Err(e)) => shared.fail(MoverError::io("copy worker", std::io::Error::other(e))),
-                Some(Ok(())) => {}
-            },
-            _ = ticker.tick(), if opts.checkpoint.is_some() => {
-                let path = opts.checkpoint.as_deref().expect("checked by the guard");
-                if let Err(e) = record(path, &key, &shared, &*target).await {
-                    shared.fail(e);
-                }
-            }
-            () = &mut cancelled_then_grace => {
-                slots.abort_all();
-                break;
-            }
-        }
-    }
+    drive(slots, &shared, opts, &key, &*target).await;
 
     // Whatever happened, make what was written durable and say so in the checkpoint.
     let failure = shared.error.lock().expect("error slot").take();
@@ -354,10 +382,10 @@ pub async fn copy(
     };
     progress.finish();
     for (s, d) in pairs.iter().skip(1) {
-        if src_caps.multi_conn {
+        if !Arc::ptr_eq(s, &source) {
             let _ = s.close().await;
         }
-        if dst_caps.multi_conn {
+        if !Arc::ptr_eq(d, &target) {
             let _ = d.close().await;
         }
     }

@@ -1,4 +1,4 @@
-//! mover-core: the data plane of the VMware → CloudStack mover.
+//! mover-core: the data plane of the mover that moves `VMware` disks into `CloudStack` and backs them up.
 //!
 //! Everything that touches disk bytes at volume goes through this crate:
 //!

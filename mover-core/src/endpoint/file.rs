@@ -124,7 +124,7 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64
             Err(err)
         };
     }
-    Ok(Some(r as u64))
+    Ok(Some(r.cast_unsigned()))
 }
 
 impl Inner {
@@ -162,15 +162,10 @@ impl Inner {
                 ZERO_RANGE => libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
                 _ => return self.write_zero_bytes(offset, length),
             };
+            let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+            let len = libc::off_t::try_from(length).map_err(io::Error::other)?;
             // SAFETY: fallocate on a descriptor we own; no memory is passed.
-            let r = unsafe {
-                libc::fallocate(
-                    self.file.as_raw_fd(),
-                    mode,
-                    offset as libc::off_t,
-                    length as libc::off_t,
-                )
-            };
+            let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
             if r == 0 {
                 return Ok(());
             }
@@ -243,7 +238,7 @@ impl Endpoint for FileEndpoint {
                 MoverError::source_read(
                     offset,
                     len,
-                    e.raw_os_error().map(|c| c as u32),
+                    e.raw_os_error().map(i32::cast_unsigned),
                     format!("{}: {e}", inner.path),
                 )
             })?;
@@ -259,7 +254,7 @@ impl Endpoint for FileEndpoint {
                 MoverError::target_write(
                     offset,
                     len,
-                    e.raw_os_error().map(|c| c as u32),
+                    e.raw_os_error().map(i32::cast_unsigned),
                     format!("{}: {e}", inner.path),
                 )
             })?;
@@ -274,7 +269,7 @@ impl Endpoint for FileEndpoint {
                 MoverError::target_write(
                     offset,
                     length,
-                    e.raw_os_error().map(|c| c as u32),
+                    e.raw_os_error().map(i32::cast_unsigned),
                     format!("{}: {e}", inner.path),
                 )
             })
@@ -306,7 +301,7 @@ impl Endpoint for FileEndpoint {
                 MoverError::target_write(
                     0,
                     0,
-                    e.raw_os_error().map(|c| c as u32),
+                    e.raw_os_error().map(i32::cast_unsigned),
                     format!("flush {}: {e}", inner.path),
                 )
             })

@@ -6,6 +6,7 @@
 //! a socket reader task and the caller reuses it for the next request without allocating.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
@@ -90,9 +91,34 @@ pub enum Access {
     },
 }
 
+/// How hard an endpoint tries before it gives up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// How long a network endpoint keeps trying to re-establish a lost connection.
+    pub reconnect_timeout: Duration,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            reconnect_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Open an endpoint with the default [`OpenOptions`].
+pub async fn open(spec: &str, access: Access) -> Result<Arc<dyn Endpoint>> {
+    open_with(spec, access, &OpenOptions::default()).await
+}
+
 /// Open an endpoint from its specification: `nbd://host[:port]/export`,
 /// `nbd+unix:///export?socket=PATH`, or a path to a raw file or block device.
-pub async fn open(spec: &str, access: Access) -> Result<Arc<dyn Endpoint>> {
+pub async fn open_with(
+    spec: &str,
+    access: Access,
+    opts: &OpenOptions,
+) -> Result<Arc<dyn Endpoint>> {
+    let _ = opts;
     if spec.starts_with("nbd") && spec.contains("://") {
         return Err(MoverError::InvalidEndpoint {
             spec: spec.to_owned(),

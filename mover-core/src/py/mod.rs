@@ -8,11 +8,12 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pyo3::prelude::*;
 
 use crate::copy::{self, CopyOptions};
-use crate::endpoint::{self, Access};
+use crate::endpoint::{self, Access, OpenOptions};
 use crate::error::{MoverError, Result};
 use crate::plan::PlanKind;
 use crate::progress::{CancelToken, Progress, ProgressSnapshot};
@@ -97,6 +98,7 @@ pub struct Copy {
     target: String,
     kind: PlanKind,
     options: CopyOptions,
+    open: OpenOptions,
     progress: Arc<Progress>,
     cancel: Arc<CancelToken>,
 }
@@ -105,7 +107,8 @@ pub struct Copy {
 impl Copy {
     #[new]
     #[pyo3(signature = (source, target, *, extents=None, allocated_only=false, connections=4, requests=16,
-                        request_size=1<<20, checkpoint=None, target_is_zero=false))]
+                        request_size=1<<20, checkpoint=None, target_is_zero=false,
+                        checkpoint_interval=5.0, reconnect_timeout=60.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         source: String,
@@ -117,7 +120,17 @@ impl Copy {
         request_size: usize,
         checkpoint: Option<PathBuf>,
         target_is_zero: bool,
+        checkpoint_interval: f64,
+        reconnect_timeout: f64,
     ) -> PyResult<Self> {
+        let seconds = |name: &str, v: f64| {
+            Duration::try_from_secs_f64(v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    MoverError::InvalidPlan(format!("{name} must be a positive number of seconds"))
+                })
+        };
         let kind = match (extents, allocated_only) {
             (Some(_), true) => {
                 return Err(MoverError::InvalidPlan(
@@ -139,7 +152,11 @@ impl Copy {
                 request_size,
                 checkpoint,
                 target_is_zero,
+                checkpoint_interval: seconds("checkpoint_interval", checkpoint_interval)?,
                 ..CopyOptions::default()
+            },
+            open: OpenOptions {
+                reconnect_timeout: seconds("reconnect_timeout", reconnect_timeout)?,
             },
             progress: Arc::default(),
             cancel: Arc::default(),
@@ -149,9 +166,14 @@ impl Copy {
     /// Run the copy to its end and return the final counters.
     fn run(&self, py: Python<'_>) -> PyResult<CopyProgress> {
         let work = async {
-            let src = endpoint::open(&self.source, Access::Read).await?;
+            let src = endpoint::open_with(&self.source, Access::Read, &self.open).await?;
             let size = src.capabilities().size;
-            let dst = endpoint::open(&self.target, Access::Write { create_size: size }).await?;
+            let dst = endpoint::open_with(
+                &self.target,
+                Access::Write { create_size: size },
+                &self.open,
+            )
+            .await?;
             let result = copy::copy(
                 Arc::clone(&src),
                 Arc::clone(&dst),

@@ -1,0 +1,205 @@
+"""Lost connections, crashed movers, cancellation and bounded memory, against real servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from pyapp import mover
+from pyapp.nbd_export import NbdExport
+
+from .conftest import MiB, Nbdkit, images_equal, write_disk
+
+pytestmark = pytest.mark.interop
+
+SIZE = 96 * MiB
+#: Data in every other MiB: 48 MiB to move, enough for a slowed target to be caught mid-copy.
+DATA = [(i * MiB, MiB) for i in range(0, SIZE // MiB, 2)]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "source.raw"
+    write_disk(path, SIZE, DATA)
+    return path
+
+
+def target_file(tmp_path: Path) -> Path:
+    path = tmp_path / "target.raw"
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    return path
+
+
+def slow_target(nbdkit: Callable[..., Nbdkit], path: Path, delay: str = "20ms") -> Nbdkit:
+    return nbdkit("--filter=delay", "file", str(path), f"wdelay={delay}")
+
+
+async def wait_for(job_progress: Callable[[], mover.CopyProgress], fraction: float) -> None:
+    with trio.fail_after(60):
+        while True:
+            p = job_progress()
+            if p.bytes_planned and p.bytes_written >= fraction * p.bytes_planned / 2:
+                return
+            await trio.sleep(0.01)
+
+
+async def test_server_killed_and_restarted_mid_copy_reconnects(
+    source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]
+) -> None:
+    target = target_file(tmp_path)
+    server = slow_target(nbdkit, target)
+    job = mover.Copy(str(source), server.uri, allocated_only=True, connections=2, requests=4)
+    async with trio.open_nursery() as n:
+        result: list[mover.CopyProgress] = []
+
+        async def run() -> None:
+            result.append(await trio.to_thread.run_sync(job.run))
+
+        n.start_soon(run)
+        await wait_for(job.progress, 0.3)
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait()
+        await trio.sleep(0.5)
+        server.start()
+    assert images_equal(source, target)
+    assert result[0].bytes_written >= sum(length for _, length in DATA)
+
+
+async def test_server_down_fails_then_checkpoint_resumes(
+    source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]
+) -> None:
+    target = target_file(tmp_path)
+    checkpoint = tmp_path / "copy.checkpoint"
+    server = slow_target(nbdkit, target)
+    job = mover.Copy(str(source), server.uri, allocated_only=True, checkpoint=checkpoint,
+                     checkpoint_interval=0.1, reconnect_timeout=1.0)
+    async with trio.open_nursery() as n:
+        failure: list[BaseException] = []
+
+        async def run() -> None:
+            try:
+                await trio.to_thread.run_sync(job.run)
+            except mover.MoverError as e:
+                failure.append(e)
+
+        n.start_soon(run)
+        await wait_for(job.progress, 0.4)
+        assert server.process is not None
+        server.process.kill()
+        server.process.wait()
+    assert failure, "the copy must fail while the server stays down"
+    assert isinstance(failure[0], mover.TargetWriteError | mover.ConnectError)
+    assert checkpoint.exists()
+
+    server.start()
+    resumed = await mover.copy(str(source), server.uri, allocated_only=True, checkpoint=checkpoint)
+    assert resumed.bytes_resumed > 0
+    assert resumed.bytes_written < sum(length for _, length in DATA)
+    assert images_equal(source, target)
+
+
+async def test_killed_mover_resumes_from_checkpoint(
+    source: Path, tmp_path: Path, qemu_nbd: Callable[..., NbdExport], nbdkit: Callable[..., Nbdkit]
+) -> None:
+    target = target_file(tmp_path)
+    checkpoint = tmp_path / "copy.checkpoint"
+    server = slow_target(nbdkit, target, "30ms")
+    proc = subprocess.Popen([sys.executable, "-m", "pyapp.cli", "copy", str(source), server.uri,
+                             "--allocated-only", "--checkpoint", str(checkpoint)])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not checkpoint.exists():
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(checkpoint.read_text())
+    assert saved["done"], "the checkpoint names completed work"
+    result = await mover.copy(str(source), server.uri, allocated_only=True, checkpoint=checkpoint)
+    assert result.bytes_resumed > 0
+    assert images_equal(source, target)
+
+
+async def test_trio_cancellation_stops_the_copy_promptly(
+    source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]
+) -> None:
+    server = slow_target(nbdkit, target_file(tmp_path), "50ms")
+    seen: list[mover.CopyProgress] = []
+    started = trio.current_time()
+    with trio.move_on_after(1.0) as scope:
+        await mover.copy(str(source), server.uri, allocated_only=True, on_progress=seen.append,
+                         progress_interval=0.05)
+    assert scope.cancelled_caught
+    assert trio.current_time() - started < 5, "cancellation waits only for in-flight requests"
+    assert seen and seen[-1].bytes_written < sum(length for _, length in DATA)
+    assert [p.bytes_written for p in seen] == sorted(p.bytes_written for p in seen)
+
+
+def test_cli_json_summary_and_interrupt(source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]) -> None:
+    out = subprocess.run([sys.executable, "-m", "pyapp.cli", "copy", str(source), str(tmp_path / "c.raw"),
+                          "--allocated-only", "--json"], capture_output=True, text=True, check=True)
+    summary = json.loads(out.stdout)
+    for key in ("bytes_planned", "bytes_written", "bytes_zeroed", "seconds", "throughput_bytes_per_s"):
+        assert key in summary
+    assert summary["bytes_written"] == sum(length for _, length in DATA)
+
+    server = slow_target(nbdkit, target_file(tmp_path), "50ms")
+    proc = subprocess.Popen([sys.executable, "-m", "pyapp.cli", "copy", str(source), server.uri,
+                             "--allocated-only"], stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+
+
+def test_cli_errors_are_clear(tmp_path: Path) -> None:
+    bad = tmp_path / "extents.json"
+    bad.write_text('[[0, "x"]]')
+    r = subprocess.run([sys.executable, "-m", "pyapp.cli", "copy", "a", "b", "--extents", str(bad)],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "integer" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pyapp.cli", "copy", "nbd://:99999/x", "b", "--json"],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["code"] == "InvalidEndpointError"
+
+
+def peak_rss_of_copy(source: Path, target_uri: str) -> int:
+    proc = subprocess.Popen([sys.executable, "-m", "pyapp.cli", "copy", str(source), target_uri,
+                             "--allocated-only", "--json"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.stdout.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_peak_rss_does_not_grow_with_disk_size(tmp_path: Path, qemu_nbd: Callable[..., NbdExport]) -> None:
+    rss = {}
+    for size in (1 << 30, 64 << 30):
+        src = tmp_path / f"src-{size}.raw"
+        step = size // 64
+        write_disk(src, size, [(i * step, MiB) for i in range(64)])
+        dst = tmp_path / f"dst-{size}.raw"
+        with open(dst, "wb") as f:
+            f.truncate(size)
+        export = qemu_nbd(dst, name=f"d{size}")
+        rss[size] = peak_rss_of_copy(src, export.uri)
+        export.stop()
+        assert images_equal(src, dst)
+        src.unlink()
+        dst.unlink()
+    assert rss[64 << 30] < 256 * MiB
+    assert rss[64 << 30] < rss[1 << 30] + 32 * MiB, rss
