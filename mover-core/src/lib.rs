@@ -15,6 +15,7 @@
 
 pub mod endpoint;
 pub mod error;
+pub mod nbd;
 
 pub use error::{MoverError, Result};
 
