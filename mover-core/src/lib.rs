@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod copy;
 pub mod endpoint;
 pub mod error;
+pub mod nbd;
 pub mod plan;
 pub mod progress;
 

@@ -118,12 +118,11 @@ pub async fn open_with(
     access: Access,
     opts: &OpenOptions,
 ) -> Result<Arc<dyn Endpoint>> {
-    let _ = opts;
-    if spec.starts_with("nbd") && spec.contains("://") {
-        return Err(MoverError::InvalidEndpoint {
-            spec: spec.to_owned(),
-            reason: "NBD endpoints are not built into this binary".into(),
-        });
+    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+        let nbd_opts = crate::nbd::NbdOptions {
+            reconnect_timeout: opts.reconnect_timeout,
+        };
+        return Ok(Arc::new(crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?));
     }
     if spec.contains("://") {
         return Err(MoverError::InvalidEndpoint {

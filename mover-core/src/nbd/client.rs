@@ -1,0 +1,930 @@
+//! One NBD session: handshake, many requests in flight, and reconnection.
+//!
+//! # Handshake
+//!
+//! Fixed newstyle only. Options, in order: `NBD_OPT_STRUCTURED_REPLY`, then (when structured
+//! replies were accepted) `NBD_OPT_SET_META_CONTEXT` for `base:allocation`, then `NBD_OPT_GO`
+//! asking for `NBD_INFO_BLOCK_SIZE`. A server that does not know `NBD_OPT_GO` is served with
+//! `NBD_OPT_EXPORT_NAME`.
+//!
+//! # Transmission
+//!
+//! A [`Conn`] is one socket. Its write half sits behind an async mutex: a request takes the lock
+//! just long enough to send its header and payload with one vectored write. Its read half
+//! belongs to a reader task that decodes replies and hands each to the request waiting for its
+//! handle, through a map of handle → [`Slot`] (holding a oneshot sender). A read request moves
+//! its buffer into its slot; the reader task reads the data straight from the socket into it
+//! (holes are zero-filled in place) and sends the buffer back with the reply, so payloads are
+//! never copied between buffers. The map's mutex is only held to insert or take a slot, never
+//! across an await.
+//!
+//! # Reconnection
+//!
+//! When a connection fails (EOF, reset, a failed send), the reader task marks it lost and hands
+//! every waiting request its buffer back with the loss. Each such request asks
+//! [`Client::reconnect`] for a connection newer than the one it lost; the first one in dials
+//! (exponential backoff from 100 ms to 5 s, within [`NbdOptions::reconnect_timeout`]) and the
+//! others find the generation already moved on, so a drop seen by many requests costs one
+//! reconnect. The requests are then sent again: reads and writes at fixed offsets are
+//! idempotent. Giving up, or [`Client::close`], leaves the client terminal: every later request
+//! fails at once with `MoverError::Connect`.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex as SyncMutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::{oneshot, Mutex};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::proto::{self, Descriptor, Malformed};
+use super::uri::{Address, NbdUri};
+use super::NbdOptions;
+use crate::error::{MoverError, Result};
+
+/// First pause between reconnection attempts; doubled after each failure up to the cap.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Read-ahead of the reply stream. Reply headers come out of it; payloads larger than what it
+/// holds are read from the socket directly into the request's buffer.
+const READ_BUFFER: usize = 32 << 10;
+
+type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
+type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// What the handshake agreed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExportInfo {
+    pub size: u64,
+    /// Transmission flags (`proto::TFLAG_*`).
+    pub flags: u16,
+    pub structured_replies: bool,
+    /// The id the server gave `base:allocation`, when negotiated.
+    pub base_allocation: Option<u32>,
+    pub block_size: Option<BlockSize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockSize {
+    pub minimum: u32,
+    pub preferred: u32,
+    pub maximum: u32,
+}
+
+impl ExportInfo {
+    #[must_use]
+    pub fn has(&self, flag: u16) -> bool {
+        self.flags & flag != 0
+    }
+}
+
+/// An error the server replied with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerError {
+    /// The NBD error value.
+    pub code: u32,
+    pub message: String,
+    /// Where the error lies, when the server said (`NBD_REPLY_TYPE_ERROR_OFFSET`).
+    pub offset: Option<u64>,
+}
+
+/// A completed request.
+#[derive(Debug)]
+pub struct Reply {
+    /// The read buffer, handed back.
+    pub buf: Option<Vec<u8>>,
+    pub error: Option<ServerError>,
+    /// Block status runs for `base:allocation`.
+    pub descriptors: Vec<Descriptor>,
+}
+
+/// A request as the transmission code sends it.
+#[derive(Clone, Copy, Debug)]
+pub struct Command<'a> {
+    pub command: u16,
+    pub flags: u16,
+    pub offset: u64,
+    pub length: u32,
+    /// Sent after the header (`NBD_CMD_WRITE`).
+    pub payload: &'a [u8],
+}
+
+/// Why a connection stopped serving its requests.
+#[derive(Clone, Debug)]
+enum Loss {
+    /// The socket failed; the requests are worth sending again on a new connection.
+    Io(String),
+    /// The server broke the protocol; sending again would not help.
+    Protocol(String),
+}
+
+/// A request whose connection was lost before its reply, with its buffer handed back.
+struct Lost {
+    buf: Option<Vec<u8>>,
+    loss: Loss,
+}
+
+type Outcome = std::result::Result<Reply, Lost>;
+
+/// A request waiting for its reply.
+struct Slot {
+    tx: oneshot::Sender<Outcome>,
+    command: u16,
+    offset: u64,
+    length: u32,
+    /// Read data lands in `buf[start..start + length]`.
+    buf: Option<Vec<u8>>,
+    start: usize,
+    /// Bytes of a read covered by data and hole chunks so far.
+    covered: u64,
+    error: Option<ServerError>,
+    descriptors: Vec<Descriptor>,
+    /// The `base:allocation` context id of this connection.
+    context: Option<u32>,
+}
+
+impl Slot {
+    fn complete(self) {
+        let reply = Reply {
+            buf: self.buf,
+            error: self.error,
+            descriptors: self.descriptors,
+        };
+        // The requester may have given up waiting; its reply is then of no use.
+        let _ = self.tx.send(Ok(reply));
+    }
+
+    fn lose(self, loss: Loss) {
+        let _ = self.tx.send(Err(Lost {
+            buf: self.buf,
+            loss,
+        }));
+    }
+}
+
+#[derive(Default)]
+struct InflightState {
+    lost: bool,
+    slots: HashMap<u64, Slot>,
+}
+
+/// The requests of one connection that still wait for their replies.
+#[derive(Default)]
+struct Inflight(SyncMutex<InflightState>);
+
+impl Inflight {
+    fn state(&self) -> std::sync::MutexGuard<'_, InflightState> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Register a request before it is sent. Once the connection is lost the slot is refused:
+    /// handed back.
+    fn insert(&self, handle: u64, slot: Slot) -> Option<Slot> {
+        let mut state = self.state();
+        if state.lost {
+            return Some(slot);
+        }
+        state.slots.insert(handle, slot);
+        None
+    }
+
+    fn take(&self, handle: u64) -> Option<Slot> {
+        self.state().slots.remove(&handle)
+    }
+
+    fn put_back(&self, handle: u64, slot: Slot) {
+        let mut state = self.state();
+        if state.lost {
+            drop(state);
+            slot.lose(Loss::Io("connection lost".into()));
+        } else {
+            state.slots.insert(handle, slot);
+        }
+    }
+
+    /// Mark the connection lost and hand every waiting request (and `held`, the one whose reply
+    /// was being read) its loss.
+    fn lose(&self, held: Option<Slot>, loss: &Loss) {
+        let slots = {
+            let mut state = self.state();
+            state.lost = true;
+            std::mem::take(&mut state.slots)
+        };
+        for slot in held.into_iter().chain(slots.into_values()) {
+            slot.lose(loss.clone());
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.state().lost
+    }
+}
+
+struct Writer {
+    stream: WriteStream,
+    /// A send was interrupted (its future dropped) part-way: the stream is out of step.
+    torn: bool,
+}
+
+/// One connection.
+struct Conn {
+    generation: u64,
+    info: ExportInfo,
+    writer: Mutex<Writer>,
+    inflight: Arc<Inflight>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Conn {
+    async fn open(uri: &NbdUri, name: &str, generation: u64) -> Result<Self> {
+        let connect = |source| MoverError::Connect {
+            endpoint: name.to_owned(),
+            source,
+        };
+        let (read, write, info): (ReadStream, WriteStream, ExportInfo) = match &uri.address {
+            Address::Tcp { host, port } => {
+                let mut stream = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(connect)?;
+                stream.set_nodelay(true).map_err(connect)?;
+                let info = handshake(&mut stream, &uri.export, name).await?;
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w), info)
+            }
+            Address::Unix { path } => {
+                let mut stream = UnixStream::connect(path).await.map_err(connect)?;
+                let info = handshake(&mut stream, &uri.export, name).await?;
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w), info)
+            }
+        };
+        let inflight = Arc::new(Inflight::default());
+        let reader = tokio::spawn(read_replies(
+            BufReader::with_capacity(READ_BUFFER, read),
+            Arc::clone(&inflight),
+        ));
+        Ok(Self {
+            generation,
+            info,
+            writer: Mutex::new(Writer {
+                stream: write,
+                torn: false,
+            }),
+            inflight,
+            reader,
+        })
+    }
+
+    /// Send a request header and its payload.
+    async fn send(
+        &self,
+        header: &[u8; proto::REQUEST_HEADER_LEN],
+        payload: &[u8],
+    ) -> io::Result<()> {
+        let mut w = self.writer.lock().await;
+        if w.torn {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier request was abandoned half-sent",
+            ));
+        }
+        w.torn = true;
+        write_all_vectored(&mut w.stream, header, payload).await?;
+        w.torn = false;
+        Ok(())
+    }
+
+    /// Stop using this connection: its requests are handed their loss and `NBD_CMD_DISC` is
+    /// sent if the socket still takes it.
+    async fn disconnect(&self, loss: &Loss) {
+        self.inflight.lose(None, loss);
+        let header = proto::encode_request(&proto::Request {
+            flags: 0,
+            command: proto::CMD_DISC,
+            handle: 0,
+            offset: 0,
+            length: 0,
+        });
+        if self.send(&header, &[]).await.is_ok() {
+            let _ = self.writer.lock().await.stream.shutdown().await;
+        }
+    }
+}
+
+async fn write_all_vectored(w: &mut WriteStream, header: &[u8], payload: &[u8]) -> io::Result<()> {
+    let (mut h, mut p) = (0, 0);
+    while h < header.len() || p < payload.len() {
+        let n = if h < header.len() {
+            w.write_vectored(&[IoSlice::new(&header[h..]), IoSlice::new(&payload[p..])])
+                .await?
+        } else {
+            w.write(&payload[p..]).await?
+        };
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let into_header = n.min(header.len() - h);
+        h += into_header;
+        p += n - into_header;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake
+// ---------------------------------------------------------------------------------------------
+
+async fn handshake<S>(s: &mut S, export: &str, name: &str) -> Result<ExportInfo>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut h = Handshake { s, name };
+    let mut greeting = [0u8; proto::GREETING_LEN];
+    h.read(&mut greeting).await?;
+    let flags = proto::parse_greeting(&greeting).map_err(|m| m.at(name))?;
+    let no_zeroes = flags & proto::FLAG_NO_ZEROES != 0;
+    let mut client_flags = proto::FLAG_C_FIXED_NEWSTYLE;
+    if no_zeroes {
+        client_flags |= proto::FLAG_C_NO_ZEROES;
+    }
+    h.write(&client_flags.to_be_bytes()).await?;
+
+    let (reply, _) = h.option(proto::OPT_STRUCTURED_REPLY, &[]).await?;
+    let structured_replies = reply == proto::REP_ACK;
+
+    let mut base_allocation = None;
+    if structured_replies {
+        let data = proto::encode_set_meta_context(export, &[proto::BASE_ALLOCATION]);
+        let (mut reply, mut payload) = h.option(proto::OPT_SET_META_CONTEXT, &data).await?;
+        while reply == proto::REP_META_CONTEXT {
+            let (id, context) = proto::parse_meta_context(&payload).map_err(|m| m.at(name))?;
+            if context == proto::BASE_ALLOCATION {
+                base_allocation = Some(id);
+            }
+            (reply, payload) = h.reply(proto::OPT_SET_META_CONTEXT).await?;
+        }
+    }
+
+    let data = proto::encode_go(export, &[proto::INFO_BLOCK_SIZE]);
+    let (mut reply, mut payload) = h.option(proto::OPT_GO, &data).await?;
+    let mut export_info = None;
+    let mut block_size = None;
+    while reply == proto::REP_INFO {
+        match proto::parse_info(&payload).map_err(|m| m.at(name))? {
+            proto::Info::Export { size, flags } => export_info = Some((size, flags)),
+            proto::Info::BlockSize {
+                minimum,
+                preferred,
+                maximum,
+            } => {
+                block_size = Some(BlockSize {
+                    minimum,
+                    preferred,
+                    maximum,
+                });
+            }
+            proto::Info::Other(_) => {}
+        }
+        (reply, payload) = h.reply(proto::OPT_GO).await?;
+    }
+    let (size, flags) = match reply {
+        proto::REP_ACK => export_info.ok_or_else(|| {
+            Malformed("NBD_OPT_GO succeeded without export information".into()).at(name)
+        })?,
+        proto::REP_ERR_UNSUP => h.export_name(export, no_zeroes).await?,
+        proto::REP_ERR_UNKNOWN => {
+            return Err(MoverError::Connect {
+                endpoint: name.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "the server has no export {export:?}{}",
+                        server_message(&payload)
+                    ),
+                ),
+            })
+        }
+        other => {
+            return Err(Malformed(format!(
+                "the server refused export {export:?}: {}{}",
+                proto::option_error_name(other),
+                server_message(&payload)
+            ))
+            .at(name))
+        }
+    };
+    Ok(ExportInfo {
+        size,
+        flags,
+        structured_replies,
+        base_allocation,
+        block_size,
+    })
+}
+
+fn server_message(payload: &[u8]) -> String {
+    if payload.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", String::from_utf8_lossy(payload))
+    }
+}
+
+struct Handshake<'a, S> {
+    s: &'a mut S,
+    name: &'a str,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Handshake<'_, S> {
+    fn io_error(&self, source: io::Error) -> MoverError {
+        MoverError::Connect {
+            endpoint: self.name.to_owned(),
+            source,
+        }
+    }
+
+    async fn read(&mut self, buf: &mut [u8]) -> Result<()> {
+        match self.s.read_exact(buf).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.io_error(e)),
+        }
+    }
+
+    async fn write(&mut self, buf: &[u8]) -> Result<()> {
+        match self.s.write_all(buf).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.io_error(e)),
+        }
+    }
+
+    /// Send an option and read its first reply.
+    async fn option(&mut self, option: u32, data: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let mut out = Vec::with_capacity(16 + data.len());
+        proto::encode_option(&mut out, option, data);
+        self.write(&out).await?;
+        self.reply(option).await
+    }
+
+    /// Read one reply to `option`: its type and payload.
+    async fn reply(&mut self, option: u32) -> Result<(u32, Vec<u8>)> {
+        let mut header = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+        self.read(&mut header).await?;
+        let header = proto::parse_option_reply(&header, option).map_err(|m| m.at(self.name))?;
+        let mut payload = vec![0u8; header.length as usize];
+        self.read(&mut payload).await?;
+        Ok((header.reply, payload))
+    }
+
+    /// The pre-`NBD_OPT_GO` way into transmission.
+    async fn export_name(&mut self, export: &str, no_zeroes: bool) -> Result<(u64, u16)> {
+        let mut out = Vec::new();
+        proto::encode_option(&mut out, proto::OPT_EXPORT_NAME, export.as_bytes());
+        self.write(&out).await?;
+        let mut reply = [0u8; proto::EXPORT_NAME_REPLY_LEN];
+        self.read(&mut reply).await?;
+        if !no_zeroes {
+            self.read(&mut [0u8; proto::EXPORT_NAME_ZEROES]).await?;
+        }
+        Ok(proto::parse_export_name_reply(&reply))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------------------------
+
+/// The reader task of a connection: decode replies until the connection fails.
+async fn read_replies(mut r: BufReader<ReadStream>, inflight: Arc<Inflight>) {
+    let mut held = None;
+    let loss = loop {
+        if let Err(loss) = read_reply(&mut r, &inflight, &mut held).await {
+            break loss;
+        }
+    };
+    inflight.lose(held.map(|(_, slot)| slot), &loss);
+}
+
+impl From<io::Error> for Loss {
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Self::Io("the server closed the connection".into())
+        } else {
+            Self::Io(e.to_string())
+        }
+    }
+}
+
+impl From<Malformed> for Loss {
+    fn from(m: Malformed) -> Self {
+        Self::Protocol(m.0)
+    }
+}
+
+fn violation<T>(message: String) -> std::result::Result<T, Loss> {
+    Err(Loss::Protocol(message))
+}
+
+/// Read one simple reply or structured reply chunk and deliver it. While its payload is read
+/// the request's slot is out of the map, in `held`, so a failure can still hand it back.
+async fn read_reply(
+    r: &mut BufReader<ReadStream>,
+    inflight: &Inflight,
+    held: &mut Option<(u64, Slot)>,
+) -> std::result::Result<(), Loss> {
+    let mut magic = [0u8; 4];
+    r.read_exact(&mut magic).await?;
+    match proto::parse_reply_magic(magic)? {
+        proto::ReplyKind::Simple => {
+            let mut rest = [0u8; proto::SIMPLE_REST_LEN];
+            r.read_exact(&mut rest).await?;
+            let (error, handle) = proto::parse_simple_reply(&rest);
+            let Some(slot) = inflight.take(handle) else {
+                return violation(format!("simple reply for unknown handle {handle}"));
+            };
+            let (_, slot) = held.insert((handle, slot));
+            if error != 0 {
+                slot.error = Some(ServerError {
+                    code: error,
+                    message: String::new(),
+                    offset: None,
+                });
+            } else if let Some(buf) = &mut slot.buf {
+                let start = slot.start;
+                r.read_exact(&mut buf[start..start + slot.length as usize])
+                    .await?;
+                slot.covered = u64::from(slot.length);
+            }
+            let (_, slot) = held.take().expect("held above");
+            finish(slot)
+        }
+        proto::ReplyKind::Structured => {
+            let mut rest = [0u8; proto::STRUCTURED_REST_LEN];
+            r.read_exact(&mut rest).await?;
+            let chunk = proto::parse_chunk_header(&rest)?;
+            let Some(slot) = inflight.take(chunk.handle) else {
+                return violation(format!("reply chunk for unknown handle {}", chunk.handle));
+            };
+            let (_, slot) = held.insert((chunk.handle, slot));
+            read_chunk(r, &chunk, slot).await?;
+            let (handle, slot) = held.take().expect("held above");
+            if chunk.done() {
+                finish(slot)
+            } else {
+                inflight.put_back(handle, slot);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Deliver a completed reply, checking that a successful read was covered in full.
+fn finish(slot: Slot) -> std::result::Result<(), Loss> {
+    if slot.command == proto::CMD_READ
+        && slot.error.is_none()
+        && slot.covered != u64::from(slot.length)
+    {
+        let message = format!(
+            "read of {} bytes at {} answered with {} bytes",
+            slot.length, slot.offset, slot.covered
+        );
+        slot.lose(Loss::Protocol(message.clone()));
+        return violation(message);
+    }
+    slot.complete();
+    Ok(())
+}
+
+async fn read_payload(
+    r: &mut BufReader<ReadStream>,
+    length: u32,
+) -> std::result::Result<Vec<u8>, Loss> {
+    let mut payload = vec![0u8; length as usize];
+    r.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+async fn read_chunk(
+    r: &mut BufReader<ReadStream>,
+    chunk: &proto::ChunkHeader,
+    slot: &mut Slot,
+) -> std::result::Result<(), Loss> {
+    let is_read = slot.command == proto::CMD_READ;
+    match chunk.kind {
+        proto::CHUNK_OFFSET_DATA if is_read => {
+            if chunk.length <= proto::OFFSET_DATA_PREFIX {
+                return violation(format!("data chunk of {} bytes", chunk.length));
+            }
+            let mut prefix = [0u8; 8];
+            r.read_exact(&mut prefix).await?;
+            let offset = proto::parse_offset_data_prefix(&prefix);
+            let length = u64::from(chunk.length - proto::OFFSET_DATA_PREFIX);
+            let at = proto::chunk_range(slot.offset, slot.length as usize, offset, length)?;
+            let start = slot.start + at;
+            let buf = slot.buf.as_mut().expect("reads carry a buffer");
+            r.read_exact(&mut buf[start..start + length as usize])
+                .await?;
+            slot.covered += length;
+        }
+        proto::CHUNK_OFFSET_HOLE if is_read => {
+            let payload = read_payload(r, chunk.length).await?;
+            let (offset, length) = proto::parse_offset_hole(&payload)?;
+            let at = proto::chunk_range(slot.offset, slot.length as usize, offset, length.into())?;
+            let start = slot.start + at;
+            let buf = slot.buf.as_mut().expect("reads carry a buffer");
+            buf[start..start + length as usize].fill(0);
+            slot.covered += u64::from(length);
+        }
+        proto::CHUNK_BLOCK_STATUS if slot.command == proto::CMD_BLOCK_STATUS => {
+            let payload = read_payload(r, chunk.length).await?;
+            let (id, descriptors) = proto::parse_block_status(&payload)?;
+            if Some(id) == slot.context {
+                slot.descriptors = descriptors;
+            }
+        }
+        proto::CHUNK_NONE => {
+            if chunk.length != 0 || !chunk.done() {
+                return violation("NBD_REPLY_TYPE_NONE with a payload or not final".into());
+            }
+        }
+        kind if kind & proto::CHUNK_ERROR_BIT != 0 => {
+            let payload = read_payload(r, chunk.length).await?;
+            let e = proto::parse_error_chunk(kind, &payload)?;
+            slot.error.get_or_insert(ServerError {
+                code: e.code,
+                message: e.message,
+                offset: e.offset,
+            });
+        }
+        kind => {
+            return violation(format!(
+                "reply chunk of type {kind} to command {}",
+                slot.command
+            ))
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+// ---------------------------------------------------------------------------------------------
+
+/// A session with one export that survives lost connections.
+pub struct Client {
+    uri: NbdUri,
+    /// The endpoint's name in errors (its URI).
+    name: String,
+    opts: NbdOptions,
+    /// What the first connection agreed; later connections must agree the same.
+    info: ExportInfo,
+    current: SyncMutex<Arc<Conn>>,
+    /// Held while dialling, so one lost connection is replaced once.
+    reconnecting: Mutex<()>,
+    /// Set when the client is closed or gave up reconnecting: why it no longer works.
+    terminal: SyncMutex<Option<String>>,
+    next_handle: AtomicU64,
+}
+
+impl Client {
+    pub async fn connect(uri: NbdUri, name: &str, opts: NbdOptions) -> Result<Self> {
+        let conn = Conn::open(&uri, name, 0).await?;
+        Ok(Self {
+            uri,
+            name: name.to_owned(),
+            opts,
+            info: conn.info.clone(),
+            current: SyncMutex::new(Arc::new(conn)),
+            reconnecting: Mutex::new(()),
+            terminal: SyncMutex::new(None),
+            next_handle: AtomicU64::new(1),
+        })
+    }
+
+    #[must_use]
+    pub fn info(&self) -> &ExportInfo {
+        &self.info
+    }
+
+    fn terminal(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.terminal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn current(&self) -> Arc<Conn> {
+        Arc::clone(
+            &self
+                .current
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn not_connected(&self, why: &str) -> MoverError {
+        MoverError::Connect {
+            endpoint: self.name.clone(),
+            source: io::Error::new(io::ErrorKind::NotConnected, why.to_owned()),
+        }
+    }
+
+    /// The live connection, unless the client is closed or gave up.
+    fn connection(&self) -> Result<Arc<Conn>> {
+        if let Some(why) = self.terminal().as_deref() {
+            return Err(self.not_connected(why));
+        }
+        Ok(self.current())
+    }
+
+    /// Send a request and wait for its reply, on a new connection if the current one is lost.
+    /// A read passes its buffer in `buf` (data lands at `buf[start..]`) and gets it back in
+    /// the reply.
+    pub async fn call(
+        &self,
+        cmd: &Command<'_>,
+        mut buf: Option<Vec<u8>>,
+        start: usize,
+    ) -> Result<Reply> {
+        let buf_len = buf.as_ref().map(Vec::len);
+        let header_for = |handle| {
+            proto::encode_request(&proto::Request {
+                flags: cmd.flags,
+                command: cmd.command,
+                handle,
+                offset: cmd.offset,
+                length: cmd.length,
+            })
+        };
+        loop {
+            let conn = self.connection()?;
+            let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            let slot = Slot {
+                tx,
+                command: cmd.command,
+                offset: cmd.offset,
+                length: cmd.length,
+                buf: buf.take(),
+                start,
+                covered: 0,
+                error: None,
+                descriptors: Vec::new(),
+                context: conn.info.base_allocation,
+            };
+            if let Some(slot) = conn.inflight.insert(handle, slot) {
+                buf = slot.buf;
+                self.reconnect(conn.generation, "connection lost").await?;
+                continue;
+            }
+            let unsent = Unsent {
+                inflight: &conn.inflight,
+                handle,
+            };
+            if let Err(e) = conn.send(&header_for(handle), cmd.payload).await {
+                conn.inflight.lose(None, &Loss::from(e));
+            }
+            std::mem::forget(unsent);
+            let lost = match rx.await {
+                Ok(Ok(reply)) => {
+                    if reply
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.code == proto::ESHUTDOWN)
+                    {
+                        // The server is going away: leave it politely and try its successor.
+                        conn.disconnect(&Loss::Io("server shutting down".into()))
+                            .await;
+                        buf = reply.buf;
+                        self.reconnect(conn.generation, "server shutting down")
+                            .await?;
+                        continue;
+                    }
+                    return Ok(reply);
+                }
+                Ok(Err(lost)) => lost,
+                Err(_) => Lost {
+                    buf: None,
+                    loss: Loss::Io("the reply reader stopped".into()),
+                },
+            };
+            match lost.loss {
+                Loss::Protocol(message) => {
+                    return Err(MoverError::Protocol {
+                        endpoint: self.name.clone(),
+                        message,
+                    })
+                }
+                Loss::Io(cause) => {
+                    buf = lost.buf.or_else(|| buf_len.map(|n| vec![0u8; n]));
+                    self.reconnect(conn.generation, &cause).await?;
+                }
+            }
+        }
+    }
+
+    /// Replace connection `lost_generation` by a new one, unless another request already did.
+    async fn reconnect(&self, lost_generation: u64, cause: &str) -> Result<()> {
+        let _dialling = self.reconnecting.lock().await;
+        if self.current().generation != lost_generation {
+            return Ok(());
+        }
+        if let Some(why) = self.terminal().as_deref() {
+            return Err(self.not_connected(why));
+        }
+        let deadline = Instant::now() + self.opts.reconnect_timeout;
+        let mut pause = BACKOFF_START;
+        loop {
+            let attempt = tokio::time::timeout_at(
+                deadline,
+                Conn::open(&self.uri, &self.name, lost_generation + 1),
+            )
+            .await;
+            let failure = match attempt {
+                Ok(Ok(conn)) => {
+                    if let Err(e) = self.check_same_export(&conn.info) {
+                        *self.terminal() = Some(e.to_string());
+                        return Err(e);
+                    }
+                    *self
+                        .current
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(conn);
+                    return Ok(());
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_owned(),
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                let why = format!(
+                    "connection lost ({cause}); gave up reconnecting after {:?}: {failure}",
+                    self.opts.reconnect_timeout
+                );
+                *self.terminal() = Some(why.clone());
+                return Err(MoverError::Connect {
+                    endpoint: self.name.clone(),
+                    source: io::Error::new(io::ErrorKind::TimedOut, why),
+                });
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    /// A new connection must serve the same disk the same way, or the requests sent again
+    /// would mean something else.
+    fn check_same_export(&self, info: &ExportInfo) -> Result<()> {
+        let was = &self.info;
+        let changed = if info.size != was.size {
+            Some(format!("size changed from {} to {}", was.size, info.size))
+        } else if info.has(proto::TFLAG_READ_ONLY) && !was.has(proto::TFLAG_READ_ONLY) {
+            Some("the export became read-only".to_owned())
+        } else if was.base_allocation.is_some() && info.base_allocation.is_none() {
+            Some("base:allocation is no longer offered".to_owned())
+        } else {
+            None
+        };
+        match changed {
+            Some(what) => Err(MoverError::Protocol {
+                endpoint: self.name.clone(),
+                message: format!("the export changed across a reconnection: {what}"),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// End the session with `NBD_CMD_DISC`; every later request fails.
+    pub async fn close(&self) {
+        *self.terminal() = Some("the endpoint was closed".to_owned());
+        let conn = self.current();
+        if !conn.inflight.is_lost() {
+            conn.disconnect(&Loss::Io("the endpoint was closed".into()))
+                .await;
+        }
+    }
+}
+
+/// Removes a registered request from the map if its sender is dropped before the request was
+/// sent, so an abandoned request does not linger until the connection ends.
+struct Unsent<'a> {
+    inflight: &'a Inflight,
+    handle: u64,
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        self.inflight.take(self.handle);
+    }
+}
