@@ -94,6 +94,7 @@ async def copy(
         checkpoint_interval=checkpoint_interval,
         reconnect_timeout=reconnect_timeout,
     )
+    error: MoverError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_cancel_on_exit, job)
         if on_progress is not None:
@@ -102,11 +103,14 @@ async def copy(
             # Not abandonable: on cancellation _cancel_on_exit asks the copy to stop, and this
             # waits for the thread to return.
             result = await trio.to_thread.run_sync(job.run, limiter=LIMITER)
-        except CancelledError:
-            await trio.lowlevel.checkpoint()  # re-raises trio.Cancelled when that was the cause
-            raise
+        except MoverError as e:
+            error = e  # raised below, outside the nursery, as itself rather than in a group
         finally:
             nursery.cancel_scope.cancel()
+    if error is not None:
+        if isinstance(error, CancelledError):
+            await trio.lowlevel.checkpoint()  # raises trio.Cancelled when that was the cause
+        raise error
     if on_progress is not None:
         on_progress(result)
     return result

@@ -65,6 +65,7 @@ class Nbdkit:
         return f"nbd+unix:///?socket={self.sock}"
 
     def start(self) -> Nbdkit:
+        self.sock.unlink(missing_ok=True)  # left behind by a killed server
         self.process = subprocess.Popen(
             ["nbdkit", "--foreground", "--exit-with-parent", "--unix", str(self.sock), *self.args],
             stderr=subprocess.PIPE,

@@ -40,8 +40,9 @@ def target_file(tmp_path: Path) -> Path:
     return path
 
 
-def slow_target(nbdkit: Callable[..., Nbdkit], path: Path, delay: str = "20ms") -> Nbdkit:
-    return nbdkit("--filter=delay", "file", str(path), f"wdelay={delay}")
+def slow_target(nbdkit: Callable[..., Nbdkit], path: Path, mbit: int = 160) -> Nbdkit:
+    """nbdkit's file plugin behind a bandwidth limit (160 Mbit/s: 48 MiB take about 2.5 s)."""
+    return nbdkit("--filter=rate", "file", str(path), f"rate={mbit}M")
 
 
 async def wait_for(job_progress: Callable[[], mover.CopyProgress], fraction: float) -> None:
@@ -114,7 +115,7 @@ async def test_killed_mover_resumes_from_checkpoint(
 ) -> None:
     target = target_file(tmp_path)
     checkpoint = tmp_path / "copy.checkpoint"
-    server = slow_target(nbdkit, target, "30ms")
+    server = slow_target(nbdkit, target, 80)
     proc = subprocess.Popen([sys.executable, "-m", "pyapp.cli", "copy", str(source), server.uri,
                              "--allocated-only", "--checkpoint", str(checkpoint)])
     deadline = time.monotonic() + 60
@@ -133,7 +134,7 @@ async def test_killed_mover_resumes_from_checkpoint(
 async def test_trio_cancellation_stops_the_copy_promptly(
     source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]
 ) -> None:
-    server = slow_target(nbdkit, target_file(tmp_path), "50ms")
+    server = slow_target(nbdkit, target_file(tmp_path), 80)
     seen: list[mover.CopyProgress] = []
     started = trio.current_time()
     with trio.move_on_after(1.0) as scope:
@@ -153,7 +154,7 @@ def test_cli_json_summary_and_interrupt(source: Path, tmp_path: Path, nbdkit: Ca
         assert key in summary
     assert summary["bytes_written"] == sum(length for _, length in DATA)
 
-    server = slow_target(nbdkit, target_file(tmp_path), "50ms")
+    server = slow_target(nbdkit, target_file(tmp_path), 80)
     proc = subprocess.Popen([sys.executable, "-m", "pyapp.cli", "copy", str(source), server.uri,
                              "--allocated-only"], stderr=subprocess.PIPE, text=True)
     time.sleep(1.5)
