@@ -122,7 +122,9 @@ pub async fn open_with(
         let nbd_opts = crate::nbd::NbdOptions {
             reconnect_timeout: opts.reconnect_timeout,
         };
-        return Ok(Arc::new(crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?));
+        return Ok(Arc::new(
+            crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?,
+        ));
     }
     if spec.contains("://") {
         return Err(MoverError::InvalidEndpoint {

@@ -518,7 +518,7 @@ pub struct Descriptor {
 
 /// An `NBD_REPLY_TYPE_BLOCK_STATUS` payload: context id and its runs, in order.
 pub fn parse_block_status(b: &[u8]) -> Parsed<(u32, Vec<Descriptor>)> {
-    if b.len() < 12 || (b.len() - 4) % 8 != 0 {
+    if b.len() < 12 || !(b.len() - 4).is_multiple_of(8) {
         return malformed(format!("block status chunk of {} bytes", b.len()));
     }
     let descriptors = b[4..]
