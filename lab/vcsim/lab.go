@@ -27,9 +27,11 @@ import (
 	"io"
 	"log"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -54,7 +56,8 @@ type Lab struct {
 	inner      http.Handler
 
 	mu        sync.Mutex
-	snapFiles map[types.ManagedObjectReference][]string // frozen files per snapshot
+	snapFiles map[types.ManagedObjectReference][]string         // frozen files per snapshot
+	snapJour  map[types.ManagedObjectReference]map[int32]string // journal per snapshot and disk key
 }
 
 func (l *Lab) Reference() types.ManagedObjectReference { return l.Self }
@@ -203,6 +206,10 @@ func (l *Lab) syncAll() {
 // PutObject implements simulator.RegisterObject: freeze the disks of each new snapshot.
 // It runs inside the simulator's CreateSnapshot task, which holds the VM's lock.
 func (l *Lab) PutObject(obj mo.Reference) {
+	if task, ok := obj.(*simulator.Task); ok {
+		fixTaskEntity(task)
+		return
+	}
 	snap, ok := obj.(*simulator.VirtualMachineSnapshot)
 	if !ok {
 		return
@@ -215,6 +222,7 @@ func (l *Lab) PutObject(obj mo.Reference) {
 	// disk devices before changing their backings.
 	devices := make([]types.BaseVirtualDevice, len(snap.Config.Hardware.Device))
 	var files []string
+	journals := make(map[int32]string)
 	for i, dev := range snap.Config.Hardware.Device {
 		devices[i] = dev
 		d, ok := dev.(*types.VirtualDisk)
@@ -228,11 +236,34 @@ func (l *Lab) PutObject(obj mo.Reference) {
 			continue
 		}
 		devices[i] = frozen
+		if desc, err := l.resolve(flatBacking(d).FileName); err == nil {
+			_, journals[d.Key] = diskFiles(desc)
+		}
 	}
 	snap.Config.Hardware.Device = devices
 	l.mu.Lock()
 	l.snapFiles[snap.Self] = files
+	l.snapJour[snap.Self] = journals
 	l.mu.Unlock()
+}
+
+// fixTaskEntity makes tasks on a snapshot (RemoveSnapshot_Task, RevertToSnapshot_Task) name the
+// VM as their entity, as vSphere does. The simulator names the snapshot, which is no ManagedEntity,
+// and pyvmomi then refuses to decode the TaskInfo.
+func fixTaskEntity(task *simulator.Task) {
+	e := task.Info.Entity
+	if e == nil || e.Type != "VirtualMachineSnapshot" {
+		return
+	}
+	snap, ok := simulator.Map.Get(*e).(*simulator.VirtualMachineSnapshot)
+	if !ok {
+		return
+	}
+	vmRef := snap.Vm
+	task.Info.Entity = &vmRef
+	if vm, ok := simulator.Map.Get(vmRef).(*simulator.VirtualMachine); ok {
+		task.Info.EntityName = vm.Name
+	}
 }
 
 // freeze copies a disk's raw extent to "<name>-<snapshot>-flat.vmdk" (with its descriptor) under
@@ -300,6 +331,7 @@ func (l *Lab) RemoveObject(ref types.ManagedObjectReference) {
 	l.mu.Lock()
 	files := l.snapFiles[ref]
 	delete(l.snapFiles, ref)
+	delete(l.snapJour, ref)
 	l.mu.Unlock()
 	for _, f := range files {
 		if err := os.Remove(f); err != nil && !os.IsNotExist(err) {
@@ -321,25 +353,39 @@ func (l *Lab) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	l.syncAll()
+	readdressed := false
 	if bytes.Contains(body, []byte("QueryChangedDiskAreas")) {
-		body = l.readdress(body)
+		body, readdressed = l.readdress(body)
 	}
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	r.ContentLength = int64(len(body))
-	l.inner.ServeHTTP(w, r)
-	l.syncAll()
+	if !readdressed {
+		l.inner.ServeHTTP(w, r)
+		l.syncAll()
+		return
+	}
+	// Faults raised before dispatch (NotAuthenticated, ...) name the call's target: put the VM back.
+	rec := httptest.NewRecorder()
+	l.inner.ServeHTTP(rec, r)
+	out := bytes.ReplaceAll(rec.Body.Bytes(), []byte(`type="`+trackerType+`"`), []byte(`type="VirtualMachine"`))
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(out)))
+	w.WriteHeader(rec.Code)
+	_, _ = w.Write(out)
 }
 
 // readdress turns a QueryChangedDiskAreas call on a VM into the same call on its companion
 // tracker. Anything else, or anything it cannot decode, is passed on untouched.
-func (l *Lab) readdress(body []byte) []byte {
+func (l *Lab) readdress(body []byte) ([]byte, bool) {
 	m, err := simulator.UnmarshalBody(types.TypeFunc(), body)
 	if err != nil || m.Name != "QueryChangedDiskAreas" {
-		return body
+		return body, false
 	}
 	req, ok := m.Body.(*types.QueryChangedDiskAreas)
 	if !ok || req.This.Type != "VirtualMachine" {
-		return body
+		return body, false
 	}
 	tracker := types.ManagedObjectReference{Type: trackerType, Value: req.This.Value}
 	if simulator.Map.Get(tracker) == nil {
@@ -349,7 +395,26 @@ func (l *Lab) readdress(body []byte) []byte {
 	out, err := xml.Marshal(soap.Envelope{Body: &methods.QueryChangedDiskAreasBody{Req: req}})
 	if err != nil {
 		log.Printf("lab: re-encoding QueryChangedDiskAreas: %v", err)
-		return body
+		return body, false
 	}
-	return append([]byte(xml.Header), out...)
+	return append([]byte(xml.Header), out...), true
+}
+
+// journalOf is the journal of disk key as seen from snapshot (nil: the live disk whose descriptor is dsPath).
+func (l *Lab) journalOf(snapshot *types.ManagedObjectReference, key int32, dsPath string) (string, error) {
+	if snapshot != nil {
+		l.mu.Lock()
+		j, ok := l.snapJour[*snapshot][key]
+		l.mu.Unlock()
+		if !ok {
+			return "", fmt.Errorf("snapshot %s has no frozen image of disk %d", snapshot.Value, key)
+		}
+		return j, nil
+	}
+	desc, err := l.resolve(dsPath)
+	if err != nil {
+		return "", err
+	}
+	_, j := diskFiles(desc)
+	return j, nil
 }

@@ -82,6 +82,7 @@ func run(listen, dir string, dsNames []string, user, pass string, window, block 
 		block:      block,
 		journals:   newJournals(),
 		snapFiles:  make(map[types.ManagedObjectReference][]string),
+		snapJour:   make(map[types.ManagedObjectReference]map[int32]string),
 	}
 	ctx := context.Background()
 	client, err := vim25.NewClient(ctx, model.Service)

@@ -115,7 +115,7 @@ func (t *ChangeTracker) query(req *types.QueryChangedDiskAreas) (*types.DiskChan
 	if err != nil {
 		return nil, fileFault(b.FileName, "%v", err)
 	}
-	flat, journal := diskFiles(desc)
+	flat, _ := diskFiles(desc)
 
 	var areas []types.DiskChangeExtent
 	if req.ChangeId == "*" {
@@ -124,6 +124,10 @@ func (t *ChangeTracker) query(req *types.QueryChangedDiskAreas) (*types.DiskChan
 			return nil, fileFault(b.FileName, "reading allocation of %s: %v", flat, err)
 		}
 	} else {
+		journal, err := t.lab.journalOf(req.Snapshot, req.DeviceKey, b.FileName)
+		if err != nil {
+			return nil, fileFault(b.FileName, "%v", err)
+		}
 		var f *qcdaFault
 		areas, f = t.changed(b, journal, req.ChangeId, start, end)
 		if f != nil {

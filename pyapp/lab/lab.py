@@ -261,7 +261,7 @@ class Lab:
             operation="add", device=vim.vm.device.VirtualVmxnet3(key=-300, backing=nic_backing)))
         config = vim.vm.ConfigSpec(
             name=name, guestId=guest_id, memoryMB=memory_mb, numCPUs=num_cpus,
-            files=vim.vm.FileInfo(vmPathName=datastore_path(datastore, f"{name}/")), deviceChange=changes,
+            files=vim.vm.FileInfo(vmPathName=datastore_path(datastore, f"{name}/{name}.vmx")), deviceChange=changes,
         )
         task = dc.vmFolder.CreateVM_Task(config=config, pool=compute.resourcePool)
         WaitForTask(task)
