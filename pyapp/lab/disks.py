@@ -62,7 +62,9 @@ class DiskLayout:
 def _run(*args: str, stdin: bytes | None = None) -> bytes:
     proc = subprocess.run(args, input=stdin, capture_output=True, check=False)
     if proc.returncode != 0:
-        raise DiskBuildError(f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.decode(errors='replace')}")
+        raise DiskBuildError(
+            f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.decode(errors='replace')}"
+        )
     return proc.stdout
 
 
@@ -162,8 +164,14 @@ def build_disk(path: Path, size: int, partitions: list[Partition], table: TableT
             scratch = work / f"part{pp.number}.img"
             _make_fs(pp.spec, scratch, work)
             _run(
-                "dd", f"if={scratch}", f"of={path}", "bs=1M", f"seek={pp.start}", "oflag=seek_bytes",
-                "conv=notrunc,sparse", "status=none",
+                "dd",
+                f"if={scratch}",
+                f"of={path}",
+                "bs=1M",
+                f"seek={pp.start}",
+                "oflag=seek_bytes",
+                "conv=notrunc,sparse",
+                "status=none",
             )
             scratch.unlink()
     return DiskLayout(path, size, table, tuple(placed))

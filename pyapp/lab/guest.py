@@ -50,8 +50,13 @@ def read_journal(path: Path) -> list[JournalEntry]:
         if line.strip():
             r: dict[str, Any] = json.loads(line)
             out.append(
-                JournalEntry(r["op"], int(r["seq"]), int(r.get("offset", 0)), int(r.get("length", 0)),
-                             str(r.get("uuid", "")))
+                JournalEntry(
+                    r["op"],
+                    int(r["seq"]),
+                    int(r.get("offset", 0)),
+                    int(r.get("length", 0)),
+                    str(r.get("uuid", "")),
+                )
             )
     return out
 
@@ -98,8 +103,16 @@ class GuestDisk:
             finally:
                 os.close(fd)
             seq += 1
-            self._append(j, {"op": "write", "disk": self.descriptor.name, "seq": seq, "offset": offset,
-                             "length": len(data)})
+            self._append(
+                j,
+                {
+                    "op": "write",
+                    "disk": self.descriptor.name,
+                    "seq": seq,
+                    "offset": offset,
+                    "length": len(data),
+                },
+            )
             return seq
 
     def read(self, offset: int, length: int) -> bytes:
@@ -119,8 +132,9 @@ class GuestDisk:
     def entries(self) -> list[JournalEntry]:
         return read_journal(self.journal)
 
-    def rewrite_random_chunks(self, count: int, chunk: int = 1024 * 1024, seed: int = 1,
-                              region: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    def rewrite_random_chunks(
+        self, count: int, chunk: int = 1024 * 1024, seed: int = 1, region: tuple[int, int] | None = None
+    ) -> list[tuple[int, int]]:
         """Overwrite ``count`` distinct chunk-aligned chunks with random bytes; returns their
         ``(offset, length)`` sorted by offset. ``region`` limits them to ``[start, end)``."""
         start, end = region if region is not None else (0, self.size)

@@ -1,10 +1,12 @@
+# pyvmomi's stubs leave the data-object constructors and pyVim's helpers unannotated:
+# mypy: disable-error-code="no-untyped-call"
 """The lab: a running simulator (``lab/vcsim``) plus VMs whose disks are real images.
 
-    lab = Lab(tmp_path)
-    with lab:                                   # or: await nursery.start(lab.serve) under trio
-        vm = lab.create_vm("vm1", [DiskSpec(64 * MiB, [Partition(32 * MiB, "ext4", files=...)])])
-        si = lab.connect()                      # pyvmomi, plain HTTP
-        vm.disks[0].guest.write(4096, b"...")   # a guest write, journalled for CBT
+lab = Lab(tmp_path)
+with lab:                                   # or: await nursery.start(lab.serve) under trio
+    vm = lab.create_vm("vm1", [DiskSpec(64 * MiB, [Partition(32 * MiB, "ext4", files=...)])])
+    si = lab.connect()                      # pyvmomi, plain HTTP
+    vm.disks[0].guest.write(4096, b"...")   # a guest write, journalled for CBT
 """
 
 from __future__ import annotations
@@ -64,9 +66,17 @@ class LabVM:
 class Lab:
     """One simulator process serving on a free loopback port, with its lab directory."""
 
-    def __init__(self, directory: Path, *, qcda_window: int = 0, cbt_block: int = 512,
-                 datastores: Sequence[str] = ("LocalDS_0",), username: str = "user", password: str = "pass",
-                 cache_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        qcda_window: int = 0,
+        cbt_block: int = 512,
+        datastores: Sequence[str] = ("LocalDS_0",),
+        username: str = "user",
+        password: str = "pass",
+        cache_dir: Path | None = None,
+    ) -> None:
         self.directory = Path(directory).resolve()
         self.qcda_window = qcda_window
         self.cbt_block = cbt_block
@@ -83,9 +93,15 @@ class Lab:
     def _command(self) -> list[str]:
         binary = build_vcsim(self.cache_dir)
         self.directory.mkdir(parents=True, exist_ok=True)
-        return vcsim_command(binary, self.directory, datastores=self.datastore_names,
-                             qcda_window=self.qcda_window, cbt_block=self.cbt_block,
-                             username=self.username, password=self.password)
+        return vcsim_command(
+            binary,
+            self.directory,
+            datastores=self.datastore_names,
+            qcda_window=self.qcda_window,
+            cbt_block=self.cbt_block,
+            username=self.username,
+            password=self.password,
+        )
 
     @property
     def log_path(self) -> Path:
@@ -106,7 +122,9 @@ class Lab:
             while not line.endswith(b"\n"):
                 left = deadline - time.monotonic()
                 if left <= 0 or not select.select([out], [], [], left)[0]:
-                    raise LabError(f"the simulator did not report ready within {timeout}s (see {self.log_path})")
+                    raise LabError(
+                        f"the simulator did not report ready within {timeout}s (see {self.log_path})"
+                    )
                 chunk = out.read1(4096) if hasattr(out, "read1") else out.read(1)
                 if not chunk:
                     raise LabError(f"the simulator exited with {proc.wait()} (see {self.log_path})")
@@ -133,7 +151,9 @@ class Lab:
         self.start()
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     async def serve(self, *, task_status: trio.TaskStatus[Ready] = trio.TASK_STATUS_IGNORED) -> None:
@@ -142,8 +162,9 @@ class Lab:
             raise LabError("the lab is already running")
         cmd = await trio.to_thread.run_sync(self._command)
         with self.log_path.open("ab") as log:
-            proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=log,
-                                                    stdin=subprocess.DEVNULL)
+            proc = await trio.lowlevel.open_process(
+                cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL
+            )
         try:
             assert proc.stdout is not None
             line = b""
@@ -207,8 +228,10 @@ class Lab:
 
     def connect(self) -> vim.ServiceInstance:
         """A new pyvmomi connection (plain HTTP); the caller disconnects it."""
-        return SmartConnect(protocol="http", host=self.host, port=self.port, user=self.username,
-                            pwd=self.password)
+        si: vim.ServiceInstance = SmartConnect(
+            protocol="http", host=self.host, port=self.port, user=self.username, pwd=self.password
+        )
+        return si
 
     def _service(self) -> vim.ServiceInstance:
         if self._si is None:
@@ -217,16 +240,32 @@ class Lab:
 
     # -- VMs -------------------------------------------------------------------------------------
 
-    def create_vm(self, name: str, disks: Sequence[DiskSpec], *, guest_id: str = "otherLinux64Guest",
-                  memory_mb: int = 1024, num_cpus: int = 1, network: str = "VM Network",
-                  datacenter: str = "DC0", datastore: str = "LocalDS_0", power_on: bool = True) -> LabVM:
+    def create_vm(
+        self,
+        name: str,
+        disks: Sequence[DiskSpec],
+        *,
+        guest_id: str = "otherLinux64Guest",
+        memory_mb: int = 1024,
+        num_cpus: int = 1,
+        network: str = "VM Network",
+        datacenter: str = "DC0",
+        datastore: str = "LocalDS_0",
+        power_on: bool = True,
+    ) -> LabVM:
         """Build the disk images, then create the VM through the vSphere API with those disks."""
         if len(disks) > 15:
             raise ValueError("at most 15 disks (one SCSI controller)")
         si = self._service()
         content = si.RetrieveContent()
-        dc = next((e for e in content.rootFolder.childEntity
-                   if isinstance(e, vim.Datacenter) and e.name == datacenter), None)
+        dc = next(
+            (
+                e
+                for e in content.rootFolder.childEntity
+                if isinstance(e, vim.Datacenter) and e.name == datacenter
+            ),
+            None,
+        )
         if dc is None:
             raise LabError(f"no datacenter {datacenter!r}")
         compute = next(e for e in dc.hostFolder.childEntity if isinstance(e, vim.ComputeResource))
@@ -246,22 +285,38 @@ class Lab:
         changes: list[vim.vm.device.VirtualDeviceSpec] = [
             vim.vm.device.VirtualDeviceSpec(
                 operation="add",
-                device=vim.vm.device.ParaVirtualSCSIController(key=ctrl_key, busNumber=0, sharedBus="noSharing"),
+                device=vim.vm.device.ParaVirtualSCSIController(
+                    key=ctrl_key, busNumber=0, sharedBus="noSharing"
+                ),
             )
         ]
         for i, (ds_path, _, _, size) in enumerate(built):
             unit = i if i < 7 else i + 1  # unit 7 is the controller's own
-            backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(fileName=ds_path, diskMode="persistent",
-                                                                    thinProvisioned=True)
-            disk = vim.vm.device.VirtualDisk(key=-(200 + i), controllerKey=ctrl_key, unitNumber=unit,
-                                             capacityInBytes=size, capacityInKB=size // 1024, backing=backing)
+            backing = vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=ds_path, diskMode="persistent", thinProvisioned=True
+            )
+            disk = vim.vm.device.VirtualDisk(
+                key=-(200 + i),
+                controllerKey=ctrl_key,
+                unitNumber=unit,
+                capacityInBytes=size,
+                capacityInKB=size // 1024,
+                backing=backing,
+            )
             changes.append(vim.vm.device.VirtualDeviceSpec(operation="add", device=disk))
         nic_backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=network)
-        changes.append(vim.vm.device.VirtualDeviceSpec(
-            operation="add", device=vim.vm.device.VirtualVmxnet3(key=-300, backing=nic_backing)))
+        changes.append(
+            vim.vm.device.VirtualDeviceSpec(
+                operation="add", device=vim.vm.device.VirtualVmxnet3(key=-300, backing=nic_backing)
+            )
+        )
         config = vim.vm.ConfigSpec(
-            name=name, guestId=guest_id, memoryMB=memory_mb, numCPUs=num_cpus,
-            files=vim.vm.FileInfo(vmPathName=datastore_path(datastore, f"{name}/{name}.vmx")), deviceChange=changes,
+            name=name,
+            guestId=guest_id,
+            memoryMB=memory_mb,
+            numCPUs=num_cpus,
+            files=vim.vm.FileInfo(vmPathName=datastore_path(datastore, f"{name}/{name}.vmx")),
+            deviceChange=changes,
         )
         task = dc.vmFolder.CreateVM_Task(config=config, pool=compute.resourcePool)
         WaitForTask(task)
@@ -269,12 +324,28 @@ class Lab:
         if power_on and vm.runtime.powerState != "poweredOn":
             WaitForTask(vm.PowerOnVM_Task())
 
-        by_file = {d.backing.fileName: d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualDisk)}
+        by_file = {
+            d.backing.fileName: d
+            for d in vm.config.hardware.device
+            if isinstance(d, vim.vm.device.VirtualDisk)
+            and isinstance(d.backing, vim.vm.device.VirtualDisk.FlatVer2BackingInfo)
+        }
         lab_disks = []
         for ds_path, descriptor, layout, size in built:
             dev = by_file.get(ds_path)
             if dev is None:
                 raise LabError(f"the simulator did not attach {ds_path}")
-            lab_disks.append(LabDisk(dev.key, dev.deviceInfo.label, size, ds_path, descriptor,
-                                     flat_of(descriptor), layout, GuestDisk(descriptor)))
+            label = dev.deviceInfo.label if dev.deviceInfo is not None else ""
+            lab_disks.append(
+                LabDisk(
+                    dev.key,
+                    label,
+                    size,
+                    ds_path,
+                    descriptor,
+                    flat_of(descriptor),
+                    layout,
+                    GuestDisk(descriptor),
+                )
+            )
         return LabVM(name, vm._moId, vm.config.uuid, tuple(lab_disks))

@@ -66,8 +66,14 @@ def build_vcsim(cache_dir: Path | None = None, source_dir: Path = SOURCE_DIR) ->
             return binary
         fd, tmp = tempfile.mkstemp(prefix=".lab-vcsim-", dir=cache)
         os.close(fd)
-        proc = subprocess.run(["go", "build", "-o", tmp, "."], cwd=source_dir, env=_go_env(cache),
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            ["go", "build", "-o", tmp, "."],
+            cwd=source_dir,
+            env=_go_env(cache),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if proc.returncode != 0:
             os.unlink(tmp)
             raise LabError(f"go build of {source_dir} failed:\n{proc.stderr}")
@@ -94,18 +100,42 @@ class Ready:
             raise LabError(f"unexpected output from the simulator: {line!r}") from e
         if d.get("event") != "ready":
             raise LabError(f"unexpected output from the simulator: {line!r}")
-        return cls(d["url"], d["username"], d["password"],
-                   {k: Path(v) for k, v in d["datastores"].items()}, int(d["pid"]))
+        return cls(
+            d["url"],
+            d["username"],
+            d["password"],
+            {k: Path(v) for k, v in d["datastores"].items()},
+            int(d["pid"]),
+        )
 
 
-def vcsim_command(binary: Path, lab_dir: Path, *, port: int = 0, datastores: list[str] | None = None,
-                  qcda_window: int = 0, cbt_block: int = 512, username: str = "user",
-                  password: str = "pass") -> list[str]:
+def vcsim_command(
+    binary: Path,
+    lab_dir: Path,
+    *,
+    port: int = 0,
+    datastores: list[str] | None = None,
+    qcda_window: int = 0,
+    cbt_block: int = 512,
+    username: str = "user",
+    password: str = "pass",
+) -> list[str]:
     return [
-        str(binary), "-dir", str(lab_dir), "-listen", f"127.0.0.1:{port}",
-        "-datastore", ",".join(datastores or ["LocalDS_0"]),
-        "-qcda-window", str(qcda_window), "-cbt-block", str(cbt_block),
-        "-username", username, "-password", password,
+        str(binary),
+        "-dir",
+        str(lab_dir),
+        "-listen",
+        f"127.0.0.1:{port}",
+        "-datastore",
+        ",".join(datastores or ["LocalDS_0"]),
+        "-qcda-window",
+        str(qcda_window),
+        "-cbt-block",
+        str(cbt_block),
+        "-username",
+        username,
+        "-password",
+        password,
     ]
 
 

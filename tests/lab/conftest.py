@@ -37,8 +37,13 @@ def vm1(lab: Lab) -> LabVM:
     return lab.create_vm(
         "vm1",
         [
-            DiskSpec(24 * MiB, [Partition(8 * MiB, "ext4", "root", KNOWN_FILES), Partition(4 * MiB, "fat", "EFI",
-                                                                                      {"boot.txt": b"boot\n"})]),
+            DiskSpec(
+                24 * MiB,
+                [
+                    Partition(8 * MiB, "ext4", "root", KNOWN_FILES),
+                    Partition(4 * MiB, "fat", "EFI", {"boot.txt": b"boot\n"}),
+                ],
+            ),
             DiskSpec(12 * MiB),
         ],
         guest_id="ubuntu64Guest",
@@ -75,8 +80,9 @@ def snapshot(vm: vim.VirtualMachine, name: str) -> vim.vm.Snapshot:
     return snap
 
 
-def query_all(vm: vim.VirtualMachine, snap: vim.vm.Snapshot | None, key: int, capacity: int,
-              change_id: str) -> tuple[list[tuple[int, int]], int]:
+def query_all(
+    vm: vim.VirtualMachine, snap: vim.vm.Snapshot | None, key: int, capacity: int, change_id: str
+) -> tuple[list[tuple[int, int]], int]:
     """The VMA's loop: from offset 0 until the whole disk is covered. Returns the areas and the
     number of answers it took."""
     areas: list[tuple[int, int]] = []

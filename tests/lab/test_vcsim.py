@@ -58,7 +58,10 @@ def test_discovery(lab: Lab, si: vim.ServiceInstance, vm1: LabVM) -> None:
         assert not dev.backing.changeId
         assert lab.image(dev.backing.fileName) == d.image
         assert d.image.stat().st_size == d.capacity
-    assert [d.backing.fileName for d in disks.values()] == ["[LocalDS_0] vm1/vm1.vmdk", "[LocalDS_0] vm1/vm1_1.vmdk"]
+    assert [d.backing.fileName for d in disks.values()] == [
+        "[LocalDS_0] vm1/vm1.vmdk",
+        "[LocalDS_0] vm1/vm1_1.vmdk",
+    ]
     nics = [d for d in vm.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)]
     assert [n.backing.deviceName for n in nics] == ["VM Network"]
     assert [n.name for n in vm.network] == ["VM Network"]
@@ -67,11 +70,16 @@ def test_discovery(lab: Lab, si: vim.ServiceInstance, vm1: LabVM) -> None:
 def test_disk_image_holds_known_files(vm1: LabVM) -> None:
     disk = vm1.disks[0]
     root = disk.layout.partitions[0]
-    out = subprocess.run(["debugfs", "-R", "cat /etc/hostname", f"{disk.image}?offset={root.start}"],
-                         capture_output=True, check=True)
+    out = subprocess.run(
+        ["debugfs", "-R", "cat /etc/hostname", f"{disk.image}?offset={root.start}"],
+        capture_output=True,
+        check=True,
+    )
     assert out.stdout == b"vm1\n"
     efi = disk.layout.partitions[1]
-    out = subprocess.run(["mtype", "-i", f"{disk.image}@@{efi.start}", "::/boot.txt"], capture_output=True, check=True)
+    out = subprocess.run(
+        ["mtype", "-i", f"{disk.image}@@{efi.start}", "::/boot.txt"], capture_output=True, check=True
+    )
     assert out.stdout == b"boot\n"
 
 
@@ -135,7 +143,9 @@ def test_qcda_star_lists_allocated_areas_in_windows(lab: Lab, si: vim.ServiceIns
     assert query_all(vm, snap, blank.key, blank.capacity, "*") == ([], 2)
 
 
-def test_qcda_incremental_gives_exactly_the_written_extents(lab: Lab, si: vim.ServiceInstance, vm1: LabVM) -> None:
+def test_qcda_incremental_gives_exactly_the_written_extents(
+    lab: Lab, si: vim.ServiceInstance, vm1: LabVM
+) -> None:
     vm = find_vm(si, "vm1")
     enable_cbt(vm)
     disk = vm1.disks[0]
@@ -242,7 +252,9 @@ async def test_trio_serve(tmp_path: os.PathLike[str]) -> None:
         assert lab.url == ready.url
 
         def use() -> list[str]:
-            vm = lab.create_vm("trio-vm", [DiskSpec(4 * MiB, [Partition(2 * MiB, "ext4", files={"a": b"a"})])])
+            vm = lab.create_vm(
+                "trio-vm", [DiskSpec(4 * MiB, [Partition(2 * MiB, "ext4", files={"a": b"a"})])]
+            )
             si = lab.connect()
             try:
                 return [d.backing.fileName for d in disks_of(find_vm(si, vm.name).config).values()]
