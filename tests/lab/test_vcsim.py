@@ -288,3 +288,32 @@ def test_reference_like_workload(tmp_path: os.PathLike[str]) -> None:
             assert query_all(vm, snap2, disk.key, disk.capacity, base)[0] == merge(written)
         finally:
             Disconnect(si)
+
+
+@pytest.mark.interop
+def test_nbdkit_reads_the_snapshot(
+    tmp_path: os.PathLike[str], lab: Lab, si: vim.ServiceInstance, vm1: LabVM
+) -> None:
+    """The VMA's read path: the snapshot's disk backing -> local image -> `nbdkit file` -> bytes."""
+    vm = find_vm(si, "vm1")
+    enable_cbt(vm)
+    disk = vm1.disks[0]
+    expected = disk.image.read_bytes()
+    snap = snapshot(vm, "read")
+    disk.guest.rewrite_random_chunks(4, seed=9)
+    image = lab.image(disks_of(snap.config)[disk.key].backing.fileName)
+    out = f"{tmp_path}/copy.raw"
+    subprocess.run(["nbdkit", "-U", "-", "file", str(image), "--run", f'nbdcopy "$uri" {out}'], check=True)
+    with open(out, "rb") as f:
+        assert f.read() == expected
+
+
+def test_qcda_on_the_live_disk(si: vim.ServiceInstance, vm1: LabVM) -> None:
+    """Without a snapshot the answer is about the disk as it is now."""
+    vm = find_vm(si, "vm1")
+    enable_cbt(vm)
+    disk = vm1.disks[1]
+    base = disks_of(vm.config)[disk.key].backing.changeId
+    disk.guest.write(5 * MiB, b"q" * 4096)
+    assert query_all(vm, None, disk.key, disk.capacity, base)[0] == [(5 * MiB, 4096)]
+    assert query_all(vm, None, disk.key, disk.capacity, "*")[0] == [(5 * MiB, 4096)]
