@@ -153,7 +153,9 @@ func (l *Lab) syncVM(vm *simulator.VirtualMachine) {
 		if err != nil {
 			continue // not a lab disk (no image on a lab datastore)
 		}
-		if err := l.reconcile(lj, vm.Config, d); err != nil {
+		// A running VM starts tracking only at its next stun (snapshot, power cycle), as on ESXi.
+		stun := vm.Runtime.PowerState != types.VirtualMachinePowerStatePoweredOn
+		if err := l.reconcile(lj, vm.Config, d, stun); err != nil {
 			log.Printf("lab: %s: %v", b.FileName, err)
 		}
 		b.ChangeId = lj.state.changeID()
@@ -174,12 +176,14 @@ func (l *Lab) openJournal(dsPath string) (*lockedJournal, error) {
 	return l.journals.open(journal)
 }
 
-func (l *Lab) reconcile(lj *lockedJournal, cfg *types.VirtualMachineConfigInfo, d *types.VirtualDisk) error {
+// reconcile appends the record that brings the journal in line with the disk's CBT setting.
+// Switching tracking on takes effect only when stun is true (the VM is stunned or not running).
+func (l *Lab) reconcile(lj *lockedJournal, cfg *types.VirtualMachineConfigInfo, d *types.VirtualDisk, stun bool) error {
 	want := trackingWanted(cfg, d)
 	disk := filepath.Base(flatBacking(d).FileName)
 	var rec *journalRecord
 	switch {
-	case want && lj.state.current == "":
+	case want && lj.state.current == "" && stun:
 		rec = &journalRecord{Op: "reset", Disk: disk, Seq: lj.state.seq, UUID: newCBTUUID()}
 	case !want && lj.state.current != "":
 		rec = &journalRecord{Op: "off", Disk: disk, Seq: lj.state.seq}
@@ -276,7 +280,7 @@ func (l *Lab) freeze(snap types.ManagedObjectReference, cfg *types.VirtualMachin
 		return nil, nil, err
 	}
 	defer lj.close()
-	if err := l.reconcile(lj, cfg, d); err != nil {
+	if err := l.reconcile(lj, cfg, d, true); err != nil { // a snapshot stuns the VM
 		return nil, nil, err
 	}
 	b.ChangeId = lj.state.changeID()

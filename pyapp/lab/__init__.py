@@ -4,7 +4,7 @@ journal, and QueryChangedDiskAreas answered from that journal. See ``docs/lab.md
 """
 
 from .datastore import DatastoreMap, DatastorePathError, parse_datastore_path, raw_extent
-from .disks import DiskBuildError, DiskLayout, Partition, PlacedPartition, build_disk
+from .disks import DiskBuildError, DiskLayout, MiB, Partition, PlacedPartition, build_disk
 from .guest import GuestDisk, JournalEntry, read_journal
 from .lab import DiskSpec, Lab, LabDisk, LabVM
 from .vcsim import LabError, Ready, build_vcsim
@@ -21,6 +21,7 @@ __all__ = [
     "LabDisk",
     "LabError",
     "LabVM",
+    "MiB",
     "Partition",
     "PlacedPartition",
     "Ready",

@@ -27,11 +27,11 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from .datastore import DatastoreMap, datastore_path, flat_of, write_descriptor
-from .disks import DiskLayout, Partition, TableType, build_disk
+from .disks import DiskLayout, MiB, Partition, TableType, build_disk
 from .guest import GuestDisk
 from .vcsim import LabError, Ready, build_vcsim, terminate, vcsim_command
 
-MiB = 1024 * 1024
+__all__ = ["DiskSpec", "Lab", "LabDisk", "LabVM", "MiB"]
 
 
 @dataclass(frozen=True)

@@ -317,3 +317,16 @@ def test_qcda_on_the_live_disk(si: vim.ServiceInstance, vm1: LabVM) -> None:
     disk.guest.write(5 * MiB, b"q" * 4096)
     assert query_all(vm, None, disk.key, disk.capacity, base)[0] == [(5 * MiB, 4096)]
     assert query_all(vm, None, disk.key, disk.capacity, "*")[0] == [(5 * MiB, 4096)]
+
+
+def test_cbt_starts_at_the_stun(si: vim.ServiceInstance, vm1: LabVM) -> None:
+    """On a running VM, changeTrackingEnabled takes effect at the next stun, as on ESXi."""
+    vm = find_vm(si, "vm1")
+    assert vm.runtime.powerState == "poweredOn"
+    WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(changeTrackingEnabled=True)))
+    assert vm.config.changeTrackingEnabled
+    assert not any(d.backing.changeId for d in disks_of(vm.config).values())
+    stun = snapshot(vm, "stun")
+    assert all(d.backing.changeId for d in disks_of(stun.config).values())
+    WaitForTask(stun.RemoveSnapshot_Task(removeChildren=False))
+    assert all(CHANGE_ID.match(d.backing.changeId) for d in disks_of(vm.config).values())
