@@ -69,6 +69,8 @@ class GuestDisk:
         self.image = flat_of(descriptor)
         self.journal = journal_of(descriptor)
         self.size = self.image.stat().st_size
+        self._parsed = 0  # bytes of the journal already scanned for the highest seq
+        self._seq = 0
 
     @contextmanager
     def _locked(self) -> Iterator[tuple[BinaryIO, int]]:
@@ -76,12 +78,17 @@ class GuestDisk:
         with self.journal.open("a+b") as j:
             fcntl.flock(j.fileno(), fcntl.LOCK_EX)
             try:
-                j.seek(0)
-                seq = 0
-                for line in j.read().split(b"\n")[:-1]:
+                size = os.fstat(j.fileno()).st_size
+                if size < self._parsed:  # replaced or truncated: scan again
+                    self._parsed, self._seq = 0, 0
+                j.seek(self._parsed)
+                tail = j.read(size - self._parsed)
+                whole = tail[: tail.rfind(b"\n") + 1]
+                for line in whole.split(b"\n"):
                     if line.strip():
-                        seq = max(seq, int(json.loads(line)["seq"]))
-                yield j, seq
+                        self._seq = max(self._seq, int(json.loads(line)["seq"]))
+                self._parsed += len(whole)
+                yield j, self._seq
             finally:
                 fcntl.flock(j.fileno(), fcntl.LOCK_UN)
 

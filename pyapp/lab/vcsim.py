@@ -35,7 +35,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "vmware-cloudstack-mover" / "lab"
 
 
-def _go_env(cache_dir: Path) -> dict[str, str]:
+def go_env(cache_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(GO111MODULE="off", GOPATH=GOPATH, CGO_ENABLED="0")
     env.setdefault("GOCACHE", str(cache_dir / "go-build"))
@@ -69,7 +69,7 @@ def build_vcsim(cache_dir: Path | None = None, source_dir: Path = SOURCE_DIR) ->
         proc = subprocess.run(
             ["go", "build", "-o", tmp, "."],
             cwd=source_dir,
-            env=_go_env(cache),
+            env=go_env(cache),
             capture_output=True,
             text=True,
             check=False,

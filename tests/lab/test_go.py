@@ -6,11 +6,11 @@ import subprocess
 
 import pytest
 
-from pyapp.lab.vcsim import SOURCE_DIR, _go_env, default_cache_dir
+from pyapp.lab.vcsim import SOURCE_DIR, go_env, default_cache_dir
 
 
 @pytest.mark.slow
 def test_go_unit_tests() -> None:
-    proc = subprocess.run(["go", "test", "."], cwd=SOURCE_DIR, env=_go_env(default_cache_dir()),
+    proc = subprocess.run(["go", "test", "."], cwd=SOURCE_DIR, env=go_env(default_cache_dir()),
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
