@@ -191,6 +191,8 @@ class Lab:
                     if proc.returncode is None:
                         proc.kill()
                         await proc.wait()
+                if proc.stdout is not None:
+                    await proc.stdout.aclose()
 
     # -- access ----------------------------------------------------------------------------------
 
