@@ -35,12 +35,14 @@ class DiskBuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class Partition:
-    """One partition: its size, file system, label and files (relative POSIX path -> bytes)."""
+    """One partition: its size, file system, label and content: the tree under ``source`` (if
+    given) plus ``files`` (relative POSIX path -> bytes) on top."""
 
     size: int
     fs: FsType = "ext4"
     label: str = ""
     files: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    source: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,10 @@ def _make_fs(part: Partition, scratch: Path, workdir: Path) -> None:
     src = workdir / "root"
     if src.exists():
         shutil.rmtree(src)
-    src.mkdir()
+    if part.source is not None:
+        shutil.copytree(part.source, src, symlinks=True)
+    else:
+        src.mkdir()
     _populate(src, part.files)
     if part.fs == "ext4":
         label = ["-L", part.label] if part.label else []
@@ -122,7 +127,7 @@ def _make_fs(part: Partition, scratch: Path, workdir: Path) -> None:
         if entries:
             _run("mcopy", "-s", "-Q", "-i", str(scratch), *(str(e) for e in entries), "::")
     elif part.fs == "none":
-        if part.files:
+        if part.files or part.source is not None:
             raise ValueError("a partition without a file system cannot hold files")
     else:  # pragma: no cover - Literal guards this
         raise ValueError(f"unknown file system {part.fs!r}")

@@ -64,7 +64,9 @@ class LabVM:
 
 
 class Lab:
-    """One simulator process serving on a free loopback port, with its lab directory."""
+    """One simulator process serving on loopback (``port=0``: a free port), with its lab directory.
+
+    Not thread-safe: share a Lab between threads only for reading ``url`` and friends."""
 
     def __init__(
         self,
@@ -73,6 +75,7 @@ class Lab:
         qcda_window: int = 0,
         cbt_block: int = 512,
         datastores: Sequence[str] = ("LocalDS_0",),
+        port: int = 0,
         username: str = "user",
         password: str = "pass",
         cache_dir: Path | None = None,
@@ -81,6 +84,7 @@ class Lab:
         self.qcda_window = qcda_window
         self.cbt_block = cbt_block
         self.datastore_names = list(datastores)
+        self.port_wanted = port
         self.username = username
         self.password = password
         self.cache_dir = cache_dir
@@ -96,6 +100,7 @@ class Lab:
         return vcsim_command(
             binary,
             self.directory,
+            port=self.port_wanted,
             datastores=self.datastore_names,
             qcda_window=self.qcda_window,
             cbt_block=self.cbt_block,

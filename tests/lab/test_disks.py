@@ -115,3 +115,19 @@ def test_guest_writes_are_journalled(tmp_path: Path) -> None:
     assert lines[0] == {"op": "write", "disk": "d.vmdk", "seq": 1, "offset": 4096, "length": 3}
     with pytest.raises(ValueError):
         g.write(8 * MiB - 1, b"xx")
+
+
+def test_partition_from_a_directory(tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "usr" / "share").mkdir(parents=True)
+    (src / "usr" / "share" / "doc.txt").write_bytes(b"from the tree\n")
+    image = tmp_path / "d.img"
+    layout = build_disk(
+        image, 32 * MiB, [Partition(16 * MiB, "ext4", source=src, files={"etc/extra": b"e\n"})]
+    )
+    off = layout.partitions[0].start
+    for path, want in (("/usr/share/doc.txt", b"from the tree\n"), ("/etc/extra", b"e\n")):
+        out = subprocess.run(
+            ["debugfs", "-R", f"cat {path}", f"{image}?offset={off}"], capture_output=True, check=True
+        )
+        assert out.stdout == want
