@@ -330,3 +330,16 @@ def test_cbt_starts_at_the_stun(si: vim.ServiceInstance, vm1: LabVM) -> None:
     assert all(d.backing.changeId for d in disks_of(stun.config).values())
     WaitForTask(stun.RemoveSnapshot_Task(removeChildren=False))
     assert all(CHANGE_ID.match(d.backing.changeId) for d in disks_of(vm.config).values())
+
+
+def test_discovery_by_datacenter_and_name_filter(lab: Lab, si: vim.ServiceInstance) -> None:
+    for name in ("web-1", "web-2", "db-1"):
+        lab.create_vm(name, [DiskSpec(2 * MiB)])
+    dc = si.content.searchIndex.FindByInventoryPath("DC0")
+    assert isinstance(dc, vim.Datacenter)
+    view = si.content.viewManager.CreateContainerView(dc.vmFolder, [vim.VirtualMachine], True)
+    try:
+        names = sorted(v.name for v in view.view if v.name.startswith("web-"))
+    finally:
+        view.Destroy()
+    assert names == ["web-1", "web-2"]
