@@ -185,10 +185,11 @@ class Lab:
             raise LabError(f"the simulator exited unexpectedly with {code} (see {self.log_path})")
         finally:
             self.ready = None
-            if self._si is not None:
-                si, self._si = self._si, None
-                await trio.to_thread.run_sync(Disconnect, si)
-            with trio.CancelScope(shield=True):
+            with trio.CancelScope(shield=True):  # we are usually here because of a cancellation
+                if self._si is not None:
+                    si, self._si = self._si, None
+                    with trio.move_on_after(5):
+                        await trio.to_thread.run_sync(Disconnect, si, abandon_on_cancel=True)
                 if proc.returncode is None:
                     proc.terminate()
                     with trio.move_on_after(10):

@@ -264,6 +264,8 @@ async def test_trio_serve(tmp_path: os.PathLike[str]) -> None:
         assert await trio.to_thread.run_sync(use) == ["[LocalDS_0] trio-vm/trio-vm.vmdk"]
         nursery.cancel_scope.cancel()
     assert lab.ready is None
+    with pytest.raises(ProcessLookupError):  # the simulator is gone, not orphaned
+        os.kill(ready.pid, 0)
 
 
 @pytest.mark.slow
