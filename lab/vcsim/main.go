@@ -11,7 +11,7 @@
 //
 //	{"event":"ready","url":"http://127.0.0.1:PORT/sdk","username":...,"password":...,"datastores":{...}}
 //
-// and runs until SIGTERM or SIGINT.
+// and runs until SIGTERM or SIGINT, or until its parent process goes away.
 package main
 
 import (
@@ -27,6 +27,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
@@ -133,6 +134,22 @@ func run(listen, dir string, dsNames []string, user, pass string, window, block 
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
-	<-sig
+	orphaned := make(chan struct{})
+	go watchParent(orphaned)
+	select {
+	case <-sig:
+	case <-orphaned:
+		log.Printf("lab-vcsim: parent process gone, stopping")
+	}
 	return nil
+}
+
+// watchParent closes orphaned when the process that started us goes away (a killed test run),
+// so that no simulator outlives its lab.
+func watchParent(orphaned chan<- struct{}) {
+	parent := os.Getppid()
+	for os.Getppid() == parent {
+		time.Sleep(500 * time.Millisecond)
+	}
+	close(orphaned)
 }
