@@ -112,7 +112,9 @@ def main() -> int:
     subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(source), str(changed_src)], check=True)
     changed = rewrite_chunks(changed_src, fraction=0.05)
     src = NbdExport(changed_src, name="src", socket_path=work / "src.sock", read_only=True).start()
-    incremental = statistics.median(timed(mover_copy(src.uri, dst_uri, extents=changed)) for _ in range(args.runs))
+    incremental = statistics.median(
+        timed(mover_copy(src.uri, dst_uri, extents=changed)) for _ in range(args.runs)
+    )
     figures.update(incremental_s=incremental, ratio_c_incremental_vs_full=incremental / ours)
     src.stop()
     for d in dst:
@@ -127,8 +129,8 @@ def main() -> int:
 
     ours, peer = median_pair(args.runs, rm_target, mover_copy(str(source), str(target), allocated_only=True),
                              run_cmd(["cp", "--sparse=always", str(source), str(target)]))
-    _, durable = median_pair(args.runs, rm_target, lambda: None,
-                             run_cmd(["sh", "-c", f"cp --sparse=always {source} {target} && sync -f {target}"]))
+    cp_sync = f"cp --sparse=always {source} {target} && sync -f {target}"
+    _, durable = median_pair(args.runs, rm_target, lambda: None, run_cmd(["sh", "-c", cp_sync]))
     figures.update(file_mover_s=ours, file_cp_s=peer, file_cp_sync_s=durable,
                    ratio_b_file_vs_cp=ours / peer, ratio_b_file_vs_cp_sync=ours / durable)
 

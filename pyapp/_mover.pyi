@@ -1,6 +1,22 @@
 """Type stubs of the Rust extension (checked against the module by ``mypy.stubtest``)."""
 
 from os import PathLike
+from typing import final
+
+__all__ = [
+    "CancelledError",
+    "ConnectError",
+    "Copy",
+    "CopyProgress",
+    "FormatError",
+    "InvalidEndpointError",
+    "InvalidPlanError",
+    "MoverError",
+    "ProtocolError",
+    "SourceReadError",
+    "TargetWriteError",
+    "__version__",
+]
 
 __version__: str
 
@@ -18,6 +34,7 @@ class InvalidPlanError(MoverError): ...
 class FormatError(MoverError): ...
 class CancelledError(MoverError): ...
 
+@final
 class CopyProgress:
     @property
     def bytes_planned(self) -> int: ...
@@ -44,6 +61,7 @@ class CopyProgress:
     @property
     def finished(self) -> bool: ...
 
+@final
 class Copy:
     def __new__(
         cls,

@@ -156,9 +156,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="SRC")
     c.add_argument("target", metavar="DST")
     plan = c.add_mutually_exclusive_group()
-    plan.add_argument("--extents", metavar="FILE.json", help="copy only these (offset, length) extents")
-    plan.add_argument("--allocated-only", action="store_true", help="copy only what the source reports as data")
-    c.add_argument("--connections", type=int, default=4, metavar="N", help="connections per endpoint (default 4)")
+    plan.add_argument("--extents", metavar="FILE.json",
+                      help="copy only these (offset, length) extents")
+    plan.add_argument("--allocated-only", action="store_true",
+                      help="copy only what the source reports as data")
+    c.add_argument("--connections", type=int, default=4, metavar="N",
+                   help="connections per endpoint (default 4)")
     c.add_argument("--requests", type=int, default=16, metavar="N", help="requests in flight per connection")
     c.add_argument("--request-size", type=int, default=1 << 20, metavar="BYTES", help="bytes per request")
     c.add_argument("--checkpoint", metavar="FILE", help="record progress here; resume from it if it exists")

@@ -138,7 +138,7 @@ async def test_malformed_uri_and_missing_socket(source: Path, tmp_path: Path) ->
         await mover.copy("nbd://[::1/export", str(tmp_path / "t.raw"))
     with pytest.raises(mover.InvalidEndpointError):
         await mover.copy("ftp://host/disk", str(tmp_path / "t.raw"))
-    with pytest.raises(mover.ConnectError, match="missing.sock"):
+    with pytest.raises(mover.ConnectError, match=r"missing\.sock"):
         await mover.copy(f"nbd+unix:///x?socket={tmp_path}/missing.sock", str(tmp_path / "t.raw"))
     with pytest.raises(mover.ConnectError):
         await mover.copy(str(tmp_path / "no-such-disk.raw"), str(tmp_path / "t.raw"))

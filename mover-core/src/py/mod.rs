@@ -107,7 +107,7 @@ pub struct Copy {
 impl Copy {
     #[new]
     #[pyo3(signature = (source, target, *, extents=None, allocated_only=false, connections=4, requests=16,
-                        request_size=1<<20, checkpoint=None, target_is_zero=false,
+                        request_size=1_048_576, checkpoint=None, target_is_zero=false,
                         checkpoint_interval=5.0, reconnect_timeout=60.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
