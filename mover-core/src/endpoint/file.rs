@@ -128,6 +128,26 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64
 }
 
 impl Inner {
+    /// A failed read of `[offset, offset + length)`, with the OS error as the code.
+    fn read_error(&self, offset: u64, length: u64, e: &io::Error) -> MoverError {
+        MoverError::source_read(
+            offset,
+            length,
+            e.raw_os_error().map(i32::cast_unsigned),
+            format!("{}: {e}", self.path),
+        )
+    }
+
+    /// A failed write, zeroing or flush of `[offset, offset + length)`.
+    fn write_error(&self, offset: u64, length: u64, e: &io::Error) -> MoverError {
+        MoverError::target_write(
+            offset,
+            length,
+            e.raw_os_error().map(i32::cast_unsigned),
+            format!("{}: {e}", self.path),
+        )
+    }
+
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         let end = (offset + length).min(self.caps.size);
         let mut out = Vec::new();
@@ -234,14 +254,10 @@ impl Endpoint for FileEndpoint {
     async fn read(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
         let len = buf.len() as u64;
         self.blocking(move |inner| {
-            inner.file.read_exact_at(&mut buf, offset).map_err(|e| {
-                MoverError::source_read(
-                    offset,
-                    len,
-                    e.raw_os_error().map(i32::cast_unsigned),
-                    format!("{}: {e}", inner.path),
-                )
-            })?;
+            inner
+                .file
+                .read_exact_at(&mut buf, offset)
+                .map_err(|e| inner.read_error(offset, len, &e))?;
             Ok(buf)
         })
         .await
@@ -250,14 +266,10 @@ impl Endpoint for FileEndpoint {
     async fn write(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
         let len = buf.len() as u64;
         self.blocking(move |inner| {
-            inner.file.write_all_at(&buf, offset).map_err(|e| {
-                MoverError::target_write(
-                    offset,
-                    len,
-                    e.raw_os_error().map(i32::cast_unsigned),
-                    format!("{}: {e}", inner.path),
-                )
-            })?;
+            inner
+                .file
+                .write_all_at(&buf, offset)
+                .map_err(|e| inner.write_error(offset, len, &e))?;
             Ok(buf)
         })
         .await
@@ -265,14 +277,9 @@ impl Endpoint for FileEndpoint {
 
     async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
         self.blocking(move |inner| {
-            inner.write_zeroes(offset, length).map_err(|e| {
-                MoverError::target_write(
-                    offset,
-                    length,
-                    e.raw_os_error().map(i32::cast_unsigned),
-                    format!("{}: {e}", inner.path),
-                )
-            })
+            inner
+                .write_zeroes(offset, length)
+                .map_err(|e| inner.write_error(offset, length, &e))
         })
         .await
     }
@@ -297,14 +304,10 @@ impl Endpoint for FileEndpoint {
             return Ok(());
         }
         self.blocking(|inner| {
-            inner.file.sync_data().map_err(|e| {
-                MoverError::target_write(
-                    0,
-                    0,
-                    e.raw_os_error().map(i32::cast_unsigned),
-                    format!("flush {}: {e}", inner.path),
-                )
-            })
+            inner
+                .file
+                .sync_data()
+                .map_err(|e| inner.write_error(0, 0, &e))
         })
         .await
     }
