@@ -718,6 +718,12 @@ impl Client {
         &self.info
     }
 
+    /// How many times a lost connection was replaced.
+    #[must_use]
+    pub fn reconnections(&self) -> u64 {
+        self.current().generation
+    }
+
     fn terminal(&self) -> std::sync::MutexGuard<'_, Option<String>> {
         self.terminal
             .lock()

@@ -113,6 +113,12 @@ impl NbdEndpoint {
         self.client.info()
     }
 
+    /// How many times a lost connection was replaced (shared by handles that share it).
+    #[must_use]
+    pub fn reconnections(&self) -> u64 {
+        self.client.reconnections()
+    }
+
     fn refuse_write(&self, offset: u64, length: u64) -> Result<()> {
         if !self.caps.read_only {
             return Ok(());
