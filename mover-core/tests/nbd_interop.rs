@@ -57,7 +57,8 @@ fn wait_for_unix(path: &Path) {
     while std::os::unix::net::UnixStream::connect(path).is_err() {
         assert!(
             Instant::now() < deadline,
-            "server did not listen on {path:?}"
+            "server did not listen on {}",
+            path.display()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
