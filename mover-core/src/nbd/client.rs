@@ -31,6 +31,7 @@
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
@@ -52,7 +53,10 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// Read-ahead of the reply stream. Reply headers come out of it; payloads larger than what it
 /// holds are read from the socket directly into the request's buffer.
-const READ_BUFFER: usize = 32 << 10;
+const READ_BUFFER: usize = 4 << 10;
+
+/// Send buffer asked for on Unix sockets (see [`widen_send_buffer`]).
+const UNIX_SEND_BUFFER: libc::c_int = 2 << 20;
 
 type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
 type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
@@ -266,6 +270,7 @@ impl Conn {
             }
             Address::Unix { path } => {
                 let mut stream = UnixStream::connect(path).await.map_err(connect)?;
+                widen_send_buffer(&stream);
                 let info = handshake(&mut stream, &uri.export, name).await?;
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w), info)
@@ -321,6 +326,26 @@ impl Conn {
         if self.send(&header, &[]).await.is_ok() {
             let _ = self.writer.lock().await.stream.shutdown().await;
         }
+    }
+}
+
+/// Let one write request of the usual sizes fit in the socket at once: a Unix socket's send
+/// buffer (about 200 KiB by default) is otherwise smaller than a 256 KiB request, and each write
+/// takes several system calls and wake-ups. The kernel caps the size at `net.core.wmem_max`;
+/// failing to widen costs only speed, so it is not an error. TCP is left to the kernel's own
+/// buffer tuning, which a fixed size would turn off.
+fn widen_send_buffer(stream: &UnixStream) {
+    let size: libc::c_int = UNIX_SEND_BUFFER;
+    // SAFETY: setsockopt on a descriptor the stream owns, with a pointer to a live c_int and
+    // its size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            std::ptr::addr_of!(size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
