@@ -55,6 +55,14 @@ const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// holds are read from the socket directly into the request's buffer.
 const READ_BUFFER: usize = 4 << 10;
 
+/// TCP keepalive: first probe after this much silence, then every interval, giving up after
+/// this many unanswered probes.
+const KEEPALIVE_IDLE_SECS: libc::c_int = 10;
+const KEEPALIVE_INTERVAL_SECS: libc::c_int = 5;
+const KEEPALIVE_PROBES: libc::c_int = 3;
+/// Longest time sent data may stay unacknowledged before the connection counts as dead.
+const UNACKED_TIMEOUT_MS: libc::c_int = 30_000;
+
 /// Send buffer asked for on Unix sockets (see [`widen_send_buffer`]).
 const UNIX_SEND_BUFFER: libc::c_int = 2 << 20;
 
@@ -264,6 +272,7 @@ impl Conn {
                     .await
                     .map_err(connect)?;
                 stream.set_nodelay(true).map_err(connect)?;
+                keep_alive(&stream);
                 let info = handshake(&mut stream, &uri.export, name).await?;
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w), info)
@@ -312,6 +321,13 @@ impl Conn {
         Ok(())
     }
 
+    /// Give up on a connection whose sending failed: its requests are handed their loss, and
+    /// shutting down our side makes the server close, which ends the reader task.
+    async fn abandon(&self, loss: &Loss) {
+        self.inflight.lose(None, loss);
+        let _ = self.writer.lock().await.stream.shutdown().await;
+    }
+
     /// Stop using this connection: its requests are handed their loss and `NBD_CMD_DISC` is
     /// sent if the socket still takes it.
     async fn disconnect(&self, loss: &Loss) {
@@ -329,24 +345,61 @@ impl Conn {
     }
 }
 
+/// Probe an idle TCP connection, and bound how long sent data may stay unacknowledged, so that
+/// a peer that vanished without closing (a dead host, a dropped tunnel) is noticed within about
+/// half a minute and the connection replaced, instead of requests waiting forever. Failing to set it only loses that, so it is not an error.
+fn keep_alive(stream: &TcpStream) {
+    let fd = stream.as_raw_fd();
+    for (level, option, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            KEEPALIVE_INTERVAL_SECS,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            UNACKED_TIMEOUT_MS,
+        ),
+    ] {
+        set_int_option(fd, level, option, value);
+    }
+}
+
+fn set_int_option(
+    fd: std::os::unix::io::RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) {
+    // SAFETY: setsockopt on a descriptor owned by a live stream, with a pointer to a live
+    // c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            option,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// Let one write request of the usual sizes fit in the socket at once: a Unix socket's send
 /// buffer (about 200 KiB by default) is otherwise smaller than a 256 KiB request, and each write
 /// takes several system calls and wake-ups. The kernel caps the size at `net.core.wmem_max`;
 /// failing to widen costs only speed, so it is not an error. TCP is left to the kernel's own
 /// buffer tuning, which a fixed size would turn off.
 fn widen_send_buffer(stream: &UnixStream) {
-    let size: libc::c_int = UNIX_SEND_BUFFER;
-    // SAFETY: setsockopt on a descriptor the stream owns, with a pointer to a live c_int and
-    // its size.
-    unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            std::ptr::addr_of!(size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    set_int_option(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        UNIX_SEND_BUFFER,
+    );
 }
 
 async fn write_all_vectored(w: &mut WriteStream, header: &[u8], payload: &[u8]) -> io::Result<()> {
@@ -823,10 +876,11 @@ impl Client {
                 inflight: &conn.inflight,
                 handle,
             };
-            if let Err(e) = conn.send(&header_for(handle), cmd.payload).await {
-                conn.inflight.lose(None, &Loss::from(e));
+            let sent = conn.send(&header_for(handle), cmd.payload).await;
+            unsent.disarm();
+            if let Err(e) = sent {
+                conn.abandon(&Loss::from(e)).await;
             }
-            std::mem::forget(unsent);
             let lost = match rx.await {
                 Ok(Ok(reply)) => {
                     if reply
@@ -952,6 +1006,13 @@ impl Client {
 struct Unsent<'a> {
     inflight: &'a Inflight,
     handle: u64,
+}
+
+impl Unsent<'_> {
+    /// The request went out (or its loss was recorded): its reply or loss will come.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
 }
 
 impl Drop for Unsent<'_> {
