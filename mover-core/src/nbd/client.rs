@@ -9,20 +9,21 @@
 //!
 //! # Transmission
 //!
-//! A [`Conn`] is one socket. Its write half sits behind an async mutex: a request takes the lock
+//! A `Conn` is one socket. Its write half sits behind an async mutex: a request takes the lock
 //! just long enough to send its header and payload with one vectored write. Its read half
 //! belongs to a reader task that decodes replies and hands each to the request waiting for its
-//! handle, through a map of handle → [`Slot`] (holding a oneshot sender). A read request moves
+//! handle, through a map of handle → `Slot` (holding a oneshot sender). A read request moves
 //! its buffer into its slot; the reader task reads the data straight from the socket into it
-//! (holes are zero-filled in place) and sends the buffer back with the reply, so payloads are
-//! never copied between buffers. The map's mutex is only held to insert or take a slot, never
-//! across an await.
+//! (holes are zero-filled in place) and sends the buffer back with the reply, so a payload is
+//! never copied between buffers, except the few KiB the reader's read-ahead already holds. The
+//! map's mutex is only held to insert or take a slot, never across an await. TCP sockets run
+//! with `TCP_NODELAY` and keepalive; Unix sockets get a send buffer that takes a whole request.
 //!
 //! # Reconnection
 //!
 //! When a connection fails (EOF, reset, a failed send), the reader task marks it lost and hands
 //! every waiting request its buffer back with the loss. Each such request asks
-//! [`Client::reconnect`] for a connection newer than the one it lost; the first one in dials
+//! `Client::reconnect` for a connection newer than the one it lost; the first one in dials
 //! (exponential backoff from 100 ms to 5 s, within [`NbdOptions::reconnect_timeout`]) and the
 //! others find the generation already moved on, so a drop seen by many requests costs one
 //! reconnect. The requests are then sent again: reads and writes at fixed offsets are
