@@ -696,3 +696,108 @@ async fn reconnection_gives_up_with_a_connect_error() {
     assert!(ep.read(0, vec![0; 4096]).await.is_err());
     assert!(started.elapsed() < Duration::from_millis(100));
 }
+
+/// What the scripted server does with the first request of each connection.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Close the connection without replying.
+    Hangup,
+    /// Answer with a reply magic that does not exist.
+    BadMagic,
+}
+
+/// A minimal NBD server on loopback, for failures real servers do not produce on demand:
+/// fixed newstyle, no structured replies, one 1 MiB export; each connection's first request is
+/// met with `how`. Returns the port and a counter of connections that reached transmission.
+fn scripted_server(how: Misbehaviour) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sessions = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&sessions);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut handshake = || -> std::io::Result<()> {
+                s.write_all(b"NBDMAGICIHAVEOPT\x00\x03")?;
+                let mut flags = [0u8; 4];
+                s.read_exact(&mut flags)?;
+                loop {
+                    let mut header = [0u8; 16];
+                    s.read_exact(&mut header)?;
+                    let option = u32::from_be_bytes(header[8..12].try_into().unwrap());
+                    let len = u32::from_be_bytes(header[12..16].try_into().unwrap());
+                    std::io::copy(&mut (&mut s).take(u64::from(len)), &mut std::io::sink())?;
+                    let reply = |kind: u32, data: &[u8]| {
+                        let mut out = 0x0003_e889_0455_65a9_u64.to_be_bytes().to_vec();
+                        out.extend_from_slice(&option.to_be_bytes());
+                        out.extend_from_slice(&kind.to_be_bytes());
+                        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                        out.extend_from_slice(data);
+                        out
+                    };
+                    if option == 7 {
+                        let mut info = vec![0, 0];
+                        info.extend_from_slice(&MIB.to_be_bytes());
+                        info.extend_from_slice(&1u16.to_be_bytes());
+                        s.write_all(&reply(3, &info))?;
+                        s.write_all(&reply(1, &[]))?;
+                        return Ok(());
+                    }
+                    s.write_all(&reply(0x8000_0001, &[]))?;
+                }
+            };
+            if handshake().is_err() {
+                continue;
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut request = [0u8; 28];
+            if s.read_exact(&mut request).is_err() {
+                continue;
+            }
+            if let Misbehaviour::BadMagic = how {
+                let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0]);
+                let _ = s.write_all(&request[8..16]);
+            }
+        }
+    });
+    (port, sessions)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_always_kills_the_connection_fails_in_time() {
+    let (port, sessions) = scripted_server(Misbehaviour::Hangup);
+    let ep = NbdEndpoint::open_with(
+        &format!("nbd://127.0.0.1:{port}/"),
+        Access::Read,
+        NbdOptions {
+            reconnect_timeout: Duration::from_secs(1),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ep.capabilities().size, MIB);
+    let started = Instant::now();
+    let err = ep.read(0, vec![0; 512]).await.unwrap_err();
+    assert!(
+        matches!(&err, MoverError::Connect { source, .. }
+            if source.to_string().contains("kept losing")),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(sessions.load(std::sync::atomic::Ordering::SeqCst) > 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbled_reply_is_a_protocol_error() {
+    let (port, _) = scripted_server(Misbehaviour::BadMagic);
+    let ep = NbdEndpoint::open(&format!("nbd://127.0.0.1:{port}/"), Access::Read)
+        .await
+        .unwrap();
+    assert!(!ep.export_info().structured_replies);
+    let err = ep.read(0, vec![0; 512]).await.unwrap_err();
+    assert!(
+        matches!(&err, MoverError::Protocol { message, .. } if message.contains("reply magic")),
+        "{err}"
+    );
+}

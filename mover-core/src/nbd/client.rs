@@ -843,6 +843,7 @@ impl Client {
         start: usize,
     ) -> Result<Reply> {
         let buf_len = buf.as_ref().map(Vec::len);
+        let mut failing_since = None;
         let header_for = |handle| {
             proto::encode_request(&proto::Request {
                 flags: cmd.flags,
@@ -913,6 +914,22 @@ impl Client {
                     })
                 }
                 Loss::Io(cause) => {
+                    // A request that keeps losing fresh connections (a server that drops the
+                    // connection on this very request) is not sent forever.
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.opts.reconnect_timeout {
+                        return Err(MoverError::Connect {
+                            endpoint: self.name.clone(),
+                            source: io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                format!(
+                                    "the request at offset {} kept losing the connection for \
+                                     {:?}: {cause}",
+                                    cmd.offset, self.opts.reconnect_timeout
+                                ),
+                            ),
+                        });
+                    }
                     buf = lost.buf.or_else(|| buf_len.map(|n| vec![0u8; n]));
                     self.reconnect(conn.generation, &cause).await?;
                 }
