@@ -143,7 +143,12 @@ async fn qemu_unix_handshake_write_and_read_back() {
     let socket = dir.path().join("nbd.sock");
     let _server = qemu_unix(&socket, &file, &[]);
 
-    let ep = NbdEndpoint::open(&unix_uri(&socket, "exp"), write_access(0))
+    let err = NbdEndpoint::open(&unix_uri(&socket, "exp"), write_access(16 * MIB + 1))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, MoverError::InvalidEndpoint { .. }), "{err}");
+    let ep = NbdEndpoint::open(&unix_uri(&socket, "exp"), write_access(16 * MIB))
         .await
         .unwrap();
     let caps = ep.capabilities().clone();

@@ -16,7 +16,9 @@
 //! - An export opened for writing that the server offers read-only opens fine (its
 //!   capabilities say `read_only`); the first write fails with `TargetWrite` and `EPERM`
 //!   without a round trip, as does any write through an endpoint opened with [`Access::Read`].
-//!   `Access::Write::create_size` is for local files: an export's size is the server's.
+//!   An export's size is the server's: `Access::Write { create_size }` asks that it hold at
+//!   least `create_size` bytes, and opening a smaller one fails with `InvalidEndpoint` before
+//!   anything is written.
 //! - `write_zeroes` sends `NBD_CMD_WRITE_ZEROES` without `NBD_CMD_FLAG_NO_HOLE`, so the server
 //!   may deallocate. A server without the command, or one that answers it with `ENOTSUP`
 //!   (remembered), gets zero buffers written instead.
@@ -86,6 +88,17 @@ impl NbdEndpoint {
         let uri = NbdUri::parse(spec)?;
         let client = Client::connect(uri, spec, opts.clone()).await?;
         let info = client.info();
+        if let Access::Write { create_size } = access {
+            if create_size > info.size {
+                return Err(MoverError::InvalidEndpoint {
+                    spec: spec.to_owned(),
+                    reason: format!(
+                        "the export holds {} bytes, {create_size} are to be written",
+                        info.size
+                    ),
+                });
+            }
+        }
         let max_request = info
             .block_size
             .map_or(MAX_REQUEST, |b| b.maximum.min(MAX_REQUEST));
