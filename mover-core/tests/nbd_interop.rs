@@ -413,6 +413,8 @@ async fn server_errors_carry_their_errno() {
             "error-pwrite-rate=100%",
             "error-pread=EIO",
             "error-pread-rate=100%",
+            "error-extents=EIO",
+            "error-extents-rate=100%",
         ],
     );
     let ep = NbdEndpoint::open(&unix_uri(&socket, ""), write_access(0))
@@ -432,6 +434,47 @@ async fn server_errors_carry_their_errno() {
         }
         other => panic!("expected SourceRead, got {other:?}"),
     }
+    let err = ep.extents(0, MIB).await.unwrap_err();
+    assert!(
+        matches!(err, MoverError::SourceRead { code: Some(c), .. } if c == libc::EIO.unsigned_abs()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_shutting_down_is_left_and_rejoined() {
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("shutting-down");
+    std::fs::write(&trigger, b"").unwrap();
+    let socket = dir.path().join("sd.sock");
+    let log = dir.path().join("sd.log");
+    let _server = nbdkit_unix(
+        &socket,
+        &[
+            "--filter=log",
+            "--filter=error",
+            "memory",
+            "1M",
+            "error-pread=ESHUTDOWN",
+            "error-pread-rate=100%",
+            &format!("error-pread-file={}", trigger.display()),
+            &format!("logfile={}", log.display()),
+        ],
+    );
+    let ep = Arc::new(
+        NbdEndpoint::open(&unix_uri(&socket, ""), write_access(0))
+            .await
+            .unwrap(),
+    );
+    ep.write(0, vec![5; 4096]).await.unwrap();
+    let reader = Arc::clone(&ep);
+    let read = tokio::spawn(async move { reader.read(0, vec![0; 4096]).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    std::fs::remove_file(&trigger).unwrap();
+    assert_eq!(read.await.unwrap().unwrap(), vec![5; 4096]);
+    assert!(ep.reconnections() >= 1);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.matches(" Disconnect ").count() >= 1, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -843,7 +843,8 @@ impl Client {
         start: usize,
     ) -> Result<Reply> {
         let buf_len = buf.as_ref().map(Vec::len);
-        let mut failing_since = None;
+        let mut failing_since: Option<Instant> = None;
+        let mut pause = BACKOFF_START;
         let header_for = |handle| {
             proto::encode_request(&proto::Request {
                 flags: cmd.flags,
@@ -883,57 +884,54 @@ impl Client {
             if let Err(e) = sent {
                 conn.abandon(&Loss::from(e)).await;
             }
-            let lost = match rx.await {
-                Ok(Ok(reply)) => {
-                    if reply
-                        .error
-                        .as_ref()
-                        .is_some_and(|e| e.code == proto::ESHUTDOWN)
-                    {
-                        // The server is going away: leave it politely and try its successor.
-                        conn.disconnect(&Loss::Io("server shutting down".into()))
-                            .await;
-                        buf = reply.buf;
-                        self.reconnect(conn.generation, "server shutting down")
-                            .await?;
-                        continue;
-                    }
-                    return Ok(reply);
+            let (cause, returned) = match rx.await {
+                Ok(Ok(reply)) if reply.error.as_ref().map(|e| e.code) == Some(proto::ESHUTDOWN) => {
+                    // The server is going away: leave it politely and try its successor.
+                    let cause = "the server is shutting down".to_owned();
+                    conn.disconnect(&Loss::Io(cause.clone())).await;
+                    (cause, reply.buf)
                 }
-                Ok(Err(lost)) => lost,
-                Err(_) => Lost {
-                    buf: None,
-                    loss: Loss::Io("the reply reader stopped".into()),
-                },
-            };
-            match lost.loss {
-                Loss::Protocol(message) => {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(Lost {
+                    loss: Loss::Protocol(message),
+                    ..
+                })) => {
                     return Err(MoverError::Protocol {
                         endpoint: self.name.clone(),
                         message,
                     })
                 }
-                Loss::Io(cause) => {
-                    // A request that keeps losing fresh connections (a server that drops the
-                    // connection on this very request) is not sent forever.
-                    let since = *failing_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > self.opts.reconnect_timeout {
-                        return Err(MoverError::Connect {
-                            endpoint: self.name.clone(),
-                            source: io::Error::new(
-                                io::ErrorKind::ConnectionAborted,
-                                format!(
-                                    "the request at offset {} kept losing the connection for \
-                                     {:?}: {cause}",
-                                    cmd.offset, self.opts.reconnect_timeout
-                                ),
+                Ok(Err(Lost {
+                    buf,
+                    loss: Loss::Io(cause),
+                })) => (cause, buf),
+                Err(_) => ("the reply reader stopped".to_owned(), None),
+            };
+            // A request that keeps losing fresh connections (a server that drops the connection
+            // on this very request, or keeps shutting down) is sent again ever more slowly,
+            // and not beyond the reconnection timeout.
+            match failing_since {
+                None => failing_since = Some(Instant::now()),
+                Some(since) if since.elapsed() > self.opts.reconnect_timeout => {
+                    return Err(MoverError::Connect {
+                        endpoint: self.name.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!(
+                                "the request at offset {} kept losing the connection for {:?}: \
+                                 {cause}",
+                                cmd.offset, self.opts.reconnect_timeout
                             ),
-                        });
-                    }
-                    buf = lost.buf.or_else(|| buf_len.map(|n| vec![0u8; n]));
-                    self.reconnect(conn.generation, &cause).await?;
+                        ),
+                    });
+                }
+                Some(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(BACKOFF_CAP);
                 }
             }
+            buf = returned.or_else(|| buf_len.map(|n| vec![0u8; n]));
+            self.reconnect(conn.generation, &cause).await?;
         }
     }
 
