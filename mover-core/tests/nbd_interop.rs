@@ -849,3 +849,41 @@ async fn a_garbled_reply_is_a_protocol_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_loopback() {
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    };
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let port_s = port.to_string();
+    let _server = Server::spawn(
+        "nbdkit",
+        &[
+            "-f",
+            "--exit-with-parent",
+            "-i",
+            "::1",
+            "-p",
+            &port_s,
+            "memory",
+            "2M",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("::1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nbdkit did not listen on [::1]:{port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ep = NbdEndpoint::open(&format!("nbd://[::1]:{port}/"), write_access(0))
+        .await
+        .unwrap();
+    assert_eq!(ep.capabilities().size, 2 * MIB);
+    ep.write(4096, vec![3; 4096]).await.unwrap();
+    assert_eq!(ep.read(4096, vec![0; 4096]).await.unwrap(), vec![3; 4096]);
+}
