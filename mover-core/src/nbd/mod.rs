@@ -181,19 +181,21 @@ impl NbdEndpoint {
         }
     }
 
-    async fn zero_command(&self, offset: u64, length: u64) -> Result<()> {
+    /// Send a payload-free command that changes a range (zero, trim), in pieces its 32-bit
+    /// length field takes.
+    async fn over_range(&self, command: u16, what: &str, offset: u64, length: u64) -> Result<()> {
         let mut pos = offset;
         let end = offset + length;
         while pos < end {
             let n = (end - pos).min(MAX_EFFECT_REQUEST) as u32;
             let cmd = Command {
-                command: proto::CMD_WRITE_ZEROES,
+                command,
                 flags: 0,
                 offset: pos,
                 length: n,
                 payload: &[],
             };
-            self.modify(&cmd, "NBD_CMD_WRITE_ZEROES").await?;
+            self.modify(&cmd, what).await?;
             pos += u64::from(n);
         }
         Ok(())
@@ -207,21 +209,8 @@ impl NbdEndpoint {
         if !self.client.info().has(proto::TFLAG_SEND_TRIM) {
             return Ok(());
         }
-        let mut pos = offset;
-        let end = offset + length;
-        while pos < end {
-            let n = (end - pos).min(MAX_EFFECT_REQUEST) as u32;
-            let cmd = Command {
-                command: proto::CMD_TRIM,
-                flags: 0,
-                offset: pos,
-                length: n,
-                payload: &[],
-            };
-            self.modify(&cmd, "NBD_CMD_TRIM").await?;
-            pos += u64::from(n);
-        }
-        Ok(())
+        self.over_range(proto::CMD_TRIM, "NBD_CMD_TRIM", offset, length)
+            .await
     }
 
     async fn write_zero_buffers(&self, offset: u64, length: u64) -> Result<()> {
@@ -312,7 +301,15 @@ impl Endpoint for NbdEndpoint {
     async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
         self.refuse_write(offset, length)?;
         if self.caps.fast_zero && !self.zeroes_unsupported.load(Ordering::Relaxed) {
-            match self.zero_command(offset, length).await {
+            let zeroed = self
+                .over_range(
+                    proto::CMD_WRITE_ZEROES,
+                    "NBD_CMD_WRITE_ZEROES",
+                    offset,
+                    length,
+                )
+                .await;
+            match zeroed {
                 Err(MoverError::TargetWrite {
                     code: Some(code), ..
                 }) if code == libc::EOPNOTSUPP.unsigned_abs() => {
