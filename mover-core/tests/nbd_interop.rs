@@ -724,6 +724,7 @@ async fn reconnection_gives_up_with_a_connect_error() {
         Access::Read,
         NbdOptions {
             reconnect_timeout: Duration::from_secs(1),
+            ..NbdOptions::default()
         },
     )
     .await
@@ -820,6 +821,7 @@ async fn a_request_that_always_kills_the_connection_fails_in_time() {
         Access::Read,
         NbdOptions {
             reconnect_timeout: Duration::from_secs(1),
+            ..NbdOptions::default()
         },
     )
     .await
@@ -886,4 +888,46 @@ async fn ipv6_loopback() {
     assert_eq!(ep.capabilities().size, 2 * MIB);
     ep.write(4096, vec![3; 4096]).await.unwrap();
     assert_eq!(ep.read(4096, vec![0; 4096]).await.unwrap(), vec![3; 4096]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_at_its_client_limit_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), MIB);
+    let socket = dir.path().join("one.sock");
+    let _ = std::fs::remove_file(&socket);
+    let _server = Server::spawn(
+        "qemu-nbd",
+        &[
+            "-f",
+            "raw",
+            "-k",
+            socket.to_str().unwrap(),
+            "-x",
+            "exp",
+            "--shared=1",
+            "-t",
+            file.to_str().unwrap(),
+        ],
+    );
+    wait_for_unix(&socket);
+    let uri = unix_uri(&socket, "exp");
+    let opts = NbdOptions {
+        connect_timeout: Duration::from_millis(500),
+        ..NbdOptions::default()
+    };
+    let _first = NbdEndpoint::open_with(&uri, Access::Read, opts.clone())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = NbdEndpoint::open_with(&uri, Access::Read, opts)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        matches!(&err, MoverError::Connect { source, .. }
+            if source.kind() == std::io::ErrorKind::TimedOut),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
 }

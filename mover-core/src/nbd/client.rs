@@ -784,7 +784,19 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(uri: NbdUri, name: &str, opts: NbdOptions) -> Result<Self> {
-        let conn = Conn::open(&uri, name, 0).await?;
+        let conn = tokio::time::timeout(opts.connect_timeout, Conn::open(&uri, name, 0))
+            .await
+            .map_err(|_| MoverError::Connect {
+                endpoint: name.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no NBD session within {:?} (a server at its client limit, or not an \
+                         NBD server?)",
+                        opts.connect_timeout
+                    ),
+                ),
+            })??;
         Ok(Self::with_connection(uri, name, opts, conn))
     }
 
@@ -957,7 +969,7 @@ impl Client {
         let mut pause = BACKOFF_START;
         loop {
             let attempt = tokio::time::timeout_at(
-                deadline,
+                deadline.min(Instant::now() + self.opts.connect_timeout),
                 Conn::open(&self.uri, &self.name, lost_generation + 1),
             )
             .await;
@@ -1251,6 +1263,7 @@ mod tests {
         let uri = NbdUri::parse("nbd+unix:///?socket=/nonexistent/nbd.sock").unwrap();
         let opts = NbdOptions {
             reconnect_timeout: Duration::ZERO,
+            ..NbdOptions::default()
         };
         (Client::with_connection(uri, "test", opts, conn), theirs)
     }

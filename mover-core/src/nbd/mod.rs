@@ -59,12 +59,16 @@ pub struct NbdOptions {
     /// How long to keep trying to reconnect after the connection drops before requests fail
     /// with `MoverError::Connect`.
     pub reconnect_timeout: Duration,
+    /// How long one connection attempt (connect and handshake) may take. A server at its
+    /// client limit (`qemu-nbd --shared`) accepts the socket but never greets.
+    pub connect_timeout: Duration,
 }
 
 impl Default for NbdOptions {
     fn default() -> Self {
         Self {
             reconnect_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
         }
     }
 }
