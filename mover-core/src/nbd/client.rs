@@ -24,10 +24,13 @@
 //! When a connection fails (EOF, reset, a failed send), the reader task marks it lost and hands
 //! every waiting request its buffer back with the loss. Each such request asks
 //! `Client::reconnect` for a connection newer than the one it lost; the first one in dials
-//! (exponential backoff from 100 ms to 5 s, within [`NbdOptions::reconnect_timeout`]) and the
+//! (exponential backoff from 100 ms to 5 s, each attempt within
+//! [`NbdOptions::connect_timeout`], all within [`NbdOptions::reconnect_timeout`]) and the
 //! others find the generation already moved on, so a drop seen by many requests costs one
 //! reconnect. The requests are then sent again: reads and writes at fixed offsets are
-//! idempotent. Giving up, or [`Client::close`], leaves the client terminal: every later request
+//! idempotent. A request that keeps losing fresh connections (a server that hangs up on it, or
+//! answers `ESHUTDOWN`) is re-sent with the same backoff and given up after the reconnection
+//! timeout. Giving up, or [`Client::close`], leaves the client terminal: every later request
 //! fails at once with `MoverError::Connect`.
 
 use std::collections::HashMap;
