@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{oneshot, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -54,6 +54,9 @@ use crate::error::{MoverError, Result};
 /// First pause between reconnection attempts; doubled after each failure up to the cap.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Longest wait in [`Client::close`] for the requests in flight to be answered.
+pub const CLOSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Read-ahead of the reply stream. Reply headers come out of it; payloads larger than what it
 /// holds are read from the socket directly into the request's buffer.
@@ -187,15 +190,22 @@ impl Slot {
 struct InflightState {
     lost: bool,
     slots: HashMap<u64, Slot>,
+    /// Requests registered whose final reply has not been delivered (a slot whose reply is
+    /// being read is out of `slots` but still counted).
+    unanswered: usize,
 }
 
 /// The requests of one connection that still wait for their replies.
 #[derive(Default)]
-struct Inflight(SyncMutex<InflightState>);
+struct Inflight {
+    state: SyncMutex<InflightState>,
+    /// Signalled when the last unanswered request is answered, or the connection is lost.
+    settled: Notify,
+}
 
 impl Inflight {
     fn state(&self) -> std::sync::MutexGuard<'_, InflightState> {
-        self.0
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -208,9 +218,11 @@ impl Inflight {
             return Some(slot);
         }
         state.slots.insert(handle, slot);
+        state.unanswered += 1;
         None
     }
 
+    /// Take a slot to deliver a reply chunk into it; it is then put back or answered.
     fn take(&self, handle: u64) -> Option<Slot> {
         self.state().slots.remove(&handle)
     }
@@ -225,14 +237,32 @@ impl Inflight {
         }
     }
 
+    /// A taken slot got its final reply.
+    fn answered(&self) {
+        let mut state = self.state();
+        state.unanswered = state.unanswered.saturating_sub(1);
+        if state.unanswered == 0 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// A registered request will not be sent after all.
+    fn withdraw(&self, handle: u64) {
+        if self.take(handle).is_some() {
+            self.answered();
+        }
+    }
+
     /// Mark the connection lost and hand every waiting request (and `held`, the one whose reply
     /// was being read) its loss.
     fn lose(&self, held: Option<Slot>, loss: &Loss) {
         let slots = {
             let mut state = self.state();
             state.lost = true;
+            state.unanswered = 0;
             std::mem::take(&mut state.slots)
         };
+        self.settled.notify_waiters();
         for slot in held.into_iter().chain(slots.into_values()) {
             slot.lose(loss.clone());
         }
@@ -240,6 +270,22 @@ impl Inflight {
 
     fn is_lost(&self) -> bool {
         self.state().lost
+    }
+
+    /// Wait until every registered request is answered or the connection is lost.
+    async fn settle(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.state();
+                if state.lost || state.unanswered == 0 {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 }
 
@@ -321,7 +367,7 @@ impl Conn {
         if w.torn {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
-                "an earlier request was abandoned half-sent",
+                "the connection was left, or an earlier request abandoned half-sent",
             ));
         }
         w.torn = true;
@@ -337,19 +383,22 @@ impl Conn {
         let _ = self.writer.lock().await.stream.shutdown().await;
     }
 
-    /// Stop using this connection: its requests are handed their loss and `NBD_CMD_DISC` is
-    /// sent if the socket still takes it.
-    async fn disconnect(&self, loss: &Loss) {
-        self.inflight.lose(None, loss);
-        let header = proto::encode_request(&proto::Request {
-            flags: 0,
-            command: proto::CMD_DISC,
-            handle: 0,
-            offset: 0,
-            length: 0,
-        });
-        if self.send(&header, &[]).await.is_ok() {
-            let _ = self.writer.lock().await.stream.shutdown().await;
+    /// Leave this connection with `NBD_CMD_DISC` (a soft disconnect). The server still answers
+    /// the requests in flight before it closes, and the reader task delivers those replies;
+    /// anything sent after the disconnect fails and goes to the next connection.
+    async fn disconnect(&self) {
+        let mut w = self.writer.lock().await;
+        if !w.torn {
+            let header = proto::encode_request(&proto::Request {
+                flags: 0,
+                command: proto::CMD_DISC,
+                handle: 0,
+                offset: 0,
+                length: 0,
+            });
+            let _ = write_all_vectored(&mut w.stream, &header, &[]).await;
+            let _ = w.stream.shutdown().await;
+            w.torn = true;
         }
     }
 }
@@ -655,7 +704,9 @@ async fn read_reply(
                 slot.covered = u64::from(slot.length);
             }
             let (_, slot) = held.take().expect("held above");
-            finish(slot)
+            let delivered = finish(slot);
+            inflight.answered();
+            delivered
         }
         proto::ReplyKind::Structured => {
             let mut rest = [0u8; proto::STRUCTURED_REST_LEN];
@@ -668,7 +719,9 @@ async fn read_reply(
             read_chunk(r, &chunk, slot).await?;
             let (handle, slot) = held.take().expect("held above");
             if chunk.done() {
-                finish(slot)
+                let delivered = finish(slot);
+                inflight.answered();
+                delivered
             } else {
                 inflight.put_back(handle, slot);
                 Ok(())
@@ -911,9 +964,8 @@ impl Client {
             let (cause, returned) = match rx.await {
                 Ok(Ok(reply)) if reply.error.as_ref().map(|e| e.code) == Some(proto::ESHUTDOWN) => {
                     // The server is going away: leave it politely and try its successor.
-                    let cause = "the server is shutting down".to_owned();
-                    conn.disconnect(&Loss::Io(cause.clone())).await;
-                    (cause, reply.buf)
+                    conn.disconnect().await;
+                    ("the server is shutting down".to_owned(), reply.buf)
                 }
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(Lost {
@@ -965,12 +1017,13 @@ impl Client {
         if self.current().generation != lost_generation {
             return Ok(());
         }
-        if let Some(why) = self.terminal().as_deref() {
-            return Err(self.not_connected(why));
-        }
         let deadline = Instant::now() + self.opts.reconnect_timeout;
         let mut pause = BACKOFF_START;
         loop {
+            if let Some(why) = self.terminal().as_deref() {
+                // Closed while dialling.
+                return Err(self.not_connected(why));
+            }
             let attempt = tokio::time::timeout_at(
                 deadline.min(Instant::now() + self.opts.connect_timeout),
                 Conn::open(&self.uri, &self.name, lost_generation + 1),
@@ -1030,13 +1083,15 @@ impl Client {
         }
     }
 
-    /// End the session with `NBD_CMD_DISC`; every later request fails.
+    /// End the session: refuse new requests, let those in flight be answered (for at most
+    /// [`CLOSE_SETTLE_TIMEOUT`]), then leave with `NBD_CMD_DISC`.
     pub async fn close(&self) {
         *self.terminal() = Some("the endpoint was closed".to_owned());
+        let _dialling = self.reconnecting.lock().await;
         let conn = self.current();
+        let _ = tokio::time::timeout(CLOSE_SETTLE_TIMEOUT, conn.inflight.settle()).await;
         if !conn.inflight.is_lost() {
-            conn.disconnect(&Loss::Io("the endpoint was closed".into()))
-                .await;
+            conn.disconnect().await;
         }
     }
 }
@@ -1057,7 +1112,7 @@ impl Unsent<'_> {
 
 impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        self.inflight.take(self.handle);
+        self.inflight.withdraw(self.handle);
     }
 }
 
