@@ -9,35 +9,40 @@
 //!
 //! # Transmission
 //!
-//! A [`Conn`] is one socket. Its write half sits behind an async mutex: a request takes the lock
+//! A `Conn` is one socket. Its write half sits behind an async mutex: a request takes the lock
 //! just long enough to send its header and payload with one vectored write. Its read half
 //! belongs to a reader task that decodes replies and hands each to the request waiting for its
-//! handle, through a map of handle → [`Slot`] (holding a oneshot sender). A read request moves
+//! handle, through a map of handle → `Slot` (holding a oneshot sender). A read request moves
 //! its buffer into its slot; the reader task reads the data straight from the socket into it
-//! (holes are zero-filled in place) and sends the buffer back with the reply, so payloads are
-//! never copied between buffers. The map's mutex is only held to insert or take a slot, never
-//! across an await.
+//! (holes are zero-filled in place) and sends the buffer back with the reply, so a payload is
+//! never copied between buffers, except the few KiB the reader's read-ahead already holds. The
+//! map's mutex is only held to insert or take a slot, never across an await. TCP sockets run
+//! with `TCP_NODELAY` and keepalive; Unix sockets get a send buffer that takes a whole request.
 //!
 //! # Reconnection
 //!
 //! When a connection fails (EOF, reset, a failed send), the reader task marks it lost and hands
 //! every waiting request its buffer back with the loss. Each such request asks
-//! [`Client::reconnect`] for a connection newer than the one it lost; the first one in dials
-//! (exponential backoff from 100 ms to 5 s, within [`NbdOptions::reconnect_timeout`]) and the
+//! `Client::reconnect` for a connection newer than the one it lost; the first one in dials
+//! (exponential backoff from 100 ms to 5 s, each attempt within
+//! [`NbdOptions::connect_timeout`], all within [`NbdOptions::reconnect_timeout`]) and the
 //! others find the generation already moved on, so a drop seen by many requests costs one
 //! reconnect. The requests are then sent again: reads and writes at fixed offsets are
-//! idempotent. Giving up, or [`Client::close`], leaves the client terminal: every later request
+//! idempotent. A request that keeps losing fresh connections (a server that hangs up on it, or
+//! answers `ESHUTDOWN`) is re-sent with the same backoff and given up after the reconnection
+//! timeout. Giving up, or [`Client::close`], leaves the client terminal: every later request
 //! fails at once with `MoverError::Connect`.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
+use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{oneshot, Mutex, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -50,9 +55,23 @@ use crate::error::{MoverError, Result};
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
+/// Longest wait in [`Client::close`] for the requests in flight to be answered.
+pub const CLOSE_SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Read-ahead of the reply stream. Reply headers come out of it; payloads larger than what it
 /// holds are read from the socket directly into the request's buffer.
-const READ_BUFFER: usize = 32 << 10;
+const READ_BUFFER: usize = 4 << 10;
+
+/// TCP keepalive: first probe after this much silence, then every interval, giving up after
+/// this many unanswered probes.
+const KEEPALIVE_IDLE_SECS: libc::c_int = 10;
+const KEEPALIVE_INTERVAL_SECS: libc::c_int = 5;
+const KEEPALIVE_PROBES: libc::c_int = 3;
+/// Longest time sent data may stay unacknowledged before the connection counts as dead.
+const UNACKED_TIMEOUT_MS: libc::c_int = 30_000;
+
+/// Send buffer asked for on Unix sockets (see [`widen_send_buffer`]).
+const UNIX_SEND_BUFFER: libc::c_int = 2 << 20;
 
 type ReadStream = Box<dyn AsyncRead + Send + Unpin>;
 type WriteStream = Box<dyn AsyncWrite + Send + Unpin>;
@@ -171,15 +190,22 @@ impl Slot {
 struct InflightState {
     lost: bool,
     slots: HashMap<u64, Slot>,
+    /// Requests registered whose final reply has not been delivered (a slot whose reply is
+    /// being read is out of `slots` but still counted).
+    unanswered: usize,
 }
 
 /// The requests of one connection that still wait for their replies.
 #[derive(Default)]
-struct Inflight(SyncMutex<InflightState>);
+struct Inflight {
+    state: SyncMutex<InflightState>,
+    /// Signalled when the last unanswered request is answered, or the connection is lost.
+    settled: Notify,
+}
 
 impl Inflight {
     fn state(&self) -> std::sync::MutexGuard<'_, InflightState> {
-        self.0
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -192,9 +218,11 @@ impl Inflight {
             return Some(slot);
         }
         state.slots.insert(handle, slot);
+        state.unanswered += 1;
         None
     }
 
+    /// Take a slot to deliver a reply chunk into it; it is then put back or answered.
     fn take(&self, handle: u64) -> Option<Slot> {
         self.state().slots.remove(&handle)
     }
@@ -209,14 +237,32 @@ impl Inflight {
         }
     }
 
+    /// A taken slot got its final reply.
+    fn answered(&self) {
+        let mut state = self.state();
+        state.unanswered = state.unanswered.saturating_sub(1);
+        if state.unanswered == 0 {
+            self.settled.notify_waiters();
+        }
+    }
+
+    /// A registered request will not be sent after all.
+    fn withdraw(&self, handle: u64) {
+        if self.take(handle).is_some() {
+            self.answered();
+        }
+    }
+
     /// Mark the connection lost and hand every waiting request (and `held`, the one whose reply
     /// was being read) its loss.
     fn lose(&self, held: Option<Slot>, loss: &Loss) {
         let slots = {
             let mut state = self.state();
             state.lost = true;
+            state.unanswered = 0;
             std::mem::take(&mut state.slots)
         };
+        self.settled.notify_waiters();
         for slot in held.into_iter().chain(slots.into_values()) {
             slot.lose(loss.clone());
         }
@@ -224,6 +270,22 @@ impl Inflight {
 
     fn is_lost(&self) -> bool {
         self.state().lost
+    }
+
+    /// Wait until every registered request is answered or the connection is lost.
+    async fn settle(&self) {
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.state();
+                if state.lost || state.unanswered == 0 {
+                    return;
+                }
+            }
+            notified.await;
+        }
     }
 }
 
@@ -260,23 +322,30 @@ impl Conn {
                     .await
                     .map_err(connect)?;
                 stream.set_nodelay(true).map_err(connect)?;
+                keep_alive(&stream);
                 let info = handshake(&mut stream, &uri.export, name).await?;
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w), info)
             }
             Address::Unix { path } => {
                 let mut stream = UnixStream::connect(path).await.map_err(connect)?;
+                widen_send_buffer(&stream);
                 let info = handshake(&mut stream, &uri.export, name).await?;
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w), info)
             }
         };
+        Ok(Self::start(read, write, info, generation))
+    }
+
+    /// Enter transmission on a socket that finished its handshake: start its reader task.
+    fn start(read: ReadStream, write: WriteStream, info: ExportInfo, generation: u64) -> Self {
         let inflight = Arc::new(Inflight::default());
         let reader = tokio::spawn(read_replies(
             BufReader::with_capacity(READ_BUFFER, read),
             Arc::clone(&inflight),
         ));
-        Ok(Self {
+        Self {
             generation,
             info,
             writer: Mutex::new(Writer {
@@ -285,7 +354,7 @@ impl Conn {
             }),
             inflight,
             reader,
-        })
+        }
     }
 
     /// Send a request header and its payload.
@@ -298,7 +367,7 @@ impl Conn {
         if w.torn {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
-                "an earlier request was abandoned half-sent",
+                "the connection was left, or an earlier request abandoned half-sent",
             ));
         }
         w.torn = true;
@@ -307,21 +376,88 @@ impl Conn {
         Ok(())
     }
 
-    /// Stop using this connection: its requests are handed their loss and `NBD_CMD_DISC` is
-    /// sent if the socket still takes it.
-    async fn disconnect(&self, loss: &Loss) {
+    /// Give up on a connection whose sending failed: its requests are handed their loss, and
+    /// shutting down our side makes the server close, which ends the reader task.
+    async fn abandon(&self, loss: &Loss) {
         self.inflight.lose(None, loss);
-        let header = proto::encode_request(&proto::Request {
-            flags: 0,
-            command: proto::CMD_DISC,
-            handle: 0,
-            offset: 0,
-            length: 0,
-        });
-        if self.send(&header, &[]).await.is_ok() {
-            let _ = self.writer.lock().await.stream.shutdown().await;
+        let _ = self.writer.lock().await.stream.shutdown().await;
+    }
+
+    /// Leave this connection with `NBD_CMD_DISC` (a soft disconnect). The server still answers
+    /// the requests in flight before it closes, and the reader task delivers those replies;
+    /// anything sent after the disconnect fails and goes to the next connection.
+    async fn disconnect(&self) {
+        let mut w = self.writer.lock().await;
+        if !w.torn {
+            let header = proto::encode_request(&proto::Request {
+                flags: 0,
+                command: proto::CMD_DISC,
+                handle: 0,
+                offset: 0,
+                length: 0,
+            });
+            let _ = write_all_vectored(&mut w.stream, &header, &[]).await;
+            let _ = w.stream.shutdown().await;
+            w.torn = true;
         }
     }
+}
+
+/// Probe an idle TCP connection, and bound how long sent data may stay unacknowledged, so that
+/// a peer that vanished without closing (a dead host, a dropped tunnel) is noticed within about
+/// half a minute and the connection replaced, instead of requests waiting forever. Failing to set it only loses that, so it is not an error.
+fn keep_alive(stream: &TcpStream) {
+    let fd = stream.as_raw_fd();
+    for (level, option, value) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECS),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_KEEPINTVL,
+            KEEPALIVE_INTERVAL_SECS,
+        ),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+        (
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            UNACKED_TIMEOUT_MS,
+        ),
+    ] {
+        set_int_option(fd, level, option, value);
+    }
+}
+
+fn set_int_option(
+    fd: std::os::unix::io::RawFd,
+    level: libc::c_int,
+    option: libc::c_int,
+    value: libc::c_int,
+) {
+    // SAFETY: setsockopt on a descriptor owned by a live stream, with a pointer to a live
+    // c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            option,
+            std::ptr::addr_of!(value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+/// Let one write request of the usual sizes fit in the socket at once: a Unix socket's send
+/// buffer (about 200 KiB by default) is otherwise smaller than a 256 KiB request, and each write
+/// takes several system calls and wake-ups. The kernel caps the size at `net.core.wmem_max`;
+/// failing to widen costs only speed, so it is not an error. TCP is left to the kernel's own
+/// buffer tuning, which a fixed size would turn off.
+fn widen_send_buffer(stream: &UnixStream) {
+    set_int_option(
+        stream.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUF,
+        UNIX_SEND_BUFFER,
+    );
 }
 
 async fn write_all_vectored(w: &mut WriteStream, header: &[u8], payload: &[u8]) -> io::Result<()> {
@@ -568,7 +704,9 @@ async fn read_reply(
                 slot.covered = u64::from(slot.length);
             }
             let (_, slot) = held.take().expect("held above");
-            finish(slot)
+            let delivered = finish(slot);
+            inflight.answered();
+            delivered
         }
         proto::ReplyKind::Structured => {
             let mut rest = [0u8; proto::STRUCTURED_REST_LEN];
@@ -581,7 +719,9 @@ async fn read_reply(
             read_chunk(r, &chunk, slot).await?;
             let (handle, slot) = held.take().expect("held above");
             if chunk.done() {
-                finish(slot)
+                let delivered = finish(slot);
+                inflight.answered();
+                delivered
             } else {
                 inflight.put_back(handle, slot);
                 Ok(())
@@ -700,8 +840,24 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(uri: NbdUri, name: &str, opts: NbdOptions) -> Result<Self> {
-        let conn = Conn::open(&uri, name, 0).await?;
-        Ok(Self {
+        let conn = tokio::time::timeout(opts.connect_timeout, Conn::open(&uri, name, 0))
+            .await
+            .map_err(|_| MoverError::Connect {
+                endpoint: name.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "no NBD session within {:?} (a server at its client limit, or not an \
+                         NBD server?)",
+                        opts.connect_timeout
+                    ),
+                ),
+            })??;
+        Ok(Self::with_connection(uri, name, opts, conn))
+    }
+
+    fn with_connection(uri: NbdUri, name: &str, opts: NbdOptions, conn: Conn) -> Self {
+        Self {
             uri,
             name: name.to_owned(),
             opts,
@@ -710,12 +866,18 @@ impl Client {
             reconnecting: Mutex::new(()),
             terminal: SyncMutex::new(None),
             next_handle: AtomicU64::new(1),
-        })
+        }
     }
 
     #[must_use]
     pub fn info(&self) -> &ExportInfo {
         &self.info
+    }
+
+    /// How many times a lost connection was replaced.
+    #[must_use]
+    pub fn reconnections(&self) -> u64 {
+        self.current().generation
     }
 
     fn terminal(&self) -> std::sync::MutexGuard<'_, Option<String>> {
@@ -758,6 +920,8 @@ impl Client {
         start: usize,
     ) -> Result<Reply> {
         let buf_len = buf.as_ref().map(Vec::len);
+        let mut failing_since: Option<Instant> = None;
+        let mut pause = BACKOFF_START;
         let header_for = |handle| {
             proto::encode_request(&proto::Request {
                 flags: cmd.flags,
@@ -792,45 +956,58 @@ impl Client {
                 inflight: &conn.inflight,
                 handle,
             };
-            if let Err(e) = conn.send(&header_for(handle), cmd.payload).await {
-                conn.inflight.lose(None, &Loss::from(e));
+            let sent = conn.send(&header_for(handle), cmd.payload).await;
+            unsent.disarm();
+            if let Err(e) = sent {
+                conn.abandon(&Loss::from(e)).await;
             }
-            std::mem::forget(unsent);
-            let lost = match rx.await {
-                Ok(Ok(reply)) => {
-                    if reply
-                        .error
-                        .as_ref()
-                        .is_some_and(|e| e.code == proto::ESHUTDOWN)
-                    {
-                        // The server is going away: leave it politely and try its successor.
-                        conn.disconnect(&Loss::Io("server shutting down".into()))
-                            .await;
-                        buf = reply.buf;
-                        self.reconnect(conn.generation, "server shutting down")
-                            .await?;
-                        continue;
-                    }
-                    return Ok(reply);
+            let (cause, returned) = match rx.await {
+                Ok(Ok(reply)) if reply.error.as_ref().map(|e| e.code) == Some(proto::ESHUTDOWN) => {
+                    // The server is going away: leave it politely and try its successor.
+                    conn.disconnect().await;
+                    ("the server is shutting down".to_owned(), reply.buf)
                 }
-                Ok(Err(lost)) => lost,
-                Err(_) => Lost {
-                    buf: None,
-                    loss: Loss::Io("the reply reader stopped".into()),
-                },
-            };
-            match lost.loss {
-                Loss::Protocol(message) => {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(Lost {
+                    loss: Loss::Protocol(message),
+                    ..
+                })) => {
                     return Err(MoverError::Protocol {
                         endpoint: self.name.clone(),
                         message,
                     })
                 }
-                Loss::Io(cause) => {
-                    buf = lost.buf.or_else(|| buf_len.map(|n| vec![0u8; n]));
-                    self.reconnect(conn.generation, &cause).await?;
+                Ok(Err(Lost {
+                    buf,
+                    loss: Loss::Io(cause),
+                })) => (cause, buf),
+                Err(_) => ("the reply reader stopped".to_owned(), None),
+            };
+            // A request that keeps losing fresh connections (a server that drops the connection
+            // on this very request, or keeps shutting down) is sent again ever more slowly,
+            // and not beyond the reconnection timeout.
+            match failing_since {
+                None => failing_since = Some(Instant::now()),
+                Some(since) if since.elapsed() > self.opts.reconnect_timeout => {
+                    return Err(MoverError::Connect {
+                        endpoint: self.name.clone(),
+                        source: io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!(
+                                "the request at offset {} kept losing the connection for {:?}: \
+                                 {cause}",
+                                cmd.offset, self.opts.reconnect_timeout
+                            ),
+                        ),
+                    });
+                }
+                Some(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(BACKOFF_CAP);
                 }
             }
+            buf = returned.or_else(|| buf_len.map(|n| vec![0u8; n]));
+            self.reconnect(conn.generation, &cause).await?;
         }
     }
 
@@ -840,14 +1017,15 @@ impl Client {
         if self.current().generation != lost_generation {
             return Ok(());
         }
-        if let Some(why) = self.terminal().as_deref() {
-            return Err(self.not_connected(why));
-        }
         let deadline = Instant::now() + self.opts.reconnect_timeout;
         let mut pause = BACKOFF_START;
         loop {
+            if let Some(why) = self.terminal().as_deref() {
+                // Closed while dialling.
+                return Err(self.not_connected(why));
+            }
             let attempt = tokio::time::timeout_at(
-                deadline,
+                deadline.min(Instant::now() + self.opts.connect_timeout),
                 Conn::open(&self.uri, &self.name, lost_generation + 1),
             )
             .await;
@@ -905,13 +1083,15 @@ impl Client {
         }
     }
 
-    /// End the session with `NBD_CMD_DISC`; every later request fails.
+    /// End the session: refuse new requests, let those in flight be answered (for at most
+    /// [`CLOSE_SETTLE_TIMEOUT`]), then leave with `NBD_CMD_DISC`.
     pub async fn close(&self) {
         *self.terminal() = Some("the endpoint was closed".to_owned());
+        let _dialling = self.reconnecting.lock().await;
         let conn = self.current();
+        let _ = tokio::time::timeout(CLOSE_SETTLE_TIMEOUT, conn.inflight.settle()).await;
         if !conn.inflight.is_lost() {
-            conn.disconnect(&Loss::Io("the endpoint was closed".into()))
-                .await;
+            conn.disconnect().await;
         }
     }
 }
@@ -923,8 +1103,484 @@ struct Unsent<'a> {
     handle: u64,
 }
 
+impl Unsent<'_> {
+    /// The request went out (or its loss was recorded): its reply or loss will come.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        self.inflight.take(self.handle);
+        self.inflight.withdraw(self.handle);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against a scripted peer on an in-memory pipe: handshake variants and reply
+    //! shapes that real servers do not produce on demand.
+
+    use tokio::io::{duplex, DuplexStream};
+
+    use super::*;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn u16b(v: u16) -> [u8; 2] {
+        v.to_be_bytes()
+    }
+
+    fn u32b(v: u32) -> [u8; 4] {
+        v.to_be_bytes()
+    }
+
+    fn u64b(v: u64) -> [u8; 8] {
+        v.to_be_bytes()
+    }
+
+    /// The server side of an option reply.
+    fn option_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = u64b(proto::OPTION_REPLY_MAGIC).to_vec();
+        out.extend_from_slice(&u32b(option));
+        out.extend_from_slice(&u32b(reply));
+        out.extend_from_slice(&u32b(data.len() as u32));
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// Read one option from the client: its number and data.
+    async fn read_option(s: &mut DuplexStream) -> (u32, Vec<u8>) {
+        let mut header = [0u8; 16];
+        s.read_exact(&mut header).await.unwrap();
+        assert_eq!(header[..8], u64b(proto::IHAVEOPT));
+        let option = u32::from_be_bytes(header[8..12].try_into().unwrap());
+        let mut data = vec![0u8; u32::from_be_bytes(header[12..].try_into().unwrap()) as usize];
+        s.read_exact(&mut data).await.unwrap();
+        (option, data)
+    }
+
+    async fn greet(s: &mut DuplexStream, flags: u16) -> u32 {
+        let mut greeting = u64b(proto::NBDMAGIC).to_vec();
+        greeting.extend_from_slice(&u64b(proto::IHAVEOPT));
+        greeting.extend_from_slice(&u16b(flags));
+        s.write_all(&greeting).await.unwrap();
+        let mut client_flags = [0u8; 4];
+        s.read_exact(&mut client_flags).await.unwrap();
+        u32::from_be_bytes(client_flags)
+    }
+
+    fn export_info(size: u64, flags: u16) -> Vec<u8> {
+        let mut info = u16b(proto::INFO_EXPORT).to_vec();
+        info.extend_from_slice(&u64b(size));
+        info.extend_from_slice(&u16b(flags));
+        info
+    }
+
+    #[tokio::test]
+    async fn handshake_negotiates_everything_a_modern_server_offers() {
+        let (mut ours, mut theirs) = duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            let flags = greet(
+                &mut theirs,
+                proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+            )
+            .await;
+            assert_eq!(
+                flags,
+                proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES
+            );
+            let (option, _) = read_option(&mut theirs).await;
+            assert_eq!(option, proto::OPT_STRUCTURED_REPLY);
+            theirs
+                .write_all(&option_reply(option, proto::REP_ACK, &[]))
+                .await
+                .unwrap();
+            let (option, data) = read_option(&mut theirs).await;
+            assert_eq!(option, proto::OPT_SET_META_CONTEXT);
+            assert_eq!(
+                data,
+                proto::encode_set_meta_context("disk", &[proto::BASE_ALLOCATION])
+            );
+            let mut context = u32b(3).to_vec();
+            context.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+            theirs
+                .write_all(&option_reply(option, proto::REP_META_CONTEXT, &context))
+                .await
+                .unwrap();
+            theirs
+                .write_all(&option_reply(option, proto::REP_ACK, &[]))
+                .await
+                .unwrap();
+            let (option, data) = read_option(&mut theirs).await;
+            assert_eq!(option, proto::OPT_GO);
+            assert_eq!(data, proto::encode_go("disk", &[proto::INFO_BLOCK_SIZE]));
+            let mut block = u16b(proto::INFO_BLOCK_SIZE).to_vec();
+            for v in [512u32, 4096, 1 << 20] {
+                block.extend_from_slice(&u32b(v));
+            }
+            let flags = proto::TFLAG_HAS_FLAGS | proto::TFLAG_CAN_MULTI_CONN;
+            for reply in [
+                option_reply(option, proto::REP_INFO, &block),
+                option_reply(option, proto::REP_INFO, &[0, 1, b'x']),
+                option_reply(option, proto::REP_INFO, &export_info(SIZE, flags)),
+                option_reply(option, proto::REP_ACK, &[]),
+            ] {
+                theirs.write_all(&reply).await.unwrap();
+            }
+        });
+        let info = handshake(&mut ours, "disk", "test").await.unwrap();
+        server.await.unwrap();
+        assert_eq!(
+            info,
+            ExportInfo {
+                size: SIZE,
+                flags: proto::TFLAG_HAS_FLAGS | proto::TFLAG_CAN_MULTI_CONN,
+                structured_replies: true,
+                base_allocation: Some(3),
+                block_size: Some(BlockSize {
+                    minimum: 512,
+                    preferred: 4096,
+                    maximum: 1 << 20
+                }),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn handshake_falls_back_to_export_name() {
+        let (mut ours, mut theirs) = duplex(1 << 16);
+        let server = tokio::spawn(async move {
+            // No NO_ZEROES: the export name reply carries its 124 reserved bytes.
+            let flags = greet(&mut theirs, proto::FLAG_FIXED_NEWSTYLE).await;
+            assert_eq!(flags, proto::FLAG_C_FIXED_NEWSTYLE);
+            loop {
+                let (option, data) = read_option(&mut theirs).await;
+                if option == proto::OPT_EXPORT_NAME {
+                    assert_eq!(data, b"old");
+                    let mut reply = u64b(SIZE).to_vec();
+                    reply.extend_from_slice(&u16b(proto::TFLAG_HAS_FLAGS));
+                    reply.extend_from_slice(&[0u8; proto::EXPORT_NAME_ZEROES]);
+                    theirs.write_all(&reply).await.unwrap();
+                    return;
+                }
+                theirs
+                    .write_all(&option_reply(option, proto::REP_ERR_UNSUP, &[]))
+                    .await
+                    .unwrap();
+            }
+        });
+        let info = handshake(&mut ours, "old", "test").await.unwrap();
+        server.await.unwrap();
+        assert_eq!(info.size, SIZE);
+        assert!(!info.structured_replies);
+        assert_eq!(info.base_allocation, None);
+        assert_eq!(info.block_size, None);
+    }
+
+    #[tokio::test]
+    async fn handshake_names_a_missing_export() {
+        let (mut ours, mut theirs) = duplex(1 << 16);
+        tokio::spawn(async move {
+            greet(&mut theirs, proto::FLAG_FIXED_NEWSTYLE).await;
+            loop {
+                let (option, _) = read_option(&mut theirs).await;
+                let reply = if option == proto::OPT_GO {
+                    option_reply(option, proto::REP_ERR_UNKNOWN, b"no such thing")
+                } else {
+                    option_reply(option, proto::REP_ERR_UNSUP, &[])
+                };
+                theirs.write_all(&reply).await.unwrap();
+            }
+        });
+        let err = handshake(&mut ours, "gone", "test").await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(&err, MoverError::Connect { source, .. }
+                if source.kind() == io::ErrorKind::NotFound),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"gone\"") && text.contains("no such thing"),
+            "{text}"
+        );
+    }
+
+    /// A client whose connection is an in-memory pipe, and the server end of the pipe.
+    fn piped_client(structured: bool, context: Option<u32>) -> (Client, DuplexStream) {
+        let (ours, theirs) = duplex(1 << 20);
+        let (r, w) = tokio::io::split(ours);
+        let info = ExportInfo {
+            size: SIZE,
+            flags: proto::TFLAG_HAS_FLAGS,
+            structured_replies: structured,
+            base_allocation: context,
+            block_size: None,
+        };
+        let conn = Conn::start(Box::new(r), Box::new(w), info, 0);
+        let uri = NbdUri::parse("nbd+unix:///?socket=/nonexistent/nbd.sock").unwrap();
+        let opts = NbdOptions {
+            reconnect_timeout: Duration::ZERO,
+            ..NbdOptions::default()
+        };
+        (Client::with_connection(uri, "test", opts, conn), theirs)
+    }
+
+    /// Read one request from the client: command, handle, offset, length (payload skipped).
+    async fn read_request(s: &mut DuplexStream) -> (u16, u64, u64, u32) {
+        let mut b = [0u8; proto::REQUEST_HEADER_LEN];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b[..4], u32b(proto::REQUEST_MAGIC));
+        let command = u16::from_be_bytes(b[6..8].try_into().unwrap());
+        let handle = u64::from_be_bytes(b[8..16].try_into().unwrap());
+        let offset = u64::from_be_bytes(b[16..24].try_into().unwrap());
+        let length = u32::from_be_bytes(b[24..28].try_into().unwrap());
+        if command == proto::CMD_WRITE {
+            let mut payload = vec![0u8; length as usize];
+            s.read_exact(&mut payload).await.unwrap();
+        }
+        (command, handle, offset, length)
+    }
+
+    fn chunk(done: bool, kind: u16, handle: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = u32b(proto::STRUCTURED_REPLY_MAGIC).to_vec();
+        out.extend_from_slice(&u16b(if done { proto::REPLY_FLAG_DONE } else { 0 }));
+        out.extend_from_slice(&u16b(kind));
+        out.extend_from_slice(&u64b(handle));
+        out.extend_from_slice(&u32b(payload.len() as u32));
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn data_chunk(done: bool, handle: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+        let mut payload = u64b(offset).to_vec();
+        payload.extend_from_slice(data);
+        chunk(done, proto::CHUNK_OFFSET_DATA, handle, &payload)
+    }
+
+    fn hole_chunk(done: bool, handle: u64, offset: u64, length: u32) -> Vec<u8> {
+        let mut payload = u64b(offset).to_vec();
+        payload.extend_from_slice(&u32b(length));
+        chunk(done, proto::CHUNK_OFFSET_HOLE, handle, &payload)
+    }
+
+    fn read_command(offset: u64, length: u32) -> Command<'static> {
+        Command {
+            command: proto::CMD_READ,
+            flags: 0,
+            offset,
+            length,
+            payload: &[],
+        }
+    }
+
+    #[tokio::test]
+    async fn read_chunks_in_any_order_fill_the_buffer() {
+        let (client, mut server) = piped_client(true, None);
+        let peer = tokio::spawn(async move {
+            let (command, handle, offset, length) = read_request(&mut server).await;
+            assert_eq!((command, offset, length), (proto::CMD_READ, 4096, 12288));
+            let replies = [
+                data_chunk(false, handle, 12288, &[0xab; 4096]),
+                hole_chunk(false, handle, 4096, 4096),
+                data_chunk(true, handle, 8192, &[0xcd; 4096]),
+            ];
+            for reply in replies {
+                server.write_all(&reply).await.unwrap();
+            }
+            server
+        });
+        // The data lands at `start` of a larger buffer; bytes around it are left alone.
+        let reply = client
+            .call(
+                &read_command(4096, 12288),
+                Some(vec![0xff; 12288 + 100]),
+                100,
+            )
+            .await
+            .unwrap();
+        peer.await.unwrap();
+        assert_eq!(reply.error, None);
+        let buf = reply.buf.unwrap();
+        assert!(buf[..100].iter().all(|&b| b == 0xff));
+        assert!(buf[100..4196].iter().all(|&b| b == 0));
+        assert!(buf[4196..8292].iter().all(|&b| b == 0xcd));
+        assert!(buf[8292..].iter().all(|&b| b == 0xab));
+    }
+
+    #[tokio::test]
+    async fn error_chunks_become_server_errors() {
+        let (client, mut server) = piped_client(true, None);
+        let peer = tokio::spawn(async move {
+            let (_, handle, _, _) = read_request(&mut server).await;
+            let mut payload = u32b(proto::EIO).to_vec();
+            payload.extend_from_slice(&u16b(3));
+            payload.extend_from_slice(b"bad");
+            payload.extend_from_slice(&u64b(5000));
+            server
+                .write_all(&data_chunk(false, handle, 4096, &[1; 512]))
+                .await
+                .unwrap();
+            server
+                .write_all(&chunk(true, proto::CHUNK_ERROR_OFFSET, handle, &payload))
+                .await
+                .unwrap();
+            server
+        });
+        let reply = client
+            .call(&read_command(4096, 4096), Some(vec![0; 4096]), 0)
+            .await
+            .unwrap();
+        peer.await.unwrap();
+        assert_eq!(
+            reply.error,
+            Some(ServerError {
+                code: proto::EIO,
+                message: "bad".into(),
+                offset: Some(5000)
+            })
+        );
+        assert!(
+            reply.buf.is_some(),
+            "the buffer comes back with an error too"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_answered_in_part_is_a_protocol_error() {
+        let (client, mut server) = piped_client(true, None);
+        let peer = tokio::spawn(async move {
+            let (_, handle, _, _) = read_request(&mut server).await;
+            server
+                .write_all(&data_chunk(true, handle, 0, &[1; 100]))
+                .await
+                .unwrap();
+            server
+        });
+        let err = client
+            .call(&read_command(0, 4096), Some(vec![0; 4096]), 0)
+            .await
+            .unwrap_err();
+        let _server = peer.await.unwrap();
+        assert!(
+            matches!(&err, MoverError::Protocol { message, .. } if message.contains("100 bytes")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_data_chunk_outside_the_request_is_a_protocol_error() {
+        let (client, mut server) = piped_client(true, None);
+        let peer = tokio::spawn(async move {
+            let (_, handle, _, _) = read_request(&mut server).await;
+            server
+                .write_all(&data_chunk(true, handle, 4000, &[1; 4096]))
+                .await
+                .unwrap();
+            server
+        });
+        let err = client
+            .call(&read_command(4096, 4096), Some(vec![0; 4096]), 0)
+            .await
+            .unwrap_err();
+        let _server = peer.await.unwrap();
+        assert!(matches!(err, MoverError::Protocol { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn block_status_keeps_only_base_allocation() {
+        let (client, mut server) = piped_client(true, Some(1));
+        let peer = tokio::spawn(async move {
+            let (command, handle, _, _) = read_request(&mut server).await;
+            assert_eq!(command, proto::CMD_BLOCK_STATUS);
+            for (done, id, flags) in [(false, 9, 0), (true, 1, proto::STATE_ZERO)] {
+                let mut payload = u32b(id).to_vec();
+                payload.extend_from_slice(&u32b(65536));
+                payload.extend_from_slice(&u32b(flags));
+                server
+                    .write_all(&chunk(done, proto::CHUNK_BLOCK_STATUS, handle, &payload))
+                    .await
+                    .unwrap();
+            }
+            server
+        });
+        let cmd = Command {
+            command: proto::CMD_BLOCK_STATUS,
+            flags: 0,
+            offset: 0,
+            length: 65536,
+            payload: &[],
+        };
+        let reply = client.call(&cmd, None, 0).await.unwrap();
+        peer.await.unwrap();
+        assert_eq!(
+            reply.descriptors,
+            vec![Descriptor {
+                length: 65536,
+                flags: proto::STATE_ZERO
+            }]
+        );
+    }
+
+    #[tokio::test]
+    async fn simple_replies_complete_requests_out_of_order() {
+        let (client, mut server) = piped_client(false, None);
+        let peer = tokio::spawn(async move {
+            let first = read_request(&mut server).await;
+            let second = read_request(&mut server).await;
+            let (write, read) = if first.0 == proto::CMD_WRITE {
+                (first, second)
+            } else {
+                (second, first)
+            };
+            // The read is answered first, then the write fails with ENOSPC.
+            let mut reply = u32b(proto::SIMPLE_REPLY_MAGIC).to_vec();
+            reply.extend_from_slice(&u32b(0));
+            reply.extend_from_slice(&u64b(read.1));
+            reply.extend_from_slice(&[7; 512]);
+            reply.extend_from_slice(&u32b(proto::SIMPLE_REPLY_MAGIC));
+            reply.extend_from_slice(&u32b(proto::ENOSPC));
+            reply.extend_from_slice(&u64b(write.1));
+            server.write_all(&reply).await.unwrap();
+            server
+        });
+        let payload = [1u8; 512];
+        let write = Command {
+            command: proto::CMD_WRITE,
+            flags: 0,
+            offset: 0,
+            length: 512,
+            payload: &payload,
+        };
+        let read = read_command(512, 512);
+        let (written, read) = tokio::join!(
+            client.call(&write, None, 0),
+            client.call(&read, Some(vec![0; 512]), 0)
+        );
+        peer.await.unwrap();
+        assert_eq!(written.unwrap().error.map(|e| e.code), Some(proto::ENOSPC));
+        assert_eq!(read.unwrap().buf.unwrap(), vec![7; 512]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_for_an_unknown_handle_is_a_protocol_error() {
+        let (client, mut server) = piped_client(false, None);
+        let peer = tokio::spawn(async move {
+            let (_, handle, _, _) = read_request(&mut server).await;
+            let mut reply = u32b(proto::SIMPLE_REPLY_MAGIC).to_vec();
+            reply.extend_from_slice(&u32b(0));
+            reply.extend_from_slice(&u64b(handle + 1000));
+            server.write_all(&reply).await.unwrap();
+            server
+        });
+        let err = client
+            .call(&read_command(0, 512), Some(vec![0; 512]), 0)
+            .await
+            .unwrap_err();
+        let _server = peer.await.unwrap();
+        assert!(
+            matches!(&err, MoverError::Protocol { message, .. } if message.contains("unknown handle")),
+            "{err}"
+        );
     }
 }

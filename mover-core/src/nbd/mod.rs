@@ -16,7 +16,9 @@
 //! - An export opened for writing that the server offers read-only opens fine (its
 //!   capabilities say `read_only`); the first write fails with `TargetWrite` and `EPERM`
 //!   without a round trip, as does any write through an endpoint opened with [`Access::Read`].
-//!   `Access::Write::create_size` is for local files: an export's size is the server's.
+//!   An export's size is the server's: `Access::Write { create_size }` asks that it hold at
+//!   least `create_size` bytes, and opening a smaller one fails with `InvalidEndpoint` before
+//!   anything is written.
 //! - `write_zeroes` sends `NBD_CMD_WRITE_ZEROES` without `NBD_CMD_FLAG_NO_HOLE`, so the server
 //!   may deallocate. A server without the command, or one that answers it with `ENOTSUP`
 //!   (remembered), gets zero buffers written instead.
@@ -57,12 +59,16 @@ pub struct NbdOptions {
     /// How long to keep trying to reconnect after the connection drops before requests fail
     /// with `MoverError::Connect`.
     pub reconnect_timeout: Duration,
+    /// How long one connection attempt (connect and handshake) may take. A server at its
+    /// client limit (`qemu-nbd --shared`) accepts the socket but never greets.
+    pub connect_timeout: Duration,
 }
 
 impl Default for NbdOptions {
     fn default() -> Self {
         Self {
             reconnect_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -86,6 +92,17 @@ impl NbdEndpoint {
         let uri = NbdUri::parse(spec)?;
         let client = Client::connect(uri, spec, opts.clone()).await?;
         let info = client.info();
+        if let Access::Write { create_size } = access {
+            if create_size > info.size {
+                return Err(MoverError::InvalidEndpoint {
+                    spec: spec.to_owned(),
+                    reason: format!(
+                        "the export holds {} bytes, {create_size} are to be written",
+                        info.size
+                    ),
+                });
+            }
+        }
         let max_request = info
             .block_size
             .map_or(MAX_REQUEST, |b| b.maximum.min(MAX_REQUEST));
@@ -111,6 +128,12 @@ impl NbdEndpoint {
     #[must_use]
     pub fn export_info(&self) -> &client::ExportInfo {
         self.client.info()
+    }
+
+    /// How many times a lost connection was replaced (shared by handles that share it).
+    #[must_use]
+    pub fn reconnections(&self) -> u64 {
+        self.client.reconnections()
     }
 
     fn refuse_write(&self, offset: u64, length: u64) -> Result<()> {
@@ -162,19 +185,21 @@ impl NbdEndpoint {
         }
     }
 
-    async fn zero_command(&self, offset: u64, length: u64) -> Result<()> {
+    /// Send a payload-free command that changes a range (zero, trim), in pieces its 32-bit
+    /// length field takes.
+    async fn over_range(&self, command: u16, what: &str, offset: u64, length: u64) -> Result<()> {
         let mut pos = offset;
         let end = offset + length;
         while pos < end {
             let n = (end - pos).min(MAX_EFFECT_REQUEST) as u32;
             let cmd = Command {
-                command: proto::CMD_WRITE_ZEROES,
+                command,
                 flags: 0,
                 offset: pos,
                 length: n,
                 payload: &[],
             };
-            self.modify(&cmd, "NBD_CMD_WRITE_ZEROES").await?;
+            self.modify(&cmd, what).await?;
             pos += u64::from(n);
         }
         Ok(())
@@ -188,21 +213,8 @@ impl NbdEndpoint {
         if !self.client.info().has(proto::TFLAG_SEND_TRIM) {
             return Ok(());
         }
-        let mut pos = offset;
-        let end = offset + length;
-        while pos < end {
-            let n = (end - pos).min(MAX_EFFECT_REQUEST) as u32;
-            let cmd = Command {
-                command: proto::CMD_TRIM,
-                flags: 0,
-                offset: pos,
-                length: n,
-                payload: &[],
-            };
-            self.modify(&cmd, "NBD_CMD_TRIM").await?;
-            pos += u64::from(n);
-        }
-        Ok(())
+        self.over_range(proto::CMD_TRIM, "NBD_CMD_TRIM", offset, length)
+            .await
     }
 
     async fn write_zero_buffers(&self, offset: u64, length: u64) -> Result<()> {
@@ -293,7 +305,15 @@ impl Endpoint for NbdEndpoint {
     async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
         self.refuse_write(offset, length)?;
         if self.caps.fast_zero && !self.zeroes_unsupported.load(Ordering::Relaxed) {
-            match self.zero_command(offset, length).await {
+            let zeroed = self
+                .over_range(
+                    proto::CMD_WRITE_ZEROES,
+                    "NBD_CMD_WRITE_ZEROES",
+                    offset,
+                    length,
+                )
+                .await;
+            match zeroed {
                 Err(MoverError::TargetWrite {
                     code: Some(code), ..
                 }) if code == libc::EOPNOTSUPP.unsigned_abs() => {
