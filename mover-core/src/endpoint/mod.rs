@@ -121,6 +121,7 @@ pub async fn open_with(
     if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
         let nbd_opts = crate::nbd::NbdOptions {
             reconnect_timeout: opts.reconnect_timeout,
+            ..crate::nbd::NbdOptions::default()
         };
         return Ok(Arc::new(
             crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?,
