@@ -191,7 +191,6 @@ def peak_rss_of_copy(source: Path, target_uri: str) -> int:
     return usage.ru_maxrss * 1024
 
 
-@pytest.mark.slow
 def test_peak_rss_does_not_grow_with_disk_size(tmp_path: Path, qemu_nbd: Callable[..., NbdExport]) -> None:
     rss = {}
     for size in (1 << 30, 64 << 30):
