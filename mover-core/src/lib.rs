@@ -15,6 +15,7 @@
 
 pub mod endpoint;
 pub mod error;
+pub mod manifest;
 pub mod qcow2;
 
 pub use error::{MoverError, Result};
