@@ -574,3 +574,133 @@ async fn endpoints_copy_a_chain_into_a_standalone_image() {
         Manifest::compute(size, DEFAULT_CHUNK_SIZE, |o, b| source.read_exact_at(o, b)).unwrap();
     assert_eq!(manifest, fresh);
 }
+
+/// `(guest start, length, host offset)` of the data runs `qemu-img map` finds in layer `depth`.
+fn data_runs_in_layer(top: &Path, depth: u64) -> Vec<(u64, u64, u64)> {
+    let out = run("qemu-img", &["map", "--output=json", s(top)]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true && e["depth"] == depth && e["zero"] == false)
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn incremental_overlay_manifest_is_derived_and_verified() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8 * M + 1536;
+    let mut rng = Rng(1);
+    // The source disk: half of its chunks random, the rest holes.
+    let src_path = dir.path().join("source.raw");
+    let mut disk = vec![0u8; size as usize];
+    for c in (0..size.div_ceil(M)).filter(|c| c % 2 == 0) {
+        let (a, b) = (c * M, ((c + 1) * M).min(size));
+        disk[a as usize..b as usize].copy_from_slice(&rng.bytes((b - a) as usize));
+    }
+    std::fs::write(&src_path, &disk).unwrap();
+
+    // Full backup.
+    let full = dir.path().join("full.qcow2");
+    let src = mover_core::endpoint::open(s(&src_path), mover_core::endpoint::Access::Read)
+        .await
+        .unwrap();
+    let dst = Qcow2Target::create(&full, size, 64 * K, None).unwrap();
+    let builder = ManifestBuilder::new(size, DEFAULT_CHUNK_SIZE).unwrap();
+    copy(src.as_ref(), &dst, &builder).await;
+    builder.complete(|o, b| dst.writer().read_at(o, b)).unwrap();
+    let m0 = builder.finish().unwrap();
+    dst.close().await.unwrap();
+    m0.save(&Manifest::path_for(&full)).unwrap();
+
+    // The guest writes: whole chunks, unaligned pieces, a zeroed range.
+    let changes: Vec<(u64, u64, bool)> = vec![
+        (M, M, false),
+        (3 * M + 1000, 70_000, false),
+        (5 * M - 10, 20, false),
+        (6 * M + 4096, 2 * M - 4096, true),
+        (8 * M + 512, 1024, false),
+    ];
+    for &(off, len, zero) in &changes {
+        let (o, l) = (off as usize, len as usize);
+        if zero {
+            disk[o..o + l].fill(0);
+        } else {
+            disk[o..o + l].copy_from_slice(&rng.bytes(l));
+        }
+    }
+
+    // Incremental: an overlay on the full backup, only the changed ranges copied.
+    let inc = dir.path().join("inc1.qcow2");
+    let w = Qcow2Writer::create(
+        &inc,
+        size,
+        64 * K,
+        Some(&Backing {
+            path: full.clone(),
+            format: BackingFormat::Qcow2,
+        }),
+    )
+    .unwrap();
+    let parent = Manifest::load(&Manifest::path_for(&full)).unwrap();
+    let builder = ManifestBuilder::from_parent(&parent, size).unwrap();
+    for &(off, len, zero) in &changes {
+        if zero {
+            w.write_zeroes(off, len).unwrap();
+            builder.record_zero(off, len);
+        } else {
+            let data = &disk[off as usize..(off + len) as usize];
+            w.write_at(off, data).unwrap();
+            builder.record(off, data);
+        }
+    }
+    w.finish().unwrap();
+    assert_eq!(builder.stale_chunks(), vec![3, 4, 5, 6, 8]);
+    builder.complete(|o, b| w.read_at(o, b)).unwrap();
+    let m1 = builder.finish().unwrap();
+    drop(w);
+    assert_check_clean(&inc);
+    assert_compare(&inc, &disk);
+
+    // Derived equals computed from scratch, over the chain and over the source.
+    let chain = Qcow2Chain::open(&inc).unwrap();
+    let fresh =
+        Manifest::compute(size, DEFAULT_CHUNK_SIZE, |o, b| chain.read_exact_at(o, b)).unwrap();
+    assert_eq!(m1, fresh);
+    let of_source = Manifest::compute(size, DEFAULT_CHUNK_SIZE, |o, b| {
+        b.copy_from_slice(&disk[o as usize..o as usize + b.len()]);
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(m1.disk_digest(), of_source.disk_digest());
+    let differing: Vec<u64> = m0.diff(&m1).unwrap().iter().map(|c| c.index).collect();
+    assert_eq!(differing, vec![1, 3, 4, 5, 6, 8]);
+
+    // A flipped byte in either layer is found, by chunk.
+    drop(chain);
+    for (depth, file) in [(0, &inc), (1, &full)] {
+        let runs = data_runs_in_layer(&inc, depth);
+        let (start, len, host) = runs[runs.len() / 2];
+        let guest = start + len / 2;
+        let at = host + len / 2;
+        let mut bytes = std::fs::read(file).unwrap();
+        bytes[at as usize] ^= 0x01;
+        std::fs::write(file, &bytes).unwrap();
+        let chain = Qcow2Chain::open(&inc).unwrap();
+        let bad = m1.verify(|o, b| chain.read_exact_at(o, b)).unwrap();
+        assert_eq!(bad.len(), 1, "layer {depth}");
+        assert_eq!(bad[0].index, guest / DEFAULT_CHUNK_SIZE, "layer {depth}");
+        bytes[at as usize] ^= 0x01;
+        std::fs::write(file, &bytes).unwrap();
+    }
+}
