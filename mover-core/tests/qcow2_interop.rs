@@ -172,6 +172,11 @@ fn reads_v2_and_v3_images_like_qemu() {
                 ],
             );
             assert_reads_like_qemu(&img);
+            // After an internal snapshot, clusters are shared (refcount 2) and rewritten by
+            // copy-on-write; the active L1 table is what is read.
+            run("qemu-img", &["snapshot", "-c", "snap1", s(&img)]);
+            qemu_io(&img, &["write -P 0x33 0 32k", "write -z 2M 64k"]);
+            assert_reads_like_qemu(&img);
         }
     }
 }
@@ -408,6 +413,76 @@ fn written_images_pass_qemu_check_and_compare() {
         assert_compare(&img, &model);
         assert_eq!(our_raw(&img), model);
     }
+}
+
+#[test]
+fn refcount_structures_grow_past_their_first_placement() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("grow.qcow2");
+    // 512-byte clusters: one refcount block covers 128 KiB of file, one table cluster 8 MiB.
+    let size = 3 * M;
+    let w = Qcow2Writer::create(&img, size, 512, None).unwrap();
+    let mut rng = Rng(11);
+    let mut model = vec![0u8; size as usize];
+    // Zeroed clusters are not reused, so each round grows the file by the whole disk.
+    for _ in 0..4 {
+        let data = rng.bytes(size as usize);
+        w.write_at(0, &data).unwrap();
+        w.flush().unwrap();
+        w.write_zeroes(0, size).unwrap();
+    }
+    scribble(&w, &mut model, &mut rng, 40);
+    w.finish().unwrap();
+    drop(w);
+    assert!(std::fs::metadata(&img).unwrap().len() > 4 * size);
+    assert_check_clean(&img);
+    assert_compare(&img, &model);
+}
+
+#[test]
+fn concurrent_partial_writes_to_shared_clusters_of_an_overlay() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    create(&base, "cluster_size=64k", "16M");
+    qemu_io(&base, &["write -P 0x5b 0 16M"]);
+    let img = dir.path().join("over.qcow2");
+    // 2 MiB clusters written in 1 MiB requests: two threads share every cluster, one of them
+    // copying the other half from the backing file.
+    let w = Qcow2Writer::create(
+        &img,
+        16 * M,
+        2 * M,
+        Some(&Backing {
+            path: base,
+            format: BackingFormat::Qcow2,
+        }),
+    )
+    .unwrap();
+    let mut model = vec![0x5bu8; (16 * M) as usize];
+    let chunks: Vec<Vec<u8>> = (0..16).map(|i| Rng(i + 1).bytes(M as usize)).collect();
+    for (i, c) in chunks.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
+        model[i * M as usize..(i + 1) * M as usize].copy_from_slice(c);
+    }
+    std::thread::scope(|sc| {
+        for t in 0..2u64 {
+            let (w, chunks) = (&w, &chunks);
+            sc.spawn(move || {
+                for i in (0..16u64).filter(|i| i % 2 == t && i % 3 != 0) {
+                    w.write_at(i * M, &chunks[i as usize]).unwrap();
+                }
+            });
+        }
+    });
+    w.finish().unwrap();
+    drop(w);
+    assert_check_clean(&img);
+    assert_compare(&img, &model);
 }
 
 #[test]

@@ -147,8 +147,8 @@ fn open_backing(path: &Path, b: &Backing) -> Result<(Qcow2Chain, String)> {
 }
 
 impl Qcow2Writer {
-    /// Create a new image of `size` bytes at `path`, which must not exist. `cluster_size` is a
-    /// power of two from 512 B to 2 MiB. With `backing`, the image is an overlay whose
+    /// Create a new image of `size` bytes (a multiple of 512, as QEMU requires) at `path`, which
+    /// must not exist. `cluster_size` is a power of two from 512 B to 2 MiB. With `backing`, the image is an overlay whose
     /// unallocated clusters read from that file (its whole chain is opened, for reads and for
     /// copy-on-write).
     pub fn create(
@@ -164,6 +164,11 @@ impl Qcow2Writer {
         {
             return Err(MoverError::InvalidPlan(format!(
                 "cluster size {cluster_size} is not a power of two from 512 B to 2 MiB"
+            )));
+        }
+        if size % 512 != 0 {
+            return Err(MoverError::InvalidPlan(format!(
+                "disk size {size} is not a multiple of 512 bytes"
             )));
         }
         let cluster_bits = cluster_size.trailing_zeros();
@@ -189,13 +194,13 @@ impl Qcow2Writer {
         }
 
         let l1_entries = format::l1_entries(size, cluster_bits);
-        let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+        let l1_clusters = (l1_entries * 8).div_ceil(cs);
         let per_block = cs * 8 / (1 << REFCOUNT_ORDER);
         let l2_tables = l1_entries;
         let estimate = 2 * (1 + l1_clusters + size.div_ceil(cs) + l2_tables) + 16;
         let table_clusters = (estimate.div_ceil(per_block) * 8).div_ceil(cs).max(1);
-        let l1_offset = cs;
-        let table_offset = l1_offset + l1_clusters * cs;
+        let l1_offset = if l1_entries == 0 { 0 } else { cs };
+        let table_offset = cs + l1_clusters * cs;
         let block0 = table_offset + table_clusters * cs;
         let next_free = block0 + cs;
 
@@ -772,10 +777,7 @@ impl Meta {
         };
         mark(0, 1)?;
         let h = &self.header;
-        mark(
-            h.l1_table_offset,
-            (u64::from(h.l1_size) * 8).div_ceil(cs).max(1),
-        )?;
+        mark(h.l1_table_offset, (u64::from(h.l1_size) * 8).div_ceil(cs))?;
         mark(
             h.refcount_table_offset,
             u64::from(h.refcount_table_clusters),
@@ -838,6 +840,7 @@ mod tests {
         let path = dir.path().join("grow.qcow2");
         // 512-byte clusters: a refcount block covers 256 clusters, a table cluster 64 blocks.
         let w = Qcow2Writer::create(&path, 4 << 20, 512, None).unwrap();
+        let first_table = w.lock().header.refcount_table_offset;
         let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
         // Overwrite after zeroing: freed clusters are not reused, the file outgrows the disk.
         for _ in 0..3 {
@@ -846,6 +849,7 @@ mod tests {
         }
         w.write_at(0, &data).unwrap();
         w.finish().unwrap();
+        assert_ne!(w.lock().header.refcount_table_offset, first_table);
         let mut back = vec![0u8; data.len()];
         Qcow2Chain::open(&path)
             .unwrap()
