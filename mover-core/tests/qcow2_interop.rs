@@ -291,6 +291,51 @@ fn reads_backing_chains_of_1_2_and_10_layers_like_qemu() {
 }
 
 #[test]
+fn reads_extended_l2_subclusters_like_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for cluster in ["64k", "512k"] {
+        let base = dir.path().join(format!("base-{cluster}.qcow2"));
+        create(&base, "cluster_size=64k", "4M");
+        qemu_io(&base, &["write -P 0x21 0 4M"]);
+        let img = dir.path().join(format!("ext-{cluster}.qcow2"));
+        create(
+            &img,
+            &format!(
+                "extended_l2=on,cluster_size={cluster},backing_file={},backing_fmt=qcow2",
+                base.file_name().unwrap().to_str().unwrap()
+            ),
+            "4M",
+        );
+        qemu_io(
+            &img,
+            &[
+                "write -P 0xab 4k 4k",
+                "write -P 0xac 70k 30k",
+                "write -z 200k 16k",
+                "write -P 0xad 1M 1M",
+                "write -z 1200k 64k",
+                "discard 3M 128k",
+            ],
+        );
+        assert_reads_like_qemu(&img);
+        // Mapped by subcluster (1/32 of a cluster), not by cluster.
+        let subcluster = if cluster == "64k" { 2 * K } else { 16 * K };
+        let map = Qcow2Chain::open(&img).unwrap().map(0, 64 * K).unwrap();
+        let first = map
+            .iter()
+            .find(|e| e.allocation == Allocation::Data { layer: 0 })
+            .unwrap();
+        assert_eq!(
+            (first.offset, first.length),
+            (4 * K / subcluster * subcluster, (4 * K).max(subcluster))
+        );
+    }
+}
+
+#[test]
 fn qcow2_backing_without_format_extension_is_probed() {
     if !have_qemu() {
         return;
@@ -352,17 +397,54 @@ fn unsupported_features_are_refused_by_name() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for (opts, what) in [
-        ("extended_l2=on", "extended L2"),
-        ("compression_type=zstd", "compression type"),
-    ] {
-        let img = dir.path().join("x.qcow2");
-        create(&img, opts, "1M");
-        let err = Qcow2Chain::open(&img).err().unwrap();
+    let data_file = dir.path().join("x.data");
+    let refused = |img: &Path, what: &str| {
+        let err = Qcow2Chain::open(img).err().unwrap();
         assert!(
             matches!(err, MoverError::Format { .. }) && err.to_string().contains(what),
-            "{opts}: {err}"
+            "{what}: {err}"
         );
+    };
+    for (i, (opts, what)) in [
+        ("compression_type=zstd".to_owned(), "compression type"),
+        (
+            format!("data_file={}", data_file.display()),
+            "external data file",
+        ),
+        (
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10".to_owned(),
+            "encrypted",
+        ),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = dir.path().join(format!("x{i}.qcow2"));
+        run(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "--object",
+                "secret,id=sec0,data=123456",
+                "-f",
+                "qcow2",
+                "-o",
+                opts,
+                s(&img),
+                "1M",
+            ],
+        );
+        refused(&img, what);
+    }
+    // Feature bits patched into the header (incompatible features at byte 72).
+    for (bits, what) in [(2u64, "corrupt"), (1 << 9, "unknown bit 9")] {
+        let img = dir.path().join("patched.qcow2");
+        create(&img, "compat=1.1", "1M");
+        let mut bytes = std::fs::read(&img).unwrap();
+        bytes[72..80].copy_from_slice(&bits.to_be_bytes());
+        std::fs::write(&img, bytes).unwrap();
+        refused(&img, what);
         std::fs::remove_file(&img).unwrap();
     }
 }

@@ -39,12 +39,15 @@
 //!      x..=61 additional 512-byte sectors | 0..x host byte offset of the deflate stream
 //! ```
 //!
+//! With the extended L2 feature an entry is 128 bits: the descriptor above (bit 0 unused) and a
+//! bitmap over the 32 subclusters, bits 0..32 "allocated in this image", bits 32..64 "reads as
+//! zeros"; a subcluster with neither reads through to the backing file.
+//!
 //! Refcounts are kept in a two-level table too: the refcount table lists refcount blocks, each one
 //! cluster of `1 << refcount_order`-bit big-endian counters, one per host cluster.
 //!
 //! Incompatible features this implementation does not understand are refused by name; so are the
-//! known ones it does not implement (external data files, extended L2 entries, compression types
-//! other than deflate) and images marked corrupt. The dirty bit is accepted for reading: it only
+//! known ones it does not implement (external data files, compression types other than deflate) and images marked corrupt. The dirty bit is accepted for reading: it only
 //! says the refcounts may be stale, which a reader does not use.
 
 use crate::error::{MoverError, Result};
@@ -227,7 +230,7 @@ impl Header {
     }
 
     fn check_features(&self, path: &str) -> Result<()> {
-        let refused = self.incompatible_features & !INCOMPAT_DIRTY;
+        let refused = self.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_EXTENDED_L2);
         if refused == 0 {
             return Ok(());
         }
@@ -249,7 +252,35 @@ impl Header {
     /// L1 entries needed to map the whole virtual disk.
     #[must_use]
     pub fn l1_entries_for_size(&self) -> u64 {
-        l1_entries(self.size, self.cluster_bits)
+        let mapped_by_table =
+            (self.cluster_size() / (8 * self.l2_entry_words())) << self.cluster_bits;
+        self.size.div_ceil(mapped_by_table)
+    }
+
+    /// L2 entries are 128 bits with a subcluster bitmap.
+    #[must_use]
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTENDED_L2 != 0
+    }
+
+    /// Subclusters per cluster: 32 with extended L2 entries, else 1.
+    #[must_use]
+    pub fn subclusters(&self) -> u64 {
+        if self.extended_l2() {
+            32
+        } else {
+            1
+        }
+    }
+
+    /// 64-bit words per L2 entry.
+    #[must_use]
+    pub fn l2_entry_words(&self) -> u64 {
+        if self.extended_l2() {
+            2
+        } else {
+            1
+        }
     }
 
     /// Where header extensions start.
@@ -417,6 +448,44 @@ impl L2Entry {
     }
 }
 
+impl L2Entry {
+    /// Decode subcluster `sub` of an extended L2 entry: the descriptor `raw` and the bitmap
+    /// (bits 0..32: subcluster allocated; bits 32..64: subcluster reads as zeros). A compressed
+    /// cluster is one unit whatever the subcluster.
+    pub fn decode_extended(
+        raw: u64,
+        bitmap: u64,
+        sub: u32,
+        cluster_bits: u32,
+        path: &str,
+    ) -> Result<Self> {
+        if raw & COMPRESSED != 0 {
+            return Self::decode(raw, cluster_bits, 3, path);
+        }
+        let host = match Self::decode(raw & !ZERO, cluster_bits, 3, path)? {
+            Self::Data { host } => Some(host),
+            _ => None,
+        };
+        let allocated = bitmap & (1 << sub) != 0;
+        let zero = bitmap & (1 << (32 + sub)) != 0;
+        match (allocated, zero, host) {
+            (true, true, _) => Err(bad(
+                path,
+                format!("subcluster {sub} of L2 entry {raw:#018x} is both allocated and zero"),
+            )),
+            (true, false, None) => Err(bad(
+                path,
+                format!("subcluster {sub} is allocated in an L2 entry without a host cluster"),
+            )),
+            (true, false, Some(h)) => Ok(Self::Data {
+                host: h + (u64::from(sub) << (cluster_bits - 5)),
+            }),
+            (false, true, _) => Ok(Self::Zero { host }),
+            (false, false, _) => Ok(Self::Unallocated),
+        }
+    }
+}
+
 /// Offset of the L2 table an L1 entry points to (0: none).
 pub fn decode_l1(raw: u64, cluster_bits: u32, path: &str) -> Result<u64> {
     if raw & L1_RESERVED != 0 {
@@ -489,9 +558,9 @@ mod tests {
     #[test]
     fn unknown_incompatible_features_are_refused_by_name() {
         let mut h = sample();
-        h.incompatible_features = INCOMPAT_EXTENDED_L2 | (1 << 9) | INCOMPAT_DIRTY;
+        h.incompatible_features = INCOMPAT_EXTERNAL_DATA | (1 << 9) | INCOMPAT_DIRTY;
         let err = Header::parse(&h.to_bytes(), "t").unwrap_err().to_string();
-        assert!(err.contains("extended L2 entries"), "{err}");
+        assert!(err.contains("external data file"), "{err}");
         assert!(err.contains("unknown bit 9"), "{err}");
         assert!(!err.contains("dirty"), "{err}");
     }
@@ -523,6 +592,24 @@ mod tests {
         assert_eq!(d(COPIED | 0x50000), L2Entry::Data { host: 0x50000 });
         assert!(L2Entry::decode(0x50200, 16, 3, "t").is_err());
         assert!(L2Entry::decode(ZERO, 16, 2, "t").is_err());
+    }
+
+    #[test]
+    fn extended_l2_subclusters_decode() {
+        // 64 KiB clusters: 2 KiB subclusters. Subcluster 1 allocated, 2 zero, 3 neither.
+        let raw = COPIED | 0x70000;
+        let bitmap = (1 << 1) | (1 << (32 + 2));
+        let d = |sub| L2Entry::decode_extended(raw, bitmap, sub, 16, "t");
+        assert_eq!(d(1).unwrap(), L2Entry::Data { host: 0x70800 });
+        assert_eq!(
+            d(2).unwrap(),
+            L2Entry::Zero {
+                host: Some(0x70000)
+            }
+        );
+        assert_eq!(d(3).unwrap(), L2Entry::Unallocated);
+        assert!(L2Entry::decode_extended(0, 1, 0, 16, "t").is_err());
+        assert!(L2Entry::decode_extended(raw, 1 | (1 << 32), 0, 16, "t").is_err());
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! - [`format`]: the on-disk structures (header, extensions, L1/L2 entries), pure functions;
 //! - [`reader`]: [`Qcow2Chain`], an image and its backing chain of any depth (QCOW2 versions 2
-//!   and 3, raw or QCOW2 backing files, zero, unallocated and compressed clusters), read with a
+//!   and 3, raw or QCOW2 backing files, zero, unallocated and compressed clusters, extended L2
+//!   entries with subclusters), read with a
 //!   blocking, thread-safe `read_at` and mapped with `map`;
 //! - [`writer`]: [`Qcow2Writer`], a new version 3 image, standalone or an overlay, written in any
 //!   order by several tasks at once, made consistent by `flush`.
@@ -12,7 +13,7 @@
 //! `multi_conn` is true); blocking I/O runs on tokio's blocking threads.
 //!
 //! What is not supported, and refused with a [`MoverError::Format`] naming it: encryption,
-//! external data files, extended L2 entries (subclusters), zstd compression, and images marked
+//! external data files, zstd compression, and images marked
 //! corrupt. Internal snapshots are ignored: the active L1 table is what is read.
 
 use std::path::Path;

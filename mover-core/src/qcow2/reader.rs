@@ -10,6 +10,10 @@
 //! compressed clusters inflated); a run it leaves unallocated falls through to the next layer,
 //! and past the bottom layer — or past the end of a shorter backing file — reads as zeros.
 //!
+//! With extended L2 entries (128 bits: the usual descriptor and a bitmap saying, for each of the
+//! 32 subclusters, "allocated" or "reads as zeros") the unit of the map is the subcluster rather
+//! than the cluster; nothing else changes.
+//!
 //! The active L1 table of each image is loaded at open. L2 tables are read on demand and kept in
 //! a per-image cache of bounded size (first in, first out: the copy engine reads in order, so a
 //! smarter policy buys nothing). The last inflated compressed cluster is kept too, since a
@@ -238,27 +242,41 @@ impl Qcow2Image {
         Ok(table)
     }
 
-    /// L2 entries from guest cluster `index` to the end of its L2 table, at most `max`.
+    /// The unit the L2 tables map: a cluster, or a subcluster (1/32 of one) with extended L2
+    /// entries.
+    fn unit(&self) -> u64 {
+        self.cluster_size() / self.header.subclusters()
+    }
+
+    /// L2 entries from unit `index` to the end of its L2 table, at most `max`.
     fn entries(&self, index: u64, max: u64) -> Result<Vec<L2Entry>> {
-        let per_table = self.cluster_size() / 8;
-        let l1_index = index / per_table;
-        let first = (index % per_table) as usize;
-        let count = (per_table - index % per_table).min(max) as usize;
+        let h = &self.header;
+        let sub = h.subclusters();
+        let words = h.l2_entry_words();
+        let units_per_table = self.cluster_size() / (8 * words) * sub;
+        let l1_index = index / units_per_table;
+        let first = index % units_per_table;
+        let count = (units_per_table - first).min(max);
         let raw_l1 = self.l1.get(l1_index as usize).copied().unwrap_or(0);
-        let l2_offset = format::decode_l1(raw_l1, self.header.cluster_bits, &self.path)?;
+        let l2_offset = format::decode_l1(raw_l1, h.cluster_bits, &self.path)?;
         if l2_offset == 0 {
-            return Ok(vec![L2Entry::Unallocated; count]);
+            return Ok(vec![L2Entry::Unallocated; count as usize]);
         }
         let table = self.l2_table(l2_offset)?;
-        table[first..first + count]
-            .iter()
-            .map(|&raw| {
-                L2Entry::decode(
-                    raw,
-                    self.header.cluster_bits,
-                    self.header.version,
-                    &self.path,
-                )
+        (first..first + count)
+            .map(|u| {
+                let at = ((u / sub) * words) as usize;
+                if sub == 1 {
+                    L2Entry::decode(table[at], h.cluster_bits, h.version, &self.path)
+                } else {
+                    L2Entry::decode_extended(
+                        table[at],
+                        table[at + 1],
+                        (u % sub) as u32,
+                        h.cluster_bits,
+                        &self.path,
+                    )
+                }
             })
             .collect()
     }
@@ -267,18 +285,19 @@ impl Qcow2Image {
     /// and the length of the longest prefix mapped alike (at least one byte, at most `max_len`).
     pub(crate) fn lookup(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
         let cs = self.cluster_size();
-        let index = offset / cs;
-        let in_cluster = offset % cs;
-        let clusters = (in_cluster + max_len).div_ceil(cs);
-        let entries = self.entries(index, clusters)?;
+        let unit = self.unit();
+        let index = offset / unit;
+        let in_unit = offset % unit;
+        let units = (in_unit + max_len).div_ceil(unit);
+        let entries = self.entries(index, units)?;
         let first = match entries[0] {
             L2Entry::Unallocated => Mapping::Unallocated,
             L2Entry::Zero { .. } => Mapping::Zero,
-            L2Entry::Data { host } => Mapping::Data(host + in_cluster),
+            L2Entry::Data { host } => Mapping::Data(host + in_unit),
             L2Entry::Compressed { host, length } => {
                 return Ok((
                     Mapping::Compressed { host, length },
-                    (cs - in_cluster).min(max_len),
+                    (cs - offset % cs).min(max_len),
                 ));
             }
         };
@@ -288,7 +307,7 @@ impl Qcow2Image {
                 (Mapping::Unallocated, L2Entry::Unallocated)
                 | (Mapping::Zero, L2Entry::Zero { .. }) => true,
                 (Mapping::Data(start), L2Entry::Data { host }) => {
-                    *host == start - in_cluster + i as u64 * cs
+                    *host == start - in_unit + i as u64 * unit
                 }
                 _ => false,
             };
@@ -297,7 +316,7 @@ impl Qcow2Image {
             }
             run += 1;
         }
-        Ok((first, (run * cs - in_cluster).min(max_len)))
+        Ok((first, (run * unit - in_unit).min(max_len)))
     }
 
     /// The contents of the compressed guest cluster `index`.

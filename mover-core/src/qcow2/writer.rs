@@ -146,11 +146,50 @@ fn open_backing(path: &Path, b: &Backing) -> Result<(Qcow2Chain, String)> {
     Ok((chain, rel.to_owned()))
 }
 
+/// The header of a new image, with the layout of its first clusters: header, L1 table, then a
+/// refcount table sized for twice the disk (block 0 follows it).
+fn initial_header(
+    size: u64,
+    cluster_bits: u32,
+    backing_file_offset: u64,
+    backing_file_size: usize,
+) -> Result<Header> {
+    let cs = 1u64 << cluster_bits;
+    let l1_entries = format::l1_entries(size, cluster_bits);
+    let l1_size = u32::try_from(l1_entries).map_err(|_| {
+        MoverError::InvalidPlan(format!(
+            "disk of {size} bytes is too large for {cs}-byte clusters"
+        ))
+    })?;
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    let per_block = cs * 8 / (1 << REFCOUNT_ORDER);
+    let estimate = 2 * (1 + l1_clusters + size.div_ceil(cs) + l1_entries) + 16;
+    let table_clusters = (estimate.div_ceil(per_block) * 8).div_ceil(cs).max(1);
+    Ok(Header {
+        version: 3,
+        backing_file_offset,
+        backing_file_size: backing_file_size as u32,
+        cluster_bits,
+        size,
+        l1_size,
+        l1_table_offset: if l1_entries == 0 { 0 } else { cs },
+        refcount_table_offset: cs + l1_clusters * cs,
+        refcount_table_clusters: table_clusters as u32,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: INCOMPAT_DIRTY,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: REFCOUNT_ORDER,
+        header_length: format::V3_HEADER_LENGTH as u32,
+    })
+}
+
 impl Qcow2Writer {
     /// Create a new image of `size` bytes (a multiple of 512, as QEMU requires) at `path`, which
-    /// must not exist. `cluster_size` is a power of two from 512 B to 2 MiB. With `backing`, the image is an overlay whose
-    /// unallocated clusters read from that file (its whole chain is opened, for reads and for
-    /// copy-on-write).
+    /// must not exist. `cluster_size` is a power of two from 512 B to 2 MiB. With `backing`, the
+    /// image is an overlay whose unallocated clusters read from that file (its whole chain is
+    /// opened, for reads and for copy-on-write).
     pub fn create(
         path: &Path,
         size: u64,
@@ -172,7 +211,6 @@ impl Qcow2Writer {
             )));
         }
         let cluster_bits = cluster_size.trailing_zeros();
-        let cs = cluster_size;
 
         let (chain, backing_name) = match backing {
             None => (None, None),
@@ -186,51 +224,23 @@ impl Qcow2Writer {
         let name_bytes = backing_name.as_ref().map_or(&[][..], |(n, _)| n.as_bytes());
         let backing_offset = format::V3_HEADER_LENGTH + ext.len();
         if name_bytes.len() > format::MAX_BACKING_NAME
-            || (backing_offset + name_bytes.len()) as u64 > cs
+            || (backing_offset + name_bytes.len()) as u64 > cluster_size
         {
             return Err(MoverError::InvalidPlan(
                 "backing file name does not fit in the image header".into(),
             ));
         }
 
-        let l1_entries = format::l1_entries(size, cluster_bits);
-        let l1_clusters = (l1_entries * 8).div_ceil(cs);
-        let per_block = cs * 8 / (1 << REFCOUNT_ORDER);
-        let l2_tables = l1_entries;
-        let estimate = 2 * (1 + l1_clusters + size.div_ceil(cs) + l2_tables) + 16;
-        let table_clusters = (estimate.div_ceil(per_block) * 8).div_ceil(cs).max(1);
-        let l1_offset = if l1_entries == 0 { 0 } else { cs };
-        let table_offset = cs + l1_clusters * cs;
-        let block0 = table_offset + table_clusters * cs;
-        let next_free = block0 + cs;
-
-        let header = Header {
-            version: 3,
-            backing_file_offset: if name_bytes.is_empty() {
-                0
-            } else {
-                backing_offset as u64
-            },
-            backing_file_size: name_bytes.len() as u32,
-            cluster_bits,
-            size,
-            l1_size: l1_entries as u32,
-            l1_table_offset: l1_offset,
-            refcount_table_offset: table_offset,
-            refcount_table_clusters: table_clusters as u32,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: INCOMPAT_DIRTY,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: REFCOUNT_ORDER,
-            header_length: format::V3_HEADER_LENGTH as u32,
+        let backing_file_offset = if name_bytes.is_empty() {
+            0
+        } else {
+            backing_offset as u64
         };
-        if u64::from(header.l1_size) != l1_entries {
-            return Err(MoverError::InvalidPlan(format!(
-                "disk of {size} bytes is too large for {cs}-byte clusters"
-            )));
-        }
+        let header = initial_header(size, cluster_bits, backing_file_offset, name_bytes.len())?;
+        let l1_entries = u64::from(header.l1_size);
+        let block0 =
+            header.refcount_table_offset + u64::from(header.refcount_table_clusters) * cluster_size;
+        let next_free = block0 + cluster_size;
 
         let file = OpenOptions::new()
             .read(true)
