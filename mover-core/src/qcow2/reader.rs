@@ -87,7 +87,13 @@ impl MapEntry {
     }
 }
 
-fn push_entry(out: &mut Vec<MapEntry>, offset: u64, length: u64, allocation: Allocation) {
+/// Append a run to a map, merging it with the previous one when they are alike.
+pub(crate) fn push_entry(
+    out: &mut Vec<MapEntry>,
+    offset: u64,
+    length: u64,
+    allocation: Allocation,
+) {
     if length == 0 {
         return;
     }
@@ -116,7 +122,7 @@ fn read_err(path: &str, offset: u64, len: usize, e: &std::io::Error) -> MoverErr
 }
 
 /// `pread` all of `buf`, zero-filling what lies past the end of the file.
-fn read_fill(file: &File, path: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+pub(crate) fn read_fill(file: &File, path: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], offset + done as u64) {
@@ -532,13 +538,24 @@ impl Qcow2Chain {
             return Ok(0);
         }
         let n = (size - offset).min(buf.len() as u64) as usize;
-        self.read_layer(0, offset, &mut buf[..n])?;
+        self.read_exact_at(offset, &mut buf[..n])?;
         Ok(n)
     }
 
     /// Fill all of `buf` from `offset`; bytes past the end of the disk read as zeros.
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.read_layer(0, offset, buf)
+        let length = buf.len() as u64;
+        // A failed `pread` names the host offset in a layer file; the caller asked for a guest
+        // range, which is what the error reports (the message keeps the file).
+        self.read_layer(0, offset, buf).map_err(|e| match e {
+            MoverError::SourceRead { code, message, .. } => MoverError::SourceRead {
+                offset,
+                length,
+                code,
+                message,
+            },
+            other => other,
+        })
     }
 
     fn read_layer(&self, i: usize, offset: u64, buf: &mut [u8]) -> Result<()> {

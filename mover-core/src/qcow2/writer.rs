@@ -59,7 +59,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use super::format::{self, Header, COPIED, INCOMPAT_DIRTY, OFFSET_MASK, ZERO};
-use super::reader::{Allocation, BackingFormat, MapEntry, Qcow2Chain};
+use super::reader::{push_entry, Allocation, BackingFormat, MapEntry, Qcow2Chain};
 use crate::error::{MoverError, Result};
 
 /// The cluster size used unless the caller asks for another.
@@ -74,6 +74,14 @@ const REFCOUNT_ORDER: u32 = 4;
 pub struct Backing {
     pub path: PathBuf,
     pub format: BackingFormat,
+}
+
+/// Where a piece of a read comes from.
+#[derive(Clone, Copy)]
+enum ReadFrom {
+    Zeros,
+    Backing,
+    Host(u64),
 }
 
 struct L2Table {
@@ -488,8 +496,8 @@ impl Qcow2Writer {
             ));
         }
         let cs = self.cluster_size();
-        // (guest offset, start, end, host offset or 0 for zeros / u64::MAX for the backing file)
-        let mut parts = Vec::new();
+        // (guest offset, start in buf, end in buf, where the bytes are)
+        let mut parts: Vec<(u64, usize, usize, ReadFrom)> = Vec::new();
         {
             let m = self.lock();
             let mut pos = 0usize;
@@ -500,13 +508,13 @@ impl Qcow2Writer {
                 let raw = m.entry(index, self.cluster_bits);
                 let host = raw & OFFSET_MASK;
                 let source = if raw & ZERO != 0 {
-                    0
+                    ReadFrom::Zeros
                 } else if host != 0 {
-                    host + off % cs
+                    ReadFrom::Host(host + off % cs)
                 } else if self.backing.is_some() {
-                    u64::MAX
+                    ReadFrom::Backing
                 } else {
-                    0
+                    ReadFrom::Zeros
                 };
                 parts.push((off, pos, pos + n, source));
                 pos += n;
@@ -515,31 +523,14 @@ impl Qcow2Writer {
         for (off, start, end, source) in parts {
             let part = &mut buf[start..end];
             match source {
-                0 => part.fill(0),
-                u64::MAX => self
+                ReadFrom::Zeros => part.fill(0),
+                ReadFrom::Backing => self
                     .backing
                     .as_ref()
                     .expect("backing chain")
                     .read_exact_at(off, part)?,
-                host => {
-                    let mut done = 0;
-                    while done < part.len() {
-                        match self.file.read_at(&mut part[done..], host + done as u64) {
-                            Ok(0) => {
-                                part[done..].fill(0);
-                                break;
-                            }
-                            Ok(k) => done += k,
-                            Err(e) => {
-                                return Err(MoverError::source_read(
-                                    off,
-                                    part.len() as u64,
-                                    super::errno(&e),
-                                    format!("{}: {e}", self.path),
-                                ))
-                            }
-                        }
-                    }
+                ReadFrom::Host(host) => {
+                    super::reader::read_fill(&self.file, &self.path, host, part)?;
                 }
             }
         }
@@ -577,19 +568,9 @@ impl Qcow2Writer {
             }
         }
         let mut out: Vec<MapEntry> = Vec::new();
-        let mut push = |e: MapEntry| match out.last_mut() {
-            Some(last) if last.allocation == e.allocation && last.end() == e.offset => {
-                last.length += e.length;
-            }
-            _ => out.push(e),
-        };
         for (off, n, kind) in runs {
             match (kind, &self.backing) {
-                (Some(allocation), _) => push(MapEntry {
-                    offset: off,
-                    length: n,
-                    allocation,
-                }),
+                (Some(allocation), _) => push_entry(&mut out, off, n, allocation),
                 (None, Some(chain)) => {
                     let mut covered = off;
                     for mut e in chain.map(off, n)? {
@@ -597,16 +578,15 @@ impl Qcow2Writer {
                             e.allocation = Allocation::Data { layer: layer + 1 };
                         }
                         covered = e.end();
-                        push(e);
+                        push_entry(&mut out, e.offset, e.length, e.allocation);
                     }
                     // Past the end of a shorter backing disk.
-                    if covered < off + n {
-                        push(MapEntry {
-                            offset: covered,
-                            length: off + n - covered,
-                            allocation: Allocation::Unallocated,
-                        });
-                    }
+                    push_entry(
+                        &mut out,
+                        covered,
+                        off + n - covered,
+                        Allocation::Unallocated,
+                    );
                 }
                 (None, None) => unreachable!("no backing chain to read through"),
             }
