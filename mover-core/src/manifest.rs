@@ -263,7 +263,34 @@ impl Manifest {
     where
         F: FnMut(u64, &mut [u8]) -> Result<()>,
     {
-        self.diff(&Self::compute(self.disk_size, self.chunk_size, read)?)
+        let all: Vec<u64> = (0..self.chunk_count()).collect();
+        self.verify_chunks(&all, read)
+    }
+
+    /// Re-read only the chunks listed (a sample, or the chunks an incremental pass wrote) and
+    /// name those that do not match.
+    pub fn verify_chunks<F>(&self, chunks: &[u64], mut read: F) -> Result<Vec<ChunkMismatch>>
+    where
+        F: FnMut(u64, &mut [u8]) -> Result<()>,
+    {
+        let mut buf = vec![0u8; self.chunk_size as usize];
+        let mut bad = Vec::new();
+        for &index in chunks {
+            if index >= self.chunk_count() {
+                return Err(MoverError::InvalidPlan(format!(
+                    "chunk {index} is past the end of a {}-chunk manifest",
+                    self.chunk_count()
+                )));
+            }
+            let (offset, len) = self.chunk_range(index);
+            let part = &mut buf[..len as usize];
+            read(offset, part)?;
+            let found = chunk_digest(part);
+            if found != self.digests[index as usize] {
+                bad.push(self.mismatch(index, found));
+            }
+        }
+        Ok(bad)
     }
 
     fn mismatch(&self, index: u64, found: Digest) -> ChunkMismatch {
@@ -629,6 +656,10 @@ mod tests {
             (2, 2 << 20, 1 << 20)
         );
         assert!(bad[0].to_string().starts_with("chunk 2 (offset 2097152"));
+        let sampled = m.verify_chunks(&[0, 2, 3], read_from(&d)).unwrap();
+        assert_eq!(sampled, bad);
+        assert!(m.verify_chunks(&[0, 1], read_from(&d)).unwrap().is_empty());
+        assert!(m.verify_chunks(&[4], read_from(&d)).is_err());
         let other = Manifest::zero(4 << 20, 1 << 20).unwrap();
         assert_eq!(m.diff(&other).unwrap().len(), 4);
         assert!(m.diff(&Manifest::zero(4 << 20, 64 << 10).unwrap()).is_err());

@@ -30,7 +30,13 @@
 //! the header. The header carries the *dirty* incompatible bit from creation until the first flush
 //! and again from the start of each later flush until its end: an image left by a crash in the
 //! middle says so, and QEMU rebuilds its refcounts before use. After a flush the file is a
-//! complete, clean image; [`Qcow2Writer::finish`] is the last flush.
+//! complete, clean image; [`Qcow2Writer::finish`] is the last flush. Writes after a flush leave
+//! that image valid until the next one: its tables still describe the flushed state, and the
+//! clusters allocated since are past them with refcount 0.
+//!
+//! Runs of data of 256 KiB or more are handed to the kernel for writeback as soon as they are
+//! written (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk works while the copy goes on
+//! and the final `fdatasync` has little left to do.
 //!
 //! # Writes
 //!
@@ -48,9 +54,10 @@
 //! written after the lock is released, and concurrent writers to distinct clusters proceed in
 //! parallel.
 //!
-//! Zero writes: a whole cluster becomes unallocated when there is no backing file and
-//! zero-flagged when there is one (keeping its host cluster, whose bytes are punched out); a part
-//! of a cluster that does not already read as zeros is written as zero bytes.
+//! Zero writes: a whole cluster becomes unallocated when there is no backing file (its host
+//! cluster, if any, is punched out and left unreferenced) and zero-flagged when there is one
+//! (keeping its host cluster, punched out too); a part of a cluster that does not already read as
+//! zeros is written as zero bytes.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
