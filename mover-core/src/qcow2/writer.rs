@@ -31,8 +31,9 @@
 //! and again from the start of each later flush until its end: an image left by a crash in the
 //! middle says so, and QEMU rebuilds its refcounts before use. After a flush the file is a
 //! complete, clean image; [`Qcow2Writer::finish`] is the last flush. Writes after a flush leave
-//! that image valid until the next one: its tables still describe the flushed state, and the
-//! clusters allocated since are past them with refcount 0.
+//! it a valid image until the next one: its tables still describe the flushed state, and the
+//! clusters allocated since lie past them with refcount 0. As on a disk after a power cut, the
+//! bytes of clusters the tables already knew may be as flushed or as written (or zeroed) since.
 //!
 //! Runs of data of 256 KiB or more are handed to the kernel for writeback as soon as they are
 //! written (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so the disk works while the copy goes on
