@@ -392,6 +392,36 @@ fn allocation_map_follows_the_chain() {
 }
 
 #[test]
+fn holes_of_a_raw_base_are_mapped_as_unallocated() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.raw");
+    let f = std::fs::File::create(&base).unwrap();
+    f.set_len(4 * M).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[7u8; 4096], 2 * M).unwrap();
+    let top = dir.path().join("top.qcow2");
+    create(&top, "backing_file=base.raw,backing_fmt=raw", "4M");
+    qemu_io(&top, &["write -P 1 0 64k"]);
+    let map = Qcow2Chain::open(&top).unwrap().map(0, 4 * M).unwrap();
+    let got: Vec<(u64, u64, Allocation)> = map
+        .iter()
+        .map(|e| (e.offset, e.length, e.allocation))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 64 * K, Allocation::Data { layer: 0 }),
+            (64 * K, 2 * M - 64 * K, Allocation::Unallocated),
+            (2 * M, 4 * K, Allocation::Data { layer: 1 }),
+            (2 * M + 4 * K, 2 * M - 4 * K, Allocation::Unallocated),
+        ]
+    );
+    assert_reads_like_qemu(&top);
+}
+
+#[test]
 fn unsupported_features_are_refused_by_name() {
     if !have_qemu() {
         return;

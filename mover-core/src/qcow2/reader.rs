@@ -8,7 +8,9 @@
 //! A read walks the layers top-down: a run of guest clusters that the top image maps is served
 //! from it (data with one `pread` per run of host-contiguous clusters, zero clusters as zeros,
 //! compressed clusters inflated); a run it leaves unallocated falls through to the next layer,
-//! and past the bottom layer — or past the end of a shorter backing file — reads as zeros.
+//! and past the bottom layer — or past the end of a shorter backing file — reads as zeros. A raw
+//! backing file is mapped with `SEEK_DATA`/`SEEK_HOLE`: its holes are neither read nor reported
+//! as data.
 //!
 //! With extended L2 entries (128 bits: the usual descriptor and a bitmap saying, for each of the
 //! 32 subclusters, "allocated" or "reads as zeros") the unit of the map is the subcluster rather
@@ -378,11 +380,51 @@ fn read_prefix(file: &File, path: &str, buf: &mut [u8]) -> Result<usize> {
     Ok(done)
 }
 
-/// A raw backing file: every byte is data, past its end zeros.
+/// A raw backing file: its data runs are data, its holes and what lies past its end zeros.
 struct RawImage {
     path: String,
     file: File,
     size: u64,
+}
+
+/// `lseek` with `SEEK_DATA` or `SEEK_HOLE`; `None` when there is no such offset (`ENXIO`).
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    use std::os::unix::io::AsRawFd;
+    let off = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+    // SAFETY: lseek on a descriptor we own; no memory is passed.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENXIO) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(u64::try_from(r).ok())
+}
+
+impl RawImage {
+    /// Data or hole from `offset`, and for how long (at most `max_len`). File systems without
+    /// `SEEK_DATA` report all data, which is always correct.
+    fn lookup(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let end = offset + max_len;
+        let err = |e: &std::io::Error| read_err(&self.path, offset, max_len as usize, e);
+        let data = match seek(&self.file, offset, libc::SEEK_DATA) {
+            Ok(d) => d.unwrap_or(end).min(end),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => offset,
+            Err(e) => return Err(err(&e)),
+        };
+        if data > offset {
+            return Ok((Mapping::Unallocated, data - offset));
+        }
+        let hole = match seek(&self.file, offset, libc::SEEK_HOLE) {
+            Ok(h) => h.unwrap_or(end).min(end),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => end,
+            Err(e) => return Err(err(&e)),
+        };
+        Ok((Mapping::Data(offset), (hole - offset).max(1).min(max_len)))
+    }
 }
 
 enum Layer {
@@ -570,7 +612,7 @@ impl Qcow2Chain {
             }
             let max = (size - off).min((buf.len() - pos) as u64);
             let (mapping, n) = match layer {
-                Layer::Raw(_) => (Mapping::Data(off), max),
+                Layer::Raw(r) => r.lookup(off, max)?,
                 Layer::Qcow2(q) => q.lookup(off, max)?,
             };
             let part = &mut buf[pos..pos + n as usize];
@@ -613,7 +655,7 @@ impl Qcow2Chain {
             }
             let max = (size - off).min(end - off);
             let (mapping, n) = match layer {
-                Layer::Raw(_) => (Mapping::Data(off), max),
+                Layer::Raw(r) => r.lookup(off, max)?,
                 Layer::Qcow2(q) => q.lookup(off, max)?,
             };
             match mapping {
