@@ -38,8 +38,9 @@
 //!
 //! # Verification
 //!
-//! [`Manifest::diff`] compares two manifests and [`Manifest::verify`] re-reads a disk against a
-//! manifest; both name the exact chunks that differ.
+//! [`Manifest::diff`] compares two manifests, [`Manifest::verify`] re-reads a disk against a
+//! manifest and [`Manifest::verify_chunks`] re-reads only some chunks (an audit's sample, the
+//! chunks an incremental pass wrote); all name the exact chunks that differ.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
