@@ -6,6 +6,9 @@
 //!   devices, with capability queries (size, multi-conn, extents, fast zeroing);
 //! - [`nbd`]: a native NBD client (fixed newstyle, `NBD_OPT_GO`, structured replies, block
 //!   status) over TCP and Unix sockets;
+//! - [`qcow2`]: QCOW2 images read natively (v2/v3, backing chains of any depth, zero and
+//!   compressed clusters) and written (standalone or as an overlay);
+//! - [`manifest`]: BLAKE3 digests per chunk of the logical disk, stored beside each image;
 //! - [`plan`]: which byte ranges a copy covers (all, allocated-only, or an explicit CBT list);
 //! - [`copy`]: the copy engine — workers owning their connections and buffers, many requests
 //!   in flight, zero runs sent as zero commands, progress counters, cancellation, checkpoints.
@@ -17,9 +20,11 @@ pub mod checkpoint;
 pub mod copy;
 pub mod endpoint;
 pub mod error;
+pub mod manifest;
 pub mod nbd;
 pub mod plan;
 pub mod progress;
+pub mod qcow2;
 
 pub use error::{MoverError, Result};
 
