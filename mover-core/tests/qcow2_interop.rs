@@ -100,7 +100,7 @@ fn assert_check_clean(img: &Path) {
     let v: serde_json::Value = serde_json::from_str(&report).unwrap();
     for key in ["corruptions", "leaks", "check-errors"] {
         assert!(
-            v.get(key).map_or(true, |n| n == 0),
+            v.get(key).is_none_or(|n| n == 0),
             "{key} in {}: {report}",
             img.display()
         );

@@ -190,7 +190,8 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             let len = h.header_length as usize;
-            if len < V3_MIN_HEADER_LENGTH || len > buf.len() || len % 8 != 0 && len != 104 {
+            if len < V3_MIN_HEADER_LENGTH || len > buf.len() || !len.is_multiple_of(8) && len != 104
+            {
                 return Err(bad(path, format!("bad header length {len}")));
             }
             if h.refcount_order > 6 {
@@ -211,7 +212,9 @@ impl Header {
             h.check_features(path)?;
         }
         let cluster = h.cluster_size();
-        if h.l1_table_offset % cluster != 0 || h.refcount_table_offset % cluster != 0 {
+        if !h.l1_table_offset.is_multiple_of(cluster)
+            || !h.refcount_table_offset.is_multiple_of(cluster)
+        {
             return Err(bad(path, "L1 or refcount table is not cluster aligned"));
         }
         if u64::from(h.l1_size) < h.l1_entries_for_size() {

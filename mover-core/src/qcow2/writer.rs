@@ -221,7 +221,7 @@ impl Qcow2Writer {
                 "cluster size {cluster_size} is not a power of two from 512 B to 2 MiB"
             )));
         }
-        if size % 512 != 0 {
+        if !size.is_multiple_of(512) {
             return Err(MoverError::InvalidPlan(format!(
                 "disk size {size} is not a multiple of 512 bytes"
             )));
@@ -320,10 +320,7 @@ impl Qcow2Writer {
     }
 
     fn check_range(&self, offset: u64, length: u64) -> Result<()> {
-        if offset
-            .checked_add(length)
-            .map_or(true, |end| end > self.size)
-        {
+        if offset.checked_add(length).is_none_or(|end| end > self.size) {
             return Err(MoverError::target_write(
                 offset,
                 length,
@@ -494,7 +491,7 @@ impl Qcow2Writer {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if offset
             .checked_add(buf.len() as u64)
-            .map_or(true, |end| end > self.size)
+            .is_none_or(|end| end > self.size)
         {
             return Err(MoverError::source_read(
                 offset,
