@@ -1,9 +1,12 @@
 """The engineer's ``mover`` command.
 
 ``mover copy SRC DST`` copies a disk between NBD exports (``nbd://host:port/export``,
-``nbd+unix:///export?socket=PATH``) and raw files or block devices, with a progress bar when
-standard error is a terminal and, with ``--json``, one JSON summary object on standard output.
-Exit status: 0 done, 1 failed, 2 bad usage, 130 interrupted.
+``nbd+unix:///export?socket=PATH``), QCOW2 images and raw files or block devices; a target
+path ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (``--backing FILE`` for
+an overlay) with a BLAKE3 manifest beside it. ``mover verify``, ``checksum``, ``consolidate``
+and ``info`` work on backup chains. Long work draws a progress bar when standard error is a
+terminal; ``--json`` prints one JSON summary object on standard output.
+Exit status: 0 done, 1 failed (or, for ``verify``, chunks differ), 2 bad usage, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from pyapp._mover import Copy, CopyProgress, MoverError
+from pyapp import _mover
+from pyapp._mover import Copy, CopyProgress, MoverError, Tracker, VerifyReport
+
+T = TypeVar("T")
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -59,41 +65,58 @@ def summary(result: CopyProgress, source: str, target: str) -> dict[str, Any]:
         "extents": result.extents_total,
         "seconds": round(result.seconds, 6),
         "throughput_bytes_per_s": round(result.throughput_bytes_per_s, 1),
+        "manifest": result.manifest,
+        "disk_digest": result.disk_digest,
     }
+
+
+def copied(p: CopyProgress) -> int:
+    return p.bytes_written + p.bytes_zeroed + p.bytes_resumed
+
+
+def scanned(p: CopyProgress) -> int:
+    return p.bytes_read + p.bytes_zeroed
 
 
 def run_with_progress(job: Copy, *, show_bar: bool, label: str = "copy") -> CopyProgress:
     """Run ``job`` in a thread, drawing a progress bar meanwhile; Ctrl-C cancels it cleanly."""
+    return run_tracked(job.run, job.progress, job.cancel, show_bar=show_bar, label=label, done=copied)
+
+
+def run_tracked(run: Callable[[], T], progress: Callable[[], CopyProgress], cancel: Callable[[], None], *,
+                show_bar: bool, label: str, done: Callable[[CopyProgress], int] = scanned) -> T:
+    """Run ``run`` in a thread, drawing a bar from ``progress()`` meanwhile; Ctrl-C calls
+    ``cancel()`` and waits for the thread."""
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            outcome["result"] = job.run()
+            outcome["result"] = run()
         except BaseException as e:  # handed to the main thread
             outcome["error"] = e
 
-    thread = threading.Thread(target=work, name="mover-copy")
+    thread = threading.Thread(target=work, name=f"mover-{label}")
     thread.start()
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not show_bar,
                file=sys.stderr, dynamic_ncols=True)
     try:
         while thread.is_alive():
             thread.join(0.2)
-            p = job.progress()
+            p = progress()
             if bar.total != p.bytes_planned:
                 bar.total = p.bytes_planned
-            bar.n = p.bytes_written + p.bytes_zeroed + p.bytes_resumed
-            bar.set_postfix(written=_size(p.bytes_written), zeroed=_size(p.bytes_zeroed), refresh=False)
+            bar.n = min(done(p), p.bytes_planned)
+            bar.set_postfix(read=_size(p.bytes_read), written=_size(p.bytes_written), refresh=False)
             bar.refresh()
     except KeyboardInterrupt:
-        job.cancel()
+        cancel()
         thread.join()
         raise
     finally:
         bar.close()
     if "error" in outcome:
         raise outcome["error"]
-    result: CopyProgress = outcome["result"]
+    result: T = outcome["result"]
     return result
 
 
@@ -122,6 +145,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
             request_size=args.request_size,
             checkpoint=args.checkpoint,
             target_is_zero=args.target_is_zero,
+            backing=args.backing,
+            cluster_size=args.cluster_size,
+            manifest=args.manifest,
         )
         result = run_with_progress(job, show_bar=sys.stderr.isatty())
     except MoverError as e:
@@ -139,6 +165,109 @@ def cmd_copy(args: argparse.Namespace) -> int:
             f"{_size(out['bytes_zeroed'])} zeroed, {_size(out['bytes_resumed'])} resumed, "
             f"in {out['seconds']:.2f} s ({_size(out['throughput_bytes_per_s'])}/s)"
         )
+    return 0
+
+
+def tracked_call(args: argparse.Namespace, label: str, call: Callable[[Tracker], T]) -> T:
+    tracker = Tracker()
+    return run_tracked(lambda: call(tracker), tracker.progress, tracker.cancel,
+                       show_bar=sys.stderr.isatty() and not args.json, label=label)
+
+
+def verify_dict(r: VerifyReport) -> dict[str, Any]:
+    return {
+        "image": r.image,
+        "manifest": r.manifest,
+        "ok": r.ok,
+        "chunks": r.chunks,
+        "bytes_read": r.bytes_read,
+        "expected_digest": r.expected_digest,
+        "found_digest": r.found_digest,
+        "mismatches": [{"index": m.index, "offset": m.offset, "length": m.length,
+                        "expected": m.expected, "found": m.found} for m in r.mismatches],
+        "seconds": round(r.seconds, 6),
+    }
+
+
+def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Map the mover's errors and Ctrl-C to exit statuses, as ``cmd_copy`` does."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except MoverError as e:
+            report_error(e, args.json)
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            print("mover: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+    return wrapper
+
+
+@guarded
+def cmd_verify(args: argparse.Namespace) -> int:
+    if args.chain:
+        if args.manifest:
+            print("mover: --chain uses the manifest beside each file; drop --manifest", file=sys.stderr)
+            return EXIT_USAGE
+        reports, unverified = tracked_call(args, "verify",
+                                           lambda t: _mover.verify_chain(args.image, tracker=t))
+    else:
+        reports = [tracked_call(args, "verify",
+                                lambda t: _mover.verify(args.image, manifest=args.manifest, tracker=t))]
+        unverified = []
+    ok = all(r.ok for r in reports)
+    if args.json:
+        print(json.dumps({"ok": ok, "images": [verify_dict(r) for r in reports], "unverified": unverified}))
+    else:
+        for r in reports:
+            state = "OK" if r.ok else f"{len(r.mismatches)} of {r.chunks} chunks DIFFER"
+            print(f"{r.image}: {state} ({_size(r.bytes_read)} read in {r.seconds:.2f} s)")
+            for m in r.mismatches:
+                print(f"  chunk {m.index} offset {m.offset} length {m.length}: "
+                      f"expected {m.expected}, found {m.found}")
+        for u in unverified:
+            print(f"{u}: no manifest, not verified")
+    return 0 if ok else EXIT_FAILED
+
+
+@guarded
+def cmd_checksum(args: argparse.Namespace) -> int:
+    r = tracked_call(args, "checksum", lambda t: _mover.checksum(
+        args.source, output=args.output, chunk_size=args.chunk_size, tracker=t))
+    out = {"source": r.source, "manifest": r.manifest, "disk_size": r.disk_size, "chunk_size": r.chunk_size,
+           "chunks": r.chunks, "disk_digest": r.disk_digest, "bytes_read": r.bytes_read,
+           "seconds": round(r.seconds, 6)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        where = f", manifest {r.manifest}" if r.manifest else ""
+        print(f"{r.disk_digest}  {r.source} ({r.chunks} chunks of {_size(r.chunk_size)}{where})")
+    return 0
+
+
+@guarded
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    if args.layers is None and args.output is None:
+        print("mover: consolidate needs --layers N or --output FILE", file=sys.stderr)
+        return EXIT_USAGE
+    r = tracked_call(args, "consolidate", lambda t: _mover.consolidate(
+        args.image, layers=args.layers, output=args.output, cluster_size=args.cluster_size, tracker=t))
+    out = {"image": r.image, "merged": r.merged, "removed": r.removed, "disk_size": r.disk_size,
+           "disk_digest": r.disk_digest, "bytes_written": r.bytes_written, "seconds": round(r.seconds, 6)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{r.image}: {len(r.merged)} layers merged, {len(r.removed)} files removed, "
+              f"{_size(r.bytes_written)} written in {r.seconds:.2f} s")
+    return 0
+
+
+@guarded
+def cmd_info(args: argparse.Namespace) -> int:
+    doc = json.loads(_mover.info(args.image))
+    print(json.dumps(doc) if args.json else json.dumps(doc, indent=2))
     return 0
 
 
@@ -166,8 +295,46 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--request-size", type=int, default=1 << 20, metavar="BYTES", help="bytes per request")
     c.add_argument("--checkpoint", metavar="FILE", help="record progress here; resume from it if it exists")
     c.add_argument("--target-is-zero", action="store_true", help="the target reads as zeros already")
+    c.add_argument("--backing", metavar="FILE",
+                   help="make the new QCOW2 target an overlay on FILE (its manifest is reused)")
+    c.add_argument("--cluster-size", type=int, default=1 << 16, metavar="BYTES",
+                   help="cluster size of a new QCOW2 target (default 65536)")
+    c.add_argument("--manifest", metavar="FILE",
+                   help="write a BLAKE3 manifest of the target here (automatic beside a new QCOW2 image)")
     c.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
     c.set_defaults(func=cmd_copy)
+
+    v = sub.add_parser("verify", help="re-read an image and compare it with its manifest",
+                       description="Exit status 1 when chunks differ; they are listed.")
+    v.add_argument("image", metavar="IMAGE")
+    v.add_argument("--manifest", metavar="FILE", help="the manifest (default IMAGE.manifest)")
+    v.add_argument("--chain", action="store_true",
+                   help="verify every file of the chain against its own manifest")
+    v.add_argument("--json", action="store_true", help="print one JSON summary object")
+    v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("checksum", help="make a BLAKE3 manifest of any source")
+    k.add_argument("source", metavar="SRC")
+    k.add_argument("-o", "--output", metavar="FILE", help="save the manifest here")
+    k.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES", help="default 1 MiB")
+    k.add_argument("--json", action="store_true", help="print one JSON summary object")
+    k.set_defaults(func=cmd_checksum)
+
+    m = sub.add_parser("consolidate", help="flatten a chain or merge its oldest layers",
+                       description="Crash-safe: the new image is written beside the old ones, verified, "
+                                   "fsynced and renamed into place atomically.")
+    m.add_argument("image", metavar="TOP")
+    m.add_argument("--layers", type=int, metavar="N",
+                   help="merge the oldest N layers in place (2: the oldest increment into the full)")
+    m.add_argument("--output", metavar="FILE", help="write the whole chain flattened to this new file")
+    m.add_argument("--cluster-size", type=int, default=1 << 16, metavar="BYTES")
+    m.add_argument("--json", action="store_true", help="print one JSON summary object")
+    m.set_defaults(func=cmd_consolidate)
+
+    i = sub.add_parser("info", help="a chain and its allocation map, as JSON")
+    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("--json", action="store_true", help="compact JSON on one line")
+    i.set_defaults(func=cmd_info)
     return p
 
 

@@ -8,39 +8,65 @@ copy to stop and waits for it: a thread that is writing is never abandoned.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 from collections.abc import Callable, Sequence
 from os import PathLike
+from typing import Any, TypeVar
 
 import trio
 
+from pyapp import _mover
 from pyapp._mover import (
     CancelledError,
+    ChecksumReport,
+    ChunkMismatch,
     ConnectError,
+    ConsolidateReport,
     Copy,
     CopyProgress,
     FormatError,
+    ImageReader,
     InvalidEndpointError,
     InvalidPlanError,
     MoverError,
     ProtocolError,
     SourceReadError,
     TargetWriteError,
+    Tracker,
+    VerifyReport,
 )
 
 __all__ = [
     "CancelledError",
+    "ChecksumReport",
+    "ChunkMismatch",
     "ConnectError",
+    "ConsolidateReport",
     "Copy",
     "CopyProgress",
     "FormatError",
+    "ImageFile",
+    "ImageReader",
     "InvalidEndpointError",
     "InvalidPlanError",
     "MoverError",
     "ProtocolError",
     "SourceReadError",
     "TargetWriteError",
+    "Tracker",
+    "VerifyReport",
+    "checksum",
+    "consolidate",
     "copy",
+    "info",
+    "open_image",
+    "verify",
+    "verify_chain",
 ]
+
+T = TypeVar("T")
 
 #: How many copies may run at once in this process; each uses its own connections and buffers.
 LIMITER = trio.CapacityLimiter(8)
@@ -72,14 +98,21 @@ async def copy(
     target_is_zero: bool = False,
     checkpoint_interval: float = 5.0,
     reconnect_timeout: float = 60.0,
+    backing: str | PathLike[str] | None = None,
+    cluster_size: int = 1 << 16,
+    manifest: str | PathLike[str] | None = None,
     on_progress: Callable[[CopyProgress], None] | None = None,
     progress_interval: float = 0.5,
 ) -> CopyProgress:
-    """Copy ``source`` to ``target`` (NBD URIs or paths) and return the final counters.
+    """Copy ``source`` to ``target`` (NBD URIs, QCOW2 images or raw paths) and return the final
+    counters.
 
     ``extents`` is an explicit list of ``(offset, length)`` (e.g. CBT changed areas);
-    ``allocated_only`` copies what the source's allocation map reports as data. Raises a
-    :class:`MoverError` subclass naming the failing range on failure.
+    ``allocated_only`` copies what the source's allocation map reports as data. A target path
+    ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (an overlay on
+    ``backing`` when given) with a BLAKE3 manifest beside it; ``manifest`` asks for one at that
+    path for any other target. Raises a :class:`MoverError` subclass naming the failing range on
+    failure.
     """
     job = Copy(
         source,
@@ -93,6 +126,9 @@ async def copy(
         target_is_zero=target_is_zero,
         checkpoint_interval=checkpoint_interval,
         reconnect_timeout=reconnect_timeout,
+        backing=backing,
+        cluster_size=cluster_size,
+        manifest=manifest,
     )
     error: MoverError | None = None
     async with trio.open_nursery() as nursery:
@@ -114,3 +150,155 @@ async def copy(
     if on_progress is not None:
         on_progress(result)
     return result
+
+
+async def _cancel_tracker_on_exit(tracker: Tracker) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        tracker.cancel()
+
+
+async def _tracked(work: Callable[[Tracker], T], tracker: Tracker | None) -> T:
+    """Run a chain operation in a worker thread; cancelling the caller cancels it and waits."""
+    tracker = tracker if tracker is not None else Tracker()
+    error: MoverError | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cancel_tracker_on_exit, tracker)
+        try:
+            result = await trio.to_thread.run_sync(work, tracker, limiter=LIMITER)
+        except MoverError as e:
+            error = e
+        finally:
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        if isinstance(error, CancelledError):
+            await trio.lowlevel.checkpoint()
+        raise error
+    return result
+
+
+async def checksum(
+    source: str,
+    *,
+    output: str | PathLike[str] | None = None,
+    chunk_size: int = 1 << 20,
+    tracker: Tracker | None = None,
+) -> ChecksumReport:
+    """Make a BLAKE3 manifest of any source (saved to ``output`` when given)."""
+    return await _tracked(
+        lambda t: _mover.checksum(source, output=output, chunk_size=chunk_size, tracker=t), tracker
+    )
+
+
+async def verify(
+    image: str, *, manifest: str | PathLike[str] | None = None, tracker: Tracker | None = None
+) -> VerifyReport:
+    """Re-read ``image`` through its chain and compare it with its manifest."""
+    return await _tracked(lambda t: _mover.verify(image, manifest=manifest, tracker=t), tracker)
+
+
+async def verify_chain(
+    top: str | PathLike[str], *, tracker: Tracker | None = None
+) -> tuple[list[VerifyReport], list[str]]:
+    """Verify every file of a chain against its own manifest; also the files without one."""
+    return await _tracked(lambda t: _mover.verify_chain(top, tracker=t), tracker)
+
+
+async def consolidate(
+    top: str | PathLike[str],
+    *,
+    layers: int | None = None,
+    output: str | PathLike[str] | None = None,
+    cluster_size: int = 1 << 16,
+    tracker: Tracker | None = None,
+) -> ConsolidateReport:
+    """Merge the oldest ``layers`` layers of the chain of ``top`` in place (crash-safe), or
+    flatten the whole chain into the new file ``output``."""
+    return await _tracked(
+        lambda t: _mover.consolidate(top, layers=layers, output=output, cluster_size=cluster_size,
+                                     tracker=t),
+        tracker,
+    )
+
+
+async def info(image: str | PathLike[str]) -> dict[str, Any]:
+    """The chain of ``image`` (files, sizes, backing formats, manifests) and its allocation map."""
+    text = await trio.to_thread.run_sync(_mover.info, image, limiter=LIMITER)
+    doc: dict[str, Any] = json.loads(text)
+    return doc
+
+
+class ImageFile(io.RawIOBase):
+    """A disk image as a read-only, seekable binary file (QCOW2 chains read through).
+
+    Reads are positioned reads of the Rust reader with the GIL released, so several
+    ``ImageFile`` objects over one image may be used from several threads.
+    """
+
+    def __init__(self, reader: ImageReader) -> None:
+        super().__init__()
+        self._reader = reader
+        self._pos = 0
+
+    @property
+    def name(self) -> str:
+        return self._reader.path
+
+    @property
+    def size(self) -> int:
+        return self._reader.size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        self._checkClosed()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._checkClosed()
+        if whence == os.SEEK_SET:
+            pos = offset
+        elif whence == os.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == os.SEEK_END:
+            pos = self._reader.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise OSError(22, "negative seek position")
+        self._pos = pos
+        return pos
+
+    def readinto(self, buffer: Any) -> int:
+        self._checkClosed()
+        view = memoryview(buffer).cast("B")
+        data = self._reader.read_at(self._pos, len(view))
+        n = len(data)
+        view[:n] = data
+        self._pos += n
+        return n
+
+    def read(self, size: int | None = -1) -> bytes:
+        self._checkClosed()
+        if size is None or size < 0:
+            size = max(0, self._reader.size - self._pos)
+        data = self._reader.read_at(self._pos, size)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+
+def open_image(path: str | PathLike[str]) -> ImageFile:
+    """Open a disk image (a QCOW2 image with its backing chain, or a raw file) read-only as a
+    seekable binary file object, e.g. for ``dissect.volume`` and ``dissect.extfs``."""
+    return ImageFile(ImageReader(path))

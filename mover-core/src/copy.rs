@@ -6,11 +6,24 @@
 //! that path takes a lock; memory is bounded by `connections × requests × request_size` whatever
 //! the disk's size. Items are taken in disk order, so reads stay nearly sequential.
 //!
+//! # Inline manifests
+//!
+//! When the copy is given a [`ManifestBuilder`] (always for a QCOW2 image the mover creates, on
+//! request for any other target), each slot feeds it what it wrote: a written buffer is digested
+//! right after the write returns, on the slot's own thread, and a zero command takes the known
+//! zero digest. The builder takes one short lock per chunk to store a digest; nothing else is
+//! shared. Requests are cut on the request-size grid, so with the default 1 MiB requests and
+//! 1 MiB chunks every data request covers whole chunks; a chunk only partly covered (an extent
+//! edge, a smaller request size, a resumed range) is read back through the target after the
+//! final flush. An overlay's builder starts from its parent's manifest, so unchanged chunks are
+//! neither read nor digested again. [`run`] is the whole job: route and open both endpoints,
+//! copy, flush, complete and save the manifest beside the image.
+//!
 //! When a checkpoint file is given, a background task periodically snapshots the done set,
 //! flushes the target, and only then records the snapshot: a checkpoint never names a range that
 //! is not on stable storage. A restarted copy with the same plan skips what it names.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -18,8 +31,9 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use crate::checkpoint::{self, CheckpointKey, DoneSet};
-use crate::endpoint::Endpoint;
+use crate::endpoint::{self, Access, Endpoint, Kind, OpenOptions};
 use crate::error::{MoverError, Result};
+use crate::manifest::{Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
 use crate::plan::{self, Plan, PlanKind, WorkItem};
 use crate::progress::{CancelToken, Progress, ProgressSnapshot};
 
@@ -43,6 +57,11 @@ pub struct CopyOptions {
     /// How long in-flight requests may take to drain after cancellation before they are
     /// abandoned.
     pub cancel_grace: Duration,
+    /// Write a manifest for this target here ([`run`] always writes one beside a QCOW2 image
+    /// it creates; this asks for one for any other target too).
+    pub manifest: Option<PathBuf>,
+    /// Chunk size of the manifest.
+    pub manifest_chunk_size: u64,
 }
 
 impl Default for CopyOptions {
@@ -55,6 +74,8 @@ impl Default for CopyOptions {
             checkpoint_interval: Duration::from_secs(5),
             target_is_zero: false,
             cancel_grace: Duration::from_secs(30),
+            manifest: None,
+            manifest_chunk_size: DEFAULT_CHUNK_SIZE,
         }
     }
 }
@@ -114,6 +135,7 @@ struct Shared {
     cancel: Arc<CancelToken>,
     stop: AtomicBool,
     error: Mutex<Option<MoverError>>,
+    manifest: Option<Arc<ManifestBuilder>>,
 }
 
 impl Shared {
@@ -148,7 +170,8 @@ async fn run_slot(
         if buf.capacity() == 0 {
             buf = vec![0u8; request_size];
         }
-        match copy_item(&shared.progress, &*src, &*dst, item, buf).await {
+        let manifest = shared.manifest.as_deref();
+        match copy_item(&shared.progress, &*src, &*dst, item, buf, manifest).await {
             Ok(b) => {
                 buf = b;
                 shared.done.mark(i);
@@ -168,6 +191,7 @@ async fn copy_item(
     dst: &dyn Endpoint,
     item: WorkItem,
     mut buf: Vec<u8>,
+    manifest: Option<&ManifestBuilder>,
 ) -> Result<Vec<u8>> {
     let WorkItem {
         offset,
@@ -178,6 +202,9 @@ async fn copy_item(
         dst.write_zeroes(offset, length)
             .await
             .map_err(|e| e.on_target(offset, length))?;
+        if let Some(m) = manifest {
+            m.record_zero(offset, length);
+        }
         Progress::add(&progress.bytes_zeroed, length);
         return Ok(buf);
     }
@@ -191,6 +218,9 @@ async fn copy_item(
         dst.write_zeroes(offset, length)
             .await
             .map_err(|e| e.on_target(offset, length))?;
+        if let Some(m) = manifest {
+            m.record_zero(offset, length);
+        }
         Progress::add(&progress.bytes_zeroed, length);
         Ok(buf)
     } else {
@@ -198,6 +228,9 @@ async fn copy_item(
             .write(offset, buf)
             .await
             .map_err(|e| e.on_target(offset, length))?;
+        if let Some(m) = manifest {
+            m.record(offset, &buf);
+        }
         Progress::add(&progress.bytes_written, length);
         Ok(buf)
     }
@@ -325,6 +358,20 @@ pub async fn copy(
     progress: Arc<Progress>,
     cancel: Arc<CancelToken>,
 ) -> Result<ProgressSnapshot> {
+    copy_recording(source, target, kind, opts, progress, cancel, None).await
+}
+
+/// [`copy`], feeding every write and zero command to `manifest`. Ranges skipped because a
+/// checkpoint names them are marked for reading back.
+pub async fn copy_recording(
+    source: Arc<dyn Endpoint>,
+    target: Arc<dyn Endpoint>,
+    kind: &PlanKind,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+    manifest: Option<Arc<ManifestBuilder>>,
+) -> Result<ProgressSnapshot> {
     let (plan, request_size) = prepare(&*source, &*target, kind, opts).await?;
     let key = CheckpointKey {
         source: source.name().to_owned(),
@@ -341,6 +388,13 @@ pub async fn copy(
         .filter(|&i| done.contains(i))
         .map(|i| plan.items[i].length)
         .sum();
+    if let Some(m) = &manifest {
+        for (i, item) in plan.items.iter().enumerate() {
+            if done.contains(i) {
+                m.invalidate(item.offset, item.length);
+            }
+        }
+    }
     progress
         .bytes_planned
         .store(plan.bytes(), Ordering::Relaxed);
@@ -359,6 +413,7 @@ pub async fn copy(
         cancel: Arc::clone(&cancel),
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
+        manifest,
     });
     let pairs = connect_pairs(&source, &target, opts.connections.min(item_count)).await?;
     let mut slots = JoinSet::new();
@@ -397,6 +452,191 @@ pub async fn copy(
     }
     outcome.map_err(|e| e.on_target(0, 0))?;
     Ok(progress.snapshot())
+}
+
+/// The manifest a copy wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestReport {
+    pub path: PathBuf,
+    pub disk_digest: String,
+    pub chunks: u64,
+    /// Chunks read back through the target because no request covered them whole.
+    pub chunks_read_back: u64,
+}
+
+/// What [`run`] did.
+#[derive(Clone, Debug)]
+pub struct CopyOutcome {
+    pub progress: ProgressSnapshot,
+    pub manifest: Option<ManifestReport>,
+}
+
+/// The manifest of the disk an overlay is created on: the one saved beside it, or, when there
+/// is none, computed by reading the backing chain.
+async fn parent_manifest(
+    backing: &Path,
+    disk_size: u64,
+    chunk_size: u64,
+    cancel: &Arc<CancelToken>,
+) -> Result<ManifestBuilder> {
+    let saved = Manifest::path_for(backing);
+    let parent = if saved.exists() {
+        let p = saved.clone();
+        tokio::task::spawn_blocking(move || Manifest::load(&p))
+            .await
+            .map_err(|e| MoverError::io("manifest reader", std::io::Error::other(e)))??
+    } else {
+        let spec = backing.display().to_string();
+        let src = endpoint::open(&spec, Access::Read).await?;
+        crate::chain::checksum_endpoint(&src, chunk_size, &Arc::default(), cancel).await?
+    };
+    if parent.chunk_size() != chunk_size {
+        return Err(MoverError::InvalidPlan(format!(
+            "the manifest of the backing file {} has {}-byte chunks, not {chunk_size}",
+            backing.display(),
+            parent.chunk_size()
+        )));
+    }
+    ManifestBuilder::from_parent(&parent, disk_size)
+}
+
+/// Read back the chunks no request covered whole, through the target (and its chain).
+pub(crate) async fn complete_manifest(
+    builder: &ManifestBuilder,
+    target: &dyn Endpoint,
+) -> Result<u64> {
+    let stale = builder.stale_chunks();
+    let mut buf = Vec::new();
+    for &index in &stale {
+        let (offset, length) = builder.chunk_range(index);
+        buf.resize(length as usize, 0);
+        buf = target
+            .read(offset, buf)
+            .await
+            .map_err(|e| e.on_source(offset, length))?;
+        builder.record(offset, &buf);
+    }
+    Ok(stale.len() as u64)
+}
+
+/// The whole copy job from two endpoint specifications: route and open them (a new QCOW2
+/// target is created, as an overlay when `open.backing` is set), copy, flush, and write the
+/// manifest beside a new QCOW2 image (or where `opts.manifest` says).
+///
+/// A new standalone QCOW2 image reads as zeros, so zero runs of the source are skipped
+/// (`target_is_zero`); an overlay never is, since its unwritten clusters read the backing file.
+pub async fn run(
+    source: &str,
+    target: &str,
+    kind: &PlanKind,
+    opts: &CopyOptions,
+    open: &OpenOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+) -> Result<CopyOutcome> {
+    let target_kind = endpoint::kind_of(target, Access::Write { create_size: 0 })?;
+    let src_open = OpenOptions {
+        backing: None,
+        ..open.clone()
+    };
+    let src = endpoint::open_with(source, Access::Read, &src_open).await?;
+    let size = src.capabilities().size;
+    let dst = match endpoint::open_with(target, Access::Write { create_size: size }, open).await {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = src.close().await;
+            return Err(e);
+        }
+    };
+    let result = run_open(
+        &src,
+        &dst,
+        target,
+        target_kind,
+        kind,
+        opts,
+        open,
+        progress,
+        cancel,
+    )
+    .await;
+    let _ = src.close().await;
+    let closed = dst.close().await;
+    let outcome = result?;
+    closed.map_err(|e| e.on_target(0, 0))?;
+    Ok(outcome)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_open(
+    src: &Arc<dyn Endpoint>,
+    dst: &Arc<dyn Endpoint>,
+    target: &str,
+    target_kind: Kind,
+    kind: &PlanKind,
+    opts: &CopyOptions,
+    open: &OpenOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+) -> Result<CopyOutcome> {
+    let new_qcow2 = target_kind == Kind::NewQcow2;
+    let manifest_path = match (&opts.manifest, new_qcow2) {
+        (Some(p), _) => Some(p.clone()),
+        (None, true) => Some(Manifest::path_for(Path::new(target))),
+        (None, false) => None,
+    };
+    let disk_size = dst.capabilities().size;
+    let chunk = opts.manifest_chunk_size;
+    let builder = match (&manifest_path, &open.backing) {
+        (None, _) => None,
+        (Some(_), Some(backing)) => Some(Arc::new(
+            parent_manifest(backing, disk_size, chunk, &cancel).await?,
+        )),
+        (Some(_), None) if new_qcow2 => Some(Arc::new(ManifestBuilder::new(disk_size, chunk)?)),
+        // An existing target of unknown contents: whatever the copy does not write is read back.
+        (Some(_), None) => {
+            let b = ManifestBuilder::new(disk_size, chunk)?;
+            b.invalidate(0, disk_size);
+            Some(Arc::new(b))
+        }
+    };
+    let mut opts = opts.clone();
+    if new_qcow2 {
+        opts.target_is_zero = open.backing.is_none();
+    }
+    let snapshot = copy_recording(
+        Arc::clone(src),
+        Arc::clone(dst),
+        kind,
+        &opts,
+        progress,
+        cancel,
+        builder.clone(),
+    )
+    .await?;
+    let (Some(path), Some(builder)) = (manifest_path, builder) else {
+        return Ok(CopyOutcome {
+            progress: snapshot,
+            manifest: None,
+        });
+    };
+    let read_back = complete_manifest(&builder, &**dst).await?;
+    let manifest = builder.to_manifest()?;
+    let (m, p) = (manifest.clone(), path.clone());
+    tokio::task::spawn_blocking(move || m.save(&p))
+        .await
+        .map_err(|e| MoverError::io("manifest writer", std::io::Error::other(e)))??;
+    Ok(CopyOutcome {
+        progress: snapshot,
+        manifest: Some(ManifestReport {
+            path,
+            disk_digest: blake3::Hash::from(manifest.disk_digest())
+                .to_hex()
+                .to_string(),
+            chunks: manifest.chunk_count(),
+            chunks_read_back: read_back,
+        }),
+    })
 }
 
 #[cfg(test)]

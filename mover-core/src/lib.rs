@@ -3,12 +3,14 @@
 //! Everything that touches disk bytes at volume goes through this crate:
 //!
 //! - [`endpoint`]: one interface ([`endpoint::Endpoint`]) over NBD exports, raw files and block
-//!   devices, with capability queries (size, multi-conn, extents, fast zeroing);
+//!   devices and QCOW2 images (routed by their magic), with capability queries (size, multi-conn, extents, fast zeroing);
 //! - [`nbd`]: a native NBD client (fixed newstyle, `NBD_OPT_GO`, structured replies, block
 //!   status) over TCP and Unix sockets;
 //! - [`qcow2`]: QCOW2 images read natively (v2/v3, backing chains of any depth, zero and
 //!   compressed clusters) and written (standalone or as an overlay);
 //! - [`manifest`]: BLAKE3 digests per chunk of the logical disk, stored beside each image;
+//! - [`chain`]: backup chains — checksum and verify against manifests, crash-safe
+//!   consolidation (synthetic fulls, merging the oldest increment), chain info;
 //! - [`plan`]: which byte ranges a copy covers (all, allocated-only, or an explicit CBT list);
 //! - [`copy`]: the copy engine — workers owning their connections and buffers, many requests
 //!   in flight, zero runs sent as zero commands, progress counters, cancellation, checkpoints.
@@ -16,6 +18,7 @@
 //! The Python binding lives in `py/` behind the `python` feature; nothing else here knows pyo3,
 //! so `cargo test --no-default-features` runs without Python.
 
+pub mod chain;
 pub mod checkpoint;
 pub mod copy;
 pub mod endpoint;

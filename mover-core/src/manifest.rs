@@ -183,6 +183,22 @@ impl Manifest {
         })
     }
 
+    /// A manifest from digests computed elsewhere (in parallel, say): one per chunk, in order.
+    pub fn from_digests(disk_size: u64, chunk_size: u64, digests: Vec<Digest>) -> Result<Self> {
+        check_geometry(disk_size, chunk_size)?;
+        if digests.len() as u64 != disk_size.div_ceil(chunk_size) {
+            return Err(MoverError::InvalidPlan(format!(
+                "{} digests for a {disk_size}-byte disk in {chunk_size}-byte chunks",
+                digests.len()
+            )));
+        }
+        Ok(Self {
+            chunk_size,
+            disk_size,
+            digests,
+        })
+    }
+
     /// Digest a whole disk, reading it chunk by chunk with `read(offset, buf)`.
     pub fn compute<F>(disk_size: u64, chunk_size: u64, mut read: F) -> Result<Self>
     where
@@ -509,6 +525,28 @@ impl ManifestBuilder {
         }
     }
 
+    /// Bytes per chunk.
+    #[must_use]
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk_size
+    }
+
+    /// Offset and length of chunk `index`.
+    #[must_use]
+    pub fn chunk_range(&self, index: u64) -> (u64, u64) {
+        (index * self.chunk_size, self.chunk_len(index))
+    }
+
+    /// `[offset, offset + length)` was written by other means (a copy resumed from a
+    /// checkpoint): every chunk it touches must be read back.
+    pub fn invalidate(&self, offset: u64, length: u64) {
+        let chunks = self.chunks(offset, length);
+        let mut st = self.lock();
+        for (index, _, _) in chunks {
+            st.stale[index as usize] = true;
+        }
+    }
+
     /// Chunks that must still be read back before the manifest is complete.
     #[must_use]
     pub fn stale_chunks(&self) -> Vec<u64> {
@@ -534,6 +572,21 @@ impl ManifestBuilder {
             st.stale[index as usize] = false;
         }
         Ok(())
+    }
+
+    /// The manifest as it stands; an error while chunks are stale.
+    pub fn to_manifest(&self) -> Result<Manifest> {
+        let st = self.lock();
+        if let Some(i) = st.stale.iter().position(|&s| s) {
+            return Err(MoverError::InvalidPlan(format!(
+                "manifest chunk {i} was partly written and not read back"
+            )));
+        }
+        Ok(Manifest {
+            chunk_size: self.chunk_size,
+            disk_size: self.disk_size,
+            digests: st.digests.clone(),
+        })
     }
 
     /// The finished manifest; an error while chunks are stale.

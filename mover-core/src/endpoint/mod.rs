@@ -5,6 +5,7 @@
 //! a `Vec<u8>` and return it), so an implementation may move the buffer into a blocking thread or
 //! a socket reader task and the caller reuses it for the next request without allocating.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -91,18 +92,72 @@ pub enum Access {
     },
 }
 
-/// How hard an endpoint tries before it gives up.
+/// How an endpoint is opened beyond its access mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OpenOptions {
     /// How long a network endpoint keeps trying to re-establish a lost connection.
     pub reconnect_timeout: Duration,
+    /// A new QCOW2 target is an overlay on this image (QCOW2 or raw, probed by its magic).
+    pub backing: Option<PathBuf>,
+    /// Cluster size of a new QCOW2 target.
+    pub cluster_size: u64,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
         Self {
             reconnect_timeout: Duration::from_secs(60),
+            backing: None,
+            cluster_size: crate::qcow2::DEFAULT_CLUSTER_SIZE,
         }
+    }
+}
+
+/// What an endpoint specification names, decided before anything is opened or created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Nbd,
+    /// A raw file or block device.
+    Raw,
+    /// An existing QCOW2 image (its file starts with the QCOW2 magic).
+    Qcow2,
+    /// A QCOW2 image the mover is to create: a target path ending in `.qcow2` that does not
+    /// exist yet.
+    NewQcow2,
+}
+
+/// Classify `spec` for `access` (reads the first bytes of an existing file).
+pub fn kind_of(spec: &str, access: Access) -> Result<Kind> {
+    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+        return Ok(Kind::Nbd);
+    }
+    if spec.contains("://") {
+        return Err(MoverError::InvalidEndpoint {
+            spec: spec.to_owned(),
+            reason: "unknown scheme: use nbd://, nbd+unix:// or a local path".into(),
+        });
+    }
+    let path = Path::new(spec);
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let qcow2_name = path
+                .extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("qcow2"));
+            Ok(match access {
+                Access::Write { .. } if qcow2_name => Kind::NewQcow2,
+                _ => Kind::Raw,
+            })
+        }
+        Err(_) => Ok(Kind::Raw),
+        Ok(meta) if meta.is_dir() => Err(MoverError::InvalidEndpoint {
+            spec: spec.to_owned(),
+            reason: "is a directory".into(),
+        }),
+        Ok(_) => Ok(if crate::qcow2::is_qcow2(path)? {
+            Kind::Qcow2
+        } else {
+            Kind::Raw
+        }),
     }
 }
 
@@ -112,26 +167,86 @@ pub async fn open(spec: &str, access: Access) -> Result<Arc<dyn Endpoint>> {
 }
 
 /// Open an endpoint from its specification: `nbd://host[:port]/export`,
-/// `nbd+unix:///export?socket=PATH`, or a path to a raw file or block device.
+/// `nbd+unix:///export?socket=PATH`, a QCOW2 image (with its backing chain), or a path to a raw
+/// file or block device.
+///
+/// Routing: a file that starts with the QCOW2 magic is QCOW2; a target path ending in `.qcow2`
+/// that does not exist is created as a new QCOW2 image of `create_size` bytes (an overlay when
+/// `opts.backing` is set). An existing QCOW2 image is never opened for writing: backups are
+/// written once, into new files. `opts.backing` with any other kind of target is refused.
 pub async fn open_with(
     spec: &str,
     access: Access,
     opts: &OpenOptions,
 ) -> Result<Arc<dyn Endpoint>> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
-        let nbd_opts = crate::nbd::NbdOptions {
-            reconnect_timeout: opts.reconnect_timeout,
-            ..crate::nbd::NbdOptions::default()
-        };
-        return Ok(Arc::new(
-            crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?,
-        ));
-    }
-    if spec.contains("://") {
+    let kind = kind_of(spec, access)?;
+    if opts.backing.is_some() && kind != Kind::NewQcow2 {
         return Err(MoverError::InvalidEndpoint {
             spec: spec.to_owned(),
-            reason: "unknown scheme: use nbd://, nbd+unix:// or a local path".into(),
+            reason: "a backing file needs a new QCOW2 target (a path ending in .qcow2 that does not exist)"
+                .into(),
         });
     }
-    Ok(Arc::new(file::FileEndpoint::open(spec, access).await?))
+    match (kind, access) {
+        (Kind::Nbd, _) => {
+            let nbd_opts = crate::nbd::NbdOptions {
+                reconnect_timeout: opts.reconnect_timeout,
+                ..crate::nbd::NbdOptions::default()
+            };
+            Ok(Arc::new(
+                crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?,
+            ))
+        }
+        (Kind::Raw, _) => Ok(Arc::new(file::FileEndpoint::open(spec, access).await?)),
+        (Kind::Qcow2, Access::Read) => {
+            let path = PathBuf::from(spec);
+            let src = blocking(move || crate::qcow2::Qcow2Source::open(&path)).await?;
+            Ok(Arc::new(src))
+        }
+        (Kind::Qcow2, Access::Write { .. }) => Err(MoverError::InvalidEndpoint {
+            spec: spec.to_owned(),
+            reason: "is an existing QCOW2 image; the mover writes QCOW2 only into new files \
+                     (give a new path ending in .qcow2, with --backing for an overlay)"
+                .into(),
+        }),
+        (Kind::NewQcow2, Access::Read) => Err(MoverError::Connect {
+            endpoint: spec.to_owned(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }),
+        (Kind::NewQcow2, Access::Write { create_size }) => {
+            let path = PathBuf::from(spec);
+            let cluster = opts.cluster_size;
+            let backing = match &opts.backing {
+                None => None,
+                Some(b) => {
+                    let format = if crate::qcow2::is_qcow2(b)? {
+                        crate::qcow2::BackingFormat::Qcow2
+                    } else {
+                        crate::qcow2::BackingFormat::Raw
+                    };
+                    Some(crate::qcow2::Backing {
+                        path: b.clone(),
+                        format,
+                    })
+                }
+            };
+            // QEMU wants a virtual size in whole sectors.
+            let size = create_size.div_ceil(512) * 512;
+            let dst = blocking(move || {
+                crate::qcow2::Qcow2Target::create(&path, size, cluster, backing.as_ref())
+            })
+            .await?;
+            Ok(Arc::new(dst))
+        }
+    }
+}
+
+async fn blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| MoverError::io("open worker", std::io::Error::other(e)))?
 }

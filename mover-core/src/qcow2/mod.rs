@@ -36,6 +36,11 @@ pub(crate) fn errno(e: &std::io::Error) -> Option<u32> {
     e.raw_os_error().and_then(|c| u32::try_from(c).ok())
 }
 
+/// The file at `path` starts with the QCOW2 magic.
+pub fn is_qcow2(path: &Path) -> Result<bool> {
+    reader::probe_qcow2(path)
+}
+
 /// Largest request either endpoint takes at once.
 const MAX_REQUEST: u64 = 32 << 20;
 

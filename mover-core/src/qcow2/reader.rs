@@ -454,7 +454,7 @@ pub struct Qcow2Chain {
 }
 
 /// The magic at the start of `path` says QCOW2.
-fn probe_qcow2(path: &Path) -> Result<bool> {
+pub(crate) fn probe_qcow2(path: &Path) -> Result<bool> {
     let name = path.display().to_string();
     let file = File::open(path).map_err(|source| MoverError::Connect {
         endpoint: name.clone(),
@@ -561,6 +561,21 @@ impl Qcow2Chain {
     #[must_use]
     pub fn layer_path(&self, i: usize) -> &str {
         self.layers[i].path()
+    }
+
+    /// Layer `i` when it is a QCOW2 image (0 is the top image; a raw layer gives `None`).
+    #[must_use]
+    pub fn layer_image(&self, i: usize) -> Option<&Qcow2Image> {
+        match &self.layers[i] {
+            Layer::Qcow2(q) => Some(q.as_ref()),
+            Layer::Raw(_) => None,
+        }
+    }
+
+    /// Virtual size of layer `i` (a raw layer's file size).
+    #[must_use]
+    pub fn layer_size(&self, i: usize) -> u64 {
+        self.layers[i].size()
     }
 
     /// The top image, when it is QCOW2.
