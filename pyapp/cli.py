@@ -148,6 +148,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
             backing=args.backing,
             cluster_size=args.cluster_size,
             manifest=args.manifest,
+            write_manifest=not args.no_manifest,
         )
         result = run_with_progress(job, show_bar=sys.stderr.isatty())
     except MoverError as e:
@@ -301,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
                    help="cluster size of a new QCOW2 target (default 65536)")
     c.add_argument("--manifest", metavar="FILE",
                    help="write a BLAKE3 manifest of the target here (automatic beside a new QCOW2 image)")
+    c.add_argument("--no-manifest", action="store_true",
+                   help="write no manifest, even beside a new QCOW2 image")
     c.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
     c.set_defaults(func=cmd_copy)
 

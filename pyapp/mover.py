@@ -101,6 +101,7 @@ async def copy(
     backing: str | PathLike[str] | None = None,
     cluster_size: int = 1 << 16,
     manifest: str | PathLike[str] | None = None,
+    write_manifest: bool = True,
     on_progress: Callable[[CopyProgress], None] | None = None,
     progress_interval: float = 0.5,
 ) -> CopyProgress:
@@ -111,8 +112,8 @@ async def copy(
     ``allocated_only`` copies what the source's allocation map reports as data. A target path
     ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (an overlay on
     ``backing`` when given) with a BLAKE3 manifest beside it; ``manifest`` asks for one at that
-    path for any other target. Raises a :class:`MoverError` subclass naming the failing range on
-    failure.
+    path for any other target, ``write_manifest=False`` for none at all. Raises a
+    :class:`MoverError` subclass naming the failing range on failure.
     """
     job = Copy(
         source,
@@ -129,6 +130,7 @@ async def copy(
         backing=backing,
         cluster_size=cluster_size,
         manifest=manifest,
+        write_manifest=write_manifest,
     )
     error: MoverError | None = None
     async with trio.open_nursery() as nursery:

@@ -120,6 +120,16 @@ pub async fn checksum_endpoint(
         .filter(|&i| !read[i as usize])
         .map(|i| zero.chunk_range(i).1)
         .sum();
+    // A fresh start of the counters: consolidation runs a copy and then this on one tracker.
+    for counter in [
+        &progress.bytes_read,
+        &progress.bytes_written,
+        &progress.bytes_zeroed,
+        &progress.bytes_resumed,
+        &progress.extents_done,
+    ] {
+        counter.store(0, Ordering::Relaxed);
+    }
     progress.bytes_planned.store(size, Ordering::Relaxed);
     progress
         .extents_total

@@ -62,6 +62,9 @@ pub struct CopyOptions {
     pub manifest: Option<PathBuf>,
     /// Chunk size of the manifest.
     pub manifest_chunk_size: u64,
+    /// Write no manifest, not even beside a new QCOW2 image (scratch conversions, and the
+    /// benchmark that measures what the inline digests cost).
+    pub skip_manifest: bool,
 }
 
 impl Default for CopyOptions {
@@ -76,6 +79,7 @@ impl Default for CopyOptions {
             cancel_grace: Duration::from_secs(30),
             manifest: None,
             manifest_chunk_size: DEFAULT_CHUNK_SIZE,
+            skip_manifest: false,
         }
     }
 }
@@ -471,8 +475,9 @@ pub struct CopyOutcome {
     pub manifest: Option<ManifestReport>,
 }
 
-/// The manifest of the disk an overlay is created on: the one saved beside it, or, when there
-/// is none, computed by reading the backing chain.
+/// The manifest of the disk an overlay is created on: the one saved beside it (whose chunk size
+/// the overlay's manifest keeps), or, when there is none, one computed by reading the backing
+/// chain in `chunk_size` chunks.
 async fn parent_manifest(
     backing: &Path,
     disk_size: u64,
@@ -490,13 +495,6 @@ async fn parent_manifest(
         let src = endpoint::open(&spec, Access::Read).await?;
         crate::chain::checksum_endpoint(&src, chunk_size, &Arc::default(), cancel).await?
     };
-    if parent.chunk_size() != chunk_size {
-        return Err(MoverError::InvalidPlan(format!(
-            "the manifest of the backing file {} has {}-byte chunks, not {chunk_size}",
-            backing.display(),
-            parent.chunk_size()
-        )));
-    }
     ManifestBuilder::from_parent(&parent, disk_size)
 }
 
@@ -581,6 +579,7 @@ async fn run_open(
 ) -> Result<CopyOutcome> {
     let new_qcow2 = target_kind == Kind::NewQcow2;
     let manifest_path = match (&opts.manifest, new_qcow2) {
+        _ if opts.skip_manifest => None,
         (Some(p), _) => Some(p.clone()),
         (None, true) => Some(Manifest::path_for(Path::new(target))),
         (None, false) => None,

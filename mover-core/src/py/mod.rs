@@ -134,7 +134,7 @@ impl Copy {
     #[pyo3(signature = (source, target, *, extents=None, allocated_only=false, connections=4, requests=16,
                         request_size=1_048_576, checkpoint=None, target_is_zero=false,
                         checkpoint_interval=5.0, reconnect_timeout=60.0, backing=None,
-                        cluster_size=65_536, manifest=None))]
+                        cluster_size=65_536, manifest=None, write_manifest=true))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         source: String,
@@ -151,6 +151,7 @@ impl Copy {
         backing: Option<PathBuf>,
         cluster_size: u64,
         manifest: Option<PathBuf>,
+        write_manifest: bool,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
@@ -183,6 +184,7 @@ impl Copy {
                 target_is_zero,
                 checkpoint_interval: seconds("checkpoint_interval", checkpoint_interval)?,
                 manifest,
+                skip_manifest: !write_manifest,
                 ..CopyOptions::default()
             },
             open: OpenOptions {
