@@ -139,9 +139,8 @@ async fn read_only_endpoints_refuse_writes_with_a_target_error() {
     let dir = tempfile::tempdir().unwrap();
     for s in subjects(dir.path()) {
         let ep = endpoint::open(&s.spec, Access::Read).await.unwrap();
-        let err = match ep.write(0, vec![1; 4096]).await {
-            Err(e) => e,
-            Ok(_) => panic!("{}: a read-only endpoint accepted a write", s.name),
+        let Err(err) = ep.write(0, vec![1; 4096]).await else {
+            panic!("{}: a read-only endpoint accepted a write", s.name);
         };
         assert!(
             matches!(err, MoverError::TargetWrite { .. }),
