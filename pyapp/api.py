@@ -132,11 +132,19 @@ def install_error_handlers(app: Quart) -> None:
             )
         if not request.is_json:
             return error_response(400, INVALID_REQUEST, "the request body must be JSON (application/json)")
-        if await request.get_json(silent=True) is None:
+        try:
+            parsed = await request.get_json(silent=True)
+        except UnicodeDecodeError:
+            parsed = None
+        if parsed is None:
             return error_response(400, INVALID_REQUEST, "the request body is not valid JSON")
         return error_response(
             422, VALIDATION_FAILED, "the request body does not match the schema", _validation_details(error)
         )
+
+    @app.errorhandler(UnicodeDecodeError)
+    async def _not_utf8(error: UnicodeDecodeError) -> Response:
+        return error_response(400, INVALID_REQUEST, "the request body is not valid UTF-8")
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:
