@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -75,7 +76,13 @@ def make_config(tmp_path: Path, dsn: str, vma_url: str, **overrides: Any) -> Oma
 @asynccontextmanager
 async def run_oma(config: OmaConfig) -> AsyncIterator[Oma]:
     """Serve the OMA on a free loopback port until the block exits (graceful shutdown)."""
-    app = create_app(config, recent_logs=RecentRecords(500))
+    recent = RecentRecords(500)
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(recent)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    app = create_app(config, recent_logs=recent)
     hc = HypercornConfig()
     hc.bind = ["127.0.0.1:0"]
     hc.accesslog = None
@@ -94,3 +101,5 @@ async def run_oma(config: OmaConfig) -> AsyncIterator[Oma]:
                 yield oma
             finally:
                 stop.set()
+                root.removeHandler(recent)
+                root.setLevel(old_level)
