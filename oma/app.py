@@ -31,7 +31,7 @@ from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.state import STATE_KEY, OmaState
 from oma.vma_client import VmaClient
-from pyapp.api import install_error_handlers
+from pyapp.api import fast_json_views, install_error_handlers
 from pyapp.db import (
     Database,
     EmbeddedPostgres,
@@ -98,6 +98,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
+    fast_json_views(app)
 
     @app.before_request
     async def _authenticate() -> None:

@@ -13,10 +13,14 @@ strings: 400 ``INVALID_REQUEST``).
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, request
 from quart_schema import RequestSchemaValidationError
 from quart_schema.validation import QuerystringValidationError
 from werkzeug.exceptions import HTTPException
@@ -78,6 +82,52 @@ class ApiError(Exception):
         return cls(502, UPSTREAM_UNAVAILABLE, message)
 
 
+def _json_default(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_json_default)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    """A JSON response encoded once, with the C encoder (datetimes as ISO 8601 UTC)."""
+    return Response(_encoder.encode(body), status=status, content_type="application/json")
+
+
+def fast_json_views(app: Quart) -> None:
+    """Turn the dict/list (and ``(body, status)``) results of every view into :class:`Response`
+    objects directly.
+
+    quart-schema converts every dict a view returns through a fresh pydantic ``TypeAdapter``
+    before quart encodes it — several milliseconds for a page of 100 rows. Views here return
+    plain JSON data, so they are encoded once. Call after every blueprint is registered.
+    """
+    for endpoint, view in list(app.view_functions.items()):
+        app.view_functions[endpoint] = _fast_json(view)
+
+
+def _fast_json(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(view)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = await view(*args, **kwargs)
+        if isinstance(result, dict | list):
+            return json_response(result)
+        if (
+            isinstance(result, tuple)
+            and len(result) == 2
+            and isinstance(result[0], dict | list)
+            and isinstance(result[1], int)
+        ):
+            return json_response(result[0], result[1])
+        return result
+
+    return wrapper
+
+
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
     body: dict[str, Any] = {"error": message, "code": code, "timestamp": utc_timestamp()}
     if details is not None:
@@ -86,8 +136,7 @@ def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
 
 
 def error_response(status: int, code: str, message: str, details: Any = None) -> Response:
-    response = jsonify(error_body(code, message, details))
-    response.status_code = status
+    response = json_response(error_body(code, message, details), status)
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response

@@ -30,19 +30,19 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.astimezone(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_JSON_COLUMNS = ("disks", "networks", "details")
+
+
 def row_dict(row: Record | Mapping[str, Any], *, exclude: Iterable[str] = ()) -> dict[str, Any]:
-    """A record as JSON-ready dict: timestamps in ISO 8601 UTC, JSON columns decoded."""
-    skip = set(exclude)
-    out: dict[str, Any] = {}
-    for key, value in row.items():
-        if key in skip:
-            continue
-        if isinstance(value, dt.datetime):
-            out[key] = iso(value)
-        elif key in {"disks", "networks", "details"} and isinstance(value, str):
+    """A record as a dict ready for the JSON response: JSON columns decoded; timestamps stay
+    datetimes (the response encoder writes them as ISO 8601 UTC)."""
+    out = dict(row.items())
+    for key in exclude:
+        out.pop(key, None)
+    for key in _JSON_COLUMNS:
+        value = out.get(key)
+        if isinstance(value, str):
             out[key] = json.loads(value)
-        else:
-            out[key] = value
     return out
 
 
