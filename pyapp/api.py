@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -110,10 +111,12 @@ def fast_json_views(app: Quart) -> None:
         app.view_functions[endpoint] = _fast_json(view)
 
 
-def _fast_json(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _fast_json(view: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(view)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        result = await view(*args, **kwargs)
+        result = view(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
         if isinstance(result, dict | list):
             return json_response(result)
         if (
