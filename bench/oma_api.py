@@ -174,12 +174,13 @@ async def seed(base: str, token: str, dsn: str, vms: int, jobs: int) -> None:
         await db.execute(
             "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, current_status)"
             " SELECT 'ctx-seed-' || g, 'seed-vm-' || lpad(g::text, 5, '0'), 'vm-' || g,"
-            " '/BenchDC/vm/seed-vm-' || lpad(g::text, 5, '0'), 'replicated' FROM generate_series(0, $1 - 1) g",
+            " '/BenchDC/vm/seed-vm-' || lpad(g::text, 5, '0'), 'replicated'"
+            " FROM generate_series(0, $1 - 1) g",
             jobs,
         )
         await db.execute(
-            "INSERT INTO replication_jobs (id, vm_context_id, vm_id, vm_name, vm_path, replication_type, status,"
-            " progress_percent, bytes_transferred, total_bytes, current_operation, created_by,"
+            "INSERT INTO replication_jobs (id, vm_context_id, vm_id, vm_name, vm_path, replication_type,"
+            " status, progress_percent, bytes_transferred, total_bytes, current_operation, created_by,"
             " created_at, completed_at)"
             " SELECT 'repl-seed-' || g, 'ctx-seed-' || g, 'vm-' || g,"
             " 'seed-vm-' || lpad(g::text, 5, '0'), '/BenchDC/vm/seed-vm-' || lpad(g::text, 5, '0'),"
