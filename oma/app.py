@@ -60,7 +60,8 @@ async def ensure_first_admin(db: Database, username: str, password: str) -> bool
     password_hash = await hash_password(password)
     created = await db.fetchval(
         "INSERT INTO users (username, password_hash, role)"
-        " SELECT $1, $2, 'admin' WHERE NOT EXISTS (SELECT 1 FROM users) RETURNING id",
+        " SELECT $1, $2, 'admin' WHERE NOT EXISTS (SELECT 1 FROM users)"
+        " ON CONFLICT (username) DO NOTHING RETURNING id",  # several workers may start at once
         username,
         password_hash,
     )

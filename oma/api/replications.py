@@ -34,7 +34,7 @@ from oma.auth import allow_vma, current_principal
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
-from pyapp.db import Connection, UniqueViolation
+from pyapp.db import Connection, Database, UniqueViolation
 from pyapp.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ async def _load_job(conn: Any, job_id: str, *, for_update: bool = False) -> dict
     return row_dict(row)
 
 
-async def _disks_for(conn: Connection, vm: SourceVM) -> list[SourceDisk]:
+async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDisk]:
     if vm.disks:
         ids = [d.id for d in vm.disks]
         if len(set(ids)) != len(ids):
@@ -174,88 +174,90 @@ async def list_replications(query_args: ReplicationListQuery) -> dict[str, Any]:
 @validate_request(CreateReplicationRequest)
 async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, Any], int]:
     principal = current_principal()
+    db = state().db
     vm = data.source_vm
     job_id = new_id("repl")
+    disks = await _disks_for(db, vm)
+    bases = {
+        r["disk_id"]: r["change_id"]
+        for r in await db.fetch(
+            "SELECT DISTINCT ON (disk_id) disk_id, change_id FROM vm_disk_changeids"
+            " WHERE vm_path = $1 AND disk_id = ANY($2::text[]) ORDER BY disk_id, id DESC",
+            vm.path,
+            [d.id for d in disks],
+        )
+    }
+    all_have_base = all(d.id in bases for d in disks)
+    kind = data.replication_type or ("incremental" if all_have_base else "initial")
+    if kind == "incremental" and not all_have_base:
+        missing = sorted(d.id for d in disks if d.id not in bases)
+        raise ApiError.conflict(f"incremental replication needs a stored change ID for disks {missing}")
+    disks = sorted(disks, key=lambda d: d.id)
+    base_ids = [bases.get(d.id) if kind == "incremental" else None for d in disks]
     try:
-        async with state().db.transaction() as conn:
-            context_id = await conn.fetchval(
-                "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
-                "datacenter)"
-                " VALUES ($1, $2, $3, $4, $5, $6)"
-                " ON CONFLICT (vm_name) DO UPDATE SET vm_path = EXCLUDED.vm_path,"
-                " vmware_vm_id = COALESCE(EXCLUDED.vmware_vm_id, vm_contexts.vmware_vm_id),"
-                " updated_at = now() RETURNING context_id",
-                new_id("ctx"),
-                vm.name,
-                vm.id,
-                vm.path,
-                data.vcenter_host,
-                vm.datacenter,
-            )
-            disks = await _disks_for(conn, vm)
-            bases = {
-                r["disk_id"]: r["change_id"]
-                for r in await conn.fetch(
-                    "SELECT DISTINCT ON (disk_id) disk_id, change_id FROM vm_disk_changeids"
-                    " WHERE vm_path = $1 AND disk_id = ANY($2::text[]) ORDER BY disk_id, id DESC",
-                    vm.path,
-                    [d.id for d in disks],
-                )
-            }
-            all_have_base = all(d.id in bases for d in disks)
-            kind = data.replication_type or ("incremental" if all_have_base else "initial")
-            if kind == "incremental" and not all_have_base:
-                missing = sorted(d.id for d in disks if d.id not in bases)
-                raise ApiError.conflict(
-                    f"incremental replication needs a stored change ID for disks {missing}"
-                )
-            total_bytes = sum(d.capacity_bytes or 0 for d in disks)
-            await conn.execute(
-                "INSERT INTO replication_jobs (id, vm_context_id, vm_id, vm_name, vm_path, vcenter_host,"
-                " datacenter, replication_type, status, total_bytes, current_operation, created_by)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', $9, 'queued', $10)",
-                job_id,
-                context_id,
-                vm.id,
-                vm.name,
-                vm.path,
-                data.vcenter_host,
-                vm.datacenter,
-                kind,
-                total_bytes,
-                principal.subject,
-            )
-            await conn.executemany(
-                "INSERT INTO replication_job_disks (job_id, disk_id, vm_path, capacity_bytes, base_change_id)"
-                " VALUES ($1, $2, $3, $4, $5)",
-                [
-                    (
-                        job_id,
-                        d.id,
-                        vm.path,
-                        d.capacity_bytes,
-                        bases.get(d.id) if kind == "incremental" else None,
-                    )
-                    for d in disks
-                ],
-            )
-            await conn.execute(
-                "UPDATE vm_contexts SET current_job_id = $2, current_status = 'replication_pending',"
-                " total_jobs = total_jobs + 1, last_job_at = now(), updated_at = now() WHERE context_id = $1",
-                context_id,
-                job_id,
-            )
-            job = await _load_job(conn, job_id)
-            job["disks"] = await _job_disks(conn, job_id)
+        # One statement, so one atomic step: upsert the VM context (pointing at the new job), insert
+        # the job and its disks. The partial unique index on active disks makes a concurrent
+        # creation for the same disk fail here as a whole (nothing of it is kept).
+        row = await db.fetchrow(
+            "WITH ctx AS ("
+            "  INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter,"
+            "   current_job_id, current_status, total_jobs, last_job_at)"
+            "  VALUES ($2, $3, $4, $5, $6, $7, $1, 'replication_pending', 1, now())"
+            "  ON CONFLICT (vm_name) DO UPDATE SET vm_path = EXCLUDED.vm_path,"
+            "   vmware_vm_id = COALESCE(EXCLUDED.vmware_vm_id, vm_contexts.vmware_vm_id),"
+            "   current_job_id = EXCLUDED.current_job_id, current_status = 'replication_pending',"
+            "   total_jobs = vm_contexts.total_jobs + 1, last_job_at = now(), updated_at = now()"
+            "  RETURNING context_id),"
+            " job AS ("
+            "  INSERT INTO replication_jobs (id, vm_context_id, vm_id, vm_name, vm_path, vcenter_host,"
+            "   datacenter, replication_type, status, total_bytes, current_operation, created_by)"
+            "  SELECT $1, ctx.context_id, $4, $3, $5, $6, $7, $8, 'pending', $9, 'queued', $10 FROM ctx"
+            f"  RETURNING {JOB_COLUMNS}),"
+            " disks AS ("
+            "  INSERT INTO replication_job_disks (job_id, disk_id, vm_path, capacity_bytes, base_change_id)"
+            "  SELECT job.id, u.disk_id, $5, u.capacity_bytes, u.base_change_id"
+            "  FROM job, unnest($11::text[], $12::bigint[], $13::text[]) AS u(disk_id, capacity_bytes,"
+            "   base_change_id)"
+            "  RETURNING 1)"
+            " SELECT job.*, (SELECT count(*) FROM disks) AS disk_count FROM job",
+            job_id,
+            new_id("ctx"),
+            vm.name,
+            vm.id,
+            vm.path,
+            data.vcenter_host,
+            vm.datacenter,
+            kind,
+            sum(d.capacity_bytes or 0 for d in disks),
+            principal.subject,
+            [d.id for d in disks],
+            [d.capacity_bytes for d in disks],
+            base_ids,
+        )
     except UniqueViolation as exc:
         if exc.constraint_name != ACTIVE_DISK_INDEX:
             raise
-        existing = await state().db.fetchval(
-            "SELECT job_id FROM replication_job_disks WHERE vm_path = $1 AND active LIMIT 1", vm.path
+        existing = await db.fetchval(
+            "SELECT job_id FROM replication_job_disks WHERE vm_path = $1 AND disk_id = ANY($2::text[])"
+            " AND active LIMIT 1",
+            vm.path,
+            [d.id for d in disks],
         )
         raise ApiError.conflict(
             f"VM {vm.name!r} already has an active replication job ({existing}) for one of these disks"
         ) from exc
+    assert row is not None
+    job = row_dict(row, exclude=("disk_count",))
+    job["disks"] = [
+        {
+            "disk_id": d.id,
+            "capacity_bytes": d.capacity_bytes,
+            "active": True,
+            "base_change_id": base,
+            "change_id": None,
+        }
+        for d, base in zip(disks, base_ids, strict=True)
+    ]
     with log_context(job_id=job_id, action="replication_create"):
         log.info("replication job created", extra={"vm_name": vm.name, "replication_type": kind})
     return job, 201
