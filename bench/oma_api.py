@@ -219,6 +219,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             "OMA_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "OMA_LOG_LEVEL": "warning",
             "OMA_DB_POOL_SIZE": str(args.pool_size),
+            "OMA_WORKERS": str(args.workers),
             "PYTHONPATH": str(REPO),
         }
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
@@ -295,7 +296,10 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--vms", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--pool-size", type=int, default=10, help="database pool size per OMA worker")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="OMA worker processes (oma-api-server --workers)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", type=Path, help="run the OMA under cProfile, writing the stats here")
     args = parser.parse_args()
@@ -315,7 +319,14 @@ def main() -> None:
         f"load average before run: {os.getloadavg()[0]:.1f})"
     )
     if args.json:
-        report = {"clients": args.clients, "duration_s": args.duration, "results": summaries}
+        report = {
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "workers": args.workers,
+            "vms": args.vms,
+            "jobs": args.jobs,
+            "results": summaries,
+        }
         args.json.write_text(json.dumps(report, indent=2))
 
 

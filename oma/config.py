@@ -13,7 +13,8 @@
 | token lifetime (s) | | ``OMA_TOKEN_TTL`` | ``86400`` |
 | pairing code lifetime (s) | | ``OMA_PAIRING_CODE_TTL`` | ``600`` |
 | log level | ``--log-level`` | ``OMA_LOG_LEVEL`` | ``info`` |
-| pool size | | ``OMA_DB_POOL_SIZE`` | ``10`` |
+| pool size (per worker) | | ``OMA_DB_POOL_SIZE`` | ``10`` |
+| worker processes | ``--workers`` | ``OMA_WORKERS`` | ``1`` |
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class OmaConfig:
     pairing_code_ttl_seconds: int = 600
     log_level: str = "info"
     db_pool_size: int = 10
+    workers: int = 1
     max_body_bytes: int = 1024 * 1024
 
     @property
@@ -79,4 +81,5 @@ class OmaConfig:
             pairing_code_ttl_seconds=env_int("OMA_PAIRING_CODE_TTL", 600, minimum=1),
             log_level=env_str("OMA_LOG_LEVEL", "info") or "info",
             db_pool_size=env_int("OMA_DB_POOL_SIZE", 10, minimum=1),
+            workers=env_int("OMA_WORKERS", 1, minimum=1),
         )
