@@ -99,3 +99,30 @@ async def test_cli_embedded_postgres_port_zero_and_restart() -> None:
         assert "created" in out.stdout
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+async def test_cli_two_workers_share_one_port_and_one_database(oma_dsn: str) -> None:
+    data_dir = Path(tempfile.mkdtemp(prefix="oma-workers-"))
+    env = {**os.environ, "OMA_ADMIN_USERNAME": ADMIN_USER, "OMA_ADMIN_PASSWORD": ADMIN_PASSWORD,
+           "PYTHONPATH": str(REPO), "DATABASE_URL": oma_dsn}
+    cmd = [sys.executable, "-m", "oma.server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir),
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        with trio.fail_after(120):
+            base = await _wait_listening(proc)
+        # new connections land on either worker: every answer must agree (state is in PostgreSQL)
+        no_reuse = httpx.Limits(max_keepalive_connections=0)  # a new connection, maybe a new worker, each time
+        async with httpx.AsyncClient(base_url=f"{base}/api/v1", limits=no_reuse, timeout=30) as client:
+            r = await client.post("/auth/login", json={"username": ADMIN_USER, "password": ADMIN_PASSWORD})
+            auth = {"Authorization": f"Bearer {r.json()['token']}"}
+            vm = {"source_vm": {"name": "w01", "path": "/DC/vm/w01", "disks": [{"id": "d0"}]}}
+            job = (await client.post("/replications", headers=auth, json=vm)).json()
+            for _ in range(10):
+                assert (await client.get(f"/replications/{job['id']}", headers=auth)).status_code == 200
+                assert (await client.post("/replications", headers=auth, json=vm)).status_code == 409
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert await trio.to_thread.run_sync(lambda: proc.wait(60)) == 0
+        shutil.rmtree(data_dir, ignore_errors=True)
