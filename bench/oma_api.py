@@ -198,6 +198,71 @@ async def seed(base: str, token: str, dsn: str, vms: int, jobs: int) -> None:
         await db.execute("ANALYZE")
 
 
+PEER_NAME = "peer: bare quart-trio GET"
+
+
+def peer_page() -> dict[str, Any]:
+    """A page shaped like ``GET /vms``'s (100 VMs), for the peer."""
+    vms = [
+        {
+            "id": f"vm-{i}",
+            "name": f"seed-vm-{i:05d}",
+            "path": f"/BenchDC/vm/seed-vm-{i:05d}",
+            "vcenter_host": "vc",
+            "datacenter": "BenchDC",
+            "power_state": "poweredOn",
+            "guest_os": "debian12_64Guest",
+            "memory_mb": 4096,
+            "num_cpu": 2,
+            "disks": [{"id": "disk-2000", "capacity_bytes": 64 << 30}],
+            "networks": [],
+            "source": "inventory",
+            "first_seen_at": "2026-01-01T00:00:00.000Z",
+            "updated_at": "2026-01-01T00:00:00.000Z",
+        }
+        for i in range(100)
+    ]
+    return {"vms": vms, "total": 10_000, "limit": 100, "offset": 0, "count": 100}
+
+
+async def serve_peer() -> None:
+    """The peer: the same stack (hypercorn, quart-trio) with one route, no database, no auth."""
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve
+    from quart import Response
+    from quart_trio import QuartTrio
+
+    app = QuartTrio("peer")
+    page = peer_page()
+
+    @app.get("/peer")
+    async def peer() -> Response:
+        return Response(json.dumps(page, separators=(",", ":")), content_type="application/json")
+
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve, app, config)
+        print(f"PEER listening on {binds[0]}", flush=True)
+
+
+async def measure_peer(args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--serve-peer"]
+    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # noqa: ASYNC220
+    try:
+        assert peer.stdout is not None
+        line = await trio.to_thread.run_sync(peer.stdout.readline)
+        host, port = line.split()[-1].removeprefix("http://").split(":")
+        raw = render("GET", "/peer", f"{host}:{port}", "none")
+        print(f"{PEER_NAME}: {args.clients} clients for {args.duration}s ...", file=sys.stderr)
+        result = await run_load(PEER_NAME, host, int(port), args.clients, args.duration, lambda c, i: raw)
+        return result.summary()
+    finally:
+        peer.terminate()
+        await trio.to_thread.run_sync(peer.wait)
+
+
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="oma-bench-"))
     embedded = None
@@ -280,10 +345,12 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(f"{name_}: {args.clients} clients for {args.duration}s ...", file=sys.stderr)
                 result = await run_load(name_, host, int(port), args.clients, args.duration, make)
                 summaries.append(result.summary())
-            return summaries
         finally:
             server.terminate()
             await trio.to_thread.run_sync(server.wait)
+        if not args.no_peer:
+            summaries.append(await measure_peer(args))
+        return summaries
     finally:
         if embedded is not None:
             embedded.cleanup()
@@ -302,7 +369,13 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", type=Path, help="run the OMA under cProfile, writing the stats here")
+    parser.add_argument("--no-peer", action="store_true", help="skip the bare quart-trio peer measurement")
+    parser.add_argument("--serve-peer", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve_peer:
+        trio.run(serve_peer)
+        return
+    load_before = os.getloadavg()[0]
     summaries = trio.run(main_async, args)
     print(
         f"{'endpoint':<28} {'req':>7} {'err':>4} {'req/s':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
@@ -313,10 +386,17 @@ def main() -> None:
             f"{s['endpoint']:<28} {s['requests']:>7} {s['errors']:>4} {s['throughput_rps']:>7} "
             f"{s['p50_ms']:>8} {s['p90_ms']:>8} {s['p99_ms']:>8} {s['max_ms']:>8}"
         )
-    goal = all(s["p99_ms"] < 100 for s in summaries)
+    oma = [s for s in summaries if s["endpoint"] != PEER_NAME]
+    peer = next((s for s in summaries if s["endpoint"] == PEER_NAME), None)
+    if peer:
+        for s in oma:
+            s["p50_vs_peer"] = round(s["p50_ms"] / peer["p50_ms"], 2)
+            s["p99_vs_peer"] = round(s["p99_ms"] / peer["p99_ms"], 2)
+            print(f"{s['endpoint']:<28} p50 x{s['p50_vs_peer']} p99 x{s['p99_vs_peer']} of the peer")
+    goal = all(s["p99_ms"] < 100 for s in oma)
     print(
-        f"goal p99 < 100 ms: {'met' if goal else 'NOT met'}  (cpus: {os.cpu_count()}, "
-        f"load average before run: {os.getloadavg()[0]:.1f})"
+        f"goal p99 < 100 ms: {'met' if goal else 'NOT met'}  (OMA workers: {args.workers},"
+        f" cpus: {os.cpu_count()}, load average before/after: {load_before:.1f}/{os.getloadavg()[0]:.1f})"
     )
     if args.json:
         report = {
@@ -325,6 +405,7 @@ def main() -> None:
             "workers": args.workers,
             "vms": args.vms,
             "jobs": args.jobs,
+            "load_average_before_after": [load_before, os.getloadavg()[0]],
             "results": summaries,
         }
         args.json.write_text(json.dumps(report, indent=2))

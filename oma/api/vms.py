@@ -95,9 +95,12 @@ async def upsert_vms(
 async def list_vms(query_args: VmListQuery) -> dict[str, Any]:
     db = state().db
     pattern = None if query_args.search is None else f"%{query_args.search}%"
+    # total as an uncorrelated subquery (computed once, index-only), not count(*) OVER (), which
+    # would make PostgreSQL sort every matching row before applying the LIMIT
     rows = await db.fetch(
-        f"SELECT {VM_COLUMNS}, count(*) OVER () AS total_count FROM vms"
-        " WHERE ($1::text IS NULL OR name ILIKE $1) ORDER BY name, id LIMIT $2 OFFSET $3",
+        f"SELECT {VM_COLUMNS}, (SELECT count(*) FROM vms WHERE $1::text IS NULL OR name ILIKE $1)"
+        " AS total_count FROM vms WHERE ($1::text IS NULL OR name ILIKE $1)"
+        " ORDER BY name, id LIMIT $2 OFFSET $3",
         pattern,
         query_args.limit,
         query_args.offset,
