@@ -29,8 +29,10 @@ def postgres_admin_dsn() -> Iterator[str]:
     base = Path(tempfile.mkdtemp(prefix="pytest-pg-"))
     server = pgserver.get_server(base / "pgdata", cleanup_mode="stop")
     # A throw-away test server: durability buys nothing, speed does (CREATE DATABASE per test).
-    server.psql("ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
-                " ALTER SYSTEM SET full_page_writes = off; SELECT pg_reload_conf();")
+    server.psql(
+        "ALTER SYSTEM SET fsync = off; ALTER SYSTEM SET synchronous_commit = off;"
+        " ALTER SYSTEM SET full_page_writes = off; SELECT pg_reload_conf();"
+    )
     try:
         yield str(server.get_uri("postgres"))
     finally:

@@ -24,6 +24,7 @@ from pyapp.logs import RecentRecords
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "correct-horse-battery"
 
+
 @dataclass
 class Oma:
     base_url: str

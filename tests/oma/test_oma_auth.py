@@ -40,7 +40,9 @@ async def test_login_refuses_wrong_password_and_unknown_user(oma: Oma) -> None:
 
 
 async def test_login_token_shape_and_storage(oma: Oma) -> None:
-    r = await oma.client.post(oma.url("/auth/login"), json={"username": ADMIN_USER, "password": ADMIN_PASSWORD})
+    r = await oma.client.post(
+        oma.url("/auth/login"), json={"username": ADMIN_USER, "password": ADMIN_PASSWORD}
+    )
     body = r.json()
     assert body["token_type"] == "Bearer" and body["expires_in"] == 24 * 3600
     async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:

@@ -9,7 +9,6 @@ import uuid
 from pathlib import Path
 
 import trio
-
 from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
@@ -17,7 +16,9 @@ from vma_double import VmaDouble
 from pyapp.db import open_database
 
 
-def cred_body(vma: VmaDouble, name: str = "lab", password: str | None = None, **extra: object) -> dict[str, object]:
+def cred_body(
+    vma: VmaDouble, name: str = "lab", password: str | None = None, **extra: object
+) -> dict[str, object]:
     return {
         "credential_name": name,
         "vcenter_host": vma.vcenter_host,
@@ -28,7 +29,9 @@ def cred_body(vma: VmaDouble, name: str = "lab", password: str | None = None, **
     }
 
 
-async def test_password_never_in_database_answers_or_logs(oma: Oma, vma: VmaDouble, log_capture: io.StringIO) -> None:
+async def test_password_never_in_database_answers_or_logs(
+    oma: Oma, vma: VmaDouble, log_capture: io.StringIO
+) -> None:
     secret = f"Zq-{uuid.uuid4().hex}-pw"
     vma.password = secret
     r = await oma.post("/vmware-credentials", json=cred_body(vma, password=secret, is_default=True))
@@ -54,9 +57,12 @@ async def test_password_never_in_database_answers_or_logs(oma: Oma, vma: VmaDoub
 
     async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:
         # every row of every table, as text
-        tables = [r["tablename"] for r in await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        tables = [
+            r["tablename"]
+            for r in await db.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        ]
         for table in tables:
-            dump = await db.fetchval(f'SELECT coalesce(string_agg(t::text, chr(10)), \'\') FROM "{table}" t')
+            dump = await db.fetchval(f"SELECT coalesce(string_agg(t::text, chr(10)), '') FROM \"{table}\" t")
             assert secret not in dump, table
         blob = await db.fetchval("SELECT password_ciphertext FROM vmware_credentials WHERE id = $1", cred_id)
         assert secret.encode() not in blob and blob[0] == 1 and len(blob) > len(secret)

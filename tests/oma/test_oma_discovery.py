@@ -64,7 +64,9 @@ async def test_discover_preview_add_bulk_ungrouped(oma: Oma, vma: VmaDouble) -> 
     assert await _job_count(oma) == 0  # discovery never creates jobs
 
     # a replication for a discovered VM may omit the disks: the inventory has them
-    r = await oma.post("/replications", json={"source_vm": {"id": "vm-101", "name": "web01", "path": "/LabDC/vm/web01"}})
+    r = await oma.post(
+        "/replications", json={"source_vm": {"id": "vm-101", "name": "web01", "path": "/LabDC/vm/web01"}}
+    )
     assert r.status_code == 201 and len(r.json()["disks"]) == 2
     recent = (await oma.get(f"/vm-contexts/{ctx['context']['context_id']}/recent-jobs")).json()
     assert recent["total"] == 1 and recent["jobs"][0]["id"] == r.json()["id"]
@@ -89,8 +91,15 @@ async def test_inventory_push(oma: Oma) -> None:
     body = {
         "vcenter": {"host": "vc1", "datacenter": "DC"},
         "vms": [
-            {"id": f"vm-{i}", "name": f"n{i:03d}", "path": f"/DC/vm/n{i:03d}", "power_state": "poweredOn",
-             "guest_os": "x", "memory_mb": 1024, "num_cpu": 1}
+            {
+                "id": f"vm-{i}",
+                "name": f"n{i:03d}",
+                "path": f"/DC/vm/n{i:03d}",
+                "power_state": "poweredOn",
+                "guest_os": "x",
+                "memory_mb": 1024,
+                "num_cpu": 1,
+            }
             for i in range(150)
         ],
     }

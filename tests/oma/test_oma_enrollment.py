@@ -19,9 +19,11 @@ class FakeVmaKeys:
 
     @property
     def public_openssh(self) -> str:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        ).decode()
+        return (
+            self.key.public_key()
+            .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            .decode()
+        )
 
     def sign(self, challenge: str) -> str:
         return base64.b64encode(self.key.sign(challenge.encode())).decode()
@@ -34,10 +36,16 @@ async def pairing_code(oma: Oma, **body: Any) -> str:
 
 
 async def enroll(oma: Oma, keys: FakeVmaKeys, code: str, name: str = "vma-site-a") -> dict[str, Any]:
-    r = await oma.client.post(oma.url("/vma/enroll"), json={
-        "pairing_code": code, "vma_public_key": keys.public_openssh, "vma_name": name,
-        "vma_version": "0.1.0", "vma_fingerprint": "SHA256:abc",
-    })
+    r = await oma.client.post(
+        oma.url("/vma/enroll"),
+        json={
+            "pairing_code": code,
+            "vma_public_key": keys.public_openssh,
+            "vma_name": name,
+            "vma_version": "0.1.0",
+            "vma_fingerprint": "SHA256:abc",
+        },
+    )
     assert r.status_code == 201, r.text
     return dict(r.json())
 
@@ -46,22 +54,27 @@ async def enrolled_vma(oma: Oma) -> tuple[FakeVmaKeys, str, str, str]:
     """A fully enrolled VMA: (keys, enrollment id, appliance id, secret)."""
     keys = FakeVmaKeys()
     e = await enroll(oma, keys, await pairing_code(oma))
-    r = await oma.client.post(oma.url("/vma/enroll/verify"),
-                              json={"enrollment_id": e["enrollment_id"], "signature": keys.sign(e["challenge"])})
+    r = await oma.client.post(
+        oma.url("/vma/enroll/verify"),
+        json={"enrollment_id": e["enrollment_id"], "signature": keys.sign(e["challenge"])},
+    )
     assert r.json()["status"] == "awaiting_approval"
     assert (await oma.post(f"/admin/vma/approve/{e['enrollment_id']}", json={})).status_code == 200
-    r = await oma.client.get(oma.url("/vma/enroll/result"),
-                             params={"enrollment_id": e["enrollment_id"], "signature": keys.sign(e["challenge"])})
+    r = await oma.client.get(
+        oma.url("/vma/enroll/result"),
+        params={"enrollment_id": e["enrollment_id"], "signature": keys.sign(e["challenge"])},
+    )
     body = r.json()
     assert body["status"] == "approved" and body["secret"]
     return keys, e["enrollment_id"], body["appliance_id"], body["secret"]
 
 
 async def test_full_enrollment_login_and_immediate_revocation(oma: Oma) -> None:
-    keys, enrollment_id, appliance_id, secret = await enrolled_vma(oma)
+    _keys, enrollment_id, appliance_id, secret = await enrolled_vma(oma)
     # the secret is delivered once
-    again = await oma.client.get(oma.url("/vma/enroll/result"), params={
-        "enrollment_id": enrollment_id, "signature": "AAAA"})
+    again = await oma.client.get(
+        oma.url("/vma/enroll/result"), params={"enrollment_id": enrollment_id, "signature": "AAAA"}
+    )
     assert again.status_code == 401
 
     token = await oma.login(appliance_id, secret)
@@ -87,8 +100,14 @@ async def test_full_enrollment_login_and_immediate_revocation(oma: Oma) -> None:
     assert (await oma.delete(f"/admin/vma/revoke/{enrollment_id}")).status_code == 409
 
     events = [e["event_type"] for e in (await oma.get("/admin/vma/audit")).json()["events"]]
-    assert events[:6] == ["revoked", "credentials_delivered", "approved", "verified", "enrolled",
-                          "pairing_code_created"]
+    assert events[:6] == [
+        "revoked",
+        "credentials_delivered",
+        "approved",
+        "verified",
+        "enrolled",
+        "pairing_code_created",
+    ]
     async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:
         dump = await db.fetchval("SELECT string_agg(t::text, '|') FROM vma_enrollments t")
         assert secret not in dump
@@ -97,26 +116,44 @@ async def test_full_enrollment_login_and_immediate_revocation(oma: Oma) -> None:
 async def test_pairing_codes_are_single_use_and_expire(oma: Oma) -> None:
     code = await pairing_code(oma)
     await enroll(oma, FakeVmaKeys(), code.lower().replace("-", ""))  # normalised
-    r = await oma.client.post(oma.url("/vma/enroll"), json={
-        "pairing_code": code, "vma_public_key": FakeVmaKeys().public_openssh, "vma_name": "b",
-        "vma_version": "1", "vma_fingerprint": "f"})
+    r = await oma.client.post(
+        oma.url("/vma/enroll"),
+        json={
+            "pairing_code": code,
+            "vma_public_key": FakeVmaKeys().public_openssh,
+            "vma_name": "b",
+            "vma_version": "1",
+            "vma_fingerprint": "f",
+        },
+    )
     assert r.status_code == 401
     assert_envelope(r.json(), "UNAUTHORIZED")
 
     expired = await pairing_code(oma, ttl_seconds=60)
     async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:
-        await db.execute("UPDATE vma_pairing_codes SET expires_at = now() - interval '1 second' WHERE used_at IS NULL")
-    r = await oma.client.post(oma.url("/vma/enroll"), json={
-        "pairing_code": expired, "vma_public_key": FakeVmaKeys().public_openssh, "vma_name": "c",
-        "vma_version": "1", "vma_fingerprint": "f"})
+        await db.execute(
+            "UPDATE vma_pairing_codes SET expires_at = now() - interval '1 second' WHERE used_at IS NULL"
+        )
+    r = await oma.client.post(
+        oma.url("/vma/enroll"),
+        json={
+            "pairing_code": expired,
+            "vma_public_key": FakeVmaKeys().public_openssh,
+            "vma_name": "c",
+            "vma_version": "1",
+            "vma_fingerprint": "f",
+        },
+    )
     assert r.status_code == 401
 
 
 async def test_bad_signature_reject_and_state_rules(oma: Oma) -> None:
     keys = FakeVmaKeys()
     e = await enroll(oma, keys, await pairing_code(oma))
-    r = await oma.client.post(oma.url("/vma/enroll/verify"),
-                              json={"enrollment_id": e["enrollment_id"], "signature": FakeVmaKeys().sign(e["challenge"])})
+    r = await oma.client.post(
+        oma.url("/vma/enroll/verify"),
+        json={"enrollment_id": e["enrollment_id"], "signature": FakeVmaKeys().sign(e["challenge"])},
+    )
     assert r.status_code == 401
     # cannot approve before the key is proven
     assert (await oma.post(f"/admin/vma/approve/{e['enrollment_id']}", json={})).status_code == 409
@@ -124,11 +161,20 @@ async def test_bad_signature_reject_and_state_rules(oma: Oma) -> None:
     assert [p["id"] for p in pending["enrollments"]] == [e["enrollment_id"]]
     r = await oma.post(f"/admin/vma/reject/{e['enrollment_id']}", json={"reason": "unknown site"})
     assert r.json()["status"] == "rejected"
-    r = await oma.client.get(oma.url("/vma/enroll/result"),
-                             params={"enrollment_id": e["enrollment_id"], "signature": keys.sign(e["challenge"])})
+    r = await oma.client.get(
+        oma.url("/vma/enroll/result"),
+        params={"enrollment_id": e["enrollment_id"], "signature": keys.sign(e["challenge"])},
+    )
     assert r.json() == {"enrollment_id": e["enrollment_id"], "status": "rejected", "reason": "unknown site"}
     assert (await oma.post("/admin/vma/approve/enr-nope", json={})).status_code == 404
-    r = await oma.client.post(oma.url("/vma/enroll"), json={
-        "pairing_code": await pairing_code(oma), "vma_public_key": "ssh-rsa AAAAB3Nza", "vma_name": "c",
-        "vma_version": "1", "vma_fingerprint": "f"})
+    r = await oma.client.post(
+        oma.url("/vma/enroll"),
+        json={
+            "pairing_code": await pairing_code(oma),
+            "vma_public_key": "ssh-rsa AAAAB3Nza",
+            "vma_name": "c",
+            "vma_version": "1",
+            "vma_fingerprint": "f",
+        },
+    )
     assert r.status_code == 422

@@ -81,13 +81,17 @@ async def test_debug_endpoints(oma: Oma) -> None:
     assert any(e["path"] == "/api/v1/replications" and "POST" in e["methods"] for e in endpoints["endpoints"])
     failover = (await oma.get("/debug/failover-jobs")).json()
     assert failover["total"] == 0
-    await oma.post("/replications", json={"source_vm": {"name": "l1", "path": "/DC/vm/l1", "disks": [{"id": "d"}]}})
+    await oma.post(
+        "/replications", json={"source_vm": {"name": "l1", "path": "/DC/vm/l1", "disks": [{"id": "d"}]}}
+    )
     logs = (await oma.get("/debug/logs?level=info&limit=50")).json()
     assert any(rec["message"] == "replication job created" for rec in logs["logs"])
 
 
 async def test_logs_are_json_lines_with_the_required_fields(oma: Oma, log_capture: io.StringIO) -> None:
-    r = await oma.post("/replications", json={"source_vm": {"name": "l2", "path": "/DC/vm/l2", "disks": [{"id": "d"}]}})
+    r = await oma.post(
+        "/replications", json={"source_vm": {"name": "l2", "path": "/DC/vm/l2", "disks": [{"id": "d"}]}}
+    )
     job_id = r.json()["id"]
     records = [json.loads(line) for line in log_capture.getvalue().splitlines() if line.strip()]
     assert records

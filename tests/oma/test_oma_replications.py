@@ -38,8 +38,15 @@ async def test_create_get_update_delete(oma: Oma) -> None:
     r = await oma.get(f"/replications/{job_id}")
     assert r.json()["vm_name"] == "web01"
 
-    r = await oma.put(f"/replications/{job_id}", json={"status": "replicating", "progress_percent": 12.5,
-                                                         "bytes_transferred": 1234, "current_operation": "copying"})
+    r = await oma.put(
+        f"/replications/{job_id}",
+        json={
+            "status": "replicating",
+            "progress_percent": 12.5,
+            "bytes_transferred": 1234,
+            "current_operation": "copying",
+        },
+    )
     assert r.status_code == 200, r.text
     assert r.json()["started_at"] is not None and r.json()["progress_percent"] == 12.5
 
@@ -66,12 +73,12 @@ async def test_concurrent_creations_for_one_disk_give_one_job_and_one_409(oma: O
     for round_ in range(5):
         results: list[httpx.Response] = []
 
-        async def create(name: str) -> None:
-            results.append(await oma.post("/replications", json=job_body(name)))
+        async def create(name: str, into: list[httpx.Response]) -> None:
+            into.append(await oma.post("/replications", json=job_body(name)))
 
         async with trio.open_nursery() as nursery:
             for _ in range(2):
-                nursery.start_soon(create, f"race{round_}")
+                nursery.start_soon(create, f"race{round_}", results)
         assert sorted(r.status_code for r in results) == [201, 409], [r.text for r in results]
         conflict = next(r for r in results if r.status_code == 409)
         assert_envelope(conflict.json(), "CONFLICT")
@@ -93,7 +100,9 @@ async def test_concurrent_creations_for_one_disk_give_one_job_and_one_409(oma: O
 async def test_disjoint_disks_of_one_vm_may_run_together(oma: Oma) -> None:
     assert (await oma.post("/replications", json=job_body("db01", ("disk-2000",)))).status_code == 201
     assert (await oma.post("/replications", json=job_body("db01", ("disk-2001",)))).status_code == 201
-    assert (await oma.post("/replications", json=job_body("db01", ("disk-2001", "disk-2002")))).status_code == 409
+    assert (
+        await oma.post("/replications", json=job_body("db01", ("disk-2001", "disk-2002")))
+    ).status_code == 409
 
 
 async def test_list_paginates_and_filters(oma: Oma) -> None:
@@ -123,7 +132,9 @@ async def test_change_ids_and_incremental_detection(oma: Oma) -> None:
 
     job_id = (await oma.post("/replications", json=job_body("app01"))).json()["id"]
     await oma.put(f"/replications/{job_id}", json={"status": "replicating"})
-    r = await oma.post(f"/replications/{job_id}/changeid", json={"disk_id": "disk-2000", "change_id": "52 3c/11"})
+    r = await oma.post(
+        f"/replications/{job_id}/changeid", json={"disk_id": "disk-2000", "change_id": "52 3c/11"}
+    )
     assert r.status_code == 201, r.text
     r = await oma.post(f"/replications/{job_id}/changeid", json={"disk_id": "disk-9999", "change_id": "x"})
     assert r.status_code == 404
@@ -136,7 +147,9 @@ async def test_change_ids_and_incremental_detection(oma: Oma) -> None:
     assert second["replication_type"] == "incremental"
     assert second["disks"][0]["base_change_id"] == "52 3c/11"
     await oma.put(f"/replications/{second['id']}", json={"status": "failed"})
-    r = await oma.post(f"/replications/{second['id']}/changeid", json={"disk_id": "disk-2000", "change_id": "bad"})
+    r = await oma.post(
+        f"/replications/{second['id']}/changeid", json={"disk_id": "disk-2000", "change_id": "bad"}
+    )
     assert r.status_code == 409  # a failed pass never becomes a base
     assert (await oma.get(q)).json()["change_id"] == "52 3c/11"
     r = await oma.post("/replications/repl-nope/changeid", json={"disk_id": "disk-2000", "change_id": "x"})

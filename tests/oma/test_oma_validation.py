@@ -30,7 +30,12 @@ async def test_schema_errors_are_422(oma: Oma, body: object, what: str) -> None:
 
 async def test_non_json_bodies_are_400(oma: Oma) -> None:
     cases = [
-        ({"content": b"vm_name=vm1", "headers": {**oma.auth, "Content-Type": "application/x-www-form-urlencoded"}}),
+        (
+            {
+                "content": b"vm_name=vm1",
+                "headers": {**oma.auth, "Content-Type": "application/x-www-form-urlencoded"},
+            }
+        ),
         ({"content": b"{not json", "headers": {**oma.auth, "Content-Type": "application/json"}}),
         ({"content": b"", "headers": {**oma.auth, "Content-Type": "application/json"}}),
         ({"content": b"\xff\xfe garbage", "headers": {**oma.auth, "Content-Type": "application/json"}}),
@@ -42,8 +47,11 @@ async def test_non_json_bodies_are_400(oma: Oma) -> None:
 
 
 async def test_oversized_body_is_refused_with_envelope(oma: Oma) -> None:
-    r = await oma.post("/vmware-credentials", content=b'{"a":"' + b"x" * (2 << 20) + b'"}',
-                       headers={**oma.auth, "Content-Type": "application/json"})
+    r = await oma.post(
+        "/vmware-credentials",
+        content=b'{"a":"' + b"x" * (2 << 20) + b'"}',
+        headers={**oma.auth, "Content-Type": "application/json"},
+    )
     assert r.status_code == 413
     assert_envelope(r.json(), "PAYLOAD_TOO_LARGE")
 

@@ -46,7 +46,9 @@ class VmaDouble:
     requests: list[tuple[str, str, Any]] = field(default_factory=list)
     base_url: str = ""
 
-    def add_vm(self, vm_id: str, name: str, *, power_state: str = "poweredOn", disks: int = 1) -> dict[str, Any]:
+    def add_vm(
+        self, vm_id: str, name: str, *, power_state: str = "poweredOn", disks: int = 1
+    ) -> dict[str, Any]:
         vm = {
             "id": vm_id,
             "name": name,
