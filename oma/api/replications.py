@@ -26,10 +26,10 @@ import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
-from quart import Blueprint
+from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, new_id, page_body, row_dict
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, row_dict
 from oma.auth import allow_vma, current_principal
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
@@ -146,27 +146,17 @@ async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDi
 @bp.get("/replications")
 @allow_vma
 @validate_querystring(ReplicationListQuery)
-async def list_replications(query_args: ReplicationListQuery) -> dict[str, Any]:
-    rows = await state().db.fetch(
-        f"SELECT {JOB_COLUMNS}, (SELECT count(*) FROM replication_jobs"
-        "   WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR vm_name = $2)) AS total_count"
-        " FROM replication_jobs WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR vm_name = "
-        "$2)"
-        " ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
-        query_args.status,
-        query_args.vm_name,
-        query_args.limit,
-        query_args.offset,
+async def list_replications(query_args: ReplicationListQuery) -> Response:
+    return await json_page(
+        state().db,
+        "replications",
+        columns=JOB_COLUMNS,
+        from_where="FROM replication_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
+        " AND ($2::text IS NULL OR t.vm_name = $2)",
+        order=[("created_at", "DESC"), ("id", "DESC")],
+        args=(query_args.status, query_args.vm_name),
+        page=query_args,
     )
-    total = rows[0]["total_count"] if rows else 0
-    if not rows and query_args.offset:
-        total = await state().db.fetchval(
-            "SELECT count(*) FROM replication_jobs WHERE ($1::text IS NULL OR status = $1)"
-            " AND ($2::text IS NULL OR vm_name = $2)",
-            query_args.status,
-            query_args.vm_name,
-        )
-    return page_body("replications", [row_dict(r, exclude=("total_count",)) for r in rows], total, query_args)
 
 
 @bp.post("/replications")

@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint
+from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, page_body, row_dict
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page, row_dict
 from oma.auth import allow_vma
 from oma.state import state
 from pyapp.api import ApiError
@@ -92,26 +92,17 @@ async def upsert_vms(
 @bp.get("/vms")
 @allow_vma
 @validate_querystring(VmListQuery)
-async def list_vms(query_args: VmListQuery) -> dict[str, Any]:
-    db = state().db
+async def list_vms(query_args: VmListQuery) -> Response:
     pattern = None if query_args.search is None else f"%{query_args.search}%"
-    # total as an uncorrelated subquery (computed once, index-only), not count(*) OVER (), which
-    # would make PostgreSQL sort every matching row before applying the LIMIT
-    rows = await db.fetch(
-        f"SELECT {VM_COLUMNS}, (SELECT count(*) FROM vms WHERE $1::text IS NULL OR name ILIKE $1)"
-        " AS total_count FROM vms WHERE ($1::text IS NULL OR name ILIKE $1)"
-        " ORDER BY name, id LIMIT $2 OFFSET $3",
-        pattern,
-        query_args.limit,
-        query_args.offset,
+    return await json_page(
+        state().db,
+        "vms",
+        columns=VM_COLUMNS,
+        from_where="FROM vms t WHERE ($1::text IS NULL OR t.name ILIKE $1)",
+        order=[("name", "ASC"), ("id", "ASC")],
+        args=(pattern,),
+        page=query_args,
     )
-    if rows:
-        total = rows[0]["total_count"]
-    else:
-        total = await db.fetchval(
-            "SELECT count(*) FROM vms WHERE ($1::text IS NULL OR name ILIKE $1)", pattern
-        )
-    return page_body("vms", [row_dict(r, exclude=("total_count",)) for r in rows], total, query_args)
 
 
 @bp.post("/vms/inventory")
