@@ -67,6 +67,8 @@ class OmaConfig:
         admin_username = env_str("OMA_ADMIN_USERNAME")
         if (admin_username is None) != (admin_password is None):
             raise ConfigError("OMA_ADMIN_USERNAME and OMA_ADMIN_PASSWORD(_FILE) go together")
+        if admin_username is not None and admin_username.startswith("vma-"):
+            raise ConfigError("user names starting with 'vma-' are reserved for enrolled VMAs")
         return cls(
             data_dir=env_path("OMA_DATA_DIR", Path("/var/lib/oma")) or Path("/var/lib/oma"),
             host=env_str("OMA_HOST", "0.0.0.0") or "0.0.0.0",

@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
             password = (
                 getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
             )
+            if args.create_admin.startswith("vma-"):
+                raise ConfigError("user names starting with 'vma-' are reserved for enrolled VMAs")
             if len(password) < 8:
                 raise ConfigError("the administrator password must have at least 8 characters")
             trio.run(create_admin, config, args.create_admin, password)
