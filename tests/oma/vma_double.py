@@ -7,7 +7,9 @@ calls the OMA makes:
 - ``GET /api/v1/health`` -> ``{"status", "timestamp", "uptime"}``;
 - ``POST /api/v1/discover`` with ``{"vcenter", "username", "password", "datacenter", "filter"}`` ->
   ``{"vcenter": {"host", "datacenter"}, "vms": [{"id", "name", "path", "power_state", "guest_os",
-  "memory_mb", "num_cpu", ...}]}``; ``filter`` is a case-insensitive substring of the VM name.
+  "memory_mb", "num_cpu"}]}`` — plus, per VM, the optional ``disks`` list the OMA documents as its
+  one extension of that answer (docs/oma.md); ``filter`` is a case-insensitive substring of the
+  VM name.
   A login other than the configured one answers 500 ``{"error", "code": "OPERATION_FAILED",
   "timestamp"}`` as the VMA does when vCenter refuses;
 - ``GET /api/v1/progress/{job_id}`` -> the progress the test set for that job (fields documented
