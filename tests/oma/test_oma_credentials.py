@@ -133,3 +133,23 @@ async def test_operators_and_vmas_cannot_manage_credentials(oma: Oma, vma: VmaDo
     assert r.status_code == 403
     assert_envelope(r.json(), "FORBIDDEN")
     assert (await oma.get("/replications", headers={"Authorization": f"Bearer {token}"})).status_code == 200
+
+
+def test_key_file_is_created_0600_and_refused_when_readable_by_others(tmp_path: Path) -> None:
+    import pytest
+
+    from oma.crypto import SecretBox, SecretBoxError, load_or_create_key
+
+    path = tmp_path / "secrets" / "credentials.key"
+    key = load_or_create_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and load_or_create_key(path) == key
+    box = SecretBox(key)
+    blob = box.encrypt("pw", b"vmware-credential")
+    assert box.decrypt(blob, b"vmware-credential") == "pw"
+    with pytest.raises(SecretBoxError):
+        box.decrypt(blob, b"vma-secret")  # bound to its purpose
+    with pytest.raises(SecretBoxError):
+        SecretBox(os.urandom(32)).decrypt(blob, b"vmware-credential")
+    path.chmod(0o644)
+    with pytest.raises(SecretBoxError, match="readable by others"):
+        load_or_create_key(path)
