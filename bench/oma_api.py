@@ -283,10 +283,11 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
             "OMA_ADMIN_USERNAME": ADMIN_USER,
             "OMA_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "OMA_LOG_LEVEL": "warning",
-            "OMA_DB_POOL_SIZE": str(args.pool_size),
             "OMA_WORKERS": str(args.workers),
             "PYTHONPATH": str(REPO),
         }
+        if args.pool_size:
+            env["OMA_DB_POOL_SIZE"] = str(args.pool_size)
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
         cmd = [
             sys.executable,
@@ -363,7 +364,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--vms", type=int, default=10_000)
     parser.add_argument("--jobs", type=int, default=10_000)
-    parser.add_argument("--pool-size", type=int, default=10, help="database pool size per OMA worker")
+    parser.add_argument("--pool-size", type=int, help="database pool size per OMA worker")
     parser.add_argument(
         "--workers", type=int, default=1, help="OMA worker processes (oma-api-server --workers)"
     )

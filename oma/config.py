@@ -13,7 +13,7 @@
 | token lifetime (s) | | ``OMA_TOKEN_TTL`` | ``86400`` |
 | pairing code lifetime (s) | | ``OMA_PAIRING_CODE_TTL`` | ``600`` |
 | log level | ``--log-level`` | ``OMA_LOG_LEVEL`` | ``info`` |
-| pool size (per worker) | | ``OMA_DB_POOL_SIZE`` | ``10`` |
+| pool size (per worker) | | ``OMA_DB_POOL_SIZE`` | ``30`` |
 | worker processes | ``--workers`` | ``OMA_WORKERS`` | ``1`` |
 """
 
@@ -43,7 +43,7 @@ class OmaConfig:
     token_ttl_seconds: int = 24 * 3600
     pairing_code_ttl_seconds: int = 600
     log_level: str = "info"
-    db_pool_size: int = 10
+    db_pool_size: int = 30
     workers: int = 1
     max_body_bytes: int = 1024 * 1024
 
@@ -82,6 +82,6 @@ class OmaConfig:
             token_ttl_seconds=env_int("OMA_TOKEN_TTL", 24 * 3600, minimum=1),
             pairing_code_ttl_seconds=env_int("OMA_PAIRING_CODE_TTL", 600, minimum=1),
             log_level=env_str("OMA_LOG_LEVEL", "info") or "info",
-            db_pool_size=env_int("OMA_DB_POOL_SIZE", 10, minimum=1),
+            db_pool_size=env_int("OMA_DB_POOL_SIZE", 30, minimum=1),
             workers=env_int("OMA_WORKERS", 1, minimum=1),
         )
