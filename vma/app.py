@@ -7,8 +7,10 @@ remove their snapshots (shielded)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncGenerator
 
+import trio
 from quart_trio import QuartTrio
 
 from vma.api import cleanup, config, discover, health, replicate, status
@@ -17,6 +19,7 @@ from vma.errors import install_error_handlers
 from vma.state import VmaState
 
 API_PREFIX = "/api/v1"
+log = logging.getLogger(__name__)
 
 
 def create_app(cfg: VmaConfig) -> QuartTrio:
@@ -31,8 +34,13 @@ def create_app(cfg: VmaConfig) -> QuartTrio:
 
     @app.while_serving
     async def _lifespan() -> AsyncGenerator[None, None]:
-        cfg.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await trio.Path(cfg.work_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        log.info(
+            "VMA API serving",
+            extra={"action": "startup", "source": cfg.source, "oma_url": cfg.oma_url},
+        )
         yield
+        log.info("VMA API stopping", extra={"action": "shutdown"})
         await st.aclose()
 
     return app

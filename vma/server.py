@@ -46,9 +46,13 @@ def load_config(args: argparse.Namespace) -> VmaConfig:
 
 
 async def serve_vma(
-    config: VmaConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    config: VmaConfig,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled or signalled; reports the bound URL through ``task_status``."""
+    """Serve until cancelled or (``handle_signals``) SIGTERM/SIGINT; reports the bound URL through
+    ``task_status``."""
     hc = HypercornConfig()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.accesslog = None
@@ -62,7 +66,8 @@ async def serve_vma(
                 return
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch_signals)
+        if handle_signals:
+            nursery.start_soon(watch_signals)
         binds: list[str] = await nursery.start(
             lambda task_status: serve(
                 create_app(config), hc, shutdown_trigger=stop.wait, task_status=task_status
