@@ -403,13 +403,34 @@ class VSphere:
     def snapshot_obj(self, ref: SnapshotRef) -> Any:
         return vim.vm.Snapshot(ref.moref, self.si._stub)
 
+    def property(self, obj: Any, name: str) -> Any:
+        """One property through the property collector; None when unset. (Reading an unset
+        property as an attribute makes pyvmomi call ``Fetch``, which some servers, the govmomi
+        simulator among them, answer with an error instead of nothing.)"""
+        pc = vmodl.query.PropertyCollector
+        spec = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=obj, skip=False)],
+            propSet=[pc.PropertySpec(type=type(obj), pathSet=[name], all=False)],
+        )
+        result = self.content.propertyCollector.RetrievePropertiesEx([spec], pc.RetrieveOptions())
+        for found in result.objects if result is not None else []:
+            for prop in found.propSet or []:
+                if prop.name == name:
+                    return prop.val
+        return None
+
+    def snapshot_tree(self, vm: Any) -> list[Any]:
+        """Every snapshot of the VM (tree nodes with ``name`` and ``snapshot``), flattened."""
+        info = self.property(vm, "snapshot")
+        return _flatten(info.rootSnapshotList if info is not None else [])
+
     def snapshot_exists(self, ref: SnapshotRef) -> bool:
         vm = vim.VirtualMachine(ref.vm_moref, self.si._stub)
         try:
-            tree = vm.snapshot.rootSnapshotList if vm.snapshot is not None else []
+            tree = self.snapshot_tree(vm)
         except vmodl.fault.ManagedObjectNotFound:
             return False
-        return ref.moref in {s.snapshot._moId for s in _flatten(tree)}
+        return ref.moref in {s.snapshot._moId for s in tree}
 
     def snapshot_disks(self, ref: SnapshotRef) -> list[DiskInfo]:
         snap = self.snapshot_obj(ref)
@@ -428,8 +449,9 @@ class VSphere:
         return True
 
     def snapshots_named(self, vm: Any, name: str) -> list[SnapshotRef]:
-        tree = vm.snapshot.rootSnapshotList if vm.snapshot is not None else []
-        return [SnapshotRef(vm._moId, s.snapshot._moId, s.name) for s in _flatten(tree) if s.name == name]
+        return [
+            SnapshotRef(vm._moId, s.snapshot._moId, s.name) for s in self.snapshot_tree(vm) if s.name == name
+        ]
 
     # -- changed areas ---------------------------------------------------------------------------------
 

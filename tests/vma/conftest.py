@@ -19,6 +19,7 @@ from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
 from tests.vma.oma_double import OmaDouble, run_oma_double
 from vma.config import VmaConfig
 from vma.server import serve_vma
+from vma.vsphere import VCenterLogin, VSphere
 
 FILES = {"etc/hostname": b"vm1\n", "var/lib/data/blob.bin": bytes(range(256)) * 8192}
 
@@ -106,11 +107,11 @@ def vma_config(tmp_path: Path, lab: Lab | None, oma: OmaDouble | None) -> VmaCon
 
 
 @pytest.fixture
-async def vma(
-    tmp_path: Path, lab: Lab, oma: OmaDouble, nursery: trio.Nursery
-) -> AsyncIterator[Vma]:
+async def vma(tmp_path: Path, lab: Lab, oma: OmaDouble, nursery: trio.Nursery) -> AsyncIterator[Vma]:
     config = vma_config(tmp_path, lab, oma)
-    url: str = await nursery.start(lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status))
+    url: str = await nursery.start(
+        lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
+    )
     async with httpx.AsyncClient(timeout=60) as http:
         yield Vma(url, config, http)
 
@@ -140,24 +141,20 @@ def find_vm(si: vim.ServiceInstance, name: str) -> vim.VirtualMachine:
 
 def snapshot_names(lab: Lab, vm_name: str) -> list[tuple[str, str]]:
     """(name, moref) of every snapshot of the lab VM."""
-    si = lab.connect()
+    vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
     try:
-        vm = find_vm(si, vm_name)
-        out: list[tuple[str, str]] = []
-        todo = list(vm.snapshot.rootSnapshotList) if vm.snapshot is not None else []
-        while todo:
-            node = todo.pop()
-            out.append((node.name, node.snapshot._moId))
-            todo.extend(node.childSnapshotList)
-        return sorted(out)
+        vm = vs.find_vm(f"/DC0/vm/{vm_name}")
+        return sorted((s.name, s.snapshot._moId) for s in vs.snapshot_tree(vm))
     finally:
-        Disconnect(si)
+        vs.disconnect()
 
 
 def make_snapshot(lab: Lab, vm_name: str, name: str) -> str:
     si = lab.connect()
     try:
-        task = find_vm(si, vm_name).CreateSnapshot_Task(name=name, description="", memory=False, quiesce=False)
+        task = find_vm(si, vm_name).CreateSnapshot_Task(
+            name=name, description="", memory=False, quiesce=False
+        )
         WaitForTask(task)
         moref: str = task.info.result._moId
         return moref

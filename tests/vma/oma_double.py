@@ -114,7 +114,11 @@ class OmaDouble:
             vm_path, disk_id = request.args.get("vm_path"), request.args.get("disk_id")
             if not vm_path or not disk_id:
                 return error(400, "INVALID_REQUEST", "vm_path and disk_id are required")
-            return {"vm_path": vm_path, "disk_id": disk_id, "change_id": self.change_ids.get((vm_path, disk_id))}
+            return {
+                "vm_path": vm_path,
+                "disk_id": disk_id,
+                "change_id": self.change_ids.get((vm_path, disk_id)),
+            }
 
         @app.post("/api/v1/replications/<job_id>/changeid")
         async def store_change_id(job_id: str) -> Any:
@@ -133,7 +137,9 @@ class OmaDouble:
             body = await request.get_json(silent=True) or {}
             job = self.replications.setdefault(job_id, {"id": job_id, "status": "pending"})
             if job["status"] in ("completed", "failed", "cancelled"):
-                return error(409, "CONFLICT", f"job {job_id} is {job['status']}; a finished job cannot change")
+                return error(
+                    409, "CONFLICT", f"job {job_id} is {job['status']}; a finished job cannot change"
+                )
             self.updates.append((job_id, body))
             job.update({k: v for k, v in body.items() if v is not None})
             return job

@@ -63,9 +63,17 @@ async def test_unknown_job_is_job_not_found(api: Vma) -> None:
 
 
 async def test_request_validation(api: Vma) -> None:
-    assert_error(await api.post("/api/v1/cleanup", {"job_id": "a b", "action": "delete_snapshot"}), 400, "INVALID_REQUEST")
-    assert_error(await api.post("/api/v1/cleanup", {"job_id": "j1", "action": "format_disk"}), 400, "INVALID_REQUEST")
-    r = await api.http.post(f"{api.url}/api/v1/cleanup", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(
+        await api.post("/api/v1/cleanup", {"job_id": "a b", "action": "delete_snapshot"}),
+        400,
+        "INVALID_REQUEST",
+    )
+    assert_error(
+        await api.post("/api/v1/cleanup", {"job_id": "j1", "action": "format_disk"}), 400, "INVALID_REQUEST"
+    )
+    r = await api.http.post(
+        f"{api.url}/api/v1/cleanup", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert_error(r, 400, "INVALID_REQUEST")
     base = {"job_id": "j1", "vcenter": "vc", "username": "u", "password": "p", "vm_paths": ["/DC0/vm/vm1"]}
     assert_error(await api.post("/api/v1/replicate", {**base, "vm_paths": []}), 400, "INVALID_REQUEST")
@@ -108,7 +116,9 @@ def test_cli_prints_bound_address(tmp_path: Path) -> None:
 
 async def test_serve_without_lab(tmp_path: Path, nursery: trio.Nursery) -> None:
     config = vma_config(tmp_path, None, None)
-    url: str = await nursery.start(lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status))
+    url: str = await nursery.start(
+        lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
+    )
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{url}/api/v1/health")).status_code == 200
     nursery.cancel_scope.cancel()

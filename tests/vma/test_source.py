@@ -1,0 +1,103 @@
+"""Disk sources: the production ``nbdkit vddk`` command line (VDDK is not installable here, so its
+exact argv is the check) and the lab's ``nbdkit file`` source actually serving a disk."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vma.config import VmaConfig
+from vma.source import SourceError, SourceSpec, resolve_datastore_path, serve_source, source_argv
+from vma.vsphere import VCenterLogin
+
+
+def test_vddk_argv(tmp_path: Path) -> None:
+    config = VmaConfig(
+        source="vddk",
+        vddk_libdir=Path("/opt/vmware-vix-disklib-distrib"),
+        vddk_thumbprint="AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD",
+        vddk_transports="nbd:nbdssl:hotadd",
+    )
+    login = VCenterLogin("vcenter.example.com", "administrator@vsphere.local", "pa ss'word")
+    spec = SourceSpec("vm-143233", "snapshot-61", "[DS1] PGWIN/PGWIN_1.vmdk")
+    argv = source_argv(config, login, spec, tmp_path, "vm-143233-disk-2001", threads=64)
+    sock = tmp_path / "vm-143233-disk-2001.sock"
+    password_file = tmp_path / "vcenter.pass"
+    assert argv == [
+        "nbdkit",
+        "--exit-with-parent",
+        "--foreground",
+        "--readonly",
+        "--unix",
+        str(sock),
+        "--threads",
+        "64",
+        "vddk",
+        "libdir=/opt/vmware-vix-disklib-distrib",
+        "server=vcenter.example.com",
+        "port=443",
+        "user=administrator@vsphere.local",
+        f"password=+{password_file}",
+        "thumbprint=AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD",
+        "vm=moref=vm-143233",
+        "snapshot=snapshot-61",
+        "transports=nbd:nbdssl:hotadd",
+        "file=[DS1] PGWIN/PGWIN_1.vmdk",
+    ]
+    # The password is in a private file, never in argv.
+    assert password_file.read_text() == "pa ss'word"
+    assert stat.S_IMODE(os.stat(password_file).st_mode) == 0o600
+    assert not any("pa ss'word" in a for a in argv)
+
+
+def test_resolve_datastore_path(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    (root / "vm1").mkdir(parents=True)
+    (root / "vm1" / "vm1-flat.vmdk").write_bytes(b"\0" * 512)
+    (root / "vm1" / "vm1.vmdk").write_text(
+        '# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 1 FLAT "vm1-flat.vmdk" 0\n'
+    )
+    roots = {"LocalDS_0": root}
+    assert resolve_datastore_path("[LocalDS_0] vm1/vm1.vmdk", roots) == root / "vm1" / "vm1-flat.vmdk"
+    with pytest.raises(SourceError, match="no local directory"):
+        resolve_datastore_path("[Other] vm1/vm1.vmdk", roots)
+    with pytest.raises(SourceError, match="leaves"):
+        resolve_datastore_path("[LocalDS_0] ../etc/passwd", roots)
+    with pytest.raises(SourceError, match="no such file"):
+        resolve_datastore_path("[LocalDS_0] vm2/vm2.vmdk", roots)
+
+
+async def test_file_source_serves_the_image(tmp_path: Path) -> None:
+    image = tmp_path / "ds" / "vm1" / "vm1-flat.vmdk"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(os.urandom(1 << 20) + b"\0" * (3 << 20))
+    config = VmaConfig(source="file", datastore_roots={"LocalDS_0": tmp_path / "ds"})
+    login = VCenterLogin("127.0.0.1:1", "u", "p")
+    spec = SourceSpec("vm-1", "snapshot-1", "[LocalDS_0] vm1/vm1-flat.vmdk")
+    argv = source_argv(config, login, spec, tmp_path, "disk", threads=8)
+    assert argv[-3:] == ["file", f"file={image}", "cache=none"]
+    async with serve_source(argv) as uri:
+        assert uri == f"nbd+unix:///?socket={tmp_path / 'disk.sock'}"
+        out = tmp_path / "copy.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)], check=True)
+        assert out.read_bytes() == image.read_bytes()
+    assert not (tmp_path / "disk.sock").exists()
+    assert not (tmp_path / "vcenter.pass").exists()  # the file source needs no password
+
+
+async def test_source_that_cannot_start(tmp_path: Path) -> None:
+    argv = [
+        "nbdkit",
+        "--exit-with-parent",
+        "--foreground",
+        "--unix",
+        str(tmp_path / "s.sock"),
+        "nosuchplugin",
+    ]
+    with pytest.raises(SourceError, match="nbdkit exited"):
+        async with serve_source(argv):
+            pass
