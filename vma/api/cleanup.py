@@ -23,7 +23,7 @@ from vma.jobs import Job
 from vma.logging import log_context
 from vma.replicate import remove_artifacts
 from vma.state import state
-from vma.vsphere import VSphere, VSphereError, run
+from vma.vsphere import SnapshotRef, VSphere, VSphereError, run
 
 bp = Blueprint("cleanup", __name__)
 log = logging.getLogger(__name__)
@@ -45,8 +45,10 @@ async def _stop(job: Job, action: str) -> bool:
     return True
 
 
-def _remove_snapshots(vs: VSphere, job: Job) -> list[str]:
-    removed = []
+def _remove_snapshots(vs: VSphere, job: Job, before: list[SnapshotRef]) -> list[str]:
+    """Remove what the job still holds; returns every snapshot of the job now gone, including
+    those its own failure path removed while it stopped (``before``: held before the stop)."""
+    removed = [s.moref for s in before if s not in job.snapshots and not vs.snapshot_exists(s)]
     for snap in list(job.snapshots):
         if vs.remove_snapshot(snap):
             removed.append(snap.moref)
@@ -73,11 +75,12 @@ async def cleanup() -> Any:
     st = state()
     job = st.tracker.get(job_id)
     with log_context(job_id=job_id, action=f"cleanup_{action}"):
+        before = list(job.snapshots)
         stopped = await _stop(job, action)
         try:
             vs = await run(VSphere.connect, job.login, insecure=st.config.vcenter_insecure)
             try:
-                removed = await run(_remove_snapshots, vs, job)
+                removed = await run(_remove_snapshots, vs, job, before)
             finally:
                 await run(vs.disconnect)
         except VSphereError as e:

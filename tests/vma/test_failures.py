@@ -1,0 +1,152 @@
+"""Failure paths of a replication: the target export dies mid-copy, cleanup stops a running job.
+The target is ``nbdkit file`` under the ``rate`` filter, so a copy lasts long enough to be hit."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pyapp.lab import Lab, LabVM, MiB
+from pyapp.nbd_export import NbdExport, free_tcp_port
+from tests.vma.conftest import Vma, new_target, snapshot_names
+from tests.vma.oma_double import OmaDouble
+
+VM_PATH = "/DC0/vm/vm1"
+
+
+@contextmanager
+def slow_export(image: Path, rate: str = "4M") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """nbdkit serving ``image`` read-write at ``rate`` bytes/s on a loopback port."""
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        ["nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
+         "--filter=rate", "file", str(image), f"rate={rate}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not start"
+            time.sleep(0.02)
+        yield f"nbd://127.0.0.1:{port}/", proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def body(lab: Lab, job_id: str, oma: OmaDouble, uris: list[str], vm: LabVM) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "vcenter": lab.url,
+        "username": lab.username,
+        "password": lab.password,
+        "vm_paths": [VM_PATH],
+        "oma_url": oma.url,
+        "targets": {VM_PATH: {f"disk-{d.key}": u for d, u in zip(vm.disks, uris, strict=True)}},
+    }
+
+
+async def wait_bytes(vma: Vma, job_id: str) -> dict[str, Any]:
+    """Wait until the copy has moved some bytes (and is not done)."""
+    with trio.fail_after(30):
+        while True:
+            p: dict[str, Any] = (await vma.get(f"/api/v1/progress/{job_id}")).json()
+            assert p["status"] == "running", p
+            if p["phase"] == "copying" and p["bytes_transferred"] > 0:
+                return p
+            await trio.sleep(0.02)
+
+
+async def test_export_killed_mid_copy(tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble) -> None:
+    vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=5)  # ~12 MiB to move at 4 MiB/s
+    t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
+    t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
+    with slow_export(t0) as (uri0, proc0), NbdExport(t1, name="d1", shared=8) as e1:
+        r = await vma.post("/api/v1/replicate", body(lab, "repl-kill", oma, [uri0, e1.uri], vm1))
+        assert r.status_code == 200, r.text
+        p = await wait_bytes(vma, "repl-kill")
+        assert p["current_disk"] is not None and p["throughput_bps"] >= 0
+        assert [n for n, _ in await trio.to_thread.run_sync(snapshot_names, lab, "vm1")] == ["vma-repl-kill"]
+        proc0.kill()  # the OMA's export dies in the middle of the copy
+        final = await vma.wait_job("repl-kill", timeout=60)
+    assert final["status"] == "failed"
+    assert "copy of /DC0/vm/vm1 disk-" in final["error"]
+    assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []  # snapshot removed
+    assert final["snapshots"] == []
+    assert oma.change_id_posts == []  # the change ID did not advance
+    assert oma.replications["repl-kill"]["status"] == "failed"
+    assert "copy of" in oma.replications["repl-kill"]["error_message"]
+    status = (await vma.get("/api/v1/status/repl-kill")).json()
+    assert status["status"] == "failed" and status["error"] == final["error"]
+
+
+async def test_cleanup_stops_a_running_job_and_removes_its_snapshot(
+    tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=6)
+    t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
+    t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
+    with slow_export(t0, rate="2M") as (uri0, _), NbdExport(t1, name="d1", shared=8) as e1:
+        r = await vma.post("/api/v1/replicate", body(lab, "repl-clean", oma, [uri0, e1.uri], vm1))
+        assert r.status_code == 200
+        await wait_bytes(vma, "repl-clean")
+        snaps = await trio.to_thread.run_sync(snapshot_names, lab, "vm1")
+        assert [n for n, _ in snaps] == ["vma-repl-clean"]
+        r = await vma.post("/api/v1/cleanup", {"job_id": "repl-clean", "action": "delete_snapshot"})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["job_id"] == "repl-clean" and answer["action"] == "delete_snapshot"
+        assert answer["status"] == "success"
+        assert answer["job_stopped"] is True
+        assert answer["snapshots_removed"] == [snaps[0][1]]
+    assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
+    status = (await vma.get("/api/v1/status/repl-clean")).json()
+    assert status["status"] == "failed" and "stopped by cleanup" in status["error"]
+    assert oma.change_id_posts == []
+    work = vma.config.work_dir / "repl-clean"
+    assert work.exists() and not (work / "vcenter.pass").exists()
+    # cleanup_all: nothing left in vCenter; the job's work directory (nbdkit logs) goes.
+    r = await vma.post("/api/v1/cleanup", {"job_id": "repl-clean", "action": "cleanup_all"})
+    assert r.status_code == 200, r.text
+    assert r.json()["snapshots_removed"] == [] and r.json()["artifacts_removed"] is True
+    assert not work.exists()
+    # Idempotent: a second delete_snapshot has nothing to do, and says so.
+    r = await vma.post("/api/v1/cleanup", {"job_id": "repl-clean", "action": "delete_snapshot"})
+    assert r.json() == {**r.json(), "status": "success", "snapshots_removed": [], "job_stopped": False}
+
+
+async def test_cleanup_removes_a_snapshot_the_job_could_not(
+    tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    """The job stalls after its snapshot (the OMA is down, the client backs off); cleanup stops it
+    and the snapshot is gone."""
+    t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
+    t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
+    with NbdExport(t0, name="d0", shared=8) as e0, NbdExport(t1, name="d1", shared=8) as e1:
+        # Log in first, so the job's first call succeeds; then the OMA goes away.
+        r = await vma.post("/api/v1/replicate", body(lab, "repl-stall", oma, [e0.uri, e1.uri], vm1))
+        assert r.status_code == 200
+        await vma.wait_phase("repl-stall", "snapshot")
+        await oma.stop()
+        with trio.fail_after(20):
+            while not await trio.to_thread.run_sync(snapshot_names, lab, "vm1"):
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # the job is backing off towards the OMA
+        assert (await vma.get("/api/v1/status/repl-stall")).json()["status"] == "running"
+        r = await vma.post("/api/v1/cleanup", {"job_id": "repl-stall", "action": "cleanup_all"})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["snapshots_removed"]) == 1
+    assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
+    assert (await vma.get("/api/v1/status/repl-stall")).json()["status"] == "failed"
