@@ -54,10 +54,16 @@ class VmaConfig:
     #: Disks copied at once in this VMA (over all jobs); VMs of one job are started under it too.
     max_parallel_disks: int = 4
     mover_connections: int = 4
+    #: Requests in flight per connection and their size. Cancelling a copy (cleanup of a running
+    #: job) lets the requests in flight finish: connections x requests x size bounds that wait.
+    mover_requests: int = 16
+    mover_request_size: int = 1 << 20
     #: How long the mover retries a lost NBD connection before the job fails.
     reconnect_timeout: float = 30.0
     #: Seconds between replication record updates sent to the OMA while copying.
     progress_report_interval: float = 5.0
+    #: How long a failed job keeps trying to tell the OMA before giving up (the OMA may be down).
+    final_report_timeout: float = 30.0
 
     # -- defaults set by PUT /api/v1/config (the seed's dynamic allocation) ------------------------
     nbd_host: str = "127.0.0.1"

@@ -133,7 +133,7 @@ class Replicator:
                 job.current_operation = f"Failed: {job.error}"
                 job.finished_at = dt.datetime.now(dt.UTC)
                 log.error("replication failed: %s", job.error)
-                with trio.CancelScope(shield=True), trio.move_on_after(30):
+                with trio.CancelScope(shield=True), trio.move_on_after(self.config.final_report_timeout):
                     await self._tell_oma(
                         oma,
                         job,
@@ -309,7 +309,7 @@ class Replicator:
             SourceSpec(snap.vm_moref, snap.moref, plan.disk.file_name),
             work,
             f"{snap.vm_moref}-{plan.disk.disk_id}",
-            threads=connections * 16,
+            threads=connections * self.config.mover_requests,
         )
 
         def on_progress(p: mover.CopyProgress) -> None:
@@ -327,6 +327,8 @@ class Replicator:
                     extents=None if allocated_only else plan.extents,
                     allocated_only=allocated_only,
                     connections=connections,
+                    requests=self.config.mover_requests,
+                    request_size=self.config.mover_request_size,
                     reconnect_timeout=self.config.reconnect_timeout,
                     on_progress=on_progress,
                 )

@@ -11,9 +11,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from pyVim.connect import Disconnect
-from pyVim.task import WaitForTask
-from pyVmomi import vim
 
 from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
 from tests.vma.oma_double import OmaDouble, run_oma_double
@@ -66,9 +63,9 @@ class Vma:
     async def put(self, path: str, body: Any) -> httpx.Response:
         return await self.http.put(f"{self.url}{path}", json=body)
 
-    async def wait_job(self, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    async def wait_job(self, job_id: str, within: float = 60.0) -> dict[str, Any]:
         """Poll ``/status`` until the job is completed or failed; returns its ``/progress``."""
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             while True:
                 status = (await self.get(f"/api/v1/status/{job_id}")).json()
                 if status["status"] in ("completed", "failed"):
@@ -76,8 +73,8 @@ class Vma:
                     return body
                 await trio.sleep(0.05)
 
-    async def wait_phase(self, job_id: str, phase: str, timeout: float = 30.0) -> dict[str, Any]:
-        with trio.fail_after(timeout):
+    async def wait_phase(self, job_id: str, phase: str, within: float = 30.0) -> dict[str, Any]:
+        with trio.fail_after(within):
             while True:
                 body: dict[str, Any] = (await self.get(f"/api/v1/progress/{job_id}")).json()
                 if body["phase"] == phase:
@@ -130,15 +127,6 @@ async def api(tmp_path: Path, oma: OmaDouble, nursery: trio.Nursery) -> AsyncIte
 # -- lab helpers (blocking; call through trio.to_thread.run_sync) ----------------------------------
 
 
-def find_vm(si: vim.ServiceInstance, name: str) -> vim.VirtualMachine:
-    view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.VirtualMachine], True)
-    try:
-        vm: vim.VirtualMachine = next(v for v in view.view if v.name == name)
-        return vm
-    finally:
-        view.Destroy()
-
-
 def snapshot_names(lab: Lab, vm_name: str) -> list[tuple[str, str]]:
     """(name, moref) of every snapshot of the lab VM."""
     vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
@@ -150,16 +138,12 @@ def snapshot_names(lab: Lab, vm_name: str) -> list[tuple[str, str]]:
 
 
 def make_snapshot(lab: Lab, vm_name: str, name: str) -> str:
-    si = lab.connect()
+    """A snapshot made by someone else than the VMA (an operator, a backup tool)."""
+    vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
     try:
-        task = find_vm(si, vm_name).CreateSnapshot_Task(
-            name=name, description="", memory=False, quiesce=False
-        )
-        WaitForTask(task)
-        moref: str = task.info.result._moId
-        return moref
+        return vs.create_snapshot(vs.find_vm(f"/DC0/vm/{vm_name}"), name, "not the VMA's").moref
     finally:
-        Disconnect(si)
+        vs.disconnect()
 
 
 def images_equal(a: Path, b: Path) -> bool:

@@ -152,7 +152,7 @@ class OmaDouble:
 
         return app
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         config = HypercornConfig()
         config.bind = [f"127.0.0.1:{self.port}"]
         config.accesslog = None

@@ -21,7 +21,7 @@ ENVELOPE = {"error", "code", "timestamp"}
 def assert_error(r: httpx.Response, status: int, code: str) -> None:
     assert r.status_code == status, r.text
     body = r.json()
-    assert ENVELOPE <= set(body), body
+    assert set(body) >= ENVELOPE, body
     assert body["code"] == code
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$", body["timestamp"])
 

@@ -1,5 +1,6 @@
 """Failure paths of a replication: the target export dies mid-copy, cleanup stops a running job.
-The target is ``nbdkit file`` under the ``rate`` filter, so a copy lasts long enough to be hit."""
+The target is ``nbdkit file`` under the ``delay`` filter (each write takes ``wdelay``), so a copy
+lasts long enough to be hit."""
 
 from __future__ import annotations
 
@@ -22,12 +23,23 @@ VM_PATH = "/DC0/vm/vm1"
 
 
 @contextmanager
-def slow_export(image: Path, rate: str = "4M") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """nbdkit serving ``image`` read-write at ``rate`` bytes/s on a loopback port."""
+def slow_export(image: Path, wdelay: str = "500ms") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """nbdkit serving ``image`` read-write on a loopback port, each write delayed ``wdelay`` s."""
     port = free_tcp_port()
     proc = subprocess.Popen(
-        ["nbdkit", "--foreground", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port),
-         "--filter=rate", "file", str(image), f"rate={rate}"],
+        [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--filter=delay",
+            "file",
+            str(image),
+            f"wdelay={wdelay}",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -44,6 +56,14 @@ def slow_export(image: Path, rate: str = "4M") -> Iterator[tuple[str, subprocess
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def short_drain(vma: Vma) -> None:
+    """Few small requests in flight, so a cancelled copy drains quickly through the slow target;
+    a failed job gives up telling a stopped OMA after 2 s."""
+    vma.config.mover_requests = 2
+    vma.config.mover_request_size = 256 * 1024
+    vma.config.final_report_timeout = 2.0
 
 
 def body(lab: Lab, job_id: str, oma: OmaDouble, uris: list[str], vm: LabVM) -> dict[str, Any]:
@@ -70,7 +90,8 @@ async def wait_bytes(vma: Vma, job_id: str) -> dict[str, Any]:
 
 
 async def test_export_killed_mid_copy(tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble) -> None:
-    vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=5)  # ~12 MiB to move at 4 MiB/s
+    short_drain(vma)
+    vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=5)  # 12 MiB in 256 KiB writes, 8 at a time
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
     t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
     with slow_export(t0) as (uri0, proc0), NbdExport(t1, name="d1", shared=8) as e1:
@@ -80,7 +101,7 @@ async def test_export_killed_mid_copy(tmp_path: Path, vma: Vma, lab: Lab, vm1: L
         assert p["current_disk"] is not None and p["throughput_bps"] >= 0
         assert [n for n, _ in await trio.to_thread.run_sync(snapshot_names, lab, "vm1")] == ["vma-repl-kill"]
         proc0.kill()  # the OMA's export dies in the middle of the copy
-        final = await vma.wait_job("repl-kill", timeout=60)
+        final = await vma.wait_job("repl-kill", within=60)
     assert final["status"] == "failed"
     assert "copy of /DC0/vm/vm1 disk-" in final["error"]
     assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []  # snapshot removed
@@ -95,10 +116,11 @@ async def test_export_killed_mid_copy(tmp_path: Path, vma: Vma, lab: Lab, vm1: L
 async def test_cleanup_stops_a_running_job_and_removes_its_snapshot(
     tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
 ) -> None:
+    short_drain(vma)
     vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=6)
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
     t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
-    with slow_export(t0, rate="2M") as (uri0, _), NbdExport(t1, name="d1", shared=8) as e1:
+    with slow_export(t0) as (uri0, _), NbdExport(t1, name="d1", shared=8) as e1:
         r = await vma.post("/api/v1/replicate", body(lab, "repl-clean", oma, [uri0, e1.uri], vm1))
         assert r.status_code == 200
         await wait_bytes(vma, "repl-clean")
@@ -130,18 +152,21 @@ async def test_cleanup_stops_a_running_job_and_removes_its_snapshot(
 async def test_cleanup_removes_a_snapshot_the_job_could_not(
     tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
 ) -> None:
+    short_drain(vma)
     """The job stalls after its snapshot (the OMA is down, the client backs off); cleanup stops it
     and the snapshot is gone."""
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
     t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
     with NbdExport(t0, name="d0", shared=8) as e0, NbdExport(t1, name="d1", shared=8) as e1:
-        # Log in first, so the job's first call succeeds; then the OMA goes away.
+        # The job has told the OMA it started; once it is at its snapshot, the OMA goes away.
         r = await vma.post("/api/v1/replicate", body(lab, "repl-stall", oma, [e0.uri, e1.uri], vm1))
         assert r.status_code == 200
         await vma.wait_phase("repl-stall", "snapshot")
         await oma.stop()
         with trio.fail_after(20):
-            while not await trio.to_thread.run_sync(snapshot_names, lab, "vm1"):
+            while True:
+                if await trio.to_thread.run_sync(snapshot_names, lab, "vm1"):
+                    break
                 await trio.sleep(0.05)
         await trio.sleep(0.5)  # the job is backing off towards the OMA
         assert (await vma.get("/api/v1/status/repl-stall")).json()["status"] == "running"

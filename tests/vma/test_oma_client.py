@@ -9,15 +9,18 @@ from tests.vma.oma_double import OmaDouble, run_oma_double
 from vma.oma_client import OmaAuthError, OmaClient, OmaError, OmaUnreachable
 
 
-def client(double: OmaDouble, **kwargs: float) -> OmaClient:
-    options: dict[str, float] = {
-        "renew_margin": 300.0,
-        "backoff_initial": 0.05,
-        "backoff_max": 0.4,
-        "unreachable_deadline": 10.0,
-    }
-    options.update(kwargs)
-    return OmaClient(double.url, double.appliance_id, double.secret, **options)
+def client(
+    double: OmaDouble, *, renew_margin: float = 300.0, unreachable_deadline: float = 10.0
+) -> OmaClient:
+    return OmaClient(
+        double.url,
+        double.appliance_id,
+        double.secret,
+        renew_margin=renew_margin,
+        backoff_initial=0.05,
+        backoff_max=0.4,
+        unreachable_deadline=unreachable_deadline,
+    )
 
 
 async def test_login_once_then_reuse_the_token() -> None:

@@ -23,7 +23,10 @@ def exports(tmp_path: Path, vm: LabVM, tag: str = "t") -> Iterator[tuple[list[Pa
     """One raw target file per disk, served by qemu-nbd with room for the mover's connections."""
     files = [new_target(tmp_path / f"{tag}-{d.key}.raw", d.capacity) for d in vm.disks]
     with ExitStack() as stack:
-        served = [stack.enter_context(NbdExport(f, name=f"disk-{d.key}", shared=8)) for f, d in zip(files, vm.disks, strict=True)]
+        served = [
+            stack.enter_context(NbdExport(f, name=f"disk-{d.key}", shared=8))
+            for f, d in zip(files, vm.disks, strict=True)
+        ]
         yield files, served
 
 
@@ -128,9 +131,7 @@ async def test_pre_existing_snapshot_is_never_touched(
     assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == [("operator-backup", moref)]
 
 
-async def test_single_disk_target_from_put_config(
-    tmp_path: Path, vma: Vma, lab: Lab, oma: OmaDouble
-) -> None:
+async def test_single_disk_target_from_put_config(tmp_path: Path, vma: Vma, lab: Lab, oma: OmaDouble) -> None:
     vm = await trio.to_thread.run_sync(lambda: lab.create_vm("solo", [DiskSpec(8 * MiB)]))
     vm.disks[0].guest.write(MiB, b"solo data" * 100)
     target = new_target(tmp_path / "solo.raw", vm.disks[0].capacity)
