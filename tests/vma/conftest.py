@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ import pytest
 import trio
 
 from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
+from pyapp.nbd_export import free_tcp_port
 from tests.vma.oma_double import OmaDouble, run_oma_double
 from vma.config import VmaConfig
 from vma.server import serve_vma
@@ -103,14 +107,32 @@ def vma_config(tmp_path: Path, lab: Lab | None, oma: OmaDouble | None) -> VmaCon
     )
 
 
+StartVma = Callable[..., Awaitable[Vma]]
+
+
 @pytest.fixture
-async def vma(tmp_path: Path, lab: Lab, oma: OmaDouble, nursery: trio.Nursery) -> AsyncIterator[Vma]:
-    config = vma_config(tmp_path, lab, oma)
-    url: str = await nursery.start(
-        lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
-    )
+async def start_vma(
+    tmp_path: Path, lab: Lab, oma: OmaDouble, nursery: trio.Nursery
+) -> AsyncIterator[StartVma]:
+    """Start a VMA on the lab and the OMA double, with configuration overrides."""
     async with httpx.AsyncClient(timeout=60) as http:
-        yield Vma(url, config, http)
+
+        async def start(**overrides: Any) -> Vma:
+            config = vma_config(tmp_path, lab, oma)
+            for key, value in overrides.items():
+                assert hasattr(config, key), key
+                setattr(config, key, value)
+            url: str = await nursery.start(
+                lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
+            )
+            return Vma(url, config, http)
+
+        yield start
+
+
+@pytest.fixture
+async def vma(start_vma: StartVma) -> Vma:
+    return await start_vma()
 
 
 @pytest.fixture
@@ -157,3 +179,39 @@ def new_target(path: Path, size: int) -> Path:
     with path.open("wb") as f:
         f.truncate(size)
     return path
+
+
+@contextmanager
+def slow_export(image: Path, wdelay: str = "500ms") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """nbdkit serving ``image`` read-write on a loopback port, each write delayed ``wdelay`` s."""
+    port = free_tcp_port()
+    proc = subprocess.Popen(
+        [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--filter=delay",
+            "file",
+            str(image),
+            f"wdelay={wdelay}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not start"
+            time.sleep(0.02)
+        yield f"nbd://127.0.0.1:{port}/", proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

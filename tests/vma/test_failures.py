@@ -4,66 +4,25 @@ lasts long enough to be hit."""
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from pyapp.lab import Lab, LabVM, MiB
-from pyapp.nbd_export import NbdExport, free_tcp_port
-from tests.vma.conftest import Vma, new_target, snapshot_names
+from pyapp.nbd_export import NbdExport
+from tests.vma.conftest import StartVma, Vma, new_target, slow_export, snapshot_names
 from tests.vma.oma_double import OmaDouble
 
 VM_PATH = "/DC0/vm/vm1"
 
 
-@contextmanager
-def slow_export(image: Path, wdelay: str = "500ms") -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """nbdkit serving ``image`` read-write on a loopback port, each write delayed ``wdelay`` s."""
-    port = free_tcp_port()
-    proc = subprocess.Popen(
-        [
-            "nbdkit",
-            "--foreground",
-            "--exit-with-parent",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--filter=delay",
-            "file",
-            str(image),
-            f"wdelay={wdelay}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            assert time.monotonic() < deadline and proc.poll() is None, "nbdkit did not start"
-            time.sleep(0.02)
-        yield f"nbd://127.0.0.1:{port}/", proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def short_drain(vma: Vma) -> None:
+@pytest.fixture
+async def vma(start_vma: StartVma) -> Vma:
     """Few small requests in flight, so a cancelled copy drains quickly through the slow target;
     a failed job gives up telling a stopped OMA after 2 s."""
-    vma.config.mover_requests = 2
-    vma.config.mover_request_size = 256 * 1024
-    vma.config.final_report_timeout = 2.0
+    return await start_vma(mover_requests=2, mover_request_size=256 * 1024, final_report_timeout=2.0)
 
 
 def body(lab: Lab, job_id: str, oma: OmaDouble, uris: list[str], vm: LabVM) -> dict[str, Any]:
@@ -90,7 +49,6 @@ async def wait_bytes(vma: Vma, job_id: str) -> dict[str, Any]:
 
 
 async def test_export_killed_mid_copy(tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble) -> None:
-    short_drain(vma)
     vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=5)  # 12 MiB in 256 KiB writes, 8 at a time
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
     t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
@@ -116,7 +74,6 @@ async def test_export_killed_mid_copy(tmp_path: Path, vma: Vma, lab: Lab, vm1: L
 async def test_cleanup_stops_a_running_job_and_removes_its_snapshot(
     tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
 ) -> None:
-    short_drain(vma)
     vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=6)
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
     t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
@@ -152,7 +109,6 @@ async def test_cleanup_stops_a_running_job_and_removes_its_snapshot(
 async def test_cleanup_removes_a_snapshot_the_job_could_not(
     tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
 ) -> None:
-    short_drain(vma)
     """The job stalls after its snapshot (the OMA is down, the client backs off); cleanup stops it
     and the snapshot is gone."""
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
