@@ -19,8 +19,11 @@ class VmaConfig:
     host: str = "127.0.0.1"
     port: int = 8081
     log_level: str = "info"
-    #: Where job artifacts live (password files, NBD sockets): ``<work_dir>/<job_id>/``.
+    #: Where job artifacts live (password file, nbdkit logs): ``<work_dir>/<job_id>/``.
     work_dir: Path = field(default_factory=lambda: Path("/var/lib/vma"))
+    #: Where the nbdkit sources' Unix sockets live (paths must stay under 108 bytes); unset: a
+    #: private temporary directory made at start and removed at shutdown.
+    socket_dir: Path | None = None
 
     # -- OMA -------------------------------------------------------------------------------------
     oma_url: str = "http://127.0.0.1:8082"
@@ -78,7 +81,7 @@ class VmaConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("work_dir", "oma_secret_file", "vddk_libdir"):
+        for key in ("work_dir", "socket_dir", "oma_secret_file", "vddk_libdir"):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         if "datastore_roots" in values:

@@ -21,8 +21,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -32,7 +34,7 @@ from vma.config import VmaConfig
 from vma.jobs import DiskProgress, Job
 from vma.logging import log_context
 from vma.oma_client import OmaClient, OmaError
-from vma.source import SourceError, SourceSpec, serve_source, source_argv
+from vma.source import SourceError, SourceSpec, serve_source, socket_path, source_argv
 from vma.vsphere import (
     CbtResetError,
     DiskInfo,
@@ -104,6 +106,25 @@ class Replicator:
         self.config = config
         self.oma_for = oma_for
         self.disk_limiter = trio.CapacityLimiter(max(1, config.max_parallel_disks))
+        self._socket_dir: Path | None = None
+        self._own_socket_dir = False
+
+    async def socket_dir(self) -> Path:
+        """The directory of the sources' sockets (made on first use, private)."""
+        if self._socket_dir is None:
+            if self.config.socket_dir is not None:
+                await trio.Path(self.config.socket_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._socket_dir = self.config.socket_dir
+            else:
+                made = await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="vma-"))
+                self._socket_dir, self._own_socket_dir = Path(made), True
+        return self._socket_dir
+
+    def close(self) -> None:
+        """Remove the temporary socket directory (at shutdown, when no source runs)."""
+        if self._own_socket_dir and self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
 
     async def run_job(self, job: Job, targets: Targets) -> None:
         """Run ``job`` to its end (completed or failed); never raises but for the app's shutdown."""
@@ -303,12 +324,14 @@ class Replicator:
         work = self.config.work_dir / job.job_id
         await trio.Path(work).mkdir(parents=True, exist_ok=True, mode=0o700)
         connections = self.config.mover_connections
+        name = f"{snap.vm_moref}-{plan.disk.disk_id}"
+        sock = socket_path(await self.socket_dir(), job.job_id, name)
         argv = source_argv(
             self.config,
             job.login,
             SourceSpec(snap.vm_moref, snap.moref, plan.disk.file_name),
             work,
-            f"{snap.vm_moref}-{plan.disk.disk_id}",
+            sock,
             threads=connections * self.config.mover_requests,
         )
 
@@ -320,7 +343,7 @@ class Replicator:
             progress.throughput = p.throughput_bytes_per_s
 
         try:
-            async with serve_source(argv) as source_uri:
+            async with serve_source(argv, work / f"{name}.log") as source_uri:
                 result = await mover.copy(
                     source_uri,
                     plan.target,

@@ -15,6 +15,7 @@ mover's connections times their requests in flight.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import socket
@@ -127,11 +128,21 @@ def write_password_file(path: Path, password: str) -> None:
         f.write(password)
 
 
+def socket_path(socket_dir: Path, job_id: str, name: str) -> Path:
+    """A short socket path for one disk of one job. Unix socket paths are limited to 107 bytes,
+    so the name is a digest of job and disk, in a short private directory."""
+    digest = hashlib.sha256(f"{job_id}/{name}".encode()).hexdigest()[:20]
+    path = socket_dir / f"{digest}.sock"
+    if len(str(path).encode()) > 107:
+        raise SourceError(f"socket directory {socket_dir} is too long for a Unix socket path")
+    return path
+
+
 def source_argv(
-    config: VmaConfig, login: VCenterLogin, spec: SourceSpec, work_dir: Path, name: str, threads: int
+    config: VmaConfig, login: VCenterLogin, spec: SourceSpec, work_dir: Path, sock: Path, threads: int
 ) -> list[str]:
-    """The argv for this disk, preparing what it needs in ``work_dir`` (the password file)."""
-    sock = work_dir / f"{name}.sock"
+    """The argv serving this disk on ``sock``, preparing what it needs in ``work_dir`` (the
+    password file)."""
     if config.source == "vddk":
         password_file = work_dir / "vcenter.pass"
         if not password_file.exists():
@@ -153,11 +164,10 @@ def _accepts(sock: Path) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def serve_source(argv: list[str], *, start_timeout: float = 60.0) -> AsyncIterator[str]:
+async def serve_source(argv: list[str], log_path: Path, *, start_timeout: float = 60.0) -> AsyncIterator[str]:
     """Run the nbdkit ``argv`` (which names its ``--unix`` socket) until the block exits; yields
-    the NBD URI of the served disk. nbdkit's messages go to ``<socket>.log`` beside the socket."""
+    the NBD URI of the served disk. nbdkit's messages go to ``log_path``."""
     sock = Path(argv[argv.index("--unix") + 1])
-    log_path = sock.with_suffix(".log")
     await trio.Path(sock).unlink(missing_ok=True)
     log_file = await trio.to_thread.run_sync(log_path.open, "ab")
     try:

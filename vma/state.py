@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import cast
 
+import trio
 from quart import current_app
 
 from vma.config import VmaConfig
@@ -48,6 +49,7 @@ class VmaState:
         for client in self.oma_clients.values():
             await client.aclose()
         self.oma_clients.clear()
+        await trio.to_thread.run_sync(self.replicator.close)
 
 
 def state() -> VmaState:

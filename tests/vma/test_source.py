@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from vma.config import VmaConfig
-from vma.source import SourceError, SourceSpec, resolve_datastore_path, serve_source, source_argv
+from vma.source import (
+    SourceError,
+    SourceSpec,
+    resolve_datastore_path,
+    serve_source,
+    socket_path,
+    source_argv,
+)
 from vma.vsphere import VCenterLogin
 
 
@@ -24,8 +31,8 @@ def test_vddk_argv(tmp_path: Path) -> None:
     )
     login = VCenterLogin("vcenter.example.com", "administrator@vsphere.local", "pa ss'word")
     spec = SourceSpec("vm-143233", "snapshot-61", "[DS1] PGWIN/PGWIN_1.vmdk")
-    argv = source_argv(config, login, spec, tmp_path, "vm-143233-disk-2001", threads=64)
-    sock = tmp_path / "vm-143233-disk-2001.sock"
+    sock = socket_path(tmp_path, "repl-vm-143233-1754407216", "vm-143233-disk-2001")
+    argv = source_argv(config, login, spec, tmp_path, sock, threads=64)
     password_file = tmp_path / "vcenter.pass"
     assert argv == [
         "nbdkit",
@@ -78,10 +85,11 @@ async def test_file_source_serves_the_image(tmp_path: Path) -> None:
     config = VmaConfig(source="file", datastore_roots={"LocalDS_0": tmp_path / "ds"})
     login = VCenterLogin("127.0.0.1:1", "u", "p")
     spec = SourceSpec("vm-1", "snapshot-1", "[LocalDS_0] vm1/vm1-flat.vmdk")
-    argv = source_argv(config, login, spec, tmp_path, "disk", threads=8)
+    sock = tmp_path / "disk.sock"
+    argv = source_argv(config, login, spec, tmp_path, sock, threads=8)
     assert argv[-3:] == ["file", f"file={image}", "cache=none"]
-    async with serve_source(argv) as uri:
-        assert uri == f"nbd+unix:///?socket={tmp_path / 'disk.sock'}"
+    async with serve_source(argv, tmp_path / "disk.log") as uri:
+        assert uri == f"nbd+unix:///?socket={sock}"
         out = tmp_path / "copy.raw"
         subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(out)], check=True)
         assert out.read_bytes() == image.read_bytes()
@@ -99,5 +107,15 @@ async def test_source_that_cannot_start(tmp_path: Path) -> None:
         "nosuchplugin",
     ]
     with pytest.raises(SourceError, match="nbdkit exited"):
-        async with serve_source(argv):
+        async with serve_source(argv, tmp_path / "s.log"):
             pass
+    assert "nosuchplugin" in (tmp_path / "s.log").read_text()
+
+
+def test_socket_paths_stay_short(tmp_path: Path) -> None:
+    long_job = "repl-" + "x" * 190
+    path = socket_path(Path("/tmp/vma-abcdefgh"), long_job, "vm-1-disk-2000")
+    assert len(str(path)) < 60 and path.suffix == ".sock"
+    assert path != socket_path(Path("/tmp/vma-abcdefgh"), long_job, "vm-1-disk-2001")
+    with pytest.raises(SourceError, match="too long"):
+        socket_path(tmp_path / ("d" * 120), "j", "n")
