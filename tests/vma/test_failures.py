@@ -131,3 +131,27 @@ async def test_cleanup_removes_a_snapshot_the_job_could_not(
         assert len(r.json()["snapshots_removed"]) == 1
     assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
     assert (await vma.get("/api/v1/status/repl-stall")).json()["status"] == "failed"
+
+
+async def test_vcenter_refusal_fails_the_job_and_cleanup_reports_it(
+    tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    b = body(lab, "repl-badpass", oma, ["nbd://127.0.0.1:1/a", "nbd://127.0.0.1:1/b"], vm1)
+    b["password"] = "wrong"
+    assert (await vma.post("/api/v1/replicate", b)).status_code == 200
+    final = await vma.wait_job("repl-badpass")
+    assert final["status"] == "failed" and "refused the login" in final["error"]
+    assert oma.replications["repl-badpass"]["status"] == "failed"
+    assert oma.change_id_posts == []
+    # Cleanup needs vCenter too: its failure is the seed's error answer, never "not implemented".
+    r = await vma.post("/api/v1/cleanup", {"job_id": "repl-badpass", "action": "delete_snapshot"})
+    assert r.status_code == 500
+    answer = r.json()
+    assert answer["code"] == "OPERATION_FAILED" and answer["status"] == "error"
+    assert answer["job_id"] == "repl-badpass" and answer["action"] == "delete_snapshot"
+    assert "refused the login" in answer["message"] and "not implemented" not in answer["message"]
+    # The same job id can be started again once the first attempt is over.
+    b["password"] = lab.password
+    b["targets"] = {}
+    r = await vma.post("/api/v1/replicate", b)
+    assert r.status_code == 400  # no targets and no PUT /config: refused up front
