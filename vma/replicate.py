@@ -87,6 +87,17 @@ def resolve_targets(
     )
 
 
+def only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's cancellation (alone or as a group of them): an outer scope's
+    (the app's shutdown), since the job's own cancel scope has caught its own by then."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(trio.Cancelled)[1]
+        return rest is None
+    return False
+
+
 def describe_error(exc: BaseException) -> str:
     """One readable line for a (possibly grouped) failure."""
     if isinstance(exc, BaseExceptionGroup):
@@ -148,7 +159,7 @@ class Replicator:
                 if scope.cancelled_caught:
                     raise JobFailed(job.cancel_reason or "cancelled")
             except BaseException as exc:
-                shutdown = isinstance(exc, trio.Cancelled)
+                shutdown = only_cancelled(exc)
                 job.status, job.phase = "failed", "failed"
                 job.error = describe_error(exc) if not shutdown else "the VMA shut down during the job"
                 job.current_operation = f"Failed: {job.error}"
@@ -165,8 +176,8 @@ class Replicator:
                 job.cancel_scope = None
                 remove_password_file(self.config, job)
                 job.done.set()
-                if shutdown or not isinstance(exc, Exception | BaseExceptionGroup):
-                    raise
+                if shutdown or not isinstance(exc, Exception):
+                    raise  # the app is shutting down (or the process is interrupted): let it
                 return
             job.status, job.phase, job.current_operation = "completed", "completed", "Replication completed"
             job.finished_at = dt.datetime.now(dt.UTC)

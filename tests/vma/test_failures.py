@@ -7,13 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
 from pyapp.lab import Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
-from tests.vma.conftest import StartVma, Vma, new_target, slow_export, snapshot_names
+from tests.vma.conftest import StartVma, Vma, new_target, slow_export, snapshot_names, vma_config
 from tests.vma.oma_double import OmaDouble
+from vma.replicate import only_cancelled
+from vma.server import serve_vma
 
 VM_PATH = "/DC0/vm/vm1"
 
@@ -155,3 +158,36 @@ async def test_vcenter_refusal_fails_the_job_and_cleanup_reports_it(
     b["targets"] = {}
     r = await vma.post("/api/v1/replicate", b)
     assert r.status_code == 400  # no targets and no PUT /config: refused up front
+
+
+async def test_vma_shutdown_mid_copy_removes_the_snapshot(
+    tmp_path: Path, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    vm1.disks[0].guest.rewrite_random_chunks(12, chunk=MiB, seed=9)
+    config = vma_config(tmp_path, lab, oma)
+    config.mover_requests, config.mover_request_size, config.final_report_timeout = 2, 256 * 1024, 5.0
+    t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
+    t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
+    with slow_export(t0) as (uri0, _), NbdExport(t1, name="d1", shared=8) as e1:
+        async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as service:
+            url: str = await service.start(
+                lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
+            )
+            vma = Vma(url, config, http)
+            assert (
+                await vma.post("/api/v1/replicate", body(lab, "repl-down", oma, [uri0, e1.uri], vm1))
+            ).status_code == 200
+            await wait_bytes(vma, "repl-down")
+            service.cancel_scope.cancel()  # the VMA goes down in the middle of the copy
+    assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
+    assert oma.replications["repl-down"]["status"] == "failed"
+    assert "shut down" in oma.replications["repl-down"]["error_message"]
+    assert oma.change_id_posts == []
+
+
+def test_only_cancelled() -> None:
+    cancelled = trio.Cancelled._create()  # the instance trio raises; not constructible otherwise
+    assert only_cancelled(cancelled)
+    assert only_cancelled(BaseExceptionGroup("g", [cancelled]))
+    assert not only_cancelled(BaseExceptionGroup("g", [cancelled, ValueError("x")]))
+    assert not only_cancelled(ValueError("x"))
