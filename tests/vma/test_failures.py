@@ -84,6 +84,16 @@ async def test_cleanup_stops_a_running_job_and_removes_its_snapshot(
         r = await vma.post("/api/v1/replicate", body(lab, "repl-clean", oma, [uri0, e1.uri], vm1))
         assert r.status_code == 200
         await wait_bytes(vma, "repl-clean")
+        with trio.fail_after(20):
+            while True:  # the live figures the OMA's proxy forwards
+                p = (await vma.get("/api/v1/progress/repl-clean")).json()
+                if p["eta_seconds"] is not None:
+                    break
+                await trio.sleep(0.05)
+        assert p["phase"] == "copying" and p["throughput_bps"] > 0
+        assert 0 < p["bytes_transferred"] < p["total_bytes"] and 0 < p["progress_percent"] < 100
+        assert p["current_disk"]["disk_id"] == f"disk-{vm1.disks[0].key}"
+        assert p["current_disk"]["mode"] == "full"
         snaps = await trio.to_thread.run_sync(snapshot_names, lab, "vm1")
         assert [n for n, _ in snaps] == ["vma-repl-clean"]
         r = await vma.post("/api/v1/cleanup", {"job_id": "repl-clean", "action": "delete_snapshot"})
