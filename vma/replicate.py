@@ -34,7 +34,14 @@ from vma.config import VmaConfig
 from vma.jobs import DiskProgress, Job
 from vma.logging import log_context
 from vma.oma_client import OmaClient, OmaError
-from vma.source import SourceError, SourceSpec, serve_source, socket_path, source_argv
+from vma.source import (
+    SourceError,
+    SourceSpec,
+    certificate_thumbprint,
+    serve_source,
+    socket_path,
+    source_argv,
+)
 from vma.vsphere import (
     CbtResetError,
     DiskInfo,
@@ -337,6 +344,13 @@ class Replicator:
         connections = self.config.mover_connections
         name = f"{snap.vm_moref}-{plan.disk.disk_id}"
         sock = socket_path(await self.socket_dir(), job.job_id, name)
+        thumbprint = ""
+        if self.config.source == "vddk" and not self.config.vddk_thumbprint:
+            _, host, port = job.login.endpoint()
+            try:
+                thumbprint = await trio.to_thread.run_sync(certificate_thumbprint, host, port)
+            except OSError as e:
+                raise JobFailed(f"cannot read the certificate thumbprint of {host}:{port}: {e}") from e
         argv = source_argv(
             self.config,
             job.login,
@@ -344,6 +358,7 @@ class Replicator:
             work,
             sock,
             threads=connections * self.config.mover_requests,
+            thumbprint=thumbprint,
         )
 
         def on_progress(p: mover.CopyProgress) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import socket
+import ssl
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -93,9 +94,16 @@ def _common(nbdkit: str, sock: Path, threads: int) -> list[str]:
 
 
 def vddk_argv(
-    config: VmaConfig, login: VCenterLogin, spec: SourceSpec, sock: Path, password_file: Path, threads: int
+    config: VmaConfig,
+    login: VCenterLogin,
+    spec: SourceSpec,
+    sock: Path,
+    password_file: Path,
+    threads: int,
+    thumbprint: str = "",
 ) -> list[str]:
-    """The production command line: ``nbdkit vddk`` reading ``spec``'s disk as of its snapshot."""
+    """The production command line: ``nbdkit vddk`` reading ``spec``'s disk as of its snapshot.
+    ``thumbprint`` (else ``vddk_thumbprint`` from the configuration) pins vCenter's certificate."""
     _, host, port = login.endpoint()
     argv = [
         *_common(config.nbdkit, sock, threads),
@@ -106,8 +114,9 @@ def vddk_argv(
         f"user={login.username}",
         f"password=+{password_file}",
     ]
-    if config.vddk_thumbprint:
-        argv.append(f"thumbprint={config.vddk_thumbprint}")
+    thumbprint = thumbprint or config.vddk_thumbprint
+    if thumbprint:
+        argv.append(f"thumbprint={thumbprint}")
     argv += [
         f"vm=moref={spec.vm_moref}",
         f"snapshot={spec.snapshot_moref}",
@@ -138,8 +147,31 @@ def socket_path(socket_dir: Path, job_id: str, name: str) -> Path:
     return path
 
 
+def certificate_thumbprint(host: str, port: int, timeout: float = 10.0) -> str:
+    """The SHA-1 thumbprint of the certificate ``host:port`` presents, as VDDK wants it
+    (``AA:BB:...``). Blocking: call it in a thread."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we are reading the certificate, not trusting it
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise SourceError(f"{host}:{port} presented no certificate")
+    digest = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
 def source_argv(
-    config: VmaConfig, login: VCenterLogin, spec: SourceSpec, work_dir: Path, sock: Path, threads: int
+    config: VmaConfig,
+    login: VCenterLogin,
+    spec: SourceSpec,
+    work_dir: Path,
+    sock: Path,
+    threads: int,
+    thumbprint: str = "",
 ) -> list[str]:
     """The argv serving this disk on ``sock``, preparing what it needs in ``work_dir`` (the
     password file)."""
@@ -147,7 +179,7 @@ def source_argv(
         password_file = work_dir / "vcenter.pass"
         if not password_file.exists():
             write_password_file(password_file, login.password)
-        return vddk_argv(config, login, spec, sock, password_file, threads)
+        return vddk_argv(config, login, spec, sock, password_file, threads, thumbprint)
     return file_argv(config, resolve_datastore_path(spec.file_name, config.datastore_roots), sock, threads)
 
 

@@ -3,17 +3,27 @@ exact argv is the check) and the lab's ``nbdkit file`` source actually serving a
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
+import socket
+import ssl
 import stat
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from vma.config import VmaConfig
 from vma.source import (
     SourceError,
     SourceSpec,
+    certificate_thumbprint,
     resolve_datastore_path,
     serve_source,
     socket_path,
@@ -119,3 +129,51 @@ def test_socket_paths_stay_short(tmp_path: Path) -> None:
     assert path != socket_path(Path("/tmp/vma-abcdefgh"), long_job, "vm-1-disk-2001")
     with pytest.raises(SourceError, match="too long"):
         socket_path(tmp_path / ("d" * 120), "j", "n")
+
+
+def test_certificate_thumbprint_of_a_tls_server(tmp_path: Path) -> None:
+    """Without ``vddk_thumbprint`` the VMA reads vCenter's certificate thumbprint (SHA-1, as VDDK
+    wants it); here from a real TLS server on loopback with a fresh self-signed certificate."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vcenter.lab")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    (tmp_path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve_one() -> None:
+        conn, _ = server.accept()
+        with contextlib.suppress(OSError), context.wrap_socket(conn, server_side=True) as tls:
+            tls.recv(1)
+
+    thread = threading.Thread(target=serve_one)
+    thread.start()
+    try:
+        thumbprint = certificate_thumbprint("127.0.0.1", port)
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    expected = cert.fingerprint(hashes.SHA1()).hex().upper()
+    assert thumbprint == ":".join(expected[i : i + 2] for i in range(0, 40, 2))
+    config = VmaConfig(source="vddk")
+    login = VCenterLogin("127.0.0.1", "u", "p")
+    spec = SourceSpec("vm-1", "snapshot-1", "[ds] a/a.vmdk")
+    argv = source_argv(config, login, spec, tmp_path, tmp_path / "s.sock", 8, thumbprint=thumbprint)
+    assert f"thumbprint={thumbprint}" in argv
