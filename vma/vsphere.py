@@ -256,16 +256,38 @@ class VSphere:
         return [e for e in self.content.rootFolder.childEntity if isinstance(e, vim.Datacenter)]
 
     def _walk_vms(self, folder: Any, prefix: str) -> Iterable[tuple[str, Any]]:
+        """``(folder path, VM)`` for every VM under ``folder`` (the VM's name is fetched in bulk)."""
         for child in folder.childEntity:
             if isinstance(child, vim.VirtualMachine):
-                yield f"{prefix}/{child.name}", child
+                yield prefix, child
             elif isinstance(child, vim.Folder):
                 yield from self._walk_vms(child, f"{prefix}/{child.name}")
             elif isinstance(child, vim.VirtualApp):
                 for vm in child.vm:
-                    yield f"{prefix}/{child.name}/{vm.name}", vm
+                    yield f"{prefix}/{child.name}", vm
 
-    def vms(self, datacenter: str = "") -> list[tuple[str, Any]]:
+    def properties(self, objs: list[Any], paths: list[str]) -> dict[str, dict[str, Any]]:
+        """``paths`` of many VMs in one property-collector round (paged): moref -> path -> value.
+        Unset properties are absent."""
+        if not objs:
+            return {}
+        pc = vmodl.query.PropertyCollector
+        spec = pc.FilterSpec(
+            objectSet=[pc.ObjectSpec(obj=o, skip=False) for o in objs],
+            propSet=[pc.PropertySpec(type=vim.VirtualMachine, pathSet=paths, all=False)],
+        )
+        collector = self.content.propertyCollector
+        out: dict[str, dict[str, Any]] = {}
+        result = collector.RetrievePropertiesEx([spec], pc.RetrieveOptions(maxObjects=500))
+        while result is not None:
+            for found in result.objects or []:
+                out[found.obj._moId] = {p.name: p.val for p in found.propSet or []}
+            if not result.token:
+                break
+            result = collector.ContinueRetrievePropertiesEx(token=result.token)
+        return out
+
+    def _entries(self, datacenter: str) -> list[tuple[str, Any]]:
         dcs = self.datacenters()
         if datacenter:
             dcs = [dc for dc in dcs if dc.name == datacenter]
@@ -276,10 +298,29 @@ class VSphere:
             out.extend(self._walk_vms(dc.vmFolder, f"/{dc.name}/vm"))
         return out
 
-    def describe(self, path: str, vm: Any) -> dict[str, Any]:
-        config = vm.config
-        devices = list(config.hardware.device) if config is not None else []
-        disks = disks_of(devices, config.extraConfig if config is not None else [])
+    def vms(self, datacenter: str = "") -> list[tuple[str, Any]]:
+        """``(inventory path, VM)`` of every VM of ``datacenter`` (all when empty)."""
+        entries = self._entries(datacenter)
+        names = self.properties([vm for _, vm in entries], ["name"])
+        return [(f"{prefix}/{names[vm._moId]['name']}", vm) for prefix, vm in entries if vm._moId in names]
+
+    VM_PROPERTIES = (
+        "name",
+        "runtime.powerState",
+        "config.guestId",
+        "config.hardware.memoryMB",
+        "config.hardware.numCPU",
+        "config.uuid",
+        "config.changeTrackingEnabled",
+        "config.hardware.device",
+        "config.extraConfig",
+    )
+
+    @staticmethod
+    def describe(moref: str, path: str, props: dict[str, Any]) -> dict[str, Any]:
+        """A discovered VM from its properties (see :attr:`VM_PROPERTIES`)."""
+        devices = list(props.get("config.hardware.device") or [])
+        disks = disks_of(devices, props.get("config.extraConfig") or [])
         nics = []
         for d in devices:
             if isinstance(d, vim.vm.device.VirtualEthernetCard):
@@ -296,16 +337,21 @@ class VSphere:
                         "adapter_type": type(d).__name__.rsplit(".", 1)[-1].removeprefix("Virtual").lower(),
                     }
                 )
+
+        def number(key: str) -> int | None:
+            value = props.get(key)
+            return int(value) if value is not None else None
+
         return {
-            "id": vm._moId,
-            "name": vm.name,
+            "id": moref,
+            "name": props.get("name"),
             "path": path,
-            "power_state": str(vm.runtime.powerState),
-            "guest_os": config.guestId if config is not None else None,
-            "memory_mb": int(config.hardware.memoryMB) if config is not None else None,
-            "num_cpu": int(config.hardware.numCPU) if config is not None else None,
-            "uuid": config.uuid if config is not None else None,
-            "cbt_enabled": bool(config.changeTrackingEnabled) if config is not None else False,
+            "power_state": str(props.get("runtime.powerState")),
+            "guest_os": props.get("config.guestId"),
+            "memory_mb": number("config.hardware.memoryMB"),
+            "num_cpu": number("config.hardware.numCPU"),
+            "uuid": props.get("config.uuid"),
+            "cbt_enabled": bool(props.get("config.changeTrackingEnabled")),
             "disks": [
                 {
                     "id": d.disk_id,
@@ -322,9 +368,18 @@ class VSphere:
         }
 
     def discover(self, datacenter: str = "", name_filter: str = "") -> list[dict[str, Any]]:
-        """VMs of ``datacenter`` (all when empty) whose name contains ``name_filter`` (any case)."""
+        """VMs of ``datacenter`` (all when empty) whose name contains ``name_filter`` (any case):
+        one folder walk, then the VMs' properties in one paged property-collector call."""
+        entries = self._entries(datacenter)
+        props = self.properties([vm for _, vm in entries], list(self.VM_PROPERTIES))
         wanted = name_filter.lower()
-        return [self.describe(p, vm) for p, vm in self.vms(datacenter) if wanted in vm.name.lower()]
+        out = []
+        for prefix, vm in entries:
+            p = props.get(vm._moId)
+            if p is None or wanted not in str(p.get("name", "")).lower():
+                continue
+            out.append(self.describe(vm._moId, f"{prefix}/{p['name']}", p))
+        return out
 
     def find_vm(self, path: str) -> Any:
         """The VM at inventory path ``/DC/vm/[folders/]NAME``."""

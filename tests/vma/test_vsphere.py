@@ -1,3 +1,5 @@
+# pyVim's helpers are unannotated:
+# mypy: disable-error-code="no-untyped-call"
 """vSphere through pyvmomi against the lab: discovery over the API, CBT activation, the
 QueryChangedDiskAreas loop (its guard against a zero-length answer is pure logic: the lab never
 gives one, so a fake answer object drives it)."""
@@ -8,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+from pyVim.task import WaitForTask
 
 from pyapp.lab import Lab, LabVM
 from tests.vma.conftest import Vma
@@ -15,6 +18,7 @@ from vma.vsphere import (
     ChangedAreasError,
     VCenterLogin,
     VSphere,
+    VSphereError,
     cbt_epoch,
     collect_changed_areas,
     merge_extents,
@@ -140,3 +144,18 @@ def test_vcenter_endpoint_forms() -> None:
     assert VCenterLogin("vc.example.com:8443", "u", "p").endpoint() == ("https", "vc.example.com", 8443)
     assert VCenterLogin("http://127.0.0.1:8989/sdk", "u", "p").endpoint() == ("http", "127.0.0.1", 8989)
     assert "p" not in repr(VCenterLogin("vc", "u", "secret-pass"))
+
+
+def test_vm_in_a_folder_has_its_folder_path(lab: Lab, vm1: LabVM) -> None:
+    vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
+    try:
+        dc = next(d for d in vs.datacenters() if d.name == "DC0")
+        folder = dc.vmFolder.CreateFolder("prod")
+        WaitForTask(folder.MoveIntoFolder_Task([vs.find_vm("/DC0/vm/vm1")]))
+        found = vs.discover("DC0", "vm1")
+        assert [v["path"] for v in found] == ["/DC0/vm/prod/vm1"]
+        assert vs.find_vm("/DC0/vm/prod/vm1")._moId == vm1.moref
+        with pytest.raises(VSphereError, match="no VM"):
+            vs.find_vm("/DC0/vm/vm1")
+    finally:
+        vs.disconnect()
