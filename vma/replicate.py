@@ -23,7 +23,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,6 @@ class Plan:
     mode: str = ""
     extents: list[tuple[int, int]] | None = None
     copied: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_targets(
@@ -391,7 +390,15 @@ class Replicator:
             raise
         on_progress(result)
         progress.throughput = 0.0
-        plan.extra["result"] = result
+        log.info(
+            "copied %s %s: %d bytes written, %d zeroed in %.1f s",
+            progress.vm_path,
+            progress.disk_id,
+            result.bytes_written,
+            result.bytes_zeroed,
+            result.seconds,
+            extra={"disk_id": progress.disk_id, "mode": plan.mode},
+        )
 
 
 def remove_password_file(config: VmaConfig, job: Job) -> None:

@@ -391,14 +391,6 @@ class VSphere:
                 return candidate
         raise VSphereError(f"no VM at {path!r}")
 
-    def vm_by_moref(self, moref: str) -> Any:
-        vm = vim.VirtualMachine(moref, self.si._stub)
-        try:
-            _ = vm.name
-        except vmodl.fault.ManagedObjectNotFound as e:
-            raise VSphereError(f"VM {moref} no longer exists") from e
-        return vm
-
     # -- CBT -----------------------------------------------------------------------------------------
 
     def live_disks(self, vm: Any) -> list[DiskInfo]:
