@@ -65,10 +65,10 @@ def median_pair(runs: int, setup: Callable[[], None], ours: Callable[[], object]
 
 
 def peak_rss(argv: list[str]) -> int:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, argv
-    return usage.ru_maxrss * 1024
+    """Peak RSS of a mover CLI run, from its JSON summary (VmHWM of its own address space)."""
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    peak: int = json.loads(out.stdout)["peak_rss_bytes"]
+    return peak
 
 
 def main() -> int:

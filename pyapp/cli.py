@@ -53,6 +53,21 @@ def load_extents(path: str) -> list[tuple[int, int]]:
     return out
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (``VmHWM``), or None where /proc does not say.
+
+    Not ``getrusage``: its ``ru_maxrss`` keeps the high-water mark of the image this process
+    had before exec, i.e. of whatever process forked it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def summary(result: CopyProgress, source: str, target: str) -> dict[str, Any]:
     return {
         "source": source,
@@ -67,6 +82,7 @@ def summary(result: CopyProgress, source: str, target: str) -> dict[str, Any]:
         "throughput_bytes_per_s": round(result.throughput_bytes_per_s, 1),
         "manifest": result.manifest,
         "disk_digest": result.disk_digest,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

@@ -1,0 +1,120 @@
+//! Real NBD servers for the integration tests: `qemu-nbd` and `nbdkit` on Unix sockets or
+//! loopback ports, killed when their guard drops (and by `PR_SET_PDEATHSIG` should the test
+//! process die first), plus test data helpers.
+
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A server process, killed on drop.
+pub struct Server {
+    child: Child,
+}
+
+impl Server {
+    pub fn spawn(program: &str, args: &[&str]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Self { child }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn wait_for_unix(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "server did not listen on {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn unix_uri(socket: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", socket.display())
+}
+
+/// `qemu-nbd` serving a raw file on a Unix socket as export `exp`, four clients at most,
+/// persistent. `extra` comes before the file name.
+pub fn qemu_unix(socket: &Path, file: &Path, extra: &[&str]) -> Server {
+    let _ = std::fs::remove_file(socket);
+    let (socket_s, file_s) = (socket.to_str().unwrap(), file.to_str().unwrap());
+    let mut args = vec!["-f", "raw", "-k", socket_s, "-x", "exp", "--shared=4", "-t"];
+    args.extend_from_slice(extra);
+    args.push(file_s);
+    let server = Server::spawn("qemu-nbd", &args);
+    wait_for_unix(socket);
+    server
+}
+
+/// `nbdkit` in the foreground on a Unix socket; `args` are filters, plugin and parameters.
+pub fn nbdkit_unix(socket: &Path, args: &[&str]) -> Server {
+    let _ = std::fs::remove_file(socket);
+    let mut all = vec!["-f", "--exit-with-parent", "-U", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let server = Server::spawn("nbdkit", &all);
+    wait_for_unix(socket);
+    server
+}
+
+pub fn sparse_file(dir: &Path, size: u64) -> PathBuf {
+    let path = dir.join("disk.raw");
+    std::fs::File::create(&path).unwrap().set_len(size).unwrap();
+    path
+}
+
+/// Bytes that differ from offset to offset and from seed to seed.
+pub fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;
+            (x >> 29) as u8
+        })
+        .collect()
+}

@@ -1,0 +1,207 @@
+"""Discovery (enhanced): VMs found through the VMA's ``POST /api/v1/discover``, added to
+management as VM contexts without creating any job.
+
+- ``discover-vms``: discover, refresh the inventory, optionally add every VM found
+  (``create_context``);
+- ``add-vms``: add the named VMs (names not found in vCenter are reported, not invented);
+- ``bulk-add``: add every VM matching the filter (optionally skipping powered-off ones);
+- ``preview``: discover and tell which VMs are new, persisting nothing;
+- ``ungrouped-vms``: contexts that belong to no machine group.
+
+The vCenter login comes from a stored credential (``credential_id``, else the default one).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, Field
+from quart import Blueprint
+from quart_schema import validate_querystring, validate_request
+
+from oma.api.common import MAX_NAME, Page, new_id
+from oma.api.credentials import resolve_login
+from oma.api.vm_contexts import list_ungrouped
+from oma.api.vms import InventoryVCenter, InventoryVM, upsert_vms
+from oma.state import state
+from oma.vma_client import DiscoveredVM, DiscoverResult, VmaError, VmaUnreachable
+from pyapp.api import OPERATION_FAILED, ApiError
+from pyapp.logs import log_context
+
+log = logging.getLogger(__name__)
+bp = Blueprint("discovery", __name__)
+
+
+class DiscoverRequest(BaseModel):
+    credential_id: int | None = Field(None, ge=1)
+    filter: str = Field("", max_length=MAX_NAME, description="passed to the VMA's discover filter")
+    create_context: bool = Field(False, description="also add every discovered VM to management")
+
+
+class PreviewRequest(BaseModel):
+    credential_id: int | None = Field(None, ge=1)
+    filter: str = Field("", max_length=MAX_NAME)
+
+
+class AddVMsRequest(BaseModel):
+    credential_id: int | None = Field(None, ge=1)
+    vm_names: list[str] = Field(min_length=1, max_length=1000)
+
+
+class BulkAddRequest(BaseModel):
+    credential_id: int | None = Field(None, ge=1)
+    filter: str = Field("", max_length=MAX_NAME)
+    exclude_powered_off: bool = False
+
+
+async def _discover(credential_id: int | None, filter: str) -> tuple[DiscoverResult, int | None, float]:
+    login = await resolve_login(credential_id)
+    started = time.monotonic()
+    try:
+        result = await state().vma.discover(
+            vcenter=login.vcenter,
+            username=login.username,
+            password=login.password,
+            datacenter=login.datacenter,
+            filter=filter,
+        )
+    except VmaUnreachable as exc:
+        raise ApiError.upstream(exc.message) from exc
+    except VmaError as exc:
+        raise ApiError(502, OPERATION_FAILED, f"discovery failed: {exc.message}") from exc
+    return result, login.credential_id, round((time.monotonic() - started) * 1000, 1)
+
+
+async def _persist_inventory(result: DiscoverResult) -> None:
+    vcenter = InventoryVCenter(host=result.vcenter.host, datacenter=result.vcenter.datacenter)
+    vms = [InventoryVM.model_validate(vm.model_dump()) for vm in result.vms]
+    async with state().db.transaction() as conn:
+        await upsert_vms(conn, vcenter, vms, "discovery")
+
+
+async def _existing_contexts(names: Iterable[str]) -> dict[str, str]:
+    rows = await state().db.fetch(
+        "SELECT vm_name, context_id FROM vm_contexts WHERE vm_name = ANY($1::text[])", list(names)
+    )
+    return {r["vm_name"]: r["context_id"] for r in rows}
+
+
+async def _add_contexts(
+    result: DiscoverResult, vms: list[DiscoveredVM], credential_id: int | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Create a context per VM; returns (added, skipped-because-already-managed)."""
+    added: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    async with state().db.transaction() as conn:
+        for vm in vms:
+            context_id = await conn.fetchval(
+                "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
+                "datacenter,"
+                " credential_id, auto_added, cpu_count, memory_mb, os_type, power_state)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, true, $8, $9, $10, $11)"
+                " ON CONFLICT (vm_name) DO NOTHING RETURNING context_id",
+                new_id("ctx"),
+                vm.name,
+                vm.id,
+                vm.path,
+                result.vcenter.host,
+                result.vcenter.datacenter,
+                credential_id,
+                vm.num_cpu,
+                vm.memory_mb,
+                vm.guest_os,
+                vm.power_state,
+            )
+            if context_id is None:
+                skipped.append({"vm_name": vm.name, "reason": "already managed"})
+            else:
+                added.append(
+                    {"vm_name": vm.name, "context_id": context_id, "vm_id": vm.id, "vm_path": vm.path}
+                )
+    return added, skipped
+
+
+def _vm_view(vm: DiscoveredVM, existing: dict[str, str]) -> dict[str, Any]:
+    view = vm.model_dump()
+    view["existing"] = vm.name in existing
+    view["context_id"] = existing.get(vm.name)
+    return view
+
+
+@bp.post("/discovery/discover-vms")
+@validate_request(DiscoverRequest)
+async def discover_vms(data: DiscoverRequest) -> dict[str, Any]:
+    with log_context(action="discovery"):
+        result, credential_id, duration = await _discover(data.credential_id, data.filter)
+        await _persist_inventory(result)
+        added: list[dict[str, Any]] = []
+        if data.create_context:
+            added, _ = await _add_contexts(result, result.vms, credential_id)
+        existing = await _existing_contexts(vm.name for vm in result.vms)
+        log.info("discovery done", extra={"vm_count": len(result.vms), "contexts_created": len(added)})
+    return {
+        "vcenter": result.vcenter.model_dump(),
+        "discovered_vms": [_vm_view(vm, existing) for vm in result.vms],
+        "count": len(result.vms),
+        "contexts_created": len(added),
+        "added": added,
+        "duration_ms": duration,
+    }
+
+
+@bp.post("/discovery/add-vms")
+@validate_request(AddVMsRequest)
+async def add_vms(data: AddVMsRequest) -> dict[str, Any]:
+    with log_context(action="discovery_add"):
+        result, credential_id, _ = await _discover(data.credential_id, "")
+        await _persist_inventory(result)
+        by_name = {vm.name: vm for vm in result.vms}
+        wanted = list(dict.fromkeys(data.vm_names))
+        found = [by_name[n] for n in wanted if n in by_name]
+        not_found = [n for n in wanted if n not in by_name]
+        added, skipped = await _add_contexts(result, found, credential_id)
+        log.info("VMs added", extra={"added": len(added), "not_found": len(not_found)})
+    return {"added": added, "skipped": skipped, "not_found": not_found, "added_count": len(added)}
+
+
+@bp.post("/discovery/bulk-add")
+@validate_request(BulkAddRequest)
+async def bulk_add(data: BulkAddRequest) -> dict[str, Any]:
+    with log_context(action="discovery_bulk_add"):
+        result, credential_id, _ = await _discover(data.credential_id, data.filter)
+        await _persist_inventory(result)
+        chosen = [vm for vm in result.vms if not (data.exclude_powered_off and vm.power_state != "poweredOn")]
+        added, skipped = await _add_contexts(result, chosen, credential_id)
+        log.info("bulk add done", extra={"added": len(added), "skipped": len(skipped)})
+    return {
+        "added": added,
+        "skipped": skipped,
+        "excluded": len(result.vms) - len(chosen),
+        "discovered": len(result.vms),
+        "added_count": len(added),
+    }
+
+
+@bp.post("/discovery/preview")
+@validate_request(PreviewRequest)
+async def preview(data: PreviewRequest) -> dict[str, Any]:
+    result, _, duration = await _discover(data.credential_id, data.filter)
+    existing = await _existing_contexts(vm.name for vm in result.vms)
+    views = [_vm_view(vm, existing) for vm in result.vms]
+    return {
+        "vcenter": result.vcenter.model_dump(),
+        "vms": views,
+        "total": len(views),
+        "new_count": sum(1 for v in views if not v["existing"]),
+        "existing_count": sum(1 for v in views if v["existing"]),
+        "duration_ms": duration,
+    }
+
+
+@bp.get("/discovery/ungrouped-vms")
+@validate_querystring(Page)
+async def ungrouped_vms(query_args: Page) -> dict[str, Any]:
+    return await list_ungrouped(state().db, query_args)

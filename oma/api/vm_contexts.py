@@ -1,0 +1,132 @@
+"""VM-centric architecture: one context per VM under management, with its jobs.
+
+``GET /vm-contexts/ungrouped`` (alias of ``/discovery/ungrouped-vms``) is a static route and so
+wins over ``/vm-contexts/{vm_name}``: a VM literally named ``ungrouped`` is reached through the
+list endpoint's ``search``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+from quart import Blueprint
+from quart_schema import validate_querystring
+
+from oma.api.common import MAX_NAME, Page, page_body, row_dict
+from oma.api.replications import JOB_COLUMNS
+from oma.state import state
+from pyapp.api import ApiError
+from pyapp.db import Database
+
+bp = Blueprint("vm_contexts", __name__)
+
+CONTEXT_COLUMNS = (
+    "context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter, credential_id, machine_group_id,"
+    " current_status, current_job_id, auto_added, cpu_count, memory_mb, os_type, power_state, total_jobs,"
+    " successful_jobs, failed_jobs, last_job_at, created_at, updated_at"
+)
+
+
+class ContextListQuery(Page):
+    search: str | None = Field(None, max_length=MAX_NAME)
+    status: str | None = Field(None, max_length=64)
+
+
+class RecentJobsQuery(Page):
+    limit: int = Field(10, ge=1, le=1000)
+
+
+async def list_ungrouped(db: Database, page: Page) -> dict[str, Any]:
+    rows = await db.fetch(
+        f"SELECT {CONTEXT_COLUMNS}, (SELECT count(*) FROM vm_contexts WHERE machine_group_id IS NULL)"
+        " AS total_count FROM vm_contexts WHERE machine_group_id IS NULL ORDER BY vm_name LIMIT $1 OFFSET $2",
+        page.limit,
+        page.offset,
+    )
+    total = (
+        rows[0]["total_count"]
+        if rows
+        else await db.fetchval("SELECT count(*) FROM vm_contexts WHERE machine_group_id IS NULL")
+    )
+    return page_body("vms", [row_dict(r, exclude=("total_count",)) for r in rows], total, page)
+
+
+@bp.get("/vm-contexts")
+@validate_querystring(ContextListQuery)
+async def list_vm_contexts(query_args: ContextListQuery) -> dict[str, Any]:
+    db = state().db
+    pattern = None if query_args.search is None else f"%{query_args.search}%"
+    where = "($1::text IS NULL OR vm_name ILIKE $1) AND ($2::text IS NULL OR current_status = $2)"
+    rows = await db.fetch(
+        f"SELECT {CONTEXT_COLUMNS}, (SELECT count(*) FROM vm_contexts WHERE {where}) AS total_count"
+        f" FROM vm_contexts WHERE {where} ORDER BY vm_name LIMIT $3 OFFSET $4",
+        pattern,
+        query_args.status,
+        query_args.limit,
+        query_args.offset,
+    )
+    total = (
+        rows[0]["total_count"]
+        if rows
+        else await db.fetchval(f"SELECT count(*) FROM vm_contexts WHERE {where}", pattern, query_args.status)
+    )
+    return page_body("vm_contexts", [row_dict(r, exclude=("total_count",)) for r in rows], total, query_args)
+
+
+@bp.get("/vm-contexts/ungrouped")
+@validate_querystring(Page)
+async def ungrouped_alias(query_args: Page) -> dict[str, Any]:
+    return await list_ungrouped(state().db, query_args)
+
+
+@bp.get("/vm-contexts/<vm_name>")
+async def get_vm_context(vm_name: str) -> dict[str, Any]:
+    db = state().db
+    row = await db.fetchrow(f"SELECT {CONTEXT_COLUMNS} FROM vm_contexts WHERE vm_name = $1", vm_name)
+    if row is None:
+        raise ApiError.not_found(f"no VM context for {vm_name!r}")
+    context = row_dict(row)
+    current = None
+    if context["current_job_id"]:
+        job = await db.fetchrow(
+            f"SELECT {JOB_COLUMNS} FROM replication_jobs WHERE id = $1", context["current_job_id"]
+        )
+        current = row_dict(job) if job else None
+    jobs = await db.fetch(
+        f"SELECT {JOB_COLUMNS} FROM replication_jobs WHERE vm_context_id = $1"
+        " ORDER BY created_at DESC, id DESC LIMIT 10",
+        context["context_id"],
+    )
+    inventory = await db.fetchrow(
+        "SELECT disks, networks FROM vms WHERE ($1::text IS NOT NULL AND id = $1) OR path = $2 LIMIT 1",
+        context["vmware_vm_id"],
+        context["vm_path"],
+    )
+    inv = row_dict(inventory) if inventory else {"disks": [], "networks": []}
+    return {
+        "context": context,
+        "current_job": current,
+        "job_history": [row_dict(j) for j in jobs],
+        "disks": inv["disks"],
+        "networks": inv["networks"],
+    }
+
+
+@bp.get("/vm-contexts/<context_id>/recent-jobs")
+@validate_querystring(RecentJobsQuery)
+async def recent_jobs(context_id: str, query_args: RecentJobsQuery) -> dict[str, Any]:
+    db = state().db
+    if not await db.fetchval("SELECT EXISTS (SELECT 1 FROM vm_contexts WHERE context_id = $1)", context_id):
+        raise ApiError.not_found(f"no VM context {context_id!r}")
+    rows = await db.fetch(
+        f"SELECT {JOB_COLUMNS} FROM replication_jobs WHERE vm_context_id = $1"
+        " ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3",
+        context_id,
+        query_args.limit,
+        query_args.offset,
+    )
+    total = await db.fetchval("SELECT count(*) FROM replication_jobs WHERE vm_context_id = $1", context_id)
+    body = page_body("jobs", [row_dict(r) for r in rows], total, query_args)
+    body["context_id"] = context_id
+    return body

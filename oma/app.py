@@ -1,0 +1,160 @@
+"""The OMA application: ``create_app(config)`` builds the quart-trio app.
+
+While serving, the app holds (opened in ``while_serving``, closed in reverse order):
+
+1. the database — ``DATABASE_URL`` when configured, else an embedded PostgreSQL in
+   ``<data-dir>/pgdata`` — with the numbered migrations of ``oma/migrations`` applied under an
+   advisory lock;
+2. the secret box (AES key file, created 0600 at first start);
+3. the first administrator from configuration, when no user exists yet;
+4. an httpx client for the VMA API;
+5. a background task in the app nursery pruning expired tokens and pairing codes, stopped by an
+   event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from pathlib import Path
+
+import httpx
+import trio
+from quart import request
+from quart_schema import QuartSchema
+from quart_schema.openapi import Info
+from quart_trio import QuartTrio
+
+from oma.api import auth, credentials, debug, discovery, enrollment, health, replications, vm_contexts, vms
+from oma.auth import authorize_request
+from oma.config import OmaConfig
+from oma.crypto import SecretBox, hash_password, load_or_create_key
+from oma.state import STATE_KEY, OmaState
+from oma.vma_client import VmaClient
+from pyapp.api import fast_json_views, install_error_handlers
+from pyapp.db import (
+    Database,
+    EmbeddedPostgres,
+    apply_migrations,
+    create_database,
+    load_migrations,
+    open_database,
+    with_database,
+)
+from pyapp.logs import RecentRecords, log_context
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+SWAGGER_PREFIX = f"{API_PREFIX}/swagger/"
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+EMBEDDED_DB_NAME = "oma"
+ADMIN_BLUEPRINTS = frozenset({"credentials", "enrollment_admin", "debug"})
+PRUNE_INTERVAL_S = 600.0
+
+
+async def ensure_first_admin(db: Database, username: str, password: str) -> bool:
+    """Create ``username`` as administrator when the users table is empty. True if created."""
+    if await db.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
+        return False
+    password_hash = await hash_password(password)
+    created = await db.fetchval(
+        "INSERT INTO users (username, password_hash, role)"
+        " SELECT $1, $2, 'admin' WHERE NOT EXISTS (SELECT 1 FROM users)"
+        " ON CONFLICT (username) DO NOTHING RETURNING id",  # several workers may start at once
+        username,
+        password_hash,
+    )
+    return created is not None
+
+
+async def prune_expired(db: Database) -> None:
+    await db.execute("DELETE FROM auth_tokens WHERE expires_at < now() - interval '1 day'")
+    await db.execute(
+        "DELETE FROM vma_pairing_codes p WHERE p.expires_at < now() - interval '1 day'"
+        " AND NOT EXISTS (SELECT 1 FROM vma_enrollments e WHERE e.pairing_code_id = p.id)"
+    )
+
+
+def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -> QuartTrio:
+    app = QuartTrio("oma")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = 10
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    QuartSchema(
+        app,
+        openapi_path=f"{SWAGGER_PREFIX}openapi.json",
+        swagger_ui_path=SWAGGER_PREFIX,
+        redoc_ui_path=f"{SWAGGER_PREFIX}redoc",
+        scalar_ui_path=None,
+        info=Info(title="OMA API", version="1"),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        security=[{"bearer": []}],
+    )
+    install_error_handlers(app)
+    st = OmaState(config=config, recent_logs=recent_logs)
+    app.extensions[STATE_KEY] = st
+
+    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug):
+        app.register_blueprint(module.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
+    app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
+    fast_json_views(app)
+
+    @app.before_request
+    async def _authenticate() -> None:
+        if request.path.startswith(SWAGGER_PREFIX):
+            return
+        view = app.view_functions.get(request.endpoint) if request.endpoint else None
+        await authorize_request(st.db, view, admin_area=request.blueprint in ADMIN_BLUEPRINTS)
+
+    @app.while_serving
+    async def _lifespan() -> AsyncGenerator[None, None]:
+        embedded: EmbeddedPostgres | None = None
+        dsn = config.database_url
+        if dsn is None:
+            embedded = EmbeddedPostgres(config.pgdata)
+            admin_dsn = await embedded.start()
+            await create_database(admin_dsn, EMBEDDED_DB_NAME)
+            dsn = with_database(admin_dsn, EMBEDDED_DB_NAME)
+            log.info("embedded PostgreSQL running", extra={"action": "startup", "pgdata": str(config.pgdata)})
+        try:
+            async with open_database(dsn, min_size=2, max_size=config.db_pool_size) as db:
+                st.db_ = db
+                st.migrations_applied = await apply_migrations(db, load_migrations(MIGRATIONS_DIR))
+                st.box_ = SecretBox(await trio.to_thread.run_sync(load_or_create_key, config.key_file))
+                admin, password = config.admin_username, config.admin_password
+                if admin and password and await ensure_first_admin(db, admin, password):
+                    log.info(
+                        "first administrator created from configuration",
+                        extra={"action": "startup", "subject": admin},
+                    )
+                timeout = httpx.Timeout(config.vma_timeout, connect=min(config.vma_timeout, 5.0))
+                async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+                    st.vma_ = VmaClient(http, config.vma_url)
+                    stop = trio.Event()
+
+                    async def prune_loop() -> None:
+                        with log_context(action="prune"):
+                            while not stop.is_set():
+                                try:
+                                    await prune_expired(db)
+                                except Exception:
+                                    log.exception("pruning expired tokens failed")
+                                with trio.move_on_after(PRUNE_INTERVAL_S):
+                                    await stop.wait()
+
+                    app.add_background_task(prune_loop)
+                    log.info("OMA ready", extra={"action": "startup", "vma_url": config.vma_url})
+                    try:
+                        yield
+                    finally:
+                        stop.set()
+                        st.vma_ = None
+                st.db_ = None
+        finally:
+            if embedded is not None:
+                await trio.to_thread.run_sync(embedded.stop)
+            log.info("OMA stopped", extra={"action": "shutdown"})
+
+    return app

@@ -1,0 +1,87 @@
+"""OMA configuration: command-line flags over environment variables over defaults.
+
+| setting | flag | environment | default |
+| --- | --- | --- | --- |
+| listen host | ``--host`` | ``OMA_HOST`` | ``0.0.0.0`` |
+| listen port | ``--port`` | ``OMA_PORT`` | ``8082`` (``0``: pick a free port) |
+| data directory | ``--data-dir`` | ``OMA_DATA_DIR`` | ``/var/lib/oma`` |
+| database | | ``DATABASE_URL`` | embedded PostgreSQL in ``<data-dir>/pgdata`` |
+| VMA API URL | ``--vma-url`` | ``OMA_VMA_URL`` | ``http://localhost:9081`` |
+| VMA request timeout (s) | | ``OMA_VMA_TIMEOUT`` | ``10`` |
+| credentials key file | | ``OMA_SECRET_KEY_FILE`` | ``<data-dir>/secrets/credentials.key`` |
+| first admin | | ``OMA_ADMIN_USERNAME`` + ``OMA_ADMIN_PASSWORD_FILE`` (or ``_PASSWORD``) | none |
+| token lifetime (s) | | ``OMA_TOKEN_TTL`` | ``86400`` |
+| pairing code lifetime (s) | | ``OMA_PAIRING_CODE_TTL`` | ``600`` |
+| log level | ``--log-level`` | ``OMA_LOG_LEVEL`` | ``info`` |
+| pool size (per worker) | | ``OMA_DB_POOL_SIZE`` | ``30`` |
+| worker processes | ``--workers`` | ``OMA_WORKERS`` | ``1`` |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyapp.config import ConfigError, env_float, env_int, env_path, env_str, read_secret_file
+
+DEFAULT_PORT = 8082
+DEFAULT_VMA_URL = "http://localhost:9081"
+
+
+@dataclass(frozen=True)
+class OmaConfig:
+    data_dir: Path
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    database_url: str | None = None
+    vma_url: str = DEFAULT_VMA_URL
+    vma_timeout: float = 10.0
+    secret_key_file: Path | None = None
+    admin_username: str | None = None
+    admin_password: str | None = None
+    token_ttl_seconds: int = 24 * 3600
+    pairing_code_ttl_seconds: int = 600
+    log_level: str = "info"
+    db_pool_size: int = 30
+    workers: int = 1
+    max_body_bytes: int = 1024 * 1024
+
+    @property
+    def key_file(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secrets" / "credentials.key"
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    def with_overrides(self, **changes: object) -> OmaConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls) -> OmaConfig:
+        admin_password = env_str("OMA_ADMIN_PASSWORD")
+        password_file = env_path("OMA_ADMIN_PASSWORD_FILE")
+        if password_file is not None:
+            admin_password = read_secret_file(password_file)
+        admin_username = env_str("OMA_ADMIN_USERNAME")
+        if (admin_username is None) != (admin_password is None):
+            raise ConfigError("OMA_ADMIN_USERNAME and OMA_ADMIN_PASSWORD(_FILE) go together")
+        if admin_username is not None and admin_username.startswith("vma-"):
+            raise ConfigError("user names starting with 'vma-' are reserved for enrolled VMAs")
+        return cls(
+            data_dir=env_path("OMA_DATA_DIR", Path("/var/lib/oma")) or Path("/var/lib/oma"),
+            host=env_str("OMA_HOST", "0.0.0.0") or "0.0.0.0",
+            port=env_int("OMA_PORT", DEFAULT_PORT, minimum=0),
+            database_url=env_str("DATABASE_URL"),
+            vma_url=(env_str("OMA_VMA_URL", DEFAULT_VMA_URL) or DEFAULT_VMA_URL).rstrip("/"),
+            vma_timeout=env_float("OMA_VMA_TIMEOUT", 10.0),
+            secret_key_file=env_path("OMA_SECRET_KEY_FILE"),
+            admin_username=admin_username,
+            admin_password=admin_password,
+            token_ttl_seconds=env_int("OMA_TOKEN_TTL", 24 * 3600, minimum=1),
+            pairing_code_ttl_seconds=env_int("OMA_PAIRING_CODE_TTL", 600, minimum=1),
+            log_level=env_str("OMA_LOG_LEVEL", "info") or "info",
+            db_pool_size=env_int("OMA_DB_POOL_SIZE", 30, minimum=1),
+            workers=env_int("OMA_WORKERS", 1, minimum=1),
+        )

@@ -1,0 +1,283 @@
+"""``oma-api-server``: run the OMA REST service on hypercorn (trio worker).
+
+    oma-api-server [--host H] [--port N] [--data-dir DIR] [--vma-url URL] [--log-level L] [--workers N]
+    oma-api-server --data-dir DIR --create-admin NAME     # one-time: password read from stdin
+
+``--port 0`` binds a free port; the bound address is printed on stdout as
+``OMA listening on http://HOST:PORT`` once the service is ready (after migrations).
+
+``--workers N`` (N > 1) runs N worker processes accepting on one listening socket opened by this
+(parent) process; the parent starts the embedded PostgreSQL when no ``DATABASE_URL`` is set and
+hands its address to the workers, creates the key file, prints the address once every worker is
+serving, and on SIGTERM/SIGINT tells them to shut down gracefully. Workers share nothing but the
+database (tokens, revocations and jobs all live there), which is what makes this safe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from functools import partial
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio import serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import repr_socket_addr, wrap_app
+
+from oma.app import EMBEDDED_DB_NAME, MIGRATIONS_DIR, create_app
+from oma.config import OmaConfig
+from oma.crypto import hash_password, load_or_create_key
+from pyapp.config import ConfigError
+from pyapp.db import (
+    EmbeddedPostgres,
+    apply_migrations,
+    create_database,
+    load_migrations,
+    open_database,
+    with_database,
+)
+from pyapp.logs import setup_logging
+
+log = logging.getLogger("oma.server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="oma-api-server", description="OMA REST API server")
+    parser.add_argument("--host", help="listen address (default 0.0.0.0, env OMA_HOST)")
+    parser.add_argument(
+        "--port", type=int, help="listen port (default 8082, 0 = any free port, env OMA_PORT)"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="data directory (default /var/lib/oma, env OMA_DATA_DIR)"
+    )
+    parser.add_argument("--vma-url", help="VMA API base URL (default http://localhost:9081, env OMA_VMA_URL)")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="env OMA_LOG_LEVEL"
+    )
+    parser.add_argument(
+        "--workers", type=int, help="worker processes sharing the port (default 1, env OMA_WORKERS)"
+    )
+    parser.add_argument(
+        "--create-admin",
+        metavar="USERNAME",
+        help="create an administrator (password read from stdin, or prompted on a terminal) and exit",
+    )
+    return parser.parse_args(argv)
+
+
+async def _shutdown_on_signal(task_status: trio.TaskStatus[trio.Event] = trio.TASK_STATUS_IGNORED) -> None:
+    done = trio.Event()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started(done)
+        async for signum in signals:
+            log.info(
+                "signal %s received, shutting down", signal.Signals(signum).name, extra={"action": "shutdown"}
+            )
+            done.set()
+            return
+
+
+def hypercorn_config(config: OmaConfig) -> HypercornConfig:
+    hc = HypercornConfig()
+    hc.bind = [f"[{config.host}]:{config.port}" if ":" in config.host else f"{config.host}:{config.port}"]
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")
+    hc.graceful_timeout = 10
+    hc.keep_alive_timeout = 75
+    hc.backlog = 1024
+    return hc
+
+
+async def run_server(config: OmaConfig) -> None:
+    recent = setup_logging(config.log_level.upper())
+    app = create_app(config, recent_logs=recent)
+    hc = hypercorn_config(config)
+    async with trio.open_nursery() as nursery:
+        stop: trio.Event = await nursery.start(_shutdown_on_signal)
+        binds: list[str] = await nursery.start(
+            lambda task_status: serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+        )
+        for bind in binds:
+            print(f"OMA listening on {bind}", flush=True)
+        await stop.wait()
+    # Every task is done: the signal receiver returned and serve() finished its graceful shutdown.
+
+
+def _worker_process(config: OmaConfig, sockets: Sockets, shutdown: MpEvent, ready: Any) -> None:
+    # The parent owns signal handling and tells the workers to stop through ``shutdown``.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    trio.run(_worker_main, config, sockets, shutdown, ready)
+
+
+async def _worker_main(config: OmaConfig, sockets: Sockets, shutdown: MpEvent, ready: Any) -> None:
+    recent = setup_logging(config.log_level.upper())
+    app = create_app(config, recent_logs=recent)
+    hc = hypercorn_config(config)
+
+    async def shutdown_requested() -> None:
+        # a multiprocessing Event cannot wake trio: poll it (as hypercorn's own workers do)
+        while not shutdown.is_set():  # noqa: ASYNC110
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(
+                worker_serve,
+                wrap_app(app, hc.wsgi_max_body_size, None),
+                hc,
+                sockets=sockets,
+                shutdown_trigger=shutdown_requested,
+            )
+        )
+        ready.put(os.getpid())
+
+
+def run_workers(config: OmaConfig) -> int:
+    """Serve with ``config.workers`` processes on one listening socket (see the module doc)."""
+    setup_logging(config.log_level.upper())
+    embedded: EmbeddedPostgres | None = None
+    if config.database_url is None:
+        embedded = EmbeddedPostgres(config.pgdata)
+
+        async def start_embedded() -> str:
+            assert embedded is not None
+            admin_dsn = await embedded.start()
+            await create_database(admin_dsn, EMBEDDED_DB_NAME)
+            return with_database(admin_dsn, EMBEDDED_DB_NAME)
+
+        config = config.with_overrides(database_url=trio.run(start_embedded))
+    try:
+        load_or_create_key(config.key_file)  # once, before the workers race for it
+        hc = hypercorn_config(config)
+        sockets = hc.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(hc.backlog)
+        ctx = multiprocessing.get_context("spawn")
+        shutdown = ctx.Event()
+        ready = ctx.Queue()
+        workers = [
+            ctx.Process(target=_worker_process, args=(config, sockets, shutdown, ready), daemon=False)
+            for _ in range(config.workers)
+        ]
+        stop_requested = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            nonlocal stop_requested
+            stop_requested = True
+            shutdown.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        for worker in workers:
+            worker.start()
+        try:
+            started = 0
+            deadline = time.monotonic() + 300
+            while started < len(workers) and not stop_requested:
+                if any(not w.is_alive() for w in workers):
+                    log.error("a worker exited during start-up", extra={"action": "startup"})
+                    return 1
+                if time.monotonic() > deadline:
+                    log.error("workers did not start within 300 s", extra={"action": "startup"})
+                    return 1
+                try:
+                    ready.get(timeout=0.5)
+                    started += 1
+                except Exception:  # queue.Empty
+                    continue
+            for sock in sockets.insecure_sockets:
+                print(
+                    f"OMA listening on http://{repr_socket_addr(sock.family, sock.getsockname())}", flush=True
+                )
+            while not stop_requested and all(w.is_alive() for w in workers):
+                time.sleep(0.5)
+            if not stop_requested:
+                log.error("a worker exited; stopping the others", extra={"action": "shutdown"})
+            return 0 if stop_requested else 1
+        finally:
+            shutdown.set()
+            for worker in workers:
+                worker.join(30)
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def create_admin(config: OmaConfig, username: str, password: str) -> None:
+    embedded = None
+    dsn = config.database_url
+    if dsn is None:
+        embedded = EmbeddedPostgres(config.pgdata)
+        admin_dsn = await embedded.start()
+        await create_database(admin_dsn, EMBEDDED_DB_NAME)
+        dsn = with_database(admin_dsn, EMBEDDED_DB_NAME)
+    try:
+        async with open_database(dsn, min_size=1, max_size=2) as db:
+            await apply_migrations(db, load_migrations(MIGRATIONS_DIR))
+            password_hash = await hash_password(password)
+            created = await db.fetchval(
+                "INSERT INTO users (username, password_hash, role) VALUES ($1, $2, 'admin')"
+                " ON CONFLICT (username) DO NOTHING RETURNING id",
+                username,
+                password_hash,
+            )
+            if created is None:
+                raise ConfigError(f"user {username!r} already exists")
+    finally:
+        if embedded is not None:
+            await trio.to_thread.run_sync(embedded.stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = OmaConfig.from_env().with_overrides(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            vma_url=args.vma_url,
+            log_level=args.log_level,
+            workers=args.workers,
+        )
+        if config.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {config.workers}")
+        if config.port > 65535:
+            raise ConfigError(f"--port must be 0..65535, got {config.port}")
+        if args.create_admin:
+            setup_logging(config.log_level.upper())
+            password = (
+                getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
+            )
+            if args.create_admin.startswith("vma-"):
+                raise ConfigError("user names starting with 'vma-' are reserved for enrolled VMAs")
+            if len(password) < 8:
+                raise ConfigError("the administrator password must have at least 8 characters")
+            trio.run(create_admin, config, args.create_admin, password)
+            print(f"administrator {args.create_admin!r} created")
+            return 0
+        if config.workers > 1:
+            return run_workers(config)
+        trio.run(run_server, config)
+    except ConfigError as exc:
+        print(f"oma-api-server: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

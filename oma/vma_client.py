@@ -1,0 +1,134 @@
+"""The OMA's HTTP client for the VMA API (reached through the tunnel, ``http://localhost:9081``).
+
+Two calls are used here: ``POST /api/v1/discover`` (VMware inventory through the VMA, which holds
+the vCenter connection) and ``GET /api/v1/progress/{job_id}`` (live figures of a running job).
+Every call has a timeout. Failures are told apart for the operator:
+
+- :class:`VmaUnreachable`: no answer (connection refused, DNS, timeout) — the tunnel or the VMA is
+  down;
+- :class:`VmaRequestFailed`: the VMA answered with an error (its ``{"error","code"}`` envelope is
+  carried through), e.g. vCenter refused the credentials;
+- :class:`VmaJobNotFound`: the VMA does not know the job (404).
+
+The vCenter password travels in the request body only; it is never logged (httpx logs URLs only
+and its logger is kept at WARNING).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+log = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+class VmaError(Exception):
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.status = status
+
+
+class VmaUnreachable(VmaError):
+    pass
+
+
+class VmaRequestFailed(VmaError):
+    pass
+
+
+class VmaJobNotFound(VmaError):
+    pass
+
+
+class DiscoveredVM(BaseModel):
+    """One VM of the VMA's discover answer (the VMA seed's fields; extra fields are kept)."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    name: str
+    path: str
+    power_state: str | None = None
+    guest_os: str | None = None
+    memory_mb: int | None = None
+    num_cpu: int | None = None
+    disks: list[dict[str, Any]] = []
+    networks: list[dict[str, Any]] = []
+
+
+class DiscoveredVCenter(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    host: str
+    datacenter: str = ""
+
+
+class DiscoverResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    vcenter: DiscoveredVCenter
+    vms: list[DiscoveredVM]
+
+
+class VmaClient:
+    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+
+    async def _request(self, method: str, path: str, json: Any = None) -> Any:
+        url = f"{self.base_url}{path}"
+        try:
+            response = await self._http.request(method, url, json=json)
+        except httpx.TimeoutException as exc:
+            raise VmaUnreachable(
+                f"VMA at {self.base_url} did not answer in time ({type(exc).__name__})"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise VmaUnreachable(
+                f"VMA at {self.base_url} is unreachable: {exc or type(exc).__name__}"
+            ) from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code >= 400:
+            message = body.get("error") if isinstance(body, dict) else None
+            code = body.get("code") if isinstance(body, dict) else None
+            text = message or f"HTTP {response.status_code}"
+            if response.status_code == 404:
+                raise VmaJobNotFound(text, code=code, status=404)
+            raise VmaRequestFailed(
+                f"VMA refused {method} {path}: {text}", code=code, status=response.status_code
+            )
+        if body is None:
+            raise VmaRequestFailed(f"VMA answered {method} {path} with a body that is not JSON")
+        return body
+
+    async def discover(
+        self, *, vcenter: str, username: str, password: str, datacenter: str, filter: str = ""
+    ) -> DiscoverResult:
+        payload = {
+            "vcenter": vcenter,
+            "username": username,
+            "password": password,
+            "datacenter": datacenter,
+            "filter": filter,
+        }
+        body = await self._request("POST", "/api/v1/discover", payload)
+        try:
+            return DiscoverResult.model_validate(body)
+        except ValidationError as exc:
+            raise VmaRequestFailed(
+                f"VMA discover answer does not match the contract: {exc.error_count()} errors"
+            ) from exc
+
+    async def progress(self, job_id: str) -> dict[str, Any]:
+        body = await self._request("GET", f"/api/v1/progress/{quote(job_id, safe='')}")
+        if not isinstance(body, dict):
+            raise VmaRequestFailed("VMA progress answer is not a JSON object")
+        return body

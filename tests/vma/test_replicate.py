@@ -1,0 +1,151 @@
+"""Replication end to end: the lab's vCenter and disk images, the VMA over real HTTP, the OMA
+double, and ``qemu-nbd`` exports of raw files as the targets (``--shared=8``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pyapp.lab import DiskSpec, Lab, LabVM, MiB
+from pyapp.nbd_export import NbdExport
+from tests.vma.conftest import Vma, images_equal, make_snapshot, new_target, snapshot_names
+from tests.vma.oma_double import OmaDouble
+
+VM_PATH = "/DC0/vm/vm1"
+
+
+@contextmanager
+def exports(tmp_path: Path, vm: LabVM, tag: str = "t") -> Iterator[tuple[list[Path], list[NbdExport]]]:
+    """One raw target file per disk, served by qemu-nbd with room for the mover's connections."""
+    files = [new_target(tmp_path / f"{tag}-{d.key}.raw", d.capacity) for d in vm.disks]
+    with ExitStack() as stack:
+        served = [
+            stack.enter_context(NbdExport(f, name=f"disk-{d.key}", shared=8))
+            for f, d in zip(files, vm.disks, strict=True)
+        ]
+        yield files, served
+
+
+def request(lab: Lab, job_id: str, oma: OmaDouble, served: list[NbdExport], vm: LabVM) -> dict[str, Any]:
+    return {
+        "job_id": job_id,
+        "vcenter": lab.url,
+        "username": lab.username,
+        "password": lab.password,
+        "vm_paths": [VM_PATH],
+        "oma_url": oma.url,
+        "targets": {VM_PATH: {f"disk-{d.key}": e.uri for d, e in zip(vm.disks, served, strict=True)}},
+    }
+
+
+async def replicate(vma: Vma, body: dict[str, Any]) -> dict[str, Any]:
+    r = await vma.post("/api/v1/replicate", body)
+    assert r.status_code == 200, r.text
+    started = r.json()
+    assert started["job_id"] == body["job_id"] and started["status"] == "started"
+    assert started["vm_count"] == len(body["vm_paths"])
+    return await vma.wait_job(body["job_id"])
+
+
+def written(progress: dict[str, Any]) -> int:
+    return sum(d["bytes_written"] + d["bytes_zeroed"] for d in progress["disks"])
+
+
+async def test_full_then_incremental(tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble) -> None:
+    with exports(tmp_path, vm1) as (targets, served):
+        # Pass 1: no change ID at the OMA -> full pass ("*": the allocated areas).
+        p1 = await replicate(vma, request(lab, "repl-1", oma, served, vm1))
+        assert p1["status"] == "completed", p1
+        assert p1["progress_percent"] == 100.0
+        assert {d["mode"] for d in p1["disks"]} == {"full"}
+        for target, disk in zip(targets, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)  # nothing wrote to the VM during the pass
+        assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
+        stored = {p["disk_id"]: p["change_id"] for p in oma.change_id_posts}
+        assert set(stored) == {f"disk-{d.key}" for d in vm1.disks}
+        assert all(p["vm_path"] == VM_PATH and p["job_id"] == "repl-1" for p in oma.change_id_posts)
+        assert oma.replications["repl-1"]["status"] == "completed"
+        assert any(u.get("status") == "replicating" for _, u in oma.updates)
+        # The blank second disk is all holes: nothing to move.
+        assert p1["disks"][1]["bytes_total"] == 0
+
+        # The guest writes: 6 x 64 KiB on disk 0, 2 x 64 KiB on disk 1.
+        changed = [
+            vm1.disks[0].guest.rewrite_random_chunks(6, chunk=64 * 1024, seed=7),
+            vm1.disks[1].guest.rewrite_random_chunks(2, chunk=64 * 1024, seed=8),
+        ]
+        changed_bytes = sum(n for areas in changed for _, n in areas)
+
+        # Pass 2: incremental from the stored change IDs; only the changed extents travel.
+        p2 = await replicate(vma, request(lab, "repl-2", oma, served, vm1))
+        assert p2["status"] == "completed", p2
+        assert {d["mode"] for d in p2["disks"]} == {"incremental"}
+        assert p2["total_bytes"] == changed_bytes
+        assert changed_bytes <= written(p2) <= changed_bytes + 64 * 1024
+        assert written(p2) < sum(d.capacity for d in vm1.disks) // 20
+        for target, disk in zip(targets, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)
+        assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
+        new = {p["disk_id"]: p["change_id"] for p in oma.change_id_posts if p["job_id"] == "repl-2"}
+        assert set(new) == set(stored)
+        assert all(new[k] != stored[k] for k in new)  # the base advanced
+        # The artifacts of the jobs hold no password.
+        assert not list(vma.config.work_dir.rglob("vcenter.pass"))
+
+
+async def test_cbt_reset_forces_a_full_pass(
+    tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    with exports(tmp_path, vm1) as (targets, served):
+        p1 = await replicate(vma, request(lab, "repl-a", oma, served, vm1))
+        assert p1["status"] == "completed", p1
+        for disk in vm1.disks:
+            disk.guest.reset_cbt()  # vSphere reset change tracking (e.g. after a storage move)
+        vm1.disks[0].guest.rewrite_random_chunks(3, chunk=64 * 1024, seed=3)
+        p2 = await replicate(vma, request(lab, "repl-b", oma, served, vm1))
+        assert p2["status"] == "completed", p2
+        assert {d["mode"] for d in p2["disks"]} == {"full-cbt-reset"}
+        for target, disk in zip(targets, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)
+        # the new change IDs are from the new epoch
+        uuids = {p["change_id"].rpartition("/")[0] for p in oma.change_id_posts if p["job_id"] == "repl-b"}
+        old = {p["change_id"].rpartition("/")[0] for p in oma.change_id_posts if p["job_id"] == "repl-a"}
+        assert not uuids & old
+
+
+async def test_pre_existing_snapshot_is_never_touched(
+    tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    moref = await trio.to_thread.run_sync(make_snapshot, lab, "vm1", "operator-backup")
+    with exports(tmp_path, vm1) as (targets, served):
+        p = await replicate(vma, request(lab, "repl-x", oma, served, vm1))
+        assert p["status"] == "completed", p
+        for target, disk in zip(targets, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)
+        r = await vma.post("/api/v1/cleanup", {"job_id": "repl-x", "action": "cleanup_all"})
+        assert r.status_code == 200 and r.json()["status"] == "success", r.text
+    assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == [("operator-backup", moref)]
+
+
+async def test_single_disk_target_from_put_config(tmp_path: Path, vma: Vma, lab: Lab, oma: OmaDouble) -> None:
+    vm = await trio.to_thread.run_sync(lambda: lab.create_vm("solo", [DiskSpec(8 * MiB)]))
+    vm.disks[0].guest.write(MiB, b"solo data" * 100)
+    target = new_target(tmp_path / "solo.raw", vm.disks[0].capacity)
+    with NbdExport(target, name="migration-solo", shared=8) as export:
+        r = await vma.put("/api/v1/config", {"nbd_port": export.port, "export_name": "migration-solo"})
+        assert r.status_code == 200
+        body = {
+            "job_id": "repl-solo",
+            "vcenter": lab.url,
+            "username": lab.username,
+            "password": lab.password,
+            "vm_paths": ["/DC0/vm/solo"],
+            "oma_url": oma.url,
+        }
+        p = await replicate(vma, body)
+        assert p["status"] == "completed", p
+    assert images_equal(target, vm.disks[0].image)

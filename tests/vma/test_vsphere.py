@@ -1,0 +1,161 @@
+# pyVim's helpers are unannotated:
+# mypy: disable-error-code="no-untyped-call"
+"""vSphere through pyvmomi against the lab: discovery over the API, CBT activation, the
+QueryChangedDiskAreas loop (its guard against a zero-length answer is pure logic: the lab never
+gives one, so a fake answer object drives it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+from pyVim.task import WaitForTask
+
+from pyapp.lab import Lab, LabVM
+from tests.vma.conftest import Vma
+from vma.vsphere import (
+    ChangedAreasError,
+    VCenterLogin,
+    VSphere,
+    VSphereError,
+    cbt_epoch,
+    collect_changed_areas,
+    merge_extents,
+    same_cbt_epoch,
+)
+
+
+async def test_discover_lab_vms(vma: Vma, lab: Lab, vm1: LabVM) -> None:
+    await trio.to_thread.run_sync(lambda: lab.create_vm("db1", [], memory_mb=512))
+    body = {"vcenter": lab.url, "username": lab.username, "password": lab.password, "datacenter": "DC0"}
+    r = await vma.post("/api/v1/discover", {**body, "filter": "VM1"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["vcenter"] == {"host": lab.url, "datacenter": "DC0"}
+    assert [v["name"] for v in answer["vms"]] == ["vm1"]
+    vm = answer["vms"][0]
+    assert vm["id"] == vm1.moref
+    assert vm["path"] == "/DC0/vm/vm1"
+    assert vm["power_state"] == "poweredOn"
+    assert vm["guest_os"] == "ubuntu64Guest"
+    assert (vm["memory_mb"], vm["num_cpu"]) == (2048, 2)
+    assert [(d["id"], d["key"], d["capacity_bytes"], d["path"]) for d in vm["disks"]] == [
+        (f"disk-{d.key}", d.key, d.capacity, d.file_name) for d in vm1.disks
+    ]
+    assert all(d["cbt_enabled"] is False for d in vm["disks"])
+    assert [n["network"] for n in vm["networks"]] == ["VM Network"]
+    every = (await vma.post("/api/v1/discover", body)).json()["vms"]
+    assert {"vm1", "db1"} <= {v["name"] for v in every}
+
+
+async def test_discover_errors(vma: Vma, lab: Lab) -> None:
+    body = {"vcenter": lab.url, "username": lab.username, "password": "wrong", "datacenter": "DC0"}
+    r = await vma.post("/api/v1/discover", body)
+    assert r.status_code == 500 and r.json()["code"] == "OPERATION_FAILED"
+    assert "refused the login" in r.json()["error"]
+    r = await vma.post("/api/v1/discover", {**body, "password": lab.password, "datacenter": "NoSuchDC"})
+    assert r.status_code == 500 and r.json()["code"] == "OPERATION_FAILED"
+
+
+def test_ensure_cbt_sets_ctk_and_stuns(lab: Lab, vm1: LabVM) -> None:
+    vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
+    try:
+        vm = vs.find_vm("/DC0/vm/vm1")
+        assert all(d.change_id is None for d in vs.live_disks(vm))
+        assert vs.ensure_cbt(vm, stun_name="vma-test-cbt-stun") is True
+        disks = vs.live_disks(vm)
+        assert all(d.cbt_enabled and d.change_id for d in disks)
+        extra = {o.key: o.value for o in vm.config.extraConfig}
+        assert all(extra.get(d.ctk_key) == "TRUE" for d in disks)
+        assert [d.ctk_key for d in disks] == ["scsi0:0.ctkEnabled", "scsi0:1.ctkEnabled"]
+        assert vs.snapshot_tree(vm) == []  # the stun snapshot is gone
+        assert vs.ensure_cbt(vm, stun_name="vma-test-cbt-stun") is False  # already on: nothing to do
+    finally:
+        vs.disconnect()
+
+
+# -- pure logic --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Area:
+    start: int
+    length: int
+
+
+@dataclass
+class Answer:
+    startOffset: int
+    length: int
+    changedArea: list[Area] = field(default_factory=list)
+
+
+def test_loop_covers_the_disk_over_partial_answers() -> None:
+    asked: list[int] = []
+    window = 1000
+
+    def query(offset: int) -> Answer:
+        asked.append(offset)
+        areas = [Area(offset + 10, 20)] if offset < 3000 else []
+        return Answer(offset, min(window, 3500 - offset), areas)
+
+    assert collect_changed_areas(query, 3500) == [(10, 20), (1010, 20), (2010, 20)]
+    assert asked == [0, 1000, 2000, 3000]
+
+
+def test_zero_length_answer_is_an_error_not_a_loop() -> None:
+    calls = 0
+
+    def query(offset: int) -> Answer:
+        nonlocal calls
+        calls += 1
+        return Answer(offset, 0 if offset >= 1000 else 1000)
+
+    with pytest.raises(ChangedAreasError, match="length 0"):
+        collect_changed_areas(query, 4000)
+    assert calls == 2
+
+
+def test_answer_for_another_offset_or_outside_area_is_an_error() -> None:
+    with pytest.raises(ChangedAreasError, match="asked for 0"):
+        collect_changed_areas(lambda o: Answer(o + 512, 1000), 4000)
+    with pytest.raises(ChangedAreasError, match="outside"):
+        collect_changed_areas(lambda o: Answer(o, 1000, [Area(o + 900, 200)]), 4000)
+
+
+def test_change_id_epochs() -> None:
+    a = "52 de c0 d9 98 a8 ac 5b-a1 16 ed 5d 02 86 e1 04/17"
+    b = "52 de c0 d9 98 a8 ac 5b-a1 16 ed 5d 02 86 e1 04/42"
+    c = "52 11 22 33 44 55 66 77-88 99 aa bb cc dd ee ff/3"
+    assert cbt_epoch(a) == "52 de c0 d9 98 a8 ac 5b-a1 16 ed 5d 02 86 e1 04"
+    assert same_cbt_epoch(a, b)
+    assert not same_cbt_epoch(a, c)  # CBT was reset: a full pass is due
+    assert not same_cbt_epoch(a, None)
+    assert not same_cbt_epoch("*", b)
+
+
+def test_merge_extents() -> None:
+    assert merge_extents([(10, 5), (0, 10), (30, 0), (20, 5), (22, 10)]) == [(0, 15), (20, 12)]
+
+
+def test_vcenter_endpoint_forms() -> None:
+    assert VCenterLogin("vc.example.com", "u", "p").endpoint() == ("https", "vc.example.com", 443)
+    assert VCenterLogin("vc.example.com:8443", "u", "p").endpoint() == ("https", "vc.example.com", 8443)
+    assert VCenterLogin("http://127.0.0.1:8989/sdk", "u", "p").endpoint() == ("http", "127.0.0.1", 8989)
+    assert "p" not in repr(VCenterLogin("vc", "u", "secret-pass"))
+
+
+def test_vm_in_a_folder_has_its_folder_path(lab: Lab, vm1: LabVM) -> None:
+    vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
+    try:
+        dc = next(d for d in vs.datacenters() if d.name == "DC0")
+        folder = dc.vmFolder.CreateFolder("prod")
+        WaitForTask(folder.MoveIntoFolder_Task([vs.find_vm("/DC0/vm/vm1")]))
+        found = vs.discover("DC0", "vm1")
+        assert [v["path"] for v in found] == ["/DC0/vm/prod/vm1"]
+        assert vs.find_vm("/DC0/vm/prod/vm1")._moId == vm1.moref
+        with pytest.raises(VSphereError, match="no VM"):
+            vs.find_vm("/DC0/vm/vm1")
+    finally:
+        vs.disconnect()

@@ -1,0 +1,42 @@
+"""``POST /api/v1/discover``: the VMs of a vCenter datacenter, optionally filtered by name.
+
+Each VM carries the seed's fields (id, name, path, power_state, guest_os, memory_mb, num_cpu)
+plus ``disks`` (id ``disk-<key>``, key, capacity_bytes, path, cbt_enabled, change_id) and
+``networks`` (per NIC its network). ``filter`` is a case-insensitive substring of the name."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Blueprint, request
+
+from vma.api.validation import text
+from vma.errors import ApiError, require_json_object
+from vma.logging import log_context
+from vma.state import state
+from vma.vsphere import VCenterLogin, VSphere, VSphereError, run
+
+bp = Blueprint("discover", __name__)
+log = logging.getLogger(__name__)
+
+
+@bp.post("/discover")
+async def discover() -> dict[str, Any]:
+    body = require_json_object(await request.get_json(silent=True))
+    login = VCenterLogin(text(body, "vcenter"), text(body, "username"), text(body, "password"))
+    datacenter = text(body, "datacenter", required=False, max_len=255)
+    name_filter = text(body, "filter", required=False, max_len=255)
+    config = state().config
+    with log_context(action="discover"):
+        try:
+            vs = await run(VSphere.connect, login, insecure=config.vcenter_insecure)
+            try:
+                vms = await run(vs.discover, datacenter, name_filter)
+            finally:
+                await run(vs.disconnect)
+        except VSphereError as e:
+            log.warning("discovery failed: %s", e)
+            raise ApiError.failed(str(e)) from e
+        log.info("discovered %d VMs", len(vms), extra={"datacenter": datacenter, "filter": name_filter})
+    return {"vcenter": {"host": login.host, "datacenter": datacenter}, "vms": vms}

@@ -1,0 +1,28 @@
+"""Small validators for request bodies: every failure is a 400 ``INVALID_REQUEST`` naming the field."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from vma.errors import ApiError
+
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+
+
+def text(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 1024) -> str:
+    value = body.get(key)
+    if value is None or value == "":
+        if required:
+            raise ApiError.invalid(f"{key} is required")
+        return ""
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ApiError.invalid(f"{key} must be a string of at most {max_len} characters")
+    return value
+
+
+def job_id(body: dict[str, Any]) -> str:
+    value = text(body, "job_id", max_len=200)
+    if not JOB_ID.match(value):
+        raise ApiError.invalid("Invalid job_id format (letters, digits and . _ : - only)")
+    return value

@@ -1,0 +1,103 @@
+"""The VMA's configuration: a JSON file (``vma-api-server --config FILE``) over these defaults.
+
+Nothing here is a secret except the OMA enrollment secret, which is read from ``oma_secret_file``
+(never from argv). See ``docs/vma.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+SourceKind = Literal["file", "vddk"]
+
+
+@dataclass
+class VmaConfig:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    log_level: str = "info"
+    #: Where job artifacts live (password file, nbdkit logs): ``<work_dir>/<job_id>/``.
+    work_dir: Path = field(default_factory=lambda: Path("/var/lib/vma"))
+    #: Where the nbdkit sources' Unix sockets live (paths must stay under 108 bytes); unset: a
+    #: private temporary directory made at start and removed at shutdown.
+    socket_dir: Path | None = None
+
+    # -- OMA -------------------------------------------------------------------------------------
+    oma_url: str = "http://127.0.0.1:8082"
+    #: The enrolled appliance id (``vma-...``) and its secret, as issued by the OMA's enrollment.
+    appliance_id: str = ""
+    oma_secret_file: Path | None = None
+    oma_timeout: float = 30.0
+    #: Renew the token this many seconds before it expires.
+    token_renew_margin: float = 300.0
+    #: Exponential backoff while the OMA is unreachable: first delay, cap, and give-up deadline.
+    oma_backoff_initial: float = 1.0
+    oma_backoff_max: float = 60.0
+    oma_unreachable_deadline: float = 600.0
+
+    # -- vCenter ---------------------------------------------------------------------------------
+    #: Skip TLS verification of vCenter (self-signed appliances); the thumbprint still pins VDDK.
+    vcenter_insecure: bool = True
+    vsphere_threads: int = 8
+
+    # -- disk sources ----------------------------------------------------------------------------
+    #: ``vddk``: nbdkit's vddk plugin against the snapshot (production); ``file``: nbdkit's file
+    #: plugin over the snapshot disk's raw image found through ``datastore_roots`` (lab, tests).
+    source: SourceKind = "vddk"
+    datastore_roots: dict[str, Path] = field(default_factory=dict)
+    vddk_libdir: Path = field(default_factory=lambda: Path("/opt/vmware-vix-disklib-distrib"))
+    vddk_thumbprint: str = ""
+    vddk_transports: str = "nbd:nbdssl:hotadd"
+    nbdkit: str = "nbdkit"
+
+    # -- copying ---------------------------------------------------------------------------------
+    #: Disks copied at once in this VMA (over all jobs); VMs of one job are started under it too.
+    max_parallel_disks: int = 4
+    mover_connections: int = 4
+    #: Requests in flight per connection and their size. Cancelling a copy (cleanup of a running
+    #: job) lets the requests in flight finish: connections x requests x size bounds that wait.
+    mover_requests: int = 16
+    mover_request_size: int = 1 << 20
+    #: How long the mover retries a lost NBD connection before the job fails.
+    reconnect_timeout: float = 30.0
+    #: Seconds between replication record updates sent to the OMA while copying.
+    progress_report_interval: float = 5.0
+    #: How long a failed job keeps trying to tell the OMA before giving up (the OMA may be down).
+    final_report_timeout: float = 30.0
+
+    # -- defaults set by PUT /api/v1/config (the seed's dynamic allocation) ------------------------
+    nbd_host: str = "127.0.0.1"
+    nbd_port: int | None = None
+    export_name: str | None = None
+    target_device: str | None = None
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> VmaConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
+        values = dict(data)
+        for key in ("work_dir", "socket_dir", "oma_secret_file", "vddk_libdir"):
+            if values.get(key) is not None:
+                values[key] = Path(values[key])
+        if "datastore_roots" in values:
+            values["datastore_roots"] = {str(k): Path(v) for k, v in values["datastore_roots"].items()}
+        if values.get("source", "vddk") not in ("file", "vddk"):
+            raise ValueError("source must be 'file' or 'vddk'")
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: Path) -> VmaConfig:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the configuration must be a JSON object")
+        return cls.from_mapping(data)
+
+    def oma_secret(self) -> str:
+        if self.oma_secret_file is None:
+            return ""
+        return self.oma_secret_file.read_text().strip()

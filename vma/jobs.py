@@ -1,0 +1,176 @@
+"""The job tracker: in-memory state of every replication this VMA process runs or ran.
+
+A job is what ``POST /api/v1/replicate`` started: one or more VMs, each with its disks. The tracker
+owns the figures ``GET /api/v1/status/{job_id}`` and ``GET /api/v1/progress/{job_id}`` answer
+with, the snapshots a job made (so cleanup can remove them, and only them), and the job's cancel
+scope (so ``cleanup_all`` can stop it). Jobs are not persisted: after a restart the VMA knows no
+job, and a snapshot left by a crashed process is named ``vma-<job_id>`` for the operator.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from vma.errors import ApiError
+from vma.vsphere import SnapshotRef, VCenterLogin
+
+JobStatus = Literal["pending", "running", "completed", "failed"]
+
+
+def iso(t: dt.datetime | None) -> str | None:
+    return None if t is None else t.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@dataclass
+class DiskProgress:
+    vm_path: str
+    disk_id: str
+    capacity: int
+    phase: str = "pending"  # pending | querying | copying | copied | failed
+    mode: str = ""  # full | incremental | full-cbt-reset
+    bytes_total: int = 0  # bytes planned for this pass
+    bytes_done: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    throughput: float = 0.0
+    change_id: str | None = None  # the snapshot's change ID, stored once the VM's copy is complete
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "vm_path": self.vm_path,
+            "disk_id": self.disk_id,
+            "capacity_bytes": self.capacity,
+            "phase": self.phase,
+            "mode": self.mode,
+            "bytes_done": self.bytes_done,
+            "bytes_total": self.bytes_total,
+            "bytes_written": self.bytes_written,
+            "bytes_zeroed": self.bytes_zeroed,
+            "percent": _percent(self.bytes_done, self.bytes_total, self.phase == "copied"),
+            "throughput_bps": round(self.throughput, 1),
+        }
+
+
+def _percent(done: int, total: int, finished: bool) -> float:
+    if total <= 0:
+        return 100.0 if finished else 0.0
+    return round(min(100.0, 100.0 * done / total), 2)
+
+
+@dataclass
+class Job:
+    job_id: str
+    vm_paths: list[str]
+    login: VCenterLogin
+    oma_url: str
+    work_dir: Path
+    status: JobStatus = "pending"
+    phase: str = "pending"
+    current_operation: str = "Queued"
+    error: str | None = None
+    created_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    started_mono: float = field(default_factory=time.monotonic)
+    disks: dict[tuple[str, str], DiskProgress] = field(default_factory=dict)
+    #: Snapshots this job created and has not removed yet.
+    snapshots: list[SnapshotRef] = field(default_factory=list)
+    #: Set while the job runs: cancelling it stops the job (its cleanup paths still run).
+    cancel_scope: trio.CancelScope | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    cancel_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("completed", "failed")
+
+    def bytes_done(self) -> int:
+        return sum(d.bytes_done for d in self.disks.values())
+
+    def bytes_total(self) -> int:
+        return sum(d.bytes_total for d in self.disks.values())
+
+    def throughput(self) -> float:
+        return sum(d.throughput for d in self.disks.values() if d.phase == "copying")
+
+    def percent(self) -> float:
+        if self.status == "completed":
+            return 100.0
+        return _percent(self.bytes_done(), self.bytes_total(), False)
+
+    def eta_seconds(self) -> float | None:
+        rate = self.throughput()
+        left = self.bytes_total() - self.bytes_done()
+        if self.finished:
+            return 0.0
+        if rate <= 0 or self.phase != "copying":
+            return None
+        return round(max(0, left) / rate, 1)
+
+    def current_disk(self) -> dict[str, Any] | None:
+        copying = [d for d in self.disks.values() if d.phase == "copying"]
+        return copying[0].as_dict() if copying else None
+
+    def status_body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "job_id": self.job_id,
+            "status": self.status,
+            "progress_percent": self.percent(),
+            "current_operation": self.current_operation,
+        }
+        if self.error:
+            body["error"] = self.error
+        return body
+
+    def progress_body(self) -> dict[str, Any]:
+        elapsed = (
+            ((self.finished_at or dt.datetime.now(dt.UTC)) - self.started_at).total_seconds()
+            if self.started_at
+            else 0.0
+        )
+        return {
+            "job_id": self.job_id,
+            "status": self.status,
+            "phase": self.phase,
+            "current_operation": self.current_operation,
+            "current_disk": self.current_disk(),
+            "bytes_transferred": self.bytes_done(),
+            "total_bytes": self.bytes_total(),
+            "progress_percent": self.percent(),
+            "throughput_bps": round(self.throughput(), 1),
+            "eta_seconds": self.eta_seconds(),
+            "elapsed_seconds": round(elapsed, 1),
+            "vm_paths": self.vm_paths,
+            "disks": [d.as_dict() for d in self.disks.values()],
+            "snapshots": [s.moref for s in self.snapshots],
+            "error": self.error,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+        }
+
+
+class JobTracker:
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+
+    def add(self, job: Job) -> None:
+        existing = self._jobs.get(job.job_id)
+        if existing is not None and not existing.finished:
+            raise ApiError.invalid(f"job {job.job_id} is already {existing.status}")
+        self._jobs[job.job_id] = job
+
+    def get(self, job_id: str) -> Job:
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError.job_not_found(job_id)
+        return job
+
+    def all(self) -> list[Job]:
+        return list(self._jobs.values())

@@ -1,0 +1,415 @@
+"""The replication workflow: one job, its VMs concurrently, each VM's disks concurrently, under
+one bound for the whole VMA (``max_parallel_disks``).
+
+Per VM::
+
+    find the VM -> resolve each disk's NBD target -> CBT on (VM, each disk's ctkEnabled, stun)
+    -> snapshot "vma-<job_id>" -> per disk: previous change ID from the OMA, QueryChangedDiskAreas
+       over the whole disk (``*`` on the first pass), nbdkit source on the snapshot, mover copy of
+       those extents into the target (the mover flushes the target before it returns)
+    -> every disk copied: store each disk's new change ID (read from the snapshot's disk backing)
+    -> remove the snapshot (also on every failure path, shielded from cancellation)
+
+A change ID is stored only after all disks of its VM are copied and flushed, so a failed job
+never advances the base of the next incremental pass. A stored change ID from another CBT epoch
+(CBT was reset) makes a full pass: the whole disk's allocated areas, with zeros written for the
+rest, because the target already holds older data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from pyapp import mover
+from vma.config import VmaConfig
+from vma.jobs import DiskProgress, Job
+from vma.logging import log_context
+from vma.oma_client import OmaClient, OmaError
+from vma.source import (
+    SourceError,
+    SourceSpec,
+    certificate_thumbprint,
+    serve_source,
+    socket_path,
+    source_argv,
+)
+from vma.vsphere import (
+    CbtResetError,
+    DiskInfo,
+    SnapshotRef,
+    VSphere,
+    VSphereError,
+    run,
+    same_cbt_epoch,
+)
+
+log = logging.getLogger(__name__)
+
+#: vm_path -> disk (``disk-2000``, ``2000`` or the disk's index ``0``) -> NBD URI of its target.
+Targets = Mapping[str, Mapping[str, str]]
+
+
+class JobFailed(Exception):
+    """A replication step failed; the message is what the operator reads in status and progress."""
+
+
+@dataclass
+class Plan:
+    disk: DiskInfo
+    target: str
+    mode: str = ""
+    extents: list[tuple[int, int]] | None = None
+    copied: bool = False
+
+
+def resolve_targets(
+    vm_path: str, disks: list[DiskInfo], targets: Targets, config: VmaConfig
+) -> dict[int, str]:
+    """Each disk's target: from the request's ``targets``, else for a VM with a single disk the
+    export that ``PUT /api/v1/config`` set (``nbd_host``/``nbd_port``/``export_name``)."""
+    per_vm = targets.get(vm_path)
+    out: dict[int, str] = {}
+    if per_vm:
+        for i, d in enumerate(disks):
+            uri = per_vm.get(d.disk_id) or per_vm.get(str(d.key)) or per_vm.get(str(i))
+            if not uri:
+                raise JobFailed(f"no target for {vm_path} {d.disk_id} in the request's targets")
+            out[d.key] = uri
+        return out
+    if len(disks) == 1 and config.nbd_port and config.export_name:
+        return {disks[0].key: f"nbd://{config.nbd_host}:{config.nbd_port}/{config.export_name}"}
+    raise JobFailed(
+        f"no target for {vm_path}: give targets[vm_path][disk_id] in the request"
+        " (or, for a single-disk VM, nbd_port and export_name through PUT /api/v1/config)"
+    )
+
+
+def only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is trio's cancellation (alone or as a group of them): an outer scope's
+    (the app's shutdown), since the job's own cancel scope has caught its own by then."""
+    if isinstance(exc, trio.Cancelled):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        rest = exc.split(trio.Cancelled)[1]
+        return rest is None
+    return False
+
+
+def describe_error(exc: BaseException) -> str:
+    """One readable line for a (possibly grouped) failure."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [describe_error(e) for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        return "; ".join(dict.fromkeys(leaves)) or "cancelled"
+    if isinstance(exc, JobFailed | VSphereError | SourceError | OmaError):
+        return str(exc)
+    if isinstance(exc, mover.MoverError):
+        return f"copy failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, trio.Cancelled):
+        return "cancelled"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class Replicator:
+    def __init__(self, config: VmaConfig, oma_for: Callable[[str], OmaClient]) -> None:
+        self.config = config
+        self.oma_for = oma_for
+        self.disk_limiter = trio.CapacityLimiter(max(1, config.max_parallel_disks))
+        self._socket_dir: Path | None = None
+        self._own_socket_dir = False
+
+    async def socket_dir(self) -> Path:
+        """The directory of the sources' sockets (made on first use, private)."""
+        if self._socket_dir is None:
+            if self.config.socket_dir is not None:
+                await trio.Path(self.config.socket_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._socket_dir = self.config.socket_dir
+            else:
+                made = await trio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="vma-"))
+                self._socket_dir, self._own_socket_dir = Path(made), True
+        return self._socket_dir
+
+    def close(self) -> None:
+        """Remove the temporary socket directory (at shutdown, when no source runs)."""
+        if self._own_socket_dir and self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    async def run_job(self, job: Job, targets: Targets) -> None:
+        """Run ``job`` to its end (completed or failed); never raises but for the app's shutdown."""
+        with log_context(job_id=job.job_id, action="replicate"):
+            oma = self.oma_for(job.oma_url)
+            job.status, job.phase, job.started_at = "running", "starting", dt.datetime.now(dt.UTC)
+            job.current_operation = "Starting replication"
+            log.info("replication started", extra={"vm_paths": job.vm_paths})
+            try:
+                with trio.CancelScope() as scope:
+                    job.cancel_scope = scope
+                    if job.cancel_reason is not None:
+                        scope.cancel()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._report_loop, job, oma)
+                        await oma.update_replication(
+                            job.job_id, status="replicating", current_operation="Starting replication"
+                        )
+                        await self._run_vms(job, targets, oma)
+                        nursery.cancel_scope.cancel()
+                if scope.cancelled_caught:
+                    raise JobFailed(job.cancel_reason or "cancelled")
+            except BaseException as exc:
+                shutdown = only_cancelled(exc)
+                job.status, job.phase = "failed", "failed"
+                job.error = describe_error(exc) if not shutdown else "the VMA shut down during the job"
+                job.current_operation = f"Failed: {job.error}"
+                job.finished_at = dt.datetime.now(dt.UTC)
+                log.error("replication failed: %s", job.error)
+                with trio.CancelScope(shield=True), trio.move_on_after(self.config.final_report_timeout):
+                    await self._tell_oma(
+                        oma,
+                        job,
+                        status="failed",
+                        error_message=job.error[:4000],
+                        current_operation="Replication failed",
+                    )
+                job.cancel_scope = None
+                remove_password_file(self.config, job)
+                job.done.set()
+                if shutdown or not isinstance(exc, Exception):
+                    raise  # the app is shutting down (or the process is interrupted): let it
+                return
+            job.status, job.phase, job.current_operation = "completed", "completed", "Replication completed"
+            job.finished_at = dt.datetime.now(dt.UTC)
+            job.cancel_scope = None
+            log.info("replication completed", extra={"bytes": job.bytes_done()})
+            await self._tell_oma(
+                oma,
+                job,
+                status="completed",
+                progress_percent=100.0,
+                bytes_transferred=job.bytes_done(),
+                total_bytes=job.bytes_total(),
+                current_operation="Replication completed",
+            )
+            remove_password_file(self.config, job)
+            job.done.set()
+
+    async def _tell_oma(self, oma: OmaClient, job: Job, **fields: Any) -> None:
+        try:
+            await oma.update_replication(job.job_id, **fields)
+        except OmaError as e:
+            log.warning("OMA replication update failed: %s", e, extra={"action": "oma_update"})
+
+    async def _report_loop(self, job: Job, oma: OmaClient) -> None:
+        while True:
+            await trio.sleep(self.config.progress_report_interval)
+            await self._tell_oma(
+                oma,
+                job,
+                progress_percent=job.percent(),
+                bytes_transferred=job.bytes_done(),
+                total_bytes=job.bytes_total(),
+                current_operation=job.current_operation[:4000],
+            )
+
+    async def _run_vms(self, job: Job, targets: Targets, oma: OmaClient) -> None:
+        job.phase, job.current_operation = "connecting", f"Connecting to vCenter {job.login.host}"
+        vs = await run(VSphere.connect, job.login, insecure=self.config.vcenter_insecure)
+        try:
+            async with trio.open_nursery() as nursery:
+                for vm_path in job.vm_paths:
+                    nursery.start_soon(self._replicate_vm, job, vs, vm_path, targets, oma)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                await run(vs.disconnect)
+
+    async def _replicate_vm(
+        self, job: Job, vs: VSphere, vm_path: str, targets: Targets, oma: OmaClient
+    ) -> None:
+        vm = await run(vs.find_vm, vm_path)
+        live = await run(vs.live_disks, vm)
+        if not live:
+            raise JobFailed(f"{vm_path} has no disk")
+        disk_targets = resolve_targets(vm_path, live, targets, self.config)
+        for d in live:
+            job.disks[(vm_path, d.disk_id)] = DiskProgress(vm_path, d.disk_id, d.capacity)
+
+        job.phase, job.current_operation = "enabling_cbt", f"Checking change tracking of {vm_path}"
+        await run(vs.ensure_cbt, vm, stun_name=f"vma-{job.job_id}-cbt-stun")
+
+        job.phase, job.current_operation = "snapshot", f"Creating snapshot of {vm_path}"
+        snap = await run(
+            vs.create_snapshot, vm, f"vma-{job.job_id}", f"VMA replication {job.job_id}; removed by the VMA"
+        )
+        job.snapshots.append(snap)
+        try:
+            snap_disks = await run(vs.snapshot_disks, snap)
+            plans = []
+            for d in snap_disks:
+                if d.key not in disk_targets:
+                    raise JobFailed(f"{vm_path}: disk {d.disk_id} appeared during the job")
+                if d.change_id is None:
+                    raise JobFailed(f"{vm_path} {d.disk_id}: CBT is not active in the snapshot")
+                plans.append(Plan(d, disk_targets[d.key]))
+            async with trio.open_nursery() as nursery:
+                for plan in plans:
+                    nursery.start_soon(self._copy_disk, job, vs, snap, vm_path, plan, oma)
+            # Every disk of the VM is copied and flushed: only now do the new change IDs become bases.
+            job.phase, job.current_operation = "storing_change_ids", f"Storing change IDs of {vm_path}"
+            for plan in plans:
+                assert plan.copied and plan.disk.change_id is not None
+                await oma.store_change_id(job.job_id, vm_path, plan.disk.disk_id, plan.disk.change_id)
+                job.disks[(vm_path, plan.disk.disk_id)].change_id = plan.disk.change_id
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(300):
+                await self.remove_snapshot(job, vs, snap)
+
+    async def remove_snapshot(self, job: Job, vs: VSphere, snap: SnapshotRef) -> None:
+        """Remove the job's snapshot; on failure it stays in ``job.snapshots`` for cleanup."""
+        try:
+            await run(vs.remove_snapshot, snap)
+        except (VSphereError, OSError) as e:
+            log.error(
+                "snapshot %s could not be removed: %s", snap.moref, e, extra={"action": "snapshot_remove"}
+            )
+            return
+        if snap in job.snapshots:
+            job.snapshots.remove(snap)
+
+    async def _copy_disk(
+        self, job: Job, vs: VSphere, snap: SnapshotRef, vm_path: str, plan: Plan, oma: OmaClient
+    ) -> None:
+        disk = plan.disk
+        progress = job.disks[(vm_path, disk.disk_id)]
+        with log_context(action="copy_disk"):
+            async with self.disk_limiter:
+                progress.phase = "querying"
+                previous = await oma.previous_change_id(vm_path, disk.disk_id)
+                allocated_only = False
+                if previous is None:
+                    plan.mode = "full"
+                    plan.extents = await run(vs.changed_areas, snap, disk, "*")
+                elif not same_cbt_epoch(previous, disk.change_id):
+                    plan.mode = "full-cbt-reset"
+                else:
+                    try:
+                        plan.extents = await run(vs.changed_areas, snap, disk, previous)
+                        plan.mode = "incremental"
+                    except CbtResetError as e:
+                        log.warning("%s: full pass", e)
+                        plan.mode = "full-cbt-reset"
+                if plan.mode == "full-cbt-reset":
+                    log.warning(
+                        "CBT was reset for %s %s (stored %s, snapshot %s): full pass",
+                        vm_path,
+                        disk.disk_id,
+                        previous,
+                        disk.change_id,
+                    )
+                    allocated_only = True
+                progress.mode = plan.mode
+                progress.bytes_total = (
+                    disk.capacity if allocated_only else sum(n for _, n in plan.extents or [])
+                )
+                log.info(
+                    "copying %s %s (%s, %d bytes planned)",
+                    vm_path,
+                    disk.disk_id,
+                    plan.mode,
+                    progress.bytes_total,
+                    extra={"disk_id": disk.disk_id},
+                )
+                if not allocated_only and not plan.extents:
+                    progress.phase, plan.copied = "copied", True
+                    return
+                progress.phase = "copying"
+                job.phase = "copying"
+                job.current_operation = f"Copying {vm_path} {disk.disk_id}"
+                await self._copy(job, snap, plan, progress, allocated_only)
+                progress.phase, plan.copied = "copied", True
+
+    async def _copy(
+        self, job: Job, snap: SnapshotRef, plan: Plan, progress: DiskProgress, allocated_only: bool
+    ) -> None:
+        work = self.config.work_dir / job.job_id
+        await trio.Path(work).mkdir(parents=True, exist_ok=True, mode=0o700)
+        connections = self.config.mover_connections
+        name = f"{snap.vm_moref}-{plan.disk.disk_id}"
+        sock = socket_path(await self.socket_dir(), job.job_id, name)
+        thumbprint = ""
+        if self.config.source == "vddk" and not self.config.vddk_thumbprint:
+            _, host, port = job.login.endpoint()
+            try:
+                thumbprint = await trio.to_thread.run_sync(certificate_thumbprint, host, port)
+            except OSError as e:
+                raise JobFailed(f"cannot read the certificate thumbprint of {host}:{port}: {e}") from e
+        argv = source_argv(
+            self.config,
+            job.login,
+            SourceSpec(snap.vm_moref, snap.moref, plan.disk.file_name),
+            work,
+            sock,
+            threads=connections * self.config.mover_requests,
+            thumbprint=thumbprint,
+        )
+
+        def on_progress(p: mover.CopyProgress) -> None:
+            if p.bytes_planned > 0:
+                progress.bytes_total = p.bytes_planned
+            progress.bytes_done = int(progress.bytes_total * p.percent / 100.0)
+            progress.bytes_written, progress.bytes_zeroed = p.bytes_written, p.bytes_zeroed
+            progress.throughput = p.throughput_bytes_per_s
+
+        try:
+            async with serve_source(argv, work / f"{name}.log") as source_uri:
+                result = await mover.copy(
+                    source_uri,
+                    plan.target,
+                    extents=None if allocated_only else plan.extents,
+                    allocated_only=allocated_only,
+                    connections=connections,
+                    requests=self.config.mover_requests,
+                    request_size=self.config.mover_request_size,
+                    reconnect_timeout=self.config.reconnect_timeout,
+                    on_progress=on_progress,
+                )
+        except mover.MoverError as e:
+            progress.phase = "failed"
+            raise JobFailed(
+                f"copy of {progress.vm_path} {progress.disk_id} failed: {type(e).__name__}: {e}"
+            ) from e
+        except SourceError:
+            progress.phase = "failed"
+            raise
+        on_progress(result)
+        progress.throughput = 0.0
+        log.info(
+            "copied %s %s: %d bytes written, %d zeroed in %.1f s",
+            progress.vm_path,
+            progress.disk_id,
+            result.bytes_written,
+            result.bytes_zeroed,
+            result.seconds,
+            extra={"disk_id": progress.disk_id, "mode": plan.mode},
+        )
+
+
+def remove_password_file(config: VmaConfig, job: Job) -> None:
+    """The vCenter password file lives only as long as the job's sources."""
+    (config.work_dir / job.job_id / "vcenter.pass").unlink(missing_ok=True)
+
+
+def remove_artifacts(config: VmaConfig, job: Job) -> bool:
+    """Remove the job's work directory (password file, sockets, nbdkit logs). False: none was there."""
+    work = config.work_dir / job.job_id
+    if not work.exists():
+        return False
+    shutil.rmtree(work)
+    return True

@@ -1,0 +1,232 @@
+"""Disk sources: an ``nbdkit`` process per disk serving the snapshot's bytes on a Unix socket.
+
+- production (``source = "vddk"``): ``nbdkit vddk`` against the snapshot, through vCenter: the
+  password goes through a file (``password=+FILE``, mode 0600, removed with the job's artifacts),
+  never argv; the thumbprint pins the host certificate; ``vm=moref=``, ``snapshot=`` and
+  ``transports=`` come from the job;
+- lab and tests (``source = "file"``): ``nbdkit file`` over the raw image behind the snapshot
+  disk's datastore path, found through the ``datastore_roots`` mapping (datastore name -> local
+  directory) and, for a monolithicFlat descriptor, its ``FLAT`` extent.
+
+Both are read-only and die with the VMA (``--exit-with-parent``). ``--threads`` covers the
+mover's connections times their requests in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import socket
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import trio
+
+from vma.config import VmaConfig
+from vma.vsphere import VCenterLogin
+
+_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.*)$")
+_EXTENT = re.compile(r'^(RW|RDONLY)\s+\d+\s+FLAT\s+"(?P<file>[^"]+)"\s+\d+\s*$')
+
+
+class SourceError(Exception):
+    """A disk source could not be prepared or did not start."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What the source serves: one disk of one snapshot."""
+
+    vm_moref: str
+    snapshot_moref: str
+    file_name: str  # datastore path of the snapshot's disk backing
+
+
+def resolve_datastore_path(ds_path: str, roots: Mapping[str, Path]) -> Path:
+    """``[ds] dir/x.vmdk`` -> the local raw image, through the datastore -> directory mapping."""
+    m = _DS_PATH.match(ds_path.strip())
+    if m is None:
+        raise SourceError(f"not a datastore path: {ds_path!r}")
+    rel = PurePosixPath(m["path"])
+    if rel.is_absolute() or ".." in rel.parts:
+        raise SourceError(f"datastore path leaves its datastore: {ds_path!r}")
+    root = roots.get(m["ds"])
+    if root is None:
+        raise SourceError(f"datastore {m['ds']!r} has no local directory in datastore_roots")
+    path = Path(root, *rel.parts)
+    if not path.exists():
+        raise SourceError(f"{ds_path} -> {path}: no such file")
+    return _raw_extent(path)
+
+
+def _raw_extent(path: Path) -> Path:
+    if not path.name.endswith(".vmdk") or path.name.endswith("-flat.vmdk"):
+        return path
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head.startswith(b"# Disk DescriptorFile"):
+        return path
+    for line in head.decode("utf-8", "replace").splitlines():
+        m = _EXTENT.match(line.strip())
+        if m is not None:
+            return path.with_name(m["file"])
+    raise SourceError(
+        f"{path}: VMDK descriptor without a FLAT extent (only flat disks can be served locally)"
+    )
+
+
+def _common(nbdkit: str, sock: Path, threads: int) -> list[str]:
+    return [
+        nbdkit,
+        "--exit-with-parent",
+        "--foreground",
+        "--readonly",
+        "--unix",
+        str(sock),
+        "--threads",
+        str(threads),
+    ]
+
+
+def vddk_argv(
+    config: VmaConfig,
+    login: VCenterLogin,
+    spec: SourceSpec,
+    sock: Path,
+    password_file: Path,
+    threads: int,
+    thumbprint: str = "",
+) -> list[str]:
+    """The production command line: ``nbdkit vddk`` reading ``spec``'s disk as of its snapshot.
+    ``thumbprint`` (else ``vddk_thumbprint`` from the configuration) pins vCenter's certificate."""
+    _, host, port = login.endpoint()
+    argv = [
+        *_common(config.nbdkit, sock, threads),
+        "vddk",
+        f"libdir={config.vddk_libdir}",
+        f"server={host}",
+        f"port={port}",
+        f"user={login.username}",
+        f"password=+{password_file}",
+    ]
+    thumbprint = thumbprint or config.vddk_thumbprint
+    if thumbprint:
+        argv.append(f"thumbprint={thumbprint}")
+    argv += [
+        f"vm=moref={spec.vm_moref}",
+        f"snapshot={spec.snapshot_moref}",
+        f"transports={config.vddk_transports}",
+        f"file={spec.file_name}",
+    ]
+    return argv
+
+
+def file_argv(config: VmaConfig, image: Path, sock: Path, threads: int) -> list[str]:
+    """The lab's command line: ``nbdkit file`` over a local raw image."""
+    return [*_common(config.nbdkit, sock, threads), "file", f"file={image}", "cache=none"]
+
+
+def write_password_file(path: Path, password: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password)
+
+
+def socket_path(socket_dir: Path, job_id: str, name: str) -> Path:
+    """A short socket path for one disk of one job. Unix socket paths are limited to 107 bytes,
+    so the name is a digest of job and disk, in a short private directory."""
+    digest = hashlib.sha256(f"{job_id}/{name}".encode()).hexdigest()[:20]
+    path = socket_dir / f"{digest}.sock"
+    if len(str(path).encode()) > 107:
+        raise SourceError(f"socket directory {socket_dir} is too long for a Unix socket path")
+    return path
+
+
+def certificate_thumbprint(host: str, port: int, timeout: float = 10.0) -> str:
+    """The SHA-1 thumbprint of the certificate ``host:port`` presents, as VDDK wants it
+    (``AA:BB:...``). Blocking: call it in a thread."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # we are reading the certificate, not trusting it
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise SourceError(f"{host}:{port} presented no certificate")
+    digest = hashlib.sha1(der, usedforsecurity=False).hexdigest().upper()
+    return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def source_argv(
+    config: VmaConfig,
+    login: VCenterLogin,
+    spec: SourceSpec,
+    work_dir: Path,
+    sock: Path,
+    threads: int,
+    thumbprint: str = "",
+) -> list[str]:
+    """The argv serving this disk on ``sock``, preparing what it needs in ``work_dir`` (the
+    password file)."""
+    if config.source == "vddk":
+        password_file = work_dir / "vcenter.pass"
+        if not password_file.exists():
+            write_password_file(password_file, login.password)
+        return vddk_argv(config, login, spec, sock, password_file, threads, thumbprint)
+    return file_argv(config, resolve_datastore_path(spec.file_name, config.datastore_roots), sock, threads)
+
+
+def _accepts(sock: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+        s.settimeout(1)
+        with contextlib.suppress(OSError):
+            s.recv(8)  # let nbdkit send its greeting so the probe is a clean disconnect
+        return True
+
+
+@contextlib.asynccontextmanager
+async def serve_source(argv: list[str], log_path: Path, *, start_timeout: float = 60.0) -> AsyncIterator[str]:
+    """Run the nbdkit ``argv`` (which names its ``--unix`` socket) until the block exits; yields
+    the NBD URI of the served disk. nbdkit's messages go to ``log_path``."""
+    sock = Path(argv[argv.index("--unix") + 1])
+    await trio.Path(sock).unlink(missing_ok=True)
+    log_file = await trio.to_thread.run_sync(log_path.open, "ab")
+    try:
+        proc = await trio.lowlevel.open_process(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file
+        )
+    finally:
+        log_file.close()
+    try:
+        with trio.move_on_after(start_timeout) as scope:
+            while True:
+                if proc.poll() is not None:
+                    err = (await trio.Path(log_path).read_text(errors="replace"))[-2000:]
+                    raise SourceError(f"nbdkit exited with {proc.returncode}: {err.strip()}")
+                if await trio.to_thread.run_sync(_accepts, sock):
+                    break
+                await trio.sleep(0.02)
+        if scope.cancelled_caught:
+            raise SourceError(f"nbdkit did not serve {sock} within {start_timeout} s")
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:
+                proc.terminate()
+                with trio.move_on_after(10):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+            await trio.Path(sock).unlink(missing_ok=True)
