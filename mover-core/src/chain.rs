@@ -25,8 +25,9 @@
 //! 1. it is written to a temporary file beside its final name (`.NAME.consolidate-tmp`; a left
 //!    over one from an earlier crash is removed first — it is never a restore point), with its
 //!    manifest computed inline;
-//! 2. it is re-read from disk and checked against that manifest, and against the manifest of the
-//!    layer it replaces when that layer has one (the logical disks must be identical);
+//! 2. it is re-read from disk and checked against the manifest of the layer whose disk it holds
+//!    (the logical disks must be identical: a damaged chain or a bad write stops here), or,
+//!    when that layer has none, against the manifest computed inline while writing;
 //! 3. file and directory are `fsync`ed, then it is renamed over its final name in one atomic
 //!    step, the directory is `fsync`ed, and its manifest follows the same way;
 //! 4. only then are the files it made redundant removed, newest first, so that each file still
@@ -463,15 +464,21 @@ pub async fn consolidate(
         .as_ref()
         .map_or(opts.chunk_size, Manifest::chunk_size);
 
-    let written = write_flat(&source, &tmp, opts, chunk_size, progress, cancel).await;
-    let (manifest, bytes_written) = match written {
+    // With the source's manifest at hand the new image is checked against it, and digesting
+    // inline while writing would only digest the same data twice.
+    let inline = expected.is_none();
+    let written = write_flat(&source, &tmp, opts, chunk_size, inline, progress, cancel).await;
+    let (made, bytes_written) = match written {
         Ok(w) => w,
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
     };
-    let checked = check_written(&tmp, &manifest, expected.as_ref(), progress, cancel).await;
+    let manifest = made
+        .or(expected)
+        .expect("a manifest is made inline when the source has none");
+    let checked = check_written(&tmp, &manifest, progress, cancel).await;
     if let Err(e) = checked {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
@@ -506,22 +513,27 @@ pub async fn consolidate(
 }
 
 /// Copy the logical disk of `source` into a new standalone image at `tmp`, with its manifest
-/// computed inline.
+/// computed inline when `inline`.
 async fn write_flat(
     source: &Path,
     tmp: &Path,
     opts: &ConsolidateOptions,
     chunk_size: u64,
+    inline: bool,
     progress: &Arc<Progress>,
     cancel: &Arc<CancelToken>,
-) -> Result<(Manifest, u64)> {
+) -> Result<(Option<Manifest>, u64)> {
     let s = source.to_owned();
     let src: Arc<dyn Endpoint> = Arc::new(blocking(move || Qcow2Source::open(&s)).await?);
     let size = src.capabilities().size.div_ceil(512) * 512;
     let (t, cs) = (tmp.to_owned(), opts.cluster_size);
     let dst: Arc<dyn Endpoint> =
         Arc::new(blocking(move || Qcow2Target::create(&t, size, cs, None)).await?);
-    let builder = Arc::new(ManifestBuilder::new(size, chunk_size)?);
+    let builder = if inline {
+        Some(Arc::new(ManifestBuilder::new(size, chunk_size)?))
+    } else {
+        None
+    };
     let copy_opts = CopyOptions {
         target_is_zero: true,
         checkpoint: None,
@@ -534,51 +546,43 @@ async fn write_flat(
         &copy_opts,
         Arc::clone(progress),
         Arc::clone(cancel),
-        Some(Arc::clone(&builder)),
+        builder.clone(),
     )
     .await?;
-    copy::complete_manifest(&builder, &*dst).await?;
+    let manifest = match builder {
+        Some(b) => {
+            copy::complete_manifest(&b, &*dst).await?;
+            Some(b.to_manifest()?)
+        }
+        None => None,
+    };
     dst.close().await?;
-    Ok((builder.to_manifest()?, snap.bytes_written))
+    Ok((manifest, snap.bytes_written))
 }
 
-/// Re-read the new image from disk and compare it with the manifest made while writing it, and
-/// with the manifest of the disk it replaces.
+/// Re-read the new image from disk and compare it with `manifest`: the one of the layer it
+/// replaces, or the one made while writing it.
 async fn check_written(
     tmp: &Path,
     manifest: &Manifest,
-    expected: Option<&Manifest>,
     progress: &Arc<Progress>,
     cancel: &Arc<CancelToken>,
 ) -> Result<()> {
     let t = tmp.to_owned();
     let ep: Arc<dyn Endpoint> = Arc::new(blocking(move || Qcow2Source::open(&t)).await?);
-    let found =
-        checksum_endpoint(&ep, manifest.chunk_size(), &Arc::clone(progress), cancel).await?;
-    let bad = manifest.diff(&found)?;
+    let found = checksum_endpoint(&ep, manifest.chunk_size(), progress, cancel).await?;
+    let bad = manifest.diff(&found).map_err(|e| MoverError::Format {
+        path: tmp.display().to_string(),
+        message: e.to_string(),
+    })?;
     if let Some(first) = bad.first() {
         return Err(MoverError::Format {
             path: tmp.display().to_string(),
             message: format!(
-                "the consolidated image does not read back as written: {} chunks differ, first {first}",
+                "the consolidated image does not match the manifest of the chain: {} chunks differ, first {first}",
                 bad.len()
             ),
         });
-    }
-    if let Some(exp) = expected {
-        let bad = exp.diff(manifest).map_err(|e| MoverError::Format {
-            path: tmp.display().to_string(),
-            message: e.to_string(),
-        })?;
-        if let Some(first) = bad.first() {
-            return Err(MoverError::Format {
-                path: tmp.display().to_string(),
-                message: format!(
-                    "the chain does not match its manifest: {} chunks differ, first {first}",
-                    bad.len()
-                ),
-            });
-        }
     }
     Ok(())
 }

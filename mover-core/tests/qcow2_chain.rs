@@ -299,7 +299,9 @@ fn merging_the_oldest_layers_keeps_every_newer_restore_point() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
-    // A synthetic full of the whole chain, into a new file.
+    // A synthetic full of the whole chain, into a new file; without the top's manifest the
+    // new image is checked against the manifest made while writing it.
+    std::fs::remove_file(Manifest::path_for(&images[3])).unwrap();
     let out = dir.path().join("synthetic.qcow2");
     copy::runtime()
         .block_on(chain::consolidate(
@@ -316,4 +318,37 @@ fn merging_the_oldest_layers_keeps_every_newer_restore_point() {
     compare_raw(&out, &snaps[3]);
     assert_eq!(chain::info(&out).unwrap().depth, 1);
     assert!(verify(&out).ok());
+}
+
+#[test]
+fn a_damaged_chain_is_not_consolidated() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (images, _) = backup_chain(dir.path(), 3, 12 * M);
+    let host = {
+        let out = run("qemu-img", &["map", "--output=json", s(&images[0])]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v[0]["offset"].as_u64().unwrap()
+    };
+    let mut raw = std::fs::read(&images[0]).unwrap();
+    raw[(host + 99) as usize] ^= 0x80;
+    std::fs::write(&images[0], &raw).unwrap();
+    let before: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let err = copy::runtime()
+        .block_on(chain::consolidate(
+            &images[2],
+            &ConsolidateOptions {
+                layers: Some(2),
+                ..ConsolidateOptions::default()
+            },
+            &Arc::default(),
+            &Arc::default(),
+        ))
+        .unwrap_err();
+    assert!(err.to_string().contains("chunks differ"), "{err}");
+    let after: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    assert!(before == after, "a failed consolidation changed the chain");
+    assert!(!chain::temporary_name(&images[1]).exists());
 }
