@@ -165,6 +165,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
             cluster_size=args.cluster_size,
             manifest=args.manifest,
             write_manifest=not args.no_manifest,
+            zero_unlisted=args.zero_unlisted,
         )
         result = run_with_progress(job, show_bar=sys.stderr.isatty())
     except MoverError as e:
@@ -306,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
                       help="copy only these (offset, length) extents")
     plan.add_argument("--allocated-only", action="store_true",
                       help="copy only what the source reports as data")
+    c.add_argument("--zero-unlisted", action="store_true",
+                   help="with --extents: they are all the data; zero everything else on the target")
     c.add_argument("--connections", type=int, default=4, metavar="N",
                    help="connections per endpoint (default 4)")
     c.add_argument("--requests", type=int, default=16, metavar="N", help="requests in flight per connection")

@@ -102,6 +102,7 @@ async def copy(
     cluster_size: int = 1 << 16,
     manifest: str | PathLike[str] | None = None,
     write_manifest: bool = True,
+    zero_unlisted: bool = False,
     on_progress: Callable[[CopyProgress], None] | None = None,
     progress_interval: float = 0.5,
 ) -> CopyProgress:
@@ -109,7 +110,10 @@ async def copy(
     counters.
 
     ``extents`` is an explicit list of ``(offset, length)`` (e.g. CBT changed areas);
-    ``allocated_only`` copies what the source's allocation map reports as data. A target path
+    ``allocated_only`` copies what the source's allocation map reports as data.
+    ``zero_unlisted`` says the extents are all the data the disk holds (vCenter's allocated areas)
+    and zeroes everything else on the target, so stale data of an earlier pass cannot remain. A
+    target path
     ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (an overlay on
     ``backing`` when given) with a BLAKE3 manifest beside it; ``manifest`` asks for one at that
     path for any other target, ``write_manifest=False`` for none at all. Raises a
@@ -131,6 +135,7 @@ async def copy(
         cluster_size=cluster_size,
         manifest=manifest,
         write_manifest=write_manifest,
+        zero_unlisted=zero_unlisted,
     )
     error: MoverError | None = None
     async with trio.open_nursery() as nursery:

@@ -707,6 +707,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn explicit_zero_rest_overwrites_stale_target_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, expect) = sparse_source(dir.path()).await;
+        let dst = dir.path().join("stale.raw");
+        std::fs::write(&dst, vec![0xa5u8; expect.len()]).unwrap();
+        let dst = dst.to_str().unwrap().to_owned();
+        let data = vec![
+            (0, 300_000),
+            (5 << 20, 300_000),
+            ((15 << 20) + 4096, (1 << 20) - 4096),
+        ];
+        let opts = CopyOptions {
+            request_size: 1 << 16,
+            ..CopyOptions::default()
+        };
+        let snap = run(&src, &dst, PlanKind::ExplicitZeroRest(data), &opts)
+            .await
+            .unwrap();
+        assert_eq!(std::fs::read(&dst).unwrap(), expect);
+        assert_eq!(snap.bytes_done(), expect.len() as u64);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn explicit_extents_past_the_end_are_refused_before_writing() {
         let dir = tempfile::tempdir().unwrap();
         let (src, _) = sparse_source(dir.path()).await;

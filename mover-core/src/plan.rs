@@ -27,6 +27,10 @@ pub enum PlanKind {
     Allocated,
     /// An explicit list of `(offset, length)`, e.g. the changed areas reported by CBT.
     Explicit(Vec<(u64, u64)>),
+    /// The listed ranges are all the data the disk holds (e.g. vCenter's allocated areas for
+    /// change ID `*`); everything outside them is zeroed on the target, so a target that held
+    /// older data (a volume from an earlier, failed pass) ends up equal to the source.
+    ExplicitZeroRest(Vec<(u64, u64)>),
 }
 
 /// One unit of work: a range to read and write, or a range to zero without reading.
@@ -158,6 +162,19 @@ pub async fn build(
         PlanKind::Explicit(ranges) => {
             for (offset, length) in normalise(ranges, size)? {
                 push_range(&mut items, offset, length, false, request_size);
+            }
+        }
+        PlanKind::ExplicitZeroRest(ranges) => {
+            let mut pos = 0;
+            for (offset, length) in normalise(ranges, size)? {
+                if offset > pos && !skip_zero_runs {
+                    push_range(&mut items, pos, offset - pos, true, request_size);
+                }
+                push_range(&mut items, offset, length, false, request_size);
+                pos = offset + length;
+            }
+            if pos < size && !skip_zero_runs {
+                push_range(&mut items, pos, size - pos, true, request_size);
             }
         }
         PlanKind::Allocated => {

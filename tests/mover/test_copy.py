@@ -142,3 +142,21 @@ async def test_malformed_uri_and_missing_socket(source: Path, tmp_path: Path) ->
         await mover.copy(f"nbd+unix:///x?socket={tmp_path}/missing.sock", str(tmp_path / "t.raw"))
     with pytest.raises(mover.ConnectError):
         await mover.copy(str(tmp_path / "no-such-disk.raw"), str(tmp_path / "t.raw"))
+
+
+async def test_zero_unlisted_repairs_a_target_holding_stale_data(
+    source: Path, tmp_path: Path, qemu_nbd: Callable[..., NbdExport]
+) -> None:
+    """A first full pass into a volume left by an earlier, failed pass: the listed extents are
+    the source's data, and everything else must be zeroed, or stale bytes survive."""
+    target = tmp_path / "stale.raw"
+    target.write_bytes(b"\xa5" * SIZE)
+    dst = qemu_nbd(target, name="dst")
+    await mover.copy(str(source), dst.uri, extents=DATA)
+    assert not images_equal(source, target), "without zeroing, the stale bytes remain"
+    result = await mover.copy(str(source), dst.uri, extents=DATA, zero_unlisted=True)
+    dst.stop()
+    assert images_equal(source, target)
+    assert result.bytes_zeroed == SIZE - sum(length for _, length in DATA)
+    with pytest.raises(mover.InvalidPlanError):
+        await mover.copy(str(source), str(target), zero_unlisted=True)

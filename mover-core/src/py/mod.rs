@@ -134,8 +134,9 @@ impl Copy {
     #[pyo3(signature = (source, target, *, extents=None, allocated_only=false, connections=4, requests=16,
                         request_size=1_048_576, checkpoint=None, target_is_zero=false,
                         checkpoint_interval=5.0, reconnect_timeout=60.0, backing=None,
-                        cluster_size=65_536, manifest=None, write_manifest=true))]
-    #[allow(clippy::too_many_arguments)]
+                        cluster_size=65_536, manifest=None, write_manifest=true, zero_unlisted=false))]
+    // Mirrors Python's keyword arguments one to one.
+    #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
     fn new(
         source: String,
         target: String,
@@ -152,6 +153,7 @@ impl Copy {
         cluster_size: u64,
         manifest: Option<PathBuf>,
         write_manifest: bool,
+        zero_unlisted: bool,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
@@ -161,16 +163,20 @@ impl Copy {
                     MoverError::InvalidPlan(format!("{name} must be a positive number of seconds"))
                 })
         };
-        let kind = match (extents, allocated_only) {
-            (Some(_), true) => {
+        let kind = match (extents, allocated_only, zero_unlisted) {
+            (Some(_), true, _) => {
                 return Err(MoverError::InvalidPlan(
                     "give either extents or allocated_only, not both".into(),
                 )
                 .into())
             }
-            (Some(list), false) => PlanKind::Explicit(list),
-            (None, true) => PlanKind::Allocated,
-            (None, false) => PlanKind::All,
+            (None, _, true) => {
+                return Err(MoverError::InvalidPlan("zero_unlisted needs extents".into()).into())
+            }
+            (Some(list), false, false) => PlanKind::Explicit(list),
+            (Some(list), false, true) => PlanKind::ExplicitZeroRest(list),
+            (None, true, false) => PlanKind::Allocated,
+            (None, false, false) => PlanKind::All,
         };
         Ok(Self {
             source,
