@@ -99,7 +99,7 @@ async def run_oma(config: OmaConfig) -> AsyncIterator[Oma]:
 
         binds: list[str] = await nursery.start(run)
         async with httpx.AsyncClient(timeout=30) as client:
-            oma = Oma(base_url=binds[0], config=config, client=client, extra={"app": app})
+            oma = Oma(base_url=binds[0], config=config, client=client, extra={"app": app, "stop": stop})
             oma.token = await oma.login()
             try:
                 yield oma
