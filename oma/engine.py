@@ -268,8 +268,8 @@ class ReplicationEngine:
             target.export = await trio.to_thread.run_sync(start_export, target, f"{safe_name(d['disk_id'])}")
             port = target.export.port
             target.uri = f"nbd://{self.config.nbd_host}:{port}/{target.export.name}"
-        async with self.db.transaction() as conn:
-            await conn.executemany(
+        with trio.CancelScope(shield=True):  # one atomic statement, not cut in the middle
+            await self.db.executemany(
                 "UPDATE replication_job_disks SET volume_path = $3, nbd_uri = $4"
                 " WHERE job_id = $1 AND disk_id = $2",
                 [(job.job_id, t.disk_id, str(t.volume), t.uri) for t in job.targets],
@@ -407,7 +407,14 @@ class ReplicationEngine:
 
 
 async def finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
-    """End ``job_id`` as ``status`` unless it has ended already; True if this call ended it."""
+    """End ``job_id`` as ``status`` unless it has ended already; True if this call ended it.
+    Shielded: a transaction cut in the middle would keep the job row locked."""
+    with trio.CancelScope(shield=True):
+        ended = await _finish_job(db, job_id, status, error)
+    return ended
+
+
+async def _finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
     async with db.transaction() as conn:
         try:
             job = await load_job(conn, job_id, for_update=True)

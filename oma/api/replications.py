@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, row_dict
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, not_cut_short, row_dict
 from oma.auth import allow_vma, current_principal
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
@@ -303,6 +303,11 @@ async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dic
     changes = data.model_dump(exclude_unset=True)
     if not changes:
         raise ApiError.unprocessable("nothing to update")
+    with not_cut_short():
+        return await _update_replication(job_id, data)
+
+
+async def _update_replication(job_id: str, data: UpdateReplicationRequest) -> dict[str, Any]:
     async with state().db.transaction() as conn:
         job = await load_job(conn, job_id, for_update=True)
         old, new = job["status"], data.status or job["status"]
@@ -362,6 +367,11 @@ async def on_status_change(conn: Connection, job: dict[str, Any], new: str) -> N
 
 @bp.delete("/replications/<job_id>")
 async def delete_replication(job_id: str) -> dict[str, Any]:
+    with not_cut_short():
+        return await _delete_replication(job_id)
+
+
+async def _delete_replication(job_id: str) -> dict[str, Any]:
     async with state().db.transaction() as conn:
         job = await load_job(conn, job_id, for_update=True)
         if job["status"] in ACTIVE:
@@ -379,6 +389,11 @@ async def delete_replication(job_id: str) -> dict[str, Any]:
 @allow_vma
 @validate_request(StoreChangeIdRequest)
 async def store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
+    with not_cut_short():
+        return await _store_change_id(job_id, data)
+
+
+async def _store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
     async with state().db.transaction() as conn:
         job = await load_job(conn, job_id, for_update=True)
         if job["status"] in ("failed", "cancelled"):
