@@ -193,7 +193,7 @@ async def run_pass(api: Api, vms: list[LabVM], kind: str) -> list[PassResult]:
             while r.status == "completed" and any(d["copy_mode"] is None for d in r.disks):
                 await trio.sleep(0.1)
                 r.disks = (await api.call("GET", f"/replications/{job_id}"))["disks"]
-    return list(results.values())
+    return [results[job_id] for job_id in jobs]  # in the VMs' order, whichever ended first
 
 
 def images_equal(a: Path, b: Path) -> bool:
@@ -406,9 +406,7 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
                 vma_scope.cancel()
     finally:
         await trio.to_thread.run_sync(lab.stop)
-    print(
-        f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s (service logs: {log_file})"
-    )
+    print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     return ok
 
 
@@ -432,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ok = trio.run(demo, work, not args.verbose)
     finally:
-        if not args.keep:
+        if args.keep:
+            print(f"kept in {work}: oma/volumes (targets), oma/pgdata, lab, services.log")
+        else:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
