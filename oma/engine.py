@@ -93,6 +93,16 @@ class RunningJob:
     started_on_vma: bool = False
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def safe_name(name: str) -> str:
     """A file name for a VM or disk name: anything but ``[A-Za-z0-9._-]`` becomes ``_``."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
@@ -171,6 +181,10 @@ class ReplicationEngine:
         with log_context(action="replication_engine"):
             log.info("replication engine started", extra={"engine_id": self.engine_id})
             try:
+                try:
+                    await self._recover_orphans()
+                except Exception:
+                    log.exception("recovering the jobs of a stopped OMA process failed")
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._claim_loop, nursery)
                     await self._stop.wait()
@@ -178,6 +192,36 @@ class ReplicationEngine:
             finally:
                 self.stopped.set()
                 log.info("replication engine stopped")
+
+    async def _recover_orphans(self) -> None:
+        """Fail the active jobs that an OMA process on this host claimed and no longer drives (it
+        crashed or was killed): left alone, they would hold their disks' "one active job" slot
+        forever. The VMA is asked to stop each (its snapshot goes). Jobs claimed on other hosts are
+        left to their engines."""
+        host = socket.gethostname()
+        rows = await self.db.fetch(
+            "SELECT id, claimed_by FROM replication_jobs WHERE status IN ('pending', 'replicating')"
+            " AND claimed_by LIKE $1",
+            f"{host}:%",
+        )
+        for row in rows:
+            pid = int(row["claimed_by"].split(":")[1])
+            if pid_alive(pid):
+                continue
+            with log_context(job_id=row["id"]):
+                try:
+                    await self.vma.cleanup(row["id"], "cleanup_all", wait_s=FINISH_TIMEOUT)
+                except VmaError as e:
+                    log.info("the VMA did not stop the orphaned job: %s", e.message)
+                if await finish_job(
+                    self.db,
+                    row["id"],
+                    "failed",
+                    f"the OMA process driving the job ({row['claimed_by']}) stopped",
+                ):
+                    log.warning(
+                        "job of a stopped OMA process failed", extra={"claimed_by": row["claimed_by"]}
+                    )
 
     async def _claim_loop(self, nursery: trio.Nursery) -> None:
         while True:

@@ -3,6 +3,7 @@ tested against the real VMA in tests/e2e)."""
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import trio
@@ -83,3 +84,26 @@ def test_volumes(tmp_path: Path) -> None:
         assert "initial replication" in str(e)
     else:
         raise AssertionError("a missing volume must fail an incremental pass")
+
+
+async def test_jobs_of_a_dead_oma_process_on_this_host_are_failed_at_start(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble
+) -> None:
+    config = make_config(tmp_path, oma_dsn, vma.base_url)  # engine off: create the jobs first
+    async with run_oma(config) as oma:
+        dead = (await oma.post("/replications", json=job_body("orphan"))).json()["id"]
+        alive = (await oma.post("/replications", json=job_body("elsewhere"))).json()["id"]
+        st: OmaState = oma.extra["app"].extensions[STATE_KEY]
+        await st.db.execute(
+            "UPDATE replication_jobs SET claimed_by = $2 WHERE id = $1",
+            dead,
+            f"{socket.gethostname()}:999999999:x",
+        )
+        await st.db.execute("UPDATE replication_jobs SET claimed_by = 'otherhost:1:x' WHERE id = $1", alive)
+    async with run_oma(config.with_overrides(run_replications=True)) as oma:
+        with trio.fail_after(10):
+            while (job := (await oma.get(f"/replications/{dead}")).json())["status"] == "pending":
+                await trio.sleep(0.05)
+        assert job["status"] == "failed" and "stopped" in job["error_message"]
+        assert not any(d["active"] for d in job["disks"])
+        assert (await oma.get(f"/replications/{alive}")).json()["status"] == "pending"  # another host's
