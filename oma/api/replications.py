@@ -453,8 +453,7 @@ LIVE_FIELDS = (
     "phase",
     "current_disk",
     "eta_seconds",
-    "disks",
-)
+)  # the VMA's per-disk figures stay under "vma" ("disks" is the job's disks, from the database)
 
 
 @bp.get("/replications/<job_id>/progress")
