@@ -9,7 +9,10 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
 3. the first administrator from configuration, when no user exists yet;
 4. an httpx client for the VMA API;
 5. a background task in the app nursery pruning expired tokens and pairing codes, stopped by an
-   event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``).
+   event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
+6. the replication engine (``oma.engine``, unless ``run_replications`` is off), another background
+   task: stopped first at shutdown, and waited for (bounded) so that it ends its jobs and closes
+   their exports while the database and the VMA client are still open.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 
 from oma.api import auth, credentials, debug, discovery, enrollment, health, replications, vm_contexts, vms
+from oma.api.credentials import resolve_login
 from oma.auth import authorize_request
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
+from oma.engine import FINISH_TIMEOUT, ReplicationEngine
 from oma.state import STATE_KEY, OmaState
 from oma.vma_client import VmaClient
 from pyapp.api import fast_json_views, install_error_handlers
@@ -145,11 +150,22 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                                     await stop.wait()
 
                     app.add_background_task(prune_loop)
+                    engine: ReplicationEngine | None = None
+                    if config.run_replications:
+                        engine = ReplicationEngine(config, db, st.vma_, resolve_login)
+                        st.engine, st.engine_wakeup = engine, engine.wake
+                        app.add_background_task(engine.run)
                     log.info("OMA ready", extra={"action": "startup", "vma_url": config.vma_url})
                     try:
                         yield
                     finally:
                         stop.set()
+                        if engine is not None:
+                            st.engine_wakeup = None
+                            engine.stop()
+                            with trio.move_on_after(2 * FINISH_TIMEOUT + 12):
+                                await engine.stopped.wait()
+                            st.engine = None
                         st.vma_ = None
                 st.db_ = None
         finally:

@@ -15,6 +15,11 @@
 | log level | ``--log-level`` | ``OMA_LOG_LEVEL`` | ``info`` |
 | pool size (per worker) | | ``OMA_DB_POOL_SIZE`` | ``30`` |
 | worker processes | ``--workers`` | ``OMA_WORKERS`` | ``1`` |
+| run the replication engine | | ``OMA_REPLICATION_ENGINE`` (``0``/``1``) | ``1`` |
+| OMA URL sent to the VMA (its way back) | ``--callback-url`` | ``OMA_CALLBACK_URL`` | none: the VMA's own |
+| host the VMA reaches target exports at | | ``OMA_NBD_HOST`` | ``127.0.0.1`` (the tunnel's end) |
+| jobs driven at once per process | | ``OMA_MAX_ACTIVE_JOBS`` | ``8`` |
+| seconds without any VMA answer before a job fails | | ``OMA_VMA_LOST_TIMEOUT`` | ``300`` |
 """
 
 from __future__ import annotations
@@ -46,10 +51,21 @@ class OmaConfig:
     db_pool_size: int = 30
     workers: int = 1
     max_body_bytes: int = 1024 * 1024
+    #: The replication engine (oma/engine.py): off for processes that only serve the API.
+    run_replications: bool = True
+    callback_url: str | None = None
+    nbd_host: str = "127.0.0.1"
+    max_active_jobs: int = 8
+    engine_poll_interval: float = 1.0
+    vma_lost_timeout: float = 300.0
 
     @property
     def key_file(self) -> Path:
         return self.secret_key_file or self.data_dir / "secrets" / "credentials.key"
+
+    @property
+    def volumes_dir(self) -> Path:
+        return self.data_dir / "volumes"
 
     @property
     def pgdata(self) -> Path:
@@ -84,4 +100,9 @@ class OmaConfig:
             log_level=env_str("OMA_LOG_LEVEL", "info") or "info",
             db_pool_size=env_int("OMA_DB_POOL_SIZE", 30, minimum=1),
             workers=env_int("OMA_WORKERS", 1, minimum=1),
+            run_replications=env_int("OMA_REPLICATION_ENGINE", 1, minimum=0) != 0,
+            callback_url=(env_str("OMA_CALLBACK_URL") or "").rstrip("/") or None,
+            nbd_host=env_str("OMA_NBD_HOST", "127.0.0.1") or "127.0.0.1",
+            max_active_jobs=env_int("OMA_MAX_ACTIVE_JOBS", 8, minimum=1),
+            vma_lost_timeout=env_float("OMA_VMA_LOST_TIMEOUT", 300.0),
         )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from quart import current_app
 
@@ -12,6 +14,9 @@ from oma.crypto import SecretBox
 from oma.vma_client import VmaClient
 from pyapp.db import Database
 from pyapp.logs import RecentRecords
+
+if TYPE_CHECKING:
+    from oma.engine import ReplicationEngine
 
 STATE_KEY = "oma"
 
@@ -25,6 +30,13 @@ class OmaState:
     box_: SecretBox | None = None
     vma_: VmaClient | None = None
     migrations_applied: list[int] = field(default_factory=list)
+    #: Set while the replication engine runs: wakes it up to claim a job created here at once.
+    engine_wakeup: Callable[[], None] | None = None
+    engine: ReplicationEngine | None = None
+
+    def wake_engine(self) -> None:
+        if self.engine_wakeup is not None:
+            self.engine_wakeup()
 
     @property
     def db(self) -> Database:

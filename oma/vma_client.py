@@ -1,7 +1,9 @@
 """The OMA's HTTP client for the VMA API (reached through the tunnel, ``http://localhost:9081``).
 
-Two calls are used here: ``POST /api/v1/discover`` (VMware inventory through the VMA, which holds
-the vCenter connection) and ``GET /api/v1/progress/{job_id}`` (live figures of a running job).
+Calls: ``POST /api/v1/discover`` (VMware inventory through the VMA, which holds the vCenter
+connection), ``GET /api/v1/progress/{job_id}`` (live figures of a running job), and for the
+replication engine ``POST /api/v1/replicate``, ``PUT /api/v1/config``, ``GET /api/v1/status/{job_id}``
+and ``POST /api/v1/cleanup``.
 Every call has a timeout. Failures are told apart for the operator:
 
 - :class:`VmaUnreachable`: no answer (connection refused, DNS, timeout) — the tunnel or the VMA is
@@ -80,10 +82,13 @@ class VmaClient:
         self._http = http
         self.base_url = base_url.rstrip("/")
 
-    async def _request(self, method: str, path: str, json: Any = None) -> Any:
+    async def _request(self, method: str, path: str, json: Any = None, *, wait_s: float | None = None) -> Any:
         url = f"{self.base_url}{path}"
         try:
-            response = await self._http.request(method, url, json=json)
+            if wait_s is None:
+                response = await self._http.request(method, url, json=json)
+            else:
+                response = await self._http.request(method, url, json=json, timeout=wait_s)
         except httpx.TimeoutException as exc:
             raise VmaUnreachable(
                 f"VMA at {self.base_url} did not answer in time ({type(exc).__name__})"
@@ -131,4 +136,60 @@ class VmaClient:
         body = await self._request("GET", f"/api/v1/progress/{quote(job_id, safe='')}")
         if not isinstance(body, dict):
             raise VmaRequestFailed("VMA progress answer is not a JSON object")
+        return body
+
+    async def replicate(
+        self,
+        *,
+        job_id: str,
+        vcenter: str,
+        username: str,
+        password: str,
+        vm_paths: list[str],
+        targets: dict[str, dict[str, str]],
+        oma_url: str | None,
+    ) -> dict[str, Any]:
+        """Start a job on the VMA: ``targets`` maps vm_path -> disk id -> NBD URI of its target."""
+        payload: dict[str, Any] = {
+            "job_id": job_id,
+            "vcenter": vcenter,
+            "username": username,
+            "password": password,
+            "vm_paths": vm_paths,
+            "targets": targets,
+        }
+        if oma_url:
+            payload["oma_url"] = oma_url
+        body = await self._request("POST", "/api/v1/replicate", payload)
+        if not isinstance(body, dict) or body.get("status") != "started":
+            raise VmaRequestFailed(f"VMA did not start job {job_id}: {body!r}"[:500])
+        return body
+
+    async def put_config(self, *, nbd_port: int, export_name: str, target_device: str) -> dict[str, Any]:
+        """The seed's dynamic allocation (``PUT /api/v1/config``): the target of a single-disk job."""
+        body = await self._request(
+            "PUT",
+            "/api/v1/config",
+            {"nbd_port": nbd_port, "export_name": export_name, "target_device": target_device},
+        )
+        if not isinstance(body, dict):
+            raise VmaRequestFailed("VMA config answer is not a JSON object")
+        return body
+
+    async def status(self, job_id: str) -> dict[str, Any]:
+        body = await self._request("GET", f"/api/v1/status/{quote(job_id, safe='')}")
+        if not isinstance(body, dict):
+            raise VmaRequestFailed("VMA status answer is not a JSON object")
+        return body
+
+    async def cleanup(
+        self, job_id: str, action: str = "cleanup_all", *, wait_s: float = 120.0
+    ) -> dict[str, Any]:
+        """Stop the VMA's job (if it runs) and remove its snapshot (``delete_snapshot``) or all its
+        artifacts (``cleanup_all``). Stopping a copy takes a while: its own, longer timeout."""
+        body = await self._request(
+            "POST", "/api/v1/cleanup", {"job_id": job_id, "action": action}, wait_s=wait_s
+        )
+        if not isinstance(body, dict):
+            raise VmaRequestFailed("VMA cleanup answer is not a JSON object")
         return body

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import trio
 from pydantic import BaseModel, Field
 from quart import Response, request
 
@@ -103,3 +105,13 @@ async def json_page(
         f'"offset":{page.offset},"count":{row["count"]}}}'
     )
     return Response(body, content_type="application/json")
+
+
+@contextlib.contextmanager
+def not_cut_short() -> Iterator[None]:
+    """Shield a short transaction from the request's cancellation (hypercorn cancels a handler
+    whose client hung up, e.g. the VMA's progress report cut off by the end of its job). A query
+    cancelled half-way leaves its pooled connection inside the transaction, holding the job row's
+    lock, and every later update of that job waits for it."""
+    with trio.CancelScope(shield=True):
+        yield

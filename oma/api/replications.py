@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, row_dict
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, not_cut_short, row_dict
 from oma.auth import allow_vma, current_principal
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
@@ -49,7 +49,7 @@ TRANSITIONS: dict[str, set[str]] = {
 JOB_COLUMNS = (
     "id, vm_context_id, vm_id, vm_name, vm_path, vcenter_host, datacenter, replication_type, status,"
     " progress_percent, bytes_transferred, total_bytes, current_operation, error_message, created_by,"
-    " created_at, updated_at, started_at, completed_at"
+    " created_at, updated_at, started_at, completed_at, credential_id"
 )
 ACTIVE_DISK_INDEX = "replication_job_disks_one_active"
 
@@ -76,6 +76,9 @@ class CreateReplicationRequest(BaseModel):
     replication_type: Literal["initial", "incremental"] | None = Field(
         None, description="omitted: incremental when every disk has a stored change ID, else initial"
     )
+    credential_id: int | None = Field(
+        None, ge=1, description="VMware credential to run the job with; omitted: the VM's, else the default"
+    )
 
 
 class UpdateReplicationRequest(BaseModel):
@@ -100,11 +103,15 @@ class ChangeIdQuery(BaseModel):
 class StoreChangeIdRequest(BaseModel):
     disk_id: str = Field(min_length=1, max_length=MAX_NAME)
     change_id: str = Field(min_length=1, max_length=1024)
+    vm_path: str | None = Field(
+        None, max_length=MAX_TEXT, description="sent by the VMA; must be the job's VM when given"
+    )
 
 
 async def _job_disks(conn: Any, job_id: str) -> list[dict[str, Any]]:
     rows = await conn.fetch(
-        "SELECT d.disk_id, d.capacity_bytes, d.active, d.base_change_id,"
+        "SELECT d.disk_id, d.capacity_bytes, d.active, d.base_change_id, d.volume_path, d.nbd_uri,"
+        " d.copy_mode, d.bytes_written, d.bytes_zeroed,"
         " (SELECT c.change_id FROM vm_disk_changeids c WHERE c.job_id = d.job_id AND c.disk_id = d.disk_id"
         "  ORDER BY c.id DESC LIMIT 1) AS change_id"
         " FROM replication_job_disks d WHERE d.job_id = $1 ORDER BY d.disk_id",
@@ -113,7 +120,7 @@ async def _job_disks(conn: Any, job_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def _load_job(conn: Any, job_id: str, *, for_update: bool = False) -> dict[str, Any]:
+async def load_job(conn: Any, job_id: str, *, for_update: bool = False) -> dict[str, Any]:
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM replication_jobs WHERE id = $1{lock}", job_id)
     if row is None:
@@ -200,8 +207,9 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             "  RETURNING context_id),"
             " job AS ("
             "  INSERT INTO replication_jobs (id, vm_context_id, vm_id, vm_name, vm_path, vcenter_host,"
-            "   datacenter, replication_type, status, total_bytes, current_operation, created_by)"
-            "  SELECT $1, ctx.context_id, $4, $3, $5, $6, $7, $8, 'pending', $9, 'queued', $10 FROM ctx"
+            "   datacenter, replication_type, status, total_bytes, current_operation, created_by,"
+            "   credential_id)"
+            "  SELECT $1, ctx.context_id, $4, $3, $5, $6, $7, $8, 'pending', $9, 'queued', $10, $14 FROM ctx"
             f"  RETURNING {JOB_COLUMNS}),"
             " disks AS ("
             "  INSERT INTO replication_job_disks (job_id, disk_id, vm_path, capacity_bytes, base_change_id)"
@@ -223,6 +231,7 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             [d.id for d in disks],
             [d.capacity_bytes for d in disks],
             base_ids,
+            data.credential_id,
         )
     except UniqueViolation as exc:
         if exc.constraint_name != ACTIVE_DISK_INDEX:
@@ -244,12 +253,18 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             "capacity_bytes": d.capacity_bytes,
             "active": True,
             "base_change_id": base,
+            "volume_path": None,
+            "nbd_uri": None,
+            "copy_mode": None,
+            "bytes_written": None,
+            "bytes_zeroed": None,
             "change_id": None,
         }
         for d, base in zip(disks, base_ids, strict=True)
     ]
     with log_context(job_id=job_id, action="replication_create"):
         log.info("replication job created", extra={"vm_name": vm.name, "replication_type": kind})
+    state().wake_engine()
     return job, 201
 
 
@@ -276,7 +291,7 @@ async def get_previous_change_id(query_args: ChangeIdQuery) -> dict[str, Any]:
 @allow_vma
 async def get_replication(job_id: str) -> dict[str, Any]:
     db = state().db
-    job = await _load_job(db, job_id)
+    job = await load_job(db, job_id)
     job["disks"] = await _job_disks(db, job_id)
     return job
 
@@ -288,8 +303,13 @@ async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dic
     changes = data.model_dump(exclude_unset=True)
     if not changes:
         raise ApiError.unprocessable("nothing to update")
+    with not_cut_short():
+        return await _update_replication(job_id, data)
+
+
+async def _update_replication(job_id: str, data: UpdateReplicationRequest) -> dict[str, Any]:
     async with state().db.transaction() as conn:
-        job = await _load_job(conn, job_id, for_update=True)
+        job = await load_job(conn, job_id, for_update=True)
         old, new = job["status"], data.status or job["status"]
         if old in TERMINAL:
             raise ApiError.conflict(f"job {job_id} is {old}; a finished job cannot change")
@@ -313,8 +333,8 @@ async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dic
             data.error_message,
         )
         if new != old:
-            await _on_status_change(conn, job, new)
-        job = await _load_job(conn, job_id)
+            await on_status_change(conn, job, new)
+        job = await load_job(conn, job_id)
         job["disks"] = await _job_disks(conn, job_id)
     if new != old:
         with log_context(job_id=job_id, action="replication_status"):
@@ -322,7 +342,9 @@ async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dic
     return job
 
 
-async def _on_status_change(conn: Connection, job: dict[str, Any], new: str) -> None:
+async def on_status_change(conn: Connection, job: dict[str, Any], new: str) -> None:
+    """What follows a status change of ``job`` (locked in ``conn``'s transaction): terminal states
+    release the disks; the VM context follows the job."""
     context_status = {
         "replicating": "replicating",
         "completed": "replicated",
@@ -345,8 +367,13 @@ async def _on_status_change(conn: Connection, job: dict[str, Any], new: str) -> 
 
 @bp.delete("/replications/<job_id>")
 async def delete_replication(job_id: str) -> dict[str, Any]:
+    with not_cut_short():
+        return await _delete_replication(job_id)
+
+
+async def _delete_replication(job_id: str) -> dict[str, Any]:
     async with state().db.transaction() as conn:
-        job = await _load_job(conn, job_id, for_update=True)
+        job = await load_job(conn, job_id, for_update=True)
         if job["status"] in ACTIVE:
             raise ApiError.conflict(
                 f"job {job_id} is {job['status']}; cancel it first (PUT status=cancelled)"
@@ -362,10 +389,17 @@ async def delete_replication(job_id: str) -> dict[str, Any]:
 @allow_vma
 @validate_request(StoreChangeIdRequest)
 async def store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
+    with not_cut_short():
+        return await _store_change_id(job_id, data)
+
+
+async def _store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
     async with state().db.transaction() as conn:
-        job = await _load_job(conn, job_id, for_update=True)
+        job = await load_job(conn, job_id, for_update=True)
         if job["status"] in ("failed", "cancelled"):
             raise ApiError.conflict(f"job {job_id} is {job['status']}; its change IDs cannot become a base")
+        if data.vm_path is not None and data.vm_path != job["vm_path"]:
+            raise ApiError.unprocessable(f"job {job_id} replicates {job['vm_path']!r}, not {data.vm_path!r}")
         disk = await conn.fetchrow(
             "SELECT vm_path FROM replication_job_disks WHERE job_id = $1 AND disk_id = $2",
             job_id,
@@ -410,14 +444,23 @@ async def vma_progress_proxy(job_id: str) -> dict[str, Any]:
         raise _vma_api_error(exc, job_id) from exc
 
 
-LIVE_FIELDS = ("progress_percent", "bytes_transferred", "total_bytes", "current_operation", "throughput_bps")
+LIVE_FIELDS = (
+    "progress_percent",
+    "bytes_transferred",
+    "total_bytes",
+    "current_operation",
+    "throughput_bps",
+    "phase",
+    "current_disk",
+    "eta_seconds",
+)  # the VMA's per-disk figures stay under "vma" ("disks" is the job's disks, from the database)
 
 
 @bp.get("/replications/<job_id>/progress")
 @allow_vma
 async def replication_progress(job_id: str) -> dict[str, Any]:
     st = state()
-    job = await _load_job(st.db, job_id)
+    job = await load_job(st.db, job_id)
     merged: dict[str, Any] = {
         "job_id": job_id,
         "status": job["status"],
@@ -428,6 +471,10 @@ async def replication_progress(job_id: str) -> dict[str, Any]:
         "total_bytes": job["total_bytes"],
         "current_operation": job["current_operation"],
         "throughput_bps": None,
+        "phase": None,
+        "current_disk": None,
+        "eta_seconds": None,
+        "disks": await _job_disks(st.db, job_id),
         "started_at": job["started_at"],
         "updated_at": job["updated_at"],
         "completed_at": job["completed_at"],

@@ -69,6 +69,9 @@ def make_config(tmp_path: Path, dsn: str, vma_url: str, **overrides: Any) -> Oma
         "admin_username": ADMIN_USER,
         "admin_password": ADMIN_PASSWORD,
         "db_pool_size": 5,
+        # The API tests drive job states by hand against the VMA double; the engine is tested
+        # against the real VMA in tests/e2e.
+        "run_replications": False,
     }
     values.update(overrides)
     return OmaConfig(**values)
@@ -96,7 +99,7 @@ async def run_oma(config: OmaConfig) -> AsyncIterator[Oma]:
 
         binds: list[str] = await nursery.start(run)
         async with httpx.AsyncClient(timeout=30) as client:
-            oma = Oma(base_url=binds[0], config=config, client=client)
+            oma = Oma(base_url=binds[0], config=config, client=client, extra={"app": app, "stop": stop})
             oma.token = await oma.login()
             try:
                 yield oma

@@ -165,6 +165,7 @@ async def test_cli_two_workers_share_one_port_and_one_database(oma_dsn: str) -> 
         "OMA_ADMIN_PASSWORD": ADMIN_PASSWORD,
         "PYTHONPATH": str(REPO),
         "DATABASE_URL": oma_dsn,
+        "OMA_REPLICATION_ENGINE": "0",  # the jobs below must stay active (pending) for the 409s
     }
     cmd = [
         sys.executable,

@@ -44,7 +44,14 @@ def vma_port() -> int:
 def oma_url(tmp_path: Path, vma_port: int) -> Iterator[str]:
     """The OMA, whose progress proxy reaches the VMA at ``vma_port`` (the tunnel's end)."""
     port = free_tcp_port()
-    env = {**os.environ, "OMA_ADMIN_USERNAME": ADMIN[0], "OMA_ADMIN_PASSWORD": ADMIN[1]}
+    env = {
+        **os.environ,
+        "OMA_ADMIN_USERNAME": ADMIN[0],
+        "OMA_ADMIN_PASSWORD": ADMIN[1],
+        # This test plays the OMA's replication engine itself (exports, /replicate): the real one
+        # would claim the same jobs. tests/e2e runs the engine.
+        "OMA_REPLICATION_ENGINE": "0",
+    }
     log = (tmp_path / "oma.log").open("wb")
     proc = subprocess.Popen(
         [

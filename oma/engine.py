@@ -1,0 +1,482 @@
+"""The replication engine: what turns a ``pending`` replication job into a copy.
+
+One engine runs in each OMA process (a background task of the app, stopped before the database
+and the VMA client close). It claims pending jobs with ``SELECT … FOR UPDATE SKIP LOCKED`` (so
+several OMA processes on one database never drive the same job) and, per job:
+
+1. allocates each disk's target volume: ``<data-dir>/volumes/<vm>/<disk>.raw``, one persistent
+   sparse raw file per VM disk. An ``initial`` job starts from a new zeroed file (written under a
+   temporary name, then renamed); an ``incremental`` job writes into the volume of the previous
+   passes, which must exist;
+2. serves each volume with ``qemu-nbd --shared=8`` on a free loopback port (the tunnel forwards
+   it to the VMA) and records volume and export on the job's disks;
+3. tells the VMA: ``PUT /api/v1/config`` (the seed's dynamic allocation, for a single-disk job)
+   and ``POST /api/v1/replicate`` with the decrypted vCenter login (the job's credential, else the
+   VM context's, else the default one) and ``targets`` naming every disk's export;
+4. tracks the job: the VMA reports progress and the end itself (``PUT /replications/{id}``, change
+   IDs through ``POST /replications/{id}/changeid``); the engine also polls the VMA's
+   ``/status/{job_id}``, so a VMA that lost the job (restart), stays silent past
+   ``vma_lost_timeout`` or finished without being able to report still ends the job;
+5. at the end — success, failure, operator cancellation, OMA shutdown — stops the VMA's job if it
+   still runs (``POST /cleanup`` ``cleanup_all``: the copy stops, the snapshot goes), closes the
+   exports, stores the VMA's per-disk figures, and marks the job ``failed`` when nobody else ended
+   it. A failed job never records a change ID (the API refuses it), so the next pass starts from
+   the last complete one and repairs whatever the failed pass left half-written.
+
+Every status change is one transaction with the row locked (``FOR UPDATE``); a terminal state
+releases the job's disks in the same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from oma.api.replications import TERMINAL, load_job, on_status_change
+from oma.config import OmaConfig
+from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
+from pyapp.api import ApiError
+from pyapp.db import Database
+from pyapp.logs import log_context
+from pyapp.nbd_export import ExportError, NbdExport, free_tcp_port
+
+log = logging.getLogger(__name__)
+
+#: How long the end of a job (stopping the VMA's copy, closing exports) may hold a shutdown.
+FINISH_TIMEOUT = 8.0
+#: How long the VMA's own final report may lag behind its ``/status`` before the engine ends the job.
+REPORT_GRACE = 5.0
+EXPORT_ATTEMPTS = 3
+
+
+class Login(Protocol):
+    @property
+    def vcenter(self) -> str: ...
+    @property
+    def username(self) -> str: ...
+    @property
+    def password(self) -> str: ...
+
+
+ResolveLogin = Callable[[int | None], Awaitable[Login]]
+
+
+class JobError(Exception):
+    """A step of the job failed; the message is what the operator reads in ``error_message``."""
+
+
+@dataclass
+class DiskTarget:
+    disk_id: str
+    capacity: int
+    volume: Path
+    export: NbdExport | None = None
+    uri: str = ""
+
+
+@dataclass
+class RunningJob:
+    job_id: str
+    vm_path: str
+    targets: list[DiskTarget] = field(default_factory=list)
+    started_on_vma: bool = False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def safe_name(name: str) -> str:
+    """A file name for a VM or disk name: anything but ``[A-Za-z0-9._-]`` becomes ``_``."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
+    return cleaned or "_"
+
+
+def volume_path(config: OmaConfig, vm_name: str, disk_id: str) -> Path:
+    return config.volumes_dir / safe_name(vm_name) / f"{safe_name(disk_id)}.raw"
+
+
+def prepare_volume(path: Path, capacity: int, *, fresh: bool) -> None:
+    """A zeroed sparse volume of ``capacity`` bytes (``fresh``), else the existing one, grown to
+    ``capacity`` if the disk grew. Blocking: run it in a thread."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    if fresh:
+        tmp = path.with_name(f"{path.name}.new")
+        with tmp.open("wb") as f:
+            f.truncate(capacity)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise JobError(
+            f"target volume {path} is missing: an incremental pass needs the volume of the previous"
+            " passes (run an initial replication)"
+        ) from None
+    if size > capacity:
+        raise JobError(f"target volume {path} ({size} bytes) is larger than the disk ({capacity} bytes)")
+    if size < capacity:
+        with path.open("r+b") as f:
+            f.truncate(capacity)
+            os.fsync(f.fileno())
+
+
+def start_export(target: DiskTarget, export_name: str) -> NbdExport:
+    """``qemu-nbd`` on a free loopback port; another port if the one picked was taken meanwhile."""
+    error: ExportError | None = None
+    for _ in range(EXPORT_ATTEMPTS):
+        export = NbdExport(target.volume, name=export_name, port=free_tcp_port(), shared=8)
+        try:
+            return export.start()
+        except ExportError as e:
+            error = e
+    raise JobError(f"cannot export {target.volume}: {error}")
+
+
+class ReplicationEngine:
+    def __init__(self, config: OmaConfig, db: Database, vma: VmaClient, resolve_login: ResolveLogin) -> None:
+        self.config = config
+        self.db = db
+        self.vma = vma
+        self.resolve_login = resolve_login
+        self.engine_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: Jobs this process drives now, by id (their volumes and exports).
+        self.jobs: dict[str, RunningJob] = {}
+        self.stopped = trio.Event()
+        self._stop = trio.Event()
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        """Claim at once (a job was created, or a slot freed) instead of at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        with log_context(action="replication_engine"):
+            log.info("replication engine started", extra={"engine_id": self.engine_id})
+            try:
+                try:
+                    await self._recover_orphans()
+                except Exception:
+                    log.exception("recovering the jobs of a stopped OMA process failed")
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._claim_loop, nursery)
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.stopped.set()
+                log.info("replication engine stopped")
+
+    async def _recover_orphans(self) -> None:
+        """Fail the active jobs that an OMA process on this host claimed and no longer drives (it
+        crashed or was killed): left alone, they would hold their disks' "one active job" slot
+        forever. The VMA is asked to stop each (its snapshot goes). Jobs claimed on other hosts are
+        left to their engines."""
+        host = socket.gethostname()
+        rows = await self.db.fetch(
+            "SELECT id, claimed_by FROM replication_jobs WHERE status IN ('pending', 'replicating')"
+            " AND claimed_by LIKE $1",
+            f"{host}:%",
+        )
+        for row in rows:
+            pid = int(row["claimed_by"].split(":")[1])
+            if pid_alive(pid):
+                continue
+            with log_context(job_id=row["id"]):
+                try:
+                    await self.vma.cleanup(row["id"], "cleanup_all", wait_s=FINISH_TIMEOUT)
+                except VmaError as e:
+                    log.info("the VMA did not stop the orphaned job: %s", e.message)
+                if await finish_job(
+                    self.db,
+                    row["id"],
+                    "failed",
+                    f"the OMA process driving the job ({row['claimed_by']}) stopped",
+                ):
+                    log.warning(
+                        "job of a stopped OMA process failed", extra={"claimed_by": row["claimed_by"]}
+                    )
+
+    async def _claim_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            self._wake = trio.Event()  # reset before claiming: a wake-up during the claim is kept
+            free = self.config.max_active_jobs - len(self.jobs)
+            if free > 0:
+                try:
+                    claimed = await self._claim(free)
+                except Exception:
+                    log.exception("claiming replication jobs failed")
+                    claimed = []
+                for row in claimed:
+                    job = RunningJob(row["id"], row["vm_path"])
+                    self.jobs[job.job_id] = job
+                    nursery.start_soon(self._drive, job, dict(row))
+            with trio.move_on_after(self.config.engine_poll_interval):
+                await self._wake.wait()
+
+    async def _claim(self, limit: int) -> list[Any]:
+        return await self.db.fetch(
+            "UPDATE replication_jobs j SET claimed_by = $1, claimed_at = now(),"
+            " current_operation = 'Preparing target volumes', updated_at = now()"
+            " WHERE j.id IN (SELECT id FROM replication_jobs WHERE status = 'pending' AND claimed_by IS NULL"
+            "  ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT $2)"
+            " RETURNING j.id, j.vm_name, j.vm_path, j.replication_type, j.vm_context_id, j.credential_id",
+            self.engine_id,
+            limit,
+        )
+
+    # -- one job -----------------------------------------------------------------------------------
+
+    async def _drive(self, job: RunningJob, row: dict[str, Any]) -> None:
+        with log_context(job_id=job.job_id, action="replication_engine"):
+            error: str | None = None
+            shutdown = False
+            try:
+                await self._start(job, row)
+                final = await self._track(job)
+                log.info("replication job ended: %s", final)
+            except JobError as e:
+                error = str(e)
+            except VmaError as e:
+                error = e.message
+            except ApiError as e:
+                error = e.message
+            except trio.Cancelled:
+                shutdown = True
+                error = "the OMA shut down during the job"
+                raise
+            except Exception as e:
+                log.exception("replication engine failure")
+                error = f"{type(e).__name__}: {e}"
+            finally:
+                with trio.CancelScope(shield=True):  # each step of _finish bounds itself
+                    await self._finish(job, error, shutdown=shutdown)
+                self.jobs.pop(job.job_id, None)
+                self.wake()
+
+    async def _note(self, job_id: str, operation: str) -> None:
+        await self.db.execute(
+            "UPDATE replication_jobs SET current_operation = $2, updated_at = now()"
+            " WHERE id = $1 AND status IN ('pending', 'replicating')",
+            job_id,
+            operation,
+        )
+
+    async def _start(self, job: RunningJob, row: dict[str, Any]) -> None:
+        disks = await self.db.fetch(
+            "SELECT disk_id, capacity_bytes FROM replication_job_disks WHERE job_id = $1 ORDER BY disk_id",
+            job.job_id,
+        )
+        unknown = [d["disk_id"] for d in disks if not d["capacity_bytes"]]
+        if unknown:
+            raise JobError(f"capacity of disks {unknown} is unknown: the target volume cannot be sized")
+        credential_id = row["credential_id"] or await self.db.fetchval(
+            "SELECT credential_id FROM vm_contexts WHERE context_id = $1", row["vm_context_id"]
+        )
+        login = await self.resolve_login(credential_id)
+        fresh = row["replication_type"] == "initial"
+        for d in disks:
+            target = DiskTarget(
+                d["disk_id"], d["capacity_bytes"], volume_path(self.config, row["vm_name"], d["disk_id"])
+            )
+            job.targets.append(target)
+            await trio.to_thread.run_sync(
+                partial(prepare_volume, target.volume, target.capacity, fresh=fresh)
+            )
+            target.export = await trio.to_thread.run_sync(start_export, target, f"{safe_name(d['disk_id'])}")
+            port = target.export.port
+            target.uri = f"nbd://{self.config.nbd_host}:{port}/{target.export.name}"
+        with trio.CancelScope(shield=True):  # one atomic statement, not cut in the middle
+            await self.db.executemany(
+                "UPDATE replication_job_disks SET volume_path = $3, nbd_uri = $4"
+                " WHERE job_id = $1 AND disk_id = $2",
+                [(job.job_id, t.disk_id, str(t.volume), t.uri) for t in job.targets],
+            )
+        log.info(
+            "target volumes exported",
+            extra={"volumes": [str(t.volume) for t in job.targets], "fresh": fresh},
+        )
+        status = await self.db.fetchval("SELECT status FROM replication_jobs WHERE id = $1", job.job_id)
+        if status in TERMINAL:  # cancelled while the volumes were prepared
+            return
+        if len(job.targets) == 1 and job.targets[0].export is not None:
+            only = job.targets[0]
+            assert only.export is not None and only.export.port is not None
+            await self.vma.put_config(
+                nbd_port=only.export.port, export_name=only.export.name, target_device=str(only.volume)
+            )
+        await self._note(job.job_id, "Starting the copy on the VMA")
+        await self.vma.replicate(
+            job_id=job.job_id,
+            vcenter=login.vcenter,
+            username=login.username,
+            password=login.password,
+            vm_paths=[job.vm_path],
+            targets={job.vm_path: {t.disk_id: t.uri for t in job.targets}},
+            oma_url=self.config.callback_url,
+        )
+        job.started_on_vma = True
+        log.info("replication started on the VMA", extra={"targets": {t.disk_id: t.uri for t in job.targets}})
+
+    async def _status(self, job_id: str) -> str | None:
+        status: str | None = await self.db.fetchval(
+            "SELECT status FROM replication_jobs WHERE id = $1", job_id
+        )
+        return status
+
+    async def _track(self, job: RunningJob) -> str:
+        """Wait for the job's terminal state; returns it. Raises :class:`JobError` when the VMA lost
+        the job or stayed silent too long."""
+        interval = min(0.5, self.config.engine_poll_interval)
+        lost_since: float | None = None
+        vma_ended_at: float | None = None
+        last_vma_poll = 0.0
+        while True:
+            status = await self._status(job.job_id)
+            if status is None or status in TERMINAL:
+                return status or "deleted"
+            if not job.started_on_vma:
+                return status
+            now = time.monotonic()
+            if now - last_vma_poll >= self.config.engine_poll_interval:
+                last_vma_poll = now
+                try:
+                    answer = await self.vma.status(job.job_id)
+                except VmaJobNotFound as e:
+                    raise JobError("the VMA no longer knows the job (was it restarted?)") from e
+                except VmaError as e:
+                    lost_since = lost_since or now
+                    if now - lost_since > self.config.vma_lost_timeout:
+                        raise JobError(
+                            f"no answer from the VMA for {now - lost_since:.0f} s: {e.message}"
+                        ) from e
+                else:
+                    lost_since = None
+                    if answer.get("status") in ("completed", "failed"):
+                        vma_ended_at = vma_ended_at or now
+                        if now - vma_ended_at > REPORT_GRACE:
+                            # The VMA ended but its own report did not arrive: end the job from its answer.
+                            if answer["status"] == "completed":
+                                await finish_job(self.db, job.job_id, "completed", None)
+                                return "completed"
+                            raise JobError(f"the VMA reports: {answer.get('error') or 'failed'}")
+            await trio.sleep(interval)
+
+    async def _finish(self, job: RunningJob, error: str | None, *, shutdown: bool) -> None:
+        """Stop the VMA's copy if it still runs, close the exports, keep the figures, end the job.
+
+        Runs shielded: the VMA and database steps have their own deadlines; closing the exports has
+        none here (``NbdExport.stop`` waits 10 s at most, then kills), so no ``qemu-nbd`` outlives
+        its job."""
+        with trio.move_on_after(FINISH_TIMEOUT):
+            try:
+                status = await self._status(job.job_id)
+                if job.started_on_vma and (status not in TERMINAL or status == "cancelled" or error):
+                    try:
+                        answer = await self.vma.status(job.job_id)
+                        running = answer.get("status") not in ("completed", "failed")
+                    except VmaError:
+                        running = not shutdown
+                    if running or status == "cancelled":
+                        await self._stop_on_vma(job.job_id)
+            except Exception:
+                log.exception("stopping the job on the VMA failed")
+        for target in job.targets:
+            if target.export is not None:
+                export, target.export = target.export, None
+                await trio.to_thread.run_sync(export.stop)
+        if job.targets:
+            log.info("target exports closed")
+        with trio.move_on_after(FINISH_TIMEOUT):
+            try:
+                if job.started_on_vma:
+                    await self._store_figures(job.job_id)
+                if error is not None and await finish_job(self.db, job.job_id, "failed", error):
+                    log.error("replication job failed: %s", error)
+            except Exception:
+                log.exception("recording the end of the job failed")
+
+    async def _stop_on_vma(self, job_id: str) -> None:
+        try:
+            answer = await self.vma.cleanup(job_id, "cleanup_all", wait_s=FINISH_TIMEOUT)
+        except VmaError as e:
+            log.warning("the VMA could not stop the job: %s", e.message)
+            return
+        log.info("job stopped on the VMA", extra={"snapshots_removed": answer.get("snapshots_removed")})
+
+    async def _store_figures(self, job_id: str) -> None:
+        """The VMA's per-disk figures of the pass (mode, bytes sent as data, bytes zeroed)."""
+        try:
+            progress = await self.vma.progress(job_id)
+        except VmaError as e:
+            log.warning("no per-disk figures from the VMA: %s", e.message)
+            return
+        rows = [
+            (job_id, d["disk_id"], d.get("mode") or None, d.get("bytes_written"), d.get("bytes_zeroed"))
+            for d in progress.get("disks") or []
+            if isinstance(d, dict) and d.get("disk_id")
+        ]
+        if rows:
+            await self.db.executemany(
+                "UPDATE replication_job_disks SET copy_mode = $3, bytes_written = $4, bytes_zeroed = $5"
+                " WHERE job_id = $1 AND disk_id = $2",
+                rows,
+            )
+
+
+async def finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
+    """End ``job_id`` as ``status`` unless it has ended already; True if this call ended it.
+    Shielded: a transaction cut in the middle would keep the job row locked."""
+    with trio.CancelScope(shield=True):
+        ended = await _finish_job(db, job_id, status, error)
+    return ended
+
+
+async def _finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
+    async with db.transaction() as conn:
+        try:
+            job = await load_job(conn, job_id, for_update=True)
+        except ApiError:
+            return False  # deleted meanwhile
+        if job["status"] in TERMINAL:
+            return False
+        operation = "Replication completed" if status == "completed" else "Replication failed"
+        await conn.execute(
+            "UPDATE replication_jobs SET status = $2, error_message = COALESCE($3, error_message),"
+            " current_operation = $4,"
+            " progress_percent = CASE WHEN $2 = 'completed' THEN 100 ELSE progress_percent END,"
+            " completed_at = now(), updated_at = now()"
+            " WHERE id = $1",
+            job_id,
+            status,
+            None if error is None else error[:4000],
+            operation,
+        )
+        await on_status_change(conn, job, status)
+    return True

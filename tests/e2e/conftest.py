@@ -1,0 +1,175 @@
+"""The whole product on loopback: the vSphere lab, the real OMA (in process, its own PostgreSQL
+database, the replication engine on) and the real VMA, enrolled with the OMA as an operator
+would enrol it, and a default VMware credential for the lab stored in the OMA."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from oma.engine import ReplicationEngine
+from oma.state import STATE_KEY, OmaState
+from pyapp.db import create_database, with_database
+from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
+from pyapp.nbd_export import free_tcp_port
+from tests.oma.oma_harness import Oma, make_config, run_oma
+from tests.vma.conftest import vma_config
+from vma.config import VmaConfig
+from vma.server import serve_vma
+
+TERMINAL = ("completed", "failed", "cancelled")
+FILES = {"etc/hostname": b"vm1\n", "var/lib/data/blob.bin": bytes(range(256)) * 8192}
+
+
+async def enroll(oma: Oma, name: str = "vma-e2e") -> tuple[str, str]:
+    """The VMA's enrollment: pairing code, ed25519 proof of the key, approval -> id and secret."""
+    http = oma.client
+    code = (await oma.post("/admin/vma/pairing-code", json={})).json()["pairing_code"]
+    key = Ed25519PrivateKey.generate()
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    e = (
+        await http.post(
+            oma.url("/vma/enroll"),
+            json={
+                "pairing_code": code,
+                "vma_public_key": public.decode(),
+                "vma_name": name,
+                "vma_version": "0.1.0",
+                "vma_fingerprint": "SHA256:e2e",
+            },
+        )
+    ).json()
+    signature = base64.b64encode(key.sign(e["challenge"].encode())).decode()
+    r = await http.post(
+        oma.url("/vma/enroll/verify"), json={"enrollment_id": e["enrollment_id"], "signature": signature}
+    )
+    assert r.status_code == 200, r.text
+    r = await oma.post(f"/admin/vma/approve/{e['enrollment_id']}", json={})
+    assert r.status_code == 200, r.text
+    result = (
+        await http.get(
+            oma.url("/vma/enroll/result"),
+            params={"enrollment_id": e["enrollment_id"], "signature": signature},
+        )
+    ).json()
+    return str(result["appliance_id"]), str(result["secret"])
+
+
+@dataclass
+class Product:
+    oma: Oma
+    vma_url: str
+    vma: VmaConfig
+    lab: Lab
+
+    @property
+    def engine(self) -> ReplicationEngine:
+        st: OmaState = self.oma.extra["app"].extensions[STATE_KEY]
+        assert st.engine is not None
+        return st.engine
+
+    async def replicate(self, vm: LabVM, **extra: Any) -> dict[str, Any]:
+        """Create a replication of ``vm`` (disks from the inventory); the engine takes it from there."""
+        body = {"source_vm": {"name": vm.name, "path": f"/DC0/vm/{vm.name}", "id": vm.moref}, **extra}
+        r = await self.oma.post("/replications", json=body)
+        assert r.status_code == 201, r.text
+        job: dict[str, Any] = r.json()
+        return job
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        r = await self.oma.get(f"/replications/{job_id}")
+        assert r.status_code == 200, r.text
+        body: dict[str, Any] = r.json()
+        return body
+
+    async def wait(self, job_id: str, within: float = 60.0) -> dict[str, Any]:
+        """Poll the OMA until the job is terminal and the engine has let it go (exports closed)."""
+        with trio.fail_after(within):
+            while True:
+                job = await self.job(job_id)
+                if job["status"] in TERMINAL and job_id not in self.engine.jobs:
+                    return job
+                await trio.sleep(0.05)
+
+    async def change_id(self, vm: LabVM, disk_id: str) -> str | None:
+        r = await self.oma.get(
+            "/replications/changeid", params={"vm_path": f"/DC0/vm/{vm.name}", "disk_id": disk_id}
+        )
+        value: str | None = r.json()["change_id"]
+        return value
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with Lab(tmp_path / "lab", qcda_window=8 * MiB) as lab:
+        yield lab
+
+
+@pytest.fixture
+def vm1(lab: Lab) -> LabVM:
+    """A VM with two disks: an ext4 file system with files, and a blank disk."""
+    return lab.create_vm(
+        "vm1",
+        [DiskSpec(32 * MiB, [Partition(16 * MiB, "ext4", "root", FILES)]), DiskSpec(16 * MiB)],
+        guest_id="ubuntu64Guest",
+        memory_mb=2048,
+        num_cpus=2,
+    )
+
+
+@pytest.fixture
+async def oma_dsn(postgres_admin_dsn: str) -> str:
+    name = f"oma_e2e_{uuid.uuid4().hex[:12]}"
+    await create_database(postgres_admin_dsn, name)
+    return with_database(postgres_admin_dsn, name)
+
+
+@pytest.fixture
+async def product(tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery) -> AsyncIterator[Product]:
+    vma_port = free_tcp_port()
+    config = make_config(
+        tmp_path,
+        oma_dsn,
+        f"http://127.0.0.1:{vma_port}",
+        run_replications=True,
+        engine_poll_interval=0.2,
+        vma_timeout=10.0,
+    )
+    async with run_oma(config) as oma:
+        appliance_id, secret = await enroll(oma)
+        vc = vma_config(tmp_path, lab, None)
+        vc.oma_url, vc.appliance_id, vc.port = oma.base_url, appliance_id, vma_port
+        assert vc.oma_secret_file is not None
+        vc.oma_secret_file.write_text(secret)
+        vma_url: str = await nursery.start(
+            lambda task_status: serve_vma(vc, handle_signals=False, task_status=task_status)
+        )
+        r = await oma.post(
+            "/vmware-credentials",
+            json={
+                "credential_name": "lab",
+                "vcenter_host": lab.url,
+                "username": lab.username,
+                "password": lab.password,
+                "datacenter": "DC0",
+                "is_default": True,
+            },
+        )
+        assert r.status_code == 201, r.text
+        yield Product(oma, vma_url, vc, lab)
+
+
+async def vma_progress(product: Product, job_id: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        body: dict[str, Any] = (await http.get(f"{product.vma_url}/api/v1/progress/{job_id}")).json()
+        return body

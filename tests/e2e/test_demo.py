@@ -1,0 +1,31 @@
+"""The README's demo command, as a user runs it (without the bootstrap step)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_end_to_end_within_three_minutes() -> None:
+    started = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, "-m", "pyapp.demo"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert time.monotonic() - started < 180
+    out = r.stdout
+    assert "demo passed" in out and "snapshots left in vCenter: 0" in out
+    assert out.count(" yes") == 3  # three disks, each equal to its source after both passes
