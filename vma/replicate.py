@@ -374,6 +374,9 @@ class Replicator:
                     plan.target,
                     extents=None if allocated_only else plan.extents,
                     allocated_only=allocated_only,
+                    # A first pass lists every allocated area ('*'): zero the rest, so a volume
+                    # left by an earlier, failed pass cannot keep stale bytes.
+                    zero_unlisted=plan.mode == "full",
                     connections=connections,
                     requests=self.config.mover_requests,
                     request_size=self.config.mover_request_size,

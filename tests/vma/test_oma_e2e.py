@@ -1,9 +1,8 @@
 """The VMA against the real OMA (``oma-api-server``), over real HTTP: enrollment credentials,
 login, change IDs, replication record updates and the OMA's progress proxy.
 
-The OMA lives on its own branch until it is merged: point ``OMA_API_SERVER`` at its
-``oma-api-server`` executable to run this (it starts the OMA with an embedded PostgreSQL in the
-test's directory), e.g. ``OMA_API_SERVER=/work/wt-oma/.venv/bin/oma-api-server pytest -m e2e``.
+The OMA is this repository's (``python -m oma.server``, with an embedded PostgreSQL in the
+test's directory); ``OMA_API_SERVER`` may name another ``oma-api-server`` executable to test.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,12 @@ from pyapp.nbd_export import NbdExport, free_tcp_port
 from tests.vma.conftest import images_equal, new_target, vma_config
 from vma.server import serve_vma
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(not os.environ.get("OMA_API_SERVER"), reason="OMA_API_SERVER is not set"),
-]
+pytestmark = pytest.mark.e2e
+
+
+def oma_command() -> list[str]:
+    named = os.environ.get("OMA_API_SERVER")
+    return [named] if named else [sys.executable, "-m", "oma.server"]
 
 ADMIN = ("admin", "admin-pass-e2e")
 
@@ -55,7 +57,7 @@ def oma_url(tmp_path: Path, vma_port: int) -> Iterator[str]:
     log = (tmp_path / "oma.log").open("wb")
     proc = subprocess.Popen(
         [
-            os.environ["OMA_API_SERVER"],
+            *oma_command(),
             "--host",
             "127.0.0.1",
             "--port",
