@@ -22,9 +22,9 @@
 //! one rule: a crash at any step leaves every restore point readable. So the new image is never
 //! written in place:
 //!
-//! 1. it is written to a temporary file beside its final name (`.NAME.consolidate-tmp`; a left
-//!    over one from an earlier crash is removed first — it is never a restore point), with its
-//!    manifest computed inline;
+//! 1. it is written to a temporary file beside its final name (`.NAME.consolidate-tmp`; left
+//!    over ones from an earlier crash, for any layer of the chain, are removed first — they are
+//!    never restore points), with its manifest computed inline;
 //! 2. it is re-read from disk and checked against the manifest of the layer whose disk it holds
 //!    (the logical disks must be identical: a damaged chain or a bad write stops here), or,
 //!    when that layer has none, against the manifest computed inline while writing;
@@ -449,8 +449,13 @@ pub async fn consolidate(
     };
     let tmp = temporary_name(&dest);
     let tmp_manifest = Manifest::path_for(&tmp);
-    remove_if_present(&tmp)?;
-    remove_if_present(&tmp_manifest)?;
+    // Leftovers of a consolidation killed earlier, whichever layer it was writing: a temporary
+    // file is never a restore point.
+    for name in layers.iter().map(PathBuf::from).chain([dest.clone()]) {
+        let stale = temporary_name(&name);
+        remove_if_present(&Manifest::path_for(&stale))?;
+        remove_if_present(&stale)?;
+    }
 
     // The manifest the source chain should have, when it has one: the new image must match it.
     let source_manifest = Manifest::path_for(&source);
