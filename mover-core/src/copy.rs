@@ -419,17 +419,21 @@ pub async fn copy_recording(
         error: Mutex::new(None),
         manifest,
     });
-    let pairs = connect_pairs(&source, &target, opts.connections.min(item_count)).await?;
+    // As many slots as asked, but no more than the plan has items or either end can use.
+    let in_flight = (opts.connections * opts.requests)
+        .min(item_count)
+        .min(source.capabilities().max_in_flight)
+        .min(target.capabilities().max_in_flight);
+    let pairs = connect_pairs(&source, &target, opts.connections.min(in_flight)).await?;
     let mut slots = JoinSet::new();
-    for (s, d) in &pairs {
-        for _ in 0..opts.requests.min(item_count) {
-            slots.spawn(run_slot(
-                Arc::clone(&shared),
-                Arc::clone(s),
-                Arc::clone(d),
-                request_size,
-            ));
-        }
+    for i in 0..in_flight {
+        let (s, d) = &pairs[i % pairs.len()];
+        slots.spawn(run_slot(
+            Arc::clone(&shared),
+            Arc::clone(s),
+            Arc::clone(d),
+            request_size,
+        ));
     }
     drive(slots, &shared, opts, &key, &*target).await;
 

@@ -86,6 +86,7 @@ impl FileEndpoint {
                     extents: !block_device,
                     fast_zero: true,
                     max_request: 1 << 30,
+                    max_in_flight: super::LOCAL_IN_FLIGHT,
                 },
                 block_device,
                 zero_method: AtomicU8::new(if block_device { ZERO_RANGE } else { ZERO_PUNCH }),

@@ -46,7 +46,15 @@ pub struct Capabilities {
     pub fast_zero: bool,
     /// Largest single request the endpoint accepts, in bytes.
     pub max_request: u64,
+    /// Requests in flight that still help this endpoint, over all its connections; the copy
+    /// engine runs no more slots than the smaller of its two ends allows.
+    pub max_in_flight: usize,
 }
+
+/// Requests in flight worth having against one local file: positioned writes to one file
+/// serialise on its inode lock, and more of them only contend (measured with the reference
+/// workload: 64 in flight copied a raw file about half as fast as 2 to 4).
+pub const LOCAL_IN_FLIGHT: usize = 4;
 
 #[async_trait]
 pub trait Endpoint: Send + Sync {

@@ -113,6 +113,8 @@ impl NbdEndpoint {
             extents: info.base_allocation.is_some(),
             fast_zero: info.has(proto::TFLAG_SEND_WRITE_ZEROES),
             max_request: u64::from(max_request),
+            // The server decides how much it serves at once.
+            max_in_flight: usize::MAX,
         };
         Ok(Self {
             spec: spec.to_owned(),

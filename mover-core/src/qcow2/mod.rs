@@ -90,6 +90,7 @@ impl Qcow2Source {
             extents: true,
             fast_zero: false,
             max_request: MAX_REQUEST,
+            max_in_flight: crate::endpoint::LOCAL_IN_FLIGHT,
         };
         Self { name, chain, caps }
     }
@@ -190,6 +191,7 @@ impl Qcow2Target {
             extents: true,
             fast_zero: true,
             max_request: MAX_REQUEST,
+            max_in_flight: crate::endpoint::LOCAL_IN_FLIGHT,
         };
         Self { writer, caps }
     }
