@@ -58,6 +58,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::copy::{self, CopyOptions};
+use crate::endpoint::blocking;
 use crate::endpoint::{self, Access, Endpoint};
 use crate::error::{MoverError, Result};
 use crate::manifest::{
@@ -69,16 +70,6 @@ use crate::qcow2::{Allocation, Qcow2Chain, Qcow2Source, Qcow2Target, DEFAULT_CLU
 
 /// Chunks read and digested at once by a checksum or a verification.
 pub const DEFAULT_WORKERS: usize = 8;
-
-async fn blocking<T, F>(f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| MoverError::io("chain worker", std::io::Error::other(e)))?
-}
 
 fn hex(d: &Digest) -> String {
     blake3::Hash::from(*d).to_hex().to_string()

@@ -250,12 +250,13 @@ pub async fn open_with(
     }
 }
 
-async fn blocking<T, F>(f: F) -> Result<T>
+/// Run blocking file work (metadata, QCOW2 tables, manifests) on tokio's blocking pool.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> Result<T> + Send + 'static,
 {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| MoverError::io("open worker", std::io::Error::other(e)))?
+        .map_err(|e| MoverError::io("blocking worker", std::io::Error::other(e)))?
 }

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::endpoint::blocking;
 use crate::endpoint::{Capabilities, Endpoint, Extent};
 use crate::error::{MoverError, Result};
 
@@ -43,16 +44,6 @@ pub fn is_qcow2(path: &Path) -> Result<bool> {
 
 /// Largest request either endpoint takes at once.
 const MAX_REQUEST: u64 = 32 << 20;
-
-async fn blocking<T, F>(f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| MoverError::io("qcow2 worker", std::io::Error::other(e)))?
-}
 
 fn to_extents(map: Vec<MapEntry>) -> Vec<Extent> {
     map.into_iter()
