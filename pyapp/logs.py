@@ -119,6 +119,9 @@ def setup_logging(
         setattr(handler, "_pyapp_json", True)  # noqa: B010 -- marks the handlers this module owns
         root.addHandler(handler)
     root.setLevel(level)
+    # HTTP clients log every request at INFO; the services log what matters themselves.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     # hypercorn and quart log through their own loggers; keep them, formatted the same way.
     for name in ("hypercorn.error", "quart.app", "quart.serving"):
         logging.getLogger(name).handlers.clear()

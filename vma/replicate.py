@@ -30,9 +30,9 @@ from typing import Any
 import trio
 
 from pyapp import mover
+from pyapp.logs import log_context
 from vma.config import VmaConfig
 from vma.jobs import DiskProgress, Job
-from vma.logging import log_context
 from vma.oma_client import OmaClient, OmaError
 from vma.source import (
     SourceError,

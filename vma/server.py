@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -20,9 +21,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from pyapp.logs import setup_logging
 from vma.app import create_app
 from vma.config import VmaConfig
-from vma.logging import setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"vma-api-server: bad configuration: {e}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level)
+    setup_logging(config.log_level.upper())
+    logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:

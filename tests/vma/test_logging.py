@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from vma.logging import JsonFormatter, log_context
+from pyapp.logs import JsonFormatter, log_context
 
 
 def test_json_lines_carry_job_id_and_action() -> None:

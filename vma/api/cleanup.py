@@ -16,11 +16,11 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, jsonify, request
 
+from pyapp.logs import log_context
 from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import text
 from vma.errors import OPERATION_FAILED, ApiError, require_json_object, utc_now_iso
 from vma.jobs import Job
-from vma.logging import log_context
 from vma.replicate import remove_artifacts
 from vma.state import state
 from vma.vsphere import SnapshotRef, VSphere, VSphereError, run

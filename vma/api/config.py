@@ -11,8 +11,8 @@ from typing import Any
 
 from quart import Blueprint, request
 
+from pyapp.logs import log_context
 from vma.errors import ApiError, require_json_object
-from vma.logging import log_context
 from vma.state import state
 
 bp = Blueprint("config", __name__)

@@ -11,9 +11,9 @@ from typing import Any
 
 from quart import Blueprint, request
 
+from pyapp.logs import log_context
 from vma.api.validation import text
 from vma.errors import ApiError, require_json_object
-from vma.logging import log_context
 from vma.state import state
 from vma.vsphere import VCenterLogin, VSphere, VSphereError, run
 
