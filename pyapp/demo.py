@@ -98,6 +98,11 @@ class PassResult:
     disks: list[dict[str, Any]]
     status: str
     error: str | None
+
+    @property
+    def bytes_written(self) -> int:
+        """Data written to the volumes (the job's own total also counts zeroed ranges)."""
+        return sum(d["bytes_written"] or 0 for d in self.disks)
     equal: dict[str, bool] = field(default_factory=dict)
 
 
@@ -237,8 +242,8 @@ def print_summary(
             timing = ("", "")
             if n == 0:
                 timing = (
-                    f"{f.seconds:5.1f} s {_size(f.bytes_transferred / max(f.seconds, 1e-9)) + '/s':>10}",
-                    f"{i.seconds:5.1f} s {_size(i.bytes_transferred / max(i.seconds, 1e-9)) + '/s':>10}",
+                    f"{f.seconds:5.1f} s {_size(f.bytes_written / max(f.seconds, 1e-9)) + '/s':>10}",
+                    f"{i.seconds:5.1f} s {_size(i.bytes_written / max(i.seconds, 1e-9)) + '/s':>10}",
                 )
             ok = "yes" if f.equal.get(d["disk_id"]) and i.equal.get(d["disk_id"]) else "NO"
             print(
@@ -246,13 +251,13 @@ def print_summary(
                 f"{_size(d['bytes_written'] or 0):>10} {_size(di['bytes_written'] or 0):>12}  "
                 f"{timing[0]:>20}  {timing[1]:>20}  {ok}"
             )
-    total_full = sum(r.bytes_transferred for r in full)
-    total_incr = sum(r.bytes_transferred for r in incremental)
+    total_full = sum(r.bytes_written for r in full)
+    total_incr = sum(r.bytes_written for r in incremental)
     disk_total = sum(capacity.values())
     print("-" * len(header))
     print(
         f"{len(vms)} VMs, {len(capacity)} disks, {_size(disk_total)} of disks: the full pass moved"
-        f" {_size(total_full)} (allocated extents only), the incremental {_size(total_incr)}"
+        f" {_size(total_full)} of data (the rest was zeroed, never sent), the incremental {_size(total_incr)}"
         f" ({total_incr / disk_total:.2%} of the disks)"
     )
     print(f"snapshots left in vCenter: {snapshots}")
