@@ -17,21 +17,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import trio
 
+from pyapp.datastore import DatastorePathError, parse_datastore_path, raw_extent
 from vma.config import VmaConfig
 from vma.vsphere import VCenterLogin
-
-_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.*)$")
-_EXTENT = re.compile(r'^(RW|RDONLY)\s+\d+\s+FLAT\s+"(?P<file>[^"]+)"\s+\d+\s*$')
 
 
 class SourceError(Exception):
@@ -49,35 +46,20 @@ class SourceSpec:
 
 def resolve_datastore_path(ds_path: str, roots: Mapping[str, Path]) -> Path:
     """``[ds] dir/x.vmdk`` -> the local raw image, through the datastore -> directory mapping."""
-    m = _DS_PATH.match(ds_path.strip())
-    if m is None:
-        raise SourceError(f"not a datastore path: {ds_path!r}")
-    rel = PurePosixPath(m["path"])
-    if rel.is_absolute() or ".." in rel.parts:
-        raise SourceError(f"datastore path leaves its datastore: {ds_path!r}")
-    root = roots.get(m["ds"])
+    try:
+        ds, rel = parse_datastore_path(ds_path)
+    except DatastorePathError as e:
+        raise SourceError(str(e)) from e
+    root = roots.get(ds)
     if root is None:
-        raise SourceError(f"datastore {m['ds']!r} has no local directory in datastore_roots")
+        raise SourceError(f"datastore {ds!r} has no local directory in datastore_roots")
     path = Path(root, *rel.parts)
     if not path.exists():
         raise SourceError(f"{ds_path} -> {path}: no such file")
-    return _raw_extent(path)
-
-
-def _raw_extent(path: Path) -> Path:
-    if not path.name.endswith(".vmdk") or path.name.endswith("-flat.vmdk"):
-        return path
-    with path.open("rb") as f:
-        head = f.read(4096)
-    if not head.startswith(b"# Disk DescriptorFile"):
-        return path
-    for line in head.decode("utf-8", "replace").splitlines():
-        m = _EXTENT.match(line.strip())
-        if m is not None:
-            return path.with_name(m["file"])
-    raise SourceError(
-        f"{path}: VMDK descriptor without a FLAT extent (only flat disks can be served locally)"
-    )
+    try:
+        return raw_extent(path)
+    except DatastorePathError as e:
+        raise SourceError(f"{e} (only flat disks can be served locally)") from e
 
 
 def _common(nbdkit: str, sock: Path, threads: int) -> list[str]:

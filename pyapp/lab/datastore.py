@@ -13,28 +13,14 @@ with its own ``-flat`` extent. Readers of disk bytes (``nbdkit file``) want the 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-_DS_PATH = re.compile(r"^\[(?P<ds>[^\]]+)\]\s*(?P<path>.*)$")
-_EXTENT = re.compile(r'^(RW|RDONLY)\s+(\d+)\s+FLAT\s+"(?P<file>[^"]+)"\s+\d+\s*$')
-
-
-class DatastorePathError(ValueError):
-    """A datastore path is malformed, names an unknown datastore or leaves its directory."""
-
-
-def parse_datastore_path(ds_path: str) -> tuple[str, PurePosixPath]:
-    """``"[LocalDS_0] vm1/vm1.vmdk"`` -> ``("LocalDS_0", PurePosixPath("vm1/vm1.vmdk"))``."""
-    m = _DS_PATH.match(ds_path.strip())
-    if m is None:
-        raise DatastorePathError(f"not a datastore path: {ds_path!r}")
-    rel = PurePosixPath(m["path"])
-    if rel.is_absolute() or ".." in rel.parts:
-        raise DatastorePathError(f"datastore path leaves its datastore: {ds_path!r}")
-    return m["ds"], rel
+# Re-exported: the lab's callers and tests know them from here.
+from pyapp.datastore import DatastorePathError as DatastorePathError
+from pyapp.datastore import parse_datastore_path as parse_datastore_path
+from pyapp.datastore import raw_extent as raw_extent
 
 
 def datastore_path(datastore: str, rel: str | PurePosixPath) -> str:
@@ -75,21 +61,6 @@ def flat_of(descriptor: Path) -> Path:
 
 def journal_of(descriptor: Path) -> Path:
     return descriptor.with_name(descriptor.name.removesuffix(".vmdk") + "-ctk.jsonl")
-
-
-def raw_extent(path: Path) -> Path:
-    """For a monolithicFlat descriptor, its extent file; any other file is its own raw image."""
-    if not path.name.endswith(".vmdk") or path.name.endswith("-flat.vmdk"):
-        return path
-    with path.open("rb") as f:
-        head = f.read(4096)
-    if not head.startswith(b"# Disk DescriptorFile"):
-        return path
-    for line in head.decode("utf-8", "replace").splitlines():
-        m = _EXTENT.match(line.strip())
-        if m is not None:
-            return path.with_name(m["file"])
-    raise DatastorePathError(f"{path}: descriptor without a FLAT extent")
 
 
 def write_descriptor(descriptor: Path, capacity: int) -> None:
