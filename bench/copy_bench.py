@@ -13,21 +13,18 @@ around their whole command. Usage: ``python bench/copy_bench.py [--size-gib 4] [
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from harness import interleaved, run_cmd, setup, timed
+
 from pyapp._mover import Copy
 from pyapp.nbd_export import NbdExport
-from pyapp.workload import GiB, reference_disk, rewrite_chunks
-
-HERE = Path(__file__).resolve().parent
+from pyapp.workload import rewrite_chunks
 
 
 def fresh(path: Path, size: int) -> Path:
@@ -37,31 +34,8 @@ def fresh(path: Path, size: int) -> Path:
     return path
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def mover_copy(src: str, dst: str, **kw: object) -> Callable[[], object]:
     return lambda: Copy(src, dst, **kw).run()  # type: ignore[arg-type]
-
-
-def run_cmd(argv: list[str]) -> Callable[[], object]:
-    return lambda: subprocess.run(argv, check=True)
-
-
-def median_pair(runs: int, setup: Callable[[], None], ours: Callable[[], object],
-                peer: Callable[[], object]) -> tuple[float, float]:
-    a, b = [], []
-    for _ in range(runs):
-        setup()
-        os.sync()
-        b.append(timed(peer))
-        setup()
-        os.sync()
-        a.append(timed(ours))
-    return statistics.median(a), statistics.median(b)
 
 
 def peak_rss(argv: list[str]) -> int:
@@ -72,19 +46,8 @@ def peak_rss(argv: list[str]) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gib", type=int, default=4)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workdir", type=Path, default=HERE / "work")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-    work: Path = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    size = args.size_gib * GiB
-    source = work / f"reference-{args.size_gib}g.raw"
-    if not source.exists():
-        print("building the reference workload ...", file=sys.stderr)
-        reference_disk(source, size=size)
+    bench = setup(__doc__)
+    args, work, size, source = bench.args, bench.work, bench.size, bench.source
     target = work / "target.raw"
     figures: dict[str, float] = {}
 
@@ -106,8 +69,8 @@ def main() -> int:
     for cache, suffix in (("none", "_direct_source"), ("writeback", "")):
         src = NbdExport(source, name="src", socket_path=work / "src.sock", read_only=True,
                         cache=cache).start()
-        ours, peer = median_pair(args.runs, nbd_setup, mover_copy(src.uri, dst_uri, allocated_only=True),
-                                 run_cmd(["nbdcopy", "--flush", src.uri, dst_uri]))
+        peer, ours = interleaved(args.runs, nbd_setup, run_cmd(["nbdcopy", "--flush", src.uri, dst_uri]),
+                                 mover_copy(src.uri, dst_uri, allocated_only=True))
         src.stop()
         figures.update({f"nbd_full_mover_s{suffix}": ours, f"nbd_full_nbdcopy_s{suffix}": peer,
                         f"ratio_a_nbd_vs_nbdcopy{suffix}": ours / peer})
@@ -139,10 +102,11 @@ def main() -> int:
     def rm_target() -> None:
         target.unlink(missing_ok=True)
 
-    ours, peer = median_pair(args.runs, rm_target, mover_copy(str(source), str(target), allocated_only=True),
-                             run_cmd(["cp", "--sparse=always", str(source), str(target)]))
+    cp = run_cmd(["cp", "--sparse=always", str(source), str(target)])
+    mover = mover_copy(str(source), str(target), allocated_only=True)
+    peer, ours = interleaved(args.runs, rm_target, cp, mover)
     cp_sync = f"cp --sparse=always {source} {target} && sync -f {target}"
-    _, durable = median_pair(args.runs, rm_target, lambda: None, run_cmd(["sh", "-c", cp_sync]))
+    [durable] = interleaved(args.runs, rm_target, run_cmd(["sh", "-c", cp_sync]))
     figures.update(file_mover_s=ours, file_cp_s=peer, file_cp_sync_s=durable,
                    ratio_b_file_vs_cp=ours / peer, ratio_b_file_vs_cp_sync=ours / durable)
 

@@ -18,32 +18,18 @@ is run once before timing). Usage: ``python bench/qcow2_bench.py [--size-gib 4] 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+from harness import interleaved, run_cmd, setup
+
 from pyapp import _mover
-from pyapp.workload import GiB, reference_disk, rewrite_chunks
+from pyapp.workload import GiB, rewrite_chunks
 
-HERE = Path(__file__).resolve().parent
 LAYERS = 10
-
-
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def run_cmd(argv: list[str]) -> Callable[[], object]:
-    return lambda: subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
 
 
 def remove(*paths: Path) -> None:
@@ -52,40 +38,9 @@ def remove(*paths: Path) -> None:
         Path(f"{p}.manifest").unlink(missing_ok=True)
 
 
-def median_of(runs: int, setup: Callable[[], None], fn: Callable[[], object]) -> float:
-    times = []
-    for _ in range(runs):
-        setup()
-        os.sync()
-        times.append(timed(fn))
-    return statistics.median(times)
-
-
-def interleaved(runs: int, setup: Callable[[], None], *fns: Callable[[], object]) -> list[float]:
-    """Medians of each function, the functions alternating within every round."""
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for i, fn in enumerate(fns):
-            setup()
-            os.sync()
-            times[i].append(timed(fn))
-    return [statistics.median(t) for t in times]
-
-
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-gib", type=int, default=4)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workdir", type=Path, default=HERE / "work")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
-    args = ap.parse_args()
-    work: Path = args.workdir
-    work.mkdir(parents=True, exist_ok=True)
-    size = args.size_gib * GiB
-    source = work / f"reference-{args.size_gib}g.raw"
-    if not source.exists():
-        print("building the reference workload ...", file=sys.stderr)
-        reference_disk(source, size=size)
+    bench = setup(__doc__)
+    args, work, size, source = bench.args, bench.work, bench.size, bench.source
     out = work / "out.qcow2"
     figures: dict[str, float] = {}
 
@@ -126,7 +81,7 @@ def main() -> int:
 
     remove(inc)
     incremental_pass()  # the first pass reads the changed source from disk, as (a) does not
-    incremental = median_of(args.runs, lambda: remove(inc), incremental_pass)
+    [incremental] = interleaved(args.runs, lambda: remove(inc), incremental_pass)
     figures.update(incremental_s=incremental, ratio_b_incremental_vs_full=incremental / ours)
     remove(inc)
 
