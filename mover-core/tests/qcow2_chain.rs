@@ -2,8 +2,11 @@
 //! (verify, consolidate, info), checked against `qemu-img`. Without `qemu-img` on the `PATH`
 //! the tests say so and pass vacuously.
 
+mod common;
+
+use common::{assert_check_clean, have_qemu, run, s};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 
 use mover_core::chain::{self, ConsolidateOptions};
@@ -13,33 +16,6 @@ use mover_core::manifest::Manifest;
 use mover_core::plan::PlanKind;
 
 const M: u64 = 1 << 20;
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
-    if !ok {
-        eprintln!("qemu-img not found: QCOW2 chain test skipped");
-    }
-    ok
-}
-
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn check_clean(img: &Path) {
-    run("qemu-img", &["check", "--output=json", s(img)]);
-}
 
 fn compare_raw(img: &Path, raw: &Path) {
     run("qemu-img", &["compare", "-F", "raw", s(img), s(raw)]);
@@ -178,7 +154,7 @@ fn new_image_gets_a_manifest_computed_inline() {
     );
     let img = dir.path().join("full.qcow2");
     let out = copy_to(&src, &img, &PlanKind::Allocated, None);
-    check_clean(&img);
+    assert_check_clean(&img);
     compare_raw(&img, &src);
     let report = out.manifest.unwrap();
     assert_eq!(report.path, Manifest::path_for(&img));
@@ -208,7 +184,7 @@ fn overlay_manifest_is_derived_from_the_parent() {
     let dir = tempfile::tempdir().unwrap();
     let (images, snaps) = backup_chain(dir.path(), 3, 12 * M);
     for (img, snap) in images.iter().zip(&snaps) {
-        check_clean(img);
+        assert_check_clean(img);
         compare_raw(img, snap);
         let d = std::fs::read(snap).unwrap();
         assert_eq!(
@@ -284,7 +260,7 @@ fn merging_the_oldest_layers_keeps_every_newer_restore_point() {
     assert!(!images[0].exists());
     assert!(!Manifest::path_for(&images[0]).exists());
     for i in 1..4 {
-        check_clean(&images[i]);
+        assert_check_clean(&images[i]);
         compare_raw(&images[i], &snaps[i]);
         assert!(verify(&images[i]).ok());
     }
@@ -314,7 +290,7 @@ fn merging_the_oldest_layers_keeps_every_newer_restore_point() {
             &Arc::default(),
         ))
         .unwrap();
-    check_clean(&out);
+    assert_check_clean(&out);
     compare_raw(&out, &snaps[3]);
     assert_eq!(chain::info(&out).unwrap().depth, 1);
     assert!(verify(&out).ok());

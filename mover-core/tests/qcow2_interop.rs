@@ -6,8 +6,11 @@
 //! and be served by `qemu-nbd`. The tests need `qemu-img`, `qemu-io`, `qemu-nbd` and `nbdcopy`
 //! on the `PATH`; without `qemu-img` they say so and pass vacuously.
 
+mod common;
+
+use common::{assert_check_clean, have_qemu, run, s};
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use mover_core::endpoint::Endpoint;
 use mover_core::manifest::{Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
@@ -18,30 +21,6 @@ use mover_core::MoverError;
 
 const K: u64 = 1 << 10;
 const M: u64 = 1 << 20;
-
-fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
-    if !ok {
-        eprintln!("qemu-img not found: QCOW2 interop test skipped");
-    }
-    ok
-}
-
-/// Run a command, fail the test with its output unless it exits 0; return stdout.
-fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `qemu-io` commands on an image, in one process.
 fn qemu_io(img: &Path, cmds: &[&str]) {
@@ -85,28 +64,6 @@ fn assert_reads_like_qemu(img: &Path) {
 }
 
 /// `qemu-img check`: exit 0, no corruptions, no leaks.
-fn assert_check_clean(img: &Path) {
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", s(img)])
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "qemu-img check {}: {report}{}",
-        img.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
-    for key in ["corruptions", "leaks", "check-errors"] {
-        assert!(
-            v.get(key).is_none_or(|n| n == 0),
-            "{key} in {}: {report}",
-            img.display()
-        );
-    }
-}
-
 /// `qemu-img compare` of the image with the expected disk contents.
 fn assert_compare(img: &Path, want: &[u8]) {
     let raw = img.with_extension("want.raw");

@@ -118,3 +118,51 @@ pub fn pattern(offset: u64, len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// `qemu-img` is on the `PATH`; without it the QCOW2 tests say so and pass vacuously.
+pub fn have_qemu() -> bool {
+    let ok = Command::new("qemu-img").arg("--version").output().is_ok();
+    if !ok {
+        eprintln!("qemu-img not found: test skipped");
+    }
+    ok
+}
+
+/// Run a command, fail the test with its output unless it exits 0; return stdout.
+pub fn run(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `qemu-img check` passes with no corruption, leak or check error.
+pub fn assert_check_clean(img: &Path) {
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", s(img)])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img check {}: {report}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&report).unwrap();
+    for key in ["corruptions", "leaks", "check-errors"] {
+        assert!(
+            v.get(key).is_none_or(|n| n == 0),
+            "{key} in {}: {report}",
+            img.display()
+        );
+    }
+}
