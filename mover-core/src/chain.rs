@@ -103,7 +103,7 @@ pub async fn checksum_endpoint(
     let size = ep.capabilities().size;
     let zero = Manifest::zero(size, chunk_size)?;
     let read = chunks_to_read(&**ep, chunk_size).await?;
-    let todo: Arc<Vec<u64>> = Arc::new(
+    let pending: Arc<Vec<u64>> = Arc::new(
         (0..read.len() as u64)
             .filter(|&i| read[i as usize])
             .collect(),
@@ -130,14 +130,14 @@ pub async fn checksum_endpoint(
     Progress::add(&progress.bytes_zeroed, skipped);
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
-    for _ in 0..DEFAULT_WORKERS.min(todo.len().max(1)) {
+    for _ in 0..DEFAULT_WORKERS.min(pending.len().max(1)) {
         let handle = if ep.capabilities().multi_conn {
             ep.another().await?
         } else {
             Arc::clone(ep)
         };
-        let (todo, next, progress, cancel) = (
-            Arc::clone(&todo),
+        let (pending, next, progress, cancel) = (
+            Arc::clone(&pending),
             Arc::clone(&next),
             Arc::clone(progress),
             Arc::clone(cancel),
@@ -149,7 +149,7 @@ pub async fn checksum_endpoint(
                 if cancel.is_cancelled() {
                     return Err(MoverError::Cancelled);
                 }
-                let Some(&index) = todo.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                let Some(&index) = pending.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     break;
                 };
                 let offset = index * chunk_size;
