@@ -20,6 +20,13 @@
 | host the VMA reaches target exports at | | ``OMA_NBD_HOST`` | ``127.0.0.1`` (the tunnel's end) |
 | jobs driven at once per process | | ``OMA_MAX_ACTIVE_JOBS`` | ``8`` |
 | seconds without any VMA answer before a job fails | | ``OMA_VMA_LOST_TIMEOUT`` | ``300`` |
+| run the backup services (backups, copies, retention) | | ``OMA_BACKUP_ENGINE`` (``0``/``1``) | ``1`` |
+| backups driven at once per process | | ``OMA_MAX_ACTIVE_BACKUPS`` | ``4`` |
+| where NFS/CIFS repositories are mounted when no ``mount_point`` is given | | ``OMA_MOUNT_ROOT`` | ``<data-dir>/mounts`` |
+| seconds between retention runs | | ``OMA_RETENTION_INTERVAL`` | ``3600`` |
+| idle seconds before a file-restore mount expires | | ``OMA_RESTORE_IDLE_TIMEOUT`` | ``3600`` |
+| seconds between restore cleanup runs | | ``OMA_RESTORE_CLEANUP_INTERVAL`` | ``60`` |
+| file-restore mounts open at once | | ``OMA_MAX_RESTORE_MOUNTS`` | ``8`` |
 """
 
 from __future__ import annotations
@@ -58,6 +65,14 @@ class OmaConfig:
     max_active_jobs: int = 8
     engine_poll_interval: float = 1.0
     vma_lost_timeout: float = 300.0
+    #: The backup services (oma/backups): off for processes that only serve the API.
+    run_backups: bool = True
+    max_active_backups: int = 4
+    mount_root: Path | None = None
+    retention_interval: float = 3600.0
+    restore_idle_timeout: float = 3600.0
+    restore_cleanup_interval: float = 60.0
+    max_restore_mounts: int = 8
 
     @property
     def key_file(self) -> Path:
@@ -66,6 +81,11 @@ class OmaConfig:
     @property
     def volumes_dir(self) -> Path:
         return self.data_dir / "volumes"
+
+    @property
+    def mounts_dir(self) -> Path:
+        """Where NFS and CIFS repositories without their own ``mount_point`` are mounted."""
+        return self.mount_root or self.data_dir / "mounts"
 
     @property
     def pgdata(self) -> Path:
@@ -105,4 +125,11 @@ class OmaConfig:
             nbd_host=env_str("OMA_NBD_HOST", "127.0.0.1") or "127.0.0.1",
             max_active_jobs=env_int("OMA_MAX_ACTIVE_JOBS", 8, minimum=1),
             vma_lost_timeout=env_float("OMA_VMA_LOST_TIMEOUT", 300.0),
+            run_backups=env_int("OMA_BACKUP_ENGINE", 1, minimum=0) != 0,
+            max_active_backups=env_int("OMA_MAX_ACTIVE_BACKUPS", 4, minimum=1),
+            mount_root=env_path("OMA_MOUNT_ROOT"),
+            retention_interval=env_float("OMA_RETENTION_INTERVAL", 3600.0),
+            restore_idle_timeout=env_float("OMA_RESTORE_IDLE_TIMEOUT", 3600.0),
+            restore_cleanup_interval=env_float("OMA_RESTORE_CLEANUP_INTERVAL", 60.0),
+            max_restore_mounts=env_int("OMA_MAX_RESTORE_MOUNTS", 8, minimum=1),
         )

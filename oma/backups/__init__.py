@@ -1,0 +1,1 @@
+"""Backups: repositories, the backup engine, copies and retention (see docs/backup.md)."""
