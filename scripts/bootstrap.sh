@@ -14,7 +14,8 @@ cd "$ROOT"
 APT_PACKAGES=(
     qemu-utils nbdkit libnbd-bin     # NBD servers and peers, qemu-img
     b3sum                            # BLAKE3 peer for the benchmarks
-    fdisk e2fsprogs xfsprogs mtools dosfstools  # lab disk images without mounting
+    fdisk e2fsprogs xfsprogs mtools dosfstools ntfs-3g  # lab disk images without mounting
+    nfs-common cifs-utils            # mount.nfs and mount.cifs for backup repositories
     golang-go golang-github-vmware-govmomi-dev  # the vSphere lab simulator
     openssh-client openssh-server    # the VMA -> OMA tunnel
     python3-venv
