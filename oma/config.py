@@ -22,7 +22,7 @@
 | seconds without any VMA answer before a job fails | | ``OMA_VMA_LOST_TIMEOUT`` | ``300`` |
 | run the backup services (backups, copies, retention) | | ``OMA_BACKUP_ENGINE`` (``0``/``1``) | ``1`` |
 | backups driven at once per process | | ``OMA_MAX_ACTIVE_BACKUPS`` | ``4`` |
-| where NFS/CIFS repositories are mounted when no ``mount_point`` is given | | ``OMA_MOUNT_ROOT`` | ``<data-dir>/mounts`` |
+| NFS/CIFS mount points without ``mount_point`` | | ``OMA_MOUNT_ROOT`` | ``<data-dir>/mounts`` |
 | seconds between retention runs | | ``OMA_RETENTION_INTERVAL`` | ``3600`` |
 | idle seconds before a file-restore mount expires | | ``OMA_RESTORE_IDLE_TIMEOUT`` | ``3600`` |
 | seconds between restore cleanup runs | | ``OMA_RESTORE_CLEANUP_INTERVAL`` | ``60`` |

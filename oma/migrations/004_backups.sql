@@ -56,7 +56,9 @@ CREATE TABLE backup_jobs (
     policy_id          text REFERENCES backup_policies (id) ON DELETE SET NULL,
     parent_backup_id   text REFERENCES backup_jobs (id),
     chain_id           text NOT NULL,                    -- the id of the chain's full when it was made
-    status             text NOT NULL CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
+    -- 'deleting': being removed (API delete or retention); never a parent, never restored from.
+    status             text NOT NULL CHECK (status IN
+                         ('pending', 'running', 'completed', 'failed', 'cancelled', 'deleting')),
     file_path          text,                             -- absolute path of the QCOW2 file
     manifest_path      text,
     tags               jsonb NOT NULL DEFAULT '{}'::jsonb,
@@ -105,7 +107,7 @@ CREATE INDEX backup_copies_pending ON backup_copies (created_at) WHERE status = 
 -- File-level restore: a backup point opened read-only (in user space, through dissect).
 CREATE TABLE restore_mounts (
     id               text PRIMARY KEY,                   -- mount-<hex>
-    backup_id        text NOT NULL REFERENCES backup_jobs (id),
+    backup_id        text NOT NULL REFERENCES backup_jobs (id) ON DELETE CASCADE,
     status           text NOT NULL CHECK (status IN ('mounted', 'unmounted', 'expired', 'failed')),
     filesystem_type  text NOT NULL DEFAULT '',
     volumes          jsonb NOT NULL DEFAULT '[]'::jsonb, -- [{name, filesystem_type, offset, size, source}]
@@ -120,7 +122,7 @@ CREATE INDEX restore_mounts_active ON restore_mounts (expires_at) WHERE status =
 -- Full restore of a backup point to a raw or QCOW2 volume or an NBD target.
 CREATE TABLE restore_jobs (
     id                text PRIMARY KEY,                  -- restore-<hex>
-    backup_id         text NOT NULL REFERENCES backup_jobs (id),
+    backup_id         text NOT NULL REFERENCES backup_jobs (id) ON DELETE CASCADE,
     target_type       text NOT NULL CHECK (target_type IN ('raw', 'qcow2', 'nbd')),
     target            text NOT NULL,                     -- a path, or an NBD URI
     status            text NOT NULL CHECK (status IN ('pending', 'running', 'completed', 'failed', 'cancelled')),
