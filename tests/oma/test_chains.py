@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from oma_harness import Oma
 
-from oma.backups import chains
+from oma.backups import chains, verify
 from oma.backups.layout import backup_path, manifest_path
 from oma.state import OmaState
 from pyapp import mover
@@ -243,3 +243,35 @@ async def test_retention_postpones_locked_points(oma: Oma, tmp_path: Path) -> No
     assert all(f.exists() for f in chain.files)
     statuses = await db.fetch("SELECT DISTINCT status FROM backup_jobs")
     assert [r["status"] for r in statuses] == ["completed"]
+
+
+def flip_data_byte(image: Path) -> int:
+    """Flip one byte inside a data cluster that ``image`` itself holds; returns its file offset."""
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)], capture_output=True, check=True
+    ).stdout
+    run = next(e for e in json.loads(out) if e["data"] and e["depth"] == 0 and "offset" in e)
+    offset = int(run["offset"]) + 100
+    with image.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return offset
+
+
+async def test_verify_finds_a_flipped_byte_in_any_layer(oma: Oma, tmp_path: Path) -> None:
+    db, st = db_of(oma)
+    chain = await build_chain(db, tmp_path)
+    clean = await verify.verify_backup(db, st.box, tmp_path, chain.ids[3])
+    assert clean["ok"] and [len(r["files"]) for r in clean["replicas"]] == [4]
+
+    flip_data_byte(chain.files[1])
+    found = await verify.verify_backup(db, st.box, tmp_path, chain.ids[3])
+    assert not found["ok"]
+    files = {f["image"]: f for f in found["replicas"][0]["files"]}
+    # The layer holding the byte, and the newer layers reading through it, disagree with their
+    # manifests; the full below it does not.
+    assert files[str(chain.files[0])]["ok"]
+    bad = files[str(chain.files[1])]
+    assert not bad["ok"] and bad["mismatch_count"] == 1 and bad["mismatches"][0]["length"] > 0
