@@ -28,9 +28,24 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 
-from oma.api import auth, credentials, debug, discovery, enrollment, health, replications, vm_contexts, vms
+from oma.api import (
+    auth,
+    credentials,
+    debug,
+    discovery,
+    enrollment,
+    health,
+    policies,
+    replications,
+    repositories,
+    vm_contexts,
+    vms,
+)
 from oma.api.credentials import resolve_login
 from oma.auth import authorize_request
+from oma.backups.copies import COPY_WORKER_KEY, CopyWorker
+from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
+from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.engine import FINISH_TIMEOUT, ReplicationEngine
@@ -102,6 +117,8 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
 
     for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
     fast_json_views(app)
@@ -155,11 +172,27 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         engine = ReplicationEngine(config, db, st.vma_, resolve_login)
                         st.engine, st.engine_wakeup = engine, engine.wake
                         app.add_background_task(engine.run)
+                    copier: CopyWorker | None = None
+                    retention: RetentionService | None = None
+                    if config.run_backups:
+                        copier = CopyWorker(config, db, st.box)
+                        retention = RetentionService(config, db, st.box)
+                        app.extensions[COPY_WORKER_KEY], app.extensions[RETENTION_KEY] = copier, retention
+                        app.add_background_task(copier.run)
+                        app.add_background_task(retention.run)
                     log.info("OMA ready", extra={"action": "startup", "vma_url": config.vma_url})
                     try:
                         yield
                     finally:
                         stop.set()
+                        for service in (copier, retention):
+                            if service is not None:
+                                # Copies in flight put themselves back to pending (files removed).
+                                service.stop()
+                                with trio.move_on_after(COPY_STOP_TIMEOUT + 2):
+                                    await service.stopped.wait()
+                        app.extensions.pop(COPY_WORKER_KEY, None)
+                        app.extensions.pop(RETENTION_KEY, None)
                         if engine is not None:
                             st.engine_wakeup = None
                             engine.stop()
