@@ -415,13 +415,14 @@ class CopyWorker:
                 await self._copy(row, dest)
             except CopyError as e:
                 await self._fail(copy_id, str(e), dest)
-            except trio.Cancelled:
-                with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
-                    await self._requeue(copy_id, dest)
-                raise
             except Exception as e:
                 log.exception("backup copy failed unexpectedly", extra={"copy_id": copy_id})
                 await self._fail(copy_id, f"internal error: {type(e).__name__}: {e}", dest)
+            except BaseException:
+                # Shutdown: trio.Cancelled, alone or (through the mover's nursery) in a group.
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
+                    await self._requeue(copy_id, dest)
+                raise
         finally:
             self.active.discard(copy_id)
             self.wake()  # a slot is free, and a child copy may have been waiting on this one

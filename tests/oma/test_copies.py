@@ -4,6 +4,8 @@ mover, and ``qemu-img`` as the oracle."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -218,3 +220,29 @@ def test_write_copy_order(tmp_path: Path) -> None:
 
     copies.remove_copy_files(dest)
     assert list(dest.parent.iterdir()) == []
+
+
+async def test_copy_of_a_dead_process_is_redone(oma: Oma, tmp_path: Path) -> None:
+    primary, offsite = await two_repositories(oma, tmp_path)
+    db = db_of(oma)
+    (full,) = await build_chain(db, tmp_path / "work", tmp_path / "primary", primary, points=1)
+    # What a crash mid-copy leaves: a temporary file, and the row claimed by a process now gone.
+    dest = backup_path(tmp_path / "offsite", "web01", "disk-2000", full.backup_id)
+    dest.parent.mkdir(parents=True)
+    (dest.parent / f".{dest.name}{copies.TMP_SUFFIX}").write_bytes(b"half a copy")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    await db.execute(
+        "INSERT INTO backup_copies (id, backup_id, repository_id, status, claimed_by, started_at)"
+        " VALUES ('copy-orphan', $1, $2, 'copying', $3, now())",
+        full.backup_id,
+        offsite,
+        f"{socket.gethostname()}:{dead.pid}:gone",
+    )
+    worker: copies.CopyWorker = oma.extra["app"].extensions[copies.COPY_WORKER_KEY]
+    await worker.recover_orphans()
+    worker.wake()
+    (copy,) = await wait_for_copies(oma, full.backup_id)
+    assert copy["copy_id"] == "copy-orphan" and copy["status"] == "completed" and copy["verified"]
+    assert leftovers(tmp_path / "offsite") == []
+    assert qemu_img_compare(dest, full.path).returncode == 0

@@ -361,3 +361,34 @@ def test_cifs_credentials_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert lines[7:] == ["username=u", "password=pw", "domain=D"]
     assert not Path(cred).exists()  # removed after the mount
     assert stat.S_ISDIR((tmp_path / "m").stat().st_mode)
+
+
+async def test_share_gone_is_never_replaced_by_local_disk(oma: Oma, tmpfs: Path) -> None:
+    """An NFS repository whose share was unmounted behind the OMA's back: the listing keeps its
+    last figures and says why; a fresh reading tries to mount it (this kernel has no NFS) and
+    fails, and nothing is ever written into the bare mount-point directory."""
+    r = await oma.post(
+        "/repositories",
+        json={
+            "name": "nas",
+            "type": "nfs",
+            "config": {"server": "nas01", "export_path": "/export/b", "mount_point": str(tmpfs)},
+        },
+    )
+    assert r.status_code == 201, r.text
+    repo = r.json()
+    subprocess.run(["umount", str(tmpfs)], check=True)
+    db = db_of(oma)
+    await db.execute(
+        "UPDATE backup_repositories SET storage_checked_at = now() - interval '1 hour' WHERE id = $1",
+        repo["id"],
+    )
+    (listed,) = (await oma.get("/repositories")).json()["repositories"]
+    assert listed["last_error"] == f"{tmpfs} is not mounted"
+    assert listed["storage"]["total_bytes"] == repo["storage"]["total_bytes"]
+
+    r = await oma.get(f"/repositories/{repo['id']}/storage")
+    assert r.status_code == 503 and r.json()["code"] == "REPOSITORY_UNAVAILABLE"
+    assert "mount -t nfs nas01:/export/b" in r.json()["error"]
+    assert list(tmpfs.iterdir()) == []
+    assert "mount -t nfs" in (await oma.get(f"/repositories/{repo['id']}")).json()["last_error"]
