@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import trio
 from pydantic import BaseModel, Field
@@ -28,7 +28,13 @@ from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, new_id
 from oma.backups import repositories as repos
-from oma.backups.repositories import REPOSITORY_UNAVAILABLE, RepositoryError, RepositorySpec, StorageInfo
+from oma.backups.repositories import (
+    REPOSITORY_UNAVAILABLE,
+    RepositoryError,
+    RepositorySpec,
+    RepositoryType,
+    StorageInfo,
+)
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record, UniqueViolation
@@ -49,8 +55,6 @@ COLUMNS = (
     " + (SELECT count(*) FROM backup_copies c WHERE c.repository_id = r.id AND c.status = 'completed')"
     " AS backup_count"
 )
-
-RepositoryType = Literal["local", "nfs", "cifs"]
 
 
 class CreateRepositoryRequest(BaseModel):
@@ -75,19 +79,20 @@ class RepositoryListQuery(BaseModel):
     enabled: bool | None = None
 
 
-def _config(row: Record) -> dict[str, Any]:
-    config = row["config"]
-    return dict(json.loads(config) if isinstance(config, str) else config)
-
-
 def _spec(row: Record) -> RepositorySpec:
+    """The spec to mount the repository with (CIFS password decrypted)."""
     return repos.spec_from_row(row, state().box)
+
+
+def _public_spec(row: Record) -> RepositorySpec:
+    """The spec without its password: enough to find, read and unmount the repository."""
+    return RepositorySpec(row["id"], row["type"], repos.config_of(row))
 
 
 def _response(row: Record) -> dict[str, Any]:
     """``RepositoryResponse``: the row without its secret; the config never holds the password
     (it is kept apart, encrypted), ``has_password`` says whether one is stored."""
-    spec = RepositorySpec(row["id"], row["type"], _config(row))
+    spec = _public_spec(row)
     return {
         "id": row["id"],
         "name": row["name"],
@@ -147,7 +152,7 @@ async def _refresh_if_stale(db: Database, row: Record, now: dt.datetime) -> bool
         try:
             # A read-only statvfs: abandoning it on timeout leaves nothing half-written.
             info = await trio.to_thread.run_sync(
-                repos.current_storage, _spec(row), state().config.mounts_dir, abandon_on_cancel=True
+                repos.current_storage, _public_spec(row), state().config.mounts_dir, abandon_on_cancel=True
             )
         except RepositoryError as e:
             error = str(e)
@@ -284,7 +289,7 @@ async def delete_repository(repository_id: str) -> dict[str, Any]:
     st = state()
     async with st.db.transaction() as conn:
         row = await conn.fetchrow(
-            "SELECT id, type, config, secret_ciphertext FROM backup_repositories WHERE id = $1 FOR UPDATE",
+            "SELECT id, type, config FROM backup_repositories WHERE id = $1 FOR UPDATE",
             repository_id,
         )
         if row is None:
@@ -308,7 +313,7 @@ async def delete_repository(repository_id: str) -> dict[str, Any]:
         if reasons:
             raise ApiError.conflict(f"repository {repository_id} is in use by {'; '.join(reasons)}")
         await conn.execute("DELETE FROM backup_repositories WHERE id = $1", repository_id)
-    spec = _spec(row)
+    spec = _public_spec(row)
     unmounted = spec.type != "local"
     warning = None
     try:

@@ -328,15 +328,18 @@ def release(spec: RepositorySpec, mounts_dir: Path) -> None:
             root.rmdir()
 
 
+def config_of(row: Record | Mapping[str, Any]) -> dict[str, Any]:
+    """The config of a repository row (jsonb arrives as text)."""
+    config = row["config"]
+    return dict(json.loads(config) if isinstance(config, str) else config)
+
+
 def spec_from_row(row: Record | Mapping[str, Any], box: SecretBox) -> RepositorySpec:
     """A repository row (``backup_repositories``) as a spec, its password decrypted."""
     password = None
     if row["secret_ciphertext"] is not None:
         password = box.decrypt(bytes(row["secret_ciphertext"]), SECRET_PURPOSE)
-    config = row["config"]
-    if isinstance(config, str):
-        config = json.loads(config)
-    return RepositorySpec(row["id"], row["type"], config, password)
+    return RepositorySpec(row["id"], row["type"], config_of(row), password)
 
 
 async def ensure_ready(db: Database, box: SecretBox, mounts_dir: Path, repository_id: str) -> Path:
