@@ -19,8 +19,8 @@ import os
 import random
 import subprocess
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,6 +167,19 @@ async def build_chain(
         )
     raw.unlink()
     return chain
+
+
+@contextmanager
+def mounted_tmpfs(path: Path, size: str = "16m") -> Iterator[Path]:
+    """A real mount (a small tmpfs) at ``path``: a share that is already mounted, or a small
+    disk that fills up."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        if os.path.ismount(path):
+            subprocess.run(["umount", str(path)], check=True)
 
 
 def qemu_img_compare(a: Path, b: Path) -> subprocess.CompletedProcess[str]:

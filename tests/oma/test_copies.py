@@ -17,6 +17,7 @@ from backup_fixtures import (
     data_cluster_offset,
     db_of,
     flip_byte,
+    mounted_tmpfs,
     qemu_img_compare,
     run_backup_oma,
     wait_for_copies,
@@ -246,3 +247,18 @@ async def test_copy_of_a_dead_process_is_redone(oma: Oma, tmp_path: Path) -> Non
     assert copy["copy_id"] == "copy-orphan" and copy["status"] == "completed" and copy["verified"]
     assert leftovers(tmp_path / "offsite") == []
     assert qemu_img_compare(dest, full.path).returncode == 0
+
+
+async def test_full_destination_fails_cleanly(oma: Oma, tmp_path: Path) -> None:
+    """A destination that fills up mid-copy: the copy fails naming the cause, and nothing of it
+    stays there."""
+    with mounted_tmpfs(tmp_path / "small", size="1m") as small:
+        primary = await create_local_repository(oma, "primary", tmp_path / "primary")
+        tiny = await create_local_repository(oma, "tiny", small)
+        (full,) = await build_chain(db_of(oma), tmp_path / "work", tmp_path / "primary", primary, points=1)
+        r = await oma.post(f"/backups/{full.backup_id}/copy", json={"repository_id": tiny})
+        assert r.status_code == 202
+        (copy,) = await wait_for_copies(oma, full.backup_id)
+        assert copy["status"] == "failed"
+        assert "No space left on device" in copy["error_message"] and str(full.path) in copy["error_message"]
+        assert [p for p in small.rglob("*") if p.is_file()] == []

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from backup_fixtures import create_local_repository, db_of, run_backup_oma, state_of
+from backup_fixtures import create_local_repository, db_of, mounted_tmpfs, run_backup_oma, state_of
 from oma_harness import Oma
 from vma_double import VmaDouble
 
@@ -30,14 +30,8 @@ async def oma(tmp_path: Path, oma_dsn: str, vma: VmaDouble) -> AsyncIterator[Oma
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A real mount point (a small tmpfs), standing in for an NFS export or CIFS share that is
     mounted already: ``repositories.mount`` leaves a mounted path alone."""
-    path = tmp_path / "share"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(path)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "share") as path:
         yield path
-    finally:
-        if os.path.ismount(path):
-            subprocess.run(["umount", str(path)], check=True)
 
 
 def statvfs_figures(path: Path) -> tuple[int, int, int]:
