@@ -82,7 +82,13 @@ class CopyError(Exception):
 
 # -- queueing -----------------------------------------------------------------------------------
 
-_QUEUE_WITH_ANCESTORS = """
+#: What queueing a failed copy again resets (the same in both ways of queueing).
+_REQUEUE_SET = (
+    "status = 'pending', error_message = NULL, claimed_by = NULL, started_at = NULL, completed_at = NULL,"
+    " file_path = NULL, size_bytes = NULL, disk_digest = NULL, verified = false"
+)
+
+_QUEUE_WITH_ANCESTORS = f"""
 WITH RECURSIVE chain AS (
     SELECT id, parent_backup_id FROM backup_jobs WHERE id = $1
     UNION ALL
@@ -91,8 +97,7 @@ WITH RECURSIVE chain AS (
 INSERT INTO backup_copies (id, backup_id, repository_id, copy_rule_id, status)
 SELECT 'copy-' || replace(gen_random_uuid()::text, '-', ''), chain.id, $2, $3, 'pending' FROM chain
 ON CONFLICT (backup_id, repository_id) DO UPDATE
-    SET status = 'pending', error_message = NULL, claimed_by = NULL, started_at = NULL,
-        completed_at = NULL, copy_rule_id = COALESCE(EXCLUDED.copy_rule_id, backup_copies.copy_rule_id)
+    SET {_REQUEUE_SET}, copy_rule_id = COALESCE(EXCLUDED.copy_rule_id, backup_copies.copy_rule_id)
     WHERE backup_copies.status = 'failed'
 RETURNING id, backup_id
 """
@@ -155,31 +160,29 @@ async def request_copy(conn: Connection, backup_id: str, repository_id: str) -> 
                 f" completed copy in repository {repository_id} (its copy is {parent_copy or 'missing'});"
                 " copy the parent first",
             )
+    copy_id = await conn.fetchval(
+        "INSERT INTO backup_copies (id, backup_id, repository_id, status) VALUES ($1, $2, $3, 'pending')"
+        " ON CONFLICT (backup_id, repository_id) DO NOTHING RETURNING id",  # two requests at once
+        f"copy-{uuid.uuid4().hex}",
+        backup_id,
+        repository_id,
+    )
+    if copy_id is not None:
+        return str(copy_id)
     existing = await conn.fetchrow(
         "SELECT id, status FROM backup_copies WHERE backup_id = $1 AND repository_id = $2 FOR UPDATE",
         backup_id,
         repository_id,
     )
     if existing is None:
-        copy_id = f"copy-{uuid.uuid4().hex}"
-        await conn.execute(
-            "INSERT INTO backup_copies (id, backup_id, repository_id, status) VALUES ($1, $2, $3, 'pending')",
-            copy_id,
-            backup_id,
-            repository_id,
-        )
-        return copy_id
+        raise ApiError.conflict(f"the copy of backup {backup_id} to {repository_id} changed meanwhile; retry")
     if existing["status"] in ("completed", *ACTIVE_STATUSES):
         raise ApiError.conflict(
             f"backup {backup_id} already has a {existing['status']} copy ({existing['id']}) in"
             f" repository {repository_id}"
         )
     if existing["status"] == "failed":
-        await conn.execute(
-            "UPDATE backup_copies SET status = 'pending', error_message = NULL, claimed_by = NULL,"
-            " started_at = NULL, completed_at = NULL, verified = false WHERE id = $1",
-            existing["id"],
-        )
+        await conn.execute(f"UPDATE backup_copies SET {_REQUEUE_SET} WHERE id = $1", existing["id"])
     return str(existing["id"])
 
 
@@ -494,8 +497,9 @@ class CopyWorker:
         if dest:
             await trio.to_thread.run_sync(remove_copy_files, dest[0])
         await self.db.execute(
+            # The files are gone: no path, size or digest describes the copy any more.
             "UPDATE backup_copies SET status = 'failed', error_message = $2, verified = false,"
-            " completed_at = now() WHERE id = $1",
+            " file_path = NULL, size_bytes = NULL, disk_digest = NULL, completed_at = now() WHERE id = $1",
             copy_id,
             message,
         )
