@@ -363,8 +363,25 @@ class CopyWorker:
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
         finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
+                await self._release_claims()
             self.stopped.set()
             log.info("copy worker stopped", extra={"action": "copy_worker"})
+
+    async def _release_claims(self) -> None:
+        """The last step of a stop: any copy still claimed by this worker goes back to pending
+        (each drive does it for its own copy; this catches what no drive held)."""
+        try:
+            released = await self.db.fetch(
+                f"UPDATE backup_copies SET {_REQUEUE_SET} WHERE claimed_by = $1"
+                " AND status IN ('pending', 'copying', 'verifying') RETURNING id",
+                self.worker_id,
+            )
+        except Exception:
+            log.exception("releasing the copies of this worker failed")
+            return
+        if released:
+            log.info("backup copies released at stop", extra={"copy_ids": [r["id"] for r in released]})
 
     async def recover_orphans(self) -> None:
         """Put back to ``pending`` the copies an OMA process on this host claimed and no longer
@@ -400,7 +417,11 @@ class CopyWorker:
             free = self.max_active - len(self.active)
             if free > 0:
                 try:
-                    claimed = await self.db.fetch(_CLAIM, self.worker_id, free, self.scheduled_cutoff)
+                    # Shielded: a claim cancelled in flight may have committed, and its rows would
+                    # stay "copying" with nobody driving them. Claimed rows are always driven (a
+                    # drive cancelled at once puts its copy back to pending).
+                    with trio.CancelScope(shield=True):
+                        claimed = await self.db.fetch(_CLAIM, self.worker_id, free, self.scheduled_cutoff)
                 except Exception:
                     log.exception("claiming backup copies failed")
                     claimed = []

@@ -105,8 +105,10 @@ async def build_chain(
     created_at: list[dt.datetime] | None = None,
     snapshots: bool = False,
     seed: int = 1,
+    full_chunks: int = 4,
 ) -> list[BackupPoint]:
-    """A full and ``points - 1`` incrementals of one disk in one repository, oldest first."""
+    """A full (``full_chunks`` MiB of random data) and ``points - 1`` incrementals (2 MiB each)
+    of one 64 MiB disk in one repository, oldest first."""
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     raw = workdir / f"{vm_name}-{disk_id}-{uuid.uuid4().hex[:6]}.raw"
@@ -117,7 +119,7 @@ async def build_chain(
     chain: list[BackupPoint] = []
     for i in range(points):
         backup_id = f"backup-{uuid.uuid4().hex}"
-        extents = write_random_chunks(raw, rng, 4 if i == 0 else 2)
+        extents = write_random_chunks(raw, rng, full_chunks if i == 0 else 2)
         target = backup_path(repo_root, vm_name, disk_id, backup_id)
         target.parent.mkdir(parents=True, exist_ok=True)
         parent = chain[-1] if chain else None

@@ -262,3 +262,24 @@ async def test_full_destination_fails_cleanly(oma: Oma, tmp_path: Path) -> None:
         assert copy["status"] == "failed"
         assert "No space left on device" in copy["error_message"] and str(full.path) in copy["error_message"]
         assert [p for p in small.rglob("*") if p.is_file()] == []
+
+
+async def test_shutdown_leaves_no_half_copy(tmp_path: Path, oma_dsn: str, vma: VmaDouble) -> None:
+    """Stopping the OMA right after a copy was asked for: whenever the stop lands, the copy is
+    either completed or back to pending with nothing of it left; the next start finishes it."""
+    async with run_backup_oma(tmp_path, oma_dsn, vma.base_url, run_backups=True) as oma:
+        primary, offsite = await two_repositories(oma, tmp_path)
+        (full,) = await build_chain(
+            db_of(oma), tmp_path / "work", tmp_path / "primary", primary, points=1, full_chunks=60
+        )
+        r = await oma.post(f"/backups/{full.backup_id}/copy", json={"repository_id": offsite})
+        assert r.status_code == 202
+    async with run_backup_oma(tmp_path, oma_dsn, vma.base_url, run_backups=False) as oma:
+        (copy,) = (await oma.get(f"/backups/{full.backup_id}/copies")).json()
+        assert copy["status"] in ("pending", "completed"), copy
+        if copy["status"] == "pending":
+            assert copy["file_path"] is None and list((tmp_path / "offsite").rglob("*.qcow2*")) == []
+    async with run_backup_oma(tmp_path, oma_dsn, vma.base_url, run_backups=True) as oma:
+        (copy,) = await wait_for_copies(oma, full.backup_id)
+        assert copy["status"] == "completed" and copy["verified"] is True
+        assert leftovers(tmp_path / "offsite") == []
