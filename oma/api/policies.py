@@ -152,7 +152,13 @@ async def retention_status() -> dict[str, Any]:
     """The retention service of this OMA process: its last run's figures (see docs/backup.md)."""
     service: RetentionService | None = current_app.extensions.get(RETENTION_KEY)
     if service is None:
-        return {"running": False, "interval_seconds": None, "last_run": None}
+        return {
+            "running": False,
+            "interval_seconds": None,
+            "last_run_at": None,
+            "next_run_at": None,
+            "last_run": None,
+        }
     return service.status()
 
 

@@ -190,6 +190,7 @@ class RetentionService:
         return {
             "running": self.running,
             "interval_seconds": self.interval,
+            "last_run_at": self.last_run.finished_at if self.last_run else None,
             "next_run_at": self.next_run_at,
             "last_run": self.last_run.summary() if self.last_run else None,
         }

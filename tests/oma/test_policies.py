@@ -123,4 +123,10 @@ async def test_repository_in_a_policy_cannot_go(oma: Oma, repos: list[str]) -> N
 async def test_retention_status_without_service(oma: Oma) -> None:
     r = await oma.get("/policies/retention-status")
     assert r.status_code == 200
-    assert r.json() == {"running": False, "interval_seconds": None, "last_run": None}
+    assert r.json() == {
+        "running": False,
+        "interval_seconds": None,
+        "last_run_at": None,
+        "next_run_at": None,
+        "last_run": None,
+    }

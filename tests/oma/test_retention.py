@@ -102,6 +102,7 @@ async def test_expired_points_merge_in_primary_and_copy(oma: Oma, tmp_path: Path
     status = (await oma.get("/policies/retention-status")).json()
     assert status["running"] is True and status["interval_seconds"] == oma.config.retention_interval
     last = status["last_run"]
+    assert status["last_run_at"] == last["finished_at"]
     assert last["points_removed_count"] == 3 and last["new_fulls"] == [kept.backup_id]
     assert last["postponed_count"] == 0 and last["finished_at"] is not None
 
