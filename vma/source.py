@@ -165,6 +165,26 @@ def source_argv(
     return file_argv(config, resolve_datastore_path(spec.file_name, config.datastore_roots), sock, threads)
 
 
+async def prepare_source(
+    config: VmaConfig,
+    login: VCenterLogin,
+    spec: SourceSpec,
+    work_dir: Path,
+    sock: Path,
+    threads: int,
+) -> list[str]:
+    """:func:`source_argv`, after reading the certificate thumbprint vCenter presents when the
+    vddk source needs one and none is configured (trust on first use, per job)."""
+    thumbprint = ""
+    if config.source == "vddk" and not config.vddk_thumbprint:
+        _, host, port = login.endpoint()
+        try:
+            thumbprint = await trio.to_thread.run_sync(certificate_thumbprint, host, port)
+        except OSError as e:
+            raise SourceError(f"cannot read the certificate thumbprint of {host}:{port}: {e}") from e
+    return source_argv(config, login, spec, work_dir, sock, threads, thumbprint)
+
+
 def _accepts(sock: Path) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
