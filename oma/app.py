@@ -185,12 +185,12 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         yield
                     finally:
                         stop.set()
-                        for service in (copier, retention):
-                            if service is not None:
-                                # Copies in flight put themselves back to pending (files removed).
-                                service.stop()
-                                with trio.move_on_after(COPY_STOP_TIMEOUT + 2):
-                                    await service.stopped.wait()
+                        services = [s for s in (copier, retention) if s is not None]
+                        for service in services:
+                            service.stop()  # copies in flight go back to pending, their files removed
+                        with trio.move_on_after(COPY_STOP_TIMEOUT + 2):
+                            for service in services:
+                                await service.stopped.wait()
                         app.extensions.pop(COPY_WORKER_KEY, None)
                         app.extensions.pop(RETENTION_KEY, None)
                         if engine is not None:
