@@ -23,7 +23,6 @@ from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page, new_id
 from oma.auth import current_principal
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
 from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, TargetType, check_target, job_body, run_full_restore
-from oma.restore.mount import LockedReader
 from oma.restore.service import RestoreService, restore_service
 from pyapp.api import ApiError
 
@@ -145,7 +144,7 @@ async def download_file(mount_id: str, query_args: PathQuery) -> Response:
     reader, info = await service.run_sync(mount.open_file, query_args.path)
     keepalive = _Keepalive(service, mount_id)
 
-    async def body(reader: LockedReader = reader) -> AsyncIterator[bytes]:
+    async def body() -> AsyncIterator[bytes]:
         try:
             while chunk := await service.run_sync(reader.read, CHUNK):
                 yield chunk

@@ -152,7 +152,7 @@ class Mount:
         if len(self.volumes) == 1:
             volume = self.volumes[0]
             entry, canonical = resolve(volume.fs, parts, follow_last=follow_last)
-            return Located(volume, entry if canonical else dataclasses.replace(entry, name=""), canonical)
+            return Located(volume, entry, canonical)
         if not parts:
             return Located(None, self._virtual_root(), ())
         volume_or_none = self._by_name.get(parts[0])

@@ -8,7 +8,8 @@ refuse. Empty and ``.`` segments are dropped.
 
 Symbolic links are resolved inside their file system, component by component, by this module
 rather than by dissect: a relative target is read against the link's directory and may use
-``..`` as long as it never climbs above the file system's root; an absolute target is refused,
+``..`` as long as it never climbs above the file system's root (checked lexically on the target,
+then again while resolving, since links on the way move the walk); an absolute target is refused,
 because the file system's mount point in the guest is unknown (``/etc/passwd`` in a ``/boot``
 partition does not name a file of that partition). At most :data:`MAX_SYMLINKS` links are
 followed per path (400 ``TOO_MANY_SYMLINKS``), as the kernel's ``ELOOP``.
@@ -92,8 +93,26 @@ def resolve(
                     f"{display((*prefix, *names, name))} is a symbolic link to an absolute path,"
                     " outside the file system"
                 )
+            if _climbs_out(len(names), target):
+                raise traversal(
+                    f"{display((*prefix, *names, name))} is a symbolic link leading outside the file system"
+                )
             pending = target.split("/") + pending
             continue
         stack.append(child)
         names.append(child.name)
     return stack[-1], tuple(names)
+
+
+def _climbs_out(depth: int, target: str) -> bool:
+    """Whether ``target``, read lexically from a directory ``depth`` levels below the root,
+    climbs above the root at some point. Checked before resolving, so a link that leaves is
+    refused as such even when the names on its way do not exist (``missing/../../..``)."""
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif part not in ("", "."):
+            depth += 1
+    return False

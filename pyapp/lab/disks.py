@@ -159,6 +159,19 @@ def make_ext4(scratch: Path, src: Path, part: Partition, number: int, size: int 
         *label, "-d", str(src), str(scratch),
         env={**os.environ, "E2FSPROGS_FAKE_TIME": str(FIXED_TIME)},
     )  # fmt: skip
+    # mke2fs -d copies each inode's ctime from the host, which no one can set: fix it afterwards.
+    commands = [
+        f'sif "/{entry.relative_to(src).as_posix()}" ctime @{FIXED_TIME}'
+        for entry in sorted(src.rglob("*"))
+    ]
+    if commands:
+        script = scratch.with_name(scratch.name + ".debugfs")
+        script.write_text("\n".join(commands) + "\n")
+        try:
+            _run("debugfs", "-w", "-f", str(script), str(scratch),
+                 env={**os.environ, "E2FSPROGS_FAKE_TIME": str(FIXED_TIME)})  # fmt: skip
+        finally:
+            script.unlink()
 
 
 def _make_fs(part: Partition, scratch: Path, workdir: Path, number: int = 0) -> None:

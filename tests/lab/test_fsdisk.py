@@ -7,6 +7,7 @@ and, for LVM2, the checksums lvm2 itself verifies.
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,7 @@ def test_builds_are_reproducible(tmp_path: Path) -> None:
     parts = [Partition(24 * MiB, "ext4", "root", FILES, symlinks={"link": "etc/hostname"}),
              Partition(16 * MiB, "fat", "EFI", {"EFI/Boot/Loader.efi": b"MZ" * 100})]  # fmt: skip
     a = build_disk(tmp_path / "a.img", 48 * MiB, parts)
+    time.sleep(1.1)  # host times (a file's ctime) move on: they must not reach the image
     b = build_disk(tmp_path / "b.img", 48 * MiB, parts)
     assert a.path.read_bytes() == b.path.read_bytes()
 

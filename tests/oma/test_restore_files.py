@@ -580,3 +580,40 @@ async def test_full_restore_refusals_and_digest_check(oma: Oma, disks: Disks, tm
     job = await _wait_restore(oma, r.json()["restore_id"])
     assert job["status"] == "failed" and "differs from the backup's" in job["error_message"]
     assert not target.exists()
+
+
+async def test_concurrent_downloads_and_a_second_process(oma: Oma, disks: Disks, tmp_path: Path) -> None:
+    """Readers of one mount run in parallel threads over one image; another OMA process on the
+    same database serves the same mount (opening the image itself) and sees it end."""
+    backup_id = await insert_backup(oma, disks.gpt.incremental)
+    mount_id = (await mount(oma, backup_id))["mount_id"]
+    wanted = {
+        "/part1/big.bin": EXT4_V1["big.bin"],
+        "/part1/docs/nested/deeper/data.bin": EXT4_V1["docs/nested/deeper/data.bin"],
+        "/part2/srv/www/app.js": XFS_FILES["srv/www/app.js"],
+        "/part4/Report.docx": NTFS_FILES["Report.docx"],
+    }
+    got: dict[tuple[str, int], bytes] = {}
+
+    async def fetch(path: str, i: int) -> None:
+        r = await download(oma, mount_id, path)
+        assert r.status_code == 200
+        got[(path, i)] = r.content
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            for path in wanted:
+                nursery.start_soon(fetch, path, i)
+    assert all(data == wanted[path] for (path, _), data in got.items()) and len(got) == 12
+
+    assert oma.config.database_url
+    other_config = make_config(tmp_path / "second", oma.config.database_url, oma.config.vma_url)
+    async with run_oma(other_config) as other:
+        assert (await other.get("/restore/resources")).json()["allocated_devices"] == 0
+        r = await download(other, mount_id, "/part3/Notes/ReadMe.txt")
+        assert r.status_code == 200 and r.content == FAT_FILES["Notes/ReadMe.txt"]
+        assert (await other.get("/restore/resources")).json()["allocated_devices"] == 1
+        assert (await oma.delete(f"/restore/{mount_id}")).status_code == 200
+        r = await other.get(f"/restore/{mount_id}/files")
+        assert r.status_code == 410 and "unmounted" in r.json()["error"]
+        assert (await other.get("/restore/resources")).json()["allocated_devices"] == 0
