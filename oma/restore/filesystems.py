@@ -42,6 +42,9 @@ _EXT_MAGIC_OFFSET = 1024 + 56
 _NTFS_SYSTEM_RECORDS = 24  # MFT records 0-23 are NTFS metadata ($MFT, $Bitmap, ..., reserved)
 _NTFS_STANDARD_INFORMATION = 0x10
 _NTFS_REPARSE_POINT = 0xC0
+_NTFS_SYSTEM_FILE = 0x4  # FILE_ATTRIBUTE_SYSTEM
+_INTERIX_MAGIC = b"IntxLNK\x01"
+_INTERIX_MAX = 8 + 2 * 4096  # magic + a PATH_MAX target in UTF-16
 
 
 class NoFileSystem(Exception):
@@ -207,7 +210,8 @@ class NtfsFileSystem(FileSystem):
     and DOS 8.3 aliases are hidden. Symbolic links and junctions (reparse points) keep their
     target: a relative one with ``/`` separators, an absolute one (a drive or device path, which
     cannot be resolved inside one volume) as ``/`` + the Windows path, which the path resolver
-    refuses like any absolute target."""
+    refuses like any absolute target. The symlinks ntfs-3g writes by default (Interix links: a
+    small system file holding ``IntxLNK\\1`` and the UTF-16 target) are symlinks too."""
 
     fs_type = "ntfs"
     case_insensitive = True
@@ -228,6 +232,10 @@ class NtfsFileSystem(FileSystem):
         infos = record.attributes[_NTFS_STANDARD_INFORMATION]
         info = infos[0] if infos else None
         size = int(record.size()) if kind == "file" and record.has_stream("") else 0
+        if kind == "file" and info is not None and info.file_attributes & _NTFS_SYSTEM_FILE:
+            interix = _interix_target(record, size)
+            if interix is not None:
+                kind, target, size = "symlink", interix, len(interix)
         return Entry(
             name=name,
             kind=kind,
@@ -251,6 +259,19 @@ class NtfsFileSystem(FileSystem):
             if at_root and name.startswith("$") and _segment(index_entry) < _NTFS_SYSTEM_RECORDS:
                 continue
             yield name, index_entry
+
+
+def _interix_target(record: Any, size: int) -> str | None:
+    """The target of an Interix symbolic link (as ntfs-3g writes them), or None."""
+    if not len(_INTERIX_MAGIC) < size <= _INTERIX_MAX:
+        return None
+    data = record.open().read(size)
+    if not data.startswith(_INTERIX_MAGIC):
+        return None
+    try:
+        return str(data[len(_INTERIX_MAGIC) :].decode("utf-16-le"))
+    except UnicodeDecodeError:
+        return None
 
 
 def _segment(index_entry: Any) -> int:

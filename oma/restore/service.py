@@ -6,9 +6,10 @@ in its cache. Every request goes through :meth:`RestoreService.touch`, one ``UPD
 refreshes ``last_access_at``/``expires_at`` and answers whether the mount is still ``mounted``;
 a mount that is not is dropped from the cache.
 
-The cleanup loop (started when the backup services run) expires the mounts idle longer than
-``restore_idle_timeout`` (status ``expired``) and closes the readers this process holds for
-mounts that are no longer mounted, whichever process ended them.
+The cleanup loop, every ``restore_cleanup_interval`` seconds, closes the readers this process
+holds for mounts that are no longer mounted, whichever process ended them; in the processes
+that run the backup services it first expires the mounts idle longer than
+``restore_idle_timeout`` (status ``expired``).
 
 Full restore jobs (:mod:`oma.restore.full`) run in the service's nursery; stopping the service
 cancels them (they are marked failed) while the database is still open.
@@ -94,13 +95,13 @@ class RestoreService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the cleanup loop (when the backup services run) and the full restore jobs until
-        :meth:`shutdown`."""
+        """Host the cleanup loop and the full restore jobs until :meth:`shutdown`. Every process
+        closes its readers of mounts that ended; only those running the backup services expire
+        idle mounts (and say ``running`` in the cleanup status)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                if self.config.run_backups:
-                    nursery.start_soon(self._cleanup_loop)
+                nursery.start_soon(self._cleanup_loop, self.config.run_backups)
                 task_status.started()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -277,14 +278,19 @@ class RestoreService:
 
     # -- cleanup ------------------------------------------------------------------------------
 
-    async def cleanup_once(self) -> list[str]:
-        """Expire idle mounts; close this process's readers of mounts no longer mounted."""
-        rows = await self.db.fetch(
-            "UPDATE restore_mounts SET status = 'expired', unmounted_at = now()"
-            " WHERE status = 'mounted' AND last_access_at < now() - make_interval(secs => $1) RETURNING id",
-            self.config.restore_idle_timeout,
-        )
-        expired = [str(r["id"]) for r in rows]
+    async def cleanup_once(self, *, expire: bool = True) -> list[str]:
+        """Expire idle mounts (when ``expire``); close this process's readers of mounts no longer
+        mounted, whoever ended them. Returns the ids expired by this call."""
+        expired: list[str] = []
+        if expire:
+            rows = await self.db.fetch(
+                "UPDATE restore_mounts SET status = 'expired', unmounted_at = now() WHERE status = 'mounted'"
+                " AND last_access_at < now() - make_interval(secs => $1) RETURNING id",
+                self.config.restore_idle_timeout,
+            )
+            expired = [str(r["id"]) for r in rows]
+            self.expired_by_this_process += len(expired)
+            self.last_cleanup_at = dt.datetime.now(dt.UTC)
         if self._mounts:
             still = {
                 str(r["id"])
@@ -295,19 +301,17 @@ class RestoreService:
             }
             for mount_id in set(self._mounts) - still:
                 await self._drop(mount_id)
-        self.expired_by_this_process += len(expired)
-        self.last_cleanup_at = dt.datetime.now(dt.UTC)
         if expired:
             with log_context(action="restore_cleanup"):
                 log.info("idle restore mounts expired", extra={"mount_ids": expired})
         return expired
 
-    async def _cleanup_loop(self) -> None:
-        self.cleanup_running = True
+    async def _cleanup_loop(self, expire: bool) -> None:
+        self.cleanup_running = expire
         try:
             while True:
                 try:
-                    await self.cleanup_once()
+                    await self.cleanup_once(expire=expire)
                 except Exception:
                     log.exception("restore mount cleanup failed", extra={"action": "restore_cleanup"})
                 await trio.sleep(self.config.restore_cleanup_interval)

@@ -7,10 +7,13 @@ last two live in :mod:`pyapp.lab.fsdisk`) and then copied into place with
 ``dd conv=notrunc,sparse``; the table is written by ``sfdisk``. Images stay sparse: unwritten
 space is holes.
 
-Builds are reproducible: file system UUIDs, volume IDs, hash seeds and file times are derived
-from the partition (file system, label, size, number) rather than drawn at random, so building
-the same partition twice with a slightly different tree gives images that differ only where the
-trees do (:func:`pyapp.lab.fsdisk.rewrite_partition` relies on it).
+Builds are reproducible: table and file system UUIDs, volume IDs, hash seeds and file times are
+derived from the disk and partition (file system, label, size, number) rather than drawn at
+random or read from the clock, so building the same partition twice with a slightly different
+tree gives images that differ only where the trees do (what
+:func:`pyapp.lab.fsdisk.rewrite_partition` relies on to write few blocks). ext4, FAT and LVM
+builds are byte-identical; mkfs.xfs and ntfscp stamp a few inodes with the current time, so
+XFS and NTFS builds differ in one or two 64 KiB blocks.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@ real ext4 file system (built by the lab) read through the mover's image reader a
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from oma.restore.mount import Mount
@@ -121,3 +124,36 @@ def test_the_root_itself(fs_mount: Mount) -> None:
     info = fs_mount.stat("/")
     assert info["path"] == "/" and info["type"] == "directory" and info["volume"] == "disk"
     assert {f["name"] for f in fs_mount.listdir("", recursive=False, limit=100)[0]} >= {"etc", "docs", "up"}
+
+
+@pytest.mark.interop
+def test_ntfs_symlinks_written_by_ntfs_3g(tmp_path: Path) -> None:
+    """NTFS written by ntfs-3g through FUSE (nested directories, its Interix symlinks): the links
+    are symlinks, followed inside, refused outside. Skipped where FUSE mounts are not allowed."""
+    image, mnt = tmp_path / "n.img", tmp_path / "mnt"
+    with image.open("wb") as f:
+        f.truncate(16 * MiB)
+    subprocess.run(["mkntfs", "-F", "-f", "-q", "-T", str(image)], check=True, capture_output=True)
+    mnt.mkdir()
+    if subprocess.run(["ntfs-3g", str(image), str(mnt)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("ntfs-3g cannot mount here (no FUSE)")
+    try:
+        (mnt / "Dir" / "Sub").mkdir(parents=True)
+        (mnt / "Dir" / "Sub" / "File.txt").write_bytes(b"ntfs file\n")
+        (mnt / "rel").symlink_to("Dir/Sub/File.txt")
+        (mnt / "Dir" / "up").symlink_to("../Dir/Sub")
+        (mnt / "Dir" / "out").symlink_to("../../etc/passwd")
+        (mnt / "abs").symlink_to("/etc/passwd")
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    mount = Mount.open(image)
+    listing = {f["path"]: f for f in mount.listdir("/", recursive=True, limit=100)[0]}
+    assert listing["/rel"]["type"] == "symlink" and listing["/rel"]["symlink_target"] == "Dir/Sub/File.txt"
+    assert listing["/Dir/Sub/File.txt"]["type"] == "file" and listing["/Dir/Sub/File.txt"]["size"] == 10
+    assert _read(mount, "/rel") == b"ntfs file\n"
+    assert _read(mount, "/dir/UP/file.TXT") == b"ntfs file\n"  # NTFS names match without case
+    for outside in ("/Dir/out", "/abs"):
+        with pytest.raises(ApiError) as err:
+            _read(mount, outside)
+        assert err.value.code == "PATH_TRAVERSAL"
+    mount.close()
