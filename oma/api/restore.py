@@ -19,10 +19,10 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page, new_id
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page
 from oma.auth import current_principal
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
-from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, TargetType, check_target, job_body, run_full_restore
+from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, job_body
 from oma.restore.service import RestoreService, restore_service
 from pyapp.api import ApiError
 
@@ -182,40 +182,10 @@ async def cleanup_status() -> dict[str, Any]:
 @bp.post("/restore/full")
 @validate_request(FullRestoreRequest)
 async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], int]:
-    service = restore_service()
-    db = service.db
-    backup = await db.fetchrow(
-        "SELECT id, status, file_path, disk_digest FROM backup_jobs WHERE id = $1", data.backup_id
+    job = await restore_service().start_full_restore(
+        data.backup_id, data.target_type, data.target, current_principal().subject
     )
-    if backup is None:
-        raise ApiError.not_found(f"backup {data.backup_id!r} not found", "BACKUP_NOT_FOUND")
-    if backup["status"] != "completed" or not backup["file_path"]:
-        raise ApiError(
-            409,
-            "BACKUP_NOT_COMPLETED",
-            f"backup {data.backup_id} is {backup['status']}; only completed backups can be restored",
-        )
-    target_type: TargetType = data.target_type
-    plan = await service.run_sync(check_target, target_type, data.target)
-    busy = await db.fetchval(
-        "SELECT id FROM restore_jobs WHERE target = $1 AND status IN ('pending', 'running') LIMIT 1",
-        plan.target,
-    )
-    if busy is not None:
-        raise ApiError.conflict(f"restore {busy} is already writing {plan.target}")
-    restore_id = new_id("restore")
-    row = await db.fetchrow(
-        "INSERT INTO restore_jobs (id, backup_id, target_type, target, status, created_by)"
-        f" VALUES ($1, $2, $3, $4, 'pending', $5) RETURNING {JOB_COLUMNS}",
-        restore_id,
-        data.backup_id,
-        plan.target_type,
-        plan.target,
-        current_principal().subject,
-    )
-    source, expected = str(backup["file_path"]), backup["disk_digest"]
-    service.start_job(lambda: run_full_restore(db, restore_id, source, plan, expected))
-    return job_body(row), 202
+    return job, 202
 
 
 @bp.get("/restore/full")

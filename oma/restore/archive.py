@@ -30,12 +30,14 @@ from typing import Literal
 
 import trio
 
+from oma.restore.filesystems import Entry
 from oma.restore.mount import Located, Mount
 
 ArchiveFormat = Literal["zip", "tar.gz"]
 CHUNK = 256 * 1024
 QUEUE_CHUNKS = 16
 _ZIP64_FROM = (1 << 31) - 1
+_ZIP_EPOCH, _ZIP_END = 1980, 2107
 _PUT_TIMEOUT_S = 0.5
 
 
@@ -65,12 +67,18 @@ class _QueueWriter:
         """Nothing to do: chunks leave when full (tarfile and zipfile call this)."""
 
     def close(self) -> None:
-        """The archive's end; :meth:`finish` sends the last chunk."""
+        """Called by zipfile at the archive's end; :meth:`finish` sends what is left."""
 
     def finish(self) -> None:
+        """Send the last chunk and the end of the stream."""
         if self._buffer:
             self._put(bytes(self._buffer))
             self._buffer.clear()
+        self._put(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """Hand the producer's failure to the consumer, which ends the response with it."""
+        self._put(exc)
 
     def _put(self, item: bytes | BaseException | None) -> None:
         while True:
@@ -83,16 +91,32 @@ class _QueueWriter:
                 continue
 
 
+def _mode(entry: Entry) -> int:
+    """Permission bits to archive: the entry's, or the usual ones where the file system has none."""
+    if entry.mode is not None:
+        return entry.mode
+    return 0o755 if entry.kind == "directory" else 0o644
+
+
+def _zip_time(entry: Entry) -> tuple[int, int, int, int, int, int]:
+    """The modification time as zip stores it: fields without a zone (UTC where the file system
+    keeps UTC), years 1980 to 2107."""
+    if entry.modified is None or not _ZIP_EPOCH <= entry.modified.year <= _ZIP_END:
+        return (_ZIP_EPOCH, 1, 1, 0, 0, 0)
+    t = entry.modified
+    return (t.year, t.month, t.day, t.hour, t.minute, t.second)
+
+
 def _write_zip(mount: Mount, start: Located, root_name: str, out: _QueueWriter) -> None:
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for rel, where in mount.walk(start):
             name = "/".join((root_name, *rel))
             entry = where.entry
-            when = entry.modified.timetuple()[:6] if entry.modified is not None else (1980, 1, 1, 0, 0, 0)
-            when = when if when[0] >= 1980 else (1980, 1, 1, 0, 0, 0)
-            info = zipfile.ZipInfo(name + ("/" if entry.kind == "directory" else ""), date_time=when)
+            info = zipfile.ZipInfo(
+                name + ("/" if entry.kind == "directory" else ""), date_time=_zip_time(entry)
+            )
             info.create_system = 3  # Unix: external_attr carries the mode
-            mode = entry.mode if entry.mode is not None else 0o644
+            mode = _mode(entry)
             if entry.kind == "directory":
                 info.external_attr = ((stat.S_IFDIR | mode) << 16) | 0x10
                 zf.writestr(info, b"")
@@ -116,7 +140,7 @@ def _write_tar(mount: Mount, start: Located, root_name: str, out: _QueueWriter) 
             entry = where.entry
             info = tarfile.TarInfo("/".join((root_name, *rel)))
             info.mtime = int(entry.modified.timestamp()) if entry.modified is not None else 0
-            info.mode = entry.mode if entry.mode is not None else 0o644
+            info.mode = _mode(entry)
             info.uid, info.gid = entry.uid or 0, entry.gid or 0
             if entry.kind == "directory":
                 info.type = tarfile.DIRTYPE
@@ -143,12 +167,11 @@ def _produce(
     try:
         (_write_zip if fmt == "zip" else _write_tar)(mount, start, root_name, out)
         out.finish()
-        out._put(None)  # end of stream
     except _Stopped:
         return
-    except BaseException as exc:  # handed to the consumer, which ends the response with it
+    except BaseException as exc:
         try:
-            out._put(exc)
+            out.fail(exc)
         except _Stopped:
             return
 

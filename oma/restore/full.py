@@ -34,9 +34,10 @@ from typing import Any, Literal
 
 import trio
 
+from oma.api.common import new_id
 from pyapp import mover
 from pyapp.api import ApiError
-from pyapp.db import Database
+from pyapp.db import Database, Record
 from pyapp.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,31 @@ def check_target(target_type: TargetType, target: str) -> TargetPlan:
     )
 
 
+async def accept_job(db: Database, backup_id: str, plan: TargetPlan, created_by: str) -> Record:
+    """Record a ``pending`` job, unless another one is still writing the same target (409):
+    checked and inserted under a transaction lock on the target, so two requests cannot both
+    pass."""
+    async with db.transaction() as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('restore-target:' || $1))", plan.target)
+        busy = await conn.fetchval(
+            "SELECT id FROM restore_jobs WHERE target = $1 AND status IN ('pending', 'running') LIMIT 1",
+            plan.target,
+        )
+        if busy is not None:
+            raise ApiError.conflict(f"restore {busy} is already writing {plan.target}")
+        row = await conn.fetchrow(
+            "INSERT INTO restore_jobs (id, backup_id, target_type, target, status, created_by)"
+            f" VALUES ($1, $2, $3, $4, 'pending', $5) RETURNING {JOB_COLUMNS}",
+            new_id("restore"),
+            backup_id,
+            plan.target_type,
+            plan.target,
+            created_by,
+        )
+    assert row is not None
+    return row
+
+
 def _remove_created(plan: TargetPlan) -> None:
     if not plan.creates:
         return
@@ -125,16 +151,21 @@ def _cancelled(exc: BaseException) -> bool:
 
 
 async def _record_progress(db: Database, restore_id: str, latest: _Latest) -> None:
+    """Write the copy's progress about once a second; a failed write is logged, never fatal
+    (the copy matters, its progress figures do not)."""
     while True:
         await trio.sleep(PROGRESS_INTERVAL_S)
-        if latest.value is not None:
-            p = latest.value
+        if latest.value is None:
+            continue
+        try:
             await db.execute(
                 "UPDATE restore_jobs SET bytes_done = $2, progress_percent = $3 WHERE id = $1",
                 restore_id,
-                p.bytes_read,
-                min(p.percent, 99.9),
+                latest.value.bytes_read,
+                min(latest.value.percent, 99.9),
             )
+        except Exception as exc:
+            log.warning("recording the progress of a full restore failed: %s", exc)
 
 
 async def run_full_restore(
@@ -192,7 +223,8 @@ async def run_full_restore(
                 raise
 
 
-def job_body(row: Any) -> dict[str, Any]:
+def job_body(row: Record) -> dict[str, Any]:
+    """The API's view of a ``restore_jobs`` row (``restore_id`` rather than ``id``)."""
     out = dict(row.items())
     out["restore_id"] = out.pop("id")
     return out

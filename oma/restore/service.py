@@ -32,6 +32,7 @@ from quart_trio import QuartTrio
 
 from oma.api.common import new_id
 from oma.config import OmaConfig
+from oma.restore.full import TargetType, accept_job, check_target, job_body, run_full_restore
 from oma.restore.mount import Mount
 from pyapp.api import ApiError
 from pyapp.db import Database, Record
@@ -63,7 +64,7 @@ def mount_body(row: Record | dict[str, Any]) -> dict[str, Any]:
         "nbd_device": None,
         "filesystem_type": row["filesystem_type"],
         "status": row["status"],
-        "volumes": row["volumes"] if not isinstance(row["volumes"], str) else _json(row["volumes"]),
+        "volumes": _decoded(row["volumes"]),
         "created_by": row["created_by"],
         "created_at": row["created_at"],
         "last_access_at": row["last_access_at"],
@@ -72,8 +73,9 @@ def mount_body(row: Record | dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _json(text: str) -> Any:
-    return json.loads(text)
+def _decoded(value: Any) -> Any:
+    """A ``jsonb`` column's value (asyncpg hands it over as text)."""
+    return json.loads(value) if isinstance(value, str) else value
 
 
 class RestoreService:
@@ -123,15 +125,29 @@ class RestoreService:
             raise ApiError(503, "SERVICE_UNAVAILABLE", "the restore service is not running")
         self._nursery.start_soon(job)
 
+    async def start_full_restore(
+        self, backup_id: str, target_type: TargetType, target: str, created_by: str
+    ) -> dict[str, Any]:
+        """Check the point and the target, record the job and start it; returns the job."""
+        backup = await self.completed_backup(backup_id, "restored")
+        plan = await self.run_sync(check_target, target_type, target)
+        row = await accept_job(self.db, backup_id, plan, created_by)
+        source, expected = str(backup["file_path"]), backup["disk_digest"]
+        restore_id = str(row["id"])
+        self.start_job(lambda: run_full_restore(self.db, restore_id, source, plan, expected))
+        return job_body(row)
+
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking (dissect) work in a worker thread under the service's limiter."""
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.limiter)
 
     # -- mounts -------------------------------------------------------------------------------
 
-    async def create_mount(self, backup_id: str, volume: str | None, created_by: str) -> dict[str, Any]:
+    async def completed_backup(self, backup_id: str, purpose: str) -> Record:
+        """The ``backup_jobs`` row of a completed point (``id, file_path, disk_digest``).
+        404 ``BACKUP_NOT_FOUND``, 409 ``BACKUP_NOT_COMPLETED``."""
         backup = await self.db.fetchrow(
-            "SELECT id, status, file_path FROM backup_jobs WHERE id = $1", backup_id
+            "SELECT id, status, file_path, disk_digest FROM backup_jobs WHERE id = $1", backup_id
         )
         if backup is None:
             raise ApiError.not_found(f"backup {backup_id!r} not found", "BACKUP_NOT_FOUND")
@@ -139,9 +155,12 @@ class RestoreService:
             raise ApiError(
                 409,
                 "BACKUP_NOT_COMPLETED",
-                f"backup {backup_id} is {backup['status']}; only completed backups can be mounted",
+                f"backup {backup_id} is {backup['status']}; only completed backups can be {purpose}",
             )
-        path = str(backup["file_path"])
+        return backup
+
+    async def create_mount(self, backup_id: str, volume: str | None, created_by: str) -> dict[str, Any]:
+        path = str((await self.completed_backup(backup_id, "mounted"))["file_path"])
         mount = await self._open(backup_id, path, [volume] if volume else None)
         volumes = [v.describe() for v in mount.volumes]
         mount_id = new_id("mount")
@@ -201,7 +220,7 @@ class RestoreService:
         async with lock:
             mount = self._mounts.get(mount_id)
             if mount is None or mount.closed:
-                volumes = row["volumes"] if not isinstance(row["volumes"], str) else _json(row["volumes"])
+                volumes = _decoded(row["volumes"])
                 mount = await self._open(mount_id, str(row["file_path"]), [v["name"] for v in volumes])
                 self._mounts[mount_id] = mount
         self._opening.pop(mount_id, None)

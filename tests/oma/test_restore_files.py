@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import subprocess
 import tarfile
@@ -353,8 +354,18 @@ def _tree_of_tar(data: bytes) -> tuple[dict[str, bytes], dict[str, str], set[str
     return files_, links, dirs
 
 
+def _modes_of_zip(data: bytes) -> dict[str, int]:
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {i.filename.rstrip("/"): (i.external_attr >> 16) & 0o7777 for i in zf.infolist()}
+
+
+def _modes_of_tar(data: bytes) -> dict[str, int]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        return {m.name: m.mode for m in tar.getmembers()}
+
+
 @pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
-async def test_download_directory(oma: Oma, disks: Disks, fmt: str) -> None:
+async def test_download_directory(oma: Oma, disks: Disks, fmt: str, tmp_path: Path) -> None:
     mount_id = (await mount(oma, await insert_backup(oma, disks.gpt.incremental)))["mount_id"]
     r = await oma.get(f"/restore/{mount_id}/download-directory", params={"path": "/part1", "format": fmt})
     assert r.status_code == 200, r.text
@@ -365,6 +376,32 @@ async def test_download_directory(oma: Oma, disks: Disks, fmt: str) -> None:
     # Links are stored as links, never followed (the outside ones too: no host file comes back).
     assert got_links == {f"part1/{k}": v for k, v in EXT4_LINKS.items()}
     assert {"part1/docs", "part1/docs/nested", "part1/docs/nested/deeper", "part1/etc"} <= got_dirs
+
+    # The usual tools unpack it: files with their bytes and modes, links as links.
+    archive = tmp_path / f"part1.{fmt}"
+    archive.write_bytes(r.content)
+    out = tmp_path / "out"
+    out.mkdir()
+    tool = (
+        ["unzip", "-q", str(archive), "-d", str(out)]
+        if fmt == "zip"
+        else ["tar", "-xzf", str(archive), "-C", str(out)]
+    )
+    subprocess.run(tool, check=True, capture_output=True)
+    unpacked = {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in out.rglob("*")
+        if p.is_file() and not p.is_symlink()
+    }
+    assert unpacked == tree("part1", EXT4_V2)
+    assert {k: os.readlink(out / "part1" / k) for k in EXT4_LINKS} == EXT4_LINKS
+    assert (out / "part1" / "docs" / "readme.txt").stat().st_mode & 0o777 == 0o644
+    assert (out / "part1" / "docs" / "nested").stat().st_mode & 0o777 == 0o755
+
+    # FAT has no modes: directories come out traversable, files readable.
+    r = await oma.get(f"/restore/{mount_id}/download-directory", params={"path": "/part3", "format": fmt})
+    modes = _modes_of_zip(r.content) if fmt == "zip" else _modes_of_tar(r.content)
+    assert modes["part3/EFI/Boot"] == 0o755 and modes["part3/EFI/Boot/BootX64.efi"] == 0o644
 
     # A subdirectory; a symlink to a directory as the start is followed (it stays inside).
     r = await oma.get(f"/restore/{mount_id}/download-directory", params={"path": "/part1/docs/dirlink"})
