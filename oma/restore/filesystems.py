@@ -65,6 +65,10 @@ class Entry:
     accessed: dt.datetime | None = None
     created: dt.datetime | None = None
     link_target: str | None = None
+    #: The file's identity in its file system (inode, MFT record, first cluster), when known:
+    #: walks use it to never enter one directory twice (a damaged or hostile image may link a
+    #: directory below itself).
+    inode: int | None = None
     handle: Any = field(default=None, compare=False, repr=False)
 
 
@@ -141,6 +145,7 @@ class _InodeFileSystem(FileSystem):
             accessed=handle.atime,
             created=handle.crtime,
             link_target=str(handle.link) if kind == "symlink" else None,
+            inode=int(handle.inum),
             handle=handle,
         )
 
@@ -192,6 +197,7 @@ class FatFileSystem(FileSystem):
             modified=handle.mtime,
             accessed=handle.atime,
             created=handle.ctime,
+            inode=int(handle.cluster) if handle.cluster is not None else None,
             handle=handle,
         )
 
@@ -244,6 +250,7 @@ class NtfsFileSystem(FileSystem):
             accessed=info.last_access_time if info is not None else None,
             created=info.creation_time if info is not None else None,
             link_target=target,
+            inode=int(record.segment),
             handle=record,
         )
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import io
+import itertools
+import logging
 import stat
 import threading
 from collections.abc import Iterator
@@ -27,6 +29,8 @@ from oma.restore.filesystems import Entry, FileSystem, Volume, find_volumes
 from oma.restore.paths import NOT_A_DIRECTORY, display, resolve, split_request_path
 from pyapp.api import ApiError
 from pyapp.mover import ImageFile, open_image
+
+log = logging.getLogger(__name__)
 
 VOLUME_NOT_FOUND = "VOLUME_NOT_FOUND"
 NO_FILESYSTEM = "NO_FILESYSTEM"
@@ -202,27 +206,12 @@ class Mount:
             return self.describe(self._locate(raw_path, follow_last=False))
 
     def listdir(self, raw_path: str, *, recursive: bool, limit: int) -> tuple[list[dict[str, Any]], bool]:
-        """The entries below the directory ``raw_path`` (symlinks to directories followed for the
-        start only; never while recursing). Returns at most ``limit`` entries and whether more
-        were left out."""
-        with self._lock:
-            start = self._locate(raw_path, follow_last=True)
-            if start.entry.kind != "directory":
-                raise ApiError(400, NOT_A_DIRECTORY, f"{start.path} is not a directory")
-        out: list[dict[str, Any]] = []
-        pending = [start]
-        while pending:
-            directory = pending.pop()
-            with self._lock:
-                kids = self._children(directory)
-                described = [self.describe(k) for k in kids]
-            for kid, info in zip(kids, described, strict=True):
-                if len(out) >= limit:
-                    return out, True
-                out.append(info)
-                if recursive and kid.entry.kind == "directory":
-                    pending.append(kid)
-        return out, False
+        """The entries below the directory ``raw_path`` (a symlink to a directory is followed for
+        the start only, never while recursing). Returns at most ``limit`` entries and whether
+        more were left out."""
+        start = self.locate_directory(raw_path)
+        found = list(itertools.islice(self.walk(start, recursive=recursive), limit + 1))
+        return [self.describe(where) for _, where in found[:limit]], len(found) > limit
 
     def open_file(self, raw_path: str) -> tuple[LockedReader, dict[str, Any]]:
         """A reader of the regular file at ``raw_path`` (symlinks followed inside) and its info."""
@@ -236,24 +225,34 @@ class Mount:
             return LockedReader(inner, self._lock, where.entry.size), self.describe(where)
 
     def locate_directory(self, raw_path: str) -> Located:
+        """The directory at ``raw_path`` (symlinks followed inside); 400 when it is not one."""
         with self._lock:
             where = self._locate(raw_path, follow_last=True)
         if where.entry.kind != "directory":
             raise ApiError(400, NOT_A_DIRECTORY, f"{where.path} is not a directory")
         return where
 
-    def walk(self, start: Located) -> Iterator[tuple[tuple[str, ...], Located]]:
+    def walk(self, start: Located, *, recursive: bool = True) -> Iterator[tuple[tuple[str, ...], Located]]:
         """Every entry below ``start`` (a directory) with its path relative to it, parents
-        before children; symlinks are yielded as themselves and never followed."""
+        before children; symlinks are yielded as themselves and never followed. A directory met
+        twice (a loop in a damaged file system) is yielded but not entered again. The lock is
+        taken per directory read, so other requests interleave with a long walk."""
         pending: list[tuple[tuple[str, ...], Located]] = [((), start)]
+        entered: set[tuple[str, int]] = set()
         while pending:
             rel, directory = pending.pop()
+            if directory.volume is not None and directory.entry.inode is not None:
+                key = (directory.volume.name, directory.entry.inode)
+                if key in entered:
+                    log.warning("directory loop at %s: not entered again", directory.path)
+                    continue
+                entered.add(key)
             with self._lock:
                 kids = self._children(directory)
             for kid in kids:
                 kid_rel = (*rel, kid.entry.name)
                 yield kid_rel, kid
-                if kid.entry.kind == "directory":
+                if recursive and kid.entry.kind == "directory":
                     pending.append((kid_rel, kid))
 
     def open_entry(self, where: Located) -> LockedReader:

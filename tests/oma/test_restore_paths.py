@@ -157,3 +157,17 @@ def test_ntfs_symlinks_written_by_ntfs_3g(tmp_path: Path) -> None:
             _read(mount, outside)
         assert err.value.code == "PATH_TRAVERSAL"
     mount.close()
+
+
+def test_a_directory_loop_is_not_walked_twice(tmp_path: Path) -> None:
+    """A damaged (or hostile) ext4 where a directory links to the root: listings and archives
+    end, the looping entry is listed once and not entered."""
+    image = tmp_path / "loop.raw"
+    build_partition(Partition(16 * MiB, "ext4", "l", {"docs/a.txt": b"a"}), 1, image, tmp_path)
+    subprocess.run(["debugfs", "-w", "-R", "link / /docs/loop", str(image)], check=True, capture_output=True)
+    mount = Mount.open(image)
+    files, truncated = mount.listdir("/", recursive=True, limit=1000)
+    paths = [f["path"] for f in files]
+    assert not truncated and "/docs/loop" in paths and "/docs/loop/docs" not in paths
+    assert paths.count("/docs/a.txt") == 1
+    mount.close()
