@@ -164,7 +164,14 @@ async def download_directory(mount_id: str, query_args: DirectoryDownloadQuery) 
     start = await service.run_sync(mount.locate_directory, query_args.path)
     fmt: ArchiveFormat = query_args.format
     root_name = start.parts[-1] if start.parts else f"restore-{mount_id}"
-    body = stream_archive(fmt, mount, start, root_name, on_chunk=_Keepalive(service, mount_id))
+    body = stream_archive(
+        fmt,
+        mount,
+        start,
+        root_name,
+        producers=service.archive_producers,
+        on_chunk=_Keepalive(service, mount_id),
+    )
     content_type = "application/zip" if fmt == "zip" else "application/gzip"
     return _streamed(body, content_type, f"{root_name}.{fmt}", None)
 

@@ -182,17 +182,23 @@ async def stream_archive(
     start: Located,
     root_name: str,
     *,
+    producers: trio.CapacityLimiter,
     on_chunk: Callable[[], Awaitable[None]] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The archive of the directory ``start`` of ``mount``, as chunks (see the module doc);
-    ``on_chunk`` is awaited after each one (the caller keeps the mount alive with it)."""
+    """The archive of the directory ``start`` of ``mount``, as chunks (see the module doc).
+
+    ``producers`` bounds the archives produced at once in the process (a producer holds one
+    token from its start until the response ends); ``on_chunk`` is awaited after each chunk
+    (the caller keeps the mount alive with it)."""
+    token = object()
+    await producers.acquire_on_behalf_of(token)
     q: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
     stop = threading.Event()
     producer = threading.Thread(
         target=_produce, args=(fmt, mount, start, root_name, q, stop), name=f"restore-{fmt}", daemon=True
     )
-    producer.start()
     try:
+        producer.start()
         while True:
             item = await trio.to_thread.run_sync(q.get, abandon_on_cancel=True)
             if item is None:
@@ -211,3 +217,4 @@ async def stream_archive(
                 q.get_nowait()
             except queue.Empty:
                 break
+        producers.release_on_behalf_of(token)

@@ -67,7 +67,7 @@ class TargetPlan:
 def check_target(target_type: TargetType, target: str) -> TargetPlan:
     """Validate a target (blocking: it looks at the file system). Raises :class:`ApiError`."""
     if target_type == "nbd":
-        if not target.startswith(("nbd://", "nbd+unix://", "nbds://")):
+        if not target.startswith(("nbd://", "nbd+unix://")):
             raise ApiError(422, INVALID_TARGET, "an nbd target is an NBD URI (nbd://host:port/export)")
         return TargetPlan(target_type, target, creates=False, target_is_zero=False)
     path = Path(target)

@@ -85,6 +85,8 @@ class RestoreService:
         self.config = config
         self.db = db
         self.limiter = trio.CapacityLimiter(8)
+        #: Directory archives produced at once (each by its own thread; see oma.restore.archive).
+        self.archive_producers = trio.CapacityLimiter(4)
         self._mounts: dict[str, Mount] = {}
         self._opening: dict[str, trio.Lock] = {}
         self._stop = trio.Event()

@@ -654,3 +654,20 @@ async def test_concurrent_downloads_and_a_second_process(oma: Oma, disks: Disks,
         r = await other.get(f"/restore/{mount_id}/files")
         assert r.status_code == 410 and "unmounted" in r.json()["error"]
         assert (await other.get("/restore/resources")).json()["allocated_devices"] == 0
+
+
+async def test_a_client_leaving_an_archive_stops_its_producer(oma: Oma, disks: Disks) -> None:
+    mount_id = (await mount(oma, await insert_backup(oma, disks.gpt.incremental)))["mount_id"]
+    service = oma.extra["app"].extensions["oma.restore"]
+    url = oma.url(f"/restore/{mount_id}/download-directory")
+    async with oma.client.stream("GET", url, params={"path": "/", "format": "tar.gz"}, headers=oma.auth) as r:
+        assert r.status_code == 200
+        async for chunk in r.aiter_raw():
+            assert chunk
+            break
+        assert service.archive_producers.borrowed_tokens == 1
+    with trio.fail_after(10):
+        while service.archive_producers.borrowed_tokens:
+            await trio.sleep(0.05)
+    # The mount still serves.
+    assert (await download(oma, mount_id, "/part4/data.csv")).content == NTFS_FILES["data.csv"]
