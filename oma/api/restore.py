@@ -80,8 +80,12 @@ class _Keepalive:
 
 
 def _disposition(filename: str) -> str:
-    ascii_name = filename.encode("ascii", "replace").decode().replace('"', "_").replace("?", "_")
-    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(filename, safe='')}"
+    """``Content-Disposition`` for a name read from a guest: an ASCII fallback without quotes or
+    control characters (a hostile name must not break the header), and the exact name in
+    RFC 5987 form."""
+    ascii_name = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    exact = quote(filename, safe="", errors="surrogateescape")
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{exact}"
 
 
 def _streamed(body: AsyncIterator[bytes], content_type: str, filename: str, length: int | None) -> Response:

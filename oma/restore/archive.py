@@ -31,7 +31,7 @@ from typing import Literal
 import trio
 
 from oma.restore.filesystems import Entry
-from oma.restore.mount import Located, Mount
+from oma.restore.mount import Located, Mount, shown
 
 ArchiveFormat = Literal["zip", "tar.gz"]
 CHUNK = 256 * 1024
@@ -110,7 +110,7 @@ def _zip_time(entry: Entry) -> tuple[int, int, int, int, int, int]:
 def _write_zip(mount: Mount, start: Located, root_name: str, out: _QueueWriter) -> None:
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for rel, where in mount.walk(start):
-            name = "/".join((root_name, *rel))
+            name = shown("/".join((root_name, *rel)))  # zip names are UTF-8: no byte names
             entry = where.entry
             info = zipfile.ZipInfo(
                 name + ("/" if entry.kind == "directory" else ""), date_time=_zip_time(entry)

@@ -179,11 +179,13 @@ class Mount:
         return kids
 
     def describe(self, where: Located) -> dict[str, Any]:
-        """The FileInfo of an entry (the API's shape)."""
+        """The FileInfo of an entry (the API's shape). Names that are not UTF-8 on disk (kept by
+        dissect as surrogate escapes) are shown with U+FFFD: such a file is listed and archived
+        (with its exact name), but cannot be named in a request."""
         e = where.entry
         return {
-            "name": e.name or "/",
-            "path": where.path,
+            "name": shown(e.name) or "/",
+            "path": shown(where.path),
             "type": e.kind,
             "size": e.size,
             "mode": f"{e.mode:04o}" if e.mode is not None else None,
@@ -193,7 +195,7 @@ class Mount:
             "modified": iso(e.modified),
             "accessed": iso(e.accessed),
             "created": iso(e.created),
-            "symlink_target": e.link_target,
+            "symlink_target": shown(e.link_target) if e.link_target is not None else None,
             "volume": where.volume.name if where.volume is not None else None,
             "filesystem_type": where.volume.filesystem_type if where.volume is not None else None,
         }
@@ -261,6 +263,11 @@ class Mount:
         with self._lock:
             inner = where.volume.fs.open(where.entry)
         return LockedReader(inner, self._lock, where.entry.size)
+
+
+def shown(text: str) -> str:
+    """``text`` safe to encode as UTF-8 (undecodable bytes become U+FFFD)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _type_bits(kind: str) -> int:

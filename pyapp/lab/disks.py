@@ -169,7 +169,7 @@ def make_ext4(scratch: Path, src: Path, part: Partition, number: int, size: int 
     ]
     if commands:
         script = scratch.with_name(scratch.name + ".debugfs")
-        script.write_text("\n".join(commands) + "\n")
+        script.write_bytes(os.fsencode("\n".join(commands) + "\n"))  # names need not be UTF-8
         try:
             _run("debugfs", "-w", "-f", str(script), str(scratch),
                  env={**os.environ, "E2FSPROGS_FAKE_TIME": str(FIXED_TIME)})  # fmt: skip

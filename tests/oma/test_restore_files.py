@@ -115,7 +115,11 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Disks:
         return first.disk_digest, second.disk_digest
 
     full_digest, inc_digest = trio.run(chain)
-    mbr_part = Partition(32 * MiB, "ext4", "", {"only/file.txt": b"mbr\n"})
+    legacy = base / "legacy-names"  # a file name that is not UTF-8 (Latin-1, as old guests wrote)
+    (legacy / "only").mkdir(parents=True)
+    with open(os.fsencode(legacy / "only") + b"/caf\xe9.txt", "wb") as f:
+        f.write(b"latin-1 name\n")
+    mbr_part = Partition(32 * MiB, "ext4", "", {"only/file.txt": b"mbr\n"}, source=legacy)
     mbr = build_disk(base / "mbr.raw", 48 * MiB, [mbr_part], table="dos").path
     lvm = build_disk(
         base / "lvm.raw",
@@ -426,6 +430,16 @@ async def test_root_semantics_mbr_lvm_and_bare_disks(oma: Oma, disks: Disks) -> 
     assert [v["name"] for v in m["volumes"]] == ["part1"]
     assert (await download(oma, m["mount_id"], "/only/file.txt")).content == b"mbr\n"
     assert "/lost+found" in await files(oma, m["mount_id"], "/")
+    # A name that is not UTF-8 is listed (shown with U+FFFD) and archived.
+    assert "/only/caf\ufffd.txt" in await files(oma, m["mount_id"], "/only")
+    r = await oma.get(
+        f"/restore/{m['mount_id']}/download-directory", params={"path": "/only", "format": "tar.gz"}
+    )
+    with tarfile.open(fileobj=io.BytesIO(r.content), mode="r:gz") as tar:
+        assert sorted(os.fsencode(n) for n in tar.getnames()) == [b"only/caf\xe9.txt", b"only/file.txt"]
+    r = await oma.get(f"/restore/{m['mount_id']}/download-directory", params={"path": "/only"})
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        assert zf.read("only/caf\ufffd.txt") == b"latin-1 name\n"
 
     # A disk without a partition table, the file system on the whole disk.
     m = await mount(oma, await insert_backup(oma, disks.bare, vm="bare"))
