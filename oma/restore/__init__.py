@@ -15,6 +15,8 @@ Layers, by what each owns:
   ``restore_mounts``, idle expiry, the figures of ``/restore/resources`` and
   ``/restore/cleanup-status``, and the nursery of full restore jobs.
 - :mod:`oma.restore.full` — full restore through :func:`pyapp.mover.copy`, verified by digest.
+- :mod:`oma.restore.points` — which points may be read (completed ones), and holding them
+  against deletion while a mount or a job is recorded.
 
 The HTTP side is :mod:`oma.api.restore`; the contract is docs/backup.md.
 """

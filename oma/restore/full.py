@@ -35,6 +35,7 @@ from typing import Any, Literal
 import trio
 
 from oma.api.common import new_id
+from oma.restore.points import hold_completed
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Database, Record
@@ -95,9 +96,10 @@ def check_target(target_type: TargetType, target: str) -> TargetPlan:
 async def accept_job(db: Database, backup_id: str, plan: TargetPlan, created_by: str) -> Record:
     """Record a ``pending`` job, unless another one is still writing the same target (409):
     checked and inserted under a transaction lock on the target, so two requests cannot both
-    pass."""
+    pass; the point is held meanwhile (:func:`oma.restore.points.hold_completed`)."""
     async with db.transaction() as conn:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('restore-target:' || $1))", plan.target)
+        await hold_completed(conn, backup_id)
         busy = await conn.fetchval(
             "SELECT id FROM restore_jobs WHERE target = $1 AND status IN ('pending', 'running') LIMIT 1",
             plan.target,

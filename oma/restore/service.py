@@ -34,6 +34,7 @@ from oma.api.common import new_id
 from oma.config import OmaConfig
 from oma.restore.full import TargetType, accept_job, check_target, job_body, run_full_restore
 from oma.restore.mount import Mount
+from oma.restore.points import completed_backup, hold_completed
 from pyapp.api import ApiError
 from pyapp.db import Database, Record
 from pyapp.logs import log_context
@@ -131,7 +132,7 @@ class RestoreService:
         self, backup_id: str, target_type: TargetType, target: str, created_by: str
     ) -> dict[str, Any]:
         """Check the point and the target, record the job and start it; returns the job."""
-        backup = await self.completed_backup(backup_id, "restored")
+        backup = await completed_backup(self.db, backup_id, "restored")
         plan = await self.run_sync(check_target, target_type, target)
         row = await accept_job(self.db, backup_id, plan, created_by)
         source, expected = str(backup["file_path"]), backup["disk_digest"]
@@ -145,30 +146,15 @@ class RestoreService:
 
     # -- mounts -------------------------------------------------------------------------------
 
-    async def completed_backup(self, backup_id: str, purpose: str) -> Record:
-        """The ``backup_jobs`` row of a completed point (``id, file_path, disk_digest``).
-        404 ``BACKUP_NOT_FOUND``, 409 ``BACKUP_NOT_COMPLETED``."""
-        backup = await self.db.fetchrow(
-            "SELECT id, status, file_path, disk_digest FROM backup_jobs WHERE id = $1", backup_id
-        )
-        if backup is None:
-            raise ApiError.not_found(f"backup {backup_id!r} not found", "BACKUP_NOT_FOUND")
-        if backup["status"] != "completed" or not backup["file_path"]:
-            raise ApiError(
-                409,
-                "BACKUP_NOT_COMPLETED",
-                f"backup {backup_id} is {backup['status']}; only completed backups can be {purpose}",
-            )
-        return backup
-
     async def create_mount(self, backup_id: str, volume: str | None, created_by: str) -> dict[str, Any]:
-        path = str((await self.completed_backup(backup_id, "mounted"))["file_path"])
+        path = str((await completed_backup(self.db, backup_id, "mounted"))["file_path"])
         mount = await self._open(backup_id, path, [volume] if volume else None)
         volumes = [v.describe() for v in mount.volumes]
         mount_id = new_id("mount")
         try:
             async with self.db.transaction() as conn:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK_KEY)
+                await hold_completed(conn, backup_id)
                 active = await conn.fetchval("SELECT count(*) FROM restore_mounts WHERE status = 'mounted'")
                 if active >= self.config.max_restore_mounts:
                     raise ApiError(
