@@ -685,3 +685,33 @@ async def test_a_client_leaving_an_archive_stops_its_producer(oma: Oma, disks: D
             await trio.sleep(0.05)
     # The mount still serves.
     assert (await download(oma, mount_id, "/part4/data.csv")).content == NTFS_FILES["data.csv"]
+
+
+@pytest.mark.interop
+async def test_full_restore_to_a_block_device(oma: Oma, disks: Disks, tmp_path: Path) -> None:
+    """A raw target that is a block device (a loop device here) is written whole: stale data
+    where the point has none is zeroed. Skipped where loop devices cannot be attached."""
+    backing = tmp_path / "device.raw"
+    with backing.open("wb") as f:
+        f.truncate(48 * MiB)
+        f.seek(40 * MiB)
+        f.write(b"stale" * 100_000)
+    attach = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], capture_output=True, text=True, check=False
+    )
+    if attach.returncode != 0:
+        pytest.skip(f"no loop device here: {attach.stderr.strip()}")
+    device = attach.stdout.strip()
+    try:
+        backup_id = await insert_backup(oma, disks.mbr, vm="mbr")
+        r = await oma.post(
+            "/restore/full", json={"backup_id": backup_id, "target_type": "raw", "target": device}
+        )
+        assert r.status_code == 202, r.text
+        job = await _wait_restore(oma, r.json()["restore_id"])
+        assert job["status"] == "completed", job
+        assert job["disk_digest"] == (await mover.checksum(str(disks.mbr))).disk_digest
+    finally:
+        subprocess.run(["losetup", "-d", device], check=True)
+    _qemu_compare(backing, disks.mbr)
+    assert Path(device).exists()  # a device is never removed, whatever happens
