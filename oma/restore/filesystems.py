@@ -10,7 +10,8 @@ partition either an LVM2 physical volume (each linear logical volume becomes a v
 ``lvm-<vg>-<lv>``) or a file system (``part<N>``). A disk without a partition table that holds a
 file system (or an LVM2 PV) directly gives the volume ``disk`` (or its logical volumes). File
 systems are recognised by their magic numbers before dissect parses them: ext2/3/4, XFS, NTFS,
-FAT12/16/32. Partitions with none of them (swap, empty space, BIOS boot) are not volumes.
+FAT12/16/32. Partitions with none of them (swap, empty space, BIOS boot) are not volumes. A
+volume group spread over several physical volumes is not browsable (each PV is read alone).
 
 Every call here blocks (it reads the image): callers run them in worker threads, serialised per
 image (see :mod:`oma.restore.mount`), because dissect's streams seek and read one shared file
@@ -370,13 +371,7 @@ def find_volumes(fh: BinaryIO) -> list[Volume]:
     except Exception:
         disk = None
     volumes: list[Volume] = []
-    if disk is None:
-        lvm = _lvm_volumes(fh, 0)
-        if lvm is not None:
-            return lvm
-        fs = probe_file_system(fh)
-        return [Volume("disk", "disk", 0, size, fs)] if fs is not None else []
-    for part in disk.partitions:
+    for part in disk.partitions if disk is not None else ():
         if part.size <= 0 or part.type in (0x05, 0x0F, 0x85, 0xEE):
             continue
         lvm = _lvm_volumes(part.open(), int(part.offset))
@@ -386,4 +381,12 @@ def find_volumes(fh: BinaryIO) -> list[Volume]:
         fs = probe_file_system(part.open())
         if fs is not None:
             volumes.append(Volume(f"part{part.number}", "partition", int(part.offset), int(part.size), fs))
-    return volumes
+    if volumes:
+        return volumes
+    # No table, or a "table" that is really a file system's boot sector (a FAT made by
+    # mkfs.fat on a whole disk passes for an MBR): the disk itself.
+    lvm = _lvm_volumes(fh, 0)
+    if lvm is not None:
+        return lvm
+    fs = probe_file_system(fh)
+    return [Volume("disk", "disk", 0, size, fs)] if fs is not None else []

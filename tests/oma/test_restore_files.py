@@ -80,6 +80,7 @@ class Disks:
     mbr: Path
     lvm: Path
     bare: Path
+    bare_fat: Path
 
 
 def _image_of(raw: Path) -> Path:
@@ -130,11 +131,16 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Disks:
     ).path  # fmt: skip
     bare = base / "bare.raw"
     build_partition(Partition(16 * MiB, "ext4", "bare", {"whole/disk.txt": b"no table\n"}), 1, bare, base)
+    bare_fat = base / "bare-fat.raw"  # mkfs.fat's boot sector passes for an MBR
+    build_partition(
+        Partition(64 * MiB, "fat", "STICK", {"Photos/Cat.jpg": b"\xff\xd8cat"}), 1, bare_fat, base
+    )
     return Disks(
         gpt=Chain(full, inc, full_digest, inc_digest, raw),
         mbr=_image_of(mbr),
         lvm=_image_of(lvm),
         bare=_image_of(bare),
+        bare_fat=_image_of(bare_fat),
     )
 
 
@@ -445,6 +451,10 @@ async def test_root_semantics_mbr_lvm_and_bare_disks(oma: Oma, disks: Disks) -> 
     m = await mount(oma, await insert_backup(oma, disks.bare, vm="bare"))
     assert [(v["name"], v["source"]) for v in m["volumes"]] == [("disk", "disk")]
     assert (await download(oma, m["mount_id"], "whole/disk.txt")).content == b"no table\n"
+    m = await mount(oma, await insert_backup(oma, disks.bare_fat, vm="stick"))
+    assert [(v["name"], v["filesystem_type"]) for v in m["volumes"]] == [("disk", "fat")]
+    r = await download(oma, m["mount_id"], "/photos/cat.jpg")
+    assert r.content == b"\xff\xd8cat" and r.headers["content-type"] == "image/jpeg"
 
     # LVM2 inside a partition: volumes part1 and lvm-<vg>-<lv>; or just the logical volume.
     backup_id = await insert_backup(oma, disks.lvm, vm="lvm")
