@@ -5,6 +5,7 @@ journal, and QueryChangedDiskAreas answered from that journal. See ``docs/lab.md
 
 from .datastore import DatastoreMap, DatastorePathError, parse_datastore_path, raw_extent
 from .disks import DiskBuildError, DiskLayout, MiB, Partition, PlacedPartition, build_disk
+from .fsdisk import rewrite_partition
 from .guest import GuestDisk, JournalEntry, read_journal
 from .lab import DiskSpec, Lab, LabDisk, LabVM
 from .vcsim import LabError, Ready, build_vcsim
@@ -30,4 +31,5 @@ __all__ = [
     "parse_datastore_path",
     "raw_extent",
     "read_journal",
+    "rewrite_partition",
 ]
