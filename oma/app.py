@@ -10,9 +10,10 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
 4. an httpx client for the VMA API;
 5. a background task in the app nursery pruning expired tokens and pairing codes, stopped by an
    event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
-6. the replication engine (``oma.engine``, unless ``run_replications`` is off), another background
-   task: stopped first at shutdown, and waited for (bounded) so that it ends its jobs and closes
-   their exports while the database and the VMA client are still open.
+6. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
+   engine (``oma.backups.engine``, unless ``run_backups`` is off), other background tasks: stopped
+   first at shutdown, and waited for (bounded) so that they end their jobs, release the VMA's
+   exports and remove unfinished files while the database and the VMA client are still open.
 """
 
 from __future__ import annotations
@@ -28,9 +29,21 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 
-from oma.api import auth, credentials, debug, discovery, enrollment, health, replications, vm_contexts, vms
+from oma.api import (
+    auth,
+    backups,
+    credentials,
+    debug,
+    discovery,
+    enrollment,
+    health,
+    replications,
+    vm_contexts,
+    vms,
+)
 from oma.api.credentials import resolve_login
 from oma.auth import authorize_request
+from oma.backups.engine import BackupEngine
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.engine import FINISH_TIMEOUT, ReplicationEngine
@@ -100,7 +113,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     st = OmaState(config=config, recent_logs=recent_logs)
     app.extensions[STATE_KEY] = st
 
-    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug):
+    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug, backups):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
@@ -155,17 +168,24 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         engine = ReplicationEngine(config, db, st.vma_, resolve_login)
                         st.engine, st.engine_wakeup = engine, engine.wake
                         app.add_background_task(engine.run)
+                    backup_engine: BackupEngine | None = None
+                    if config.run_backups:
+                        backup_engine = BackupEngine(config, db, st.vma_, st.box, resolve_login)
+                        st.backup_engine, st.backup_engine_wakeup = backup_engine, backup_engine.wake
+                        app.add_background_task(backup_engine.run)
                     log.info("OMA ready", extra={"action": "startup", "vma_url": config.vma_url})
                     try:
                         yield
                     finally:
                         stop.set()
-                        if engine is not None:
-                            st.engine_wakeup = None
-                            engine.stop()
-                            with trio.move_on_after(2 * FINISH_TIMEOUT + 12):
-                                await engine.stopped.wait()
-                            st.engine = None
+                        st.engine_wakeup = st.backup_engine_wakeup = None
+                        engines = [e for e in (engine, backup_engine) if e is not None]
+                        for e in engines:  # both stop at once; each ends its own jobs
+                            e.stop()
+                        with trio.move_on_after(2 * FINISH_TIMEOUT + 12):
+                            for e in engines:
+                                await e.stopped.wait()
+                        st.engine = st.backup_engine = None
                         st.vma_ = None
                 st.db_ = None
         finally:

@@ -76,7 +76,7 @@ async def test_openapi_lists_every_seed_path(oma: Oma) -> None:
 
 async def test_debug_endpoints(oma: Oma) -> None:
     health = (await oma.get("/debug/health")).json()
-    assert health["database"]["schema_version"] == 3 and health["vma"]["reachable"] is True
+    assert health["database"]["schema_version"] == 4 and health["vma"]["reachable"] is True
     endpoints = (await oma.get("/debug/endpoints")).json()
     assert any(e["path"] == "/api/v1/replications" and "POST" in e["methods"] for e in endpoints["endpoints"])
     failover = (await oma.get("/debug/failover-jobs")).json()
