@@ -2,16 +2,28 @@
 
 Nothing here is a secret except the OMA enrollment secret, which is read from ``oma_secret_file``
 (never from argv). See ``docs/vma.md`` for every key.
+
+The export settings (``export_listen``, ``export_host``, ``export_timeout``) also read the
+environment (``VMA_EXPORT_LISTEN``, ``VMA_EXPORT_HOST``, ``VMA_EXPORT_TIMEOUT``), because where the
+OMA reaches the exports depends on how the appliance was deployed (tunnel or not), not on the
+configuration file it ships with: the environment sets the default, a key in the file wins.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from pyapp.config import ConfigError, env_float, env_str
+
 SourceKind = Literal["file", "vddk"]
+
+#: Addresses that mean "every interface": a client cannot connect to them, so they are never
+#: advertised in an export's URI.
+WILDCARD_ADDRESSES = ("0.0.0.0",)
 
 
 @dataclass
@@ -68,11 +80,42 @@ class VmaConfig:
     #: How long a failed job keeps trying to tell the OMA before giving up (the OMA may be down).
     final_report_timeout: float = 30.0
 
+    # -- export jobs (backups: the OMA pulls the snapshot's disks) ---------------------------------
+    #: The IPv4 address the export jobs' nbdkit sources listen on (loopback: the OMA comes
+    #: through the tunnel).
+    export_listen: str = field(default_factory=lambda: env_str("VMA_EXPORT_LISTEN", "127.0.0.1") or "")
+    #: The host named in the exports' URIs; empty: ``export_listen``.
+    export_host: str = field(default_factory=lambda: env_str("VMA_EXPORT_HOST", "") or "")
+    #: Seconds an export job keeps its sources and snapshot when nobody releases it.
+    export_timeout: float = field(default_factory=lambda: env_float("VMA_EXPORT_TIMEOUT", 3600.0))
+
     # -- defaults set by PUT /api/v1/config (the seed's dynamic allocation) ------------------------
     nbd_host: str = "127.0.0.1"
     nbd_port: int | None = None
     export_name: str | None = None
     target_device: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            listen = ipaddress.ip_address(self.export_listen)
+        except ValueError:
+            raise ConfigError(f"export_listen must be an IPv4 address, got {self.export_listen!r}") from None
+        if listen.version != 4:
+            raise ConfigError(f"export_listen must be an IPv4 address, got {self.export_listen!r}")
+        if self.export_listen in WILDCARD_ADDRESSES and not self.export_host:
+            raise ConfigError(
+                f"export_listen {self.export_listen} listens everywhere: set export_host"
+                " (VMA_EXPORT_HOST) to the address the OMA reaches this VMA at"
+            )
+        if not self.export_timeout > 0:
+            raise ConfigError(
+                f"export_timeout must be a positive number of seconds, got {self.export_timeout}"
+            )
+
+    @property
+    def export_uri_host(self) -> str:
+        """The host the exports' URIs name: ``export_host``, else the listening address."""
+        return self.export_host or self.export_listen
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any]) -> VmaConfig:

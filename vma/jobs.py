@@ -1,6 +1,8 @@
-"""The job tracker: in-memory state of every replication this VMA process runs or ran.
+"""The job tracker: in-memory state of every replication and export this VMA process runs or ran.
 
-A job is what ``POST /api/v1/replicate`` started: one or more VMs, each with its disks. The tracker
+A job is what ``POST /api/v1/replicate`` started: one or more VMs, each with its disks, either
+copied into the OMA's targets (``mode`` ``replicate``) or served for the OMA to read
+(``export``: then the job records its :class:`ExportedDisk` list until it is released). The tracker
 owns the figures ``GET /api/v1/status/{job_id}`` and ``GET /api/v1/progress/{job_id}`` answer
 with, the snapshots a job made (so cleanup can remove them, and only them), and the job's cancel
 scope (so ``cleanup_all`` can stop it). Jobs are not persisted: after a restart the VMA knows no
@@ -21,6 +23,7 @@ from vma.errors import ApiError
 from vma.vsphere import SnapshotRef, VCenterLogin
 
 JobStatus = Literal["pending", "running", "completed", "failed"]
+JobMode = Literal["replicate", "export"]
 
 
 def iso(t: dt.datetime | None) -> str | None:
@@ -57,6 +60,32 @@ class DiskProgress:
         }
 
 
+@dataclass(frozen=True)
+class ExportedDisk:
+    """One disk of an export job's snapshot, served read-only on ``uri`` until the job ends."""
+
+    vm_path: str
+    disk_id: str
+    uri: str
+    capacity: int
+    mode: str  # full | incremental | full-cbt-reset
+    change_id: str  # the snapshot disk's change ID: the base of the next incremental pass
+    #: What to read: the allocated areas (full), the changed ones (incremental); None
+    #: (full-cbt-reset): the whole disk's allocation map, as the reader finds it.
+    extents: list[tuple[int, int]] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "vm_path": self.vm_path,
+            "disk_id": self.disk_id,
+            "uri": self.uri,
+            "capacity": self.capacity,
+            "mode": self.mode,
+            "change_id": self.change_id,
+            "extents": None if self.extents is None else [[o, n] for o, n in self.extents],
+        }
+
+
 def _percent(done: int, total: int, finished: bool) -> float:
     if total <= 0:
         return 100.0 if finished else 0.0
@@ -85,6 +114,11 @@ class Job:
     cancel_scope: trio.CancelScope | None = None
     done: trio.Event = field(default_factory=trio.Event)
     cancel_reason: str | None = None
+    mode: JobMode = "replicate"
+    #: An export job's served disks (while its phase is ``exported``).
+    exports: list[ExportedDisk] = field(default_factory=list)
+    #: When an export job began serving every disk: from then on, a release completes it.
+    exported_at: dt.datetime | None = None
 
     @property
     def finished(self) -> bool:
@@ -126,6 +160,10 @@ class Job:
         }
         if self.error:
             body["error"] = self.error
+        if self.mode == "export":
+            body["phase"] = self.phase
+            if self.phase == "exported":
+                body["exports"] = [e.as_dict() for e in self.exports]
         return body
 
     def progress_body(self) -> dict[str, Any]:

@@ -13,7 +13,8 @@ Per VM::
 A change ID is stored only after all disks of its VM are copied and flushed, so a failed job
 never advances the base of the next incremental pass. A stored change ID from another CBT epoch
 (CBT was reset) makes a full pass: the whole disk's allocated areas, with zeros written for the
-rest, because the target already holds older data.
+rest, because the target already holds older data. The snapshot and plan steps are shared with
+the export jobs (``vma/workflow.py``).
 """
 
 from __future__ import annotations
@@ -34,32 +35,25 @@ from pyapp.logs import log_context
 from vma.config import VmaConfig
 from vma.jobs import DiskProgress, Job
 from vma.oma_client import OmaClient, OmaError
-from vma.source import (
-    SourceError,
-    SourceSpec,
-    certificate_thumbprint,
-    serve_source,
-    socket_path,
-    source_argv,
-)
-from vma.vsphere import (
-    CbtResetError,
-    DiskInfo,
-    SnapshotRef,
-    VSphere,
-    VSphereError,
-    run,
-    same_cbt_epoch,
+from vma.source import SourceError, SourceSpec, prepare_source, serve_source, socket_path
+from vma.vsphere import DiskInfo, SnapshotRef, VSphere, run
+from vma.workflow import (
+    SNAPSHOT_REMOVE_TIMEOUT,
+    JobFailed,
+    find_vm_disks,
+    only_cancelled,
+    plan_pass,
+    record_failure,
+    remove_password_file,
+    remove_snapshot,
+    snapshot_with_cbt,
+    tracked_snapshot_disks,
 )
 
 log = logging.getLogger(__name__)
 
 #: vm_path -> disk (``disk-2000``, ``2000`` or the disk's index ``0``) -> NBD URI of its target.
 Targets = Mapping[str, Mapping[str, str]]
-
-
-class JobFailed(Exception):
-    """A replication step failed; the message is what the operator reads in status and progress."""
 
 
 @dataclass
@@ -91,31 +85,6 @@ def resolve_targets(
         f"no target for {vm_path}: give targets[vm_path][disk_id] in the request"
         " (or, for a single-disk VM, nbd_port and export_name through PUT /api/v1/config)"
     )
-
-
-def only_cancelled(exc: BaseException) -> bool:
-    """Whether ``exc`` is trio's cancellation (alone or as a group of them): an outer scope's
-    (the app's shutdown), since the job's own cancel scope has caught its own by then."""
-    if isinstance(exc, trio.Cancelled):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        rest = exc.split(trio.Cancelled)[1]
-        return rest is None
-    return False
-
-
-def describe_error(exc: BaseException) -> str:
-    """One readable line for a (possibly grouped) failure."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [describe_error(e) for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
-        return "; ".join(dict.fromkeys(leaves)) or "cancelled"
-    if isinstance(exc, JobFailed | VSphereError | SourceError | OmaError):
-        return str(exc)
-    if isinstance(exc, mover.MoverError):
-        return f"copy failed: {type(exc).__name__}: {exc}"
-    if isinstance(exc, trio.Cancelled):
-        return "cancelled"
-    return f"{type(exc).__name__}: {exc}"
 
 
 class Replicator:
@@ -165,24 +134,20 @@ class Replicator:
                 if scope.cancelled_caught:
                     raise JobFailed(job.cancel_reason or "cancelled")
             except BaseException as exc:
-                shutdown = only_cancelled(exc)
-                job.status, job.phase = "failed", "failed"
-                job.error = describe_error(exc) if not shutdown else "the VMA shut down during the job"
-                job.current_operation = f"Failed: {job.error}"
-                job.finished_at = dt.datetime.now(dt.UTC)
-                log.error("replication failed: %s", job.error)
+                error = record_failure(job, exc)
+                log.error("replication failed: %s", error)
                 with trio.CancelScope(shield=True), trio.move_on_after(self.config.final_report_timeout):
                     await self._tell_oma(
                         oma,
                         job,
                         status="failed",
-                        error_message=job.error[:4000],
+                        error_message=error[:4000],
                         current_operation="Replication failed",
                     )
                 job.cancel_scope = None
                 remove_password_file(self.config, job)
                 job.done.set()
-                if shutdown or not isinstance(exc, Exception):
+                if only_cancelled(exc) or not isinstance(exc, Exception):
                     raise  # the app is shutting down (or the process is interrupted): let it
                 return
             job.status, job.phase, job.current_operation = "completed", "completed", "Replication completed"
@@ -233,31 +198,15 @@ class Replicator:
     async def _replicate_vm(
         self, job: Job, vs: VSphere, vm_path: str, targets: Targets, oma: OmaClient
     ) -> None:
-        vm = await run(vs.find_vm, vm_path)
-        live = await run(vs.live_disks, vm)
-        if not live:
-            raise JobFailed(f"{vm_path} has no disk")
+        vm, live = await find_vm_disks(vs, vm_path)
         disk_targets = resolve_targets(vm_path, live, targets, self.config)
         for d in live:
             job.disks[(vm_path, d.disk_id)] = DiskProgress(vm_path, d.disk_id, d.capacity)
 
-        job.phase, job.current_operation = "enabling_cbt", f"Checking change tracking of {vm_path}"
-        await run(vs.ensure_cbt, vm, stun_name=f"vma-{job.job_id}-cbt-stun")
-
-        job.phase, job.current_operation = "snapshot", f"Creating snapshot of {vm_path}"
-        snap = await run(
-            vs.create_snapshot, vm, f"vma-{job.job_id}", f"VMA replication {job.job_id}; removed by the VMA"
-        )
-        job.snapshots.append(snap)
+        snap = await snapshot_with_cbt(job, vs, vm, vm_path, "replication")
         try:
-            snap_disks = await run(vs.snapshot_disks, snap)
-            plans = []
-            for d in snap_disks:
-                if d.key not in disk_targets:
-                    raise JobFailed(f"{vm_path}: disk {d.disk_id} appeared during the job")
-                if d.change_id is None:
-                    raise JobFailed(f"{vm_path} {d.disk_id}: CBT is not active in the snapshot")
-                plans.append(Plan(d, disk_targets[d.key]))
+            snap_disks = await tracked_snapshot_disks(vs, snap, vm_path, disk_targets)
+            plans = [Plan(d, disk_targets[d.key]) for d in snap_disks]
             async with trio.open_nursery() as nursery:
                 for plan in plans:
                     nursery.start_soon(self._copy_disk, job, vs, snap, vm_path, plan, oma)
@@ -268,20 +217,8 @@ class Replicator:
                 await oma.store_change_id(job.job_id, vm_path, plan.disk.disk_id, plan.disk.change_id)
                 job.disks[(vm_path, plan.disk.disk_id)].change_id = plan.disk.change_id
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(300):
-                await self.remove_snapshot(job, vs, snap)
-
-    async def remove_snapshot(self, job: Job, vs: VSphere, snap: SnapshotRef) -> None:
-        """Remove the job's snapshot; on failure it stays in ``job.snapshots`` for cleanup."""
-        try:
-            await run(vs.remove_snapshot, snap)
-        except (VSphereError, OSError) as e:
-            log.error(
-                "snapshot %s could not be removed: %s", snap.moref, e, extra={"action": "snapshot_remove"}
-            )
-            return
-        if snap in job.snapshots:
-            job.snapshots.remove(snap)
+            with trio.CancelScope(shield=True), trio.move_on_after(SNAPSHOT_REMOVE_TIMEOUT):
+                await remove_snapshot(job, vs, snap)
 
     async def _copy_disk(
         self, job: Job, vs: VSphere, snap: SnapshotRef, vm_path: str, plan: Plan, oma: OmaClient
@@ -292,32 +229,12 @@ class Replicator:
             async with self.disk_limiter:
                 progress.phase = "querying"
                 previous = await oma.previous_change_id(vm_path, disk.disk_id)
-                allocated_only = False
-                if previous is None:
-                    plan.mode = "full"
-                    plan.extents = await run(vs.changed_areas, snap, disk, "*")
-                elif not same_cbt_epoch(previous, disk.change_id):
-                    plan.mode = "full-cbt-reset"
-                else:
-                    try:
-                        plan.extents = await run(vs.changed_areas, snap, disk, previous)
-                        plan.mode = "incremental"
-                    except CbtResetError as e:
-                        log.warning("%s: full pass", e)
-                        plan.mode = "full-cbt-reset"
-                if plan.mode == "full-cbt-reset":
-                    log.warning(
-                        "CBT was reset for %s %s (stored %s, snapshot %s): full pass",
-                        vm_path,
-                        disk.disk_id,
-                        previous,
-                        disk.change_id,
-                    )
-                    allocated_only = True
+                planned = await plan_pass(vs, snap, vm_path, disk, previous)
+                plan.mode, plan.extents = planned.mode, planned.extents
+                # full-cbt-reset: the whole disk's allocated data, and zeros for the rest.
+                allocated_only = planned.extents is None
                 progress.mode = plan.mode
-                progress.bytes_total = (
-                    disk.capacity if allocated_only else sum(n for _, n in plan.extents or [])
-                )
+                progress.bytes_total = planned.planned_bytes(disk.capacity)
                 log.info(
                     "copying %s %s (%s, %d bytes planned)",
                     vm_path,
@@ -343,21 +260,13 @@ class Replicator:
         connections = self.config.mover_connections
         name = f"{snap.vm_moref}-{plan.disk.disk_id}"
         sock = socket_path(await self.socket_dir(), job.job_id, name)
-        thumbprint = ""
-        if self.config.source == "vddk" and not self.config.vddk_thumbprint:
-            _, host, port = job.login.endpoint()
-            try:
-                thumbprint = await trio.to_thread.run_sync(certificate_thumbprint, host, port)
-            except OSError as e:
-                raise JobFailed(f"cannot read the certificate thumbprint of {host}:{port}: {e}") from e
-        argv = source_argv(
+        argv = await prepare_source(
             self.config,
             job.login,
             SourceSpec(snap.vm_moref, snap.moref, plan.disk.file_name),
             work,
             sock,
             threads=connections * self.config.mover_requests,
-            thumbprint=thumbprint,
         )
 
         def on_progress(p: mover.CopyProgress) -> None:
@@ -402,17 +311,3 @@ class Replicator:
             result.seconds,
             extra={"disk_id": progress.disk_id, "mode": plan.mode},
         )
-
-
-def remove_password_file(config: VmaConfig, job: Job) -> None:
-    """The vCenter password file lives only as long as the job's sources."""
-    (config.work_dir / job.job_id / "vcenter.pass").unlink(missing_ok=True)
-
-
-def remove_artifacts(config: VmaConfig, job: Job) -> bool:
-    """Remove the job's work directory (password file, sockets, nbdkit logs). False: none was there."""
-    work = config.work_dir / job.job_id
-    if not work.exists():
-        return False
-    shutil.rmtree(work)
-    return True

@@ -1,4 +1,8 @@
-"""Disk sources: an ``nbdkit`` process per disk serving the snapshot's bytes on a Unix socket.
+"""Disk sources: an ``nbdkit`` process per disk serving the snapshot's bytes.
+
+A replication's source listens on a Unix socket (only the VMA's own mover reads it); an export
+job's listens on TCP (:class:`TcpListen`), because the OMA's mover reads it through the tunnel.
+Both come from the same argv builders; only the listening arguments differ.
 
 - production (``source = "vddk"``): ``nbdkit vddk`` against the snapshot, through vCenter: the
   password goes through a file (``password=+FILE``, mode 0600, removed with the job's artifacts),
@@ -9,7 +13,8 @@
   directory) and, for a monolithicFlat descriptor, its ``FLAT`` extent.
 
 Both are read-only and die with the VMA (``--exit-with-parent``). ``--threads`` covers the
-mover's connections times their requests in flight.
+mover's connections times their requests in flight; nbdkit serves any number of connections at
+once, so the several connections of a mover need nothing more.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import trio
 
 from pyapp.datastore import DatastorePathError, parse_datastore_path, raw_extent
-from vma.config import VmaConfig
+from vma.config import WILDCARD_ADDRESSES, VmaConfig
 from vma.vsphere import VCenterLogin
 
 
@@ -62,14 +67,45 @@ def resolve_datastore_path(ds_path: str, roots: Mapping[str, Path]) -> Path:
         raise SourceError(f"{e} (only flat disks can be served locally)") from e
 
 
-def _common(nbdkit: str, sock: Path, threads: int) -> list[str]:
+@dataclass(frozen=True)
+class TcpListen:
+    """Where an export's nbdkit listens: an IPv4 address and a port."""
+
+    host: str
+    port: int
+
+    @property
+    def connect_host(self) -> str:
+        """Where a local client reaches it (a wildcard address is reached on loopback)."""
+        return "127.0.0.1" if self.host in WILDCARD_ADDRESSES else self.host
+
+
+#: A Unix socket path (replication) or a TCP address (export).
+Listen = Path | TcpListen
+
+
+def _listen_args(listen: Listen) -> list[str]:
+    if isinstance(listen, TcpListen):
+        return ["--ipaddr", listen.host, "--port", str(listen.port)]
+    return ["--unix", str(listen)]
+
+
+def _listen_of(argv: list[str]) -> Listen:
+    """Where the nbdkit ``argv`` (as :func:`_listen_args` wrote it) listens."""
+    if "--unix" in argv:
+        return Path(argv[argv.index("--unix") + 1])
+    if "--port" in argv and "--ipaddr" in argv:
+        return TcpListen(argv[argv.index("--ipaddr") + 1], int(argv[argv.index("--port") + 1]))
+    raise SourceError("the nbdkit command names neither --unix nor --ipaddr and --port")
+
+
+def _common(nbdkit: str, listen: Listen, threads: int) -> list[str]:
     return [
         nbdkit,
         "--exit-with-parent",
         "--foreground",
         "--readonly",
-        "--unix",
-        str(sock),
+        *_listen_args(listen),
         "--threads",
         str(threads),
     ]
@@ -79,7 +115,7 @@ def vddk_argv(
     config: VmaConfig,
     login: VCenterLogin,
     spec: SourceSpec,
-    sock: Path,
+    listen: Listen,
     password_file: Path,
     threads: int,
     thumbprint: str = "",
@@ -88,7 +124,7 @@ def vddk_argv(
     ``thumbprint`` (else ``vddk_thumbprint`` from the configuration) pins vCenter's certificate."""
     _, host, port = login.endpoint()
     argv = [
-        *_common(config.nbdkit, sock, threads),
+        *_common(config.nbdkit, listen, threads),
         "vddk",
         f"libdir={config.vddk_libdir}",
         f"server={host}",
@@ -108,9 +144,9 @@ def vddk_argv(
     return argv
 
 
-def file_argv(config: VmaConfig, image: Path, sock: Path, threads: int) -> list[str]:
+def file_argv(config: VmaConfig, image: Path, listen: Listen, threads: int) -> list[str]:
     """The lab's command line: ``nbdkit file`` over a local raw image."""
-    return [*_common(config.nbdkit, sock, threads), "file", f"file={image}", "cache=none"]
+    return [*_common(config.nbdkit, listen, threads), "file", f"file={image}", "cache=none"]
 
 
 def write_password_file(path: Path, password: str) -> None:
@@ -151,18 +187,38 @@ def source_argv(
     login: VCenterLogin,
     spec: SourceSpec,
     work_dir: Path,
-    sock: Path,
+    listen: Listen,
     threads: int,
     thumbprint: str = "",
 ) -> list[str]:
-    """The argv serving this disk on ``sock``, preparing what it needs in ``work_dir`` (the
+    """The argv serving this disk on ``listen``, preparing what it needs in ``work_dir`` (the
     password file)."""
     if config.source == "vddk":
         password_file = work_dir / "vcenter.pass"
         if not password_file.exists():
             write_password_file(password_file, login.password)
-        return vddk_argv(config, login, spec, sock, password_file, threads, thumbprint)
-    return file_argv(config, resolve_datastore_path(spec.file_name, config.datastore_roots), sock, threads)
+        return vddk_argv(config, login, spec, listen, password_file, threads, thumbprint)
+    return file_argv(config, resolve_datastore_path(spec.file_name, config.datastore_roots), listen, threads)
+
+
+async def prepare_source(
+    config: VmaConfig,
+    login: VCenterLogin,
+    spec: SourceSpec,
+    work_dir: Path,
+    listen: Listen,
+    threads: int,
+) -> list[str]:
+    """:func:`source_argv`, after reading the certificate thumbprint vCenter presents when the
+    vddk source needs one and none is configured (trust on first use, per job)."""
+    thumbprint = ""
+    if config.source == "vddk" and not config.vddk_thumbprint:
+        _, host, port = login.endpoint()
+        try:
+            thumbprint = await trio.to_thread.run_sync(certificate_thumbprint, host, port)
+        except OSError as e:
+            raise SourceError(f"cannot read the certificate thumbprint of {host}:{port}: {e}") from e
+    return source_argv(config, login, spec, work_dir, listen, threads, thumbprint)
 
 
 def _accepts(sock: Path) -> bool:
@@ -177,12 +233,37 @@ def _accepts(sock: Path) -> bool:
         return True
 
 
+def _pid_file_names(path: Path, pid: int) -> bool:
+    try:
+        return path.read_text().strip() == str(pid)
+    except OSError:
+        return False
+
+
+def local_uri(listen: Listen) -> str:
+    """The NBD URI a client on this host uses for ``listen``."""
+    if isinstance(listen, TcpListen):
+        return f"nbd://{listen.connect_host}:{listen.port}/"
+    return f"nbd+unix:///?socket={listen}"
+
+
 @contextlib.asynccontextmanager
 async def serve_source(argv: list[str], log_path: Path, *, start_timeout: float = 60.0) -> AsyncIterator[str]:
-    """Run the nbdkit ``argv`` (which names its ``--unix`` socket) until the block exits; yields
-    the NBD URI of the served disk. nbdkit's messages go to ``log_path``."""
-    sock = Path(argv[argv.index("--unix") + 1])
-    await trio.Path(sock).unlink(missing_ok=True)
+    """Run the nbdkit ``argv`` (which names its ``--unix`` socket, or its ``--ipaddr`` and
+    ``--port``) until the block exits; yields the NBD URI of the served disk for a client on this
+    host. nbdkit's messages go to ``log_path``.
+
+    Readiness: a Unix socket (in the VMA's private directory) is ready when it accepts a
+    connection. A TCP port was only free when it was picked: another process may take it before
+    nbdkit binds, and a probe would then reach that process. So on TCP nbdkit writes a pid file
+    (``<log_path>.pid``), which it does only once it listens itself."""
+    listen = _listen_of(argv)
+    pid_file = log_path.with_suffix(".pid")
+    if isinstance(listen, TcpListen):
+        await trio.Path(pid_file).unlink(missing_ok=True)
+        argv = [argv[0], f"--pidfile={pid_file}", *argv[1:]]
+    else:
+        await trio.Path(listen).unlink(missing_ok=True)
     log_file = await trio.to_thread.run_sync(log_path.open, "ab")
     try:
         proc = await trio.lowlevel.open_process(
@@ -190,18 +271,24 @@ async def serve_source(argv: list[str], log_path: Path, *, start_timeout: float 
         )
     finally:
         log_file.close()
+
+    def ready() -> bool:
+        if isinstance(listen, TcpListen):
+            return _pid_file_names(pid_file, proc.pid)
+        return _accepts(listen)
+
     try:
         with trio.move_on_after(start_timeout) as scope:
             while True:
                 if proc.poll() is not None:
                     err = (await trio.Path(log_path).read_text(errors="replace"))[-2000:]
                     raise SourceError(f"nbdkit exited with {proc.returncode}: {err.strip()}")
-                if await trio.to_thread.run_sync(_accepts, sock):
+                if await trio.to_thread.run_sync(ready):
                     break
                 await trio.sleep(0.02)
         if scope.cancelled_caught:
-            raise SourceError(f"nbdkit did not serve {sock} within {start_timeout} s")
-        yield f"nbd+unix:///?socket={sock}"
+            raise SourceError(f"nbdkit did not serve {local_uri(listen)} within {start_timeout} s")
+        yield local_uri(listen)
     finally:
         with trio.CancelScope(shield=True):
             if proc.returncode is None:
@@ -211,4 +298,7 @@ async def serve_source(argv: list[str], log_path: Path, *, start_timeout: float 
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
-            await trio.Path(sock).unlink(missing_ok=True)
+            if isinstance(listen, TcpListen):
+                await trio.Path(pid_file).unlink(missing_ok=True)
+            else:
+                await trio.Path(listen).unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""What the blueprints share: the configuration, the job tracker, the replicator, OMA clients."""
+"""What the blueprints share: the configuration, the job tracker, the replicator, the exporter,
+OMA clients."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import trio
 from quart import current_app
 
 from vma.config import VmaConfig
+from vma.export import Exporter
 from vma.jobs import JobTracker
 from vma.oma_client import OmaClient
 from vma.replicate import Replicator
@@ -22,9 +24,11 @@ class VmaState:
     started_mono: float = field(default_factory=time.monotonic)
     oma_clients: dict[str, OmaClient] = field(default_factory=dict)
     replicator: Replicator = field(init=False)
+    exporter: Exporter = field(init=False)
 
     def __post_init__(self) -> None:
         self.replicator = Replicator(self.config, self.oma_for)
+        self.exporter = Exporter(self.config)
 
     def oma_for(self, base_url: str) -> OmaClient:
         """One client (one token) per OMA URL, with this VMA's enrollment credentials."""

@@ -15,8 +15,8 @@ from pyapp.lab import Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
 from tests.vma.conftest import StartVma, Vma, new_target, slow_export, snapshot_names, vma_config
 from tests.vma.oma_double import OmaDouble
-from vma.replicate import only_cancelled
 from vma.server import serve_vma
+from vma.workflow import only_cancelled
 
 VM_PATH = "/DC0/vm/vm1"
 

@@ -19,10 +19,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from pyapp.nbd_export import free_tcp_port
 from vma.config import VmaConfig
 from vma.source import (
     SourceError,
     SourceSpec,
+    TcpListen,
     certificate_thumbprint,
     resolve_datastore_path,
     serve_source,
@@ -105,6 +107,34 @@ async def test_file_source_serves_the_image(tmp_path: Path) -> None:
         assert out.read_bytes() == image.read_bytes()
     assert not (tmp_path / "disk.sock").exists()
     assert not (tmp_path / "vcenter.pass").exists()  # the file source needs no password
+
+
+async def test_file_source_on_tcp_serves_several_clients(tmp_path: Path) -> None:
+    """An export job's source: TCP, read-only, several clients at once (the OMA's mover opens
+    several connections); ready only once nbdkit wrote its pid file, gone with the block."""
+    image = tmp_path / "ds" / "vm1" / "vm1-flat.vmdk"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(os.urandom(1 << 20) + b"\0" * (1 << 20))
+    config = VmaConfig(source="file", datastore_roots={"LocalDS_0": tmp_path / "ds"})
+    spec = SourceSpec("vm-1", "snapshot-1", "[LocalDS_0] vm1/vm1-flat.vmdk")
+    listen = TcpListen("127.0.0.1", free_tcp_port())
+    argv = source_argv(config, VCenterLogin("127.0.0.1:1", "u", "p"), spec, tmp_path, listen, threads=8)
+    common = ["nbdkit", "--exit-with-parent", "--foreground", "--readonly"]
+    assert argv[:8] == [*common, "--ipaddr", "127.0.0.1", "--port", str(listen.port)]
+    async with serve_source(argv, tmp_path / "disk.log") as uri:
+        assert uri == f"nbd://127.0.0.1:{listen.port}/"
+        assert (tmp_path / "disk.pid").exists()
+        copies = [tmp_path / f"copy{i}.raw" for i in range(3)]
+        readers = [
+            subprocess.Popen(["qemu-img", "convert", "-f", "raw", "-O", "raw", uri, str(c)]) for c in copies
+        ]
+        assert [r.wait(timeout=30) for r in readers] == [0, 0, 0]
+        assert all(c.read_bytes() == image.read_bytes() for c in copies)
+        write = subprocess.run(["nbdcopy", str(image), uri], capture_output=True)
+        assert write.returncode != 0  # read-only
+    assert not (tmp_path / "disk.pid").exists()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", listen.port)) != 0
 
 
 async def test_source_that_cannot_start(tmp_path: Path) -> None:

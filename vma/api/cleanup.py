@@ -21,9 +21,9 @@ from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import text
 from vma.errors import OPERATION_FAILED, ApiError, require_json_object, utc_now_iso
 from vma.jobs import Job
-from vma.replicate import remove_artifacts
 from vma.state import state
 from vma.vsphere import SnapshotRef, VSphere, VSphereError, run
+from vma.workflow import remove_artifacts
 
 bp = Blueprint("cleanup", __name__)
 log = logging.getLogger(__name__)

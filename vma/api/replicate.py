@@ -1,12 +1,23 @@
-"""``POST /api/v1/replicate``: start a replication job in the background.
+"""``POST /api/v1/replicate``: start a replication or an export job in the background.
 
-Body: the seed's ``job_id, vcenter, username, password, vm_paths, oma_url`` plus, optionally,
-``targets``: ``{"<vm_path>": {"<disk-2000 | 2000 | index>": "nbd://host:port/export"}}``, where
-each disk is written (see docs/vma.md). Without ``targets`` a single-disk VM goes to the export
-set by ``PUT /api/v1/config``. The answer comes at once; ``/status`` and ``/progress`` follow it."""
+Body: the seed's ``job_id, vcenter, username, password, vm_paths, oma_url`` plus ``mode``:
+
+- ``"replicate"`` (default): optionally ``targets``:
+  ``{"<vm_path>": {"<disk-2000 | 2000 | index>": "nbd://host:port/export"}}``, where each disk is
+  written (see docs/vma.md). Without ``targets`` a single-disk VM goes to the export set by
+  ``PUT /api/v1/config``;
+- ``"export"`` (backups, docs/backup.md): the snapshot's disks are served for the OMA to read;
+  optionally ``disks`` ``{vm_path: ["disk-2000", ...]}`` (default: all),
+  ``previous_change_ids`` ``{vm_path: {disk_id: change ID or null}}`` (null or absent: a full
+  pass) and ``export_timeout`` (seconds; default ``export_timeout`` of the configuration).
+
+The fields of one mode are refused in the other, so a request that mixes them up fails here
+rather than doing something else than its sender meant. The answer comes at once; ``/status``
+and ``/progress`` follow the job."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from quart import Blueprint, current_app, request
@@ -14,13 +25,20 @@ from quart import Blueprint, current_app, request
 from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import text
 from vma.errors import ApiError, require_json_object
-from vma.jobs import Job, iso
+from vma.export import ExportRequest
+from vma.jobs import Job, JobMode, iso
 from vma.state import state
 from vma.vsphere import VCenterLogin
 
 bp = Blueprint("replicate", __name__)
 
 MAX_VMS = 256
+MODES: tuple[JobMode, ...] = ("replicate", "export")
+EXPORT_FIELDS = ("disks", "previous_change_ids", "export_timeout")
+#: The OMA's (and discovery's) name of a disk: ``disk-<device key>``.
+DISK_ID = re.compile(r"^disk-[0-9]{1,9}$")
+MAX_CHANGE_ID = 256
+MAX_EXPORT_TIMEOUT = 7 * 24 * 3600.0
 
 
 def _targets(body: dict[str, Any], vm_paths: list[str]) -> dict[str, dict[str, str]]:
@@ -42,6 +60,102 @@ def _targets(body: dict[str, Any], vm_paths: list[str]) -> dict[str, dict[str, s
     return out
 
 
+def _mode(body: dict[str, Any]) -> JobMode:
+    mode = body.get("mode")
+    if mode is None:
+        return "replicate"
+    for known in MODES:
+        if mode == known:
+            return known
+    raise ApiError.invalid("mode must be 'replicate' or 'export'")
+
+
+def _disk_id(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not DISK_ID.match(value):
+        raise ApiError.invalid(f"{where} must be a disk id such as 'disk-2000', not {value!r:.64}")
+    return value
+
+
+def _export_disks(body: dict[str, Any], vm_paths: list[str]) -> dict[str, list[str]]:
+    raw = body.get("disks")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ApiError.invalid("disks must be an object: vm_path -> list of disk ids (disk-2000)")
+    out: dict[str, list[str]] = {}
+    for vm_path, ids in raw.items():
+        if vm_path not in vm_paths:
+            raise ApiError.invalid(f"disks names {vm_path!r}, which is not in vm_paths")
+        if not isinstance(ids, list) or not ids:
+            raise ApiError.invalid(f"disks[{vm_path!r}] must be a non-empty list of disk ids (disk-2000)")
+        parsed = [_disk_id(f"disks[{vm_path!r}][{i}]", x) for i, x in enumerate(ids)]
+        if len(set(parsed)) != len(parsed):
+            raise ApiError.invalid(f"disks[{vm_path!r}] lists a disk twice")
+        out[vm_path] = parsed
+    return out
+
+
+def _previous_change_ids(
+    body: dict[str, Any], vm_paths: list[str], disks: dict[str, list[str]]
+) -> dict[str, dict[str, str | None]]:
+    raw = body.get("previous_change_ids")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ApiError.invalid(
+            "previous_change_ids must be an object: vm_path -> disk id -> change ID or null"
+        )
+    out: dict[str, dict[str, str | None]] = {}
+    for vm_path, per_disk in raw.items():
+        if vm_path not in vm_paths:
+            raise ApiError.invalid(f"previous_change_ids names {vm_path!r}, which is not in vm_paths")
+        if not isinstance(per_disk, dict):
+            raise ApiError.invalid(
+                f"previous_change_ids[{vm_path!r}] must be an object: disk id -> change ID or null"
+            )
+        out[vm_path] = {}
+        for disk_id, change_id in per_disk.items():
+            _disk_id(f"a key of previous_change_ids[{vm_path!r}]", disk_id)
+            if vm_path in disks and disk_id not in disks[vm_path]:
+                raise ApiError.invalid(
+                    f"previous_change_ids[{vm_path!r}] names {disk_id},"
+                    f" which disks[{vm_path!r}] does not export"
+                )
+            if change_id is not None and (
+                not isinstance(change_id, str) or "/" not in change_id or len(change_id) > MAX_CHANGE_ID
+            ):
+                raise ApiError.invalid(
+                    f"previous_change_ids[{vm_path!r}][{disk_id!r}] must be a change ID"
+                    " ('<CBT UUID>/<sequence>', as the snapshot's disk reported it) or null"
+                )
+            out[vm_path][disk_id] = change_id
+    return out
+
+
+def _export_timeout(body: dict[str, Any], default: float) -> float:
+    raw = body.get("export_timeout")
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw <= MAX_EXPORT_TIMEOUT:
+        raise ApiError.invalid(
+            f"export_timeout must be a number of seconds, more than 0 and at most {MAX_EXPORT_TIMEOUT:.0f}"
+        )
+    return float(raw)
+
+
+def _export_request(body: dict[str, Any], vm_paths: list[str], default_timeout: float) -> ExportRequest:
+    if body.get("targets") is not None:
+        raise ApiError.invalid(
+            "targets applies to mode 'replicate' only: an export job serves the disks for the OMA to read"
+        )
+    disks = _export_disks(body, vm_paths)
+    return ExportRequest(
+        disks=disks,
+        previous_change_ids=_previous_change_ids(body, vm_paths, disks),
+        timeout=_export_timeout(body, default_timeout),
+    )
+
+
 @bp.post("/replicate")
 async def replicate() -> tuple[dict[str, Any], int]:
     body = require_json_object(await request.get_json(silent=True))
@@ -60,23 +174,33 @@ async def replicate() -> tuple[dict[str, Any], int]:
     oma_url = text(body, "oma_url", required=False, max_len=1024)
     if oma_url and not oma_url.startswith(("http://", "https://")):
         raise ApiError.invalid("oma_url must be an http(s) URL")
-    targets = _targets(body, vm_paths)
+    mode = _mode(body)
     st = state()
     c = st.config
-    if not targets and not (c.nbd_port and c.export_name and len(vm_paths) == 1):
-        raise ApiError.invalid(
-            "no target: give targets (vm_path -> disk -> NBD URI) or set nbd_port and export_name"
-            " through PUT /api/v1/config for a single-disk VM"
-        )
     job = Job(
         job_id=job_id,
         vm_paths=list(vm_paths),
         login=login,
         oma_url=oma_url or c.oma_url,
         work_dir=c.work_dir / job_id,
+        mode=mode,
     )
-    st.tracker.add(job)
-    current_app.add_background_task(st.replicator.run_job, job, targets)
+    if mode == "export":
+        export = _export_request(body, vm_paths, c.export_timeout)
+        st.tracker.add(job)
+        current_app.add_background_task(st.exporter.run_job, job, export)
+    else:
+        for name in EXPORT_FIELDS:
+            if body.get(name) is not None:
+                raise ApiError.invalid(f"{name} applies to mode 'export' only")
+        targets = _targets(body, vm_paths)
+        if not targets and not (c.nbd_port and c.export_name and len(vm_paths) == 1):
+            raise ApiError.invalid(
+                "no target: give targets (vm_path -> disk -> NBD URI) or set nbd_port and export_name"
+                " through PUT /api/v1/config for a single-disk VM"
+            )
+        st.tracker.add(job)
+        current_app.add_background_task(st.replicator.run_job, job, targets)
     return {
         "job_id": job_id,
         "status": "started",
