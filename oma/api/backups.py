@@ -44,12 +44,13 @@ bp = Blueprint("backups", __name__)
 
 NO_PARENT = "NO_PARENT"
 ACTIVE_INDEX = "backup_jobs_one_active"
-#: The fields of a ``BackupResponse`` (docs/backup.md), in answer order.
+#: The fields of a ``BackupResponse`` (docs/backup.md), in answer order; ``copy_mode`` (the VMA's
+#: plan: full, incremental, full-cbt-reset) is this implementation's addition.
 BACKUP_FIELDS = (
     "backup_id, vm_name, vm_context_id, disk_id, backup_type, requested_type, repository_id, policy_id,"
     " parent_backup_id, chain_id, status, file_path, progress_percent, bytes_transferred,"
-    " current_operation, virtual_size_bytes, stored_bytes, changed_bytes, disk_digest, change_id, tags,"
-    " error_message, created_at, started_at, completed_at, locked_until"
+    " current_operation, virtual_size_bytes, stored_bytes, changed_bytes, disk_digest, change_id,"
+    " copy_mode, tags, error_message, created_at, started_at, completed_at, locked_until"
 )
 #: Backups as ``BackupResponse`` rows. ``locked_until`` is the immutability lock of a stored point
 #: (as :func:`oma.backups.chains.locked_until` computes it), rendered here like every timestamp
@@ -58,7 +59,7 @@ BACKUP_VIEW = (
     "SELECT b.id AS backup_id, b.vm_name, b.vm_context_id, b.disk_id, b.backup_type, b.requested_type,"
     " b.repository_id, b.policy_id, b.parent_backup_id, b.chain_id, b.status, b.file_path,"
     " b.progress_percent, b.bytes_transferred, b.current_operation, b.virtual_size_bytes,"
-    " b.stored_bytes, b.changed_bytes, b.disk_digest, b.change_id, b.tags, b.error_message,"
+    " b.stored_bytes, b.changed_bytes, b.disk_digest, b.change_id, b.copy_mode, b.tags, b.error_message,"
     " b.created_at, b.started_at, b.completed_at,"
     " api_ts(CASE WHEN r.immutable AND r.immutable_days > 0 AND b.status IN ('completed', 'deleting')"
     "  THEN b.created_at + make_interval(days => r.immutable_days) END) AS locked_until"

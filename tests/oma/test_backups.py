@@ -200,6 +200,7 @@ async def test_full_then_incrementals_make_a_chain_equal_to_the_disk_at_each_poi
         assert point["stored_bytes"] < 2 * MiB  # an overlay: headers, tables and the changed clusters
     assert full["changed_bytes"] == 5 * MiB and full["virtual_size_bytes"] == DISK_SIZE
     assert full["parent_backup_id"] is None and full["tags"] == {"purpose": "test"}
+    assert [p["copy_mode"] for p in points] == ["full", "incremental", "incremental", "incremental"]
 
     for point in points:
         path = Path(point["file_path"])
@@ -435,6 +436,7 @@ async def test_a_cbt_reset_makes_the_incremental_a_full_on_a_new_chain(lab: Back
     assert point["requested_type"] == "incremental" and point["backup_type"] == "full"
     assert point["parent_backup_id"] is None and point["chain_id"] == point["backup_id"]
     assert point["changed_bytes"] == 6 * MiB  # the source's whole allocation map
+    assert point["copy_mode"] == "full-cbt-reset"
     assert_point_is(Path(point["file_path"]), lab.state(point["backup_id"]))
     assert run("qemu-img", "info", "--output=json", point["file_path"]).stdout.count("backing-filename") == 0
     chain = (await lab.oma.get("/backup/chain", params={"vm_name": "app01"})).json()
