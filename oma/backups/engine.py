@@ -62,7 +62,6 @@ from pyapp.logs import log_context
 log = logging.getLogger(__name__)
 
 ACTIVE = ("pending", "running")
-TERMINAL = ("completed", "failed", "cancelled")
 #: At most one progress write per backup per this many seconds.
 PROGRESS_INTERVAL = 1.0
 #: How long the mover redials an export whose connection dropped (a tunnel restart). The mover

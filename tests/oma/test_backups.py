@@ -27,6 +27,8 @@ from test_oma_credentials import cred_body
 from vma_double import ExportDisk, VmaDouble
 
 from oma.api.backups import resolve_disk_id
+from oma.api.credentials import resolve_login
+from oma.backups.engine import BackupEngine
 from oma.backups.layout import manifest_path
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
@@ -369,6 +371,23 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
         empty = (await oma.get("/backup/chain", params={"vm_name": "app01"})).json()
         assert empty["chain_id"] is None and empty["backup_count"] == 0 and empty["disk_id"] == "disk-2000"
 
+        # two engines on one database never claim the same backup
+        engines = [BackupEngine(oma.config, lab.db, lab.st.vma, lab.st.box, resolve_login) for _ in range(2)]
+        claimed: list[list[str]] = [[], []]
+
+        async def claim(n: int) -> None:
+            for _ in range(3):
+                claimed[n].extend(r["id"] for r in await engines[n]._claim(1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(claim, 0)
+            nursery.start_soon(claim, 1)
+        assert not set(claimed[0]) & set(claimed[1])
+        rows = await lab.db.fetch("SELECT id, status, claimed_by FROM backup_jobs")
+        assert sorted(claimed[0] + claimed[1]) == sorted(r["id"] for r in rows)
+        assert {r["status"] for r in rows} == {"running"}
+        assert {r["claimed_by"] for r in rows} <= {e.engine_id for e in engines}
+
 
 def test_disk_ids_resolve_like_replication() -> None:
     known = ["disk-2000", "disk-2001"]
@@ -422,10 +441,25 @@ async def test_export_failures_fail_the_backup_with_the_vma_reason(lab: BackupLa
     failed = await lab.wait(started["backup_id"])
     assert failed["status"] == "failed" and "disk is locked" in failed["error_message"]
     assert lab.files() == [] and started["backup_id"] in lab.vma.releases
-    # a VMA answering without the disk asked for
+    # a VMA that restarts while it snapshots (it forgets the job)
+    lab.vma.export_delay = 1.0
+    started = await lab.start("full")
+    with trio.fail_after(10):
+        while started["backup_id"] not in lab.vma.export_jobs:
+            await trio.sleep(0.02)
+    del lab.vma.export_jobs[started["backup_id"]]
+    failed = await lab.wait(started["backup_id"])
+    assert "no longer knows the export job" in failed["error_message"], failed
+    lab.vma.export_delay = 0.0
+    # a VMA serving another disk than the one asked for
     lab.vma.export_disks.pop(("/LabDC/vm/app01", "disk-2000"))
     failed = await lab.wait((await lab.start("full"))["backup_id"])
     assert "has no disk disk-2000" in failed["error_message"]
+    # an unreachable VMA (the tunnel is down)
+    real_url, lab.st.vma.base_url = lab.st.vma.base_url, "http://127.0.0.1:9"
+    failed = await lab.wait((await lab.start("full"))["backup_id"])
+    assert "unreachable" in failed["error_message"] and lab.files() == []
+    lab.st.vma.base_url = real_url
 
 
 async def test_a_cbt_reset_makes_the_incremental_a_full_on_a_new_chain(lab: BackupLab) -> None:
@@ -487,7 +521,7 @@ async def test_restart_fails_the_backups_of_a_dead_process_and_shutdown_fails_it
         assert recovered["file_path"] is None
         assert started["backup_id"] in vma.releases
         # the disk's slot is free again; stop the OMA in the middle of the next backup's copy
-        vma.read_delay = "1"
+        vma.read_delay = "3"  # every read takes 3 s: the OMA stops long before the copy ends
         running = await lab.start("full")
         with trio.fail_after(20):
             while not (await lab.get(running["backup_id"]))["current_operation"].startswith("Copying"):
