@@ -1,7 +1,8 @@
 """Backups end to end: the real OMA (backup engine on), the real VMA (export jobs) and the vSphere
 lab. A full then incremental backups of a lab disk with guest writes between them, each point
 read through its chain equal to the disk as it was; a CBT reset turning an incremental into a
-new full; no snapshot left behind; deleting the newest point."""
+new full; no snapshot left behind; deleting the newest point; an export the VMA cannot make (vCenter
+refuses the login) failing the backup with the VMA's reason."""
 
 from __future__ import annotations
 
@@ -136,3 +137,33 @@ async def test_backups_of_a_lab_disk(product: Product, vm1: LabVM, tmp_path: Pat
     assert r.status_code == 200, r.text
     assert not Path(second["file_path"]).exists()
     assert_point_is(incr, frozen / f"{incr['backup_id']}.raw")
+
+
+async def test_a_backup_the_vma_cannot_export_fails_with_its_reason(
+    product: Product, vm1: LabVM, tmp_path: Path
+) -> None:
+    await product.oma.post("/discovery/add-vms", json={"vm_names": ["vm1"]})
+    db = state_of(product).db
+    await db.execute(
+        "INSERT INTO backup_repositories (id, name, type, config)"
+        " VALUES ('repo-e2e', 'e2e', 'local', $1::jsonb)",
+        json.dumps({"disk_path": str(tmp_path / "repository")}),
+    )
+    credential = (await product.oma.get("/vmware-credentials/default")).json()["id"]
+    r = await product.oma.put(f"/vmware-credentials/{credential}", json={"password": "not-the-password"})
+    assert r.status_code == 200, r.text
+    r = await product.oma.post(
+        "/backup/start",
+        json={
+            "vm_name": "vm1",
+            "disk_id": f"disk-{vm1.disks[1].key}",
+            "backup_type": "full",
+            "repository_id": "repo-e2e",
+        },
+    )
+    assert r.status_code == 202, r.text
+    point = await wait_backup(product, r.json()["backup_id"])
+    assert point["status"] == "failed" and "before serving the disk" in point["error_message"], point
+    assert "refused the login" in point["error_message"], point
+    assert point["file_path"] is None and not list((tmp_path / "repository").rglob("*.qcow2"))
+    assert await trio.to_thread.run_sync(snapshot_names, product.lab, "vm1") == []
