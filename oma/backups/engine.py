@@ -133,6 +133,13 @@ class RunningBackup:
         )
 
 
+@dataclass
+class Silence:
+    """Since when the VMA has not answered (None: it answers)."""
+
+    since: float | None = None
+
+
 @dataclass(frozen=True)
 class CopyPlan:
     """How the export becomes the point: the kind of point and what the mover reads."""
@@ -254,8 +261,8 @@ class BackupEngine:
         would hold their disk's "one active backup" slot forever. Each one's export is released on
         the VMA and its unfinished files are removed."""
         rows = await self.db.fetch(
-            "SELECT id, claimed_by, file_path FROM backup_jobs WHERE status IN ('pending', 'running')"
-            " AND claimed_by LIKE $1",
+            "SELECT id, claimed_by, file_path, repository_id FROM backup_jobs"
+            " WHERE status IN ('pending', 'running') AND claimed_by LIKE $1",
             f"{socket.gethostname()}:%",
         )
         for row in rows:
@@ -265,7 +272,7 @@ class BackupEngine:
                 await self._release_export(row["id"])
                 removed = True
                 if row["file_path"]:
-                    removed = await trio.to_thread.run_sync(remove_point_files, Path(row["file_path"]))
+                    removed = await self._remove_orphan_files(row["repository_id"], Path(row["file_path"]))
                 if await finish_backup(
                     self.db,
                     row["id"],
@@ -276,6 +283,18 @@ class BackupEngine:
                     log.warning(
                         "backup of a stopped OMA process failed", extra={"claimed_by": row["claimed_by"]}
                     )
+
+    async def _remove_orphan_files(self, repository_id: str, image: Path) -> bool:
+        """Remove what a dead process left of a point, once its repository is ready: the path of
+        an unmounted share is an empty directory, where nothing would be found and the files on
+        the share would stay. False (paths kept on the row) when the repository is unavailable."""
+        try:
+            await ensure_ready(self.db, self.box, self.config.mounts_dir, repository_id)
+        except ApiError as e:
+            log.warning("cannot remove the files of the orphaned backup: %s", e.message)
+            return False
+        removed: bool = await trio.to_thread.run_sync(remove_point_files, image)
+        return removed
 
     async def _claim_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -424,18 +443,12 @@ class BackupEngine:
             previous_change_ids={job.vm_path: {job.disk_id: parent.change_id if parent else None}},
         )
         log.info("export requested", extra={"base_change_id": parent.change_id if parent else None})
-        lost_since: float | None = None
+        silence = Silence()
         while True:
             await trio.sleep(min(0.5, self.config.engine_poll_interval))
-            await self._still_running(job)
-            try:
-                answer = await self.vma.status(job.backup_id)
-            except VmaJobNotFound as e:
-                raise BackupError("the VMA no longer knows the export job (was it restarted?)") from e
-            except VmaError as e:
-                lost_since = self._lost(lost_since, e)
+            answer = await self._poll_export(job, silence)
+            if answer is None:
                 continue
-            lost_since = None
             if answer.get("status") in ("failed", "completed", "cancelled"):
                 raise BackupError(
                     f"the VMA's export job ended {answer.get('status')} before serving the disk: "
@@ -463,13 +476,25 @@ class BackupEngine:
             )
             return export
 
-    def _lost(self, since: float | None, error: VmaError) -> float:
-        """Tolerate a VMA that does not answer for ``vma_lost_timeout`` s (the tunnel restarts)."""
-        now = time.monotonic()
-        since = since or now
-        if now - since > self.config.vma_lost_timeout:
-            raise BackupError(f"no answer from the VMA for {now - since:.0f} s: {error.message}")
-        return since
+    async def _poll_export(self, job: RunningBackup, silence: Silence) -> dict[str, Any] | None:
+        """One look at the backup and its export job: the VMA's ``/status`` answer, or None while
+        the VMA does not answer (tolerated for ``vma_lost_timeout`` s: the tunnel restarts).
+        Raises :class:`BackupError` when the backup row stopped running or the VMA lost the job."""
+        await self._still_running(job)
+        try:
+            answer = await self.vma.status(job.backup_id)
+        except VmaJobNotFound as e:
+            raise BackupError("the VMA no longer knows the export job (was it restarted?)") from e
+        except VmaError as e:
+            now = time.monotonic()
+            silence.since = silence.since or now
+            if now - silence.since > self.config.vma_lost_timeout:
+                raise BackupError(
+                    f"no answer from the VMA for {now - silence.since:.0f} s: {e.message}"
+                ) from e
+            return None
+        silence.since = None
+        return answer
 
     async def _still_running(self, job: RunningBackup) -> None:
         status = await self.db.fetchval("SELECT status FROM backup_jobs WHERE id = $1", job.backup_id)
@@ -512,20 +537,12 @@ class BackupEngine:
     async def _watch_export(self, job: RunningBackup, stopped: list[str], scope: trio.CancelScope) -> None:
         """Stop the copy as soon as its source is known to be gone: the VMA's export job failed,
         ended or vanished, or the backup row stopped running."""
-        lost_since: float | None = None
+        silence = Silence()
         while True:
             await trio.sleep(self.config.engine_poll_interval)
             try:
-                await self._still_running(job)
-                try:
-                    answer = await self.vma.status(job.backup_id)
-                except VmaJobNotFound as e:
-                    raise BackupError("the VMA no longer knows the export job (was it restarted?)") from e
-                except VmaError as e:
-                    lost_since = self._lost(lost_since, e)
-                    continue
-                lost_since = None
-                if answer.get("status") != "running":
+                answer = await self._poll_export(job, silence)
+                if answer is not None and answer.get("status") != "running":
                     raise BackupError(
                         f"the VMA's export job ended {answer.get('status')} during the copy: "
                         f"{answer.get('error') or 'no reason given'}"
