@@ -188,8 +188,9 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
         raise ApiError.unprocessable(
             "repository_id is required (or a policy_id, whose primary repository is used)"
         )
-    repo = await db.fetchrow(
-        "SELECT id, type, config, secret_ciphertext, enabled FROM backup_repositories WHERE id = $1",
+    repo = await db.fetchrow(  # no secret: naming the planned path does not need the password
+        "SELECT id, type, config, NULL::bytea AS secret_ciphertext, enabled FROM backup_repositories"
+        " WHERE id = $1",
         repository_id,
     )
     if repo is None:
