@@ -11,9 +11,10 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
 5. a background task in the app nursery pruning expired tokens and pairing codes, stopped by an
    event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
 6. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
-   engine (``oma.backups.engine``, unless ``run_backups`` is off), other background tasks: stopped
-   first at shutdown, and waited for (bounded) so that they end their jobs, release the VMA's
-   exports and remove unfinished files while the database and the VMA client are still open.
+   services (unless ``run_backups`` is off: the backup engine ``oma.backups.engine``, the copy
+   worker, retention), other background tasks: stopped first at shutdown, and waited for
+   (bounded) so that they end their jobs, release the VMA's exports and remove unfinished files
+   while the database and the VMA client are still open.
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ from oma.api import (
     discovery,
     enrollment,
     health,
+    policies,
     replications,
+    repositories,
     vm_contexts,
     vms,
 )
 from oma.api.credentials import resolve_login
 from oma.auth import authorize_request
+from oma.backups.copies import COPY_WORKER_KEY, CopyWorker
+from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
 from oma.backups.engine import BackupEngine
+from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.engine import FINISH_TIMEOUT, ReplicationEngine
@@ -113,8 +119,11 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     st = OmaState(config=config, recent_logs=recent_logs)
     app.extensions[STATE_KEY] = st
 
-    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug, backups):
+    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(backups.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
     fast_json_views(app)
@@ -168,20 +177,35 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         engine = ReplicationEngine(config, db, st.vma_, resolve_login)
                         st.engine, st.engine_wakeup = engine, engine.wake
                         app.add_background_task(engine.run)
+                    copier: CopyWorker | None = None
+                    retention: RetentionService | None = None
                     backup_engine: BackupEngine | None = None
                     if config.run_backups:
                         backup_engine = BackupEngine(config, db, st.vma_, st.box, resolve_login)
                         st.backup_engine, st.backup_engine_wakeup = backup_engine, backup_engine.wake
                         app.add_background_task(backup_engine.run)
+                        copier = CopyWorker(config, db, st.box)
+                        retention = RetentionService(config, db, st.box)
+                        app.extensions[COPY_WORKER_KEY], app.extensions[RETENTION_KEY] = copier, retention
+                        app.add_background_task(copier.run)
+                        app.add_background_task(retention.run)
                     log.info("OMA ready", extra={"action": "startup", "vma_url": config.vma_url})
                     try:
                         yield
                     finally:
                         stop.set()
-                        st.engine_wakeup = st.backup_engine_wakeup = None
+                        services = [s for s in (copier, retention) if s is not None]
                         engines = [e for e in (engine, backup_engine) if e is not None]
-                        for e in engines:  # both stop at once; each ends its own jobs
-                            e.stop()
+                        st.engine_wakeup = st.backup_engine_wakeup = None
+                        for service in services:
+                            service.stop()  # copies in flight go back to pending, their files removed
+                        for e in engines:
+                            e.stop()  # jobs and backups in flight end failed, exports released
+                        with trio.move_on_after(COPY_STOP_TIMEOUT + 2):
+                            for service in services:
+                                await service.stopped.wait()
+                        app.extensions.pop(COPY_WORKER_KEY, None)
+                        app.extensions.pop(RETENTION_KEY, None)
                         with trio.move_on_after(2 * FINISH_TIMEOUT + 12):
                             for e in engines:
                                 await e.stopped.wait()

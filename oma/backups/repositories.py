@@ -294,15 +294,52 @@ def try_config(spec: RepositorySpec, mounts_dir: Path) -> StorageInfo:
             mount_point.rmdir()
 
 
+def ready_storage(spec: RepositorySpec, mounts_dir: Path) -> StorageInfo:
+    """Prepare the repository (create the directory, or mount the share), prove it takes data
+    with a probe file, and read its capacity: what a repository must pass before it is saved."""
+    root = prepare(spec, mounts_dir)
+    probe(root)
+    return storage(root)
+
+
+def prepare_storage(spec: RepositorySpec, mounts_dir: Path) -> StorageInfo:
+    """A fresh capacity reading of the repository, prepared (mounted) first as a backup would."""
+    return storage(prepare(spec, mounts_dir))
+
+
+def current_storage(spec: RepositorySpec, mounts_dir: Path) -> StorageInfo:
+    """The capacity of the repository as it is now, without mounting anything: a network share
+    that is not mounted has no figures (its mount point would report the OMA's own disk)."""
+    root = root_of(spec, mounts_dir)
+    if spec.type != "local" and not os.path.ismount(root):
+        raise RepositoryError(f"{root} is not mounted")
+    return storage(root)
+
+
+def release(spec: RepositorySpec, mounts_dir: Path) -> None:
+    """Undo :func:`prepare` for a repository being removed: unmount a network share and remove
+    the mount-point directory the OMA made for it (a local directory and its files stay)."""
+    if spec.type == "local":
+        return
+    root = root_of(spec, mounts_dir)
+    unmount(root)
+    if root.parent == mounts_dir:
+        with contextlib.suppress(OSError):
+            root.rmdir()
+
+
+def config_of(row: Record | Mapping[str, Any]) -> dict[str, Any]:
+    """The config of a repository row (jsonb arrives as text)."""
+    config = row["config"]
+    return dict(json.loads(config) if isinstance(config, str) else config)
+
+
 def spec_from_row(row: Record | Mapping[str, Any], box: SecretBox) -> RepositorySpec:
     """A repository row (``backup_repositories``) as a spec, its password decrypted."""
     password = None
     if row["secret_ciphertext"] is not None:
         password = box.decrypt(bytes(row["secret_ciphertext"]), SECRET_PURPOSE)
-    config = row["config"]
-    if isinstance(config, str):
-        config = json.loads(config)
-    return RepositorySpec(row["id"], row["type"], config, password)
+    return RepositorySpec(row["id"], row["type"], config_of(row), password)
 
 
 async def ensure_ready(db: Database, box: SecretBox, mounts_dir: Path, repository_id: str) -> Path:
