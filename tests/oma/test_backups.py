@@ -9,12 +9,11 @@ and the mover's verification of its manifest.
 
 from __future__ import annotations
 
+import functools
 import itertools
-import json
 import shutil
 import socket
 import subprocess
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,14 @@ from typing import Any
 
 import pytest
 import trio
+from backup_fixtures import create_local_repository, wait_for_copies
 from oma_harness import Oma, make_config, run_oma
 from test_oma_credentials import cred_body
 from vma_double import ExportDisk, VmaDouble
 
 from oma.api.backups import resolve_disk_id
 from oma.api.credentials import resolve_login
+from oma.backups.copies import enqueue_policy_copies
 from oma.backups.engine import BackupEngine
 from oma.backups.layout import manifest_path
 from oma.state import STATE_KEY, OmaState
@@ -53,22 +54,6 @@ def assert_point_is(point: Path, state: Path) -> None:
     assert compared.returncode == 0, f"{point} differs from {state}: {compared.stdout}{compared.stderr}"
     checked = run("qemu-img", "check", "-q", str(point))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-async def create_repository(db: Database, root: Path, **kw: Any) -> str:
-    """A local repository row (the repositories API is another part's; the engine only reads rows)."""
-    repository_id = f"repo-{uuid.uuid4().hex[:12]}"
-    await db.execute(
-        "INSERT INTO backup_repositories (id, name, type, config, enabled, immutable, immutable_days)"
-        " VALUES ($1, $2, 'local', $3::jsonb, $4, $5, $6)",
-        repository_id,
-        kw.get("name", repository_id),
-        json.dumps({"disk_path": str(root)}),
-        kw.get("enabled", True),
-        kw.get("immutable", False),
-        kw.get("immutable_days", 0),
-    )
-    return repository_id
 
 
 @dataclass
@@ -167,7 +152,7 @@ async def setup_lab(oma: Oma, vma: VmaDouble, tmp_path: Path, *, image: Path | N
     repo_root = tmp_path / "repo"
     repository_id = await st.db.fetchval("SELECT id FROM backup_repositories WHERE name = 'primary'")
     if repository_id is None:
-        repository_id = await create_repository(st.db, repo_root, name="primary")
+        repository_id = await create_local_repository(oma, "primary", repo_root)
     states = tmp_path / "states"
     states.mkdir(exist_ok=True)
     return BackupLab(oma, vma, disk, repository_id, repo_root, states)
@@ -311,7 +296,7 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
         await start(422, "VALIDATION_FAILED", disk_id="disk-9999")
         await start(422, "VALIDATION_FAILED", repository_id=None)
         await start(404, "NOT_FOUND", repository_id="repo-none")
-        disabled = await create_repository(lab.db, tmp_path / "off", enabled=False)
+        disabled = await create_local_repository(oma, "off", tmp_path / "off", enabled=False)
         await start(409, "CONFLICT", repository_id=disabled)
         assert "disabled" in (await start(409, repository_id=disabled))["error"]
         no_parent = await start(409, "NO_PARENT", backup_type="incremental")
@@ -320,14 +305,15 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
         assert unauthenticated.status_code == 401
 
         # policies: the primary repository is the policy's
-        other = await create_repository(lab.db, tmp_path / "other")
-        await lab.db.execute(
-            "INSERT INTO backup_policies (id, name, primary_repository_id, retention_days)"
-            " VALUES ('pol-1', 'daily', $1, 7)",
-            lab.repository_id,
+        other = await create_local_repository(oma, "other", tmp_path / "other")
+        r = await oma.post(
+            "/policies",
+            json={"name": "daily", "primary_repository_id": lab.repository_id, "retention_days": 7},
         )
+        assert r.status_code == 201, r.text
+        policy_id = r.json()["id"]
         await start(404, "NOT_FOUND", policy_id="pol-none")
-        mismatch = await start(422, "VALIDATION_FAILED", policy_id="pol-1", repository_id=other)
+        mismatch = await start(422, "VALIDATION_FAILED", policy_id=policy_id, repository_id=other)
         assert lab.repository_id in mismatch["error"]
 
         # two starts for one disk at once: one backup, one 409
@@ -338,7 +324,7 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
                 answers.append(
                     await oma.post(
                         "/backup/start",
-                        json={**base, "repository_id": None, "policy_id": "pol-1", "disk_id": "0"},
+                        json={**base, "repository_id": None, "policy_id": policy_id, "disk_id": "0"},
                     )
                 )
 
@@ -348,7 +334,7 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
         accepted = next(a.json() for a in answers if a.status_code == 202)
         refused = next(a.json() for a in answers if a.status_code == 409)
         assert accepted["backup_id"] in refused["error"] and refused["code"] == "CONFLICT"
-        assert accepted["policy_id"] == "pol-1" and accepted["repository_id"] == lab.repository_id
+        assert accepted["policy_id"] == policy_id and accepted["repository_id"] == lab.repository_id
         assert accepted["disk_id"] == "disk-2000" and accepted["status"] == "pending"
         # another disk of the VM is free; a running backup cannot be deleted
         assert (await start(202, disk_id="1"))["disk_id"] == "disk-2001"
@@ -537,3 +523,34 @@ async def test_restart_fails_the_backups_of_a_dead_process_and_shutdown_fails_it
         assert running["backup_id"] in vma.releases
         assert lab.files() == []
     shutil.rmtree(lab.repo_root, ignore_errors=True)
+
+
+async def test_points_of_a_policy_are_copied_through_the_after_backup_hook(
+    lab: BackupLab, tmp_path: Path
+) -> None:
+    """The hook as the app wires it (``enqueue_policy_copies``): the copy worker copies each new
+    point of a policy with a copy rule, an incremental's copy built on its parent's copy."""
+    engine = lab.st.backup_engine
+    assert engine is not None
+    db = lab.db
+    engine.after_backup = functools.partial(enqueue_policy_copies, db)
+    offsite = await create_local_repository(lab.oma, "offsite", tmp_path / "offsite")
+    r = await lab.oma.post(
+        "/policies",
+        json={
+            "name": "3-2-1",
+            "primary_repository_id": lab.repository_id,
+            "retention_days": 7,
+            "copy_rules": [{"destination_repository_id": offsite}],
+        },
+    )
+    assert r.status_code == 201, r.text
+    policy_id = r.json()["id"]
+    full = await lab.backup("full", policy_id=policy_id, repository_id=None)
+    lab.disk.write(3 * MiB, pattern(9, 64 * 1024))
+    incremental = await lab.backup("incremental", policy_id=policy_id, repository_id=None)
+    for point in (full, incremental):
+        (copy,) = await wait_for_copies(lab.oma, point["backup_id"])
+        assert copy["status"] == "completed" and copy["verified"], copy
+        assert copy["repository_id"] == offsite and copy["disk_digest"] == point["disk_digest"]
+        assert_point_is(Path(copy["file_path"]), lab.state(point["backup_id"]))
