@@ -9,6 +9,7 @@ and the mover's verification of its manifest.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import itertools
 import shutil
@@ -259,6 +260,33 @@ async def test_full_then_incrementals_make_a_chain_equal_to_the_disk_at_each_poi
     again = await lab.backup("incremental")
     assert again["parent_backup_id"] == points[2]["backup_id"]
     assert_point_is(Path(again["file_path"]), lab.state(again["backup_id"]))
+
+    # delete the full: merged into its child, which becomes the chain's full with the same data;
+    # a middle increment is refused
+    r = await lab.oma.delete(f"/backup/{points[2]['backup_id']}")
+    assert r.status_code == 409 and r.json()["code"] == "CHAIN_DEPENDENCY", r.text
+    r = await lab.oma.delete(f"/backup/{full['backup_id']}")
+    assert r.status_code == 200 and r.json()["merged_into"] == points[1]["backup_id"], r.text
+    chain = (await lab.oma.get("/backup/chain", params={"vm_name": "app01"})).json()
+    assert chain["full_backup_id"] == points[1]["backup_id"] and chain["backup_count"] == 3
+    merged = await lab.get(points[1]["backup_id"])
+    assert merged["backup_type"] == "full" and merged["parent_backup_id"] is None
+    for point in (merged, again):
+        assert_point_is(Path(point["file_path"]), lab.state(point["backup_id"]))
+
+
+async def test_points_in_an_immutable_repository_are_locked(lab: BackupLab, tmp_path: Path) -> None:
+    locked_repo = await create_local_repository(
+        lab.oma, "vault", tmp_path / "vault", immutable=True, immutable_days=7
+    )
+    point = await lab.backup("full", repository_id=locked_repo)
+    created = dt.datetime.fromisoformat(point["created_at"])
+    assert dt.datetime.fromisoformat(point["locked_until"]) == created + dt.timedelta(days=7)
+    listed = (await lab.oma.get("/backup/list", params={"repository_id": locked_repo})).json()
+    assert listed["backups"][0]["locked_until"] == point["locked_until"]
+    r = await lab.oma.delete(f"/backup/{point['backup_id']}")
+    assert r.status_code == 409 and r.json()["code"] == "IMMUTABLE", r.text
+    assert Path(point["file_path"]).is_file()
 
 
 async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma: VmaDouble) -> None:
