@@ -41,6 +41,7 @@ from oma.api import (
     policies,
     replications,
     repositories,
+    restore,
     vm_contexts,
     vms,
 )
@@ -53,6 +54,7 @@ from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.engine import FINISH_TIMEOUT, ReplicationEngine
+from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
 from oma.vma_client import VmaClient
 from pyapp.api import fast_json_views, install_error_handlers
@@ -119,7 +121,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     st = OmaState(config=config, recent_logs=recent_logs)
     app.extensions[STATE_KEY] = st
 
-    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug):
+    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug, restore):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
     app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
@@ -172,6 +174,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                                     await stop.wait()
 
                     app.add_background_task(prune_loop)
+                    restore_service = start_restore_service(app, config, db)  # cleanup when run_backups
                     engine: ReplicationEngine | None = None
                     if config.run_replications:
                         engine = ReplicationEngine(config, db, st.vma_, resolve_login)
@@ -194,6 +197,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         yield
                     finally:
                         stop.set()
+                        await restore_service.shutdown()
                         services = [s for s in (copier, retention) if s is not None]
                         engines = [e for e in (engine, backup_engine) if e is not None]
                         st.engine_wakeup = st.backup_engine_wakeup = None

@@ -10,24 +10,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import random
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from backup_fixtures import build_chain, data_cluster_offset, flip_byte, qemu_img_compare, state_of
 from oma_harness import Oma
 
 from oma.backups import chains, verify
-from oma.backups.layout import backup_path, manifest_path
-from oma.state import OmaState
+from oma.backups.layout import manifest_path
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Database
-
-DISK = 8 << 20
-CLUSTER = 1 << 16
 
 
 @dataclass
@@ -36,22 +32,6 @@ class Chain:
     states: list[Path]  # the disk as it was at each point
     files: list[Path]
     repo_root: Path
-
-
-def db_of(oma: Oma) -> tuple[Database, OmaState]:
-    st: OmaState = oma.extra["app"].extensions["oma"]
-    return st.db, st
-
-
-def write_random(raw: Path, rng: random.Random, count: int) -> list[tuple[int, int]]:
-    extents = []
-    with raw.open("r+b") as f:
-        for _ in range(count):
-            offset = rng.randrange(0, DISK // CLUSTER) * CLUSTER
-            f.seek(offset)
-            f.write(rng.randbytes(CLUSTER))
-            extents.append((offset, CLUSTER))
-    return extents
 
 
 async def add_repository(db: Database, repo_id: str, root: Path, *, immutable_days: int = 0) -> None:
@@ -65,72 +45,44 @@ async def add_repository(db: Database, repo_id: str, root: Path, *, immutable_da
     )
 
 
-async def build_chain(
+async def make_chain(
     db: Database, tmp_path: Path, repo_id: str = "repo-a", *, immutable_days: int = 0
 ) -> Chain:
+    """A full and three incrementals made 10, 7, 4 and 1 days ago, with the disk at each point."""
     root = tmp_path / repo_id
     root.mkdir()
     await add_repository(db, repo_id, root, immutable_days=immutable_days)
-    raw = tmp_path / "disk.raw"
-    with raw.open("wb") as f:
-        f.truncate(DISK)
-    rng = random.Random(7)
-    write_random(raw, rng, 20)
-    chain = Chain([], [], [], root)
-    created = dt.datetime.now(dt.UTC) - dt.timedelta(days=10)
-    parent: str | None = None
-    for i in range(4):
-        extents = None if i == 0 else write_random(raw, rng, 4)
-        backup_id = f"backup-{i}"
-        image = backup_path(root, "vm one", "disk-2000", backup_id)
-        image.parent.mkdir(parents=True, exist_ok=True)
-        result = await mover.copy(
-            str(raw),
-            str(image),
-            extents=extents,
-            backing=chain.files[-1] if chain.files else None,
-        )
-        state = tmp_path / f"state-{i}.raw"
-        shutil.copyfile(raw, state)
-        await db.execute(
-            "INSERT INTO backup_jobs (id, vm_name, vm_path, disk_id, backup_type, requested_type,"
-            " repository_id, parent_backup_id, chain_id, status, file_path, manifest_path, disk_digest,"
-            " created_at, completed_at)"
-            " VALUES ($1, 'vm one', '/DC/vm/vm one', 'disk-2000', $2, $2, $3, $4, 'backup-0', 'completed',"
-            " $5, $6, $7, $8, $8)",
-            backup_id,
-            "full" if i == 0 else "incremental",
-            repo_id,
-            parent,
-            str(image),
-            str(manifest_path(image)),
-            result.disk_digest,
-            created + dt.timedelta(days=3 * i),
-        )
-        parent = backup_id
-        chain.ids.append(backup_id)
-        chain.states.append(state)
-        chain.files.append(image)
-    return chain
+    now = dt.datetime.now(dt.UTC)
+    points = await build_chain(
+        db,
+        tmp_path / "work",
+        root,
+        repo_id,
+        points=4,
+        created_at=[now - dt.timedelta(days=d) for d in (10, 7, 4, 1)],
+        snapshots=True,
+    )
+    return Chain(
+        [p.backup_id for p in points],
+        [p.snapshot for p in points if p.snapshot],
+        [p.path for p in points],
+        root,
+    )
 
 
 async def assert_restorable(db: Database, backup_id: str, state: Path) -> None:
     row = await db.fetchrow("SELECT file_path, disk_digest, status FROM backup_jobs WHERE id = $1", backup_id)
     assert row is not None and row["status"] == "completed"
-    done = subprocess.run(
-        ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", row["file_path"], str(state)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = qemu_img_compare(Path(row["file_path"]), state)
     assert done.returncode == 0, done.stdout + done.stderr
     report = await mover.verify(row["file_path"])
     assert report.mismatches == [] and report.found_digest == row["disk_digest"]
 
 
 async def test_delete_keeps_every_other_point(oma: Oma, tmp_path: Path) -> None:
-    db, st = db_of(oma)
-    chain = await build_chain(db, tmp_path)
+    st = state_of(oma)
+    db = st.db
+    chain = await make_chain(db, tmp_path)
     mounts = tmp_path / "mounts"
 
     with pytest.raises(ApiError) as middle:
@@ -161,8 +113,9 @@ async def test_delete_keeps_every_other_point(oma: Oma, tmp_path: Path) -> None:
 
 
 async def test_locks_and_mounts_refuse_deletion(oma: Oma, tmp_path: Path) -> None:
-    db, st = db_of(oma)
-    chain = await build_chain(db, tmp_path, immutable_days=30)
+    st = state_of(oma)
+    db = st.db
+    chain = await make_chain(db, tmp_path, immutable_days=30)
     with pytest.raises(ApiError) as locked:
         await chains.delete_backup(db, st.box, tmp_path, chain.ids[3])
     assert locked.value.code == chains.IMMUTABLE and "until" in locked.value.message
@@ -205,8 +158,9 @@ async def copy_chain(db: Database, chain: Chain, tmp_path: Path, repo_id: str) -
 
 
 async def test_retention_merges_expired_points_everywhere(oma: Oma, tmp_path: Path) -> None:
-    db, st = db_of(oma)
-    chain = await build_chain(db, tmp_path)  # points at -10, -7, -4 and -1 days
+    st = state_of(oma)
+    db = st.db
+    chain = await make_chain(db, tmp_path)  # points at -10, -7, -4 and -1 days
     copies = await copy_chain(db, chain, tmp_path, "repo-b")
     now = dt.datetime.now(dt.UTC)
 
@@ -235,8 +189,9 @@ async def test_retention_merges_expired_points_everywhere(oma: Oma, tmp_path: Pa
 
 
 async def test_retention_postpones_locked_points(oma: Oma, tmp_path: Path) -> None:
-    db, st = db_of(oma)
-    chain = await build_chain(db, tmp_path, immutable_days=30)
+    st = state_of(oma)
+    db = st.db
+    chain = await make_chain(db, tmp_path, immutable_days=30)
     result = await chains.apply_retention(db, st.box, tmp_path, chain.ids, 5, dt.datetime.now(dt.UTC))
     assert result.removed == [] and len(result.postponed) == 1
     assert "immutable" in result.postponed[0]["reason"]
@@ -245,28 +200,14 @@ async def test_retention_postpones_locked_points(oma: Oma, tmp_path: Path) -> No
     assert [r["status"] for r in statuses] == ["completed"]
 
 
-def flip_data_byte(image: Path) -> int:
-    """Flip one byte inside a data cluster that ``image`` itself holds; returns its file offset."""
-    out = subprocess.run(
-        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)], capture_output=True, check=True
-    ).stdout
-    run = next(e for e in json.loads(out) if e["data"] and e["depth"] == 0 and "offset" in e)
-    offset = int(run["offset"]) + 100
-    with image.open("r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
-    return offset
-
-
 async def test_verify_finds_a_flipped_byte_in_any_layer(oma: Oma, tmp_path: Path) -> None:
-    db, st = db_of(oma)
-    chain = await build_chain(db, tmp_path)
+    st = state_of(oma)
+    db = st.db
+    chain = await make_chain(db, tmp_path)
     clean = await verify.verify_backup(db, st.box, tmp_path, chain.ids[3])
     assert clean["ok"] and [len(r["files"]) for r in clean["replicas"]] == [4]
 
-    flip_data_byte(chain.files[1])
+    flip_byte(chain.files[1], data_cluster_offset(chain.files[1]) + 100)
     found = await verify.verify_backup(db, st.box, tmp_path, chain.ids[3])
     assert not found["ok"]
     files = {f["image"]: f for f in found["replicas"][0]["files"]}

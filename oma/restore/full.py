@@ -1,0 +1,232 @@
+"""Full restore: a backup point copied whole by the mover to a raw file or block device, a new
+QCOW2 image, or an NBD target.
+
+Targets (checked before the job is accepted):
+
+``raw``
+    An absolute path. A path that does not exist becomes a new sparse file of the disk's size
+    (only the point's allocated data is written: the rest stays holes). An existing block device
+    is written whole (zeros where the point has none, sent as zero commands). An existing
+    regular file is refused (409 ``TARGET_EXISTS``): a full restore never overwrites a file.
+``qcow2``
+    An absolute path ending in ``.qcow2`` that does not exist: a new standalone image (no
+    backing file) with its BLAKE3 manifest beside it, as the mover writes every image.
+``nbd``
+    An NBD URI (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=...``), e.g. the export
+    of a CloudStack volume; written whole, as a block device.
+
+The job (a ``restore_jobs`` row) records progress about once a second and, at the end, the disk
+digest of what was written: for a QCOW2 target the manifest's digest computed while copying;
+for raw and NBD targets a BLAKE3 checksum of the target read back after the copy. Either must
+equal the point's ``disk_digest`` (when the point has one), else the job fails. A failed job
+removes the file it created (new raw file, new QCOW2 image and manifest); it never removes
+what existed before (a device, an NBD export).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import trio
+
+from oma.api.common import new_id
+from oma.restore.points import hold_completed
+from pyapp import mover
+from pyapp.api import ApiError
+from pyapp.db import Database, Record
+from pyapp.logs import log_context
+
+log = logging.getLogger(__name__)
+
+TargetType = Literal["raw", "qcow2", "nbd"]
+TARGET_EXISTS = "TARGET_EXISTS"
+INVALID_TARGET = "INVALID_TARGET"
+PROGRESS_INTERVAL_S = 1.0
+JOB_COLUMNS = (
+    "id, backup_id, target_type, target, status, bytes_total, bytes_done, progress_percent, disk_digest,"
+    " error_message, created_by, created_at, started_at, completed_at"
+)
+#: The same, with the id under the name the API uses (``restore_id``).
+LIST_COLUMNS = JOB_COLUMNS.replace("id, ", "id AS restore_id, ", 1)
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """How to write one checked target."""
+
+    target_type: TargetType
+    target: str
+    creates: bool  # the job creates the target (and removes it on failure)
+    target_is_zero: bool  # nothing to zero: only the allocated data is copied
+
+
+def check_target(target_type: TargetType, target: str) -> TargetPlan:
+    """Validate a target (blocking: it looks at the file system). Raises :class:`ApiError`."""
+    if target_type == "nbd":
+        if not target.startswith(("nbd://", "nbd+unix://")):
+            raise ApiError(422, INVALID_TARGET, "an nbd target is an NBD URI (nbd://host:port/export)")
+        return TargetPlan(target_type, target, creates=False, target_is_zero=False)
+    path = Path(target)
+    if not path.is_absolute() or "\x00" in target:
+        raise ApiError(422, INVALID_TARGET, f"the {target_type} target must be an absolute path")
+    if target_type == "qcow2" and path.suffix != ".qcow2":
+        raise ApiError(422, INVALID_TARGET, "a qcow2 target path ends in .qcow2")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise ApiError(422, INVALID_TARGET, f"the directory {path.parent} does not exist") from None
+        return TargetPlan(target_type, str(path), creates=True, target_is_zero=True)
+    if target_type == "raw" and stat.S_ISBLK(st.st_mode):
+        return TargetPlan(target_type, str(path), creates=False, target_is_zero=False)
+    raise ApiError(
+        409,
+        TARGET_EXISTS,
+        f"{path} exists; a full restore writes a new file"
+        + (" or a block device" if target_type == "raw" else "")
+        + ", it never overwrites one",
+    )
+
+
+async def accept_job(db: Database, backup_id: str, plan: TargetPlan, created_by: str) -> Record:
+    """Record a ``pending`` job, unless another one is still writing the same target (409):
+    checked and inserted under a transaction lock on the target, so two requests cannot both
+    pass; the point is held meanwhile (:func:`oma.restore.points.hold_completed`)."""
+    async with db.transaction() as conn:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('restore-target:' || $1))", plan.target)
+        await hold_completed(conn, backup_id)
+        busy = await conn.fetchval(
+            "SELECT id FROM restore_jobs WHERE target = $1 AND status IN ('pending', 'running') LIMIT 1",
+            plan.target,
+        )
+        if busy is not None:
+            raise ApiError.conflict(f"restore {busy} is already writing {plan.target}")
+        row = await conn.fetchrow(
+            "INSERT INTO restore_jobs (id, backup_id, target_type, target, status, created_by)"
+            f" VALUES ($1, $2, $3, $4, 'pending', $5) RETURNING {JOB_COLUMNS}",
+            new_id("restore"),
+            backup_id,
+            plan.target_type,
+            plan.target,
+            created_by,
+        )
+    assert row is not None
+    return row
+
+
+def _remove_created(plan: TargetPlan) -> None:
+    if not plan.creates:
+        return
+    for p in (Path(plan.target), Path(plan.target + ".manifest")):
+        p.unlink(missing_ok=True)
+
+
+class DigestMismatch(Exception):
+    """What was written does not read back as the backup point."""
+
+
+@dataclass
+class _Latest:
+    """The last progress report of the copy (written by the mover's reporter task)."""
+
+    value: mover.CopyProgress | None = None
+
+    def set(self, progress: mover.CopyProgress) -> None:
+        self.value = progress
+
+
+def _reason(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return str(exc) or type(exc).__name__
+
+
+def _cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.subgroup(trio.Cancelled) is not None
+    return isinstance(exc, trio.Cancelled)
+
+
+async def _record_progress(db: Database, restore_id: str, latest: _Latest) -> None:
+    """Write the copy's progress about once a second; a failed write is logged, never fatal
+    (the copy matters, its progress figures do not)."""
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL_S)
+        if latest.value is None:
+            continue
+        try:
+            await db.execute(
+                "UPDATE restore_jobs SET bytes_done = $2, progress_percent = $3 WHERE id = $1",
+                restore_id,
+                latest.value.bytes_read,
+                min(latest.value.percent, 99.9),
+            )
+        except Exception as exc:
+            log.warning("recording the progress of a full restore failed: %s", exc)
+
+
+async def run_full_restore(
+    db: Database, restore_id: str, source: str, plan: TargetPlan, expected: str | None
+) -> None:
+    """Run one accepted job to its end (``completed`` or ``failed``); never raises but
+    cancellation, which marks the job failed first."""
+    with log_context(job_id=restore_id, action="restore_full"):
+        try:
+            size = await trio.to_thread.run_sync(lambda: mover.ImageReader(source).size)
+            await db.execute(
+                "UPDATE restore_jobs SET status = 'running', started_at = now(), bytes_total = $2"
+                " WHERE id = $1",
+                restore_id,
+                size,
+            )
+            latest = _Latest()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_record_progress, db, restore_id, latest)
+                result = await mover.copy(
+                    source,
+                    plan.target,
+                    allocated_only=plan.target_is_zero,
+                    target_is_zero=plan.target_is_zero,
+                    write_manifest=plan.target_type == "qcow2",
+                    on_progress=latest.set,
+                )
+                nursery.cancel_scope.cancel()
+            digest = result.disk_digest
+            if plan.target_type != "qcow2" or digest is None:
+                digest = (await mover.checksum(plan.target)).disk_digest
+            if expected is not None and digest != expected:
+                raise DigestMismatch(
+                    f"the restored disk's digest {digest} differs from the backup's {expected}"
+                )
+            await db.execute(
+                "UPDATE restore_jobs SET status = 'completed', bytes_done = bytes_total,"
+                " progress_percent = 100, disk_digest = $2, completed_at = now() WHERE id = $1",
+                restore_id,
+                digest,
+            )
+            log.info("full restore completed", extra={"disk_digest": digest})
+        except BaseException as exc:
+            message = "cancelled: the OMA is shutting down" if _cancelled(exc) else _reason(exc)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(_remove_created, plan)
+                await db.execute(
+                    "UPDATE restore_jobs SET status = 'failed', error_message = $2, completed_at = now()"
+                    " WHERE id = $1",
+                    restore_id,
+                    message,
+                )
+            log.warning("full restore failed: %s", message)
+            if _cancelled(exc) or not isinstance(exc, Exception):
+                raise
+
+
+def job_body(row: Record) -> dict[str, Any]:
+    """The API's view of a ``restore_jobs`` row (``restore_id`` rather than ``id``)."""
+    out = dict(row.items())
+    out["restore_id"] = out.pop("id")
+    return out
