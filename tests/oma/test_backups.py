@@ -275,6 +275,22 @@ async def test_full_then_incrementals_make_a_chain_equal_to_the_disk_at_each_poi
         assert_point_is(Path(point["file_path"]), lab.state(point["backup_id"]))
 
 
+async def test_progress_is_written_while_the_copy_runs(lab: BackupLab) -> None:
+    lab.vma.read_rate = "16M"  # 2 MB/s: the 5 MiB full takes about 2.5 s
+    started = await lab.start("full")
+    seen: list[tuple[float, int]] = []
+    with trio.fail_after(30):
+        while (point := await lab.get(started["backup_id"]))["status"] in ("pending", "running"):
+            if point["current_operation"].startswith("Copying"):
+                seen.append((point["progress_percent"], point["bytes_transferred"]))
+            await trio.sleep(0.1)
+    assert point["status"] == "completed" and point["progress_percent"] == 100
+    assert point["bytes_transferred"] == point["changed_bytes"] == 5 * MiB
+    midway = [s for s in seen if 0 < s[0] < 100]
+    assert midway and all(0 < b < 5 * MiB for _, b in midway), seen
+    assert seen == sorted(seen)  # never backwards
+
+
 async def test_points_in_an_immutable_repository_are_locked(lab: BackupLab, tmp_path: Path) -> None:
     locked_repo = await create_local_repository(
         lab.oma, "vault", tmp_path / "vault", immutable=True, immutable_days=7

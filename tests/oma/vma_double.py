@@ -26,7 +26,8 @@ from the change ID the OMA sent: none -> ``full`` with the written areas; one of
 epoch -> ``incremental`` with the areas written since; one of an older epoch
 (:meth:`ExportDisk.reset_cbt`) -> ``full-cbt-reset`` without extents. Knobs for failure tests:
 ``export_delay`` (seconds in the snapshot phase), ``read_delay`` (nbdkit's delay filter on each
-read: ``"2"`` seconds, ``"50ms"``), ``fail_next_export`` and :meth:`VmaDouble.kill_export` (the
+read: ``"2"`` seconds, ``"50ms"``), ``read_rate`` (nbdkit's rate filter, bits per second:
+``"16M"``), ``fail_next_export`` and :meth:`VmaDouble.kill_export` (the
 serving nbdkit dies; the job fails).
 
 Every request body is recorded so tests can check what the OMA sent.
@@ -149,8 +150,11 @@ class ExportJob:
         return body
 
 
-async def _serve_nbdkit(image: Path, read_delay: str | None) -> tuple[trio.Process, int]:
-    """``nbdkit file`` over ``image``: read-only, loopback TCP, ready when it accepts."""
+async def _serve_nbdkit(
+    image: Path, read_delay: str | None, read_rate: str | None
+) -> tuple[trio.Process, int]:
+    """``nbdkit file`` over ``image``: read-only, loopback TCP, ready when it accepts; slowed by
+    the delay filter (each read) or the rate filter (the whole server's bandwidth)."""
     for _ in range(5):
         port = free_tcp_port()
         argv = [
@@ -167,9 +171,13 @@ async def _serve_nbdkit(image: Path, read_delay: str | None) -> tuple[trio.Proce
         ]
         if read_delay:
             argv += ["--filter=delay"]
+        if read_rate:
+            argv += ["--filter=rate"]
         argv += ["file", f"file={image}"]
         if read_delay:
             argv += [f"rdelay={read_delay}"]
+        if read_rate:
+            argv += [f"rate={read_rate}", "burstiness=0.2"]  # no initial burst: slow from the start
         process = await trio.lowlevel.open_process(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         with trio.move_on_after(10):
             while process.poll() is None:
@@ -202,6 +210,7 @@ class VmaDouble:
     releases: list[str] = field(default_factory=list)
     export_delay: float = 0.0
     read_delay: str | None = None
+    read_rate: str | None = None
     fail_next_export: str | None = None
     work_dir: Path | None = None
     nursery: trio.Nursery | None = None
@@ -230,7 +239,7 @@ class VmaDouble:
             snapshot = self.work_dir / f"{job.job_id}-{disk_id}.raw"
             await trio.run_process(["cp", "--sparse=always", str(disk.image), str(snapshot)])
             job.snapshots.append(snapshot)
-            process, port = await _serve_nbdkit(snapshot, self.read_delay)
+            process, port = await _serve_nbdkit(snapshot, self.read_delay, self.read_rate)
             job.servers.append(process)
             job.exports.append(
                 {
