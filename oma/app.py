@@ -10,9 +10,11 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
 4. an httpx client for the VMA API;
 5. a background task in the app nursery pruning expired tokens and pairing codes, stopped by an
    event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
-6. the replication engine (``oma.engine``, unless ``run_replications`` is off), another background
-   task: stopped first at shutdown, and waited for (bounded) so that it ends its jobs and closes
-   their exports while the database and the VMA client are still open.
+6. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
+   services (unless ``run_backups`` is off: the backup engine ``oma.backups.engine``, the copy
+   worker, retention), other background tasks: stopped first at shutdown, and waited for
+   (bounded) so that they end their jobs, release the VMA's exports and remove unfinished files
+   while the database and the VMA client are still open.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from quart_trio import QuartTrio
 
 from oma.api import (
     auth,
+    backups,
     credentials,
     debug,
     discovery,
@@ -46,6 +49,7 @@ from oma.api.credentials import resolve_login
 from oma.auth import authorize_request
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker
 from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
+from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
@@ -121,6 +125,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
     app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(backups.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
     fast_json_views(app)
@@ -177,7 +182,11 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         app.add_background_task(engine.run)
                     copier: CopyWorker | None = None
                     retention: RetentionService | None = None
+                    backup_engine: BackupEngine | None = None
                     if config.run_backups:
+                        backup_engine = BackupEngine(config, db, st.vma_, st.box, resolve_login)
+                        st.backup_engine, st.backup_engine_wakeup = backup_engine, backup_engine.wake
+                        app.add_background_task(backup_engine.run)
                         copier = CopyWorker(config, db, st.box)
                         retention = RetentionService(config, db, st.box)
                         app.extensions[COPY_WORKER_KEY], app.extensions[RETENTION_KEY] = copier, retention
@@ -190,19 +199,21 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         stop.set()
                         await restore_service.shutdown()
                         services = [s for s in (copier, retention) if s is not None]
+                        engines = [e for e in (engine, backup_engine) if e is not None]
+                        st.engine_wakeup = st.backup_engine_wakeup = None
                         for service in services:
                             service.stop()  # copies in flight go back to pending, their files removed
+                        for e in engines:
+                            e.stop()  # jobs and backups in flight end failed, exports released
                         with trio.move_on_after(COPY_STOP_TIMEOUT + 2):
                             for service in services:
                                 await service.stopped.wait()
                         app.extensions.pop(COPY_WORKER_KEY, None)
                         app.extensions.pop(RETENTION_KEY, None)
-                        if engine is not None:
-                            st.engine_wakeup = None
-                            engine.stop()
-                            with trio.move_on_after(2 * FINISH_TIMEOUT + 12):
-                                await engine.stopped.wait()
-                            st.engine = None
+                        with trio.move_on_after(2 * FINISH_TIMEOUT + 12):
+                            for e in engines:
+                                await e.stopped.wait()
+                        st.engine = st.backup_engine = None
                         st.vma_ = None
                 st.db_ = None
         finally:

@@ -103,6 +103,15 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def claimant_gone(claimed_by: str) -> bool:
+    """True when ``claimed_by`` (an engine id, ``host:pid:nonce``) names an OMA process on this
+    host that no longer runs: what it claimed is nobody's now. Claims of other hosts are left to
+    their own engines."""
+    host, _, rest = claimed_by.partition(":")
+    pid = rest.split(":", 1)[0]
+    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+
+
 def safe_name(name: str) -> str:
     """A file name for a VM or disk name: anything but ``[A-Za-z0-9._-]`` becomes ``_``."""
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
@@ -205,8 +214,7 @@ class ReplicationEngine:
             f"{host}:%",
         )
         for row in rows:
-            pid = int(row["claimed_by"].split(":")[1])
-            if pid_alive(pid):
+            if not claimant_gone(row["claimed_by"]):
                 continue
             with log_context(job_id=row["id"]):
                 try:

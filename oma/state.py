@@ -16,6 +16,7 @@ from pyapp.db import Database
 from pyapp.logs import RecentRecords
 
 if TYPE_CHECKING:
+    from oma.backups.engine import BackupEngine
     from oma.engine import ReplicationEngine
 
 STATE_KEY = "oma"
@@ -33,10 +34,17 @@ class OmaState:
     #: Set while the replication engine runs: wakes it up to claim a job created here at once.
     engine_wakeup: Callable[[], None] | None = None
     engine: ReplicationEngine | None = None
+    #: Set while the backup engine runs: wakes it up to claim a backup created here at once.
+    backup_engine_wakeup: Callable[[], None] | None = None
+    backup_engine: BackupEngine | None = None
 
     def wake_engine(self) -> None:
         if self.engine_wakeup is not None:
             self.engine_wakeup()
+
+    def wake_backup_engine(self) -> None:
+        if self.backup_engine_wakeup is not None:
+            self.backup_engine_wakeup()
 
     @property
     def db(self) -> Database:

@@ -3,7 +3,8 @@
 Calls: ``POST /api/v1/discover`` (VMware inventory through the VMA, which holds the vCenter
 connection), ``GET /api/v1/progress/{job_id}`` (live figures of a running job), and for the
 replication engine ``POST /api/v1/replicate``, ``PUT /api/v1/config``, ``GET /api/v1/status/{job_id}``
-and ``POST /api/v1/cleanup``.
+and ``POST /api/v1/cleanup``; for the backup engine the same endpoints in ``"mode": "export"``
+(:meth:`VmaClient.export`, :func:`exports_of`; see docs/backup.md, "The VMA's export job").
 Every call has a timeout. Failures are told apart for the operator:
 
 - :class:`VmaUnreachable`: no answer (connection refused, DNS, timeout) — the tunnel or the VMA is
@@ -19,11 +20,11 @@ and its logger is kept at WARNING).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -75,6 +76,39 @@ class DiscoverResult(BaseModel):
     model_config = ConfigDict(extra="allow")
     vcenter: DiscoveredVCenter
     vms: list[DiscoveredVM]
+
+
+class ExportedDisk(BaseModel):
+    """One disk served by a VMA export job (``exports`` of its ``/status`` once ``phase`` is
+    ``"exported"``). ``extents`` are ``(offset, length)`` pairs: the allocated areas (``full``), the
+    changed areas since the change ID the OMA sent (``incremental``), or ``None``
+    (``full-cbt-reset``: the reader asks the export's own allocation map)."""
+
+    model_config = ConfigDict(extra="allow")
+    vm_path: str
+    disk_id: str
+    uri: str = Field(min_length=1)
+    capacity: int = Field(ge=0)
+    mode: Literal["full", "incremental", "full-cbt-reset"]
+    change_id: str | None = None
+    extents: list[tuple[int, int]] | None = None
+
+
+def exports_of(status: dict[str, Any]) -> list[ExportedDisk]:
+    """The exports of an export job's ``/status`` answer (empty before ``phase`` is ``"exported"``).
+    Raises :class:`VmaRequestFailed` when they do not match the contract."""
+    raw = status.get("exports")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise VmaRequestFailed("VMA status answer: exports is not a list")
+    try:
+        return [ExportedDisk.model_validate(item) for item in raw]
+    except ValidationError as exc:
+        raise VmaRequestFailed(
+            f"VMA export description does not match the contract: {exc.error_count()} errors"
+            f" ({exc.errors(include_url=False, include_input=False)[0]['msg']})"
+        ) from exc
 
 
 class VmaClient:
@@ -163,6 +197,39 @@ class VmaClient:
         body = await self._request("POST", "/api/v1/replicate", payload)
         if not isinstance(body, dict) or body.get("status") != "started":
             raise VmaRequestFailed(f"VMA did not start job {job_id}: {body!r}"[:500])
+        return body
+
+    async def export(
+        self,
+        *,
+        job_id: str,
+        vcenter: str,
+        username: str,
+        password: str,
+        disks: dict[str, list[str]],
+        previous_change_ids: dict[str, dict[str, str | None]],
+        export_timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Start an export job (``POST /api/v1/replicate``, ``"mode": "export"``): the VMA snapshots
+        each VM of ``disks`` (vm_path -> disk ids) and serves those disks read-only over NBD, with
+        the changed areas since ``previous_change_ids`` (vm_path -> disk id -> change ID, None for a
+        full pass). It never calls the OMA back: follow it with :meth:`status` and release it with
+        :meth:`cleanup`."""
+        payload: dict[str, Any] = {
+            "job_id": job_id,
+            "mode": "export",
+            "vcenter": vcenter,
+            "username": username,
+            "password": password,
+            "vm_paths": list(disks),
+            "disks": disks,
+            "previous_change_ids": previous_change_ids,
+        }
+        if export_timeout is not None:
+            payload["export_timeout"] = export_timeout
+        body = await self._request("POST", "/api/v1/replicate", payload)
+        if not isinstance(body, dict) or body.get("status") != "started":
+            raise VmaRequestFailed(f"VMA did not start export job {job_id}: {body!r}"[:500])
         return body
 
     async def put_config(self, *, nbd_port: int, export_name: str, target_device: str) -> dict[str, Any]:
