@@ -47,7 +47,7 @@ from oma.api import (
 )
 from oma.api.credentials import resolve_login
 from oma.auth import authorize_request
-from oma.backups.copies import COPY_WORKER_KEY, CopyWorker
+from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, enqueue_policy_copies
 from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
 from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
@@ -184,11 +184,19 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                     retention: RetentionService | None = None
                     backup_engine: BackupEngine | None = None
                     if config.run_backups:
-                        backup_engine = BackupEngine(config, db, st.vma_, st.box, resolve_login)
-                        st.backup_engine, st.backup_engine_wakeup = backup_engine, backup_engine.wake
-                        app.add_background_task(backup_engine.run)
                         copier = CopyWorker(config, db, st.box)
                         retention = RetentionService(config, db, st.box)
+
+                        async def queue_copies(backup_id: str, copier: CopyWorker = copier) -> None:
+                            """A new point's copy rules: queue its copies, wake the worker."""
+                            if await enqueue_policy_copies(db, backup_id):
+                                copier.wake()
+
+                        backup_engine = BackupEngine(
+                            config, db, st.vma_, st.box, resolve_login, after_backup=queue_copies
+                        )
+                        st.backup_engine, st.backup_engine_wakeup = backup_engine, backup_engine.wake
+                        app.add_background_task(backup_engine.run)
                         app.extensions[COPY_WORKER_KEY], app.extensions[RETENTION_KEY] = copier, retention
                         app.add_background_task(copier.run)
                         app.add_background_task(retention.run)

@@ -34,6 +34,7 @@ from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
 from oma.backups.layout import backup_path
 from oma.backups.repositories import root_of, spec_from_row
+from oma.backups.verify import verify_backup
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record, UniqueViolation
@@ -349,4 +350,15 @@ async def delete_backup_point(backup_id: str) -> dict[str, Any]:
         # 'deleting' until a retry or retention finishes it.
         answer = await delete_backup(st.db, st.box, st.config.mounts_dir, backup_id)
         log.info("backup deleted", extra={"merged_into": answer.get("merged_into")})
+    return answer
+
+
+@bp.post("/backup/<backup_id>/verify")
+async def verify_backup_point(backup_id: str) -> dict[str, Any]:
+    """Re-read every layer of the point, in every repository holding it, against its manifests
+    (``oma/backups/verify.py``): a flipped byte on a repository disk is named by file and chunk."""
+    st = state()
+    with log_context(job_id=backup_id, action="backup_verify"):
+        answer = await verify_backup(st.db, st.box, st.config.mounts_dir, backup_id)
+        log.info("backup verified", extra={"ok": answer["ok"]})
     return answer

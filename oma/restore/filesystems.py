@@ -207,9 +207,30 @@ class FatFileSystem(FileSystem):
 
     def _raw_children(self, directory: Entry) -> Iterator[tuple[str, Any]]:
         for node in directory.handle.iterdir():
-            name = str(node.name)
+            name = _fat_name(node)
             if name not in (".", "..") and not node.is_volume_id():
                 yield name, node
+
+
+#: DIR_NTRes flags (set by Windows NT and later, and by mtools): the 8.3 name's base and
+#: extension are stored upper case but are lower case names.
+_FAT_LOWER_BASE = 0x08
+_FAT_LOWER_EXT = 0x10
+
+
+def _fat_name(node: Any) -> str:
+    """The name the guest sees: the long name, else the 8.3 name with its case flags applied
+    (``readme.txt`` is stored as ``README  TXT`` + flags, and has no long name)."""
+    if node.ldirents:
+        return str(node.name)
+    name = str(node.short_name)
+    flags = int(node.dirent.DIR_NTRes)
+    base, dot, ext = name.partition(".")
+    if flags & _FAT_LOWER_BASE:
+        base = base.lower()
+    if flags & _FAT_LOWER_EXT:
+        ext = ext.lower()
+    return base + dot + ext
 
 
 class NtfsFileSystem(FileSystem):

@@ -27,12 +27,12 @@ from typing import Any
 
 import httpx
 import trio
-from oma_harness import Oma, make_config, run_oma
 
 from oma.backups.layout import backup_path, manifest_path
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
 from pyapp.db import Database
+from tests.oma.oma_harness import Oma, make_config, run_oma
 
 MIB = 1 << 20
 DISK_SIZE = 64 * MIB
