@@ -34,7 +34,6 @@ import os
 import re
 import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -46,6 +45,7 @@ import trio
 from oma.api.replications import TERMINAL, load_job, on_status_change
 from oma.config import OmaConfig
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
+from oma.workers import ClaimWorker, claimant_gone
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
@@ -91,25 +91,6 @@ class RunningJob:
     vm_path: str
     targets: list[DiskTarget] = field(default_factory=list)
     started_on_vma: bool = False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def claimant_gone(claimed_by: str) -> bool:
-    """True when ``claimed_by`` (an engine id, ``host:pid:nonce``) names an OMA process on this
-    host that no longer runs: what it claimed is nobody's now. Claims of other hosts are left to
-    their own engines."""
-    host, _, rest = claimed_by.partition(":")
-    pid = rest.split(":", 1)[0]
-    return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
 
 def safe_name(name: str) -> str:
@@ -165,44 +146,32 @@ def start_export(target: DiskTarget, export_name: str) -> NbdExport:
     raise JobError(f"cannot export {target.volume}: {error}")
 
 
-class ReplicationEngine:
+class ReplicationEngine(ClaimWorker):
+    kind = "replication engine"
+    action = "replication_engine"
+
     def __init__(self, config: OmaConfig, db: Database, vma: VmaClient, resolve_login: ResolveLogin) -> None:
+        super().__init__(max_active=config.max_active_jobs, poll_interval=config.engine_poll_interval)
         self.config = config
         self.db = db
         self.vma = vma
         self.resolve_login = resolve_login
-        self.engine_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: Jobs this process drives now, by id (their volumes and exports).
         self.jobs: dict[str, RunningJob] = {}
-        self.stopped = trio.Event()
-        self._stop = trio.Event()
-        self._wake = trio.Event()
 
-    def wake(self) -> None:
-        """Claim at once (a job was created, or a slot freed) instead of at the next poll."""
-        self._wake.set()
+    @property
+    def engine_id(self) -> str:
+        return self.worker_id
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+    def active_count(self) -> int:
+        return len(self.jobs)
 
-    async def run(self) -> None:
-        with log_context(action="replication_engine"):
-            log.info("replication engine started", extra={"engine_id": self.engine_id})
-            try:
-                try:
-                    await self._recover_orphans()
-                except Exception:
-                    log.exception("recovering the jobs of a stopped OMA process failed")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._claim_loop, nursery)
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.stopped.set()
-                log.info("replication engine stopped")
+    def start(self, nursery: trio.Nursery, row: Any) -> None:
+        job = RunningJob(row["id"], row["vm_path"])
+        self.jobs[job.job_id] = job
+        nursery.start_soon(self._drive, job, dict(row))
 
-    async def _recover_orphans(self) -> None:
+    async def recover_orphans(self) -> None:
         """Fail the active jobs that an OMA process on this host claimed and no longer drives (it
         crashed or was killed): left alone, they would hold their disks' "one active job" slot
         forever. The VMA is asked to stop each (its snapshot goes). Jobs claimed on other hosts are
@@ -231,24 +200,7 @@ class ReplicationEngine:
                         "job of a stopped OMA process failed", extra={"claimed_by": row["claimed_by"]}
                     )
 
-    async def _claim_loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            self._wake = trio.Event()  # reset before claiming: a wake-up during the claim is kept
-            free = self.config.max_active_jobs - len(self.jobs)
-            if free > 0:
-                try:
-                    claimed = await self._claim(free)
-                except Exception:
-                    log.exception("claiming replication jobs failed")
-                    claimed = []
-                for row in claimed:
-                    job = RunningJob(row["id"], row["vm_path"])
-                    self.jobs[job.job_id] = job
-                    nursery.start_soon(self._drive, job, dict(row))
-            with trio.move_on_after(self.config.engine_poll_interval):
-                await self._wake.wait()
-
-    async def _claim(self, limit: int) -> list[Any]:
+    async def claim(self, limit: int) -> list[Any]:
         return await self.db.fetch(
             "UPDATE replication_jobs j SET claimed_by = $1, claimed_at = now(),"
             " current_operation = 'Preparing target volumes', updated_at = now()"

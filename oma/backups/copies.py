@@ -55,7 +55,7 @@ from oma.backups import layout
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
-from oma.engine import pid_alive
+from oma.workers import ClaimWorker, claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record
@@ -316,8 +316,11 @@ RETURNING c.id, c.backup_id, c.repository_id, c.copy_rule_id
 """
 
 
-class CopyWorker:
+class CopyWorker(ClaimWorker):
     """Claims pending copies and drives them (see the module doc). One per OMA process."""
+
+    kind = "copy worker"
+    action = "copy_worker"
 
     def __init__(
         self,
@@ -328,45 +331,30 @@ class CopyWorker:
         max_active: int = MAX_ACTIVE_COPIES,
         poll_interval: float = POLL_INTERVAL_S,
     ) -> None:
+        super().__init__(max_active=max_active, poll_interval=poll_interval)
         self.config = config
         self.db = db
         self.box = box
-        self.max_active = max_active
-        self.poll_interval = poll_interval
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: Copies of ``scheduled`` rules queued before this moment may run.
         self.scheduled_cutoff = dt.datetime.now(dt.UTC)
         self.active: set[str] = set()
-        self.stopped = trio.Event()
-        self._stop = trio.Event()
-        self._wake = trio.Event()
 
-    def wake(self) -> None:
-        """Claim at once (a copy was queued) instead of at the next poll."""
-        self._wake.set()
+    def active_count(self) -> int:
+        return len(self.active)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+    async def claim(self, limit: int) -> list[Record]:
+        return await self.db.fetch(_CLAIM, self.worker_id, limit, self.scheduled_cutoff)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        log.info("copy worker started", extra={"action": "copy_worker", "worker_id": self.worker_id})
-        try:
-            try:
-                await self.recover_orphans()
-            except Exception:
-                log.exception("recovering the copies of a stopped OMA process failed")
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._claim_loop, nursery)
-                nursery.start_soon(self._schedule_loop)
-                task_status.started()
-                await self._stop.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
-                await self._release_claims()
-            self.stopped.set()
-            log.info("copy worker stopped", extra={"action": "copy_worker"})
+    def start(self, nursery: trio.Nursery, row: Record) -> None:
+        self.active.add(row["id"])
+        nursery.start_soon(self._drive, row)
+
+    async def start_side_tasks(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._schedule_loop)
+
+    async def on_stop(self) -> None:
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            await self._release_claims()
 
     async def _release_claims(self) -> None:
         """The last step of a stop: any copy still claimed by this worker goes back to pending
@@ -392,7 +380,7 @@ class CopyWorker:
             f"{socket.gethostname()}:%",
         )
         for row in rows:
-            if pid_alive(int(row["claimed_by"].split(":")[1])):
+            if not claimant_gone(row["claimed_by"]):
                 continue
             await self.db.execute(
                 "UPDATE backup_copies SET status = 'pending', claimed_by = NULL, started_at = NULL"
@@ -410,26 +398,6 @@ class CopyWorker:
             await trio.sleep(self.config.retention_interval)
             self.scheduled_cutoff = dt.datetime.now(dt.UTC)
             self.wake()
-
-    async def _claim_loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            self._wake = trio.Event()  # reset before claiming: a wake-up during the claim is kept
-            free = self.max_active - len(self.active)
-            if free > 0:
-                try:
-                    # Shielded: a claim cancelled in flight may have committed, and its rows would
-                    # stay "copying" with nobody driving them. Claimed rows are always driven (a
-                    # drive cancelled at once puts its copy back to pending).
-                    with trio.CancelScope(shield=True):
-                        claimed = await self.db.fetch(_CLAIM, self.worker_id, free, self.scheduled_cutoff)
-                except Exception:
-                    log.exception("claiming backup copies failed")
-                    claimed = []
-                for row in claimed:
-                    self.active.add(row["id"])
-                    nursery.start_soon(self._drive, row)
-            with trio.move_on_after(self.poll_interval):
-                await self._wake.wait()
 
     async def _drive(self, row: Record) -> None:
         copy_id = row["id"]

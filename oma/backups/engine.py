@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +50,9 @@ from oma.backups.chains import disk_lock
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
-from oma.engine import FINISH_TIMEOUT, ResolveLogin, claimant_gone
+from oma.engine import FINISH_TIMEOUT, ResolveLogin
 from oma.vma_client import ExportedDisk, VmaClient, VmaError, VmaJobNotFound, exports_of
+from oma.workers import ClaimWorker, claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Database
@@ -206,7 +205,10 @@ async def finish_backup(
     return ended is not None
 
 
-class BackupEngine:
+class BackupEngine(ClaimWorker):
+    kind = "backup engine"
+    action = "backup_engine"
+
     def __init__(
         self,
         config: OmaConfig,
@@ -217,46 +219,31 @@ class BackupEngine:
         *,
         after_backup: AfterBackup | None = None,
     ) -> None:
+        super().__init__(max_active=config.max_active_backups, poll_interval=config.engine_poll_interval)
         self.config = config
         self.db = db
         self.vma = vma
         self.box = box
         self.resolve_login = resolve_login
         self.after_backup = after_backup
-        self.engine_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         #: Backups this process drives now, by id.
         self.backups: dict[str, RunningBackup] = {}
         #: The mover's reconnection window when the export drops.
         self.reconnect_timeout = RECONNECT_TIMEOUT
-        self.stopped = trio.Event()
-        self._stop = trio.Event()
-        self._wake = trio.Event()
 
-    def wake(self) -> None:
-        """Claim at once (a backup was created, or a slot freed) instead of at the next poll."""
-        self._wake.set()
+    @property
+    def engine_id(self) -> str:
+        return self.worker_id
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+    def active_count(self) -> int:
+        return len(self.backups)
 
-    async def run(self) -> None:
-        with log_context(action="backup_engine"):
-            log.info("backup engine started", extra={"engine_id": self.engine_id})
-            try:
-                try:
-                    await self._recover_orphans()
-                except Exception:
-                    log.exception("recovering the backups of a stopped OMA process failed")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._claim_loop, nursery)
-                    await self._stop.wait()
-                    nursery.cancel_scope.cancel()
-            finally:
-                self.stopped.set()
-                log.info("backup engine stopped")
+    def start(self, nursery: trio.Nursery, row: Any) -> None:
+        job = RunningBackup.from_row(row)
+        self.backups[job.backup_id] = job
+        nursery.start_soon(self._drive, job)
 
-    async def _recover_orphans(self) -> None:
+    async def recover_orphans(self) -> None:
         """Fail the active backups that a dead OMA process on this host claimed: left alone they
         would hold their disk's "one active backup" slot forever. Each one's export is released on
         the VMA and its unfinished files are removed."""
@@ -296,24 +283,7 @@ class BackupEngine:
         removed: bool = await trio.to_thread.run_sync(remove_point_files, image)
         return removed
 
-    async def _claim_loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            self._wake = trio.Event()  # reset before claiming: a wake-up during the claim is kept
-            free = self.config.max_active_backups - len(self.backups)
-            if free > 0:
-                try:
-                    claimed = await self._claim(free)
-                except Exception:
-                    log.exception("claiming backups failed")
-                    claimed = []
-                for row in claimed:
-                    job = RunningBackup.from_row(row)
-                    self.backups[job.backup_id] = job
-                    nursery.start_soon(self._drive, job)
-            with trio.move_on_after(self.config.engine_poll_interval):
-                await self._wake.wait()
-
-    async def _claim(self, limit: int) -> list[Any]:
+    async def claim(self, limit: int) -> list[Any]:
         return await self.db.fetch(
             "UPDATE backup_jobs b SET claimed_by = $1, claimed_at = now(), status = 'running',"
             " started_at = now(), current_operation = 'Preparing the repository', updated_at = now()"

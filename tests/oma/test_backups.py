@@ -407,7 +407,7 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
 
         async def claim(n: int) -> None:
             for _ in range(3):
-                claimed[n].extend(r["id"] for r in await engines[n]._claim(1))
+                claimed[n].extend(r["id"] for r in await engines[n].claim(1))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(claim, 0)

@@ -31,7 +31,7 @@ async def test_two_engines_on_one_database_never_claim_the_same_job(oma: Oma) ->
 
     async def claim(n: int) -> None:
         for _ in range(4):
-            claimed[n].extend(r["id"] for r in await engines[n]._claim(2))
+            claimed[n].extend(r["id"] for r in await engines[n].claim(2))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(claim, 0)
