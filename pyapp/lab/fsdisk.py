@@ -42,7 +42,7 @@ from pyapp.lab.disks import (
     fs_uuid,
     make_ext4,
 )
-from pyapp.lab.guest import GuestDisk
+from pyapp.lab.guest import GuestDisk, pwrite_all
 
 MiB = 1024 * 1024
 SECTOR = 512
@@ -285,12 +285,5 @@ def rewrite_partition(
 def _write(target: Path | GuestDisk, offset: int, data: bytes) -> None:
     if isinstance(target, GuestDisk):
         target.write(offset, data)
-        return
-    fd = os.open(target, os.O_WRONLY)
-    try:
-        view = memoryview(data)
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, view[done:], offset + done)
-    finally:
-        os.close(fd)
+    else:
+        pwrite_all(target, offset, data)

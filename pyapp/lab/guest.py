@@ -32,6 +32,18 @@ class JournalEntry:
     uuid: str = ""
 
 
+def pwrite_all(image: Path, offset: int, data: bytes) -> None:
+    """Write all of ``data`` at ``offset`` of ``image`` (no truncation, no journal)."""
+    fd = os.open(image, os.O_WRONLY)
+    try:
+        view = memoryview(data)
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, view[done:], offset + done)
+    finally:
+        os.close(fd)
+
+
 def new_cbt_uuid() -> str:
     """A change-tracking UUID in VMware's notation: ``"52 de c0 d9 98 a8 ac 5b-a1 16 ed 5d 02 86 e1 04"``."""
     b = secrets.token_bytes(16)
@@ -101,14 +113,7 @@ class GuestDisk:
         if offset < 0 or offset + len(data) > self.size:
             raise ValueError(f"write [{offset}, {offset + len(data)}) outside the disk ({self.size} bytes)")
         with self._locked() as (j, seq):
-            fd = os.open(self.image, os.O_WRONLY)
-            try:
-                view = memoryview(data)
-                done = 0
-                while done < len(data):
-                    done += os.pwrite(fd, view[done:], offset + done)
-            finally:
-                os.close(fd)
+            pwrite_all(self.image, offset, data)
             seq += 1
             self._append(
                 j,
