@@ -173,7 +173,13 @@ async def test_full_and_incremental_against_the_real_oma(
                             break
                         await trio.sleep(0.1)
                 assert p["status"] == "completed", json.dumps(p)
-                record = (await http.get(f"{api}/replications/{job['id']}", headers=admin)).json()
+                # The VMA's own status turns "completed" just before its final report reaches the OMA.
+                with trio.fail_after(10):
+                    while True:
+                        record = (await http.get(f"{api}/replications/{job['id']}", headers=admin)).json()
+                        if record["status"] != "replicating":
+                            break
+                        await trio.sleep(0.05)
                 assert record["status"] == "completed" and record["progress_percent"] == 100
                 assert all(d["change_id"] for d in record["disks"])
                 proxied = await http.get(f"{api}/progress/{job['id']}", headers=admin)
