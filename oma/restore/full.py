@@ -6,8 +6,9 @@ Targets (checked before the job is accepted):
 ``raw``
     An absolute path. A path that does not exist becomes a new sparse file of the disk's size
     (only the point's allocated data is written: the rest stays holes). An existing block device
-    is written whole (zeros where the point has none, sent as zero commands). An existing
-    regular file is refused (409 ``TARGET_EXISTS``): a full restore never overwrites a file.
+    is written whole (zeros where the point has none, sent as zero commands), unless it is in use
+    (a mounted file system, another exclusive holder: 409). An existing regular file is refused
+    (409 ``TARGET_EXISTS``): a full restore never overwrites a file.
 ``qcow2``
     An absolute path ending in ``.qcow2`` that does not exist: a new standalone image (no
     backing file) with its BLAKE3 manifest beside it, as the mover writes every image.
@@ -83,6 +84,14 @@ def check_target(target_type: TargetType, target: str) -> TargetPlan:
             raise ApiError(422, INVALID_TARGET, f"the directory {path.parent} does not exist") from None
         return TargetPlan(target_type, str(path), creates=True, target_is_zero=True)
     if target_type == "raw" and stat.S_ISBLK(st.st_mode):
+        # O_EXCL on a block device fails (EBUSY) while a file system on it is mounted or another
+        # holder has it: a restore never writes over a device in use.
+        try:
+            os.close(os.open(path, os.O_RDONLY | os.O_EXCL))
+        except OSError as e:
+            raise ApiError(
+                409, TARGET_EXISTS, f"block device {path} is in use (mounted, or held): {e.strerror}"
+            ) from e
         return TargetPlan(target_type, str(path), creates=False, target_is_zero=False)
     raise ApiError(
         409,

@@ -720,9 +720,14 @@ async def test_full_restore_to_a_block_device(oma: Oma, disks: Disks, tmp_path: 
     device = attach.stdout.strip()
     try:
         backup_id = await insert_backup(oma, disks.mbr, vm="mbr")
-        r = await oma.post(
-            "/restore/full", json={"backup_id": backup_id, "target_type": "raw", "target": device}
-        )
+        body = {"backup_id": backup_id, "target_type": "raw", "target": device}
+        holder = os.open(device, os.O_RDONLY | os.O_EXCL)  # as a mounted file system holds it
+        try:
+            r = await oma.post("/restore/full", json=body)
+            assert r.status_code == 409 and "in use" in r.json()["error"], r.text
+        finally:
+            os.close(holder)
+        r = await oma.post("/restore/full", json=body)
         assert r.status_code == 202, r.text
         job = await _wait_restore(oma, r.json()["restore_id"])
         assert job["status"] == "completed", job
