@@ -60,6 +60,35 @@ SEED_PATHS = {
     ("get", "/api/v1/debug/failover-jobs"),
     ("get", "/api/v1/debug/endpoints"),
     ("get", "/api/v1/debug/logs"),
+    # Backup Repository Management
+    ("post", "/api/v1/repositories"),
+    ("get", "/api/v1/repositories"),
+    ("get", "/api/v1/repositories/{repository_id}/storage"),
+    ("post", "/api/v1/repositories/test"),
+    ("delete", "/api/v1/repositories/{repository_id}"),
+    # Backup Policy Management
+    ("post", "/api/v1/policies"),
+    ("get", "/api/v1/policies"),
+    ("get", "/api/v1/policies/{policy_id}"),
+    ("delete", "/api/v1/policies/{policy_id}"),
+    ("get", "/api/v1/backups/{backup_id}/copies"),
+    ("post", "/api/v1/backups/{backup_id}/copy"),
+    # File-Level Restore
+    ("post", "/api/v1/restore/mount"),
+    ("delete", "/api/v1/restore/{mount_id}"),
+    ("get", "/api/v1/restore/mounts"),
+    ("get", "/api/v1/restore/{mount_id}/files"),
+    ("get", "/api/v1/restore/{mount_id}/file-info"),
+    ("get", "/api/v1/restore/{mount_id}/download"),
+    ("get", "/api/v1/restore/{mount_id}/download-directory"),
+    ("get", "/api/v1/restore/resources"),
+    ("get", "/api/v1/restore/cleanup-status"),
+    # Backup API Endpoints
+    ("post", "/api/v1/backup/start"),
+    ("get", "/api/v1/backup/list"),
+    ("get", "/api/v1/backup/{backup_id}"),
+    ("delete", "/api/v1/backup/{backup_id}"),
+    ("get", "/api/v1/backup/chain"),
 }
 
 
