@@ -28,4 +28,8 @@ def test_demo_runs_end_to_end_within_three_minutes() -> None:
     assert time.monotonic() - started < 180
     out = r.stdout
     assert "demo passed" in out and "snapshots left in vCenter: 0" in out
-    assert out.count(" yes") == 3  # three disks, each equal to its source after both passes
+    replication, _, backups = out.partition("backups of web01")
+    assert replication.count(" yes") == 3  # three disks, each equal to its source after both passes
+    # two backup points, every file restored from each equal to the guest's
+    assert backups.count(" equal ") == 2 and "DIFFER" not in backups
+    assert "chain verified against its manifests: yes" in backups
