@@ -537,6 +537,11 @@ pub async fn run(
     cancel: Arc<CancelToken>,
 ) -> Result<CopyOutcome> {
     let target_kind = endpoint::kind_of(target, Access::Write { create_size: 0 })?;
+    // A cancelled copy must not wait for a lost NBD server to come back.
+    let open = &OpenOptions {
+        cancel: Some(Arc::clone(&cancel)),
+        ..open.clone()
+    };
     let src_open = OpenOptions {
         backing: None,
         ..open.clone()

@@ -857,3 +857,62 @@ async fn close_lets_requests_in_flight_finish() {
     assert!(matches!(err, MoverError::Connect { .. }), "{err}");
     assert_eq!(ep.reconnections(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_copy_stops_waiting_for_a_lost_server() {
+    use mover_core::copy::{self, CopyOptions};
+    use mover_core::endpoint::OpenOptions;
+    use mover_core::plan::PlanKind;
+    use mover_core::progress::{CancelToken, Progress};
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("slow.sock");
+    let image = sparse_file(dir.path(), 256 * MIB);
+    // A slow source (nbdkit's delay filter), killed mid-copy: the copy's requests then wait for
+    // a reconnection the 60-s window would allow.
+    let mut server = Server::spawn(
+        "nbdkit",
+        &[
+            "-f",
+            "-U",
+            socket.to_str().unwrap(),
+            "--filter=delay",
+            "file",
+            image.to_str().unwrap(),
+            "rdelay=200ms",
+        ],
+    );
+    wait_for_unix(&socket);
+    let target = dir.path().join("target.raw");
+    let cancel = Arc::new(CancelToken::default());
+    let copy = tokio::spawn({
+        let (source, target, cancel) = (unix_uri(&socket, ""), target.clone(), Arc::clone(&cancel));
+        async move {
+            copy::run(
+                &source,
+                target.to_str().unwrap(),
+                &PlanKind::All,
+                &CopyOptions::default(),
+                &OpenOptions::default(),
+                Arc::new(Progress::default()),
+                cancel,
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    cancel.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(10), copy)
+        .await
+        .expect("the cancelled copy ended within 10 s")
+        .unwrap();
+    assert!(matches!(result, Err(MoverError::Cancelled)), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -63,10 +63,9 @@ log = logging.getLogger(__name__)
 ACTIVE = ("pending", "running")
 #: At most one progress write per backup per this many seconds.
 PROGRESS_INTERVAL = 1.0
-#: How long the mover redials an export whose connection dropped (a tunnel restart). The mover
-#: does not stop redialling when cancelled, so this also bounds how long a copy whose export died
-#: takes to stop; it stays below the app's bound on the engines' shutdown (28 s).
-RECONNECT_TIMEOUT = 20.0
+#: How long the mover redials an export whose connection dropped (a tunnel restart). A cancelled
+#: copy (shutdown, the VMA ending the export) stops redialling at once.
+RECONNECT_TIMEOUT = 60.0
 
 AfterBackup = Callable[[str], Awaitable[None]]
 

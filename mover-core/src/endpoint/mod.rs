@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::error::{MoverError, Result};
+use crate::progress::CancelToken;
 
 pub mod file;
 
@@ -102,7 +103,7 @@ pub enum Access {
 }
 
 /// How an endpoint is opened beyond its access mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct OpenOptions {
     /// How long a network endpoint keeps trying to re-establish a lost connection.
     pub reconnect_timeout: Duration,
@@ -110,6 +111,8 @@ pub struct OpenOptions {
     pub backing: Option<PathBuf>,
     /// Cluster size of a new QCOW2 target.
     pub cluster_size: u64,
+    /// Cancellation of the work the endpoint serves: a network endpoint stops reconnecting.
+    pub cancel: Option<Arc<CancelToken>>,
 }
 
 impl Default for OpenOptions {
@@ -118,6 +121,7 @@ impl Default for OpenOptions {
             reconnect_timeout: Duration::from_secs(60),
             backing: None,
             cluster_size: crate::qcow2::DEFAULT_CLUSTER_SIZE,
+            cancel: None,
         }
     }
 }
@@ -200,6 +204,7 @@ pub async fn open_with(
         (Kind::Nbd, _) => {
             let nbd_opts = crate::nbd::NbdOptions {
                 reconnect_timeout: opts.reconnect_timeout,
+                cancel: opts.cancel.clone(),
                 ..crate::nbd::NbdOptions::default()
             };
             Ok(Arc::new(

@@ -1024,11 +1024,12 @@ impl Client {
                 // Closed while dialling.
                 return Err(self.not_connected(why));
             }
-            let attempt = tokio::time::timeout_at(
-                deadline.min(Instant::now() + self.opts.connect_timeout),
-                Conn::open(&self.uri, &self.name, lost_generation + 1),
-            )
-            .await;
+            let attempt = self
+                .unless_cancelled(tokio::time::timeout_at(
+                    deadline.min(Instant::now() + self.opts.connect_timeout),
+                    Conn::open(&self.uri, &self.name, lost_generation + 1),
+                ))
+                .await?;
             let failure = match attempt {
                 Ok(Ok(conn)) => {
                     if let Err(e) = self.check_same_export(&conn.info) {
@@ -1056,8 +1057,22 @@ impl Client {
                     source: io::Error::new(io::ErrorKind::TimedOut, why),
                 });
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
+            self.unless_cancelled(tokio::time::sleep(pause.min(deadline - now)))
+                .await?;
             pause = (pause * 2).min(BACKOFF_CAP);
+        }
+    }
+
+    /// `work`, unless the work this endpoint serves is cancelled first
+    /// ([`NbdOptions::cancel`](super::NbdOptions::cancel)): then `MoverError::Cancelled`, so a
+    /// cancelled copy does not wait out the reconnection window of a server that is gone.
+    async fn unless_cancelled<T>(&self, work: impl std::future::Future<Output = T>) -> Result<T> {
+        match &self.opts.cancel {
+            None => Ok(work.await),
+            Some(token) => tokio::select! {
+                out = work => Ok(out),
+                () = token.cancelled() => Err(MoverError::Cancelled),
+            },
         }
     }
 

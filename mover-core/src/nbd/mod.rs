@@ -34,6 +34,7 @@ use async_trait::async_trait;
 use crate::endpoint::file::push_extent;
 use crate::endpoint::{Access, Capabilities, Endpoint, Extent};
 use crate::error::{MoverError, Result};
+use crate::progress::CancelToken;
 
 pub mod client;
 pub mod proto;
@@ -54,7 +55,7 @@ const MAX_EFFECT_REQUEST: u64 = 1 << 30;
 const ZERO_BUFFER: u64 = 4 << 20;
 
 /// How an NBD endpoint behaves beyond what its URI says.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct NbdOptions {
     /// How long to keep trying to reconnect after the connection drops before requests fail
     /// with `MoverError::Connect`.
@@ -62,6 +63,10 @@ pub struct NbdOptions {
     /// How long one connection attempt (connect and handshake) may take. A server at its
     /// client limit (`qemu-nbd --shared`) accepts the socket but never greets.
     pub connect_timeout: Duration,
+    /// The work this endpoint serves was cancelled: stop reconnecting at once, and fail the
+    /// requests waiting for a connection with `MoverError::Cancelled` rather than after
+    /// `reconnect_timeout`.
+    pub cancel: Option<Arc<CancelToken>>,
 }
 
 impl Default for NbdOptions {
@@ -69,6 +74,7 @@ impl Default for NbdOptions {
         Self {
             reconnect_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
+            cancel: None,
         }
     }
 }

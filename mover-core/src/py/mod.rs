@@ -197,6 +197,7 @@ impl Copy {
                 reconnect_timeout: seconds("reconnect_timeout", reconnect_timeout)?,
                 backing,
                 cluster_size,
+                cancel: None, // the copy's own token, set by copy::run
             },
             progress: Arc::default(),
             cancel: Arc::default(),
