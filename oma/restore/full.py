@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import trio
 
 from oma.api.common import new_id
 from oma.restore.points import hold_completed
+from oma.workers import claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Database, Record
@@ -102,7 +104,9 @@ def check_target(target_type: TargetType, target: str) -> TargetPlan:
     )
 
 
-async def accept_job(db: Database, backup_id: str, plan: TargetPlan, created_by: str) -> Record:
+async def accept_job(
+    db: Database, backup_id: str, plan: TargetPlan, created_by: str, worker_id: str
+) -> Record:
     """Record a ``pending`` job, unless another one is still writing the same target (409):
     checked and inserted under a transaction lock on the target, so two requests cannot both
     pass; the point is held meanwhile (:func:`oma.restore.points.hold_completed`)."""
@@ -116,23 +120,59 @@ async def accept_job(db: Database, backup_id: str, plan: TargetPlan, created_by:
         if busy is not None:
             raise ApiError.conflict(f"restore {busy} is already writing {plan.target}")
         row = await conn.fetchrow(
-            "INSERT INTO restore_jobs (id, backup_id, target_type, target, status, created_by)"
-            f" VALUES ($1, $2, $3, $4, 'pending', $5) RETURNING {JOB_COLUMNS}",
+            "INSERT INTO restore_jobs (id, backup_id, target_type, target, status, created_by, claimed_by)"
+            f" VALUES ($1, $2, $3, $4, 'pending', $5, $6) RETURNING {JOB_COLUMNS}",
             new_id("restore"),
             backup_id,
             plan.target_type,
             plan.target,
             created_by,
+            worker_id,
         )
     assert row is not None
     return row
 
 
-def _remove_created(plan: TargetPlan) -> None:
-    if not plan.creates:
-        return
-    for p in (Path(plan.target), Path(plan.target + ".manifest")):
+def _remove_target_files(target: str) -> None:
+    for p in (Path(target), Path(target + ".manifest")):
         p.unlink(missing_ok=True)
+
+
+def _remove_created(plan: TargetPlan) -> None:
+    if plan.creates:
+        _remove_target_files(plan.target)
+
+
+def _remove_orphaned_target(target_type: str, target: str) -> None:
+    """What an interrupted job created: a raw or QCOW2 target that is a regular file was made by
+    the job (those targets refuse existing files); a device or an export is left alone."""
+    if target_type in ("raw", "qcow2") and Path(target).is_file():
+        _remove_target_files(target)
+
+
+async def fail_orphaned_jobs(db: Database) -> list[str]:
+    """Fail the jobs an OMA process on this host was running when it died, and remove the
+    partial targets they created. Returns their ids."""
+    rows = await db.fetch(
+        "SELECT id, target_type, target, claimed_by FROM restore_jobs"
+        " WHERE status IN ('pending', 'running') AND claimed_by LIKE $1",
+        f"{socket.gethostname()}:%",
+    )
+    failed = []
+    for row in rows:
+        if not claimant_gone(row["claimed_by"]):
+            continue
+        await trio.to_thread.run_sync(_remove_orphaned_target, row["target_type"], row["target"])
+        ended = await db.fetchval(
+            "UPDATE restore_jobs SET status = 'failed', completed_at = now(),"
+            " error_message = $2 WHERE id = $1 AND status IN ('pending', 'running') RETURNING id",
+            row["id"],
+            f"the OMA process running the restore ({row['claimed_by']}) stopped",
+        )
+        if ended is not None:
+            failed.append(row["id"])
+            log.warning("restore of a stopped OMA process failed", extra={"restore_id": row["id"]})
+    return failed
 
 
 class DigestMismatch(Exception):

@@ -32,9 +32,17 @@ from quart_trio import QuartTrio
 
 from oma.api.common import new_id
 from oma.config import OmaConfig
-from oma.restore.full import TargetType, accept_job, check_target, job_body, run_full_restore
+from oma.restore.full import (
+    TargetType,
+    accept_job,
+    check_target,
+    fail_orphaned_jobs,
+    job_body,
+    run_full_restore,
+)
 from oma.restore.mount import Mount
 from oma.restore.points import completed_backup, hold_completed
+from oma.workers import new_worker_id
 from pyapp.api import ApiError
 from pyapp.db import Database, Record
 from pyapp.logs import log_context
@@ -85,6 +93,7 @@ class RestoreService:
     def __init__(self, config: OmaConfig, db: Database) -> None:
         self.config = config
         self.db = db
+        self.worker_id = new_worker_id()
         self.limiter = trio.CapacityLimiter(8)
         #: Directory archives produced at once (each by its own thread; see oma.restore.archive).
         self.archive_producers = trio.CapacityLimiter(4)
@@ -104,6 +113,10 @@ class RestoreService:
         closes its readers of mounts that ended; only those running the backup services expire
         idle mounts (and say ``running`` in the cleanup status)."""
         try:
+            try:
+                await fail_orphaned_jobs(self.db)
+            except Exception:
+                log.exception("failing the restores of a stopped OMA process failed")
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._cleanup_loop, self.config.run_backups)
@@ -134,7 +147,7 @@ class RestoreService:
         """Check the point and the target, record the job and start it; returns the job."""
         backup = await completed_backup(self.db, backup_id, "restored")
         plan = await self.run_sync(check_target, target_type, target)
-        row = await accept_job(self.db, backup_id, plan, created_by)
+        row = await accept_job(self.db, backup_id, plan, created_by, self.worker_id)
         source, expected = str(backup["file_path"]), backup["disk_digest"]
         restore_id = str(row["id"])
         self.start_job(lambda: run_full_restore(self.db, restore_id, source, plan, expected))

@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import tarfile
 import uuid
@@ -31,6 +32,7 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
+from oma.restore.full import fail_orphaned_jobs
 from pyapp import mover
 from pyapp.db import open_database
 from pyapp.lab import MiB, Partition, build_disk
@@ -736,3 +738,36 @@ async def test_full_restore_to_a_block_device(oma: Oma, disks: Disks, tmp_path: 
         subprocess.run(["losetup", "-d", device], check=True)
     _qemu_compare(backing, disks.mbr)
     assert Path(device).exists()  # a device is never removed, whatever happens
+
+
+async def test_restores_of_a_dead_process_are_failed_and_their_partial_targets_removed(
+    oma: Oma, disks: Disks, tmp_path: Path
+) -> None:
+    """A full restore whose OMA process died stays 'running' no more: the next start of the
+    restore service fails it and removes the file it had begun (never a device or another
+    process's job)."""
+    backup_id = await insert_backup(oma, disks.mbr, vm="mbr")
+    partial = tmp_path / "half.qcow2"
+    partial.write_bytes(b"QFI\xfb partial")
+    Path(f"{partial}.manifest").write_bytes(b"partial")
+    host = socket.gethostname()
+    assert oma.config.database_url
+    async with open_database(oma.config.database_url, min_size=1, max_size=1) as db:
+        for restore_id, target, owner in (
+            ("restore-dead", str(partial), f"{host}:999999999:x"),
+            ("restore-alive", str(tmp_path / "other.raw"), f"{host}:{os.getpid()}:y"),
+        ):
+            await db.execute(
+                "INSERT INTO restore_jobs (id, backup_id, target_type, target, status, claimed_by)"
+                " VALUES ($1, $2, $3, $4, 'running', $5)",
+                restore_id,
+                backup_id,
+                "qcow2" if target.endswith(".qcow2") else "raw",
+                target,
+                owner,
+            )
+        assert await fail_orphaned_jobs(db) == ["restore-dead"]
+        rows = {r["id"]: r for r in await db.fetch("SELECT id, status, error_message FROM restore_jobs")}
+    assert rows["restore-dead"]["status"] == "failed" and "stopped" in rows["restore-dead"]["error_message"]
+    assert rows["restore-alive"]["status"] == "running"
+    assert not partial.exists() and not Path(f"{partial}.manifest").exists()
