@@ -19,7 +19,7 @@ from quart_schema import validate_request
 
 from oma.api.common import MAX_NAME, new_id, not_cut_short
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, request_copy
-from oma.backups.retention import RETENTION_KEY, RetentionService
+from oma.backups.retention import RETENTION_KEY, RetentionService, retention_status
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, UniqueViolation
@@ -148,18 +148,10 @@ async def list_policies() -> dict[str, Any]:
 
 
 @bp.get("/policies/retention-status")
-async def retention_status() -> dict[str, Any]:
-    """The retention service of this OMA process: its last run's figures (see docs/backup.md)."""
+async def get_retention_status() -> dict[str, Any]:
+    """This process's retention service and the last run any OMA process made (docs/backup.md)."""
     service: RetentionService | None = current_app.extensions.get(RETENTION_KEY)
-    if service is None:
-        return {
-            "running": False,
-            "interval_seconds": None,
-            "last_run_at": None,
-            "next_run_at": None,
-            "last_run": None,
-        }
-    return service.status()
+    return await retention_status(state().db, service)
 
 
 @bp.get("/policies/<policy_id>")

@@ -14,13 +14,15 @@ with one ``now`` for the whole run. A failure in one group is recorded and the r
 
 Only one OMA process runs retention at a time (a PostgreSQL advisory lock held for the run); a
 process that finds it taken skips its turn. Each run's figures — when, chains examined, points
-removed, new fulls, chains postponed and failed with their reasons — are logged and kept in
-:attr:`RetentionService.last_run` for ``GET /api/v1/policies/retention-status``.
+removed, new fulls, chains postponed and failed with their reasons — are logged and recorded in
+``retention_runs``, so ``GET /api/v1/policies/retention-status`` shows the last run to every
+OMA process, whichever made it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
@@ -31,6 +33,7 @@ import trio
 from oma.backups.chains import apply_retention
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
+from oma.workers import new_worker_id
 from pyapp.db import Database
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,8 @@ class RetentionRun:
     failed: list[dict[str, str]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
-        """The run as JSON-ready data (counts beside the lists)."""
-        body = asdict(self)
+        """The run as JSON-ready data (counts beside the lists, times in ISO 8601)."""
+        body = {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in asdict(self).items()}
         body["points_removed_count"] = len(self.points_removed)
         body["postponed_count"] = len(self.postponed)
         body["failed_count"] = len(self.failed)
@@ -76,6 +79,7 @@ class RetentionService:
         self.db = db
         self.box = box
         self.interval = config.retention_interval if interval is None else interval
+        self.worker_id = new_worker_id()
         self.last_run: RetentionRun | None = None
         self.next_run_at: dt.datetime | None = None
         self.running = False
@@ -123,6 +127,9 @@ class RetentionService:
                             await conn.execute("SELECT pg_advisory_unlock($1, $2)", *_RUN_LOCK)
             run.finished_at = dt.datetime.now(dt.UTC)
             self.last_run = run
+            if run.skipped is None:
+                with trio.CancelScope(shield=True):
+                    await self._record(run)
             log.info(
                 "retention run finished",
                 extra={
@@ -185,12 +192,33 @@ class RetentionService:
         for p in result.postponed:
             log.info("retention postponed: %s", p.get("reason"), extra={"action": "retention", **where})
 
-    def status(self) -> dict[str, Any]:
-        """``GET /policies/retention-status``."""
-        return {
-            "running": self.running,
-            "interval_seconds": self.interval,
-            "last_run_at": self.last_run.finished_at if self.last_run else None,
-            "next_run_at": self.next_run_at,
-            "last_run": self.last_run.summary() if self.last_run else None,
-        }
+    async def _record(self, run: RetentionRun) -> None:
+        try:
+            await self.db.execute(
+                "WITH pruned AS (DELETE FROM retention_runs WHERE finished_at < now() - interval '30 days')"
+                " INSERT INTO retention_runs (ran_by, finished_at, summary) VALUES ($1, $2, $3::jsonb)",
+                self.worker_id,
+                run.finished_at,
+                json.dumps(run.summary()),
+            )
+        except Exception:
+            log.exception("recording the retention run failed", extra={"action": "retention"})
+
+
+async def retention_status(db: Database, service: RetentionService | None) -> dict[str, Any]:
+    """``GET /policies/retention-status``: this process's service (running, interval, next run)
+    and the last run any OMA process recorded."""
+    row = await db.fetchrow(
+        "SELECT ran_by, summary FROM retention_runs ORDER BY finished_at DESC, id DESC LIMIT 1"
+    )
+    last: dict[str, Any] | None = None
+    if row is not None:
+        summary = row["summary"]
+        last = {**(json.loads(summary) if isinstance(summary, str) else summary), "ran_by": row["ran_by"]}
+    return {
+        "running": service.running if service else False,
+        "interval_seconds": service.interval if service else None,
+        "last_run_at": last["finished_at"] if last else None,
+        "next_run_at": service.next_run_at if service else None,
+        "last_run": last,
+    }

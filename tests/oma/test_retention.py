@@ -5,6 +5,7 @@ enabled policy's points by disk and repository and hands them to the lead's
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ async def test_expired_points_merge_in_primary_and_copy(oma: Oma, tmp_path: Path
     assert status["last_run_at"] == last["finished_at"]
     assert last["points_removed_count"] == 3 and last["new_fulls"] == [kept.backup_id]
     assert last["postponed_count"] == 0 and last["finished_at"] is not None
+    assert last["ran_by"].startswith(socket.gethostname() + ":")  # recorded for every OMA process
 
 
 async def test_locks_postpone_and_grouping(oma: Oma, tmp_path: Path) -> None:
