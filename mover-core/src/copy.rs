@@ -203,13 +203,7 @@ async fn copy_item(
         zero,
     } = item;
     if zero {
-        dst.write_zeroes(offset, length)
-            .await
-            .map_err(|e| e.on_target(offset, length))?;
-        if let Some(m) = manifest {
-            m.record_zero(offset, length);
-        }
-        Progress::add(&progress.bytes_zeroed, length);
+        zero_range(progress, dst, offset, length, manifest).await?;
         return Ok(buf);
     }
     buf.resize(length as usize, 0);
@@ -219,13 +213,7 @@ async fn copy_item(
         .map_err(|e| e.on_source(offset, length))?;
     Progress::add(&progress.bytes_read, length);
     if is_zero(&buf) {
-        dst.write_zeroes(offset, length)
-            .await
-            .map_err(|e| e.on_target(offset, length))?;
-        if let Some(m) = manifest {
-            m.record_zero(offset, length);
-        }
-        Progress::add(&progress.bytes_zeroed, length);
+        zero_range(progress, dst, offset, length, manifest).await?;
         Ok(buf)
     } else {
         let buf = dst
@@ -238,6 +226,24 @@ async fn copy_item(
         Progress::add(&progress.bytes_written, length);
         Ok(buf)
     }
+}
+
+/// One zero command for a range known (from the allocation map) or found (scanned) to be zeros.
+async fn zero_range(
+    progress: &Progress,
+    dst: &dyn Endpoint,
+    offset: u64,
+    length: u64,
+    manifest: Option<&ManifestBuilder>,
+) -> Result<()> {
+    dst.write_zeroes(offset, length)
+        .await
+        .map_err(|e| e.on_target(offset, length))?;
+    if let Some(m) = manifest {
+        m.record_zero(offset, length);
+    }
+    Progress::add(&progress.bytes_zeroed, length);
+    Ok(())
 }
 
 /// Flush the target, then record what was done before the flush began.

@@ -29,7 +29,7 @@
 //! ([`ManifestBuilder::record`]); whole chunks written as zeros take the zero digest
 //! ([`ManifestBuilder::record_zero`]). A chunk only partly covered by a request is marked stale;
 //! when the pass is done, [`ManifestBuilder::complete`] re-reads the stale chunks through the
-//! image just written (its whole chain) and digests them. [`ManifestBuilder::finish`] refuses to
+//! image just written (its whole chain) and digests them. [`ManifestBuilder::to_manifest`] refuses to
 //! produce a manifest while a chunk is stale.
 //!
 //! An overlay's manifest describes the disk as seen through its chain: the builder starts from
@@ -588,21 +588,6 @@ impl ManifestBuilder {
             digests: st.digests.clone(),
         })
     }
-
-    /// The finished manifest; an error while chunks are stale.
-    pub fn finish(self) -> Result<Manifest> {
-        let st = self.state.into_inner().expect("manifest builder");
-        if let Some(i) = st.stale.iter().position(|&s| s) {
-            return Err(MoverError::InvalidPlan(format!(
-                "manifest chunk {i} was partly written and not read back"
-            )));
-        }
-        Ok(Manifest {
-            chunk_size: self.chunk_size,
-            disk_size: self.disk_size,
-            digests: st.digests,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -668,7 +653,7 @@ mod tests {
         b.record_zero((2 << 20) + 7, 2);
         assert_eq!(b.stale_chunks(), vec![2, 4]);
         b.complete(read_from(&d)).unwrap();
-        let m = b.finish().unwrap();
+        let m = b.to_manifest().unwrap();
         let want = Manifest::compute(size as u64, 1 << 20, read_from(&d)).unwrap();
         assert_eq!(m, want);
     }
@@ -677,7 +662,7 @@ mod tests {
     fn unfinished_chunks_refuse_to_finish() {
         let b = ManifestBuilder::new(2 << 20, 1 << 20).unwrap();
         b.record(10, &[1, 2, 3]);
-        assert!(b.finish().is_err());
+        assert!(b.to_manifest().is_err());
     }
 
     #[test]
@@ -692,7 +677,7 @@ mod tests {
         d[(1 << 20)..(2 << 20)].copy_from_slice(&new);
         b.record(1 << 20, &new);
         b.complete(read_from(&d)).unwrap();
-        let derived = b.finish().unwrap();
+        let derived = b.to_manifest().unwrap();
         let fresh = Manifest::compute(d.len() as u64, 1 << 20, read_from(&d)).unwrap();
         assert_eq!(derived, fresh);
         assert_eq!(derived.disk_digest(), fresh.disk_digest());

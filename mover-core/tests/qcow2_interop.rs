@@ -731,7 +731,7 @@ async fn endpoints_copy_a_chain_into_a_standalone_image() {
     copy(&src, another.as_ref(), &builder).await;
     assert!(!builder.stale_chunks().is_empty());
     builder.complete(|o, b| dst.writer().read_at(o, b)).unwrap();
-    let manifest = builder.finish().unwrap();
+    let manifest = builder.to_manifest().unwrap();
     dst.close().await.unwrap();
     assert_check_clean(&out);
     run("qemu-img", &["compare", s(&top), s(&out)]);
@@ -790,7 +790,7 @@ async fn incremental_overlay_manifest_is_derived_and_verified() {
     let builder = ManifestBuilder::new(size, DEFAULT_CHUNK_SIZE).unwrap();
     copy(src.as_ref(), &dst, &builder).await;
     builder.complete(|o, b| dst.writer().read_at(o, b)).unwrap();
-    let m0 = builder.finish().unwrap();
+    let m0 = builder.to_manifest().unwrap();
     dst.close().await.unwrap();
     m0.save(&Manifest::path_for(&full)).unwrap();
 
@@ -838,7 +838,7 @@ async fn incremental_overlay_manifest_is_derived_and_verified() {
     w.finish().unwrap();
     assert_eq!(builder.stale_chunks(), vec![3, 4, 5, 6, 8]);
     builder.complete(|o, b| w.read_at(o, b)).unwrap();
-    let m1 = builder.finish().unwrap();
+    let m1 = builder.to_manifest().unwrap();
     drop(w);
     assert_check_clean(&inc);
     assert_compare(&inc, &disk);
