@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from pyapp.process import terminate
+
 
 class ExportError(RuntimeError):
     """qemu-nbd did not start or exited early."""
@@ -124,13 +126,7 @@ class NbdExport:
     def stop(self) -> None:
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         if self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None

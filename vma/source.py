@@ -32,6 +32,7 @@ from pathlib import Path
 import trio
 
 from pyapp.datastore import DatastorePathError, parse_datastore_path, raw_extent
+from pyapp.process import aterminate
 from vma.config import WILDCARD_ADDRESSES, VmaConfig
 from vma.vsphere import VCenterLogin
 
@@ -291,13 +292,7 @@ async def serve_source(argv: list[str], log_path: Path, *, start_timeout: float 
         yield local_uri(listen)
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None:
-                proc.terminate()
-                with trio.move_on_after(10):
-                    await proc.wait()
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            await aterminate(proc)
             if isinstance(listen, TcpListen):
                 await trio.Path(pid_file).unlink(missing_ok=True)
             else:

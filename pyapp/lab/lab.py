@@ -26,10 +26,11 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
+from ..process import aterminate, terminate
 from .datastore import DatastoreMap, datastore_path, flat_of, write_descriptor
 from .disks import DiskLayout, MiB, Partition, TableType, build_disk
 from .guest import GuestDisk
-from .vcsim import LabError, Ready, build_vcsim, terminate, vcsim_command
+from .vcsim import LabError, Ready, build_vcsim, vcsim_command
 
 __all__ = ["DiskSpec", "Lab", "LabDisk", "LabVM", "MiB"]
 
@@ -190,13 +191,7 @@ class Lab:
                     si, self._si = self._si, None
                     with trio.move_on_after(5):
                         await trio.to_thread.run_sync(Disconnect, si, abandon_on_cancel=True)
-                if proc.returncode is None:
-                    proc.terminate()
-                    with trio.move_on_after(10):
-                        await proc.wait()
-                    if proc.returncode is None:
-                        proc.kill()
-                        await proc.wait()
+                await aterminate(proc)
                 if proc.stdout is not None:
                     await proc.stdout.aclose()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyapp.nbd_export import NbdExport
+from pyapp.process import terminate
 
 MiB = 1 << 20
 
@@ -81,8 +82,7 @@ class Nbdkit:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            self.process.wait(10)
+            terminate(self.process)
             if self.process.stderr is not None:
                 self.process.stderr.close()
 
