@@ -33,7 +33,7 @@ from oma.api.common import MAX_NAME, Page, json_columns, json_page, new_id, not_
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
 from oma.backups.layout import backup_path
-from oma.backups.repositories import root_of, spec_from_row
+from oma.backups.repositories import enabled_spec, root_of
 from oma.backups.verify import verify_backup
 from oma.state import state
 from pyapp.api import ApiError
@@ -189,15 +189,7 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
         raise ApiError.unprocessable(
             "repository_id is required (or a policy_id, whose primary repository is used)"
         )
-    repo = await db.fetchrow(  # no secret: naming the planned path does not need the password
-        "SELECT id, type, config, NULL::bytea AS secret_ciphertext, enabled FROM backup_repositories"
-        " WHERE id = $1",
-        repository_id,
-    )
-    if repo is None:
-        raise ApiError.not_found(f"repository {repository_id!r} not found")
-    if not repo["enabled"]:
-        raise ApiError.conflict(f"repository {repository_id} is disabled")
+    repo = await enabled_spec(db, st.box, repository_id)
     parent = None
     if data.backup_type == "incremental":
         parent = await db.fetchrow(LATEST_POINT, data.vm_name, disk_id, repository_id)
@@ -209,9 +201,7 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
                 " an incremental needs one to build on (start a full backup first)",
             )
     backup_id = new_id("backup")
-    planned = backup_path(
-        root_of(spec_from_row(repo, st.box), st.config.mounts_dir), data.vm_name, disk_id, backup_id
-    )
+    planned = backup_path(root_of(repo, st.config.mounts_dir), data.vm_name, disk_id, backup_id)
     try:
         await db.execute(
             "INSERT INTO backup_jobs (id, vm_context_id, vm_name, vm_path, disk_id, backup_type,"

@@ -342,9 +342,8 @@ def spec_from_row(row: Record | Mapping[str, Any], box: SecretBox) -> Repository
     return RepositorySpec(row["id"], row["type"], config_of(row), password)
 
 
-async def ensure_ready(db: Database, box: SecretBox, mounts_dir: Path, repository_id: str) -> Path:
-    """The root of an enabled repository, mounted if it is a network share. Raises
-    :class:`ApiError`: 404 unknown, 409 disabled, 503 ``REPOSITORY_UNAVAILABLE`` (mount failed)."""
+async def enabled_spec(db: Database, box: SecretBox, repository_id: str) -> RepositorySpec:
+    """An enabled repository's spec. Raises :class:`ApiError`: 404 unknown, 409 disabled."""
     row = await db.fetchrow(
         "SELECT id, type, config, secret_ciphertext, enabled FROM backup_repositories WHERE id = $1",
         repository_id,
@@ -353,7 +352,13 @@ async def ensure_ready(db: Database, box: SecretBox, mounts_dir: Path, repositor
         raise ApiError.not_found(f"repository {repository_id} not found")
     if not row["enabled"]:
         raise ApiError.conflict(f"repository {repository_id} is disabled")
-    spec = spec_from_row(row, box)
+    return spec_from_row(row, box)
+
+
+async def ensure_ready(db: Database, box: SecretBox, mounts_dir: Path, repository_id: str) -> Path:
+    """The root of an enabled repository, mounted if it is a network share. Raises
+    :class:`ApiError`: 404 unknown, 409 disabled, 503 ``REPOSITORY_UNAVAILABLE`` (mount failed)."""
+    spec = await enabled_spec(db, box, repository_id)
     try:
         return await trio.to_thread.run_sync(prepare, spec, mounts_dir)
     except RepositoryError as e:
