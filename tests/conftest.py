@@ -1,4 +1,5 @@
-"""Fixtures shared by every suite: one PostgreSQL server per test session.
+"""Fixtures shared by every suite: one PostgreSQL server per test session, and the vSphere lab
+with its two-disk VM ``vm1`` (tests/lab has its own ``vm1``).
 
 ``DATABASE_URL`` (a superuser DSN) selects an external server; otherwise an embedded PostgreSQL
 (the ``pgserver`` wheel) is started in a temporary directory and stopped at the end of the session.
@@ -14,6 +15,30 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
+
+FILES = {"etc/hostname": b"vm1\n", "var/lib/data/blob.bin": bytes(range(256)) * 8192}
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    # An 8 MiB window: every disk takes several QueryChangedDiskAreas answers, so the callers'
+    # loops are exercised.
+    with Lab(tmp_path / "lab", qcda_window=8 * MiB) as lab:
+        yield lab
+
+
+@pytest.fixture
+def vm1(lab: Lab) -> LabVM:
+    """A VM with two disks: an ext4 file system with files, and a blank disk."""
+    return lab.create_vm(
+        "vm1",
+        [DiskSpec(32 * MiB, [Partition(16 * MiB, "ext4", "root", FILES)]), DiskSpec(16 * MiB)],
+        guest_id="ubuntu64Guest",
+        memory_mb=2048,
+        num_cpus=2,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,11 @@ would enrol it, and a default VMware credential for the lab stored in the OMA.""
 from __future__ import annotations
 
 import base64
+import os
+import signal
+import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from oma.engine import ReplicationEngine
 from oma.state import STATE_KEY, OmaState
 from pyapp.db import create_database, with_database
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
+from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from tests.oma.oma_harness import Oma, make_config, run_oma
 from tests.vma.conftest import vma_config
@@ -28,7 +31,6 @@ from vma.config import VmaConfig
 from vma.server import serve_vma
 
 TERMINAL = ("completed", "failed", "cancelled")
-FILES = {"etc/hostname": b"vm1\n", "var/lib/data/blob.bin": bytes(range(256)) * 8192}
 
 
 async def enroll(oma: Oma, name: str = "vma-e2e") -> tuple[str, str]:
@@ -110,24 +112,6 @@ class Product:
 
 
 @pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    with Lab(tmp_path / "lab", qcda_window=8 * MiB) as lab:
-        yield lab
-
-
-@pytest.fixture
-def vm1(lab: Lab) -> LabVM:
-    """A VM with two disks: an ext4 file system with files, and a blank disk."""
-    return lab.create_vm(
-        "vm1",
-        [DiskSpec(32 * MiB, [Partition(16 * MiB, "ext4", "root", FILES)]), DiskSpec(16 * MiB)],
-        guest_id="ubuntu64Guest",
-        memory_mb=2048,
-        num_cpus=2,
-    )
-
-
-@pytest.fixture
 async def oma_dsn(postgres_admin_dsn: str) -> str:
     name = f"oma_e2e_{uuid.uuid4().hex[:12]}"
     await create_database(postgres_admin_dsn, name)
@@ -173,3 +157,20 @@ async def vma_progress(product: Product, job_id: str) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=10) as http:
         body: dict[str, Any] = (await http.get(f"{product.vma_url}/api/v1/progress/{job_id}")).json()
         return body
+
+
+async def hold_copy(product: Product, job_id: str) -> subprocess.Popen[bytes]:
+    """Stop (SIGSTOP) the job's first qemu-nbd and wait until the VMA is copying into it: the copy
+    is then in flight and cannot end by itself. Returns the export's process."""
+    with trio.fail_after(30):
+        while True:
+            running = product.engine.jobs.get(job_id)
+            if running and running.targets and running.targets[0].export is not None:
+                process = running.targets[0].export.process
+                if process is not None:
+                    break
+            await trio.sleep(0.005)
+        os.kill(process.pid, signal.SIGSTOP)
+        while (await vma_progress(product, job_id)).get("phase") != "copying":
+            await trio.sleep(0.01)
+    return process

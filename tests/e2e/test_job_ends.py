@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,27 +12,10 @@ import trio
 
 from pyapp.db import open_database
 from pyapp.lab import LabVM
-from tests.e2e.conftest import Product, vma_progress
+from tests.e2e.conftest import Product, hold_copy, vma_progress
 from tests.e2e.test_replication_flow import accepts, no_snapshots
 
 pytestmark = pytest.mark.e2e
-
-
-async def hold_copy(product: Product, job_id: str) -> subprocess.Popen[bytes]:
-    """Stop (SIGSTOP) the job's first qemu-nbd and wait until the VMA is copying into it: the copy
-    is then in flight and cannot end by itself. Returns the export's process."""
-    with trio.fail_after(30):
-        while True:
-            running = product.engine.jobs.get(job_id)
-            if running and running.targets and running.targets[0].export is not None:
-                process = running.targets[0].export.process
-                if process is not None:
-                    break
-            await trio.sleep(0.005)
-        os.kill(process.pid, signal.SIGSTOP)
-        while (await vma_progress(product, job_id)).get("phase") != "copying":
-            await trio.sleep(0.01)
-    return process
 
 
 async def full_pass(product: Product, vm: LabVM) -> dict[str, str | None]:

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from pyapp.lab import DiskSpec, LabVM, MiB, Partition
-from tests.e2e.conftest import Product, vma_progress
+from tests.e2e.conftest import Product, hold_copy
 from tests.vma.conftest import images_equal, snapshot_names
 
 pytestmark = pytest.mark.e2e
@@ -100,18 +100,8 @@ async def test_export_killed_mid_copy_fails_cleanly_and_next_run_repairs(
     job_id = (await product.replicate(vm1))["id"]
     # Freeze the first disk's qemu-nbd once the engine has started it, so that the copy cannot
     # finish before the kill; kill it once the VMA's mover is copying into it.
-    with trio.fail_after(30):
-        while True:
-            running = product.engine.jobs.get(job_id)
-            if running and running.targets and running.targets[0].export is not None:
-                process = running.targets[0].export.process
-                if process is not None:
-                    break
-            await trio.sleep(0.005)
-        os.kill(process.pid, signal.SIGSTOP)
-        while (await vma_progress(product, job_id)).get("phase") != "copying":
-            await trio.sleep(0.01)
-        os.kill(process.pid, signal.SIGKILL)
+    process = await hold_copy(product, job_id)
+    os.kill(process.pid, signal.SIGKILL)
 
     job = await product.wait(job_id)
     assert job["status"] == "failed"

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pyVim.connect import Disconnect
@@ -9,6 +8,7 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from pyapp.lab import DiskSpec, Lab, LabVM, Partition
+from vma.vsphere import merge_extents
 
 MiB = 1024 * 1024
 KNOWN_FILES = {
@@ -16,13 +16,6 @@ KNOWN_FILES = {
     "etc/os-release": b'NAME="Lab Linux"\nID=lab\n',
     "var/lib/data/blob.bin": bytes(range(256)) * 4096,  # 1 MiB
 }
-
-
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    # A window of 8 MiB: a 24 MiB disk takes three answers, so the callers' loops are exercised.
-    with Lab(tmp_path / "lab", qcda_window=8 * MiB) as lab:
-        yield lab
 
 
 @pytest.fixture
@@ -96,15 +89,4 @@ def query_all(
             areas.append((a.start, a.length))
         offset = info.startOffset + info.length
         answers += 1
-    return merge(areas), answers
-
-
-def merge(areas: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for start, length in sorted(areas):
-        if out and start <= out[-1][0] + out[-1][1]:
-            s, n = out[-1]
-            out[-1] = (s, max(n, start + length - s))
-        else:
-            out.append((start, length))
-    return out
+    return merge_extents(areas), answers

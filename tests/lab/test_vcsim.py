@@ -13,8 +13,9 @@ from pyVim.task import WaitForTask
 from pyVmomi import vim
 
 from pyapp.lab import DiskSpec, Lab, LabVM, Partition
+from vma.vsphere import merge_extents
 
-from .conftest import MiB, disks_of, enable_cbt, find_vm, merge, query_all, snapshot
+from .conftest import MiB, disks_of, enable_cbt, find_vm, query_all, snapshot
 
 CHANGE_ID = re.compile(r"^[0-9a-f]{2}( [0-9a-f]{2}){7}-[0-9a-f]{2}( [0-9a-f]{2}){7}/\d+$")
 
@@ -127,7 +128,7 @@ def test_qcda_star_lists_allocated_areas_in_windows(lab: Lab, si: vim.ServiceIns
     areas, answers = query_all(vm, snap, disk.key, disk.capacity, "*")
     assert answers == 3  # 24 MiB in 8 MiB windows
     frozen = lab.image(disks_of(snap.config)[disk.key].backing.fileName)
-    assert areas == merge(data_map(frozen))
+    assert areas == merge_extents(data_map(frozen))
     # The partition table and the ext4 file system are in there; the unpartitioned tail is not.
     covered = lambda off: any(s <= off < s + n for s, n in areas)  # noqa: E731
     assert covered(0) and covered(disk.layout.partitions[0].start + 1024)
@@ -165,7 +166,7 @@ def test_qcda_incremental_gives_exactly_the_written_extents(
 
     areas, answers = query_all(vm, snap2, disk.key, disk.capacity, base)
     assert answers == 3
-    assert areas == merge(written)
+    assert areas == merge_extents(written)
     # Replaying the areas from snapshot 2 onto snapshot 1's image gives snapshot 2's image.
     new_image = lab.image(disks_of(snap2.config)[disk.key].backing.fileName).read_bytes()
     replayed = bytearray(base_image)
@@ -287,7 +288,7 @@ def test_reference_like_workload(tmp_path: os.PathLike[str]) -> None:
             WaitForTask(snap1.RemoveSnapshot_Task(removeChildren=False))
             written = disk.guest.rewrite_random_chunks(13, seed=2)
             snap2 = snapshot(vm, "incr")
-            assert query_all(vm, snap2, disk.key, disk.capacity, base)[0] == merge(written)
+            assert query_all(vm, snap2, disk.key, disk.capacity, base)[0] == merge_extents(written)
         finally:
             Disconnect(si)
 

@@ -84,6 +84,15 @@ async def stop_oma_process(proc: trio.Process) -> int:
         return await proc.wait()
 
 
+def server_command(data_dir: Path, *extra: str) -> list[str]:
+    """``oma-api-server`` on any free loopback port, with ``data_dir``."""
+    return [
+        sys.executable,
+        *("-m", "oma.server", "--host", "127.0.0.1", "--port", "0", "--data-dir", str(data_dir)),
+        *extra,
+    ]
+
+
 @pytest.mark.slow
 async def test_cli_embedded_postgres_port_zero_and_restart() -> None:
     # not under pytest's 0700 tmp dir: as root, pgserver runs PostgreSQL as its own user
@@ -95,17 +104,7 @@ async def test_cli_embedded_postgres_port_zero_and_restart() -> None:
         "PYTHONPATH": str(REPO),
     }
     env.pop("DATABASE_URL", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "oma.server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-    ]
+    cmd = server_command(data_dir)
     try:
         job_id = None
         for round_ in range(2):
@@ -167,19 +166,7 @@ async def test_cli_two_workers_share_one_port_and_one_database(oma_dsn: str) -> 
         "DATABASE_URL": oma_dsn,
         "OMA_REPLICATION_ENGINE": "0",  # the jobs below must stay active (pending) for the 409s
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "oma.server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--data-dir",
-        str(data_dir),
-        "--workers",
-        "2",
-    ]
+    cmd = server_command(data_dir, "--workers", "2")
     with trio.fail_after(120):
         proc, base = await start_oma_process(cmd, env)
     try:

@@ -15,35 +15,26 @@ import httpx
 import pytest
 import trio
 
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
+from pyapp.lab import Lab
 from pyapp.nbd_export import free_tcp_port
 from tests.vma.oma_double import OmaDouble, run_oma_double
 from vma.config import VmaConfig
 from vma.server import serve_vma
 from vma.vsphere import VCenterLogin, VSphere
 
-FILES = {"etc/hostname": b"vm1\n", "var/lib/data/blob.bin": bytes(range(256)) * 8192}
+VM_PATH = "/DC0/vm/vm1"
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
-    # An 8 MiB window: every disk takes several QueryChangedDiskAreas answers.
-    with Lab(tmp_path / "lab", qcda_window=8 * MiB) as lab:
-        yield lab
-
-
-@pytest.fixture
-def vm1(lab: Lab) -> LabVM:
-    return lab.create_vm(
-        "vm1",
-        [
-            DiskSpec(32 * MiB, [Partition(16 * MiB, "ext4", "root", FILES)]),
-            DiskSpec(16 * MiB),
-        ],
-        guest_id="ubuntu64Guest",
-        memory_mb=2048,
-        num_cpus=2,
-    )
+def replicate_body(lab: Lab, job_id: str, **fields: Any) -> dict[str, Any]:
+    """A ``POST /api/v1/replicate`` body for the lab's vm1 with the lab's login, plus ``fields``."""
+    return {
+        "job_id": job_id,
+        "vcenter": lab.url,
+        "username": lab.username,
+        "password": lab.password,
+        "vm_paths": [VM_PATH],
+        **fields,
+    }
 
 
 @pytest.fixture

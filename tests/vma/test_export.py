@@ -19,26 +19,17 @@ import trio
 from pyapp import mover
 from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
-from tests.vma.conftest import StartVma, Vma, snapshot_names
+from tests.vma.conftest import VM_PATH, StartVma, Vma, replicate_body, snapshot_names
 from tests.vma.oma_double import OmaDouble
 from vma import export as vma_export
 from vma.config import VmaConfig
 from vma.vsphere import SnapshotRef, VCenterLogin, VSphere, merge_extents
 
-VM_PATH = "/DC0/vm/vm1"
 KiB = 1024
 
 
 def export_body(lab: Lab, job_id: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "vcenter": lab.url,
-        "username": lab.username,
-        "password": lab.password,
-        "vm_paths": [VM_PATH],
-        "mode": "export",
-        **fields,
-    }
+    return replicate_body(lab, job_id, mode="export", **fields)
 
 
 async def wait_exported(vma: Vma, job_id: str, within: float = 60.0) -> dict[str, Any]:

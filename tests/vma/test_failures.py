@@ -13,12 +13,19 @@ import trio
 
 from pyapp.lab import Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
-from tests.vma.conftest import StartVma, Vma, new_target, slow_export, snapshot_names, vma_config
+from tests.vma.conftest import (
+    VM_PATH,
+    StartVma,
+    Vma,
+    new_target,
+    replicate_body,
+    slow_export,
+    snapshot_names,
+    vma_config,
+)
 from tests.vma.oma_double import OmaDouble
 from vma.server import serve_vma
 from vma.workflow import only_cancelled
-
-VM_PATH = "/DC0/vm/vm1"
 
 
 @pytest.fixture
@@ -29,15 +36,8 @@ async def vma(start_vma: StartVma) -> Vma:
 
 
 def body(lab: Lab, job_id: str, oma: OmaDouble, uris: list[str], vm: LabVM) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "vcenter": lab.url,
-        "username": lab.username,
-        "password": lab.password,
-        "vm_paths": [VM_PATH],
-        "oma_url": oma.url,
-        "targets": {VM_PATH: {f"disk-{d.key}": u for d, u in zip(vm.disks, uris, strict=True)}},
-    }
+    targets = {VM_PATH: {f"disk-{d.key}": u for d, u in zip(vm.disks, uris, strict=True)}}
+    return replicate_body(lab, job_id, oma_url=oma.url, targets=targets)
 
 
 async def wait_bytes(vma: Vma, job_id: str) -> dict[str, Any]:

@@ -12,10 +12,16 @@ import trio
 
 from pyapp.lab import DiskSpec, Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
-from tests.vma.conftest import Vma, images_equal, make_snapshot, new_target, snapshot_names
+from tests.vma.conftest import (
+    VM_PATH,
+    Vma,
+    images_equal,
+    make_snapshot,
+    new_target,
+    replicate_body,
+    snapshot_names,
+)
 from tests.vma.oma_double import OmaDouble
-
-VM_PATH = "/DC0/vm/vm1"
 
 
 @contextmanager
@@ -31,15 +37,8 @@ def exports(tmp_path: Path, vm: LabVM, tag: str = "t") -> Iterator[tuple[list[Pa
 
 
 def request(lab: Lab, job_id: str, oma: OmaDouble, served: list[NbdExport], vm: LabVM) -> dict[str, Any]:
-    return {
-        "job_id": job_id,
-        "vcenter": lab.url,
-        "username": lab.username,
-        "password": lab.password,
-        "vm_paths": [VM_PATH],
-        "oma_url": oma.url,
-        "targets": {VM_PATH: {f"disk-{d.key}": e.uri for d, e in zip(vm.disks, served, strict=True)}},
-    }
+    targets = {VM_PATH: {f"disk-{d.key}": e.uri for d, e in zip(vm.disks, served, strict=True)}}
+    return replicate_body(lab, job_id, oma_url=oma.url, targets=targets)
 
 
 async def replicate(vma: Vma, body: dict[str, Any]) -> dict[str, Any]:
