@@ -594,7 +594,10 @@ fn publish(
     File::open(tmp)
         .and_then(|f| f.sync_all())
         .map_err(|e| io_err("fsync", tmp, e))?;
-    m.save(tmp_manifest)?;
+    // Written in place: the temporary manifest is itself what a later run cleans up when this
+    // one is killed. (`save` would add its own temporary, named by this process's id, which a
+    // later run could not know.)
+    m.write_synced(tmp_manifest)?;
     let dir = dir_of(dest);
     fsync_dir(&dir)?;
     let dest_manifest = Manifest::path_for(dest);

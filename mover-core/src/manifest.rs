@@ -383,6 +383,21 @@ impl Manifest {
         Self::from_bytes(&b, &name)
     }
 
+    /// Write the manifest into `path` (created or truncated) and `fsync` it, in place: for a
+    /// file that is itself a temporary, which the caller renames into place (see
+    /// [`crate::chain`]); [`save`](Self::save) for anything else.
+    pub fn write_synced(&self, path: &Path) -> Result<()> {
+        let err = |what: &str, e| MoverError::io(format!("{what} {}", path.display()), e);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|e| err("create", e))?;
+        f.write_all(&self.to_bytes()).map_err(|e| err("write", e))?;
+        f.sync_all().map_err(|e| err("fsync", e))
+    }
+
     /// Write the manifest to `path` atomically: temporary file, `fsync`, rename, `fsync` of the
     /// directory.
     pub fn save(&self, path: &Path) -> Result<()> {
@@ -399,17 +414,9 @@ impl Manifest {
         tmp_name.push(file_name);
         tmp_name.push(format!(".tmp{}", std::process::id()));
         let tmp = dir.join(tmp_name);
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(|e| err("create temporary file for", e))?;
-            f.write_all(&self.to_bytes()).map_err(|e| err("write", e))?;
-            f.sync_all().map_err(|e| err("fsync", e))?;
-            std::fs::rename(&tmp, path).map_err(|e| err("atomic rename of", e))
-        })();
+        let result = self
+            .write_synced(&tmp)
+            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err("atomic rename of", e)));
         if result.is_err() {
             // Best effort: the error that matters is the one returned.
             let _ = std::fs::remove_file(&tmp);
