@@ -118,6 +118,11 @@ async def copy(
     ``backing`` when given) with a BLAKE3 manifest beside it; ``manifest`` asks for one at that
     path for any other target, ``write_manifest=False`` for none at all. Raises a
     :class:`MoverError` subclass naming the failing range on failure.
+
+    The result's ``durable`` is true only when every flush of the target reached stable storage
+    (``fdatasync`` of a file or image, an acknowledged NBD flush); an NBD target that does not
+    advertise flush gives ``durable=False``: the copy succeeded, but the bytes may still be lost
+    with the server's cache, so nothing that assumes they are safe (a change ID) may be recorded.
     """
     job = Copy(
         source,

@@ -916,3 +916,110 @@ async fn a_cancelled_copy_stops_waiting_for_a_lost_server() {
         started.elapsed()
     );
 }
+
+/// An `nbdkit` export that is writable but cannot flush: the `eval` plugin over a file, with
+/// no `can_flush` (so nbdkit does not advertise `NBD_FLAG_SEND_FLUSH`).
+fn flushless_server(socket: &Path, file: &Path, size: u64) -> Server {
+    let f = file.to_str().unwrap();
+    let get_size = format!("get_size=echo {size}");
+    let pread =
+        format!("pread=dd if={f} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none");
+    let pwrite = format!("pwrite=dd of={f} seek=$4 conv=notrunc oflag=seek_bytes status=none");
+    nbdkit_unix(
+        socket,
+        &["eval", &get_size, &pread, &pwrite, "can_write=exit 0"],
+    )
+}
+
+/// Copy `source` to `target` with `copy::run` and default options (plus `checkpoint`).
+async fn run_copy(
+    source: &str,
+    target: &str,
+    checkpoint: Option<&Path>,
+) -> mover_core::Result<mover_core::copy::CopyOutcome> {
+    use mover_core::copy::{self, CopyOptions};
+    use mover_core::endpoint::OpenOptions;
+    use mover_core::plan::PlanKind;
+    let opts = CopyOptions {
+        checkpoint: checkpoint.map(Path::to_owned),
+        request_size: 256 << 10,
+        ..CopyOptions::default()
+    };
+    copy::run(
+        source,
+        target,
+        &PlanKind::Allocated,
+        &opts,
+        &OpenOptions::default(),
+        Arc::default(),
+        Arc::default(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_into_a_server_without_flush_is_not_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 * MIB;
+    let source = dir.path().join("source.raw");
+    std::fs::File::create(&source)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&source)
+            .unwrap();
+        f.write_all_at(&pattern(MIB, 512 << 10, 5), MIB).unwrap();
+    }
+    let want = std::fs::read(&source).unwrap();
+    let source = source.to_str().unwrap();
+
+    // nbdkit without flush: the bytes arrive, but the copy says they are not durable, with a
+    // checkpoint (whose flushes say the same) and without.
+    let kit_file = dir.path().join("kit.raw");
+    std::fs::File::create(&kit_file)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let kit_sock = dir.path().join("kit.sock");
+    let _kit = flushless_server(&kit_sock, &kit_file, size);
+    let ep = NbdEndpoint::open(&unix_uri(&kit_sock, ""), write_access(size))
+        .await
+        .unwrap();
+    assert!(!ep
+        .export_info()
+        .has(mover_core::nbd::proto::TFLAG_SEND_FLUSH));
+    assert!(!ep.flush_durable().await.unwrap());
+    ep.close().await.unwrap();
+    let outcome = run_copy(source, &unix_uri(&kit_sock, ""), None)
+        .await
+        .unwrap();
+    assert!(!outcome.durable, "no flush, yet reported durable");
+    assert!(std::fs::read(&kit_file).unwrap() == want);
+    let checkpoint = dir.path().join("kit.checkpoint");
+    let outcome = run_copy(source, &unix_uri(&kit_sock, ""), Some(&checkpoint))
+        .await
+        .unwrap();
+    assert!(!outcome.durable, "no flush, yet reported durable");
+
+    // qemu-nbd advertises flush and acknowledges it: durable. So is a raw file (fdatasync).
+    let qemu_file = sparse_file(dir.path(), size);
+    let qemu_sock = dir.path().join("qemu.sock");
+    let _qemu = qemu_unix(&qemu_sock, &qemu_file, &[]);
+    let outcome = run_copy(source, &unix_uri(&qemu_sock, "exp"), None)
+        .await
+        .unwrap();
+    assert!(outcome.durable);
+    assert!(std::fs::read(&qemu_file).unwrap() == want);
+    let checkpoint = dir.path().join("qemu.checkpoint");
+    let outcome = run_copy(source, &unix_uri(&qemu_sock, "exp"), Some(&checkpoint))
+        .await
+        .unwrap();
+    assert!(outcome.durable);
+    let raw = dir.path().join("copy.raw");
+    let outcome = run_copy(source, raw.to_str().unwrap(), None).await.unwrap();
+    assert!(outcome.durable);
+}

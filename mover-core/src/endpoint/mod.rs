@@ -82,8 +82,18 @@ pub trait Endpoint: Send + Sync {
     /// Endpoints without allocation information report one data extent.
     async fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
 
-    /// Make every completed write durable.
+    /// Make every completed write durable, where the endpoint can (see
+    /// [`flush_durable`](Self::flush_durable)).
     async fn flush(&self) -> Result<()>;
+
+    /// [`flush`](Self::flush), and whether the completed writes are now on stable storage:
+    /// `false` when the endpoint has no way to make them so (an NBD server that does not
+    /// advertise flush), and the flush did nothing. The default, for endpoints whose flush
+    /// always reaches stable storage (`fdatasync` of a file or image), answers `true`.
+    async fn flush_durable(&self) -> Result<bool> {
+        self.flush().await?;
+        Ok(true)
+    }
 
     /// End the session cleanly (NBD disconnect). Further requests fail.
     async fn close(&self) -> Result<()> {

@@ -24,6 +24,9 @@
 //!   (remembered), gets zero buffers written instead.
 //! - `another()` dials a new connection when the server allows multi-conn, else shares this
 //!   one (which already carries many requests at once).
+//! - A server that does not advertise `NBD_FLAG_SEND_FLUSH` is never sent a flush; `flush`
+//!   then succeeds without making anything durable, and `flush_durable` says so (`false`), so
+//!   a copy into such a server reports `durable: false`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -378,8 +381,18 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn flush(&self) -> Result<()> {
-        if self.caps.read_only || !self.client.info().has(proto::TFLAG_SEND_FLUSH) {
-            return Ok(());
+        self.flush_durable().await.map(drop)
+    }
+
+    /// `NBD_CMD_FLUSH`, acknowledged by the server: durable. A server that does not advertise
+    /// `NBD_FLAG_SEND_FLUSH` must not be sent one, so nothing can be made durable: `false`.
+    async fn flush_durable(&self) -> Result<bool> {
+        if self.caps.read_only {
+            // Nothing was written through this endpoint.
+            return Ok(true);
+        }
+        if !self.client.info().has(proto::TFLAG_SEND_FLUSH) {
+            return Ok(false);
         }
         let cmd = Command {
             command: proto::CMD_FLUSH,
@@ -388,7 +401,8 @@ impl Endpoint for NbdEndpoint {
             length: 0,
             payload: &[],
         };
-        self.modify(&cmd, "NBD_CMD_FLUSH").await
+        self.modify(&cmd, "NBD_CMD_FLUSH").await?;
+        Ok(true)
     }
 
     async fn close(&self) -> Result<()> {

@@ -71,11 +71,16 @@ pub struct CopyProgress {
     /// The manifest written beside the target, once the copy is done.
     manifest: Option<String>,
     disk_digest: Option<String>,
+    /// The final result of a copy whose every target flush reached stable storage (`fdatasync`,
+    /// or an `NBD_CMD_FLUSH` the server acknowledged). False for a target that cannot be made
+    /// durable (an NBD server that does not advertise flush), and in progress snapshots.
+    durable: bool,
 }
 
 impl From<CopyOutcome> for CopyProgress {
     fn from(o: CopyOutcome) -> Self {
         let mut p = Self::from(o.progress);
+        p.durable = o.durable;
         if let Some(m) = o.manifest {
             p.manifest = Some(m.path.display().to_string());
             p.disk_digest = Some(m.disk_digest);
@@ -101,6 +106,7 @@ impl From<ProgressSnapshot> for CopyProgress {
             finished: s.finished,
             manifest: None,
             disk_digest: None,
+            durable: false,
         }
     }
 }
@@ -109,8 +115,9 @@ impl From<ProgressSnapshot> for CopyProgress {
 impl CopyProgress {
     fn __repr__(&self) -> String {
         format!(
-            "CopyProgress(planned={}, written={}, zeroed={}, resumed={}, percent={:.1}, finished={})",
-            self.bytes_planned, self.bytes_written, self.bytes_zeroed, self.bytes_resumed, self.percent, self.finished
+            "CopyProgress(planned={}, written={}, zeroed={}, resumed={}, percent={:.1}, finished={}, durable={})",
+            self.bytes_planned, self.bytes_written, self.bytes_zeroed, self.bytes_resumed, self.percent, self.finished,
+            self.durable
         )
     }
 }
