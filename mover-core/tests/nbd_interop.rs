@@ -1023,3 +1023,81 @@ async fn a_copy_into_a_server_without_flush_is_not_durable() {
     let outcome = run_copy(source, raw.to_str().unwrap(), None).await.unwrap();
     assert!(outcome.durable);
 }
+
+/// Options with short deadlines, for servers that stop answering.
+fn short_deadlines() -> NbdOptions {
+    NbdOptions {
+        request_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+        reconnect_timeout: Duration::from_secs(1),
+        ..NbdOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_fails_the_request_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    // The handshake is answered at once; reads are answered in an hour.
+    let _server = nbdkit_unix(&socket, &["--filter=delay", "memory", "1M", "rdelay=3600"]);
+    let ep = NbdEndpoint::open_with(&unix_uri(&socket, ""), Access::Read, short_deadlines())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), ep.read(4096, vec![0; 4096]))
+        .await
+        .expect("the read waited for the silent server for 20 s")
+        .unwrap_err();
+    let waited = started.elapsed();
+    let text = err.to_string();
+    assert!(matches!(err, MoverError::Connect { .. }), "{text}");
+    assert!(
+        text.contains("NBD_CMD_READ at offset 4096 (4096 bytes): no reply within 1s"),
+        "{text}"
+    );
+    // One timeout, a reconnection, the request again and its timeout: about 2 s.
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_secs(8),
+        "{waited:?}"
+    );
+    assert!(ep.reconnections() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_server_fails_writes_and_flushes_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = sparse_file(dir.path(), 64 * MIB);
+    let socket = dir.path().join("stopped.sock");
+    let server = qemu_unix(&socket, &file, &[]);
+    let ep = NbdEndpoint::open_with(
+        &unix_uri(&socket, "exp"),
+        write_access(0),
+        short_deadlines(),
+    )
+    .await
+    .unwrap();
+    ep.write(0, vec![1; 4096]).await.unwrap();
+    server.stop();
+    // 32 MiB: more than the socket takes, so the send itself blocks on the stopped server.
+    let started = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), ep.write(0, vec![2; 32 << 20]))
+        .await
+        .expect("the write waited for the stopped server for 20 s")
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("NBD_CMD_WRITE at offset 0 (33554432 bytes): no reply within 1s"),
+        "{text}"
+    );
+    // The timeout, then a reconnection that finds no handshake within the window.
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    // The client gave up: a flush fails at once rather than waiting again.
+    let started = Instant::now();
+    assert!(ep.flush().await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(1));
+    server.resume();
+}

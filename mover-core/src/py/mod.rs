@@ -141,7 +141,8 @@ impl Copy {
     #[pyo3(signature = (source, target, *, extents=None, allocated_only=false, connections=4, requests=16,
                         request_size=1_048_576, checkpoint=None, target_is_zero=false,
                         checkpoint_interval=5.0, reconnect_timeout=60.0, backing=None,
-                        cluster_size=65_536, manifest=None, write_manifest=true, zero_unlisted=false))]
+                        cluster_size=65_536, manifest=None, write_manifest=true, zero_unlisted=false,
+                        request_timeout=60.0, connect_timeout=30.0))]
     // Mirrors Python's keyword arguments one to one.
     #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
     fn new(
@@ -161,6 +162,8 @@ impl Copy {
         manifest: Option<PathBuf>,
         write_manifest: bool,
         zero_unlisted: bool,
+        request_timeout: f64,
+        connect_timeout: f64,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
@@ -202,6 +205,8 @@ impl Copy {
             },
             open: OpenOptions {
                 reconnect_timeout: seconds("reconnect_timeout", reconnect_timeout)?,
+                connect_timeout: seconds("connect_timeout", connect_timeout)?,
+                request_timeout: seconds("request_timeout", request_timeout)?,
                 backing,
                 cluster_size,
                 cancel: None, // the copy's own token, set by copy::run
