@@ -82,6 +82,7 @@ def summary(result: CopyProgress, source: str, target: str) -> dict[str, Any]:
         "throughput_bytes_per_s": round(result.throughput_bytes_per_s, 1),
         "manifest": result.manifest,
         "disk_digest": result.disk_digest,
+        "durable": result.durable,
         "peak_rss_bytes": peak_rss_bytes(),
     }
 
@@ -166,6 +167,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
             manifest=args.manifest,
             write_manifest=not args.no_manifest,
             zero_unlisted=args.zero_unlisted,
+            request_timeout=args.request_timeout,
+            connect_timeout=args.connect_timeout,
+            reconnect_timeout=args.reconnect_timeout,
         )
         result = run_with_progress(job, show_bar=sys.stderr.isatty())
     except MoverError as e:
@@ -183,6 +187,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
             f"{_size(out['bytes_zeroed'])} zeroed, {_size(out['bytes_resumed'])} resumed, "
             f"in {out['seconds']:.2f} s ({_size(out['throughput_bytes_per_s'])}/s)"
         )
+        if not result.durable:
+            print("mover: the target cannot be made durable (its NBD server does not support flush): "
+                  "the copied bytes may be lost if the server fails", file=sys.stderr)
     return 0
 
 
@@ -323,7 +330,15 @@ def parser() -> argparse.ArgumentParser:
                    help="write a BLAKE3 manifest of the target here (automatic beside a new QCOW2 image)")
     c.add_argument("--no-manifest", action="store_true",
                    help="write no manifest, even beside a new QCOW2 image")
-    c.add_argument("--json", action="store_true", help="print one JSON summary object at the end")
+    c.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="longest wait for an NBD reply before the connection counts as lost (default 60)")
+    c.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="longest NBD connection attempt, handshake included (default 30)")
+    c.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="how long to keep re-sending to a lost NBD server before failing (default 60)")
+    c.add_argument("--json", action="store_true",
+                   help="print one JSON summary object at the end (\"durable\": false when the "
+                        "target's NBD server cannot flush)")
     c.set_defaults(func=cmd_copy)
 
     v = sub.add_parser("verify", help="re-read an image and compare it with its manifest",

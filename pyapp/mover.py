@@ -103,6 +103,8 @@ async def copy(
     manifest: str | PathLike[str] | None = None,
     write_manifest: bool = True,
     zero_unlisted: bool = False,
+    request_timeout: float = 60.0,
+    connect_timeout: float = 30.0,
     on_progress: Callable[[CopyProgress], None] | None = None,
     progress_interval: float = 0.5,
 ) -> CopyProgress:
@@ -118,6 +120,15 @@ async def copy(
     ``backing`` when given) with a BLAKE3 manifest beside it; ``manifest`` asks for one at that
     path for any other target, ``write_manifest=False`` for none at all. Raises a
     :class:`MoverError` subclass naming the failing range on failure.
+
+    Nothing waits on an NBD server forever: each connection attempt has ``connect_timeout``
+    seconds, each request ``request_timeout`` seconds for its reply; a request past its deadline
+    is sent again on a new connection within ``reconnect_timeout``, then fails naming the request.
+
+    The result's ``durable`` is true only when every flush of the target reached stable storage
+    (``fdatasync`` of a file or image, an acknowledged NBD flush); an NBD target that does not
+    advertise flush gives ``durable=False``: the copy succeeded, but the bytes may still be lost
+    with the server's cache, so nothing that assumes they are safe (a change ID) may be recorded.
     """
     job = Copy(
         source,
@@ -136,6 +147,8 @@ async def copy(
         manifest=manifest,
         write_manifest=write_manifest,
         zero_unlisted=zero_unlisted,
+        request_timeout=request_timeout,
+        connect_timeout=connect_timeout,
     )
     error: MoverError | None = None
     async with trio.open_nursery() as nursery:

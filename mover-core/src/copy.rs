@@ -140,6 +140,8 @@ struct Shared {
     stop: AtomicBool,
     error: Mutex<Option<MoverError>>,
     manifest: Option<Arc<ManifestBuilder>>,
+    /// Every flush of the target so far reached stable storage.
+    durable: AtomicBool,
 }
 
 impl Shared {
@@ -254,7 +256,9 @@ async fn record(
     dst: &dyn Endpoint,
 ) -> Result<()> {
     let words = shared.done.snapshot();
-    dst.flush().await?;
+    if !dst.flush_durable().await? {
+        shared.durable.store(false, Ordering::SeqCst);
+    }
     let (path, key) = (path.to_owned(), key.clone());
     tokio::task::spawn_blocking(move || checkpoint::save(&path, &key, &words))
         .await
@@ -382,6 +386,31 @@ pub async fn copy_recording(
     cancel: Arc<CancelToken>,
     manifest: Option<Arc<ManifestBuilder>>,
 ) -> Result<ProgressSnapshot> {
+    copy_reporting(source, target, kind, opts, progress, cancel, manifest)
+        .await
+        .map(|c| c.progress)
+}
+
+/// What [`copy_reporting`] did.
+#[derive(Clone, Debug)]
+pub struct Copied {
+    pub progress: ProgressSnapshot,
+    /// Every flush of the target reached stable storage (`fdatasync`, or an acknowledged
+    /// `NBD_CMD_FLUSH`): false when the target cannot be made durable (an NBD server without
+    /// flush), so what was written may still be lost with the server's cache.
+    pub durable: bool,
+}
+
+/// [`copy_recording`], also saying whether the target was made durable.
+pub async fn copy_reporting(
+    source: Arc<dyn Endpoint>,
+    target: Arc<dyn Endpoint>,
+    kind: &PlanKind,
+    opts: &CopyOptions,
+    progress: Arc<Progress>,
+    cancel: Arc<CancelToken>,
+    manifest: Option<Arc<ManifestBuilder>>,
+) -> Result<Copied> {
     let (plan, request_size) = prepare(&*source, &*target, kind, opts).await?;
     let key = CheckpointKey {
         source: source.name().to_owned(),
@@ -424,6 +453,7 @@ pub async fn copy_recording(
         stop: AtomicBool::new(false),
         error: Mutex::new(None),
         manifest,
+        durable: AtomicBool::new(true),
     });
     // As many slots as asked, but no more than the plan has items or either end can use.
     let in_flight = (opts.connections * opts.requests)
@@ -447,7 +477,11 @@ pub async fn copy_recording(
     let failure = shared.error.lock().expect("error slot").take();
     let outcome = match &opts.checkpoint {
         Some(path) => record(path, &key, &shared, &*target).await,
-        None => target.flush().await,
+        None => target.flush_durable().await.map(|durable| {
+            if !durable {
+                shared.durable.store(false, Ordering::SeqCst);
+            }
+        }),
     };
     progress.finish();
     for (s, d) in pairs.iter().skip(1) {
@@ -465,7 +499,10 @@ pub async fn copy_recording(
         return Err(MoverError::Cancelled);
     }
     outcome.map_err(|e| e.on_target(0, 0))?;
-    Ok(progress.snapshot())
+    Ok(Copied {
+        progress: progress.snapshot(),
+        durable: shared.durable.load(Ordering::SeqCst),
+    })
 }
 
 /// The manifest a copy wrote.
@@ -483,6 +520,8 @@ pub struct ManifestReport {
 pub struct CopyOutcome {
     pub progress: ProgressSnapshot,
     pub manifest: Option<ManifestReport>,
+    /// Every flush of the target reached stable storage; see [`Copied::durable`].
+    pub durable: bool,
 }
 
 /// The manifest of the disk an overlay is created on: the one saved beside it (whose chunk size
@@ -618,7 +657,10 @@ async fn run_open(
     if new_qcow2 {
         opts.target_is_zero = open.backing.is_none();
     }
-    let snapshot = copy_recording(
+    let Copied {
+        progress: snapshot,
+        durable,
+    } = copy_reporting(
         Arc::clone(src),
         Arc::clone(dst),
         kind,
@@ -632,6 +674,7 @@ async fn run_open(
         return Ok(CopyOutcome {
             progress: snapshot,
             manifest: None,
+            durable,
         });
     };
     let read_back = complete_manifest(&builder, &**dst).await?;
@@ -650,6 +693,7 @@ async fn run_open(
             chunks: manifest.chunk_count(),
             chunks_read_back: read_back,
         }),
+        durable,
     })
 }
 

@@ -116,6 +116,11 @@ async fn every_endpoint_conforms() {
             .await
             .unwrap();
         ep.flush().await.unwrap();
+        // Each of these can make its writes durable (fdatasync, an acknowledged NBD flush).
+        assert!(
+            ep.flush_durable().await.unwrap(),
+            "{name}: flush is durable"
+        );
         let other = ep.another().await.unwrap();
         assert_eq!(
             read(&*other, 5 * MIB, 65_536).await,

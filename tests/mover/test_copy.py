@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -160,3 +161,47 @@ async def test_zero_unlisted_repairs_a_target_holding_stale_data(
     assert result.bytes_zeroed == SIZE - sum(length for _, length in DATA)
     with pytest.raises(mover.InvalidPlanError):
         await mover.copy(str(source), str(target), zero_unlisted=True)
+
+
+def flushless_nbdkit(nbdkit: Callable[..., Nbdkit], path: Path) -> Nbdkit:
+    """A writable nbdkit export over ``path`` that cannot flush: the ``eval`` plugin without a
+    ``can_flush`` script, so nbdkit does not advertise NBD_FLAG_SEND_FLUSH."""
+    return nbdkit(
+        "eval",
+        f"get_size=echo {path.stat().st_size}",
+        f"pread=dd if={path} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        f"pwrite=dd of={path} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+        "can_write=exit 0",
+    )
+
+
+async def test_durable_only_when_every_target_flush_happened(
+    tmp_path: Path, qemu_nbd: Callable[..., NbdExport], nbdkit: Callable[..., Nbdkit]
+) -> None:
+    """A target whose NBD server cannot flush gets the bytes, but the result says they may not
+    be on stable storage (``durable`` false); qemu-nbd (flush acknowledged) and a raw file
+    (fdatasync) are durable."""
+    size, data = 8 * MiB, [(MiB, 512 * 1024), (6 * MiB, 4096)]
+    source = tmp_path / "small.raw"
+    write_disk(source, size, data)
+
+    kit_target = fresh(tmp_path, "kit.raw", size)
+    kit = flushless_nbdkit(nbdkit, kit_target)
+    result = await mover.copy(str(source), kit.uri, allocated_only=True, request_size=256 * 1024)
+    assert images_equal(source, kit_target)
+    assert result.durable is False
+    assert mover.Copy(str(source), kit.uri).progress().durable is False  # not yet finished
+
+    qemu_target = fresh(tmp_path, "qemu.raw", size)
+    dst = qemu_nbd(qemu_target, name="dst")
+    result = await mover.copy(str(source), dst.uri, allocated_only=True)
+    assert result.durable is True
+    assert (await mover.copy(str(source), str(tmp_path / "file.raw"))).durable is True
+
+    def cli(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pyapp.cli", "copy", str(source), target, *args],
+                              capture_output=True, text=True, check=True)
+
+    assert json.loads(cli(kit.uri, "--allocated-only", "--json").stdout)["durable"] is False
+    assert json.loads(cli(dst.uri, "--json").stdout)["durable"] is True
+    assert "cannot be made durable" in cli(kit.uri, "--allocated-only").stderr

@@ -205,3 +205,48 @@ def test_peak_rss_does_not_grow_with_disk_size(tmp_path: Path, qemu_nbd: Callabl
         dst.unlink()
     assert rss[64 << 30] < 256 * MiB, rss
     assert rss[64 << 30] < rss[1 << 30] + 32 * MiB, rss
+
+
+#: Short deadlines for servers that stop answering: each request 1 s, each connection attempt
+#: 1 s, and 1 s of re-sending on new connections.
+DEADLINES = {"request_timeout": 1.0, "connect_timeout": 1.0, "reconnect_timeout": 1.0}
+
+
+async def test_a_server_that_stops_answering_fails_the_copy_in_time(
+    source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]
+) -> None:
+    """The target accepts the connection and the handshake, then answers no write (nbdkit's
+    delay filter, an hour per write): the copy fails within its deadlines, naming the request."""
+    server = nbdkit("--filter=delay", "file", str(target_file(tmp_path)), "wdelay=3600")
+    started = time.monotonic()
+    pattern = r"NBD_CMD_WRITE(_ZEROES)? at offset \d+ \(\d+ bytes\): no reply within 1s"
+    with trio.fail_after(30), pytest.raises(mover.MoverError, match=pattern):
+        await mover.copy(str(source), server.uri, allocated_only=True, **DEADLINES)
+    assert time.monotonic() - started < 15
+
+
+async def test_a_stopped_server_fails_the_copy_in_time(
+    source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]
+) -> None:
+    """A stopped (SIGSTOP) server: its socket still accepts, nothing answers the handshake."""
+    server = nbdkit("file", str(target_file(tmp_path)))
+    assert server.process is not None
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with trio.fail_after(30), pytest.raises(mover.ConnectError, match="no NBD session within 1s"):
+            await mover.copy(str(source), server.uri, allocated_only=True, **DEADLINES)
+        assert time.monotonic() - started < 5
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+
+
+def test_cli_deadline_flags(source: Path, tmp_path: Path, nbdkit: Callable[..., Nbdkit]) -> None:
+    server = nbdkit("--filter=delay", "file", str(target_file(tmp_path)), "wdelay=3600")
+    started = time.monotonic()
+    deadlines = ["--request-timeout", "1", "--connect-timeout", "1", "--reconnect-timeout", "1"]
+    command = [sys.executable, "-m", "pyapp.cli", "copy", str(source), server.uri, "--json", *deadlines]
+    r = subprocess.run(command, capture_output=True, text=True, check=False, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "no reply within 1s" in json.loads(r.stdout)["error"]
+    assert time.monotonic() - started < 20

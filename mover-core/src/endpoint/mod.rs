@@ -82,8 +82,18 @@ pub trait Endpoint: Send + Sync {
     /// Endpoints without allocation information report one data extent.
     async fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
 
-    /// Make every completed write durable.
+    /// Make every completed write durable, where the endpoint can (see
+    /// [`flush_durable`](Self::flush_durable)).
     async fn flush(&self) -> Result<()>;
+
+    /// [`flush`](Self::flush), and whether the completed writes are now on stable storage:
+    /// `false` when the endpoint has no way to make them so (an NBD server that does not
+    /// advertise flush), and the flush did nothing. The default, for endpoints whose flush
+    /// always reaches stable storage (`fdatasync` of a file or image), answers `true`.
+    async fn flush_durable(&self) -> Result<bool> {
+        self.flush().await?;
+        Ok(true)
+    }
 
     /// End the session cleanly (NBD disconnect). Further requests fail.
     async fn close(&self) -> Result<()> {
@@ -107,6 +117,10 @@ pub enum Access {
 pub struct OpenOptions {
     /// How long a network endpoint keeps trying to re-establish a lost connection.
     pub reconnect_timeout: Duration,
+    /// How long one connection attempt of a network endpoint (connect and handshake) may take.
+    pub connect_timeout: Duration,
+    /// How long one request to a network endpoint may wait for its reply.
+    pub request_timeout: Duration,
     /// A new QCOW2 target is an overlay on this image (QCOW2 or raw, probed by its magic).
     pub backing: Option<PathBuf>,
     /// Cluster size of a new QCOW2 target.
@@ -119,6 +133,8 @@ impl Default for OpenOptions {
     fn default() -> Self {
         Self {
             reconnect_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
             backing: None,
             cluster_size: crate::qcow2::DEFAULT_CLUSTER_SIZE,
             cancel: None,
@@ -204,8 +220,9 @@ pub async fn open_with(
         (Kind::Nbd, _) => {
             let nbd_opts = crate::nbd::NbdOptions {
                 reconnect_timeout: opts.reconnect_timeout,
+                connect_timeout: opts.connect_timeout,
+                request_timeout: opts.request_timeout,
                 cancel: opts.cancel.clone(),
-                ..crate::nbd::NbdOptions::default()
             };
             Ok(Arc::new(
                 crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?,

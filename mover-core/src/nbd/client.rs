@@ -32,10 +32,22 @@
 //! answers `ESHUTDOWN`) is re-sent with the same backoff and given up after the reconnection
 //! timeout. Giving up, or [`Client::close`], leaves the client terminal: every later request
 //! fails at once with `MoverError::Connect`.
+//!
+//! # Deadlines
+//!
+//! Nothing waits on the server without a bound. A connection attempt (connect and handshake)
+//! has [`NbdOptions::connect_timeout`]; a request, from sending it to the last chunk of its
+//! reply, has [`NbdOptions::request_timeout`]. A request past its deadline (a stopped server
+//! process, a hung backend: the kernel still acknowledges the bytes, so TCP keepalive sees
+//! nothing wrong) gives its connection up as lost: the socket is shut down, which also frees a
+//! send blocked on a full socket, every request of the connection is handed the loss, naming
+//! the command, offset and length that timed out, and they are sent again on a new connection
+//! as above, all within the reconnection window. A server that keeps not answering therefore
+//! fails the request after about two request timeouts plus the reconnection window.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex};
 use std::time::Duration;
@@ -302,6 +314,9 @@ struct Conn {
     writer: Mutex<Writer>,
     inflight: Arc<Inflight>,
     reader: JoinHandle<()>,
+    /// The socket, to cut it off while a send or the reader is blocked on it (`None` for the
+    /// in-memory pipes of the unit tests). Open as long as `writer` holds its half.
+    socket: Option<RawFd>,
 }
 
 impl Drop for Conn {
@@ -316,6 +331,7 @@ impl Conn {
             endpoint: name.to_owned(),
             source,
         };
+        let fd;
         let (read, write, info): (ReadStream, WriteStream, ExportInfo) = match &uri.address {
             Address::Tcp { host, port } => {
                 let mut stream = TcpStream::connect((host.as_str(), *port))
@@ -324,6 +340,7 @@ impl Conn {
                 stream.set_nodelay(true).map_err(connect)?;
                 keep_alive(&stream);
                 let info = handshake(&mut stream, &uri.export, name).await?;
+                fd = stream.as_raw_fd();
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w), info)
             }
@@ -331,11 +348,14 @@ impl Conn {
                 let mut stream = UnixStream::connect(path).await.map_err(connect)?;
                 widen_send_buffer(&stream);
                 let info = handshake(&mut stream, &uri.export, name).await?;
+                fd = stream.as_raw_fd();
                 let (r, w) = stream.into_split();
                 (Box::new(r), Box::new(w), info)
             }
         };
-        Ok(Self::start(read, write, info, generation))
+        let mut conn = Self::start(read, write, info, generation);
+        conn.socket = Some(fd);
+        Ok(conn)
     }
 
     /// Enter transmission on a socket that finished its handshake: start its reader task.
@@ -354,6 +374,7 @@ impl Conn {
             }),
             inflight,
             reader,
+            socket: None,
         }
     }
 
@@ -376,11 +397,25 @@ impl Conn {
         Ok(())
     }
 
-    /// Give up on a connection whose sending failed: its requests are handed their loss, and
-    /// shutting down our side makes the server close, which ends the reader task.
+    /// Give up on a connection whose sending failed or whose server stopped answering: its
+    /// requests are handed their loss, and the socket is shut down both ways, which fails a
+    /// send blocked on it and ends the reader task (whose request being read, if any, is then
+    /// handed the loss too). Without a socket (a unit test's pipe), shutting down our side
+    /// makes the peer close.
     async fn abandon(&self, loss: &Loss) {
         self.inflight.lose(None, loss);
-        let _ = self.writer.lock().await.stream.shutdown().await;
+        match self.socket {
+            Some(fd) => {
+                // SAFETY: the descriptor stays open while `self.writer` holds its half; a
+                // shutdown only changes the state of the connection, never of the descriptor.
+                unsafe {
+                    libc::shutdown(fd, libc::SHUT_RDWR);
+                }
+            }
+            None => {
+                let _ = self.writer.lock().await.stream.shutdown().await;
+            }
+        }
     }
 
     /// Leave this connection with `NBD_CMD_DISC` (a soft disconnect). The server still answers
@@ -952,16 +987,10 @@ impl Client {
                 self.reconnect(conn.generation, "connection lost").await?;
                 continue;
             }
-            let unsent = Unsent {
-                inflight: &conn.inflight,
-                handle,
-            };
-            let sent = conn.send(&header_for(handle), cmd.payload).await;
-            unsent.disarm();
-            if let Err(e) = sent {
-                conn.abandon(&Loss::from(e)).await;
-            }
-            let (cause, returned) = match rx.await {
+            let outcome = self
+                .exchange(&conn, cmd, &header_for(handle), handle, rx)
+                .await;
+            let (cause, returned) = match outcome {
                 Ok(Ok(reply)) if reply.error.as_ref().map(|e| e.code) == Some(proto::ESHUTDOWN) => {
                     // The server is going away: leave it politely and try its successor.
                     conn.disconnect().await;
@@ -994,9 +1023,10 @@ impl Client {
                         source: io::Error::new(
                             io::ErrorKind::ConnectionAborted,
                             format!(
-                                "the request at offset {} kept losing the connection for {:?}: \
-                                 {cause}",
-                                cmd.offset, self.opts.reconnect_timeout
+                                "{} at offset {} kept losing the connection for {:?}: {cause}",
+                                proto::command_name(cmd.command),
+                                cmd.offset,
+                                self.opts.reconnect_timeout
                             ),
                         ),
                     });
@@ -1009,6 +1039,46 @@ impl Client {
             buf = returned.or_else(|| buf_len.map(|n| vec![0u8; n]));
             self.reconnect(conn.generation, &cause).await?;
         }
+    }
+
+    /// Send a registered request on `conn` and wait for its outcome, both within the request
+    /// deadline (a server that stops reading fills the socket, one that stops answering never
+    /// replies). Past the deadline the connection is given up as lost: this request, and every
+    /// other of the connection, is handed a loss naming it.
+    async fn exchange(
+        &self,
+        conn: &Conn,
+        cmd: &Command<'_>,
+        header: &[u8; proto::REQUEST_HEADER_LEN],
+        handle: u64,
+        mut rx: oneshot::Receiver<Outcome>,
+    ) -> std::result::Result<Outcome, oneshot::error::RecvError> {
+        let unsent = Unsent {
+            inflight: &conn.inflight,
+            handle,
+        };
+        let deadline = Instant::now() + self.opts.request_timeout;
+        let silent = || {
+            Loss::Io(format!(
+                "{} at offset {} ({} bytes): no reply within {:?}",
+                proto::command_name(cmd.command),
+                cmd.offset,
+                cmd.length,
+                self.opts.request_timeout
+            ))
+        };
+        let sent = tokio::time::timeout_at(deadline, conn.send(header, cmd.payload)).await;
+        unsent.disarm();
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => conn.abandon(&Loss::from(e)).await,
+            Err(_) => conn.abandon(&silent()).await,
+        }
+        if let Ok(outcome) = tokio::time::timeout_at(deadline, &mut rx).await {
+            return outcome;
+        }
+        conn.abandon(&silent()).await;
+        rx.await
     }
 
     /// Replace connection `lost_generation` by a new one, unless another request already did.

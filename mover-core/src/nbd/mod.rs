@@ -24,6 +24,12 @@
 //!   (remembered), gets zero buffers written instead.
 //! - `another()` dials a new connection when the server allows multi-conn, else shares this
 //!   one (which already carries many requests at once).
+//! - A server that does not advertise `NBD_FLAG_SEND_FLUSH` is never sent a flush; `flush`
+//!   then succeeds without making anything durable, and `flush_durable` says so (`false`), so
+//!   a copy into such a server reports `durable: false`.
+//! - Every request has a deadline ([`NbdOptions::request_timeout`]), and so has every
+//!   connection attempt ([`NbdOptions::connect_timeout`]): a server that stops answering fails
+//!   the request, after the reconnection window, instead of hanging it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,6 +69,11 @@ pub struct NbdOptions {
     /// How long one connection attempt (connect and handshake) may take. A server at its
     /// client limit (`qemu-nbd --shared`) accepts the socket but never greets.
     pub connect_timeout: Duration,
+    /// How long one request (sending it and its whole reply) may take. A server that stops
+    /// answering (a stopped process, a hung storage backend) then costs this long, not
+    /// forever: the request's connection is given up as lost, and the request is sent again on
+    /// a new one within `reconnect_timeout`, or fails naming the request.
+    pub request_timeout: Duration,
     /// The work this endpoint serves was cancelled: stop reconnecting at once, and fail the
     /// requests waiting for a connection with `MoverError::Cancelled` rather than after
     /// `reconnect_timeout`.
@@ -74,6 +85,7 @@ impl Default for NbdOptions {
         Self {
             reconnect_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(60),
             cancel: None,
         }
     }
@@ -378,8 +390,18 @@ impl Endpoint for NbdEndpoint {
     }
 
     async fn flush(&self) -> Result<()> {
-        if self.caps.read_only || !self.client.info().has(proto::TFLAG_SEND_FLUSH) {
-            return Ok(());
+        self.flush_durable().await.map(drop)
+    }
+
+    /// `NBD_CMD_FLUSH`, acknowledged by the server: durable. A server that does not advertise
+    /// `NBD_FLAG_SEND_FLUSH` must not be sent one, so nothing can be made durable: `false`.
+    async fn flush_durable(&self) -> Result<bool> {
+        if self.caps.read_only {
+            // Nothing was written through this endpoint.
+            return Ok(true);
+        }
+        if !self.client.info().has(proto::TFLAG_SEND_FLUSH) {
+            return Ok(false);
         }
         let cmd = Command {
             command: proto::CMD_FLUSH,
@@ -388,7 +410,8 @@ impl Endpoint for NbdEndpoint {
             length: 0,
             payload: &[],
         };
-        self.modify(&cmd, "NBD_CMD_FLUSH").await
+        self.modify(&cmd, "NBD_CMD_FLUSH").await?;
+        Ok(true)
     }
 
     async fn close(&self) -> Result<()> {

@@ -260,6 +260,21 @@ pub fn parse_option_reply(
     Ok(header)
 }
 
+/// A command's name as the protocol spells it, for messages.
+#[must_use]
+pub fn command_name(command: u16) -> &'static str {
+    match command {
+        CMD_READ => "NBD_CMD_READ",
+        CMD_WRITE => "NBD_CMD_WRITE",
+        CMD_DISC => "NBD_CMD_DISC",
+        CMD_FLUSH => "NBD_CMD_FLUSH",
+        CMD_TRIM => "NBD_CMD_TRIM",
+        CMD_WRITE_ZEROES => "NBD_CMD_WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "NBD_CMD_BLOCK_STATUS",
+        _ => "NBD command",
+    }
+}
+
 /// What an option error reply type means, for messages.
 #[must_use]
 pub fn option_error_name(reply: u32) -> &'static str {

@@ -71,11 +71,16 @@ pub struct CopyProgress {
     /// The manifest written beside the target, once the copy is done.
     manifest: Option<String>,
     disk_digest: Option<String>,
+    /// The final result of a copy whose every target flush reached stable storage (`fdatasync`,
+    /// or an `NBD_CMD_FLUSH` the server acknowledged). False for a target that cannot be made
+    /// durable (an NBD server that does not advertise flush), and in progress snapshots.
+    durable: bool,
 }
 
 impl From<CopyOutcome> for CopyProgress {
     fn from(o: CopyOutcome) -> Self {
         let mut p = Self::from(o.progress);
+        p.durable = o.durable;
         if let Some(m) = o.manifest {
             p.manifest = Some(m.path.display().to_string());
             p.disk_digest = Some(m.disk_digest);
@@ -101,6 +106,7 @@ impl From<ProgressSnapshot> for CopyProgress {
             finished: s.finished,
             manifest: None,
             disk_digest: None,
+            durable: false,
         }
     }
 }
@@ -109,8 +115,9 @@ impl From<ProgressSnapshot> for CopyProgress {
 impl CopyProgress {
     fn __repr__(&self) -> String {
         format!(
-            "CopyProgress(planned={}, written={}, zeroed={}, resumed={}, percent={:.1}, finished={})",
-            self.bytes_planned, self.bytes_written, self.bytes_zeroed, self.bytes_resumed, self.percent, self.finished
+            "CopyProgress(planned={}, written={}, zeroed={}, resumed={}, percent={:.1}, finished={}, durable={})",
+            self.bytes_planned, self.bytes_written, self.bytes_zeroed, self.bytes_resumed, self.percent, self.finished,
+            self.durable
         )
     }
 }
@@ -134,7 +141,8 @@ impl Copy {
     #[pyo3(signature = (source, target, *, extents=None, allocated_only=false, connections=4, requests=16,
                         request_size=1_048_576, checkpoint=None, target_is_zero=false,
                         checkpoint_interval=5.0, reconnect_timeout=60.0, backing=None,
-                        cluster_size=65_536, manifest=None, write_manifest=true, zero_unlisted=false))]
+                        cluster_size=65_536, manifest=None, write_manifest=true, zero_unlisted=false,
+                        request_timeout=60.0, connect_timeout=30.0))]
     // Mirrors Python's keyword arguments one to one.
     #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
     fn new(
@@ -154,6 +162,8 @@ impl Copy {
         manifest: Option<PathBuf>,
         write_manifest: bool,
         zero_unlisted: bool,
+        request_timeout: f64,
+        connect_timeout: f64,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
@@ -195,6 +205,8 @@ impl Copy {
             },
             open: OpenOptions {
                 reconnect_timeout: seconds("reconnect_timeout", reconnect_timeout)?,
+                connect_timeout: seconds("connect_timeout", connect_timeout)?,
+                request_timeout: seconds("request_timeout", request_timeout)?,
                 backing,
                 cluster_size,
                 cancel: None, // the copy's own token, set by copy::run
