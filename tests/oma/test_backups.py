@@ -31,7 +31,7 @@ from oma.api.backups import resolve_disk_id
 from oma.api.credentials import resolve_login
 from oma.backups.copies import enqueue_policy_copies
 from oma.backups.engine import BackupEngine
-from oma.backups.layout import manifest_path
+from oma.backups.layout import manifest_path, vm_dir, vm_key
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
 from pyapp.db import Database
@@ -169,7 +169,12 @@ async def test_full_then_incrementals_make_a_chain_equal_to_the_disk_at_each_poi
     engine.after_backup = hook
     started = await lab.start("full", tags={"purpose": "test"})
     assert started["status"] in ("pending", "running") and started["backup_type"] == "full"
-    assert started["file_path"].startswith(str(lab.repo_root / "app01" / "disk-2000"))
+    # keyed by the VM's identity (its moref in its vCenter), never its name
+    vcenter = await lab.db.fetchval("SELECT vcenter_host FROM vm_contexts WHERE vm_name = 'app01'")
+    assert started["vm_key"] == vm_key(vcenter, "vm-201")
+    assert started["file_path"] == str(
+        lab.repo_root / vm_dir(started["vm_key"]) / "disk-2000" / f"{started['backup_id']}.qcow2"
+    )
     assert started["progress_percent"] == 0 and started["chain_id"] == started["backup_id"]
     full = await lab.wait(started["backup_id"])
     assert full["status"] == "completed", full
