@@ -272,11 +272,38 @@ async def _record_progress(db: Database, restore_id: str, latest: _Latest) -> No
             log.warning("recording the progress of a full restore failed: %s", exc)
 
 
+class TargetChanged(Exception):
+    """The target is no longer what was checked when the job was accepted."""
+
+
+def recheck_target(plan: TargetPlan, repository_roots: Sequence[Path]) -> None:
+    """Check a path target again right before the copy (blocking): a symlink planted into a
+    repository since the job was accepted is refused, and so is any file that appeared at a
+    target the job was to create (it is not the job's to write, nor to remove)."""
+    if plan.target_type == "nbd":
+        return
+    try:
+        check_not_in_repository(plan.target_type, plan.target, repository_roots)
+    except ApiError as e:
+        raise TargetChanged(f"{e.message} (the target changed after the restore was accepted)") from e
+    if plan.creates:
+        for path in written_paths(plan.target_type, plan.target):
+            if os.path.lexists(path):
+                raise TargetChanged(f"{path} appeared after the restore was accepted; it is left alone")
+
+
 async def run_full_restore(
-    db: Database, restore_id: str, source: str, plan: TargetPlan, expected: str | None
+    db: Database,
+    restore_id: str,
+    source: str,
+    plan: TargetPlan,
+    expected: str | None,
+    repository_roots: Sequence[Path] = (),
 ) -> None:
     """Run one accepted job to its end (``completed`` or ``failed``); never raises but
-    cancellation, which marks the job failed first."""
+    cancellation, which marks the job failed first. Only files this job created are removed
+    when it fails."""
+    created = False
     with log_context(job_id=restore_id, action="restore_full"):
         try:
             size = await trio.to_thread.run_sync(lambda: mover.ImageReader(source).size)
@@ -287,6 +314,8 @@ async def run_full_restore(
                 size,
             )
             latest = _Latest()
+            await trio.to_thread.run_sync(recheck_target, plan, repository_roots)
+            created = plan.creates  # from here on, what is at the target is this job's
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_record_progress, db, restore_id, latest)
                 result = await mover.copy(
@@ -315,7 +344,8 @@ async def run_full_restore(
         except BaseException as exc:
             message = "cancelled: the OMA is shutting down" if _cancelled(exc) else _reason(exc)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_remove_created, plan)
+                if created:
+                    await trio.to_thread.run_sync(_remove_created, plan)
                 await db.execute(
                     "UPDATE restore_jobs SET status = 'failed', error_message = $2, completed_at = now()"
                     " WHERE id = $1",

@@ -157,7 +157,7 @@ class RestoreService:
         row = await accept_job(self.db, backup_id, plan, created_by, self.worker_id)
         source, expected = str(backup["file_path"]), backup["disk_digest"]
         restore_id = str(row["id"])
-        self.start_job(lambda: run_full_restore(self.db, restore_id, source, plan, expected))
+        self.start_job(lambda: run_full_restore(self.db, restore_id, source, plan, expected, roots))
         return job_body(row)
 
     async def repository_roots(self) -> list[Path]:

@@ -32,7 +32,7 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
-from oma.restore.full import fail_orphaned_jobs
+from oma.restore.full import accept_job, check_target, fail_orphaned_jobs, run_full_restore
 from pyapp import mover
 from pyapp.db import open_database
 from pyapp.lab import MiB, Partition, build_disk
@@ -774,6 +774,40 @@ async def test_full_restore_never_writes_into_a_repository(oma: Oma, disks: Disk
     job = await _wait_restore(oma, r.json()["restore_id"])
     assert job["status"] == "failed" and not target.exists()
     assert (outside / "disk.raw.manifest").read_bytes() == b"not the restore's"
+
+
+async def test_a_target_that_changes_after_acceptance_is_left_alone(
+    oma: Oma, disks: Disks, tmp_path: Path
+) -> None:
+    """Between acceptance and the copy, a symlink into a repository planted at the target, or
+    a file that appeared there: the job fails, writes nothing through the link and removes
+    nothing that is not its own."""
+    repo = tmp_path / "repo"
+    r = await oma.post(
+        "/repositories", json={"name": "r", "type": "local", "config": {"disk_path": str(repo)}}
+    )
+    assert r.status_code == 201, r.text
+    backup_id = await insert_backup(oma, disks.mbr, vm="late")
+    assert oma.config.database_url
+    async with open_database(oma.config.database_url, min_size=1, max_size=2) as db:
+        link = tmp_path / "late.raw"
+        plan = check_target("raw", str(link), [repo])
+        job = await accept_job(db, backup_id, plan, "test", "test-worker")
+        link.symlink_to(repo / "planted.raw")  # planted after the job was accepted
+        await run_full_restore(db, job["id"], str(disks.mbr), plan, None, repository_roots=[repo])
+        ended = await db.fetchrow("SELECT status, error_message FROM restore_jobs WHERE id = $1", job["id"])
+        assert ended["status"] == "failed", ended
+        assert "changed after the restore was accepted" in ended["error_message"], ended
+        assert list(repo.iterdir()) == [] and link.is_symlink()
+
+        appeared = tmp_path / "appeared.raw"
+        plan = check_target("raw", str(appeared), [repo])
+        job = await accept_job(db, backup_id, plan, "test", "test-worker")
+        appeared.write_bytes(b"someone else's file")
+        await run_full_restore(db, job["id"], str(disks.mbr), plan, None, repository_roots=[repo])
+        ended = await db.fetchrow("SELECT status, error_message FROM restore_jobs WHERE id = $1", job["id"])
+        assert ended["status"] == "failed" and "appeared after" in ended["error_message"], ended
+        assert appeared.read_bytes() == b"someone else's file"
 
 
 async def test_concurrent_downloads_and_a_second_process(oma: Oma, disks: Disks, tmp_path: Path) -> None:
