@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -32,7 +33,7 @@ from quart_schema import validate_querystring, validate_request
 from oma.api.common import MAX_NAME, Page, json_columns, json_page, new_id, not_cut_short
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
-from oma.backups.layout import backup_path
+from oma.backups.layout import manifest_path, point_path, vm_key
 from oma.backups.repositories import enabled_spec, root_of
 from oma.backups.verify import verify_backup
 from oma.state import state
@@ -44,12 +45,14 @@ log = logging.getLogger(__name__)
 bp = Blueprint("backups", __name__)
 
 NO_PARENT = "NO_PARENT"
+AMBIGUOUS_VM = "AMBIGUOUS_VM"
+VM_IDENTITY_UNKNOWN = "VM_IDENTITY_UNKNOWN"
 ACTIVE_INDEX = "backup_jobs_one_active"
 #: The fields of a ``BackupResponse`` (docs/backup.md), in answer order; ``copy_mode`` (the VMA's
 #: plan: full, incremental, full-cbt-reset) is this implementation's addition.
 BACKUP_FIELDS = (
-    "backup_id, vm_name, vm_context_id, disk_id, backup_type, requested_type, repository_id, policy_id,"
-    " parent_backup_id, chain_id, status, file_path, progress_percent, bytes_transferred,"
+    "backup_id, vm_name, vm_context_id, vm_key, disk_id, backup_type, requested_type, repository_id,"
+    " policy_id, parent_backup_id, chain_id, status, file_path, progress_percent, bytes_transferred,"
     " current_operation, virtual_size_bytes, stored_bytes, changed_bytes, disk_digest, change_id,"
     " copy_mode, tags, error_message, created_at, started_at, completed_at, locked_until"
 )
@@ -57,8 +60,8 @@ BACKUP_FIELDS = (
 #: (as :func:`oma.backups.chains.locked_until` computes it), rendered here like every timestamp
 #: of a list page (``api_ts``), so single answers and list pages read the same.
 BACKUP_VIEW = (
-    "SELECT b.id AS backup_id, b.vm_name, b.vm_context_id, b.disk_id, b.backup_type, b.requested_type,"
-    " b.repository_id, b.policy_id, b.parent_backup_id, b.chain_id, b.status, b.file_path,"
+    "SELECT b.id AS backup_id, b.vm_name, b.vm_context_id, b.vm_key, b.disk_id, b.backup_type,"
+    " b.requested_type, b.repository_id, b.policy_id, b.parent_backup_id, b.chain_id, b.status, b.file_path,"
     " b.progress_percent, b.bytes_transferred, b.current_operation, b.virtual_size_bytes,"
     " b.stored_bytes, b.changed_bytes, b.disk_digest, b.change_id, b.copy_mode, b.tags, b.error_message,"
     " b.created_at, b.started_at, b.completed_at,"
@@ -73,7 +76,15 @@ TagText = Annotated[str, Field(max_length=MAX_NAME)]
 
 
 class StartBackupRequest(BaseModel):
-    vm_name: str = Field(min_length=1, max_length=MAX_NAME, description="a managed VM (its VM context)")
+    vm_name: str | None = Field(
+        None, min_length=1, max_length=MAX_NAME, description="a managed VM (its VM context)"
+    )
+    vm_context_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME,
+        description="the VM context; required when two managed VMs share the name",
+    )
     disk_id: str = Field(
         min_length=1, max_length=MAX_NAME, description="disk id (disk-2000), key (2000) or index (0)"
     )
@@ -148,25 +159,69 @@ async def _inventory_disks(db: Database, vmware_vm_id: str | None, vm_path: str)
     return [str(d["id"]) for d in disks if isinstance(d, dict) and d.get("id")]
 
 
+async def find_context(
+    db: Database, vm_name: str | None, vm_context_id: str | None, *, required: bool = True
+) -> Record | None:
+    """The VM context a request names by ``vm_context_id`` and/or ``vm_name``. Names are for
+    display only: a name that two managed VMs share (one name in two folders) is refused with
+    409 ``AMBIGUOUS_VM`` rather than guessed. None (``required`` off) when nothing matches."""
+    if vm_name is None and vm_context_id is None:
+        raise ApiError.unprocessable("vm_name or vm_context_id is required")
+    rows = await db.fetch(
+        "SELECT context_id, vm_name, vm_path, vmware_vm_id, vcenter_host FROM vm_contexts"
+        " WHERE ($1::text IS NULL OR vm_name = $1) AND ($2::text IS NULL OR context_id = $2)"
+        " ORDER BY context_id LIMIT 10",
+        vm_name,
+        vm_context_id,
+    )
+    if len(rows) > 1:
+        raise ApiError(
+            409,
+            AMBIGUOUS_VM,
+            f"{len(rows)} managed VMs are named {vm_name!r}"
+            f" ({', '.join(str(r['context_id']) + ' at ' + str(r['vm_path']) for r in rows)}):"
+            " give vm_context_id",
+        )
+    if not rows:
+        if not required:
+            return None
+        if vm_context_id is not None:
+            raise ApiError.not_found(f"no VM context {vm_context_id!r} (with vm_name {vm_name!r})")
+        raise ApiError.not_found(
+            f"VM {vm_name!r} is not managed (no VM context): add it through discovery first"
+        )
+    row: Record = rows[0]
+    return row
+
+
+def context_key(ctx: Record) -> str:
+    """The stable identity a context's backups are keyed by (oma/backups/layout.py)."""
+    if not ctx["vmware_vm_id"]:
+        raise ApiError(
+            409,
+            VM_IDENTITY_UNKNOWN,
+            f"the managed object id of VM {ctx['vm_name']!r} is unknown, and backups are keyed by it,"
+            " never by a name: run a discovery of the VM first",
+        )
+    return vm_key(ctx["vcenter_host"] or "", ctx["vmware_vm_id"])
+
+
 @bp.post("/backup/start")
 @validate_request(StartBackupRequest)
 async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
     st = state()
     db = st.db
-    ctx = await db.fetchrow(
-        "SELECT context_id, vm_path, vmware_vm_id FROM vm_contexts WHERE vm_name = $1", data.vm_name
-    )
-    if ctx is None:
-        raise ApiError.not_found(
-            f"VM {data.vm_name!r} is not managed (no VM context): add it through discovery first"
-        )
+    ctx = await find_context(db, data.vm_name, data.vm_context_id)
+    assert ctx is not None
+    vm_name: str = ctx["vm_name"]
+    key = context_key(ctx)
     known = await _inventory_disks(db, ctx["vmware_vm_id"], ctx["vm_path"])
     disk_id = resolve_disk_id(data.disk_id, known) if known else data.disk_id
     if disk_id is None:
-        raise ApiError.unprocessable(f"VM {data.vm_name!r} has no disk {data.disk_id!r} (its disks: {known})")
+        raise ApiError.unprocessable(f"VM {vm_name!r} has no disk {data.disk_id!r} (its disks: {known})")
     if not known and disk_id.isdigit():
         raise ApiError.unprocessable(
-            f"the inventory does not list the disks of {data.vm_name!r}, so {data.disk_id!r} cannot be read"
+            f"the inventory does not list the disks of {vm_name!r}, so {data.disk_id!r} cannot be read"
             " as a disk key or index: give the disk id (e.g. disk-2000) or run a discovery"
         )
     repository_id = data.repository_id
@@ -192,25 +247,32 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
     repo = await enabled_spec(db, st.box, repository_id)
     parent = None
     if data.backup_type == "incremental":
-        parent = await db.fetchrow(LATEST_POINT, data.vm_name, disk_id, repository_id)
+        parent = await db.fetchrow(LATEST_POINT, key, disk_id, repository_id)
         if parent is None:
             raise ApiError(
                 409,
                 NO_PARENT,
-                f"no completed backup of {data.vm_name} {disk_id} in repository {repository_id}:"
+                f"no completed backup of {vm_name} {disk_id} in repository {repository_id}:"
                 " an incremental needs one to build on (start a full backup first)",
             )
     backup_id = new_id("backup")
-    planned = backup_path(root_of(repo, st.config.mounts_dir), data.vm_name, disk_id, backup_id)
+    planned = point_path(
+        root_of(repo, st.config.mounts_dir),
+        key,
+        disk_id,
+        backup_id,
+        Path(parent["file_path"]) if parent and parent["file_path"] else None,
+    )
     try:
         await db.execute(
-            "INSERT INTO backup_jobs (id, vm_context_id, vm_name, vm_path, disk_id, backup_type,"
-            " requested_type, repository_id, policy_id, parent_backup_id, chain_id, status, file_path, tags,"
-            " current_operation)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $6, $7, $8, $9, $10, 'pending', $11, $12::jsonb, 'queued')",
+            "INSERT INTO backup_jobs (id, vm_context_id, vm_name, vm_key, vm_path, disk_id, backup_type,"
+            " requested_type, repository_id, policy_id, parent_backup_id, chain_id, status, file_path,"
+            " manifest_path, tags, current_operation)"
+            " VALUES ($1, $2, $3, $13, $4, $5, $6, $6, $7, $8, $9, $10, 'pending', $11, $14, $12::jsonb,"
+            " 'queued')",
             backup_id,
             ctx["context_id"],
-            data.vm_name,
+            vm_name,
             ctx["vm_path"],
             disk_id,
             data.backup_type,
@@ -220,24 +282,27 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
             parent["chain_id"] if parent else backup_id,
             str(planned),
             json.dumps(data.tags),
+            key,
+            str(manifest_path(planned)),
         )
     except UniqueViolation as exc:
         if exc.constraint_name != ACTIVE_INDEX:
             raise
         active = await db.fetchval(
-            "SELECT id FROM backup_jobs WHERE vm_name = $1 AND disk_id = $2 AND status = ANY($3::text[])",
-            data.vm_name,
+            "SELECT id FROM backup_jobs WHERE vm_key = $1 AND disk_id = $2 AND status = ANY($3::text[])",
+            key,
             disk_id,
             list(ACTIVE),
         )
         raise ApiError.conflict(
-            f"{data.vm_name} {disk_id} already has a backup in progress ({active or 'just ended'})"
+            f"{vm_name} {disk_id} already has a backup in progress ({active or 'just ended'})"
         ) from exc
     with log_context(job_id=backup_id, action="backup_start"):
         log.info(
             "backup requested",
             extra={
-                "vm_name": data.vm_name,
+                "vm_name": vm_name,
+                "vm_key": key,
                 "disk_id": disk_id,
                 "backup_type": data.backup_type,
                 "repository_id": repository_id,
@@ -273,37 +338,40 @@ async def backup_chain(query_args: ChainQuery) -> dict[str, Any]:
     db = state().db
     if q.vm_name is None and q.vm_context_id is None:
         raise ApiError.bad_request("vm_name or vm_context_id is required")
-    ctx = await db.fetchrow(
-        "SELECT context_id, vm_name, vm_path, vmware_vm_id FROM vm_contexts"
-        " WHERE ($1::text IS NULL OR vm_name = $1) AND ($2::text IS NULL OR context_id = $2)",
-        q.vm_name,
-        q.vm_context_id,
-    )
-    if ctx is None and q.vm_context_id is not None:
-        raise ApiError.not_found(f"no VM context {q.vm_context_id!r} (with vm_name {q.vm_name!r})")
-    vm_name = ctx["vm_name"] if ctx else q.vm_name
-    backed_up = (
-        [
-            r["disk_id"]
+    ctx = await find_context(db, q.vm_name, q.vm_context_id, required=q.vm_context_id is not None)
+    if ctx is not None:
+        vm_name, key = ctx["vm_name"], context_key(ctx)
+    else:  # a VM no longer managed, known by the name its backups recorded
+        vm_name = q.vm_name
+        keys = [
+            r["vm_key"]
             for r in await db.fetch(
-                "SELECT DISTINCT disk_id FROM backup_jobs WHERE vm_name = $1 ORDER BY disk_id", vm_name
+                "SELECT DISTINCT vm_key FROM backup_jobs WHERE vm_name = $1 ORDER BY vm_key", vm_name
             )
         ]
-        if vm_name
-        else []
-    )
-    if ctx is None and not backed_up:
-        raise ApiError.not_found(f"VM {q.vm_name!r} is neither managed nor backed up")
+        if not keys:
+            raise ApiError.not_found(f"VM {q.vm_name!r} is neither managed nor backed up")
+        if len(keys) > 1:
+            raise ApiError(
+                409, AMBIGUOUS_VM, f"backups of {len(keys)} VMs named {vm_name!r} exist: give vm_context_id"
+            )
+        key = keys[0]
+    backed_up = [
+        r["disk_id"]
+        for r in await db.fetch(
+            "SELECT DISTINCT disk_id FROM backup_jobs WHERE vm_key = $1 ORDER BY disk_id", key
+        )
+    ]
     known = await _inventory_disks(db, ctx["vmware_vm_id"], ctx["vm_path"]) if ctx else []
     known += [d for d in backed_up if d not in known]
     disk_id = resolve_disk_id(q.disk_id, known)
     if disk_id is None:
         raise ApiError.not_found(f"VM {vm_name!r} has no disk {q.disk_id!r} (known disks: {known})")
     chain_id = await db.fetchval(
-        "SELECT chain_id FROM backup_jobs WHERE vm_name = $1 AND disk_id = $2"
+        "SELECT chain_id FROM backup_jobs WHERE vm_key = $1 AND disk_id = $2"
         " AND ($3::text IS NULL OR repository_id = $3) AND status = 'completed'"
         " ORDER BY completed_at DESC, created_at DESC LIMIT 1",
-        vm_name,
+        key,
         disk_id,
         q.repository_id,
     )

@@ -29,6 +29,7 @@ from quart_schema import validate_querystring, validate_request
 from oma.api.common import MAX_NAME, new_id
 from oma.backups import repositories as repos
 from oma.backups.repositories import (
+    REPOSITORY_OVERLAP,
     REPOSITORY_UNAVAILABLE,
     RepositoryError,
     RepositorySpec,
@@ -43,6 +44,8 @@ from pyapp.logs import log_context
 log = logging.getLogger(__name__)
 bp = Blueprint("repositories", __name__)
 
+#: Serialises "check overlaps, then insert" of repository creations ("oma_rep1").
+_CREATE_LOCK_KEY = 0x6F6D615F72657031
 #: Stored capacity figures older than this are read again when repositories are listed.
 STORAGE_MAX_AGE = dt.timedelta(minutes=1)
 #: How long a listing waits for one ``statvfs`` (a hung NFS server must not hang the listing).
@@ -172,44 +175,74 @@ async def create_repository(data: CreateRepositoryRequest) -> tuple[dict[str, An
     root = str(repos.root_of(spec, st.config.mounts_dir))
     if await st.db.fetchval("SELECT EXISTS (SELECT 1 FROM backup_repositories WHERE name = $1)", data.name):
         raise ApiError.conflict(f"a repository named {data.name!r} already exists")
-    other = await st.db.fetchval(
-        "SELECT name FROM backup_repositories WHERE config->>'disk_path' = $1 OR config->>'mount_point' = $1",
-        root,
-    )
-    if other is not None:
-        # Two repositories on one directory would let a "copy" overwrite its own primary.
-        raise ApiError.conflict(f"repository {other!r} already uses {root}")
+    await _refuse_overlap(st.db, spec, data.name)  # before anything is mounted or created
     try:
         info = await trio.to_thread.run_sync(repos.ready_storage, spec, st.config.mounts_dir)
     except RepositoryError as e:
         raise ApiError(422, REPOSITORY_UNAVAILABLE, f"repository {data.name!r} is unavailable: {e}") from e
     ciphertext = st.box.encrypt(password, repos.SECRET_PURPOSE) if password is not None else None
     try:
-        await st.db.execute(
-            "INSERT INTO backup_repositories (id, name, type, config, secret_ciphertext, enabled, immutable,"
-            " immutable_days, total_bytes, used_bytes, available_bytes, storage_checked_at)"
-            " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, now())",
-            repository_id,
-            data.name,
-            data.type,
-            json.dumps(config),
-            ciphertext,
-            data.enabled,
-            data.immutable,
-            data.immutable_days,
-            info.total_bytes,
-            info.used_bytes,
-            info.available_bytes,
-        )
+        async with st.db.transaction() as conn:
+            # Checked again under a lock with the insert: two creations at once cannot both pass.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _CREATE_LOCK_KEY)
+            await _refuse_overlap(conn, spec, data.name)
+            await conn.execute(
+                "INSERT INTO backup_repositories (id, name, type, config, secret_ciphertext, enabled,"
+                " immutable, immutable_days, total_bytes, used_bytes, available_bytes, storage_checked_at)"
+                " VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9, $10, $11, now())",
+                repository_id,
+                data.name,
+                data.type,
+                json.dumps(config),
+                ciphertext,
+                data.enabled,
+                data.immutable,
+                data.immutable_days,
+                info.total_bytes,
+                info.used_bytes,
+                info.available_bytes,
+            )
     except UniqueViolation as exc:
         await trio.to_thread.run_sync(_release_quietly, spec, st.config.mounts_dir)
         raise ApiError.conflict(f"a repository named {data.name!r} already exists") from exc
+    except ApiError:
+        await trio.to_thread.run_sync(_release_quietly, spec, st.config.mounts_dir)
+        raise
     with log_context(action="repository_create"):
         log.info(
             "backup repository created",
             extra={"repository_id": repository_id, "type": data.type, "root": root},
         )
     return _response(await _load(st.db, repository_id)), 201
+
+
+async def _refuse_overlap(conn: Database | Connection, spec: RepositorySpec, name: str) -> None:
+    """409 ``REPOSITORY_OVERLAP`` when the new repository's root is an existing repository's,
+    lies inside one or holds one, symlinks resolved; a local repository may not hold the
+    directory where network repositories are mounted either (it would hold all of them)."""
+    mounts_dir = state().config.mounts_dir
+    rows = await conn.fetch("SELECT id, name, type, config FROM backup_repositories")
+    others = [
+        (
+            f"repository {r['name']!r}",
+            repos.root_of(RepositorySpec(r["id"], r["type"], repos.config_of(r)), mounts_dir),
+        )
+        for r in rows
+    ]
+    root = repos.root_of(spec, mounts_dir)
+    found = await trio.to_thread.run_sync(repos.overlap, root, others)
+    if found is None and spec.type == "local":
+        found = await trio.to_thread.run_sync(
+            repos.overlap, root, [("the directory where network repositories are mounted", mounts_dir)]
+        )
+    if found is not None:
+        what, where = found
+        raise ApiError(
+            409,
+            REPOSITORY_OVERLAP,
+            f"repository {name!r} at {root} overlaps {what} at {where} (the same directory, or one"
+            " inside the other, symlinks resolved): two repositories never share files",
+        )
 
 
 def _release_quietly(spec: RepositorySpec, mounts_dir: Path) -> None:

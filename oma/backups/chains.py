@@ -22,7 +22,8 @@ Crash safety across the database and the files: the points to remove are first m
 changed (each step crash-safe on its own); then one transaction removes the rows and makes ``k``
 the full. A crash in between leaves ``deleting`` points, which the next attempt (a retry of the
 delete, or retention) finishes: consolidation of a chain that is already merged is skipped, and
-files already gone are fine. A session advisory lock per VM disk and repository
+files already gone are fine. A session advisory lock per VM disk (the VM's identity, never its
+name) and repository
 (:func:`disk_lock`) keeps two OMA processes — and a backup being written — from working on one
 chain at once.
 """
@@ -55,7 +56,7 @@ MOUNTED = "MOUNTED"
 _LOCK_CLASS = 0x0BAC
 
 _POINT_COLUMNS = (
-    "b.id, b.parent_backup_id, b.status, b.created_at, b.vm_name, b.disk_id, b.repository_id,"
+    "b.id, b.parent_backup_id, b.status, b.created_at, b.vm_key, b.disk_id, b.repository_id,"
     " b.chain_id, b.file_path, b.disk_digest"
 )
 
@@ -84,7 +85,7 @@ class Point:
     parent_backup_id: str | None
     status: str
     created_at: dt.datetime
-    vm_name: str
+    vm_key: str
     disk_id: str
     repository_id: str
     chain_id: str
@@ -116,12 +117,12 @@ def locked_until(immutable: bool, immutable_days: int, stored_at: dt.datetime) -
 
 @contextlib.asynccontextmanager
 async def disk_lock(
-    db: Database, vm_name: str, disk_id: str, repository_id: str, *, wait: bool = False
+    db: Database, vm_key: str, disk_id: str, repository_id: str, *, wait: bool = False
 ) -> AsyncIterator[bool]:
     """Hold the advisory lock of one VM disk's chains in one repository (a session lock on a
-    connection kept for the whole block). Yields False when ``wait`` is off and another holder
-    has it."""
-    key = f"{vm_name}\x1f{disk_id}\x1f{repository_id}"
+    connection kept for the whole block). The VM is its identity (``vm_key``), never its name.
+    Yields False when ``wait`` is off and another holder has it."""
+    key = f"{vm_key}\x1f{disk_id}\x1f{repository_id}"
     async with db.connection() as conn:
         if wait:
             await conn.execute("SELECT pg_advisory_lock($1, hashtext($2))", _LOCK_CLASS, key)
@@ -142,7 +143,7 @@ def _point(row: Record) -> Point:
         row["parent_backup_id"],
         row["status"],
         row["created_at"],
-        row["vm_name"],
+        row["vm_key"],
         row["disk_id"],
         row["repository_id"],
         row["chain_id"],
@@ -221,9 +222,9 @@ async def _check_removable(
         raise ChainBusy(CONFLICT, f"backup {restoring} is being restored")
     sample = removed[0]
     in_flight = await conn.fetchval(
-        "SELECT id FROM backup_jobs WHERE vm_name = $1 AND disk_id = $2 AND repository_id = $3"
+        "SELECT id FROM backup_jobs WHERE vm_key = $1 AND disk_id = $2 AND repository_id = $3"
         " AND status IN ('pending', 'running') LIMIT 1",
-        sample.vm_name,
+        sample.vm_key,
         sample.disk_id,
         sample.repository_id,
     )
@@ -335,7 +336,7 @@ async def _remove(
 async def delete_backup(db: Database, box: SecretBox, mounts_dir: Path, backup_id: str) -> dict[str, Any]:
     """``DELETE /api/v1/backup/{id}``: remove one point, keeping every other point restorable."""
     row = await db.fetchrow(
-        "SELECT id, status, chain_id, vm_name, disk_id, repository_id, file_path"
+        "SELECT id, status, chain_id, vm_name, vm_key, disk_id, repository_id, file_path"
         " FROM backup_jobs WHERE id = $1",
         backup_id,
     )
@@ -365,7 +366,7 @@ async def delete_backup(db: Database, box: SecretBox, mounts_dir: Path, backup_i
             " Delete points from either end of the chain, or let retention merge it",
         )
 
-    async with disk_lock(db, row["vm_name"], row["disk_id"], row["repository_id"]) as got:
+    async with disk_lock(db, row["vm_key"], row["disk_id"], row["repository_id"]) as got:
         if not got:
             raise ApiError.conflict(
                 f"another operation on the backups of {row['vm_name']} {row['disk_id']} is running"
@@ -409,16 +410,16 @@ async def apply_retention(
     newest point of the disk always stays."""
     result = RetentionResult()
     rows = await db.fetch(
-        "SELECT chain_id, vm_name, disk_id, repository_id, max(created_at) AS newest FROM backup_jobs"
+        "SELECT chain_id, vm_key, disk_id, repository_id, max(created_at) AS newest FROM backup_jobs"
         " WHERE id = ANY($1::text[]) AND status IN ('completed', 'deleting')"
-        " GROUP BY chain_id, vm_name, disk_id, repository_id ORDER BY newest",
+        " GROUP BY chain_id, vm_key, disk_id, repository_id ORDER BY newest",
         chain_point_ids,
     )
     if not rows:
         return result
     cutoff = now - dt.timedelta(days=retention_days)
     first = rows[0]
-    async with disk_lock(db, first["vm_name"], first["disk_id"], first["repository_id"]) as got:
+    async with disk_lock(db, first["vm_key"], first["disk_id"], first["repository_id"]) as got:
         for i, row in enumerate(rows):
             result.chains += 1
             if not got:

@@ -232,6 +232,19 @@ def remove_copy_files(dest: Path) -> None:
         fsync_dir(dest.parent)
 
 
+def copy_destination(src: Path, src_root: Path, dest_root: Path) -> Path:
+    """Where the copy of the primary file ``src`` goes: the same path relative to its
+    repository's root (a chain keeps one directory in every repository, so its overlays find
+    their backing files there)."""
+    try:
+        rel = src.relative_to(src_root)
+    except ValueError as e:
+        raise CopyError(f"the primary file {src} is not inside its repository's root {src_root}") from e
+    if ".." in rel.parts or not rel.parts:
+        raise CopyError(f"the primary file {src} has no place under {src_root}")
+    return dest_root / rel
+
+
 def is_same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -373,18 +386,32 @@ class CopyWorker(ClaimWorker):
 
     async def recover_orphans(self) -> None:
         """Put back to ``pending`` the copies an OMA process on this host claimed and no longer
-        drives (it died): they are redone from the start."""
+        drives (it died), once what they wrote is removed: they are redone from the start. A
+        copy whose files cannot be removed now (its repository is unavailable) keeps its path
+        and waits for the next start."""
         rows = await self.db.fetch(
-            "SELECT id, claimed_by FROM backup_copies WHERE status IN ('pending', 'copying', 'verifying')"
-            " AND claimed_by LIKE $1",
+            "SELECT id, claimed_by, file_path, repository_id FROM backup_copies"
+            " WHERE status IN ('pending', 'copying', 'verifying') AND claimed_by LIKE $1",
             f"{socket.gethostname()}:%",
         )
         for row in rows:
             if not claimant_gone(row["claimed_by"]):
                 continue
+            if row["file_path"]:
+                try:
+                    await ensure_ready(self.db, self.box, self.config.mounts_dir, row["repository_id"])
+                    await trio.to_thread.run_sync(remove_copy_files, Path(row["file_path"]))
+                except (ApiError, OSError) as e:
+                    message = e.message if isinstance(e, ApiError) else str(e)
+                    log.warning(
+                        "cannot remove the files of an interrupted copy: %s",
+                        message,
+                        extra={"copy_id": row["id"], "target": row["file_path"]},
+                    )
+                    continue
             await self.db.execute(
-                "UPDATE backup_copies SET status = 'pending', claimed_by = NULL, started_at = NULL"
-                " WHERE id = $1 AND claimed_by = $2",
+                "UPDATE backup_copies SET status = 'pending', claimed_by = NULL, started_at = NULL,"
+                " file_path = NULL, size_bytes = NULL WHERE id = $1 AND claimed_by = $2",
                 row["id"],
                 row["claimed_by"],
             )
@@ -422,7 +449,7 @@ class CopyWorker(ClaimWorker):
     async def _copy(self, row: Record, dest_holder: list[Path]) -> None:
         copy_id, backup_id, repository_id = row["id"], row["backup_id"], row["repository_id"]
         b = await self.db.fetchrow(
-            "SELECT b.vm_name, b.disk_id, b.repository_id, b.status, b.file_path, b.manifest_path,"
+            "SELECT b.vm_key, b.disk_id, b.repository_id, b.status, b.file_path, b.manifest_path,"
             " b.disk_digest, b.parent_backup_id,"
             " (SELECT p.status FROM backup_copies p WHERE p.backup_id = b.parent_backup_id"
             "   AND p.repository_id = $2) AS parent_copy_status,"
@@ -442,17 +469,22 @@ class CopyWorker(ClaimWorker):
                 f" {repository_id} (its copy is {b['parent_copy_status'] or 'missing'})"
             )
         try:
-            await ensure_ready(self.db, self.box, self.config.mounts_dir, b["repository_id"])
+            src_root = await ensure_ready(self.db, self.box, self.config.mounts_dir, b["repository_id"])
             dest_root = await ensure_ready(self.db, self.box, self.config.mounts_dir, repository_id)
         except ApiError as e:
             raise CopyError(e.message) from e
         src = Path(b["file_path"])
         src_manifest = Path(b["manifest_path"]) if b["manifest_path"] else layout.manifest_path(src)
-        dest = layout.backup_path(dest_root, b["vm_name"], b["disk_id"], backup_id)
+        dest = copy_destination(src, src_root, dest_root)
         if await trio.to_thread.run_sync(is_same_file, src, dest):
             raise CopyError(
                 f"the destination {dest} is the primary file itself (two repositories on one path?)"
             )
+        # The path is recorded before anything is written there: a process that dies while
+        # copying leaves a row that says what to remove (recover_orphans).
+        await self.db.execute(
+            "UPDATE backup_copies SET file_path = $2 WHERE id = $1 AND status = 'copying'", copy_id, str(dest)
+        )
         dest_holder.append(dest)  # from here on, a failure removes what the copy wrote there
         log.info("copying backup", extra={"copy_id": copy_id, "backup_id": backup_id, "target": str(dest)})
         # Never abandoned: cancelling (shutdown) stops the thread between two chunks and waits.
@@ -483,14 +515,21 @@ class CopyWorker(ClaimWorker):
         )
 
     async def _fail(self, copy_id: str, message: str, dest: list[Path]) -> None:
+        left: str | None = None
         if dest:
-            await trio.to_thread.run_sync(remove_copy_files, dest[0])
+            try:
+                await trio.to_thread.run_sync(remove_copy_files, dest[0])
+            except OSError as e:  # the failed row keeps the path of what is left
+                left = str(dest[0])
+                message = f"{message}; its files at {left} could not be removed: {e.strerror or e}"
         await self.db.execute(
-            # The files are gone: no path, size or digest describes the copy any more.
+            # The files are gone (else file_path says where they are): no size or digest
+            # describes the copy any more.
             "UPDATE backup_copies SET status = 'failed', error_message = $2, verified = false,"
-            " file_path = NULL, size_bytes = NULL, disk_digest = NULL, completed_at = now() WHERE id = $1",
+            " file_path = $3, size_bytes = NULL, disk_digest = NULL, completed_at = now() WHERE id = $1",
             copy_id,
             message,
+            left,
         )
         log.warning("backup copy failed: %s", message, extra={"copy_id": copy_id})
 

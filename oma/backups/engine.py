@@ -69,11 +69,12 @@ RECONNECT_TIMEOUT = 60.0
 
 AfterBackup = Callable[[str], Awaitable[None]]
 
-#: The latest completed point of a chain ($1 vm_name, $2 disk_id, $3 repository_id): what an
-#: incremental is written on. Failed points are never parents.
+#: The latest completed point of a VM disk's chains ($1 vm_key, $2 disk_id, $3 repository_id):
+#: what an incremental is written on. Failed points are never parents; the VM is its identity
+#: (:func:`oma.backups.layout.vm_key`), never its name.
 LATEST_POINT = (
     "SELECT id, chain_id, change_id, file_path FROM backup_jobs"
-    " WHERE vm_name = $1 AND disk_id = $2 AND repository_id = $3 AND status = 'completed'"
+    " WHERE vm_key = $1 AND disk_id = $2 AND repository_id = $3 AND status = 'completed'"
     " ORDER BY completed_at DESC, created_at DESC LIMIT 1"
 )
 
@@ -96,6 +97,7 @@ class Parent:
 class RunningBackup:
     backup_id: str
     vm_name: str
+    vm_key: str
     vm_path: str
     disk_id: str
     requested_type: str
@@ -122,6 +124,7 @@ class RunningBackup:
         return cls(
             backup_id=row["id"],
             vm_name=row["vm_name"],
+            vm_key=row["vm_key"],
             vm_path=row["vm_path"],
             disk_id=row["disk_id"],
             requested_type=row["requested_type"],
@@ -288,7 +291,7 @@ class BackupEngine(ClaimWorker):
             " started_at = now(), current_operation = 'Preparing the repository', updated_at = now()"
             " WHERE b.id IN (SELECT id FROM backup_jobs WHERE status = 'pending' AND claimed_by IS NULL"
             "  ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT $2)"
-            " RETURNING b.id, b.vm_name, b.vm_path, b.disk_id, b.requested_type, b.repository_id,"
+            " RETURNING b.id, b.vm_name, b.vm_key, b.vm_path, b.disk_id, b.requested_type, b.repository_id,"
             " b.vm_context_id, b.file_path",
             self.engine_id,
             limit,
@@ -333,15 +336,23 @@ class BackupEngine(ClaimWorker):
 
     async def _run(self, job: RunningBackup) -> None:
         root = await ensure_ready(self.db, self.box, self.config.mounts_dir, job.repository_id)
-        target = layout.backup_path(root, job.vm_name, job.disk_id, job.backup_id)
-        await trio.to_thread.run_sync(_prepare_target, target)
-        job.target = target
-        if job.planned != str(target):  # the planned path moved with the repository's root
-            await self.db.execute(
-                "UPDATE backup_jobs SET file_path = $2 WHERE id = $1", job.backup_id, str(target)
-            )
         async with self._holding_disk(job):
             parent = await self._take_parent(job) if job.requested_type == "incremental" else None
+            target = layout.point_path(
+                root, job.vm_key, job.disk_id, job.backup_id, parent.file_path if parent else None
+            )
+            if job.planned != str(target):
+                # The path is on the row before the file can exist: a crash from here on leaves
+                # a record of what to remove (recover_orphans).
+                await self.db.execute(
+                    "UPDATE backup_jobs SET file_path = $2, manifest_path = $3 WHERE id = $1",
+                    job.backup_id,
+                    str(target),
+                    str(layout.manifest_path(target)),
+                )
+                job.planned = str(target)
+            await trio.to_thread.run_sync(_prepare_target, target)
+            job.target = target
             export = await self._export(job, parent)
             plan = plan_copy(export, parent)
             result = await self._copy(job, export, plan)
@@ -355,7 +366,7 @@ class BackupEngine(ClaimWorker):
         wait inside PostgreSQL."""
         waiting = False
         while True:
-            async with disk_lock(self.db, job.vm_name, job.disk_id, job.repository_id) as got:
+            async with disk_lock(self.db, job.vm_key, job.disk_id, job.repository_id) as got:
                 if got:
                     yield
                     return
@@ -372,7 +383,7 @@ class BackupEngine(ClaimWorker):
         async with self.db.transaction() as conn:
             row = await conn.fetchrow(
                 f"{LATEST_POINT} FOR SHARE",
-                job.vm_name,
+                job.vm_key,
                 job.disk_id,
                 job.repository_id,
             )

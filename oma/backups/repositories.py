@@ -18,7 +18,7 @@ import re
 import secrets
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +32,7 @@ from pyapp.db import Database, Record
 RepositoryType = Literal["local", "nfs", "cifs"]
 REPOSITORY_TYPES: tuple[RepositoryType, ...] = ("local", "nfs", "cifs")
 REPOSITORY_UNAVAILABLE = "REPOSITORY_UNAVAILABLE"
+REPOSITORY_OVERLAP = "REPOSITORY_OVERLAP"
 #: The purpose bound to a CIFS password's ciphertext (oma.crypto.SecretBox).
 SECRET_PURPOSE = b"backup-repository-password"
 MOUNT_TIMEOUT_S = 60.0
@@ -326,6 +327,18 @@ def release(spec: RepositorySpec, mounts_dir: Path) -> None:
     if root.parent == mounts_dir:
         with contextlib.suppress(OSError):
             root.rmdir()
+
+
+def overlap(root: Path, others: Sequence[tuple[str, Path]]) -> tuple[str, Path] | None:
+    """The first of ``others`` (name, root) whose root is ``root``, holds it or lies inside it,
+    all resolved through symlinks (blocking). Two such repositories would share files: a copy
+    would overwrite its own primary, a retention of one would remove points of the other."""
+    real = Path(os.path.realpath(root))
+    for name, other in others:
+        other_real = Path(os.path.realpath(other))
+        if real == other_real or other_real in real.parents or real in other_real.parents:
+            return name, other
+    return None
 
 
 def config_of(row: Record | Mapping[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,9 @@ and copies in progress postpone a chain to a later run).
 
 One run: for each enabled policy, its stored points (``completed``, and ``deleting`` ones a crash
 left half-removed, which the run finishes) are grouped by VM disk and repository
-(``vm_name, disk_id, repository_id``), oldest first, and each group goes to ``apply_retention``
-with one ``now`` for the whole run. A failure in one group is recorded and the run goes on.
+(``vm_key, disk_id, repository_id``: the VM's identity, never its name), oldest first, and each
+group goes to ``apply_retention`` with one ``now`` for the whole run. A failure in one group is
+recorded and the run goes on.
 
 Only one OMA process runs retention at a time (a PostgreSQL advisory lock held for the run); a
 process that finds it taken skips its turn. Each run's figures — when, chains examined, points
@@ -152,12 +153,12 @@ class RetentionService:
         for policy in policies:
             run.policies += 1
             points = await self.db.fetch(
-                "SELECT id, vm_name, disk_id, repository_id FROM backup_jobs"
+                "SELECT id, vm_name, vm_key, disk_id, repository_id FROM backup_jobs"
                 " WHERE policy_id = $1 AND status IN ('completed', 'deleting')"
-                " ORDER BY vm_name, disk_id, repository_id, created_at, id",
+                " ORDER BY vm_key, disk_id, repository_id, created_at, id",
                 policy["id"],
             )
-            for key, group in groupby(points, key=lambda p: (p["vm_name"], p["disk_id"], p["repository_id"])):
+            for key, group in groupby(points, key=lambda p: (p["vm_key"], p["disk_id"], p["repository_id"])):
                 run.disks += 1
                 await self._apply(run, policy["id"], policy["retention_days"], key, [p["id"] for p in group])
 
@@ -169,10 +170,10 @@ class RetentionService:
         key: tuple[str, str, str],
         ids: list[str],
     ) -> None:
-        vm_name, disk_id, repository_id = key
+        key_of_vm, disk_id, repository_id = key
         where = {
             "policy_id": policy_id,
-            "vm_name": vm_name,
+            "vm_key": key_of_vm,
             "disk_id": disk_id,
             "repository_id": repository_id,
         }
@@ -181,7 +182,7 @@ class RetentionService:
                 self.db, self.box, self.config.mounts_dir, ids, retention_days, run.now
             )
         except Exception as e:  # one disk's trouble must not stop the others' retention
-            log.exception("retention of %s %s in %s failed", vm_name, disk_id, repository_id)
+            log.exception("retention of %s %s in %s failed", key_of_vm, disk_id, repository_id)
             run.failed.append({**where, "error": f"{type(e).__name__}: {e}"})
             return
         run.chains_examined += result.chains

@@ -383,17 +383,54 @@ def _lvm_volumes(stream: BinaryIO, offset: int) -> list[Volume] | None:
     return out
 
 
+#: MBR partition types of an extended partition (a container of logical partitions).
+_EXTENDED_TYPES = (0x05, 0x0F, 0x85)
+
+
+def linux_numbers(disk: Any) -> dict[int, int]:
+    """Partition numbers as Linux gives them, by partition offset. For an MBR disk: a primary
+    partition is numbered by its slot in the table (1-4), and the logical partitions of the
+    extended partition 5, 6, ... in the order of its chain (dissect numbers them after the
+    primaries, 2, 3, ...); any other scheme keeps dissect's numbers."""
+    numbers = {int(p.offset): int(p.number) for p in disk.partitions}
+    if type(disk.scheme).__name__ != "MBR":
+        return numbers
+    sector_size = int(disk.sector_size)
+    table = disk.scheme.mbr.part
+    primaries: dict[int, int] = {}
+    extended: list[tuple[int, int]] = []
+    for slot, entry in enumerate(table, 1):
+        if entry.type == 0:
+            continue
+        start = int(disk.scheme.offset) + int(entry.sector_ofs) * sector_size
+        if entry.type in _EXTENDED_TYPES:
+            extended.append((start, start + int(entry.sector_size) * sector_size))
+        else:
+            primaries[start] = slot
+    logical = 5
+    for part in disk.partitions:  # dissect lists the logical partitions in chain order
+        offset = int(part.offset)
+        if offset in primaries:
+            numbers[offset] = primaries[offset]
+        elif any(lo <= offset < hi for lo, hi in extended):
+            numbers[offset] = logical
+            logical += 1
+    return numbers
+
+
 def find_volumes(fh: BinaryIO) -> list[Volume]:
-    """Every file system of the disk read through ``fh``, in disk order."""
+    """Every file system of the disk read through ``fh``, in disk order. Partitions are named
+    ``part<N>`` with Linux's number N (MBR logical partitions are 5, 6, ...)."""
     size = fh.seek(0, 2)
     fh.seek(0)
     try:
         disk = Disk(fh)
     except Exception:
         disk = None
+    numbers = linux_numbers(disk) if disk is not None else {}
     volumes: list[Volume] = []
     for part in disk.partitions if disk is not None else ():
-        if part.size <= 0 or part.type in (0x05, 0x0F, 0x85, 0xEE):
+        if part.size <= 0 or part.type in (*_EXTENDED_TYPES, 0xEE):
             continue
         lvm = _lvm_volumes(part.open(), int(part.offset))
         if lvm is not None:
@@ -401,7 +438,8 @@ def find_volumes(fh: BinaryIO) -> list[Volume]:
             continue
         fs = probe_file_system(part.open())
         if fs is not None:
-            volumes.append(Volume(f"part{part.number}", "partition", int(part.offset), int(part.size), fs))
+            number = numbers.get(int(part.offset), int(part.number))
+            volumes.append(Volume(f"part{number}", "partition", int(part.offset), int(part.size), fs))
     if volumes:
         return volumes
     # No table, or a "table" that is really a file system's boot sector (a FAT made by

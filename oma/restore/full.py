@@ -16,12 +16,18 @@ Targets (checked before the job is accepted):
     An NBD URI (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=...``), e.g. the export
     of a CloudStack volume; written whole, as a block device.
 
+Repositories are never written: a path target (and, for QCOW2, the manifest written beside it)
+is resolved through every symlink, and one inside any repository's root, or equal to any file a
+backup or a copy recorded, is refused (422 ``TARGET_IN_REPOSITORY``). A QCOW2 target whose
+manifest path exists is refused like an existing target (409 ``TARGET_EXISTS``): the mover would
+replace that manifest.
+
 The job (a ``restore_jobs`` row) records progress about once a second and, at the end, the disk
 digest of what was written: for a QCOW2 target the manifest's digest computed while copying;
 for raw and NBD targets a BLAKE3 checksum of the target read back after the copy. Either must
 equal the point's ``disk_digest`` (when the point has one), else the job fails. A failed job
 removes the file it created (new raw file, new QCOW2 image and manifest); it never removes
-what existed before (a device, an NBD export).
+what existed before (a device, an NBD export, a file named like a raw target's manifest).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 TargetType = Literal["raw", "qcow2", "nbd"]
 TARGET_EXISTS = "TARGET_EXISTS"
+TARGET_IN_REPOSITORY = "TARGET_IN_REPOSITORY"
 INVALID_TARGET = "INVALID_TARGET"
 PROGRESS_INTERVAL_S = 1.0
 JOB_COLUMNS = (
@@ -68,7 +76,42 @@ class TargetPlan:
     target_is_zero: bool  # nothing to zero: only the allocated data is copied
 
 
-def check_target(target_type: TargetType, target: str) -> TargetPlan:
+def written_paths(target_type: TargetType, target: str) -> list[str]:
+    """The files a path target makes the mover write: the target, and a QCOW2 image's manifest."""
+    return [target, manifest_path(target)] if target_type == "qcow2" else [target]
+
+
+def manifest_path(target: str) -> str:
+    return target + ".manifest"
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_not_in_repository(
+    target_type: TargetType, target: str, repository_roots: Sequence[Path]
+) -> list[str]:
+    """Refuse (422 ``TARGET_IN_REPOSITORY``) a target that would write inside a repository's
+    root, both resolved through every symlink (a link to a repository file, a directory link
+    into a repository, a dangling link whose destination would be created). Blocking. Returns
+    the resolved paths the restore would write, for the caller's check against recorded files."""
+    resolved = [os.path.realpath(p) for p in written_paths(target_type, target)]
+    for root in repository_roots:
+        real_root = Path(os.path.realpath(root))
+        for given, real in zip(written_paths(target_type, target), resolved, strict=True):
+            if _inside(Path(real), real_root):
+                raise ApiError(
+                    422,
+                    TARGET_IN_REPOSITORY,
+                    f"{given} is inside the backup repository at {root}"
+                    + (f" (it resolves to {real})" if real != given else "")
+                    + ": a full restore never writes into a repository",
+                )
+    return resolved
+
+
+def check_target(target_type: TargetType, target: str, repository_roots: Sequence[Path] = ()) -> TargetPlan:
     """Validate a target (blocking: it looks at the file system). Raises :class:`ApiError`."""
     if target_type == "nbd":
         if not target.startswith(("nbd://", "nbd+unix://")):
@@ -79,6 +122,14 @@ def check_target(target_type: TargetType, target: str) -> TargetPlan:
         raise ApiError(422, INVALID_TARGET, f"the {target_type} target must be an absolute path")
     if target_type == "qcow2" and path.suffix != ".qcow2":
         raise ApiError(422, INVALID_TARGET, "a qcow2 target path ends in .qcow2")
+    check_not_in_repository(target_type, target, repository_roots)
+    if target_type == "qcow2" and os.path.lexists(manifest_path(target)):
+        raise ApiError(
+            409,
+            TARGET_EXISTS,
+            f"{manifest_path(target)} exists; a QCOW2 restore writes its manifest there and never"
+            " overwrites a file",
+        )
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -133,21 +184,23 @@ async def accept_job(
     return row
 
 
-def _remove_target_files(target: str) -> None:
-    for p in (Path(target), Path(target + ".manifest")):
-        p.unlink(missing_ok=True)
+def _remove_target_files(target_type: TargetType, target: str) -> None:
+    """Remove what a job wrote at a target it created: the file, and a QCOW2 image's manifest
+    (a raw target has none: a file named like one is someone else's)."""
+    for p in written_paths(target_type, target):
+        Path(p).unlink(missing_ok=True)
 
 
 def _remove_created(plan: TargetPlan) -> None:
     if plan.creates:
-        _remove_target_files(plan.target)
+        _remove_target_files(plan.target_type, plan.target)
 
 
 def _remove_orphaned_target(target_type: str, target: str) -> None:
     """What an interrupted job created: a raw or QCOW2 target that is a regular file was made by
     the job (those targets refuse existing files); a device or an export is left alone."""
     if target_type in ("raw", "qcow2") and Path(target).is_file():
-        _remove_target_files(target)
+        _remove_target_files("qcow2" if target_type == "qcow2" else "raw", target)
 
 
 async def fail_orphaned_jobs(db: Database) -> list[str]:
@@ -219,11 +272,38 @@ async def _record_progress(db: Database, restore_id: str, latest: _Latest) -> No
             log.warning("recording the progress of a full restore failed: %s", exc)
 
 
+class TargetChanged(Exception):
+    """The target is no longer what was checked when the job was accepted."""
+
+
+def recheck_target(plan: TargetPlan, repository_roots: Sequence[Path]) -> None:
+    """Check a path target again right before the copy (blocking): a symlink planted into a
+    repository since the job was accepted is refused, and so is any file that appeared at a
+    target the job was to create (it is not the job's to write, nor to remove)."""
+    if plan.target_type == "nbd":
+        return
+    try:
+        check_not_in_repository(plan.target_type, plan.target, repository_roots)
+    except ApiError as e:
+        raise TargetChanged(f"{e.message} (the target changed after the restore was accepted)") from e
+    if plan.creates:
+        for path in written_paths(plan.target_type, plan.target):
+            if os.path.lexists(path):
+                raise TargetChanged(f"{path} appeared after the restore was accepted; it is left alone")
+
+
 async def run_full_restore(
-    db: Database, restore_id: str, source: str, plan: TargetPlan, expected: str | None
+    db: Database,
+    restore_id: str,
+    source: str,
+    plan: TargetPlan,
+    expected: str | None,
+    repository_roots: Sequence[Path] = (),
 ) -> None:
     """Run one accepted job to its end (``completed`` or ``failed``); never raises but
-    cancellation, which marks the job failed first."""
+    cancellation, which marks the job failed first. Only files this job created are removed
+    when it fails."""
+    created = False
     with log_context(job_id=restore_id, action="restore_full"):
         try:
             size = await trio.to_thread.run_sync(lambda: mover.ImageReader(source).size)
@@ -234,6 +314,8 @@ async def run_full_restore(
                 size,
             )
             latest = _Latest()
+            await trio.to_thread.run_sync(recheck_target, plan, repository_roots)
+            created = plan.creates  # from here on, what is at the target is this job's
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_record_progress, db, restore_id, latest)
                 result = await mover.copy(
@@ -262,7 +344,8 @@ async def run_full_restore(
         except BaseException as exc:
             message = "cancelled: the OMA is shutting down" if _cancelled(exc) else _reason(exc)
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(_remove_created, plan)
+                if created:
+                    await trio.to_thread.run_sync(_remove_created, plan)
                 await db.execute(
                     "UPDATE restore_jobs SET status = 'failed', error_message = $2, completed_at = now()"
                     " WHERE id = $1",

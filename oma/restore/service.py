@@ -23,7 +23,9 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -31,14 +33,17 @@ from quart import current_app
 from quart_trio import QuartTrio
 
 from oma.api.common import new_id
+from oma.backups.repositories import RepositorySpec, config_of, root_of
 from oma.config import OmaConfig
 from oma.restore.full import (
+    TARGET_IN_REPOSITORY,
     TargetType,
     accept_job,
     check_target,
     fail_orphaned_jobs,
     job_body,
     run_full_restore,
+    written_paths,
 )
 from oma.restore.mount import Mount
 from oma.restore.points import completed_backup, hold_completed
@@ -146,12 +151,44 @@ class RestoreService:
     ) -> dict[str, Any]:
         """Check the point and the target, record the job and start it; returns the job."""
         backup = await completed_backup(self.db, backup_id, "restored")
-        plan = await self.run_sync(check_target, target_type, target)
+        roots = await self.repository_roots()
+        plan = await self.run_sync(check_target, target_type, target, roots)
+        await self._refuse_recorded_files(plan.target_type, plan.target)
         row = await accept_job(self.db, backup_id, plan, created_by, self.worker_id)
         source, expected = str(backup["file_path"]), backup["disk_digest"]
         restore_id = str(row["id"])
-        self.start_job(lambda: run_full_restore(self.db, restore_id, source, plan, expected))
+        self.start_job(lambda: run_full_restore(self.db, restore_id, source, plan, expected, roots))
         return job_body(row)
+
+    async def repository_roots(self) -> list[Path]:
+        """The root of every repository, enabled or not, mounted or not: what a restore never
+        writes into."""
+        rows = await self.db.fetch("SELECT id, type, config FROM backup_repositories")
+        return [
+            root_of(RepositorySpec(r["id"], r["type"], config_of(r)), self.config.mounts_dir) for r in rows
+        ]
+
+    async def _refuse_recorded_files(self, target_type: TargetType, target: str) -> None:
+        """422 ``TARGET_IN_REPOSITORY`` when the target (or its manifest), as given or resolved,
+        is a file some backup point or copy recorded, wherever it lies."""
+        if target_type == "nbd":
+            return
+        given = written_paths(target_type, target)
+        candidates = [*given, *await self.run_sync(lambda: [os.path.realpath(p) for p in given])]
+        hit = await self.db.fetchval(
+            "SELECT p FROM (SELECT file_path AS p FROM backup_jobs"
+            " UNION ALL SELECT manifest_path FROM backup_jobs"
+            " UNION ALL SELECT file_path FROM backup_copies"
+            " UNION ALL SELECT file_path || '.manifest' FROM backup_copies) f"
+            " WHERE p = ANY($1::text[]) LIMIT 1",
+            candidates,
+        )
+        if hit is not None:
+            raise ApiError(
+                422,
+                TARGET_IN_REPOSITORY,
+                f"{target} would overwrite {hit}, a file of a backup: a full restore never writes one",
+            )
 
     async def run_sync(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking (dissect) work in a worker thread under the service's limiter."""

@@ -164,8 +164,7 @@ def make_ext4(scratch: Path, src: Path, part: Partition, number: int, size: int 
     )  # fmt: skip
     # mke2fs -d copies each inode's ctime from the host, which no one can set: fix it afterwards.
     commands = [
-        f'sif "/{entry.relative_to(src).as_posix()}" ctime @{FIXED_TIME}'
-        for entry in sorted(src.rglob("*"))
+        f'sif "/{entry.relative_to(src).as_posix()}" ctime @{FIXED_TIME}' for entry in sorted(src.rglob("*"))
     ]
     if commands:
         script = scratch.with_name(scratch.name + ".debugfs")
@@ -283,3 +282,55 @@ def build_disk(path: Path, size: int, partitions: list[Partition], table: TableT
             place(scratch, path, pp.start)
             scratch.unlink()
     return DiskLayout(path, size, table, tuple(placed))
+
+
+def build_dos_disk_with_logicals(
+    path: Path, size: int, primaries: list[Partition], logicals: list[Partition]
+) -> DiskLayout:
+    """An MBR disk as Linux numbers it: ``primaries`` in slots 1, 2, ..., then an extended
+    partition over the rest of the disk holding ``logicals``, which Linux (and ``sfdisk``)
+    number 5, 6, ... Each logical partition sits behind its own extended boot record (1 MiB
+    aligned, as ``sfdisk`` places them). The layout lists the primaries and the logicals (not
+    the extended container) with their numbers."""
+    if size % MiB:
+        raise ValueError("disk size must be a multiple of 1 MiB")
+    if len(primaries) > 3 or not logicals:
+        raise ValueError("at most 3 primary partitions and at least one logical partition")
+    for p in (*primaries, *logicals):
+        if p.size <= 0 or p.size % MiB:
+            raise ValueError("partition sizes must be positive multiples of 1 MiB")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.truncate(size)
+    everything = [*primaries, *logicals]
+    disk_id = uuid5(
+        _UUID_NAMESPACE, f"disk:{size}:dos+logical:{[(p.fs, p.label, p.size) for p in everything]}"
+    )
+    script = ["label: dos", f"label-id: 0x{disk_id.hex[:8]}", "unit: sectors", ""]
+    script += [f"size={p.size // 512}, type={_TYPE_CODES['dos'][p.fs]}" for p in primaries]
+    script.append("type=5")  # the extended partition: the rest of the disk
+    script += [f"size={p.size // 512}, type={_TYPE_CODES['dos'][p.fs]}" for p in logicals]
+    _run("sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path), stdin="\n".join(script).encode())
+    info = json.loads(_run("sfdisk", "--json", str(path)))
+    sector = int(info["partitiontable"].get("sectorsize", 512))
+    entries = [e for e in info["partitiontable"]["partitions"] if e["type"] not in ("5", "f", "85")]
+    numbers = [*range(1, len(primaries) + 1), *range(5, 5 + len(logicals))]
+    placed = []
+    for number, spec, entry in zip(numbers, everything, entries, strict=True):
+        node_number = int(str(entry["node"]).removeprefix(str(path)))
+        if node_number != number:
+            raise DiskBuildError(f"sfdisk numbered partition {number} as {node_number}")
+        start, psize = int(entry["start"]) * sector, int(entry["size"]) * sector
+        if psize != spec.size:
+            raise DiskBuildError(f"partition {number}: sfdisk made {psize} bytes, asked {spec.size}")
+        placed.append(PlacedPartition(number, start, psize, spec))
+    with tempfile.TemporaryDirectory(prefix="lab-disk-", dir=path.parent) as tmp:
+        work = Path(tmp)
+        for pp in placed:
+            if pp.spec.fs == "none":
+                continue
+            scratch = work / f"part{pp.number}.img"
+            _make_fs(pp.spec, scratch, work, pp.number)
+            place(scratch, path, pp.start)
+            scratch.unlink()
+    return DiskLayout(path, size, "dos", tuple(placed))

@@ -7,6 +7,7 @@ refuses the login) failing the backup with the VMA's reason."""
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import uuid
 from pathlib import Path
@@ -14,11 +15,13 @@ from typing import Any
 
 import pytest
 import trio
+from pyVim.task import WaitForTask
+from pyVmomi import vim
 
-from oma.backups.layout import manifest_path
+from oma.backups.layout import manifest_path, vm_key
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
-from pyapp.lab import LabVM
+from pyapp.lab import DiskSpec, LabVM, MiB, Partition
 from tests.e2e.conftest import Product
 from tests.vma.conftest import snapshot_names
 
@@ -167,3 +170,129 @@ async def test_a_backup_the_vma_cannot_export_fails_with_its_reason(
     assert "refused the login" in point["error_message"], point
     assert point["file_path"] is None and not list((tmp_path / "repository").rglob("*.qcow2"))
     assert await trio.to_thread.run_sync(snapshot_names, product.lab, "vm1") == []
+
+
+def _lab_vm(product: Product, name: str, seed: int, folder: str | None = None) -> LabVM:
+    """A one-disk lab VM whose disk holds its own random data (``seed``); created under a
+    temporary name and renamed, so two VMs may share ``name`` (in two folders)."""
+    data = random.Random(seed).randbytes(2 * MiB)
+    vm = product.lab.create_vm(
+        f"{name}-{seed}".replace(" ", "-"),
+        [
+            DiskSpec(
+                32 * MiB, [Partition(16 * MiB, "ext4", "root", {"who.txt": name.encode(), "data.bin": data})]
+            )
+        ],
+    )
+    si = product.lab.connect()
+    content = si.RetrieveContent()
+    dc = next(e for e in content.rootFolder.childEntity if isinstance(e, vim.Datacenter) and e.name == "DC0")
+    managed = next(
+        v for v in dc.vmFolder.childEntity if isinstance(v, vim.VirtualMachine) and v._moId == vm.moref
+    )
+    if folder is not None:
+        target = next(
+            (f for f in dc.vmFolder.childEntity if isinstance(f, vim.Folder) and f.name == folder), None
+        )
+        target = target or dc.vmFolder.CreateFolder(folder)
+        WaitForTask(target.MoveIntoFolder_Task([managed]))
+    WaitForTask(managed.Rename_Task(name))
+    return LabVM(name, vm.moref, vm.uuid, vm.disks)
+
+
+async def test_vms_whose_names_collide_keep_their_own_chains(product: Product, tmp_path: Path) -> None:
+    """Names never key a backup (issue 12, item 2): ``c2 vm`` and ``c2_vm`` (one name once
+    sanitised), and ``dupa`` in two folders, each backed up at the same time as its twin, full
+    then incremental after each guest writes: every point reads as its own VM's disk, never the
+    other's, and each VM has its own chain directory."""
+    vms = {
+        "/DC0/vm/c2 vm": await trio.to_thread.run_sync(_lab_vm, product, "c2 vm", 21),
+        "/DC0/vm/c2_vm": await trio.to_thread.run_sync(_lab_vm, product, "c2_vm", 22),
+        "/DC0/vm/dupa": await trio.to_thread.run_sync(_lab_vm, product, "dupa", 23),
+        "/DC0/vm/f2/dupa": await trio.to_thread.run_sync(_lab_vm, product, "dupa", 24, "f2"),
+    }
+    r = await product.oma.post("/discovery/discover-vms", json={})  # the inventory: paths, morefs, disks
+    assert r.status_code == 200, r.text
+    discovered = {vm["path"]: vm for vm in r.json()["discovered_vms"]}
+    assert {p: discovered[p]["id"] for p in vms} == {p: vm.moref for p, vm in vms.items()}
+    db = state_of(product).db
+    vcenter = r.json()["vcenter"]["host"]
+    # One managed VM each. (VM contexts were one per name; the replication half of the issue
+    # keys them by identity too: until then the second "dupa" cannot be added by discovery.)
+    await db.execute("ALTER TABLE vm_contexts DROP CONSTRAINT IF EXISTS vm_contexts_vm_name_key")
+    contexts: dict[str, str] = {}
+    for path, vm in vms.items():
+        contexts[path] = f"ctx-{uuid.uuid4().hex[:12]}"
+        await db.execute(
+            "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter)"
+            " VALUES ($1, $2, $3, $4, $5, 'DC0')",
+            contexts[path],
+            vm.name,
+            vm.moref,
+            path,
+            vcenter,
+        )
+    repository_id = f"repo-{uuid.uuid4().hex[:12]}"
+    root = tmp_path / "repository"
+    await db.execute(
+        "INSERT INTO backup_repositories (id, name, type, config) VALUES ($1, 'e2e', 'local', $2::jsonb)",
+        repository_id,
+        json.dumps({"disk_path": str(root)}),
+    )
+    r = await product.oma.post(
+        "/backup/start",
+        json={"vm_name": "dupa", "disk_id": "0", "backup_type": "full", "repository_id": repository_id},
+    )
+    assert r.status_code == 409 and r.json()["code"] == "AMBIGUOUS_VM", r.text  # a name picks no VM
+
+    frozen = tmp_path / "frozen"
+    frozen.mkdir()
+
+    async def backup_all(backup_type: str) -> dict[str, dict[str, Any]]:
+        """One backup of every VM's disk, all started before any ends; each point compared with
+        its own VM's disk as it is now (nothing writes meanwhile)."""
+        started: dict[str, str] = {}
+        for path in vms:
+            r = await product.oma.post(
+                "/backup/start",
+                json={
+                    "vm_context_id": contexts[path],
+                    "disk_id": "0",
+                    "backup_type": backup_type,
+                    "repository_id": repository_id,
+                },
+            )
+            assert r.status_code == 202, (path, r.text)
+            started[path] = r.json()["backup_id"]
+        points = {path: await wait_backup(product, backup_id) for path, backup_id in started.items()}
+        for path, point in points.items():
+            assert point["status"] == "completed", (path, point["error_message"])
+            assert point["vm_key"] == vm_key(vcenter, vms[path].moref), point
+            copy = frozen / f"{point['backup_id']}.raw"
+            subprocess.run(["cp", "--sparse=always", str(vms[path].disks[0].image), str(copy)], check=True)
+            assert_point_is(point, copy)
+            assert (await mover.checksum(str(copy))).disk_digest == point["disk_digest"]
+        return points
+
+    fulls = await backup_all("full")
+    for i, vm in enumerate(vms.values()):  # each guest writes its own data
+        await trio.to_thread.run_sync(
+            lambda vm=vm, i=i: vm.disks[0].guest.rewrite_random_chunks(3, chunk=64 * 1024, seed=40 + i)
+        )
+    incrementals = await backup_all("incremental")
+    for path, point in incrementals.items():
+        assert point["parent_backup_id"] == fulls[path]["backup_id"], (path, point)
+        assert point["backup_type"] == "incremental" and point["copy_mode"] == "incremental"
+        assert Path(point["file_path"]).parent == Path(fulls[path]["file_path"]).parent
+    directories = [Path(p["file_path"]).parent for p in fulls.values()]
+    assert len(set(directories)) == len(vms), directories  # one chain directory per VM
+    digests = [p["disk_digest"] for p in incrementals.values()]
+    assert len(set(digests)) == len(vms)  # and four different disks
+    for path in vms:
+        chain = (
+            await product.oma.get("/backup/chain", params={"vm_context_id": contexts[path], "disk_id": "0"})
+        ).json()
+        assert [b["backup_id"] for b in chain["backups"]] == [
+            fulls[path]["backup_id"],
+            incrementals[path]["backup_id"],
+        ], (path, chain)

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import trio
 
-from oma.backups.layout import backup_path, manifest_path
+from oma.backups.layout import manifest_path, point_path, vm_key
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
 from pyapp.db import Database
@@ -48,6 +48,11 @@ class BackupPoint:
     created_at: dt.datetime
     #: The raw disk as it was at this point (when the chain was built with ``snapshots``).
     snapshot: Path | None
+
+
+def key_of(vm_name: str) -> str:
+    """The identity :func:`build_chain` gives the VM ``vm_name`` by default."""
+    return vm_key("vcsim.lab.local", f"vm-{vm_name}")
 
 
 def state_of(oma: Oma) -> OmaState:
@@ -100,6 +105,7 @@ async def build_chain(
     *,
     points: int = 3,
     vm_name: str = "web01",
+    key: str | None = None,
     disk_id: str = "disk-2000",
     policy_id: str | None = None,
     created_at: list[dt.datetime] | None = None,
@@ -108,7 +114,9 @@ async def build_chain(
     full_chunks: int = 4,
 ) -> list[BackupPoint]:
     """A full (``full_chunks`` MiB of random data) and ``points - 1`` incrementals (2 MiB each)
-    of one 64 MiB disk in one repository, oldest first."""
+    of one 64 MiB disk in one repository, oldest first. The VM's identity is ``key`` (by
+    default a moref made from the name, one VM per name)."""
+    key = key or key_of(vm_name)
     rng = random.Random(seed)
     workdir.mkdir(parents=True, exist_ok=True)
     raw = workdir / f"{vm_name}-{disk_id}-{uuid.uuid4().hex[:6]}.raw"
@@ -120,9 +128,9 @@ async def build_chain(
     for i in range(points):
         backup_id = f"backup-{uuid.uuid4().hex}"
         extents = write_random_chunks(raw, rng, full_chunks if i == 0 else 2)
-        target = backup_path(repo_root, vm_name, disk_id, backup_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
         parent = chain[-1] if chain else None
+        target = point_path(repo_root, key, disk_id, backup_id, parent.path if parent else None)
+        target.parent.mkdir(parents=True, exist_ok=True)
         if parent is None:
             report = await mover.copy(str(raw), str(target), allocated_only=True)
         else:
@@ -134,11 +142,11 @@ async def build_chain(
             sparse_copy(raw, snapshot)
         chain_id = parent.chain_id if parent else backup_id
         await db.execute(
-            "INSERT INTO backup_jobs (id, vm_name, vm_path, disk_id, backup_type, requested_type,"
+            "INSERT INTO backup_jobs (id, vm_name, vm_key, vm_path, disk_id, backup_type, requested_type,"
             " repository_id, policy_id, parent_backup_id, chain_id, status, file_path, manifest_path,"
             " virtual_size_bytes, stored_bytes, disk_digest, progress_percent, created_at, started_at,"
             " completed_at)"
-            " VALUES ($1, $2, $3, $4, $5, $5, $6, $7, $8, $9, 'completed', $10, $11, $12, $13, $14, 100,"
+            " VALUES ($1, $2, $16, $3, $4, $5, $5, $6, $7, $8, $9, 'completed', $10, $11, $12, $13, $14, 100,"
             " $15, $15, $15)",
             backup_id,
             vm_name,
@@ -155,6 +163,7 @@ async def build_chain(
             target.stat().st_size,
             report.disk_digest,
             times[i],
+            key,
         )
         chain.append(
             BackupPoint(

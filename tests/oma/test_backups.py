@@ -29,12 +29,13 @@ from vma_double import ExportDisk, VmaDouble
 
 from oma.api.backups import resolve_disk_id
 from oma.api.credentials import resolve_login
+from oma.app import MIGRATIONS_DIR
 from oma.backups.copies import enqueue_policy_copies
 from oma.backups.engine import BackupEngine
-from oma.backups.layout import manifest_path
+from oma.backups.layout import manifest_path, vm_dir, vm_key
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
-from pyapp.db import Database
+from pyapp.db import Database, UniqueViolation, apply_migrations, load_migrations, open_database
 
 MiB = 1 << 20
 DISK_SIZE = 64 * MiB
@@ -169,7 +170,12 @@ async def test_full_then_incrementals_make_a_chain_equal_to_the_disk_at_each_poi
     engine.after_backup = hook
     started = await lab.start("full", tags={"purpose": "test"})
     assert started["status"] in ("pending", "running") and started["backup_type"] == "full"
-    assert started["file_path"].startswith(str(lab.repo_root / "app01" / "disk-2000"))
+    # keyed by the VM's identity (its moref in its vCenter), never its name
+    vcenter = await lab.db.fetchval("SELECT vcenter_host FROM vm_contexts WHERE vm_name = 'app01'")
+    assert started["vm_key"] == vm_key(vcenter, "vm-201")
+    assert started["file_path"] == str(
+        lab.repo_root / vm_dir(started["vm_key"]) / "disk-2000" / f"{started['backup_id']}.qcow2"
+    )
     assert started["progress_percent"] == 0 and started["chain_id"] == started["backup_id"]
     full = await lab.wait(started["backup_id"])
     assert full["status"] == "completed", full
@@ -595,3 +601,73 @@ async def test_points_of_a_policy_are_copied_through_the_after_backup_hook(
         assert copy["status"] == "completed" and copy["verified"], copy
         assert copy["repository_id"] == offsite and copy["disk_digest"] == point["disk_digest"]
         assert_point_is(Path(copy["file_path"]), lab.state(point["backup_id"]))
+
+
+async def test_migration_008_keys_existing_points_by_identity(oma_dsn: str) -> None:
+    """Points made before backups were keyed by identity get the identity of their VM context
+    when the context still describes the VM they were exported from; a point whose context now
+    names another VM (one name, two VMs) keeps a key of its own, so no new backup builds on it;
+    two active backups that turn out to be of one VM disk keep the older one."""
+    migrations = load_migrations(MIGRATIONS_DIR)
+    async with open_database(oma_dsn, min_size=1, max_size=1) as db:
+        await apply_migrations(db, [m for m in migrations if m.version <= 5])
+        await db.execute(
+            "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host)"
+            " VALUES ('ctx-a', 'dupa', 'vm-7', '/DC0/vm/f2/dupa', 'vc1'),"
+            " ('ctx-b', 'web', 'vm-8', '/DC0/vm/web', 'vc1'), ('ctx-c', 'old', NULL, '/DC0/vm/old', 'vc1')"
+        )
+        await db.execute(
+            "INSERT INTO backup_repositories (id, name, type, config) VALUES ('repo-1', 'r', 'local', '{}')"
+        )
+        rows = [  # id, context, vm_name, vm_path, status, created
+            ("backup-1", "ctx-a", "dupa", "/DC0/vm/dupa", "completed", 1),  # context re-pointed since
+            ("backup-2", "ctx-a", "dupa", "/DC0/vm/f2/dupa", "completed", 2),
+            ("backup-3", "ctx-b", "web", "/DC0/vm/web", "running", 3),
+            ("backup-4", None, "gone", "/DC0/vm/gone", "completed", 4),
+            ("backup-5", "ctx-c", "old", "/DC0/vm/old", "completed", 5),
+        ]
+        for backup_id, ctx, name, path, status, minute in rows:
+            await db.execute(
+                "INSERT INTO backup_jobs (id, vm_context_id, vm_name, vm_path, disk_id, backup_type,"
+                " requested_type, repository_id, chain_id, status, created_at)"
+                " VALUES ($1, $2, $3, $4, 'disk-2000', 'full', 'full', 'repo-1', $1, $5,"
+                " now() - make_interval(mins => 10 - $6))",
+                backup_id,
+                ctx,
+                name,
+                path,
+                status,
+                minute,
+            )
+        # one VM under two names (a rename, then a second context): both had a backup in flight
+        await db.execute("UPDATE vm_contexts SET vm_name = 'web-old' WHERE context_id = 'ctx-b'")
+        await db.execute(
+            "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host)"
+            " VALUES ('ctx-d', 'web-new', 'vm-8', '/DC0/vm/web', 'vc1')"
+        )
+        await db.execute(
+            "INSERT INTO backup_jobs (id, vm_context_id, vm_name, vm_path, disk_id, backup_type,"
+            " requested_type, repository_id, chain_id, status)"
+            " VALUES ('backup-6', 'ctx-d', 'web-new', '/DC0/vm/web', 'disk-2000', 'full', 'full', 'repo-1',"
+            " 'backup-6', 'pending')"
+        )
+        await apply_migrations(db, migrations)
+        got = {
+            r["id"]: (r["vm_key"], r["status"])
+            for r in await db.fetch("SELECT id, vm_key, status FROM backup_jobs ORDER BY id")
+        }
+        assert got == {
+            "backup-1": ("path:/DC0/vm/dupa", "completed"),
+            "backup-2": (vm_key("vc1", "vm-7"), "completed"),
+            "backup-3": (vm_key("vc1", "vm-8"), "running"),
+            "backup-4": ("path:/DC0/vm/gone", "completed"),
+            "backup-5": ("path:/DC0/vm/old", "completed"),
+            "backup-6": (vm_key("vc1", "vm-8"), "failed"),
+        }
+        with pytest.raises(UniqueViolation):  # one backup in flight per VM disk, whatever its name
+            await db.execute(
+                "INSERT INTO backup_jobs (id, vm_name, vm_key, vm_path, disk_id, backup_type, requested_type,"
+                " repository_id, chain_id, status) VALUES ('backup-7', 'other-name', $1, '/x', 'disk-2000',"
+                " 'full', 'full', 'repo-1', 'backup-7', 'pending')",
+                vm_key("vc1", "vm-8"),
+            )

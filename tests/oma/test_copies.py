@@ -17,6 +17,7 @@ from backup_fixtures import (
     data_cluster_offset,
     db_of,
     flip_byte,
+    key_of,
     mounted_tmpfs,
     qemu_img_compare,
     run_backup_oma,
@@ -69,7 +70,7 @@ async def test_policy_copies_chain_verified(oma: Oma, tmp_path: Path) -> None:
 
     for point in chain:
         (copy,) = await wait_for_copies(oma, point.backup_id)
-        dest = backup_path(tmp_path / "offsite", "web01", "disk-2000", point.backup_id)
+        dest = backup_path(tmp_path / "offsite", key_of("web01"), "disk-2000", point.backup_id)
         assert copy["status"] == "completed", copy
         assert copy["verified"] is True and copy["error_message"] is None
         assert copy["disk_digest"] == point.disk_digest
@@ -83,7 +84,7 @@ async def test_policy_copies_chain_verified(oma: Oma, tmp_path: Path) -> None:
         # The copy reads through its own chain in the destination, and equals the primary.
         compared = qemu_img_compare(dest, point.path)
         assert compared.returncode == 0, compared.stdout + compared.stderr
-    top = backup_path(tmp_path / "offsite", "web01", "disk-2000", chain[-1].backup_id)
+    top = backup_path(tmp_path / "offsite", key_of("web01"), "disk-2000", chain[-1].backup_id)
     info = await mover.info(top)
     assert all(str(tmp_path / "offsite") in layer["path"] for layer in info["layers"]), info
     assert leftovers(tmp_path / "offsite") == []
@@ -141,7 +142,7 @@ async def test_corrupted_primary_fails_the_copy(oma: Oma, tmp_path: Path) -> Non
     assert copy["status"] == "failed" and copy["verified"] is False
     assert "verification failed: 1 chunk(s)" in copy["error_message"]
     assert "differ from its manifest: chunk" in copy["error_message"]
-    dest = backup_path(tmp_path / "offsite", "web01", "disk-2000", full.backup_id)
+    dest = backup_path(tmp_path / "offsite", key_of("web01"), "disk-2000", full.backup_id)
     assert not dest.exists() and not manifest_path(dest).exists()
     assert leftovers(tmp_path / "offsite") == []
 
@@ -227,26 +228,65 @@ async def test_copy_of_a_dead_process_is_redone(oma: Oma, tmp_path: Path) -> Non
     primary, offsite = await two_repositories(oma, tmp_path)
     db = db_of(oma)
     (full,) = await build_chain(db, tmp_path / "work", tmp_path / "primary", primary, points=1)
-    # What a crash mid-copy leaves: a temporary file, and the row claimed by a process now gone.
-    dest = backup_path(tmp_path / "offsite", "web01", "disk-2000", full.backup_id)
+    # What a crash mid-copy leaves: the image renamed into place without its manifest, a
+    # temporary manifest, and the row claimed by a process now gone, with the path it recorded
+    # before writing.
+    dest = backup_path(tmp_path / "offsite", key_of("web01"), "disk-2000", full.backup_id)
     dest.parent.mkdir(parents=True)
-    (dest.parent / f".{dest.name}{copies.TMP_SUFFIX}").write_bytes(b"half a copy")
+    dest.write_bytes(b"a whole image, its manifest not yet in place")
+    (dest.parent / f".{dest.name}.manifest{copies.TMP_SUFFIX}").write_bytes(b"half a manifest")
     dead = subprocess.Popen(["true"])
     dead.wait()
     await db.execute(
-        "INSERT INTO backup_copies (id, backup_id, repository_id, status, claimed_by, started_at)"
-        " VALUES ('copy-orphan', $1, $2, 'copying', $3, now())",
+        "INSERT INTO backup_copies (id, backup_id, repository_id, status, claimed_by, started_at, file_path)"
+        " VALUES ('copy-orphan', $1, $2, 'copying', $3, now(), $4)",
         full.backup_id,
         offsite,
         f"{socket.gethostname()}:{dead.pid}:gone",
+        str(dest),
     )
     worker: copies.CopyWorker = oma.extra["app"].extensions[copies.COPY_WORKER_KEY]
+    worker.max_active = 0  # nothing claimed while the recovery is looked at
     await worker.recover_orphans()
+    assert not dest.exists() and leftovers(tmp_path / "offsite") == [], "the interrupted copy's files stay"
+    row = await db.fetchrow("SELECT status, file_path FROM backup_copies WHERE id = 'copy-orphan'")
+    assert (row["status"], row["file_path"]) == ("pending", None)
+    worker.max_active = copies.MAX_ACTIVE_COPIES
     worker.wake()
     (copy,) = await wait_for_copies(oma, full.backup_id)
     assert copy["copy_id"] == "copy-orphan" and copy["status"] == "completed" and copy["verified"]
     assert leftovers(tmp_path / "offsite") == []
     assert qemu_img_compare(dest, full.path).returncode == 0
+
+
+async def test_a_copy_records_its_path_before_writing(
+    oma: Oma, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The row names the destination before the first byte is written there, so a process that
+    dies mid-copy leaves a record of what to remove."""
+    primary, offsite = await two_repositories(oma, tmp_path)
+    db = db_of(oma)
+    (full,) = await build_chain(db, tmp_path / "work", tmp_path / "primary", primary, points=1)
+    seen: list[tuple[str | None, bool]] = []
+    real_write = copies.write_copy
+
+    def watched(src: Path, src_manifest: Path, dest: Path) -> int:
+        recorded = trio.from_thread.run(
+            db.fetchval, "SELECT file_path FROM backup_copies WHERE backup_id = $1", full.backup_id
+        )
+        seen.append((recorded, dest.exists()))
+        return real_write(src, src_manifest, dest)
+
+    monkeypatch.setattr(copies, "write_copy", watched)
+    r = await oma.post(f"/backups/{full.backup_id}/copy", json={"repository_id": offsite})
+    assert r.status_code == 202, r.text
+    (copy,) = await wait_for_copies(oma, full.backup_id)
+    assert copy["status"] == "completed", copy
+    assert seen == [(copy["file_path"], False)]
+    # the copy mirrors the primary's place under its repository's root
+    assert Path(copy["file_path"]).relative_to(tmp_path / "offsite") == full.path.relative_to(
+        tmp_path / "primary"
+    )
 
 
 async def test_full_destination_fails_cleanly(oma: Oma, tmp_path: Path) -> None:

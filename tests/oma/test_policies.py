@@ -70,9 +70,9 @@ async def test_delete_policy_keeps_backups(oma: Oma, repos: list[str]) -> None:
     created = (await oma.post("/policies", json=policy(repos[0], repos[1]))).json()
     db = db_of(oma)
     await db.execute(
-        "INSERT INTO backup_jobs (id, vm_name, vm_path, disk_id, backup_type, requested_type, repository_id,"
-        " policy_id, chain_id, status) VALUES ('backup-1', 'vm', '/DC/vm/vm', 'disk-1', 'full', 'full', $1,"
-        " $2, 'backup-1', 'completed')",
+        "INSERT INTO backup_jobs (id, vm_name, vm_key, vm_path, disk_id, backup_type, requested_type,"
+        " repository_id, policy_id, chain_id, status) VALUES ('backup-1', 'vm', 'moref:vc/vm-1', '/DC/vm/vm',"
+        " 'disk-1', 'full', 'full', $1, $2, 'backup-1', 'completed')",
         repos[0],
         created["id"],
     )

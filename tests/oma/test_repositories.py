@@ -82,9 +82,58 @@ async def test_create_local_repository(oma: Oma, tmp_path: Path) -> None:
     r = await oma.post(
         "/repositories", json={"name": "other", "type": "local", "config": {"disk_path": str(root)}}
     )
-    assert r.status_code == 409 and "already uses" in r.json()["error"]
+    assert r.status_code == 409 and r.json()["code"] == "REPOSITORY_OVERLAP", r.text
     assert (await oma.get("/repositories/repo-nope")).status_code == 404
     assert (await oma.client.get(oma.url("/repositories"))).status_code == 401
+
+
+async def test_overlapping_repositories_are_refused(oma: Oma, tmp_path: Path, tmpfs: Path) -> None:
+    """Two repositories never share files: the same directory (also through a symlink or a
+    trailing ``/.``), one inside the other either way, a share mounted inside a local one, and
+    a local one holding the directory where shares are mounted are refused (409
+    ``REPOSITORY_OVERLAP``), before anything is created or mounted."""
+    root = tmp_path / "repos" / "primary"
+    await create_local_repository(oma, "primary", root)
+    (tmp_path / "link-to-primary").symlink_to(root)
+    (tmp_path / "link-to-repos").symlink_to(tmp_path / "repos")
+    mounts_dir = state_of(oma).config.mounts_dir
+    refused: list[tuple[str, dict[str, object]]] = [
+        ("local", {"disk_path": str(root) + "/."}),
+        ("local", {"disk_path": str(tmp_path / "link-to-primary")}),
+        ("local", {"disk_path": str(root / "inner")}),
+        ("local", {"disk_path": str(tmp_path / "link-to-primary" / "inner" / "deeper")}),
+        ("local", {"disk_path": str(tmp_path / "repos")}),
+        ("local", {"disk_path": str(tmp_path / "link-to-repos")}),
+        ("local", {"disk_path": str(tmp_path)}),
+        ("local", {"disk_path": str(mounts_dir.parent)}),
+        ("local", {"disk_path": str(mounts_dir / "mine")}),
+        ("nfs", {"server": "nfs.example", "export_path": "/x", "mount_point": str(root / "share")}),
+    ]
+    for i, (repo_type, config) in enumerate(refused):
+        r = await oma.post(
+            "/repositories", json={"name": f"overlap-{i}", "type": repo_type, "config": config}
+        )
+        assert r.status_code == 409, (config, r.text)
+        body = r.json()
+        assert body["code"] == "REPOSITORY_OVERLAP", body
+        assert "'primary'" in body["error"] or "where network repositories are mounted" in body["error"], body
+    assert not (root / "inner").exists() and not (root / "share").exists()
+    assert not (mounts_dir / "mine").exists()
+    # A sibling directory shares nothing: accepted (a name prefix is not a parent).
+    await create_local_repository(oma, "sibling", tmp_path / "repos" / "primary-2")
+    # A share mounted already (tmpfs) at its own place is fine; a second repository on it is not.
+    r = await oma.post(
+        "/repositories",
+        json={"name": "share", "type": "nfs", "config": {"server": "nfs.example", "export_path": "/x",
+                                                          "mount_point": str(tmpfs)}},
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    r = await oma.post(
+        "/repositories", json={"name": "on-share", "type": "local", "config": {"disk_path": str(tmpfs / "d")}}
+    )
+    assert r.status_code == 409 and r.json()["code"] == "REPOSITORY_OVERLAP", r.text
+    rows = await db_of(oma).fetch("SELECT name FROM backup_repositories ORDER BY name")
+    assert [r["name"] for r in rows] == ["primary", "share", "sibling"]
 
 
 async def test_list_filters_and_storage_refresh(oma: Oma, tmp_path: Path) -> None:
@@ -273,9 +322,9 @@ async def test_delete_refused_while_in_use(oma: Oma, tmp_path: Path) -> None:
     other = await create_local_repository(oma, "other", tmp_path / "other")
     db = db_of(oma)
     await db.execute(
-        "INSERT INTO backup_jobs (id, vm_name, vm_path, disk_id, backup_type, requested_type, repository_id,"
-        " chain_id, status) VALUES ('backup-1', 'vm', '/DC/vm/vm', 'disk-1', 'full', 'full', $1, 'backup-1',"
-        " 'completed')",
+        "INSERT INTO backup_jobs (id, vm_name, vm_key, vm_path, disk_id, backup_type, requested_type,"
+        " repository_id, chain_id, status) VALUES ('backup-1', 'vm', 'moref:vc/vm-1', '/DC/vm/vm', 'disk-1',"
+        " 'full', 'full', $1, 'backup-1', 'completed')",
         repo,
     )
     r = await oma.delete(f"/repositories/{repo}")

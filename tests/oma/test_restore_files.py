@@ -31,11 +31,11 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
-from oma.restore.full import fail_orphaned_jobs
+from oma.restore.full import accept_job, check_target, fail_orphaned_jobs, run_full_restore
 from pyapp import mover
 from pyapp.db import open_database
 from pyapp.lab import MiB, Partition, build_disk
-from pyapp.lab.disks import build_partition
+from pyapp.lab.disks import build_dos_disk_with_logicals, build_partition
 from pyapp.lab.fsdisk import rewrite_partition
 from pyapp.nbd_export import NbdExport
 
@@ -83,6 +83,9 @@ class Disks:
     lvm: Path
     bare: Path
     bare_fat: Path
+    #: MBR with an extended partition: primary 1, logicals 5 and 6; and the raw disk.
+    mbr_logical: Path
+    mbr_logical_raw: Path
 
 
 def _image_of(raw: Path) -> Path:
@@ -137,12 +140,23 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> Disks:
     build_partition(
         Partition(64 * MiB, "fat", "STICK", {"Photos/Cat.jpg": b"\xff\xd8cat"}), 1, bare_fat, base
     )
+    mbr_logical = build_dos_disk_with_logicals(
+        base / "mbr-logical.raw",
+        64 * MiB,
+        [Partition(8 * MiB, "ext4", "one", {"one.txt": b"primary 1\n"})],
+        [
+            Partition(16 * MiB, "ext4", "five", {"five.txt": b"logical 5\n"}),
+            Partition(16 * MiB, "fat", "SIX", {"six.txt": b"logical 6\n"}),
+        ],
+    ).path
     return Disks(
         gpt=Chain(full, inc, full_digest, inc_digest, raw),
         mbr=_image_of(mbr),
         lvm=_image_of(lvm),
         bare=_image_of(bare),
         bare_fat=_image_of(bare_fat),
+        mbr_logical=_image_of(mbr_logical),
+        mbr_logical_raw=mbr_logical,
     )
 
 
@@ -161,9 +175,10 @@ async def insert_backup(
             json.dumps({"disk_path": str(file_path.parent)}),
         )
         await db.execute(
-            "INSERT INTO backup_jobs (id, vm_name, vm_path, disk_id, backup_type, requested_type,"
+            "INSERT INTO backup_jobs (id, vm_name, vm_key, vm_path, disk_id, backup_type, requested_type,"
             " repository_id, chain_id, status, file_path, disk_digest, completed_at)"
-            " VALUES ($1, $2, $3, 'disk-2000', 'full', 'full', $4, $1, $5, $6, $7, now())",
+            " VALUES ($1, $2, 'moref:vcsim/' || $1, $3, 'disk-2000', 'full', 'full', $4, $1, $5, $6, $7,"
+            " now())",
             backup_id,
             vm,
             f"/DC/vm/{vm}",
@@ -482,6 +497,38 @@ async def test_root_semantics_mbr_lvm_and_bare_disks(oma: Oma, disks: Disks) -> 
     )
 
 
+async def test_mbr_logical_partitions_are_numbered_as_linux_does(oma: Oma, disks: Disks) -> None:
+    """An MBR disk with an extended partition: its logical partitions are part5 and part6, the
+    numbers Linux (and sfdisk) give them, not dissect's 2 and 3."""
+    table = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", str(disks.mbr_logical_raw)], capture_output=True, text=True, check=True
+        ).stdout
+    )["partitiontable"]
+    linux = [
+        f"part{p['node'].removeprefix(str(disks.mbr_logical_raw))}"
+        for p in table["partitions"]
+        if p["type"] != "5"
+    ]
+    assert linux == ["part1", "part5", "part6"]
+    backup_id = await insert_backup(oma, disks.mbr_logical, vm="logical")
+    m = await mount(oma, backup_id)
+    assert [(v["name"], v["filesystem_type"]) for v in m["volumes"]] == [
+        ("part1", "ext4"),
+        ("part5", "ext4"),
+        ("part6", "fat"),
+    ]
+    assert set(await files(oma, m["mount_id"], "/")) >= {"/part1", "/part5", "/part6"}
+    assert (await download(oma, m["mount_id"], "/part1/one.txt")).content == b"primary 1\n"
+    assert (await download(oma, m["mount_id"], "/part5/five.txt")).content == b"logical 5\n"
+    assert (await download(oma, m["mount_id"], "/part6/six.txt")).content == b"logical 6\n"
+    only = await mount(oma, backup_id, volume="part6")
+    assert [v["name"] for v in only["volumes"]] == ["part6"]
+    assert (await download(oma, only["mount_id"], "/six.txt")).content == b"logical 6\n"
+    r = await oma.post("/restore/mount", json={"backup_id": backup_id, "volume": "part3"})
+    assert r.status_code == 404 and r.json()["code"] == "VOLUME_NOT_FOUND", r.text
+
+
 async def test_mount_refusals(oma: Oma, disks: Disks, tmp_path: Path) -> None:
     r = await oma.post("/restore/mount", json={"backup_id": "backup-nope"})
     assert r.status_code == 404
@@ -647,6 +694,118 @@ async def test_full_restore_refusals_and_digest_check(oma: Oma, disks: Disks, tm
     job = await _wait_restore(oma, r.json()["restore_id"])
     assert job["status"] == "failed" and "differs from the backup's" in job["error_message"]
     assert not target.exists()
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (links not followed) with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+async def test_full_restore_never_writes_into_a_repository(oma: Oma, disks: Disks, tmp_path: Path) -> None:
+    """A full restore never creates or overwrites a file of any repository, nor a backup's
+    manifest: targets are resolved through symlinks and refused inside any repository (422
+    ``TARGET_IN_REPOSITORY``); a QCOW2 target whose manifest path exists is refused (409)."""
+    repo = tmp_path / "repo"
+    point_dir = repo / "vm-0" / "disk-2000"
+    point_dir.mkdir(parents=True)
+    image = point_dir / "backup-a.qcow2"
+    shutil.copy(disks.mbr, image)
+    shutil.copy(str(disks.mbr) + ".manifest", str(image) + ".manifest")
+    backup_id = await insert_backup(oma, image, vm="inrepo")  # its repository: point_dir
+    other_repo = tmp_path / "other-repo"
+    r = await oma.post(
+        "/repositories", json={"name": "other", "type": "local", "config": {"disk_path": str(other_repo)}}
+    )
+    assert r.status_code == 201, r.text
+    (other_repo / "keep.bin").write_bytes(b"other repository's file")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "to-new-file.raw").symlink_to(point_dir / "new.raw")  # dangling, into a repository
+    (outside / "to-other-repo").symlink_to(other_repo)  # a directory link into a repository
+    (outside / "to-manifest.qcow2.manifest").symlink_to(str(image) + ".manifest")
+    (outside / "someones.qcow2.manifest").write_bytes(b"a manifest that is not the restore's")
+    moved = tmp_path / "moved" / "backup-m.qcow2"  # recorded by a point, outside every root now
+    moved.parent.mkdir()
+    recorded = await insert_backup(oma, image, vm="moved")
+    assert oma.config.database_url
+    async with open_database(oma.config.database_url, min_size=1, max_size=1) as db:
+        await db.execute(
+            "UPDATE backup_jobs SET status = 'deleting', file_path = $2 WHERE id = $1", recorded, str(moved)
+        )
+    repo_before, other_before = _snapshot(repo), _snapshot(other_repo)
+    outside_before = _snapshot(outside)
+
+    cases: list[tuple[str, str, int, str]] = [
+        ("qcow2", str(point_dir / "restored.qcow2"), 422, "TARGET_IN_REPOSITORY"),
+        ("raw", str(point_dir / "new.raw"), 422, "TARGET_IN_REPOSITORY"),
+        ("raw", str(image), 422, "TARGET_IN_REPOSITORY"),
+        ("raw", str(image) + ".manifest", 422, "TARGET_IN_REPOSITORY"),
+        ("raw", str(other_repo / "sub" / ".." / "x.raw"), 422, "TARGET_IN_REPOSITORY"),
+        ("raw", str(outside / "to-new-file.raw"), 422, "TARGET_IN_REPOSITORY"),
+        ("raw", str(outside / "to-other-repo" / "x.raw"), 422, "TARGET_IN_REPOSITORY"),
+        ("qcow2", str(outside / "to-manifest.qcow2"), 422, "TARGET_IN_REPOSITORY"),
+        ("qcow2", str(outside / "someones.qcow2"), 409, "TARGET_EXISTS"),
+        ("raw", str(moved), 422, "TARGET_IN_REPOSITORY"),
+    ]
+    accepted = []
+    for target_type, target, status, code in cases:
+        body = {"backup_id": backup_id, "target_type": target_type, "target": target}
+        r = await oma.post("/restore/full", json=body)
+        if r.status_code == 202:
+            accepted.append(r.json()["restore_id"])
+        assert r.status_code == status, (body, r.text)
+        assert_envelope(r.json(), code)
+    for restore_id in accepted:  # (on a defective build) let what was accepted end first
+        await _wait_restore(oma, restore_id)
+    assert _snapshot(repo) == repo_before and _snapshot(other_repo) == other_before
+    assert _snapshot(outside) == outside_before and not moved.exists()
+
+    # A raw target next to a file named like a manifest: a failed restore removes its own file
+    # only, never that one.
+    wrong = await insert_backup(oma, disks.mbr, digest="0" * 64, vm="wrong-digest")
+    target = outside / "disk.raw"
+    (outside / "disk.raw.manifest").write_bytes(b"not the restore's")
+    r = await oma.post(
+        "/restore/full", json={"backup_id": wrong, "target_type": "raw", "target": str(target)}
+    )
+    assert r.status_code == 202, r.text
+    job = await _wait_restore(oma, r.json()["restore_id"])
+    assert job["status"] == "failed" and not target.exists()
+    assert (outside / "disk.raw.manifest").read_bytes() == b"not the restore's"
+
+
+async def test_a_target_that_changes_after_acceptance_is_left_alone(
+    oma: Oma, disks: Disks, tmp_path: Path
+) -> None:
+    """Between acceptance and the copy, a symlink into a repository planted at the target, or
+    a file that appeared there: the job fails, writes nothing through the link and removes
+    nothing that is not its own."""
+    repo = tmp_path / "repo"
+    r = await oma.post(
+        "/repositories", json={"name": "r", "type": "local", "config": {"disk_path": str(repo)}}
+    )
+    assert r.status_code == 201, r.text
+    backup_id = await insert_backup(oma, disks.mbr, vm="late")
+    assert oma.config.database_url
+    async with open_database(oma.config.database_url, min_size=1, max_size=2) as db:
+        link = tmp_path / "late.raw"
+        plan = check_target("raw", str(link), [repo])
+        job = await accept_job(db, backup_id, plan, "test", "test-worker")
+        link.symlink_to(repo / "planted.raw")  # planted after the job was accepted
+        await run_full_restore(db, job["id"], str(disks.mbr), plan, None, repository_roots=[repo])
+        ended = await db.fetchrow("SELECT status, error_message FROM restore_jobs WHERE id = $1", job["id"])
+        assert ended["status"] == "failed", ended
+        assert "changed after the restore was accepted" in ended["error_message"], ended
+        assert list(repo.iterdir()) == [] and link.is_symlink()
+
+        appeared = tmp_path / "appeared.raw"
+        plan = check_target("raw", str(appeared), [repo])
+        job = await accept_job(db, backup_id, plan, "test", "test-worker")
+        appeared.write_bytes(b"someone else's file")
+        await run_full_restore(db, job["id"], str(disks.mbr), plan, None, repository_roots=[repo])
+        ended = await db.fetchrow("SELECT status, error_message FROM restore_jobs WHERE id = $1", job["id"])
+        assert ended["status"] == "failed" and "appeared after" in ended["error_message"], ended
+        assert appeared.read_bytes() == b"someone else's file"
 
 
 async def test_concurrent_downloads_and_a_second_process(oma: Oma, disks: Disks, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from backup_fixtures import (
     build_chain,
     create_local_repository,
     db_of,
+    key_of,
     qemu_img_compare,
     run_backup_oma,
     wait_for_copies,
@@ -90,7 +91,7 @@ async def test_expired_points_merge_in_primary_and_copy(oma: Oma, tmp_path: Path
     copy_row = await db.fetchrow("SELECT status, file_path FROM backup_copies")
     assert copy_row is not None and copy_row["status"] == "completed"
     for root in (tmp_path / "primary", tmp_path / "offsite"):
-        image = backup_path(root, "web01", "disk-2000", kept.backup_id)
+        image = backup_path(root, key_of("web01"), "disk-2000", kept.backup_id)
         assert (await mover.info(image))["depth"] == 1  # standalone now
         assert kept.snapshot is not None
         compared = qemu_img_compare(image, kept.snapshot)
