@@ -14,6 +14,7 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import tarfile
