@@ -224,7 +224,7 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
         print(f"mover: invalid --extents plan: {e}", file=sys.stderr)
         return EXIT_USAGE
     if stop.received is not None:
-        print(f"mover: stopped by {stop.received.name} before the copy started", file=sys.stderr)
+        print(f"mover: interrupted by {stop.received.name} before the copy started", file=sys.stderr)
         return stop.exit_status
     try:
         job = Copy(
@@ -253,7 +253,7 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
             raise
         where = (f"checkpoint {args.checkpoint} records what is done; run the same command to resume"
                  if args.checkpoint else "no checkpoint was asked for (--checkpoint FILE)")
-        print(f"mover: stopped by {stop.received.name}: the target is flushed; {where}", file=sys.stderr)
+        print(f"mover: interrupted by {stop.received.name}: the target is flushed; {where}", file=sys.stderr)
         return stop.exit_status
     except InvalidPlanError as e:
         # The core names the offending extent ("extent (offset, length) ..."); say which file.

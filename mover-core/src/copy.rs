@@ -491,7 +491,6 @@ pub async fn copy_reporting(
         items: plan.items.len(),
         plan: plan.fingerprint() ^ request_size as u64,
     };
-    let new_checkpoint = opts.checkpoint.as_deref().is_some_and(|p| !p.exists());
     let done = match &opts.checkpoint {
         Some(path) => checkpoint::load(path, &key)?,
         None => DoneSet::new(plan.items.len()),
@@ -528,11 +527,6 @@ pub async fn copy_reporting(
         manifest,
         durable: AtomicBool::new(true),
     });
-    // A checkpoint exists from the start, so a copy interrupted at any moment after the target
-    // was created (a new QCOW2 image included) is resumed rather than refused.
-    if let (true, Some(path)) = (new_checkpoint, &opts.checkpoint) {
-        record(path, &key, &shared, &*target).await?;
-    }
     // As many slots as asked, but no more than the plan has items or either end can use.
     let in_flight = (opts.connections * opts.requests)
         .min(item_count)
@@ -665,6 +659,8 @@ pub async fn run(
     // An existing QCOW2 image is written only to finish the copy its checkpoint describes.
     let resume_qcow2 =
         target_kind == Kind::Qcow2 && opts.checkpoint.as_deref().is_some_and(Path::exists);
+    // A raw file that does not exist yet is created sparse: it reads as zeros.
+    let new_raw = target_kind == Kind::Raw && !Path::new(target).exists();
     // A cancelled copy must not wait for a lost NBD server to come back.
     let open = &OpenOptions {
         cancel: Some(Arc::clone(&cancel)),
@@ -694,6 +690,7 @@ pub async fn run(
         &dst,
         target,
         target_kind == Kind::NewQcow2 || resume_qcow2,
+        new_raw,
         kind,
         opts,
         open,
@@ -765,6 +762,7 @@ async fn run_open(
     dst: &Arc<dyn Endpoint>,
     target: &str,
     own_qcow2: bool,
+    new_raw: bool,
     kind: &PlanKind,
     opts: &CopyOptions,
     open: &OpenOptions,
@@ -787,6 +785,8 @@ async fn run_open(
             parent_manifest(backing, disk_size, chunk, &cancel).await?,
         )),
         (Some(_), None) if new_qcow2 => Some(Arc::new(ManifestBuilder::new(disk_size, chunk)?)),
+        // A raw file this copy creates reads as zeros.
+        (Some(_), None) if new_raw => Some(Arc::new(ManifestBuilder::new(disk_size, chunk)?)),
         // An existing target of unknown contents: whatever the copy does not write is read back.
         (Some(_), None) => {
             let b = ManifestBuilder::new(disk_size, chunk)?;
@@ -819,19 +819,15 @@ async fn run_open(
         });
     };
     let read_back = complete_manifest(&builder, &**dst).await?;
-    let manifest = builder.to_manifest()?;
-    let (m, p) = (manifest.clone(), path.clone());
-    tokio::task::spawn_blocking(move || m.save(&p))
-        .await
-        .map_err(|e| MoverError::io("manifest writer", std::io::Error::other(e)))??;
+    // Streamed from the builder: a manifest of a large disk is never held in memory whole.
+    let (b, p) = (Arc::clone(&builder), path.clone());
+    let disk_digest = endpoint_blocking(move || b.save(&p)).await?;
     Ok(CopyOutcome {
         progress: snapshot,
         manifest: Some(ManifestReport {
             path,
-            disk_digest: blake3::Hash::from(manifest.disk_digest())
-                .to_hex()
-                .to_string(),
-            chunks: manifest.chunk_count(),
+            disk_digest: blake3::Hash::from(disk_digest).to_hex().to_string(),
+            chunks: builder.chunk_count(),
             chunks_read_back: read_back,
         }),
         durable,

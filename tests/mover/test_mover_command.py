@@ -266,7 +266,6 @@ def test_zero_clusters_are_never_written_as_data(tmp_path: Path, request_size: i
 
 # ---- memory ---------------------------------------------------------------------------------
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target_name", ["big.qcow2", "big.raw"])
 def test_sparse_copy_of_a_2_tib_disk_stays_small(tmp_path: Path, target_name: str) -> None:
     image = tmp_path / "huge.raw"
