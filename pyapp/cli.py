@@ -55,8 +55,8 @@ def load_extents(path: str) -> list[tuple[int, int]]:
     try:
         with open(path, encoding="utf-8") as f:
             data: Any = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except json.JSONDecodeError as bad:
+        raise ValueError(f"{path}: not valid JSON ({bad})") from None
     if isinstance(data, dict) and "extents" in data:
         data = data["extents"]
     if not isinstance(data, list):

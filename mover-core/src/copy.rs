@@ -21,7 +21,16 @@
 //!
 //! When a checkpoint file is given, a background task periodically snapshots the done set,
 //! flushes the target, and only then records the snapshot: a checkpoint never names a range that
-//! is not on stable storage. A restarted copy with the same plan skips what it names.
+//! is not on stable storage. A restarted copy with the same plan skips what it names. [`run`]
+//! resumes into the QCOW2 image an interrupted copy created (reopened from the tables of its
+//! last flush, [`Qcow2Writer::open_to_resume`]) when the checkpoint exists; the chunks the
+//! checkpoint names are read back for the manifest, which thus equals an uninterrupted copy's.
+//!
+//! # Zeros
+//!
+//! A request that reads as zeros is one zero command. A request holding data is scanned in
+//! 4 KiB blocks aligned on the disk, and its runs of zero blocks are zero commands too, so a
+//! zero cluster of the target never becomes data whatever the request size.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -850,6 +859,25 @@ mod tests {
         b[1] = 1;
         assert!(!is_zero(&b[1..]));
         assert!(is_zero(&b[2..]));
+    }
+
+    #[test]
+    fn zero_runs_are_whole_aligned_blocks() {
+        let mut b = vec![0u8; 6 * 4096];
+        b[100] = 1; // block 0 (unaligned start below) holds data
+        b[3 * 4096 + 5] = 1; // block 3 holds data
+                             // Read at an offset 512 bytes past a block boundary: the first and last pieces are
+                             // partial blocks and are never zero runs.
+        let runs = zero_runs(4096 + 512, &b);
+        let aligned = |o: u64| usize::try_from(o - (4096 + 512)).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                (aligned(2 * 4096), aligned(4 * 4096)),
+                (aligned(5 * 4096), aligned(7 * 4096)),
+            ]
+        );
+        assert!(zero_runs(0, &[1u8; 8192]).is_empty());
     }
 
     async fn sparse_source(dir: &std::path::Path) -> (String, Vec<u8>) {

@@ -29,8 +29,10 @@
 //! ([`ManifestBuilder::record`]); whole chunks written as zeros take the zero digest
 //! ([`ManifestBuilder::record_zero`]). A chunk only partly covered by a request is marked stale;
 //! when the pass is done, [`ManifestBuilder::complete`] re-reads the stale chunks through the
-//! image just written (its whole chain) and digests them. [`ManifestBuilder::to_manifest`] refuses to
-//! produce a manifest while a chunk is stale.
+//! image just written (its whole chain) and digests them. [`ManifestBuilder::save`] (streamed)
+//! and [`ManifestBuilder::to_manifest`] refuse to produce a manifest while a chunk is stale.
+//! The builder keeps digests in pages allocated when a chunk first differs from its starting
+//! digest, so memory follows the data written, not the size of the disk.
 //!
 //! An overlay's manifest describes the disk as seen through its chain: the builder starts from
 //! the parent's manifest ([`ManifestBuilder::from_parent`]) and only the chunks written by the
@@ -691,9 +693,7 @@ impl ManifestBuilder {
                     .map_err(|e| err("write", e))?;
             }
             drop(st);
-            let f = w
-                .into_inner()
-                .map_err(|e| err("write", e.into_error()))?;
+            let f = w.into_inner().map_err(|e| err("write", e.into_error()))?;
             f.sync_all().map_err(|e| err("fsync", e))
         })?;
         Ok(disk_digest)
@@ -735,8 +735,8 @@ fn save_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
     tmp_name.push(file_name);
     tmp_name.push(format!(".tmp{}", std::process::id()));
     let tmp = dir.join(tmp_name);
-    let result =
-        write(&tmp).and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err("atomic rename of", e)));
+    let result = write(&tmp)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err("atomic rename of", e)));
     if result.is_err() {
         // Best effort: the error that matters is the one returned.
         let _ = std::fs::remove_file(&tmp);
@@ -813,6 +813,37 @@ mod tests {
         let m = b.to_manifest().unwrap();
         let want = Manifest::compute(size as u64, 1 << 20, read_from(&d)).unwrap();
         assert_eq!(m, want);
+    }
+
+    #[test]
+    fn a_sparse_disk_allocates_pages_only_where_data_is_and_saves_like_a_manifest() {
+        let chunk = 64 << 10;
+        let size = 3 * PAGE * chunk + 4096; // four pages, the last one short
+        let b = ManifestBuilder::new(size, chunk).unwrap();
+        let data = disk(chunk as usize);
+        b.record(2 * PAGE * chunk + 5 * chunk, &data);
+        b.record_zero(0, PAGE * chunk);
+        b.record_zero(3 * PAGE * chunk, 4096);
+        let pages = b.lock().pages.iter().filter(|p| p.is_some()).count();
+        assert_eq!(pages, 1, "only the page holding data is allocated");
+        assert!(b.stale_chunks().is_empty());
+        let mut d = vec![0u8; size as usize];
+        let at = (2 * PAGE * chunk + 5 * chunk) as usize;
+        d[at..at + data.len()].copy_from_slice(&data);
+        let want = Manifest::compute(size, chunk, read_from(&d)).unwrap();
+        assert_eq!(b.to_manifest().unwrap(), want);
+        assert_eq!(b.disk_digest().unwrap(), want.disk_digest());
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("a"), dir.path().join("b"));
+        assert_eq!(b.save(&ours).unwrap(), want.disk_digest());
+        want.save(&theirs).unwrap();
+        assert_eq!(std::fs::read(ours).unwrap(), std::fs::read(theirs).unwrap());
+        b.invalidate(chunk + 1, 1);
+        assert_eq!(b.stale_chunks(), vec![1]);
+        assert!(
+            b.save(&dir.path().join("c")).is_err(),
+            "stale chunks refuse to save"
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ def test_signal_checkpoints_and_the_same_command_resumes(
     time.sleep(2.0)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signum, (proc.returncode, stderr)
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr

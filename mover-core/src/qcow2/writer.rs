@@ -201,6 +201,42 @@ fn initial_header(
     })
 }
 
+/// The header of an image [`Qcow2Writer::create`] could have made, and the chain below it
+/// (opened as the reader resolves it); `refuse` makes the error for anything else.
+fn resumable(
+    path: &Path,
+    refuse: &dyn Fn(&str) -> MoverError,
+) -> Result<(Header, Option<Qcow2Chain>)> {
+    let chain = Qcow2Chain::open(path)?;
+    let top = chain.top().ok_or_else(|| refuse("not a QCOW2 image"))?;
+    let header = top.header().clone();
+    let cs = 1u64 << header.cluster_bits;
+    let l1_entries = format::l1_entries(header.size, header.cluster_bits);
+    if header.version != 3
+        || header.refcount_order != REFCOUNT_ORDER
+        || header.header_length != format::V3_HEADER_LENGTH as u32
+        || header.nb_snapshots != 0
+        || header.incompatible_features & !INCOMPAT_DIRTY != 0
+        || header.compatible_features != 0
+        || header.autoclear_features != 0
+        || u64::from(header.l1_size) != l1_entries
+        || (l1_entries != 0 && header.l1_table_offset != cs)
+    {
+        return Err(refuse("it was not written by the mover"));
+    }
+    let backing = if chain.depth() > 1 {
+        let format = if chain.layer_image(1).is_some() {
+            BackingFormat::Qcow2
+        } else {
+            BackingFormat::Raw
+        };
+        Some(Qcow2Chain::open_as(Path::new(chain.layer_path(1)), format)?)
+    } else {
+        None
+    };
+    Ok((header, backing))
+}
+
 impl Qcow2Writer {
     /// Create a new image of `size` bytes (a multiple of 512, as QEMU requires) at `path`, which
     /// must not exist. `cluster_size` is a power of two from 512 B to 2 MiB. With `backing`, the
@@ -309,39 +345,10 @@ impl Qcow2Writer {
             path: name.clone(),
             message: format!("cannot resume into this image: {why}"),
         };
-        let chain = Qcow2Chain::open(path)?;
-        let top = chain
-            .top()
-            .ok_or_else(|| refuse("not a QCOW2 image"))?;
-        let header = top.header().clone();
+        let (header, backing) = resumable(path, &refuse)?;
         let cluster_bits = header.cluster_bits;
         let cs = 1u64 << cluster_bits;
-        let l1_entries = format::l1_entries(header.size, cluster_bits);
-        if header.version != 3
-            || header.refcount_order != REFCOUNT_ORDER
-            || header.header_length != format::V3_HEADER_LENGTH as u32
-            || header.nb_snapshots != 0
-            || header.incompatible_features & !INCOMPAT_DIRTY != 0
-            || header.compatible_features != 0
-            || header.autoclear_features != 0
-            || u64::from(header.l1_size) != l1_entries
-            || (l1_entries != 0 && header.l1_table_offset != cs)
-        {
-            return Err(refuse("it was not written by the mover"));
-        }
-        // The chain below this image, opened as the reader resolved it.
-        let backing = if chain.depth() > 1 {
-            let format = if chain.layer_image(1).is_some() {
-                BackingFormat::Qcow2
-            } else {
-                BackingFormat::Raw
-            };
-            Some(Qcow2Chain::open_as(Path::new(chain.layer_path(1)), format)?)
-        } else {
-            None
-        };
-        drop(chain);
-
+        let l1_entries = u64::from(header.l1_size);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -380,7 +387,10 @@ impl Qcow2Writer {
         }
         let table_clusters = u64::from(header.refcount_table_clusters);
         let mut refcount_blocks = read(header.refcount_table_offset, table_clusters * cs)?;
-        let used = refcount_blocks.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let used = refcount_blocks
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |i| i + 1);
         refcount_blocks.truncate(used);
         for b in &mut refcount_blocks {
             *b &= OFFSET_MASK;
