@@ -199,7 +199,9 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         for s in self.SIGNALS:
-            self._previous[s] = signal.signal(s, self._handle)
+            # A signal the parent ignores (SIGINT of a background job, nohup) stays ignored.
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -280,6 +282,9 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
 
 def tracked_call(args: argparse.Namespace, label: str, call: Callable[[Tracker], T]) -> T:
     tracker = Tracker()
+    stop: StopSignals | None = getattr(args, "stop", None)
+    if stop is not None:
+        stop.cancel = tracker.cancel
     return run_tracked(lambda: call(tracker), tracker.progress, tracker.cancel,
                        show_bar=sys.stderr.isatty() and not args.json, label=label)
 
@@ -300,17 +305,26 @@ def verify_dict(r: VerifyReport) -> dict[str, Any]:
 
 
 def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map the mover's errors and Ctrl-C to exit statuses, as ``cmd_copy`` does."""
+    """Map the mover's errors, SIGINT and SIGTERM to exit statuses, as ``cmd_copy`` does: a
+    signal cancels the work cleanly (never a ``KeyboardInterrupt`` raised while a thread is in
+    the core) and the command exits 130 or 143."""
 
     def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except MoverError as e:
-            report_error(e, args.json)
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            print("mover: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+        with StopSignals() as stop:
+            args.stop = stop
+            try:
+                return fn(args)
+            except CancelledError:
+                if stop.received is None:
+                    raise
+                print(f"mover: interrupted by {stop.received.name}", file=sys.stderr)
+                return stop.exit_status
+            except MoverError as e:
+                report_error(e, args.json)
+                return EXIT_FAILED
+            except KeyboardInterrupt:
+                print("mover: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
 
     return wrapper
 

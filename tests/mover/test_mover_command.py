@@ -140,6 +140,19 @@ def test_signal_checkpoints_and_the_same_command_resumes(
         assert mover("verify", str(target)).returncode == 0
 
 
+def test_a_signal_stops_checksum_cleanly(tmp_path: Path, nbdkit: Callable[..., Nbdkit]) -> None:
+    image = tmp_path / "source.raw"
+    write_pattern(image, DISK)
+    slow = nbdkit("--filter=delay", "file", f"file={image}", "rdelay=1")
+    proc = subprocess.Popen([mover_command(), "checksum", slow.uri], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (proc.returncode, stderr)
+    assert stderr.strip().splitlines() == ["mover: interrupted by SIGTERM"]
+
+
 def test_resume_into_an_overlay(tmp_path: Path, nbdkit: Callable[..., Nbdkit]) -> None:
     """An incremental (overlay) target is resumed too, and its manifest is the same as an
     uninterrupted pass's."""
