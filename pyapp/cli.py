@@ -6,13 +6,17 @@ path ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (``--bac
 an overlay) with a BLAKE3 manifest beside it. ``mover verify``, ``checksum``, ``consolidate``
 and ``info`` work on backup chains. Long work draws a progress bar when standard error is a
 terminal; ``--json`` prints one JSON summary object on standard output.
-Exit status: 0 done, 1 failed (or, for ``verify``, chunks differ), 2 bad usage, 130 interrupted.
+Exit status: 0 done, 1 failed (or, for ``verify``, chunks differ), 2 bad usage (an invalid
+``--extents`` plan included, refused before the target is created), 130 interrupted (for
+``copy``: 130 after SIGINT, 143 after SIGTERM, once the target is flushed and the checkpoint
+saved; the same command resumes).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -21,7 +25,15 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from pyapp import _mover
-from pyapp._mover import Copy, CopyProgress, MoverError, Tracker, VerifyReport
+from pyapp._mover import (
+    CancelledError,
+    Copy,
+    CopyProgress,
+    InvalidPlanError,
+    MoverError,
+    Tracker,
+    VerifyReport,
+)
 
 T = TypeVar("T")
 
@@ -31,10 +43,20 @@ EXIT_INTERRUPTED = 130
 
 
 def load_extents(path: str) -> list[tuple[int, int]]:
-    """Read an extent list: a JSON array of ``[offset, length]`` pairs or of
-    ``{"offset": …, "length": …}`` objects (an object with an ``extents`` array is accepted too)."""
-    with open(path, encoding="utf-8") as f:
-        data: Any = json.load(f)
+    """Read an extent plan: a JSON array of ``[offset, length]`` pairs or of
+    ``{"offset": …, "length": …}`` objects (an object with an ``extents`` array is accepted too).
+
+    A plan file is what a change tracker reported, so it is taken strictly: extents in order,
+    none empty, none overlapping the one before (touching is fine). Anything else is refused
+    (``ValueError`` naming the file and the extent): a plan that is out of order or overlaps
+    was not made by the tool the operator thinks, and guessing what it meant could copy the
+    wrong areas. Extents past the end of the disk are refused by the copy itself, before the
+    target is created."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: Any = json.load(f)
+    except json.JSONDecodeError as bad:
+        raise ValueError(f"{path}: not valid JSON ({bad})") from None
     if isinstance(data, dict) and "extents" in data:
         data = data["extents"]
     if not isinstance(data, list):
@@ -49,7 +71,18 @@ def load_extents(path: str) -> list[tuple[int, int]]:
             raise ValueError(f"{path}: extent {i} is neither [offset, length] nor an object")
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair):
             raise ValueError(f"{path}: extent {i} needs non-negative integer offset and length")
-        out.append((int(pair[0]), int(pair[1])))  # type: ignore[arg-type]
+        offset, length = int(pair[0]), int(pair[1])  # type: ignore[arg-type]
+        if length == 0:
+            raise ValueError(f"{path}: extent {i} ({offset}, 0) is empty")
+        if out:
+            prev_offset, prev_length = out[-1]
+            if offset < prev_offset:
+                raise ValueError(f"{path}: extent {i} ({offset}, {length}) is out of order: "
+                                 f"it starts before extent {i - 1} ({prev_offset}, {prev_length})")
+            if offset < prev_offset + prev_length:
+                raise ValueError(f"{path}: extent {i} ({offset}, {length}) overlaps extent {i - 1} "
+                                 f"({prev_offset}, {prev_length})")
+        out.append((offset, length))
     return out
 
 
@@ -145,12 +178,56 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
+class StopSignals:
+    """While active, SIGINT and SIGTERM do not kill the process or raise in the middle of the
+    work: the first one cancels the job cleanly (the in-flight requests finish, the target is
+    flushed, the checkpoint saved); later ones are ignored until it has. ``received`` names the
+    first signal."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self.cancel: Callable[[], None] | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum)
+        if self.cancel is not None:
+            self.cancel()
+
+    def __enter__(self) -> StopSignals:
+        for s in self.SIGNALS:
+            # A signal the parent ignores (SIGINT of a background job, nohup) stays ignored.
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def exit_status(self) -> int:
+        assert self.received is not None
+        return 128 + int(self.received)
+
+
 def cmd_copy(args: argparse.Namespace) -> int:
+    with StopSignals() as stop:
+        return copy_until_stopped(args, stop)
+
+
+def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
     try:
         extents = load_extents(args.extents) if args.extents else None
     except (OSError, ValueError) as e:
-        print(f"mover: {e}", file=sys.stderr)
+        print(f"mover: invalid --extents plan: {e}", file=sys.stderr)
         return EXIT_USAGE
+    if stop.received is not None:
+        print(f"mover: interrupted by {stop.received.name} before the copy started", file=sys.stderr)
+        return stop.exit_status
     try:
         job = Copy(
             args.source,
@@ -171,13 +248,23 @@ def cmd_copy(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             reconnect_timeout=args.reconnect_timeout,
         )
+        stop.cancel = job.cancel
         result = run_with_progress(job, show_bar=sys.stderr.isatty())
+    except CancelledError:
+        if stop.received is None:
+            raise
+        where = (f"checkpoint {args.checkpoint} records what is done; run the same command to resume"
+                 if args.checkpoint else "no checkpoint was asked for (--checkpoint FILE)")
+        print(f"mover: interrupted by {stop.received.name}: the target is flushed; {where}", file=sys.stderr)
+        return stop.exit_status
+    except InvalidPlanError as e:
+        # The core names the offending extent ("extent (offset, length) ..."); say which file.
+        plan_file = args.extents if args.extents and "extent (" in str(e) else None
+        report_error(e, args.json, context=f"--extents {plan_file}" if plan_file else None)
+        return EXIT_USAGE
     except MoverError as e:
         report_error(e, args.json)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("mover: interrupted; the checkpoint (if any) records what was done", file=sys.stderr)
-        return EXIT_INTERRUPTED
     out = summary(result, args.source, args.target)
     if args.json:
         print(json.dumps(out))
@@ -195,6 +282,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 def tracked_call(args: argparse.Namespace, label: str, call: Callable[[Tracker], T]) -> T:
     tracker = Tracker()
+    stop: StopSignals | None = getattr(args, "stop", None)
+    if stop is not None:
+        stop.cancel = tracker.cancel
     return run_tracked(lambda: call(tracker), tracker.progress, tracker.cancel,
                        show_bar=sys.stderr.isatty() and not args.json, label=label)
 
@@ -215,17 +305,26 @@ def verify_dict(r: VerifyReport) -> dict[str, Any]:
 
 
 def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Map the mover's errors and Ctrl-C to exit statuses, as ``cmd_copy`` does."""
+    """Map the mover's errors, SIGINT and SIGTERM to exit statuses, as ``cmd_copy`` does: a
+    signal cancels the work cleanly (never a ``KeyboardInterrupt`` raised while a thread is in
+    the core) and the command exits 130 or 143."""
 
     def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except MoverError as e:
-            report_error(e, args.json)
-            return EXIT_FAILED
-        except KeyboardInterrupt:
-            print("mover: interrupted", file=sys.stderr)
-            return EXIT_INTERRUPTED
+        with StopSignals() as stop:
+            args.stop = stop
+            try:
+                return fn(args)
+            except CancelledError:
+                if stop.received is None:
+                    raise
+                print(f"mover: interrupted by {stop.received.name}", file=sys.stderr)
+                return stop.exit_status
+            except MoverError as e:
+                report_error(e, args.json)
+                return EXIT_FAILED
+            except KeyboardInterrupt:
+                print("mover: interrupted", file=sys.stderr)
+                return EXIT_INTERRUPTED
 
     return wrapper
 
@@ -296,11 +395,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_error(e: MoverError, as_json: bool) -> None:
+def report_error(e: MoverError, as_json: bool, context: str | None = None) -> None:
     if as_json:
         print(json.dumps({"error": str(e), "code": type(e).__name__, "offset": e.offset,
                           "length": e.length, "errno": e.code}))
-    print(f"mover: {type(e).__name__}: {e}", file=sys.stderr)
+    where = f" ({context})" if context else ""
+    print(f"mover: {type(e).__name__}{where}: {e}", file=sys.stderr)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -56,8 +56,10 @@ impl DoneSet {
         }
     }
 
+    /// Item `i` is done: its writes have returned. Release, so that whoever sees the mark (the
+    /// checkpoint recorder, which flushes next) also sees those writes as completed.
     pub fn mark(&self, i: usize) {
-        self.words[i / 64].fetch_or(1 << (i % 64), Ordering::Relaxed);
+        self.words[i / 64].fetch_or(1 << (i % 64), Ordering::Release);
     }
 
     #[must_use]
@@ -70,7 +72,7 @@ impl DoneSet {
     pub fn snapshot(&self) -> Vec<u64> {
         self.words
             .iter()
-            .map(|w| w.load(Ordering::Relaxed))
+            .map(|w| w.load(Ordering::Acquire))
             .collect()
     }
 
@@ -117,6 +119,14 @@ pub fn load(path: &Path, key: &CheckpointKey) -> Result<DoneSet> {
             path.display(),
             disk.format,
             disk.version
+        )));
+    }
+    if disk.target != key.target {
+        return Err(MoverError::InvalidPlan(format!(
+            "checkpoint {} belongs to a copy into {}, not into {}; remove it to start over",
+            path.display(),
+            disk.target,
+            key.target
         )));
     }
     if disk.disk_size != key.disk_size
@@ -195,6 +205,12 @@ mod tests {
             load(&path, &key(201)),
             Err(MoverError::InvalidPlan(_))
         ));
+        let other_target = CheckpointKey {
+            target: "c".into(),
+            ..key(200)
+        };
+        let err = load(&path, &other_target).unwrap_err().to_string();
+        assert!(err.contains("not into c"), "{err}");
         let missing = load(&dir.path().join("none.json"), &key(3)).unwrap();
         assert!(!missing.contains(0));
     }

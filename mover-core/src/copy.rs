@@ -21,7 +21,16 @@
 //!
 //! When a checkpoint file is given, a background task periodically snapshots the done set,
 //! flushes the target, and only then records the snapshot: a checkpoint never names a range that
-//! is not on stable storage. A restarted copy with the same plan skips what it names.
+//! is not on stable storage. A restarted copy with the same plan skips what it names. [`run`]
+//! resumes into the QCOW2 image an interrupted copy created (reopened from the tables of its
+//! last flush, [`Qcow2Writer::open_to_resume`]) when the checkpoint exists; the chunks the
+//! checkpoint names are read back for the manifest, which thus equals an uninterrupted copy's.
+//!
+//! # Zeros
+//!
+//! A request that reads as zeros is one zero command. A request holding data is scanned in
+//! 4 KiB blocks aligned on the disk, and its runs of zero blocks are zero commands too, so a
+//! zero cluster of the target never becomes data whatever the request size.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -36,6 +45,7 @@ use crate::error::{MoverError, Result};
 use crate::manifest::{Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
 use crate::plan::{self, Plan, PlanKind, WorkItem};
 use crate::progress::{CancelToken, Progress, ProgressSnapshot};
+use crate::qcow2::{Qcow2Target, Qcow2Writer};
 
 /// EPERM, the NBD error code for writes to a read-only export.
 const EPERM: u32 = 1;
@@ -216,18 +226,89 @@ async fn copy_item(
     Progress::add(&progress.bytes_read, length);
     if is_zero(&buf) {
         zero_range(progress, dst, offset, length, manifest).await?;
-        Ok(buf)
-    } else {
+        return Ok(buf);
+    }
+    let runs = zero_runs(offset, &buf);
+    let buf = if runs.is_empty() {
         let buf = dst
             .write(offset, buf)
             .await
             .map_err(|e| e.on_target(offset, length))?;
-        if let Some(m) = manifest {
-            m.record(offset, &buf);
-        }
         Progress::add(&progress.bytes_written, length);
-        Ok(buf)
+        buf
+    } else {
+        write_around_zeros(progress, dst, offset, buf, &runs).await?
+    };
+    if let Some(m) = manifest {
+        // The target now holds exactly `buf` here, zero runs included.
+        m.record(offset, &buf);
     }
+    Ok(buf)
+}
+
+/// Granularity of the zero scan inside a data request (nbdcopy's default `--sparse` size):
+/// all-zero blocks of this size, aligned on the disk, go out as zero commands, so a zero
+/// cluster of a QCOW2 target or a zero block of a raw file never becomes data, whatever the
+/// request size.
+const ZERO_BLOCK: u64 = 4096;
+
+/// The runs of all-zero `ZERO_BLOCK`s (aligned on the disk, not on the buffer) in `buf`, read
+/// at `offset`, as `(start, end)` within `buf`. Empty when there is none.
+fn zero_runs(offset: u64, buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0usize;
+    while start < buf.len() {
+        let block_end = ((offset + start as u64) / ZERO_BLOCK + 1) * ZERO_BLOCK - offset;
+        let end = usize::try_from(block_end).map_or(buf.len(), |e| e.min(buf.len()));
+        // Only whole blocks: a piece at an unaligned edge is written as data.
+        let whole = end - start == ZERO_BLOCK as usize;
+        if whole && is_zero(&buf[start..end]) {
+            match runs.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+        start = end;
+    }
+    runs
+}
+
+/// Write `buf` (read at `offset`) as data, except for `runs`, which become zero commands.
+async fn write_around_zeros(
+    progress: &Progress,
+    dst: &dyn Endpoint,
+    offset: u64,
+    buf: Vec<u8>,
+    runs: &[(usize, usize)],
+) -> Result<Vec<u8>> {
+    let mut scratch: Vec<u8> = Vec::new();
+    let mut pos = 0usize;
+    let mut pieces: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len() * 2 + 1);
+    for &(s, e) in runs {
+        if s > pos {
+            pieces.push((pos, s, false));
+        }
+        pieces.push((s, e, true));
+        pos = e;
+    }
+    if pos < buf.len() {
+        pieces.push((pos, buf.len(), false));
+    }
+    for (s, e, zero) in pieces {
+        let (at, len) = (offset + s as u64, (e - s) as u64);
+        if zero {
+            zero_range(progress, dst, at, len, None).await?;
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(&buf[s..e]);
+            scratch = dst
+                .write(at, scratch)
+                .await
+                .map_err(|err| err.on_target(at, len))?;
+            Progress::add(&progress.bytes_written, len);
+        }
+    }
+    Ok(buf)
 }
 
 /// One zero command for a range known (from the allocation map) or found (scanned) to be zeros.
@@ -582,6 +663,13 @@ pub async fn run(
     cancel: Arc<CancelToken>,
 ) -> Result<CopyOutcome> {
     let target_kind = endpoint::kind_of(target, Access::Write { create_size: 0 })?;
+    // Bad options are refused before anything is opened, let alone created.
+    opts.check()?;
+    // An existing QCOW2 image is written only to finish the copy its checkpoint describes.
+    let resume_qcow2 =
+        target_kind == Kind::Qcow2 && opts.checkpoint.as_deref().is_some_and(Path::exists);
+    // A raw file that does not exist yet is created sparse: it reads as zeros.
+    let new_raw = target_kind == Kind::Raw && !Path::new(target).exists();
     // A cancelled copy must not wait for a lost NBD server to come back.
     let open = &OpenOptions {
         cancel: Some(Arc::clone(&cancel)),
@@ -593,7 +681,13 @@ pub async fn run(
     };
     let src = endpoint::open_with(source, Access::Read, &src_open).await?;
     let size = src.capabilities().size;
-    let dst = match endpoint::open_with(target, Access::Write { create_size: size }, open).await {
+    // An explicit plan that does not fit the source is refused before the target is created.
+    let opened = match plan::check(kind, size) {
+        Err(e) => Err(e),
+        Ok(()) if resume_qcow2 => reopen_qcow2(target, size, open).await,
+        Ok(()) => endpoint::open_with(target, Access::Write { create_size: size }, open).await,
+    };
+    let dst = match opened {
         Ok(d) => d,
         Err(e) => {
             let _ = src.close().await;
@@ -604,7 +698,8 @@ pub async fn run(
         &src,
         &dst,
         target,
-        target_kind,
+        target_kind == Kind::NewQcow2 || resume_qcow2,
+        new_raw,
         kind,
         opts,
         open,
@@ -619,19 +714,72 @@ pub async fn run(
     Ok(outcome)
 }
 
+/// Reopen the QCOW2 image an interrupted copy created, to finish that copy from its checkpoint.
+/// The image must be what the same command would create: the same size and the same backing
+/// file (`open.backing`).
+async fn reopen_qcow2(target: &str, size: u64, open: &OpenOptions) -> Result<Arc<dyn Endpoint>> {
+    let path = PathBuf::from(target);
+    let backing = open.backing.clone();
+    let spec = target.to_owned();
+    let writer = endpoint_blocking(move || {
+        let writer = Qcow2Writer::open_to_resume(&path)?;
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        let matches = match (&backing, writer.backing()) {
+            (None, None) => true,
+            (Some(b), Some(chain)) => same(b, Path::new(chain.layer_path(0))),
+            _ => false,
+        };
+        if !matches {
+            return Err(MoverError::InvalidEndpoint {
+                spec,
+                reason: "its backing file is not the one --backing names; resume with the same \
+                         command as the interrupted copy"
+                    .into(),
+            });
+        }
+        Ok(writer)
+    })
+    .await?;
+    let want = size.div_ceil(512) * 512;
+    if writer.size() != want {
+        return Err(MoverError::InvalidPlan(format!(
+            "{target} holds a {}-byte disk, the source {size} bytes: it is not the image this \
+             copy was creating",
+            writer.size()
+        )));
+    }
+    Ok(Arc::new(Qcow2Target::from_writer(Arc::new(writer))))
+}
+
+/// Blocking work on tokio's blocking pool.
+async fn endpoint_blocking<T, F>(f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| MoverError::io("blocking worker", std::io::Error::other(e)))?
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_open(
     src: &Arc<dyn Endpoint>,
     dst: &Arc<dyn Endpoint>,
     target: &str,
-    target_kind: Kind,
+    own_qcow2: bool,
+    new_raw: bool,
     kind: &PlanKind,
     opts: &CopyOptions,
     open: &OpenOptions,
     progress: Arc<Progress>,
     cancel: Arc<CancelToken>,
 ) -> Result<CopyOutcome> {
-    let new_qcow2 = target_kind == Kind::NewQcow2;
+    // A QCOW2 image this copy creates, or created before it was interrupted.
+    let new_qcow2 = own_qcow2;
     let manifest_path = match (&opts.manifest, new_qcow2) {
         _ if opts.skip_manifest => None,
         (Some(p), _) => Some(p.clone()),
@@ -646,6 +794,8 @@ async fn run_open(
             parent_manifest(backing, disk_size, chunk, &cancel).await?,
         )),
         (Some(_), None) if new_qcow2 => Some(Arc::new(ManifestBuilder::new(disk_size, chunk)?)),
+        // A raw file this copy creates reads as zeros.
+        (Some(_), None) if new_raw => Some(Arc::new(ManifestBuilder::new(disk_size, chunk)?)),
         // An existing target of unknown contents: whatever the copy does not write is read back.
         (Some(_), None) => {
             let b = ManifestBuilder::new(disk_size, chunk)?;
@@ -678,19 +828,15 @@ async fn run_open(
         });
     };
     let read_back = complete_manifest(&builder, &**dst).await?;
-    let manifest = builder.to_manifest()?;
-    let (m, p) = (manifest.clone(), path.clone());
-    tokio::task::spawn_blocking(move || m.save(&p))
-        .await
-        .map_err(|e| MoverError::io("manifest writer", std::io::Error::other(e)))??;
+    // Streamed from the builder: a manifest of a large disk is never held in memory whole.
+    let (b, p) = (Arc::clone(&builder), path.clone());
+    let disk_digest = endpoint_blocking(move || b.save(&p)).await?;
     Ok(CopyOutcome {
         progress: snapshot,
         manifest: Some(ManifestReport {
             path,
-            disk_digest: blake3::Hash::from(manifest.disk_digest())
-                .to_hex()
-                .to_string(),
-            chunks: manifest.chunk_count(),
+            disk_digest: blake3::Hash::from(disk_digest).to_hex().to_string(),
+            chunks: builder.chunk_count(),
             chunks_read_back: read_back,
         }),
         durable,
@@ -713,6 +859,25 @@ mod tests {
         b[1] = 1;
         assert!(!is_zero(&b[1..]));
         assert!(is_zero(&b[2..]));
+    }
+
+    #[test]
+    fn zero_runs_are_whole_aligned_blocks() {
+        let mut b = vec![0u8; 6 * 4096];
+        b[100] = 1; // block 0 (unaligned start below) holds data
+        b[3 * 4096 + 5] = 1; // block 3 holds data
+                             // Read at an offset 512 bytes past a block boundary: the first and last pieces are
+                             // partial blocks and are never zero runs.
+        let runs = zero_runs(4096 + 512, &b);
+        let aligned = |o: u64| usize::try_from(o - (4096 + 512)).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                (aligned(2 * 4096), aligned(4 * 4096)),
+                (aligned(5 * 4096), aligned(7 * 4096)),
+            ]
+        );
+        assert!(zero_runs(0, &[1u8; 8192]).is_empty());
     }
 
     async fn sparse_source(dir: &std::path::Path) -> (String, Vec<u8>) {

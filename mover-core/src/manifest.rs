@@ -29,8 +29,10 @@
 //! ([`ManifestBuilder::record`]); whole chunks written as zeros take the zero digest
 //! ([`ManifestBuilder::record_zero`]). A chunk only partly covered by a request is marked stale;
 //! when the pass is done, [`ManifestBuilder::complete`] re-reads the stale chunks through the
-//! image just written (its whole chain) and digests them. [`ManifestBuilder::to_manifest`] refuses to
-//! produce a manifest while a chunk is stale.
+//! image just written (its whole chain) and digests them. [`ManifestBuilder::save`] (streamed)
+//! and [`ManifestBuilder::to_manifest`] refuse to produce a manifest while a chunk is stale.
+//! The builder keeps digests in pages allocated when a chunk first differs from its starting
+//! digest, so memory follows the data written, not the size of the disk.
 //!
 //! An overlay's manifest describes the disk as seen through its chain: the builder starts from
 //! the parent's manifest ([`ManifestBuilder::from_parent`]) and only the chunks written by the
@@ -401,49 +403,50 @@ impl Manifest {
     /// Write the manifest to `path` atomically: temporary file, `fsync`, rename, `fsync` of the
     /// directory.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let name = path.display().to_string();
-        let err = |what: &str, e| MoverError::io(format!("{what} {name}"), e);
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| MoverError::InvalidPlan(format!("{name} is not a file path")))?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(file_name);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let result = self
-            .write_synced(&tmp)
-            .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err("atomic rename of", e)));
-        if result.is_err() {
-            // Best effort: the error that matters is the one returned.
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| err("fsync the directory of", e))
+        save_atomically(path, |tmp| self.write_synced(tmp))
     }
 }
 
+/// Chunks per page of a builder's digests: 32 KiB of digests, 1 GiB of disk at 1 MiB chunks.
+const PAGE: u64 = 1024;
+
+/// What a chunk's digest is until something is recorded for it.
+enum Base {
+    /// A new disk: zeros everywhere.
+    Zero,
+    /// An overlay: the parent's digests for its first chunks, zeros past the parent's end.
+    Parent(Vec<Digest>),
+}
+
 struct BuilderState {
-    digests: Vec<Digest>,
-    stale: Vec<bool>,
+    /// Digests by page of [`PAGE`] chunks; a page is allocated when a chunk in it first takes a
+    /// digest other than its base one, so a sparse disk costs memory for its data only.
+    pages: Vec<Option<Box<[Digest]>>>,
+    /// Bit set of the chunks that must be read back.
+    stale: Vec<u64>,
 }
 
 /// A manifest being built while a disk is written; see the module documentation.
+///
+/// Memory grows with the data written, not with the disk: digests live in pages allocated on
+/// first use (a sparse 2 TiB disk needs a few pages), [`save`](Self::save) streams the file
+/// instead of building it in memory, and only [`to_manifest`](Self::to_manifest) makes the
+/// whole list.
 pub struct ManifestBuilder {
     chunk_size: u64,
     disk_size: u64,
+    count: u64,
+    base: Base,
+    /// Digest of a whole chunk of zeros, and of the (possibly short) last chunk of zeros.
+    zero_full: Digest,
+    zero_last: Digest,
     state: Mutex<BuilderState>,
 }
 
 impl ManifestBuilder {
     /// For a new disk that starts all zeros.
     pub fn new(disk_size: u64, chunk_size: u64) -> Result<Self> {
-        Ok(Self::start(Manifest::zero(disk_size, chunk_size)?))
+        Self::start(disk_size, chunk_size, Base::Zero)
     }
 
     /// For an overlay of `disk_size` bytes on a disk described by `parent`: unwritten chunks keep
@@ -451,29 +454,42 @@ impl ManifestBuilder {
     /// changes with the disk size (the parent's last one) is stale.
     pub fn from_parent(parent: &Manifest, disk_size: u64) -> Result<Self> {
         let chunk = parent.chunk_size;
-        let mut m = Manifest::zero(disk_size, chunk)?;
-        let keep = m.digests.len().min(parent.digests.len());
-        m.digests[..keep].copy_from_slice(&parent.digests[..keep]);
-        let builder = Self::start(m);
+        let count = disk_size.div_ceil(chunk);
+        let keep = (count as usize).min(parent.digests.len());
+        let builder = Self::start(
+            disk_size,
+            chunk,
+            Base::Parent(parent.digests[..keep].to_vec()),
+        )?;
         if keep > 0 {
             let last = (keep - 1) as u64;
             if parent.chunk_range(last).1 != builder.chunk_len(last) {
-                builder.lock().stale[last as usize] = true;
+                set_bit(&mut builder.lock().stale, last);
             }
         }
         Ok(builder)
     }
 
-    fn start(m: Manifest) -> Self {
-        let n = m.digests.len();
-        Self {
-            chunk_size: m.chunk_size,
-            disk_size: m.disk_size,
+    fn start(disk_size: u64, chunk_size: u64, base: Base) -> Result<Self> {
+        check_geometry(disk_size, chunk_size)?;
+        let count = disk_size.div_ceil(chunk_size);
+        let last_len = if count == 0 {
+            chunk_size
+        } else {
+            disk_size - (count - 1) * chunk_size
+        };
+        Ok(Self {
+            chunk_size,
+            disk_size,
+            count,
+            base,
+            zero_full: zero_digest(chunk_size),
+            zero_last: zero_digest(last_len),
             state: Mutex::new(BuilderState {
-                digests: m.digests,
-                stale: vec![false; n],
+                pages: (0..count.div_ceil(PAGE)).map(|_| None).collect(),
+                stale: vec![0u64; count.div_ceil(64) as usize],
             }),
-        }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BuilderState> {
@@ -483,6 +499,40 @@ impl ManifestBuilder {
     fn chunk_len(&self, index: u64) -> u64 {
         self.chunk_size
             .min(self.disk_size - index * self.chunk_size)
+    }
+
+    /// The digest of chunk `index` while nothing was recorded for it.
+    fn base_digest(&self, index: u64) -> Digest {
+        match &self.base {
+            Base::Parent(d) if (index as usize) < d.len() => d[index as usize],
+            _ if index + 1 == self.count => self.zero_last,
+            _ => self.zero_full,
+        }
+    }
+
+    fn digest_in(&self, st: &BuilderState, index: u64) -> Digest {
+        st.pages[(index / PAGE) as usize]
+            .as_ref()
+            .map_or_else(|| self.base_digest(index), |p| p[(index % PAGE) as usize])
+    }
+
+    /// Chunk `index` now holds data with digest `d`.
+    fn set(&self, st: &mut BuilderState, index: u64, d: Digest) {
+        clear_bit(&mut st.stale, index);
+        let page = (index / PAGE) as usize;
+        if st.pages[page].is_none() {
+            if d == self.base_digest(index) {
+                return;
+            }
+            let first = page as u64 * PAGE;
+            let filled: Box<[Digest]> = (first..(first + PAGE).min(self.count))
+                .map(|i| self.base_digest(i))
+                .collect();
+            st.pages[page] = Some(filled);
+        }
+        if let Some(p) = st.pages[page].as_mut() {
+            p[(index % PAGE) as usize] = d;
+        }
     }
 
     /// Chunks of `[offset, offset + length)`: (index, start of the chunk's bytes in the range,
@@ -510,10 +560,9 @@ impl ManifestBuilder {
                 let s = start as usize;
                 let d = chunk_digest(&data[s..s + self.chunk_len(index) as usize]);
                 let mut st = self.lock();
-                st.digests[index as usize] = d;
-                st.stale[index as usize] = false;
+                self.set(&mut st, index, d);
             } else {
-                self.lock().stale[index as usize] = true;
+                set_bit(&mut self.lock().stale, index);
             }
         }
     }
@@ -521,13 +570,16 @@ impl ManifestBuilder {
     /// `[offset, offset + length)` was made zero.
     pub fn record_zero(&self, offset: u64, length: u64) {
         for (index, _, whole) in self.chunks(offset, length) {
+            let mut st = self.lock();
             if whole {
-                let d = zero_digest(self.chunk_len(index));
-                let mut st = self.lock();
-                st.digests[index as usize] = d;
-                st.stale[index as usize] = false;
+                let d = if index + 1 == self.count {
+                    self.zero_last
+                } else {
+                    self.zero_full
+                };
+                self.set(&mut st, index, d);
             } else {
-                self.lock().stale[index as usize] = true;
+                set_bit(&mut st.stale, index);
             }
         }
     }
@@ -536,6 +588,12 @@ impl ManifestBuilder {
     #[must_use]
     pub fn chunk_size(&self) -> u64 {
         self.chunk_size
+    }
+
+    /// Number of chunks.
+    #[must_use]
+    pub fn chunk_count(&self) -> u64 {
+        self.count
     }
 
     /// Offset and length of chunk `index`.
@@ -547,10 +605,14 @@ impl ManifestBuilder {
     /// `[offset, offset + length)` was written by other means (a copy resumed from a
     /// checkpoint): every chunk it touches must be read back.
     pub fn invalidate(&self, offset: u64, length: u64) {
-        let chunks = self.chunks(offset, length);
+        if length == 0 || offset >= self.disk_size {
+            return;
+        }
+        let first = offset / self.chunk_size;
+        let last = ((offset + length).min(self.disk_size) - 1) / self.chunk_size;
         let mut st = self.lock();
-        for (index, _, _) in chunks {
-            st.stale[index as usize] = true;
+        for index in first..=last {
+            set_bit(&mut st.stale, index);
         }
     }
 
@@ -558,9 +620,15 @@ impl ManifestBuilder {
     #[must_use]
     pub fn stale_chunks(&self) -> Vec<u64> {
         let st = self.lock();
-        (0..st.stale.len() as u64)
-            .filter(|&i| st.stale[i as usize])
-            .collect()
+        let mut out = Vec::new();
+        for (w, &word) in st.stale.iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                out.push(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        out
     }
 
     /// Digest the stale chunks by reading them with `read(offset, buf)` from the written image
@@ -575,26 +643,108 @@ impl ManifestBuilder {
             read(index * self.chunk_size, part)?;
             let d = chunk_digest(part);
             let mut st = self.lock();
-            st.digests[index as usize] = d;
-            st.stale[index as usize] = false;
+            self.set(&mut st, index, d);
         }
         Ok(())
     }
 
-    /// The manifest as it stands; an error while chunks are stale.
+    /// The error while a chunk is stale.
+    fn check_complete(st: &BuilderState) -> Result<()> {
+        match st.stale.iter().position(|&w| w != 0) {
+            None => Ok(()),
+            Some(w) => Err(MoverError::InvalidPlan(format!(
+                "manifest chunk {} was partly written and not read back",
+                w as u64 * 64 + u64::from(st.stale[w].trailing_zeros())
+            ))),
+        }
+    }
+
+    /// The disk digest of the manifest as it stands; an error while chunks are stale.
+    pub fn disk_digest(&self) -> Result<Digest> {
+        let st = self.lock();
+        Self::check_complete(&st)?;
+        let mut h = blake3::Hasher::new();
+        for i in 0..self.count {
+            h.update(&self.digest_in(&st, i));
+        }
+        Ok(*h.finalize().as_bytes())
+    }
+
+    /// Write the manifest to `path` atomically (as [`Manifest::save`] does) without building
+    /// it in memory; returns its disk digest. An error while chunks are stale.
+    pub fn save(&self, path: &Path) -> Result<Digest> {
+        let disk_digest = self.disk_digest()?;
+        let header = RawHeader {
+            magic: MAGIC_V1,
+            chunk_size: self.chunk_size.to_le_bytes(),
+            disk_size: self.disk_size.to_le_bytes(),
+            chunk_count: self.count.to_le_bytes(),
+            disk_digest,
+        };
+        save_atomically(path, |tmp| {
+            let err = |what: &str, e| MoverError::io(format!("{what} {}", tmp.display()), e);
+            let f = File::create(tmp).map_err(|e| err("create", e))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            w.write_all(&header.to_bytes())
+                .map_err(|e| err("write", e))?;
+            let st = self.lock();
+            for i in 0..self.count {
+                w.write_all(&self.digest_in(&st, i))
+                    .map_err(|e| err("write", e))?;
+            }
+            drop(st);
+            let f = w.into_inner().map_err(|e| err("write", e.into_error()))?;
+            f.sync_all().map_err(|e| err("fsync", e))
+        })?;
+        Ok(disk_digest)
+    }
+
+    /// The manifest as it stands, as one list in memory; an error while chunks are stale.
     pub fn to_manifest(&self) -> Result<Manifest> {
         let st = self.lock();
-        if let Some(i) = st.stale.iter().position(|&s| s) {
-            return Err(MoverError::InvalidPlan(format!(
-                "manifest chunk {i} was partly written and not read back"
-            )));
-        }
+        Self::check_complete(&st)?;
         Ok(Manifest {
             chunk_size: self.chunk_size,
             disk_size: self.disk_size,
-            digests: st.digests.clone(),
+            digests: (0..self.count).map(|i| self.digest_in(&st, i)).collect(),
         })
     }
+}
+
+fn set_bit(bits: &mut [u64], i: u64) {
+    bits[(i / 64) as usize] |= 1 << (i % 64);
+}
+
+fn clear_bit(bits: &mut [u64], i: u64) {
+    bits[(i / 64) as usize] &= !(1 << (i % 64));
+}
+
+/// Write a file through `write(tmp)` under a temporary name beside `path`, then rename it into
+/// place and `fsync` the directory. `write` must `fsync` the file.
+fn save_atomically(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.display().to_string();
+    let err = |what: &str, e| MoverError::io(format!("{what} {name}"), e);
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| MoverError::InvalidPlan(format!("{name} is not a file path")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp{}", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let result = write(&tmp)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| err("atomic rename of", e)));
+    if result.is_err() {
+        // Best effort: the error that matters is the one returned.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| err("fsync the directory of", e))
 }
 
 #[cfg(test)]
@@ -663,6 +813,37 @@ mod tests {
         let m = b.to_manifest().unwrap();
         let want = Manifest::compute(size as u64, 1 << 20, read_from(&d)).unwrap();
         assert_eq!(m, want);
+    }
+
+    #[test]
+    fn a_sparse_disk_allocates_pages_only_where_data_is_and_saves_like_a_manifest() {
+        let chunk = 64 << 10;
+        let size = 3 * PAGE * chunk + 4096; // four pages, the last one short
+        let b = ManifestBuilder::new(size, chunk).unwrap();
+        let data = disk(chunk as usize);
+        b.record(2 * PAGE * chunk + 5 * chunk, &data);
+        b.record_zero(0, PAGE * chunk);
+        b.record_zero(3 * PAGE * chunk, 4096);
+        let pages = b.lock().pages.iter().filter(|p| p.is_some()).count();
+        assert_eq!(pages, 1, "only the page holding data is allocated");
+        assert!(b.stale_chunks().is_empty());
+        let mut d = vec![0u8; size as usize];
+        let at = (2 * PAGE * chunk + 5 * chunk) as usize;
+        d[at..at + data.len()].copy_from_slice(&data);
+        let want = Manifest::compute(size, chunk, read_from(&d)).unwrap();
+        assert_eq!(b.to_manifest().unwrap(), want);
+        assert_eq!(b.disk_digest().unwrap(), want.disk_digest());
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs) = (dir.path().join("a"), dir.path().join("b"));
+        assert_eq!(b.save(&ours).unwrap(), want.disk_digest());
+        want.save(&theirs).unwrap();
+        assert_eq!(std::fs::read(ours).unwrap(), std::fs::read(theirs).unwrap());
+        b.invalidate(chunk + 1, 1);
+        assert_eq!(b.stale_chunks(), vec![1]);
+        assert!(
+            b.save(&dir.path().join("c")).is_err(),
+            "stale chunks refuse to save"
+        );
     }
 
     #[test]

@@ -91,6 +91,17 @@ pub fn normalise(ranges: &[(u64, u64)], size: u64) -> Result<Vec<(u64, u64)>> {
     Ok(merged.into_iter().map(|(s, e)| (s, e - s)).collect())
 }
 
+/// Check the ranges of an explicit plan against a disk of `size` bytes, before anything is
+/// opened for writing (the copy refuses a bad plan before it creates a target file).
+pub fn check(kind: &PlanKind, size: u64) -> Result<()> {
+    match kind {
+        PlanKind::Explicit(ranges) | PlanKind::ExplicitZeroRest(ranges) => {
+            normalise(ranges, size).map(drop)
+        }
+        PlanKind::All | PlanKind::Allocated => Ok(()),
+    }
+}
+
 /// Cut `[offset, offset + length)` into items on the `request_size` grid.
 fn push_range(items: &mut Vec<WorkItem>, offset: u64, length: u64, zero: bool, request_size: u64) {
     let end = offset + length;

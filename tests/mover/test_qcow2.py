@@ -199,7 +199,14 @@ def mover_chain(tmp_path: Path, layers: int, source: Path) -> tuple[list[Path], 
             cli_json("copy", str(disk), str(img), "--allocated-only")
         else:
             ext = tmp_path / "changed.json"
-            ext.write_text(json.dumps(changed))
+            # Sorted and disjoint, as CBT reports it (the command refuses any other plan file).
+            plan: list[list[int]] = []
+            for off, length in sorted(changed):
+                if plan and off <= plan[-1][0] + plan[-1][1]:
+                    plan[-1][1] = max(plan[-1][1], off + length - plan[-1][0])
+                else:
+                    plan.append([off, length])
+            ext.write_text(json.dumps(plan))
             cli_json("copy", str(disk), str(img), "--extents", str(ext), "--backing", str(images[-1]))
         images.append(img)
         snaps.append(snap)

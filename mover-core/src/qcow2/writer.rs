@@ -201,6 +201,42 @@ fn initial_header(
     })
 }
 
+/// The header of an image [`Qcow2Writer::create`] could have made, and the chain below it
+/// (opened as the reader resolves it); `refuse` makes the error for anything else.
+fn resumable(
+    path: &Path,
+    refuse: &dyn Fn(&str) -> MoverError,
+) -> Result<(Header, Option<Qcow2Chain>)> {
+    let chain = Qcow2Chain::open(path)?;
+    let top = chain.top().ok_or_else(|| refuse("not a QCOW2 image"))?;
+    let header = top.header().clone();
+    let cs = 1u64 << header.cluster_bits;
+    let l1_entries = format::l1_entries(header.size, header.cluster_bits);
+    if header.version != 3
+        || header.refcount_order != REFCOUNT_ORDER
+        || header.header_length != format::V3_HEADER_LENGTH as u32
+        || header.nb_snapshots != 0
+        || header.incompatible_features & !INCOMPAT_DIRTY != 0
+        || header.compatible_features != 0
+        || header.autoclear_features != 0
+        || u64::from(header.l1_size) != l1_entries
+        || (l1_entries != 0 && header.l1_table_offset != cs)
+    {
+        return Err(refuse("it was not written by the mover"));
+    }
+    let backing = if chain.depth() > 1 {
+        let format = if chain.layer_image(1).is_some() {
+            BackingFormat::Qcow2
+        } else {
+            BackingFormat::Raw
+        };
+        Some(Qcow2Chain::open_as(Path::new(chain.layer_path(1)), format)?)
+    } else {
+        None
+    };
+    Ok((header, backing))
+}
+
 impl Qcow2Writer {
     /// Create a new image of `size` bytes (a multiple of 512, as QEMU requires) at `path`, which
     /// must not exist. `cluster_size` is a power of two from 512 B to 2 MiB. With `backing`, the
@@ -292,6 +328,97 @@ impl Qcow2Writer {
         // A valid (empty, dirty) image from the start: refcount table and block 0.
         writer.write_refcounts(&writer.lock())?;
         Ok(writer)
+    }
+
+    /// Open an image an earlier, interrupted copy created with [`create`](Self::create), to
+    /// continue writing into it (a copy resumed from its checkpoint).
+    ///
+    /// The tables are read back as the last flush left them: every cluster they name keeps its
+    /// place, and new clusters are allocated past the end of the file, so whatever the
+    /// interrupted run wrote after its last flush is never referenced by mistake. Refcounts are
+    /// recomputed from the tables at the next flush, as always. An image this writer could not
+    /// have made (another version, refcount width, header length, snapshots, compressed
+    /// clusters, feature bits), or whose tables reference a cluster twice, is refused.
+    pub fn open_to_resume(path: &Path) -> Result<Self> {
+        let name = path.display().to_string();
+        let refuse = |why: &str| MoverError::Format {
+            path: name.clone(),
+            message: format!("cannot resume into this image: {why}"),
+        };
+        let (header, backing) = resumable(path, &refuse)?;
+        let cluster_bits = header.cluster_bits;
+        let cs = 1u64 << cluster_bits;
+        let l1_entries = u64::from(header.l1_size);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|source| MoverError::Connect {
+                endpoint: name.clone(),
+                source,
+            })?;
+        let read = |offset: u64, len: u64| -> Result<Vec<u64>> {
+            let mut b = vec![0u8; len as usize];
+            super::reader::read_fill(&file, &name, offset, &mut b)?;
+            Ok(format::table_from_bytes(&b))
+        };
+        let mut l2 = Vec::with_capacity(l1_entries as usize);
+        let mut end = header.l1_table_offset + (l1_entries * 8).div_ceil(cs) * cs;
+        for raw in read(header.l1_table_offset, l1_entries * 8)? {
+            let host = format::decode_l1(raw, cluster_bits, &name)?;
+            if host == 0 {
+                l2.push(None);
+                continue;
+            }
+            let entries = read(host, cs)?;
+            for &e in &entries {
+                if e & format::COMPRESSED != 0 {
+                    return Err(refuse("it holds compressed clusters"));
+                }
+                format::L2Entry::decode(e, cluster_bits, 3, &name)?;
+                end = end.max((e & OFFSET_MASK) + cs);
+            }
+            end = end.max(host + cs);
+            l2.push(Some(L2Table {
+                host,
+                entries: entries.into_boxed_slice(),
+                dirty: false,
+            }));
+        }
+        let table_clusters = u64::from(header.refcount_table_clusters);
+        let mut refcount_blocks = read(header.refcount_table_offset, table_clusters * cs)?;
+        let used = refcount_blocks
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |i| i + 1);
+        refcount_blocks.truncate(used);
+        for b in &mut refcount_blocks {
+            *b &= OFFSET_MASK;
+            end = end.max(*b + cs);
+        }
+        end = end.max(header.refcount_table_offset + table_clusters * cs);
+        let file_len = file
+            .metadata()
+            .map_err(|e| MoverError::io(format!("size of {name}"), e))?
+            .len();
+        let meta = Meta {
+            clean_on_disk: header.incompatible_features & INCOMPAT_DIRTY == 0,
+            header,
+            l2,
+            next_free: end.max(file_len.div_ceil(cs) * cs),
+            refcount_blocks,
+        };
+        // Every cluster named once, none past the end: the tables are self-consistent.
+        meta.refcounts(cs, &name)
+            .map_err(|e| refuse(&e.to_string()))?;
+        Ok(Self {
+            path: name,
+            file,
+            cluster_bits,
+            size: meta.header.size,
+            backing,
+            meta: Mutex::new(meta),
+        })
     }
 
     #[must_use]
@@ -617,9 +744,11 @@ impl Qcow2Writer {
         if m.clean_on_disk {
             m.header.incompatible_features |= INCOMPAT_DIRTY;
             self.pwrite(0, &m.header.to_bytes())?;
-            sync("mark dirty")?;
-            m.clean_on_disk = false;
         }
+        // The data written so far reaches the disk before any table that points at it: a
+        // crash in the middle of this flush leaves tables naming only durable clusters.
+        sync("data and dirty mark")?;
+        m.clean_on_disk = false;
         for i in 0..m.l2.len() {
             let place =
                 matches!(&m.l2[i], Some(t) if t.host == 0 && t.entries.iter().any(|&e| e != 0));
