@@ -1,5 +1,6 @@
 """Type stubs of the Rust extension (checked against the module by ``mypy.stubtest``)."""
 
+from collections.abc import Sequence
 from os import PathLike
 from typing import final
 
@@ -97,6 +98,7 @@ class Copy:
         manifest: str | PathLike[str] | None = None,
         write_manifest: bool = True,
         zero_unlisted: bool = False,
+        allowed_backing_roots: Sequence[str | PathLike[str]] | None = None,
     ) -> Copy: ...
     def run(self) -> CopyProgress: ...
     def progress(self) -> CopyProgress: ...
