@@ -33,7 +33,17 @@ fn overlay(image: &Path, name: &str) {
     run(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", s(image), "1M",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            name,
+            "-F",
+            "raw",
+            s(image),
+            "1M",
         ],
     );
 }
@@ -102,7 +112,16 @@ fn backing_inside_the_directory_and_its_subdirectories_is_read() {
     run(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", "bases/mid.qcow2", "-F", "qcow2", s(&top),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "bases/mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
             "1M",
         ],
     );
@@ -139,27 +158,40 @@ fn real_image(dir: &Path) -> (PathBuf, Vec<u8>) {
     let p = dir.join("real.qcow2");
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "compat=1.1", s(&p), "1G"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1",
+            s(&p),
+            "1G",
+        ],
     );
     run(
         "qemu-io",
         &["-f", "qcow2", "-c", "write -P 0x5a 0 192k", s(&p)],
     );
     let bytes = std::fs::read(&p).unwrap();
-    assert_eq!(
-        u32::from_be_bytes(bytes[0..4].try_into().unwrap()),
-        MAGIC
-    );
+    assert_eq!(u32::from_be_bytes(bytes[0..4].try_into().unwrap()), MAGIC);
     (p, bytes)
 }
 
 /// Write `bytes` with `patch` applied and open the result.
-fn patched(path: &Path, bytes: &[u8], patch: impl FnOnce(&mut Vec<u8>)) -> mover_core::Result<Qcow2Chain> {
+fn patched(
+    path: &Path,
+    bytes: &[u8],
+    patch: impl FnOnce(&mut Vec<u8>),
+) -> mover_core::Result<Qcow2Chain> {
     let mut b = bytes.to_vec();
     patch(&mut b);
     std::fs::write(path, &b).unwrap();
     Qcow2Chain::open(path)
 }
+
+/// A change to an image's bytes.
+type Patch = Box<dyn Fn(&mut Vec<u8>)>;
 
 fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_be_bytes());
@@ -187,29 +219,50 @@ fn tables_and_names_outside_the_file_are_refused_by_name() {
     let (_, bytes) = real_image(dir.path());
     let bad = dir.path().join("bad.qcow2");
     let len = bytes.len() as u64;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        ("l1_table_offset", Box::new(move |b| put64(b, 40, (len + (1 << 30)) & !0xffff))),
-        ("refcount_table_clusters", Box::new(|b| put32(b, 56, u32::MAX))),
-        ("refcount_table_offset", Box::new(move |b| put64(b, 48, (len + (1 << 30)) & !0xffff))),
+    let cases: Vec<(&str, Patch)> = vec![
+        (
+            "l1_table_offset",
+            Box::new(move |b| put64(b, 40, (len + (1 << 30)) & !0xffff)),
+        ),
+        (
+            "refcount_table_clusters",
+            Box::new(|b| put32(b, 56, u32::MAX)),
+        ),
+        (
+            "refcount_table_offset",
+            Box::new(move |b| put64(b, 48, (len + (1 << 30)) & !0xffff)),
+        ),
         ("nb_snapshots", Box::new(|b| put32(b, 60, u32::MAX))),
-        ("snapshots_offset", Box::new(move |b| {
-            put32(b, 60, 1);
-            put64(b, 64, len + (1 << 20));
-        })),
-        ("backing_file_offset", Box::new(|b| {
-            put64(b, 8, u64::MAX - 3);
-            put32(b, 16, 100);
-        })),
-        ("backing_file_size", Box::new(|b| {
-            put64(b, 8, 0x200);
-            put32(b, 16, 0x10000);
-        })),
+        (
+            "snapshots_offset",
+            Box::new(move |b| {
+                put32(b, 60, 1);
+                put64(b, 64, len + (1 << 20));
+            }),
+        ),
+        (
+            "backing_file_offset",
+            Box::new(|b| {
+                put64(b, 8, u64::MAX - 3);
+                put32(b, 16, 100);
+            }),
+        ),
+        (
+            "backing_file_size",
+            Box::new(|b| {
+                put64(b, 8, 0x200);
+                put32(b, 16, 0x10000);
+            }),
+        ),
         ("header_length", Box::new(|b| put32(b, 100, 0x20000))),
-        ("header extension", Box::new(|b| {
-            // The first extension (after the 112-byte header) claims 4 GiB of data.
-            put32(b, 112, 0x6803_f857);
-            put32(b, 116, u32::MAX);
-        })),
+        (
+            "header extension",
+            Box::new(|b| {
+                // The first extension (after the 112-byte header) claims 4 GiB of data.
+                put32(b, 112, 0x6803_f857);
+                put32(b, 116, u32::MAX);
+            }),
+        ),
         ("size", Box::new(|b| put64(b, 24, u64::MAX))),
     ];
     for (what, patch) in cases {

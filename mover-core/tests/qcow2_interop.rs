@@ -173,7 +173,9 @@ fn reads_zstd_compressed_images_like_qemu() {
         "cluster_size=2M",
         "cluster_size=64k,extended_l2=on",
     ] {
-        let img = dir.path().join(format!("z-{}.qcow2", opts.replace([',', '='], "-")));
+        let img = dir
+            .path()
+            .join(format!("z-{}.qcow2", opts.replace([',', '='], "-")));
         run(
             "qemu-img",
             &[
@@ -709,7 +711,9 @@ fn overlays_on_qemu_images_pass_check_and_compare() {
         assert_compare(&img, &model);
         // The overlay names its backing file "../layer1.qcow2": outside its own directory, so
         // it is read only when the caller allows that directory.
-        let err = Qcow2Chain::open(&img).err().expect("a backing name with .. is refused");
+        let err = Qcow2Chain::open(&img)
+            .err()
+            .expect("a backing name with .. is refused");
         assert!(err.to_string().contains("outside"), "{err}");
         assert_reads_like_qemu_with(&img, &[dir.path().to_owned()]);
         let info = run("qemu-img", &["info", "--output=json", s(&img)]);

@@ -218,8 +218,7 @@ pub async fn open_with(
         (Kind::Qcow2, Access::Read) => {
             let path = PathBuf::from(spec);
             let roots = opts.allowed_backing_roots.clone();
-            let src =
-                blocking(move || crate::qcow2::Qcow2Source::open_with(&path, &roots)).await?;
+            let src = blocking(move || crate::qcow2::Qcow2Source::open_with(&path, &roots)).await?;
             Ok(Arc::new(src))
         }
         (Kind::Qcow2, Access::Write { .. }) => Err(MoverError::InvalidEndpoint {

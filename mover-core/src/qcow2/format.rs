@@ -245,7 +245,10 @@ impl Header {
     fn check_sizes(&self, path: &str) -> Result<()> {
         let h = self;
         if h.size > i64::MAX as u64 {
-            return Err(bad(path, format!("size {} (the virtual size) is too large", h.size)));
+            return Err(bad(
+                path,
+                format!("size {} (the virtual size) is too large", h.size),
+            ));
         }
         let cluster = h.cluster_size();
         if !h.l1_table_offset.is_multiple_of(cluster) {
@@ -325,7 +328,8 @@ impl Header {
     /// them, so that no allocation is sized by a number the file cannot back.
     pub fn check_file(&self, file_len: u64, path: &str) -> Result<()> {
         let end_of_file = file_len.next_multiple_of(self.cluster_size());
-        let within = |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= end_of_file);
+        let within =
+            |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= end_of_file);
         if self.l1_size > 0 && !within(self.l1_table_offset, u64::from(self.l1_size) * 8) {
             return Err(bad(
                 path,

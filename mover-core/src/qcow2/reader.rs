@@ -553,12 +553,10 @@ impl BackingRoots {
             ));
         }
         let named = directory_of(image).join(name);
-        let canonical = named
-            .canonicalize()
-            .map_err(|source| MoverError::Connect {
-                endpoint: named.display().to_string(),
-                source,
-            })?;
+        let canonical = named.canonicalize().map_err(|source| MoverError::Connect {
+            endpoint: named.display().to_string(),
+            source,
+        })?;
         if !self.0.iter().any(|root| canonical.starts_with(root)) {
             return Err(format_err(
                 &image_name,
