@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use common::run;
 use mover_core::qcow2::format::MAGIC;
-use mover_core::qcow2::{BackingFormat, Qcow2Chain};
+use mover_core::qcow2::reader::MAX_CHAIN_DEPTH;
+use mover_core::qcow2::{BackingFormat, Qcow2Chain, Qcow2Writer};
 use mover_core::MoverError;
 
 const SECRET: &[u8] = b"host secret: this file must never reach a target disk";
@@ -274,4 +275,92 @@ fn tables_and_names_outside_the_file_are_refused_by_name() {
     let mut buf = vec![0u8; 4096];
     chain.read_exact_at(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&x| x == 0x5a));
+}
+
+/// A chain of `depth` overlays with 512-byte clusters over a raw base holding `SECRET`, all
+/// in `dir`: one image made by `qemu-img`, copied with its backing name patched.
+fn deep_chain(dir: &Path, depth: usize) -> PathBuf {
+    secret(dir);
+    let name = |i: usize| format!("l{i:05}.qcow2");
+    let first = dir.join(name(0));
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-u",
+            "-b",
+            "secret.raw",
+            "-F",
+            "raw",
+            s(&first),
+            "1M",
+        ],
+    );
+    let template = dir.join("template.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "-u",
+            "-b",
+            &name(0),
+            "-F",
+            "qcow2",
+            s(&template),
+            "1M",
+        ],
+    );
+    let bytes = std::fs::read(&template).unwrap();
+    std::fs::remove_file(&template).unwrap();
+    let at = u64::from_be_bytes(bytes[8..16].try_into().unwrap()) as usize;
+    for i in 1..depth {
+        let mut b = bytes.clone();
+        b[at..at + name(0).len()].copy_from_slice(name(i - 1).as_bytes());
+        std::fs::write(dir.join(name(i)), b).unwrap();
+    }
+    dir.join(name(depth - 1))
+}
+
+#[test]
+fn chains_are_read_to_the_depth_limit_and_refused_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = deep_chain(dir.path(), MAX_CHAIN_DEPTH - 1);
+    let chain = Qcow2Chain::open(&top).unwrap();
+    assert_eq!(chain.depth(), MAX_CHAIN_DEPTH);
+    // Reads and maps recurse layer by layer: they must not run out of stack at the limit.
+    let mut buf = vec![0u8; SECRET.len()];
+    chain.read_exact_at(0, &mut buf).unwrap();
+    assert_eq!(buf, SECRET);
+    assert!(!chain.map(0, 1 << 20).unwrap().is_empty());
+    let deeper = tempfile::tempdir().unwrap();
+    let top = deep_chain(deeper.path(), MAX_CHAIN_DEPTH);
+    assert_refused(Qcow2Chain::open(&top), "deeper than");
+}
+
+/// The writer preallocates a refcount table for twice the disk: 13 MiB for 100 GiB of 512-byte
+/// clusters, past QEMU's 8 MiB limit. The reader, which never loads that table, still opens it.
+#[test]
+fn large_refcount_tables_of_the_writer_are_accepted() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("big.qcow2");
+    let w = Qcow2Writer::create(&img, 100 << 30, 512, None).unwrap();
+    w.write_at(5 << 30, SECRET).unwrap();
+    w.finish().unwrap();
+    drop(w);
+    let chain = Qcow2Chain::open(&img).unwrap();
+    let clusters = chain.top().unwrap().header().refcount_table_clusters;
+    assert!(u64::from(clusters) * 512 > 8 << 20, "{clusters} clusters");
+    let mut buf = vec![0u8; SECRET.len()];
+    chain.read_exact_at(5 << 30, &mut buf).unwrap();
+    assert_eq!(buf, SECRET);
 }

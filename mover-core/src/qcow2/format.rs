@@ -52,8 +52,8 @@
 //! reading: it only says the refcounts may be stale, which a reader does not use.
 //!
 //! An image is untrusted input. Every size the header gives is bounded before anything is
-//! allocated from it: by QEMU's own limits ([`MAX_L1_BYTES`], [`MAX_REFCOUNT_TABLE_BYTES`],
-//! [`MAX_SNAPSHOTS`], [`MAX_BACKING_NAME`]), by the first cluster (header, extensions, backing
+//! allocated from it: by QEMU's own limits ([`MAX_L1_BYTES`], [`MAX_SNAPSHOTS`],
+//! [`MAX_BACKING_NAME`]) or looser ones ([`MAX_REFCOUNT_TABLE_BYTES`]), by the first cluster (header, extensions, backing
 //! name) and, through [`Header::check_file`], by the length of the file (L1 table, refcount
 //! table, snapshot table). A field out of bounds is a [`MoverError::Format`] naming it.
 
@@ -74,8 +74,11 @@ pub const MAX_BACKING_NAME: usize = 1023;
 /// Largest active L1 table QEMU accepts (`QCOW_MAX_L1_SIZE`): 4 Mi entries, 2 PiB of 64 KiB
 /// clusters.
 pub const MAX_L1_BYTES: u64 = 32 << 20;
-/// Largest refcount table QEMU accepts (`QCOW_MAX_REFTABLE_SIZE`).
-pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 << 20;
+/// Largest refcount table accepted. QEMU's limit (`QCOW_MAX_REFTABLE_SIZE`) is 8 MiB, but the
+/// mover's writer preallocates a table for twice the disk, over 8 MiB for disks past 64 GiB
+/// with 512-byte clusters (4 TiB with 4 KiB ones); the reader never loads the table, so it
+/// accepts those images, up to 64 MiB.
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 64 << 20;
 /// Most internal snapshots QEMU accepts (`QCOW_MAX_SNAPSHOTS`).
 pub const MAX_SNAPSHOTS: u32 = 65_536;
 /// Bytes of a snapshot table entry without its variable parts: the least each one takes.
@@ -282,7 +285,7 @@ impl Header {
             return Err(bad(
                 path,
                 format!(
-                    "refcount_table_clusters {} is larger than QEMU's limit of {MAX_REFCOUNT_TABLE_BYTES} bytes",
+                    "refcount_table_clusters {} is larger than the limit of {MAX_REFCOUNT_TABLE_BYTES} bytes",
                     h.refcount_table_clusters
                 ),
             ));
@@ -786,6 +789,59 @@ mod tests {
         assert_eq!(d(3).unwrap(), L2Entry::Unallocated);
         assert!(L2Entry::decode_extended(0, 1, 0, 16, "t").is_err());
         assert!(L2Entry::decode_extended(raw, 1 | (1 << 32), 0, 16, "t").is_err());
+    }
+
+    #[test]
+    fn compression_type_needs_its_feature_bit() {
+        let mut h = sample();
+        let mut b = h.to_bytes();
+        assert_eq!(compression_type(&h, &b, "t").unwrap(), Compression::Deflate);
+        b[104] = COMPRESSION_ZSTD;
+        let err = compression_type(&h, &b, "t").unwrap_err().to_string();
+        assert!(err.contains("feature bit"), "{err}");
+        h.incompatible_features = INCOMPAT_COMPRESSION_TYPE;
+        assert_eq!(compression_type(&h, &b, "t").unwrap(), Compression::Zstd);
+        b[104] = 2;
+        let err = compression_type(&h, &b, "t").unwrap_err().to_string();
+        assert!(err.contains("compression type 2"), "{err}");
+    }
+
+    #[test]
+    fn tables_must_fit_the_file() {
+        let h = sample();
+        // L1 at 0x30000 (20 entries), refcount table at 0x10000 (one cluster).
+        h.check_file(0x30000 + 160, "t").unwrap();
+        // The last cluster may be short, but not missing.
+        h.check_file(0x30001, "t").unwrap();
+        let err = h.check_file(0x30000, "t").unwrap_err().to_string();
+        assert!(err.contains("l1_size 20"), "{err}");
+        let mut h = sample();
+        h.l1_size = 0;
+        h.refcount_table_clusters = 3;
+        let err = h.check_file(0x30000, "t").unwrap_err().to_string();
+        assert!(err.contains("refcount_table_clusters 3"), "{err}");
+    }
+
+    #[test]
+    fn sizes_past_qemus_limits_are_refused_by_name() {
+        for (field, patch) in [
+            ("l1_size", (36, 4, (MAX_L1_BYTES / 8 + 1))),
+            ("refcount_table_clusters", (56, 4, 1025)),
+            ("nb_snapshots", (60, 4, u64::from(MAX_SNAPSHOTS) + 1)),
+            ("backing_file_size", (16, 4, 1024)),
+            ("backing_file_offset", (8, 8, 0x1_0000)),
+            ("size", (24, 8, u64::MAX)),
+        ] {
+            let mut b = sample().to_bytes();
+            b.extend_from_slice(&extensions_to_bytes(None));
+            let (at, width, value) = patch;
+            b[at..at + width].copy_from_slice(&value.to_be_bytes()[8 - width..]);
+            if field == "backing_file_offset" {
+                b[16..20].copy_from_slice(&1u32.to_be_bytes());
+            }
+            let err = Header::parse(&b, "t").unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]
