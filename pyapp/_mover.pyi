@@ -1,5 +1,6 @@
 """Type stubs of the Rust extension (checked against the module by ``mypy.stubtest``)."""
 
+from collections.abc import Sequence
 from os import PathLike
 from typing import final
 
@@ -101,6 +102,7 @@ class Copy:
         zero_unlisted: bool = False,
         request_timeout: float = 60.0,
         connect_timeout: float = 30.0,
+        allowed_backing_roots: Sequence[str | PathLike[str]] | None = None,
     ) -> Copy: ...
     def run(self) -> CopyProgress: ...
     def progress(self) -> CopyProgress: ...

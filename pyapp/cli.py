@@ -3,7 +3,8 @@
 ``mover copy SRC DST`` copies a disk between NBD exports (``nbd://host:port/export``,
 ``nbd+unix:///export?socket=PATH``), QCOW2 images and raw files or block devices; a target
 path ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (``--backing FILE`` for
-an overlay) with a BLAKE3 manifest beside it. ``mover verify``, ``checksum``, ``consolidate``
+an overlay) with a BLAKE3 manifest beside it. A QCOW2 source's backing files must lie under its
+own directory unless ``--backing-root DIR`` allows another. ``mover verify``, ``checksum``, ``consolidate``
 and ``info`` work on backup chains. Long work draws a progress bar when standard error is a
 terminal; ``--json`` prints one JSON summary object on standard output.
 Exit status: 0 done, 1 failed (or, for ``verify``, chunks differ), 2 bad usage (an invalid
@@ -247,6 +248,7 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
             request_timeout=args.request_timeout,
             connect_timeout=args.connect_timeout,
             reconnect_timeout=args.reconnect_timeout,
+            allowed_backing_roots=args.backing_roots,
         )
         stop.cancel = job.cancel
         result = run_with_progress(job, show_bar=sys.stderr.isatty())
@@ -424,6 +426,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--target-is-zero", action="store_true", help="the target reads as zeros already")
     c.add_argument("--backing", metavar="FILE",
                    help="make the new QCOW2 target an overlay on FILE (its manifest is reused)")
+    c.add_argument("--backing-root", metavar="DIR", action="append", dest="backing_roots", default=[],
+                   help="a QCOW2 source's backing files may also lie under DIR (repeatable); by default "
+                        "only the source image's own directory is allowed")
     c.add_argument("--cluster-size", type=int, default=1 << 16, metavar="BYTES",
                    help="cluster size of a new QCOW2 target (default 65536)")
     c.add_argument("--manifest", metavar="FILE",

@@ -43,14 +43,23 @@ fn qemu_raw(img: &Path) -> Vec<u8> {
 }
 
 fn our_raw(img: &Path) -> Vec<u8> {
-    let chain = Qcow2Chain::open(img).unwrap();
+    our_raw_with(img, &[])
+}
+
+/// The disk as the mover reads it, backing files also allowed under `roots`.
+fn our_raw_with(img: &Path, roots: &[PathBuf]) -> Vec<u8> {
+    let chain = Qcow2Chain::open_with(img, BackingFormat::Qcow2, roots).unwrap();
     let mut buf = vec![0u8; chain.size() as usize];
     assert_eq!(chain.read_at(0, &mut buf).unwrap(), buf.len());
     buf
 }
 
 fn assert_reads_like_qemu(img: &Path) {
-    let ours = our_raw(img);
+    assert_reads_like_qemu_with(img, &[]);
+}
+
+fn assert_reads_like_qemu_with(img: &Path, roots: &[PathBuf]) {
+    let ours = our_raw_with(img, roots);
     let theirs = qemu_raw(img);
     assert_eq!(ours.len(), theirs.len(), "size of {}", img.display());
     if let Some(i) = ours.iter().zip(&theirs).position(|(a, b)| a != b) {
@@ -135,6 +144,57 @@ fn reads_v2_and_v3_images_like_qemu() {
             qemu_io(&img, &["write -P 0x33 0 32k", "write -z 2M 64k"]);
             assert_reads_like_qemu(&img);
         }
+    }
+}
+
+/// Images compressed with zstd (`compression_type=zstd`) by `qemu-img convert -c`, in several
+/// cluster sizes, with and without extended L2 entries, and partly rewritten by `qemu-io`.
+#[test]
+fn reads_zstd_compressed_images_like_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("src.raw");
+    let mut rng = Rng(11);
+    let mut data = vec![0u8; (6 * M) as usize];
+    for (i, chunk) in data.chunks_mut((96 * K) as usize).enumerate() {
+        match i % 4 {
+            0 => chunk.copy_from_slice(&rng.bytes(chunk.len())),
+            1 => chunk
+                .iter_mut()
+                .enumerate()
+                .for_each(|(j, b)| *b = (j % 13) as u8),
+            2 => {}
+            _ => chunk[..777].fill(0xa5),
+        }
+    }
+    std::fs::write(&raw, &data).unwrap();
+    for opts in [
+        "cluster_size=64k",
+        "cluster_size=4k",
+        "cluster_size=2M",
+        "cluster_size=64k,extended_l2=on",
+    ] {
+        let img = dir
+            .path()
+            .join(format!("z-{}.qcow2", opts.replace([',', '='], "-")));
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-c",
+                "-O",
+                "qcow2",
+                "-o",
+                &format!("compression_type=zstd,{opts}"),
+                s(&raw),
+                s(&img),
+            ],
+        );
+        let info = run("qemu-img", &["info", "--output=json", s(&img)]);
+        assert!(info.contains("\"compression-type\": \"zstd\""), "{info}");
+        assert!(our_raw(&img) == data, "{} reads differently", img.display());
+        assert_compare(&img, &our_raw(&img));
+        qemu_io(&img, &["write -P 0x77 4k 4k"]);
+        assert_reads_like_qemu(&img);
     }
 }
 
@@ -393,7 +453,6 @@ fn unsupported_features_are_refused_by_name() {
         );
     };
     for (i, (opts, what)) in [
-        ("compression_type=zstd".to_owned(), "compression type"),
         (
             format!("data_file={}", data_file.display()),
             "external data file",
@@ -424,6 +483,15 @@ fn unsupported_features_are_refused_by_name() {
         );
         refused(&img, what);
     }
+    // A compression type other than deflate (0) and zstd (1), patched into byte 104 with the
+    // compression type feature bit.
+    let img = dir.path().join("patched.qcow2");
+    create(&img, "compression_type=zstd", "1M");
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[104] = 2;
+    std::fs::write(&img, bytes).unwrap();
+    refused(&img, "compression type 2");
+    std::fs::remove_file(&img).unwrap();
     // Feature bits patched into the header (incompatible features at byte 72).
     for (bits, what) in [(2u64, "corrupt"), (1 << 9, "unknown bit 9")] {
         let img = dir.path().join("patched.qcow2");
@@ -641,7 +709,13 @@ fn overlays_on_qemu_images_pass_check_and_compare() {
         drop(w);
         assert_check_clean(&img);
         assert_compare(&img, &model);
-        assert_reads_like_qemu(&img);
+        // The overlay names its backing file "../layer1.qcow2": outside its own directory, so
+        // it is read only when the caller allows that directory.
+        let err = Qcow2Chain::open(&img)
+            .err()
+            .expect("a backing name with .. is refused");
+        assert!(err.to_string().contains("outside"), "{err}");
+        assert_reads_like_qemu_with(&img, &[dir.path().to_owned()]);
         let info = run("qemu-img", &["info", "--output=json", s(&img)]);
         let v: serde_json::Value = serde_json::from_str(&info).unwrap();
         assert_eq!(v["backing-filename"], "../layer1.qcow2");

@@ -1,7 +1,7 @@
 """QCOW2 through the ``mover`` command and the facade, against QEMU as the oracle.
 
 Images made by ``qemu-img create/convert`` and written through ``qemu-io`` (versions 2 and 3,
-compressed clusters, zero clusters, discards, chains of 1, 2 and 10 layers) are read by the
+compressed clusters (deflate and zstd), zero clusters, discards, chains of 1, 2 and 10 layers) are read by the
 mover; images the mover writes (standalone and overlays, chains of 10) must pass
 ``qemu-img check``, equal their source under ``qemu-img compare``, be served by ``qemu-nbd``,
 and carry manifests that ``verify`` checks and a flipped byte breaks.
@@ -106,6 +106,24 @@ async def test_compressed_images_are_read(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     await mover.copy(str(img), str(out))
     assert images_equal(out, source)
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=64k", "cluster_size=2M", "cluster_size=64k,extended_l2=on"])
+def test_cli_copies_zstd_compressed_images(source: Path, tmp_path: Path, opts: str) -> None:
+    img = tmp_path / "z.qcow2"
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", f"compression_type=zstd,{opts}", str(source), str(img))
+    assert json.loads(qemu_img("info", "--output=json", str(img)))["format-specific"]["data"][
+        "compression-type"] == "zstd"
+    out = tmp_path / "out.raw"
+    cli("copy", str(img), str(out))
+    assert images_equal(out, img, fmt_b="qcow2")
+    assert images_equal(out, source)
+    # The same disk digest as the raw source, and a QCOW2 copy that QEMU checks and compares.
+    assert cli_json("checksum", str(img))["disk_digest"] == cli_json("checksum", str(source))["disk_digest"]
+    new = tmp_path / "out.qcow2"
+    cli("copy", str(img), str(new))
+    check_clean(new)
+    assert images_equal(new, img, fmt_a="qcow2", fmt_b="qcow2")
 
 
 def qemu_chain(tmp_path: Path, layers: int) -> Path:

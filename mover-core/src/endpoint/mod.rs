@@ -127,6 +127,8 @@ pub struct OpenOptions {
     pub cluster_size: u64,
     /// Cancellation of the work the endpoint serves: a network endpoint stops reconnecting.
     pub cancel: Option<Arc<CancelToken>>,
+    /// Directories a QCOW2 source's backing files may lie in besides the image's own.
+    pub allowed_backing_roots: Vec<PathBuf>,
 }
 
 impl Default for OpenOptions {
@@ -138,6 +140,7 @@ impl Default for OpenOptions {
             backing: None,
             cluster_size: crate::qcow2::DEFAULT_CLUSTER_SIZE,
             cancel: None,
+            allowed_backing_roots: Vec::new(),
         }
     }
 }
@@ -231,7 +234,8 @@ pub async fn open_with(
         (Kind::Raw, _) => Ok(Arc::new(file::FileEndpoint::open(spec, access).await?)),
         (Kind::Qcow2, Access::Read) => {
             let path = PathBuf::from(spec);
-            let src = blocking(move || crate::qcow2::Qcow2Source::open(&path)).await?;
+            let roots = opts.allowed_backing_roots.clone();
+            let src = blocking(move || crate::qcow2::Qcow2Source::open_with(&path, &roots)).await?;
             Ok(Arc::new(src))
         }
         (Kind::Qcow2, Access::Write { .. }) => Err(MoverError::InvalidEndpoint {

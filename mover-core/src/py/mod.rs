@@ -142,7 +142,7 @@ impl Copy {
                         request_size=1_048_576, checkpoint=None, target_is_zero=false,
                         checkpoint_interval=5.0, reconnect_timeout=60.0, backing=None,
                         cluster_size=65_536, manifest=None, write_manifest=true, zero_unlisted=false,
-                        request_timeout=60.0, connect_timeout=30.0))]
+                        request_timeout=60.0, connect_timeout=30.0, allowed_backing_roots=None))]
     // Mirrors Python's keyword arguments one to one.
     #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
     fn new(
@@ -164,6 +164,7 @@ impl Copy {
         zero_unlisted: bool,
         request_timeout: f64,
         connect_timeout: f64,
+        allowed_backing_roots: Option<Vec<PathBuf>>,
     ) -> PyResult<Self> {
         let seconds = |name: &str, v: f64| {
             Duration::try_from_secs_f64(v)
@@ -210,6 +211,7 @@ impl Copy {
                 backing,
                 cluster_size,
                 cancel: None, // the copy's own token, set by copy::run
+                allowed_backing_roots: allowed_backing_roots.unwrap_or_default(),
             },
             progress: Arc::default(),
             cancel: Arc::default(),

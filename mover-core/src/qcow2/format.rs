@@ -47,8 +47,15 @@
 //! cluster of `1 << refcount_order`-bit big-endian counters, one per host cluster.
 //!
 //! Incompatible features this implementation does not understand are refused by name; so are the
-//! known ones it does not implement (external data files, compression types other than deflate) and images marked corrupt. The dirty bit is accepted for reading: it only
-//! says the refcounts may be stale, which a reader does not use.
+//! known ones it does not implement (external data files) and images marked corrupt. Compressed
+//! clusters are deflate or zstd streams (compression type 0 or 1). The dirty bit is accepted for
+//! reading: it only says the refcounts may be stale, which a reader does not use.
+//!
+//! An image is untrusted input. Every size the header gives is bounded before anything is
+//! allocated from it: by QEMU's own limits ([`MAX_L1_BYTES`], [`MAX_SNAPSHOTS`],
+//! [`MAX_BACKING_NAME`]) or looser ones ([`MAX_REFCOUNT_TABLE_BYTES`]), by the first cluster (header, extensions, backing
+//! name) and, through [`Header::check_file`], by the length of the file (L1 table, refcount
+//! table, snapshot table). A field out of bounds is a [`MoverError::Format`] naming it.
 
 use crate::error::{MoverError, Result};
 
@@ -64,12 +71,30 @@ pub const MIN_CLUSTER_BITS: u32 = 9;
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// Longest backing file name QEMU accepts.
 pub const MAX_BACKING_NAME: usize = 1023;
+/// Largest active L1 table QEMU accepts (`QCOW_MAX_L1_SIZE`): 4 Mi entries, 2 PiB of 64 KiB
+/// clusters.
+pub const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table accepted. QEMU's limit (`QCOW_MAX_REFTABLE_SIZE`) is 8 MiB, but the
+/// mover's writer preallocates a table for twice the disk, over 8 MiB for disks past 64 GiB
+/// with 512-byte clusters (4 TiB with 4 KiB ones); the reader never loads the table, so it
+/// accepts those images, up to 64 MiB.
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 64 << 20;
+/// Most internal snapshots QEMU accepts (`QCOW_MAX_SNAPSHOTS`).
+pub const MAX_SNAPSHOTS: u32 = 65_536;
+/// Bytes of a snapshot table entry without its variable parts: the least each one takes.
+const MIN_SNAPSHOT_ENTRY: u64 = 40;
+/// Extended L2 entries need clusters of at least 16 KiB (subclusters of at least 512 bytes).
+const MIN_EXTENDED_L2_CLUSTER_BITS: u32 = 14;
 
 pub const INCOMPAT_DIRTY: u64 = 1 << 0;
 pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
 pub const INCOMPAT_EXTERNAL_DATA: u64 = 1 << 2;
 pub const INCOMPAT_COMPRESSION_TYPE: u64 = 1 << 3;
 pub const INCOMPAT_EXTENDED_L2: u64 = 1 << 4;
+
+/// Compression type byte (offset 104): deflate, the default and the only one of version 2.
+pub const COMPRESSION_DEFLATE: u8 = 0;
+pub const COMPRESSION_ZSTD: u8 = 1;
 
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -190,9 +215,12 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             let len = h.header_length as usize;
-            if len < V3_MIN_HEADER_LENGTH || len > buf.len() || !len.is_multiple_of(8) && len != 104
+            if len < V3_MIN_HEADER_LENGTH
+                || len > buf.len()
+                || len as u64 > h.cluster_size()
+                || !len.is_multiple_of(8) && len != 104
             {
-                return Err(bad(path, format!("bad header length {len}")));
+                return Err(bad(path, format!("bad header_length {len}")));
             }
             if h.refcount_order > 6 {
                 return Err(bad(
@@ -200,40 +228,146 @@ impl Header {
                     format!("refcount order {} > 6", h.refcount_order),
                 ));
             }
-            if len > 104 && buf[104] != 0 {
+            compression_type(&h, buf, path)?;
+            h.check_features(path)?;
+            if h.extended_l2() && h.cluster_bits < MIN_EXTENDED_L2_CLUSTER_BITS {
                 return Err(bad(
                     path,
                     format!(
-                        "compression type {} is not supported (only deflate)",
-                        buf[104]
+                        "extended L2 entries need clusters of 16 KiB or more (cluster_bits {})",
+                        h.cluster_bits
                     ),
                 ));
             }
-            h.check_features(path)?;
+        }
+        h.check_sizes(path)?;
+        Ok(h)
+    }
+
+    /// The bounds that hold whatever the file: QEMU's limits and the first cluster.
+    fn check_sizes(&self, path: &str) -> Result<()> {
+        let h = self;
+        if h.size > i64::MAX as u64 {
+            return Err(bad(
+                path,
+                format!("size {} (the virtual size) is too large", h.size),
+            ));
         }
         let cluster = h.cluster_size();
-        if !h.l1_table_offset.is_multiple_of(cluster)
-            || !h.refcount_table_offset.is_multiple_of(cluster)
-        {
-            return Err(bad(path, "L1 or refcount table is not cluster aligned"));
+        if !h.l1_table_offset.is_multiple_of(cluster) {
+            return Err(bad(path, "l1_table_offset is not cluster aligned"));
+        }
+        if !h.refcount_table_offset.is_multiple_of(cluster) {
+            return Err(bad(path, "refcount_table_offset is not cluster aligned"));
+        }
+        if u64::from(h.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(bad(
+                path,
+                format!(
+                    "l1_size {} is larger than QEMU's limit of {} entries",
+                    h.l1_size,
+                    MAX_L1_BYTES / 8
+                ),
+            ));
         }
         if u64::from(h.l1_size) < h.l1_entries_for_size() {
             return Err(bad(
                 path,
                 format!(
-                    "L1 table of {} entries is too small for the disk",
-                    h.l1_size
+                    "l1_size {} is too small for the virtual size {} (needs {} entries)",
+                    h.l1_size,
+                    h.size,
+                    h.l1_entries_for_size()
                 ),
             ));
         }
-        if h.backing_file_size as usize > MAX_BACKING_NAME {
-            return Err(bad(path, "backing file name is longer than 1023 bytes"));
+        if u64::from(h.refcount_table_clusters) * h.cluster_size() > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(bad(
+                path,
+                format!(
+                    "refcount_table_clusters {} is larger than the limit of {MAX_REFCOUNT_TABLE_BYTES} bytes",
+                    h.refcount_table_clusters
+                ),
+            ));
         }
-        Ok(h)
+        if h.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(bad(
+                path,
+                format!(
+                    "nb_snapshots {} is larger than QEMU's limit of {MAX_SNAPSHOTS}",
+                    h.nb_snapshots
+                ),
+            ));
+        }
+        if h.nb_snapshots > 0 && !h.snapshots_offset.is_multiple_of(h.cluster_size()) {
+            return Err(bad(path, "snapshots_offset is not cluster aligned"));
+        }
+        if h.backing_file_size as usize > MAX_BACKING_NAME {
+            return Err(bad(
+                path,
+                format!(
+                    "backing_file_size {} is longer than {MAX_BACKING_NAME} bytes",
+                    h.backing_file_size
+                ),
+            ));
+        }
+        if h.backing_file_offset
+            .checked_add(u64::from(h.backing_file_size))
+            .is_none_or(|end| end > h.cluster_size())
+        {
+            return Err(bad(
+                path,
+                format!(
+                    "backing_file_offset {:#x} puts the backing file name outside the first cluster",
+                    h.backing_file_offset
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The tables the header places lie inside a file of `file_len` bytes (its last cluster may
+    /// be short: QEMU ends a new image right after its L1 table). Call before reading any of
+    /// them, so that no allocation is sized by a number the file cannot back.
+    pub fn check_file(&self, file_len: u64, path: &str) -> Result<()> {
+        let end_of_file = file_len.next_multiple_of(self.cluster_size());
+        let within =
+            |offset: u64, len: u64| offset.checked_add(len).is_some_and(|e| e <= end_of_file);
+        if self.l1_size > 0 && !within(self.l1_table_offset, u64::from(self.l1_size) * 8) {
+            return Err(bad(
+                path,
+                format!(
+                    "L1 table (l1_table_offset {:#x}, l1_size {}) ends past the end of the file ({file_len} bytes)",
+                    self.l1_table_offset, self.l1_size
+                ),
+            ));
+        }
+        let refcount_bytes = u64::from(self.refcount_table_clusters) * self.cluster_size();
+        if !within(self.refcount_table_offset, refcount_bytes) {
+            return Err(bad(
+                path,
+                format!(
+                    "refcount table (refcount_table_offset {:#x}, refcount_table_clusters {}) ends past the end of the file ({file_len} bytes)",
+                    self.refcount_table_offset, self.refcount_table_clusters
+                ),
+            ));
+        }
+        let snapshot_bytes = u64::from(self.nb_snapshots) * MIN_SNAPSHOT_ENTRY;
+        if self.nb_snapshots > 0 && !within(self.snapshots_offset, snapshot_bytes) {
+            return Err(bad(
+                path,
+                format!(
+                    "snapshot table (snapshots_offset {:#x}, nb_snapshots {}) ends past the end of the file ({file_len} bytes)",
+                    self.snapshots_offset, self.nb_snapshots
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_features(&self, path: &str) -> Result<()> {
-        let refused = self.incompatible_features & !(INCOMPAT_DIRTY | INCOMPAT_EXTENDED_L2);
+        let refused = self.incompatible_features
+            & !(INCOMPAT_DIRTY | INCOMPAT_EXTENDED_L2 | INCOMPAT_COMPRESSION_TYPE);
         if refused == 0 {
             return Ok(());
         }
@@ -322,6 +456,41 @@ impl Header {
     }
 }
 
+/// How compressed clusters of an image are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    Deflate,
+    Zstd,
+}
+
+/// The compression type of an image whose header (already parsed as `h`) is at the start of
+/// `buf`. A type other than deflate needs the compression type feature bit, and the bit a type.
+pub fn compression_type(h: &Header, buf: &[u8], path: &str) -> Result<Compression> {
+    let flagged = h.incompatible_features & INCOMPAT_COMPRESSION_TYPE != 0;
+    let byte = if h.header_length as usize > 104 {
+        buf.get(104).copied().unwrap_or(0)
+    } else {
+        COMPRESSION_DEFLATE
+    };
+    let kind = match byte {
+        COMPRESSION_DEFLATE => Compression::Deflate,
+        COMPRESSION_ZSTD => Compression::Zstd,
+        other => {
+            return Err(bad(
+                path,
+                format!("compression type {other} is not supported (only deflate and zstd)"),
+            ))
+        }
+    };
+    if (kind != Compression::Deflate) != flagged {
+        return Err(bad(
+            path,
+            format!("compression type {byte} disagrees with the compression type feature bit"),
+        ));
+    }
+    Ok(kind)
+}
+
 /// L1 entries needed to map `size` bytes with clusters of `1 << cluster_bits`.
 #[must_use]
 pub fn l1_entries(size: u64, cluster_bits: u32) -> u64 {
@@ -342,8 +511,9 @@ pub struct Extensions {
 pub fn parse_extensions(h: &Header, buf: &[u8], path: &str) -> Result<Extensions> {
     let mut ext = Extensions::default();
     let mut at = h.extensions_offset();
+    let buf = &buf[..buf.len().min(h.cluster_size() as usize)];
     let limit = if h.backing_file_offset > 0 {
-        (h.backing_file_offset as usize).min(buf.len())
+        usize::try_from(h.backing_file_offset).map_or(buf.len(), |o| o.min(buf.len()))
     } else {
         buf.len()
     };
@@ -354,10 +524,10 @@ pub fn parse_extensions(h: &Header, buf: &[u8], path: &str) -> Result<Extensions
         if kind == EXT_END {
             break;
         }
-        if at + len > limit {
+        if len > limit - at {
             return Err(bad(
                 path,
-                format!("header extension {kind:#x} overruns the header"),
+                format!("header extension {kind:#x} of {len} bytes overruns the first cluster"),
             ));
         }
         if kind == EXT_BACKING_FORMAT {
@@ -365,17 +535,23 @@ pub fn parse_extensions(h: &Header, buf: &[u8], path: &str) -> Result<Extensions
                 .map_err(|_| bad(path, "backing format is not UTF-8"))?;
             ext.backing_format = Some(name.to_owned());
         }
-        at += len.next_multiple_of(8);
+        at = at.saturating_add(len.next_multiple_of(8));
     }
     if h.backing_file_offset > 0 && h.backing_file_size > 0 {
-        let start = h.backing_file_offset as usize;
-        let end = start + h.backing_file_size as usize;
-        if end > buf.len() {
+        let range = usize::try_from(h.backing_file_offset)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(h.backing_file_size as usize)?))
+            .filter(|r| r.end <= buf.len());
+        let Some(range) = range else {
             return Err(bad(
                 path,
-                "backing file name lies outside the first cluster",
+                format!(
+                    "backing file name (backing_file_offset {:#x}, backing_file_size {}) lies outside the file's first cluster",
+                    h.backing_file_offset, h.backing_file_size
+                ),
             ));
-        }
+        };
+        let (start, end) = (range.start, range.end);
         let name = std::str::from_utf8(&buf[start..end])
             .map_err(|_| bad(path, "backing file name is not UTF-8"))?;
         ext.backing_file = Some(name.to_owned());
@@ -613,6 +789,59 @@ mod tests {
         assert_eq!(d(3).unwrap(), L2Entry::Unallocated);
         assert!(L2Entry::decode_extended(0, 1, 0, 16, "t").is_err());
         assert!(L2Entry::decode_extended(raw, 1 | (1 << 32), 0, 16, "t").is_err());
+    }
+
+    #[test]
+    fn compression_type_needs_its_feature_bit() {
+        let mut h = sample();
+        let mut b = h.to_bytes();
+        assert_eq!(compression_type(&h, &b, "t").unwrap(), Compression::Deflate);
+        b[104] = COMPRESSION_ZSTD;
+        let err = compression_type(&h, &b, "t").unwrap_err().to_string();
+        assert!(err.contains("feature bit"), "{err}");
+        h.incompatible_features = INCOMPAT_COMPRESSION_TYPE;
+        assert_eq!(compression_type(&h, &b, "t").unwrap(), Compression::Zstd);
+        b[104] = 2;
+        let err = compression_type(&h, &b, "t").unwrap_err().to_string();
+        assert!(err.contains("compression type 2"), "{err}");
+    }
+
+    #[test]
+    fn tables_must_fit_the_file() {
+        let h = sample();
+        // L1 at 0x30000 (20 entries), refcount table at 0x10000 (one cluster).
+        h.check_file(0x30000 + 160, "t").unwrap();
+        // The last cluster may be short, but not missing.
+        h.check_file(0x30001, "t").unwrap();
+        let err = h.check_file(0x30000, "t").unwrap_err().to_string();
+        assert!(err.contains("l1_size 20"), "{err}");
+        let mut h = sample();
+        h.l1_size = 0;
+        h.refcount_table_clusters = 3;
+        let err = h.check_file(0x30000, "t").unwrap_err().to_string();
+        assert!(err.contains("refcount_table_clusters 3"), "{err}");
+    }
+
+    #[test]
+    fn sizes_past_qemus_limits_are_refused_by_name() {
+        for (field, patch) in [
+            ("l1_size", (36, 4, (MAX_L1_BYTES / 8 + 1))),
+            ("refcount_table_clusters", (56, 4, 1025)),
+            ("nb_snapshots", (60, 4, u64::from(MAX_SNAPSHOTS) + 1)),
+            ("backing_file_size", (16, 4, 1024)),
+            ("backing_file_offset", (8, 8, 0x1_0000)),
+            ("size", (24, 8, u64::MAX)),
+        ] {
+            let mut b = sample().to_bytes();
+            b.extend_from_slice(&extensions_to_bytes(None));
+            let (at, width, value) = patch;
+            b[at..at + width].copy_from_slice(&value.to_be_bytes()[8 - width..]);
+            if field == "backing_file_offset" {
+                b[16..20].copy_from_slice(&1u32.to_be_bytes());
+            }
+            let err = Header::parse(&b, "t").unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

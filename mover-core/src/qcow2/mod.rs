@@ -2,8 +2,9 @@
 //!
 //! - [`format`]: the on-disk structures (header, extensions, L1/L2 entries), pure functions;
 //! - [`reader`]: [`Qcow2Chain`], an image and its backing chain of any depth (QCOW2 versions 2
-//!   and 3, raw or QCOW2 backing files, zero, unallocated and compressed clusters, extended L2
-//!   entries with subclusters), read with a
+//!   and 3, raw or QCOW2 backing files, zero, unallocated and compressed clusters (deflate or
+//!   zstd), extended L2 entries with subclusters), its backing files confined to the top image's
+//!   directory and the caller's allowed roots, read with a
 //!   blocking, thread-safe `read_at` and mapped with `map`;
 //! - [`writer`]: [`Qcow2Writer`], a new version 3 image, standalone or an overlay, written in any
 //!   order by several tasks at once, made consistent by `flush`.
@@ -13,10 +14,12 @@
 //! `multi_conn` is true); blocking I/O runs on tokio's blocking threads.
 //!
 //! What is not supported, and refused with a [`MoverError::Format`] naming it: encryption,
-//! external data files, zstd compression, and images marked
-//! corrupt. Internal snapshots are ignored: the active L1 table is what is read.
+//! external data files and images marked corrupt. Internal snapshots are ignored: the active L1
+//! table is what is read. An image is untrusted input: a header field that does not fit the
+//! file or QEMU's limits, or a backing file outside the allowed directories, is a
+//! [`MoverError::Format`] naming it, before anything is allocated or opened from it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -63,9 +66,16 @@ pub struct Qcow2Source {
 }
 
 impl Qcow2Source {
-    /// Open an image and its backing chain (blocking).
+    /// Open an image and its backing chain (blocking), the backing files confined to the
+    /// image's directory.
     pub fn open(path: &Path) -> Result<Self> {
-        let chain = Qcow2Chain::open(path)?;
+        Self::open_with(path, &[])
+    }
+
+    /// Open an image and its backing chain (blocking); backing files may also lie in
+    /// `allowed_backing_roots` (see [`Qcow2Chain::open_with`]).
+    pub fn open_with(path: &Path, allowed_backing_roots: &[PathBuf]) -> Result<Self> {
+        let chain = Qcow2Chain::open_with(path, BackingFormat::Qcow2, allowed_backing_roots)?;
         Ok(Self::from_chain(
             path.display().to_string(),
             Arc::new(chain),

@@ -5,6 +5,13 @@
 //! is probed, as QEMU does). Relative backing names are relative to the directory of the image
 //! that names them. A chain that loops back on itself is refused.
 //!
+//! A backing file name is data inside the image, chosen by whoever made it, so it is confined:
+//! every backing file of the chain, symlinks resolved, must lie inside the directory of the top
+//! image (the file the caller named) or inside one of the caller's allowed roots
+//! ([`Qcow2Chain::open_with`]). An absolute name, a name climbing out with `..` or a symlink
+//! leading elsewhere is refused before the file is opened. A chain deeper than
+//! [`MAX_CHAIN_DEPTH`] is refused too.
+//!
 //! A read walks the layers top-down: a run of guest clusters that the top image maps is served
 //! from it (data with one `pread` per run of host-contiguous clusters, zero clusters as zeros,
 //! compressed clusters inflated); a run it leaves unallocated falls through to the next layer,
@@ -19,7 +26,8 @@
 //! The active L1 table of each image is loaded at open. L2 tables are read on demand and kept in
 //! a per-image cache of bounded size (first in, first out: the copy engine reads in order, so a
 //! smarter policy buys nothing). The last inflated compressed cluster is kept too, since a
-//! reader asking for less than a cluster reads the same one several times. All reads are
+//! reader asking for less than a cluster reads the same one several times (deflate or zstd, as
+//! the header's compression type says). All reads are
 //! positioned (`pread`), so one chain is shared by any number of threads; the caches are behind
 //! short-held mutexes.
 //!
@@ -32,13 +40,22 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use std::io::Read;
+
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 
-use super::format::{self, Header, L2Entry};
+use super::format::{self, Compression, Header, L2Entry};
 use crate::error::{MoverError, Result};
 
 /// Bytes of L2 tables each image keeps in memory: 32 MiB maps 256 GiB with 64 KiB clusters.
 const L2_CACHE_BYTES: u64 = 32 << 20;
+
+/// Most files in one backing chain, the top image included.
+pub const MAX_CHAIN_DEPTH: usize = 1000;
+
+/// Largest zstd window a compressed cluster may ask for: 16 MiB, eight times the largest
+/// cluster. QEMU compresses one cluster per frame, so its frames need at most the cluster size.
+const ZSTD_WINDOW_LOG_MAX: u32 = 24;
 
 /// The format of a backing file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,6 +183,7 @@ pub struct Qcow2Image {
     path: String,
     file: File,
     header: Header,
+    compression: Compression,
     extensions: format::Extensions,
     l1: Vec<u64>,
     l2_cache: Mutex<L2Cache>,
@@ -176,16 +194,28 @@ pub struct Qcow2Image {
 impl Qcow2Image {
     /// Open a QCOW2 image read-only; its backing file is not opened.
     pub fn open(path: &Path) -> Result<Self> {
-        let name = path.display().to_string();
+        Self::open_named(path, path.display().to_string())
+    }
+
+    /// Open the file at `path`, named `name` in errors and by [`Qcow2Chain::layer_path`].
+    fn open_named(path: &Path, name: String) -> Result<Self> {
         let file = File::open(path).map_err(|source| MoverError::Connect {
             endpoint: name.clone(),
             source,
         })?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| MoverError::io(format!("size of {name}"), e))?
+            .len();
         let mut first = vec![0u8; 1 << format::MAX_CLUSTER_BITS];
         let n = read_prefix(&file, &name, &mut first)?;
         first.truncate(n);
         let header = Header::parse(&first, &name)?;
+        // Every table is bounded by QEMU's limits (`parse`) and by the file before any of it is
+        // allocated: a header is untrusted input.
+        header.check_file(file_len, &name)?;
         first.truncate((header.cluster_size() as usize).min(first.len()));
+        let compression = format::compression_type(&header, &first, &name)?;
         let extensions = format::parse_extensions(&header, &first, &name)?;
         let mut l1_bytes = vec![0u8; header.l1_size as usize * 8];
         read_fill(&file, &name, header.l1_table_offset, &mut l1_bytes)?;
@@ -195,6 +225,7 @@ impl Qcow2Image {
             path: name,
             file,
             header,
+            compression,
             extensions,
             l1,
             l2_cache: Mutex::new(L2Cache {
@@ -338,19 +369,29 @@ impl Qcow2Image {
         let mut input = vec![0u8; length as usize];
         read_fill(&self.file, &self.path, host, &mut input)?;
         let mut out = vec![0u8; cs];
-        let mut state = DecompressorOxide::new();
-        let (status, _, written) = decompress(
-            &mut state,
-            &input,
-            &mut out,
-            0,
-            inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
-        );
-        if (status as i8) < 0 || written != cs {
-            return Err(format_err(
-                &self.path,
-                format!("compressed cluster at host offset {host:#x} does not inflate ({status:?}, {written} bytes)"),
-            ));
+        match self.compression {
+            Compression::Deflate => {
+                let mut state = DecompressorOxide::new();
+                let (status, _, written) = decompress(
+                    &mut state,
+                    &input,
+                    &mut out,
+                    0,
+                    inflate_flags::TINFL_FLAG_USING_NON_WRAPPING_OUTPUT_BUF,
+                );
+                if (status as i8) < 0 || written != cs {
+                    return Err(format_err(
+                        &self.path,
+                        format!("compressed cluster at host offset {host:#x} does not inflate ({status:?}, {written} bytes)"),
+                    ));
+                }
+            }
+            Compression::Zstd => unzstd(&input, &mut out).map_err(|e| {
+                format_err(
+                    &self.path,
+                    format!("zstd cluster at host offset {host:#x} does not decompress: {e}"),
+                )
+            })?,
         }
         let data = Arc::new(out);
         *self.inflated.lock().expect("inflate cache") = Some((index, Arc::clone(&data)));
@@ -365,6 +406,15 @@ impl Qcow2Image {
         buf.copy_from_slice(&data[start..start + buf.len()]);
         Ok(())
     }
+}
+
+/// Fill `out` from the zstd frame at the start of `input`. As in QEMU, the stored length is only
+/// a bound (it runs to a sector boundary, past the frame), so decoding stops once `out` is full
+/// and what follows the frame is never looked at.
+fn unzstd(input: &[u8], out: &mut [u8]) -> std::io::Result<()> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(input)?.single_frame();
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+    decoder.read_exact(out)
 }
 
 fn read_prefix(file: &File, path: &str, buf: &mut [u8]) -> Result<usize> {
@@ -465,48 +515,105 @@ pub(crate) fn probe_qcow2(path: &Path) -> Result<bool> {
     Ok(n == 4 && u32::from_be_bytes(magic) == format::MAGIC)
 }
 
-/// Resolve a stored backing name against the directory of the image naming it.
-fn resolve_backing(image: &Path, name: &str) -> Result<PathBuf> {
-    if name.contains("://") || name.starts_with("json:") {
-        return Err(format_err(
-            &image.display().to_string(),
-            format!("backing file {name:?} is not a local file"),
-        ));
+/// The directory of `path` ("." for a bare file name).
+fn directory_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Where the backing files of a chain may be: the directory of its top image and the caller's
+/// allowed roots, all canonical (symlinks resolved).
+struct BackingRoots(Vec<PathBuf>);
+
+impl BackingRoots {
+    fn new(top: &Path, allowed: &[PathBuf]) -> Result<Self> {
+        let canonical = |dir: &Path| {
+            dir.canonicalize().map_err(|e| MoverError::InvalidEndpoint {
+                spec: dir.display().to_string(),
+                reason: format!("backing root: {e}"),
+            })
+        };
+        let mut roots = vec![canonical(directory_of(top))?];
+        for root in allowed {
+            roots.push(canonical(root)?);
+        }
+        Ok(Self(roots))
     }
-    let p = Path::new(name);
-    Ok(if p.is_absolute() {
-        p.to_owned()
-    } else {
-        image.parent().unwrap_or(Path::new(".")).join(p)
-    })
+
+    /// Resolve the backing name stored in `image` (relative names against the directory of
+    /// `image`) and check that the file it leads to, symlinks followed, is inside a root.
+    /// Returns the path as named and its canonical form.
+    fn resolve(&self, image: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
+        let image_name = image.display().to_string();
+        if name.contains("://") || name.starts_with("json:") {
+            return Err(format_err(
+                &image_name,
+                format!("backing file {name:?} is not a local file"),
+            ));
+        }
+        let named = directory_of(image).join(name);
+        let canonical = named.canonicalize().map_err(|source| MoverError::Connect {
+            endpoint: named.display().to_string(),
+            source,
+        })?;
+        if !self.0.iter().any(|root| canonical.starts_with(root)) {
+            return Err(format_err(
+                &image_name,
+                format!(
+                    "backing file {name:?} resolves to {}, outside the image's directory {} \
+                     (an allowed backing root admits another directory)",
+                    canonical.display(),
+                    self.0[0].display()
+                ),
+            ));
+        }
+        Ok((named, canonical))
+    }
 }
 
 impl Qcow2Chain {
-    /// Open a QCOW2 image and its whole backing chain.
+    /// Open a QCOW2 image and its whole backing chain, confined to the image's directory.
     pub fn open(path: &Path) -> Result<Self> {
         Self::open_as(path, BackingFormat::Qcow2)
     }
 
-    /// Open a chain whose top is in format `top` (a raw top is a chain of one raw file).
+    /// Open a chain whose top is in format `top` (a raw top is a chain of one raw file), its
+    /// backing files confined to the top image's directory.
     pub fn open_as(path: &Path, top: BackingFormat) -> Result<Self> {
+        Self::open_with(path, top, &[])
+    }
+
+    /// Open a chain whose top is in format `top`; its backing files may lie in the directory of
+    /// `path` (at any depth below it) or in one of `allowed_roots`, and nowhere else.
+    pub fn open_with(path: &Path, top: BackingFormat, allowed_roots: &[PathBuf]) -> Result<Self> {
+        let roots = BackingRoots::new(path, allowed_roots)?;
         let mut layers = Vec::new();
         let mut seen = HashSet::new();
-        let mut next = Some((path.to_owned(), top));
-        while let Some((path, fmt)) = next.take() {
-            let canonical = path.canonicalize().map_err(|source| MoverError::Connect {
-                endpoint: path.display().to_string(),
-                source,
-            })?;
-            if !seen.insert(canonical) {
+        let top_canonical = path.canonicalize().map_err(|source| MoverError::Connect {
+            endpoint: path.display().to_string(),
+            source,
+        })?;
+        let mut next = Some((path.to_owned(), top_canonical, top));
+        while let Some((path, canonical, fmt)) = next.take() {
+            if layers.len() >= MAX_CHAIN_DEPTH {
+                return Err(format_err(
+                    &path.display().to_string(),
+                    format!("the backing chain is deeper than {MAX_CHAIN_DEPTH} files"),
+                ));
+            }
+            if !seen.insert(canonical.clone()) {
                 return Err(format_err(
                     &path.display().to_string(),
                     "the backing chain loops back to this image",
                 ));
             }
             match fmt {
+                // The canonical path is opened, the one that was checked against the roots: a
+                // symlink swapped in meanwhile is not followed.
                 BackingFormat::Raw => {
                     let name = path.display().to_string();
-                    let file = File::open(&path).map_err(|source| MoverError::Connect {
+                    let file = File::open(&canonical).map_err(|source| MoverError::Connect {
                         endpoint: name.clone(),
                         source,
                     })?;
@@ -521,9 +628,9 @@ impl Qcow2Chain {
                     }));
                 }
                 BackingFormat::Qcow2 => {
-                    let img = Qcow2Image::open(&path)?;
+                    let img = Qcow2Image::open_named(&canonical, path.display().to_string())?;
                     if let (Some(name), fmt) = img.backing() {
-                        let backing = resolve_backing(&path, name)?;
+                        let (backing, canonical) = roots.resolve(&path, name)?;
                         let fmt = match fmt {
                             Some("raw") => BackingFormat::Raw,
                             Some("qcow2") => BackingFormat::Qcow2,
@@ -533,10 +640,10 @@ impl Qcow2Chain {
                                     format!("backing format {other:?} is not supported"),
                                 ))
                             }
-                            None if probe_qcow2(&backing)? => BackingFormat::Qcow2,
+                            None if probe_qcow2(&canonical)? => BackingFormat::Qcow2,
                             None => BackingFormat::Raw,
                         };
-                        next = Some((backing, fmt));
+                        next = Some((backing, canonical, fmt));
                     }
                     layers.push(Layer::Qcow2(Box::new(img)));
                 }
