@@ -123,38 +123,124 @@ async def test_list_paginates_and_filters(oma: Oma) -> None:
     assert (await oma.get("/replications")).json()["limit"] == 100  # the default page
 
 
-async def test_change_ids_and_incremental_detection(oma: Oma) -> None:
+async def test_change_ids_belong_to_a_volume(oma: Oma) -> None:
+    """Without the engine no volume receives anything: no change ID can be stored, no base exists.
+    (The whole life of a volume and its change IDs: tests/oma/test_oma_engine.py.)"""
     q = "/replications/changeid?vm_path=/DC/vm/app01&disk_id=disk-2000"
     assert (await oma.get(q)).json()["change_id"] is None
 
     r = await oma.post("/replications", json=job_body("app01", replication_type="incremental"))
     assert r.status_code == 409  # no base yet
+    assert "initial replication" in r.json()["error"]
 
     job_id = (await oma.post("/replications", json=job_body("app01"))).json()["id"]
     await oma.put(f"/replications/{job_id}", json={"status": "replicating"})
     r = await oma.post(
         f"/replications/{job_id}/changeid", json={"disk_id": "disk-2000", "change_id": "52 3c/11"}
     )
-    assert r.status_code == 201, r.text
+    assert r.status_code == 409, r.text  # the job has no target volume: the ID would describe nothing
+    assert_envelope(r.json(), "CONFLICT")
     r = await oma.post(f"/replications/{job_id}/changeid", json={"disk_id": "disk-9999", "change_id": "x"})
     assert r.status_code == 404
-    await oma.put(f"/replications/{job_id}", json={"status": "completed"})
-
-    got = (await oma.get(q)).json()
-    assert got["change_id"] == "52 3c/11" and got["job_id"] == job_id
-
-    second = (await oma.post("/replications", json=job_body("app01"))).json()
-    assert second["replication_type"] == "incremental"
-    assert second["disks"][0]["base_change_id"] == "52 3c/11"
-    await oma.put(f"/replications/{second['id']}", json={"status": "failed"})
-    r = await oma.post(
-        f"/replications/{second['id']}/changeid", json={"disk_id": "disk-2000", "change_id": "bad"}
-    )
+    await oma.put(f"/replications/{job_id}", json={"status": "failed"})
+    r = await oma.post(f"/replications/{job_id}/changeid", json={"disk_id": "disk-2000", "change_id": "bad"})
     assert r.status_code == 409  # a failed pass never becomes a base
-    assert (await oma.get(q)).json()["change_id"] == "52 3c/11"
+    assert (await oma.get(q)).json()["change_id"] is None
+    second = (await oma.post("/replications", json=job_body("app01"))).json()
+    assert second["replication_type"] == "initial" and second["disks"][0]["base_change_id"] is None
     r = await oma.post("/replications/repl-nope/changeid", json={"disk_id": "disk-2000", "change_id": "x"})
     assert r.status_code == 404
     assert_envelope(r.json(), "JOB_NOT_FOUND")
+
+
+async def test_vms_are_known_by_identity_not_by_name(oma: Oma) -> None:
+    """Names that fold to one file name, one name in two folders, a renamed VM: the job lock and
+    the context follow the VM's id within its vCenter."""
+    bodies = [
+        job_body("c2 vm") | {"source_vm": {**job_body("c2 vm")["source_vm"], "id": "vm-201"}},
+        job_body("c2_vm") | {"source_vm": {**job_body("c2_vm")["source_vm"], "id": "vm-202"}},
+        {"source_vm": {**job_body("dupa")["source_vm"], "id": "vm-203"}, "vcenter_host": "vcsim.lab.local"},
+        {
+            "source_vm": {**job_body("dupa")["source_vm"], "id": "vm-204", "path": "/DC/vm/f2/dupa"},
+            "vcenter_host": "vcsim.lab.local",
+        },
+        # the same id in another vCenter is another VM
+        {"source_vm": {**job_body("dupa")["source_vm"], "id": "vm-203"}, "vcenter_host": "vc2.lab.local"},
+    ]
+    jobs = []
+    for body in bodies:
+        r = await oma.post("/replications", json=body)
+        assert r.status_code == 201, r.text
+        jobs.append(r.json())
+    assert len({j["vm_context_id"] for j in jobs}) == 5  # one context per VM
+    r = await oma.get("/vm-contexts/dupa")
+    assert r.status_code == 409 and "context id" in r.json()["error"]
+    assert_envelope(r.json(), "CONFLICT")
+    ctx = (await oma.get(f"/vm-contexts/{jobs[3]['vm_context_id']}")).json()["context"]
+    assert ctx["vm_path"] == "/DC/vm/f2/dupa" and ctx["vmware_vm_id"] == "vm-204"
+    assert (await oma.get("/vm-contexts/c2_vm")).json()["context"]["vmware_vm_id"] == "vm-202"
+
+    # vm-201 renamed and moved: still the same VM, whose disk has an active job
+    renamed = {"source_vm": {**bodies[0]["source_vm"], "name": "c3", "path": "/DC/vm/f9/c3"}}
+    r = await oma.post("/replications", json=renamed | {"vcenter_host": "vcsim.lab.local"})
+    assert r.status_code == 409 and jobs[0]["id"] in r.json()["error"], r.text
+    await oma.put(f"/replications/{jobs[0]['id']}", json={"status": "completed"})
+    r = await oma.post("/replications", json=renamed | {"vcenter_host": "vcsim.lab.local"})
+    assert r.status_code == 201, r.text
+    assert r.json()["vm_context_id"] == jobs[0]["vm_context_id"]  # the context follows the VM
+    ctx = (await oma.get(f"/vm-contexts/{jobs[0]['vm_context_id']}")).json()["context"]
+    assert (ctx["vm_name"], ctx["vm_path"], ctx["total_jobs"]) == ("c3", "/DC/vm/f9/c3", 2)
+
+    # without an id, the inventory's VM at the path is the identity
+    r = await oma.post(
+        "/vms/inventory",
+        json={
+            "vcenter": {"host": "vcsim.lab.local"},
+            "vms": [{"id": "vm-300", "name": "inv", "path": "/DC/vm/inv", "disks": [{"id": "disk-2000"}]}],
+        },
+    )
+    assert r.status_code == 200, r.text
+    r = await oma.post("/replications", json={"source_vm": {"name": "inv", "path": "/DC/vm/inv"}})
+    assert r.status_code == 201, r.text
+    assert r.json()["vm_id"] == "vm-300" and r.json()["vcenter_host"] == "vcsim.lab.local"
+    bad = {"source_vm": {"name": "x", "path": "/DC/vm/x", "id": "path:/DC/vm/x"}}
+    assert (await oma.post("/replications", json=bad)).status_code == 422  # ids are morefs
+
+
+async def test_creations_while_jobs_finish_never_deadlock(oma: Oma) -> None:
+    """A creation locks the VM context, then inserts the job's disks (waiting for a finishing job
+    of the same disk); a status change must take the same locks in the same order."""
+    names = [f"dl{i:02d}" for i in range(20)]
+    for _ in range(3):
+        active = {}
+        for name in names:
+            r = await oma.post("/replications", json=job_body(name))
+            assert r.status_code == 201, r.text
+            active[name] = r.json()["id"]
+        finished: list[httpx.Response] = []
+        created: list[httpx.Response] = []
+
+        async def finish(job_id: str, into: list[httpx.Response]) -> None:
+            into.append(await oma.put(f"/replications/{job_id}", json={"status": "completed"}))
+
+        async def create(name: str, into: list[httpx.Response]) -> None:
+            into.append(await oma.post("/replications", json=job_body(name)))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for name in names:
+                    nursery.start_soon(finish, active[name], finished)
+                    nursery.start_soon(create, name, created)
+        assert sorted({r.status_code for r in finished}) == [200], [
+            r.text for r in finished if r.status_code != 200
+        ]
+        assert {r.status_code for r in created} <= {201, 409}, [
+            r.text for r in created if r.status_code >= 500
+        ]
+        # end whatever the round created, so the next round starts from finished jobs only
+        for r in created:
+            if r.status_code == 201:
+                await oma.put(f"/replications/{r.json()['id']}", json={"status": "cancelled"})
 
 
 async def test_progress_proxy_and_merged_progress(oma: Oma, vma: VmaDouble) -> None:
