@@ -7,6 +7,7 @@ compared byte for byte with its own VM's disk after a full and after an incremen
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,8 @@ async def two_passes(product: Product, vms: list[tuple[LabVM, str]]) -> None:
     assert first[1]["started_at"] < first[0]["completed_at"]  # they ran side by side
 
     for i, (vm, _) in enumerate(vms):  # each guest writes something else
-        await trio.to_thread.run_sync(
-            lambda vm=vm, i=i: vm.disks[0].guest.rewrite_random_chunks(4, chunk=64 * 1024, seed=40 + i)
-        )
+        rewrite = partial(vm.disks[0].guest.rewrite_random_chunks, 4, chunk=64 * 1024, seed=40 + i)
+        await trio.to_thread.run_sync(rewrite)
     second = await replicate_at_once(product, vms)
     for job, (vm, _) in zip(second, vms, strict=True):
         assert job["status"] == "completed", job["error_message"]
@@ -86,8 +86,8 @@ async def test_vms_of_one_name_in_two_folders_keep_their_own_volumes(product: Pr
     a = await create(product, "dupa", directory="dupa-a")
     b = await create(product, "dupa", folder="f2", directory="dupa-b")
     r = await product.oma.post("/discovery/add-vms", json={"vm_names": ["dupa"]})
-    assert r.json()["added_count"] == 2, r.text  # one name, two VMs: two contexts
     await two_passes(product, [(a, "/DC0/vm/dupa"), (b, "/DC0/vm/f2/dupa")])
+    assert r.json()["added_count"] == 2, r.text  # one name, two VMs: two contexts
     r = await product.oma.get("/vm-contexts/dupa")
     assert r.status_code == 409 and "context id" in r.json()["error"], r.text  # the name is ambiguous
     contexts = (await product.oma.get("/vm-contexts", params={"search": "dupa"})).json()["vm_contexts"]

@@ -1,8 +1,8 @@
 """The product's main flow end to end: discovery through the OMA, a full pass, guest writes, an
 incremental pass that moves only the changed extents, target volumes equal to the source byte for
 byte, no snapshot left in the lab; a target export killed mid-copy; two VMs at once; a new volume
-(an explicit initial pass, a lost volume file) always gets a full pass; a disk grown between
-passes."""
+always gets a full pass (an explicit initial pass after earlier ones; after a lost volume file,
+which fails the automatic pass with what to do); a disk grown between passes."""
 
 from __future__ import annotations
 
@@ -175,7 +175,9 @@ async def test_an_initial_replication_after_earlier_passes_is_a_full_pass(
     assert_targets_equal(job, vm1)
 
 
-async def test_a_lost_volume_file_gets_a_new_volume_and_a_full_pass(product: Product, vm1: LabVM) -> None:
+async def test_a_lost_volume_file_is_refused_and_an_initial_replication_copies_everything(
+    product: Product, vm1: LabVM
+) -> None:
     await product.oma.post("/discovery/add-vms", json={"vm_names": ["vm1"]})
     first = await product.wait((await product.replicate(vm1))["id"])
     assert first["status"] == "completed", first["error_message"]
@@ -183,24 +185,24 @@ async def test_a_lost_volume_file_gets_a_new_volume_and_a_full_pass(product: Pro
     for d in first["disks"]:
         Path(d["volume_path"]).unlink()
 
-    # The automatic job was created incremental (the OMA holds a base), but that base belongs to a
-    # volume whose file is gone: the engine makes a new volume generation and a full pass.
-    auto = await product.replicate(vm1)
-    assert auto["replication_type"] == "incremental"
-    job = await product.wait(auto["id"])
-    assert job["status"] == "completed", job["error_message"]
-    assert {d["copy_mode"] for d in job["disks"]} == {"full"}
-    assert all(d["base_change_id"] is None for d in job["disks"])
-    assert_targets_equal(job, vm1)
+    # The automatic job builds on a base whose volume is gone: it fails and says what to do.
+    auto = await product.wait((await product.replicate(vm1))["id"])
+    assert auto["status"] == "failed" and "run an initial replication" in auto["error_message"]
+    assert await no_snapshots(product, vm1) == []
 
-    # What the old error message told the operator to do works too.
-    for d in job["disks"]:
-        Path(d["volume_path"]).unlink()
-    await guest_writes(vm1, 22)
+    # Doing exactly that: a new volume generation and a full pass, never an incremental one.
     job = await product.wait((await product.replicate(vm1, replication_type="initial"))["id"])
     assert job["status"] == "completed", job["error_message"]
     assert {d["copy_mode"] for d in job["disks"]} == {"full"}
+    assert all(d["base_change_id"] is None for d in job["disks"])
     assert job["bytes_transferred"] > 0
+    assert_targets_equal(job, vm1)
+
+    # and the next automatic pass builds on it
+    await guest_writes(vm1, 22)
+    job = await product.wait((await product.replicate(vm1))["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert {d["copy_mode"] for d in job["disks"]} == {"incremental"}
     assert_targets_equal(job, vm1)
 
 

@@ -111,8 +111,9 @@ async def test_a_volume_owns_its_change_ids_and_a_new_volume_gets_a_full_pass(
     tmp_path: Path, oma_dsn: str, vma: VmaDouble
 ) -> None:
     """What the engine tells the VMA: each disk's base is the change ID its target volume
-    received; a new volume (first pass, an explicit initial pass, a lost file) is a new generation
-    and a full pass (base null); a fresh pass that fails leaves its volume recorded as failed."""
+    received; a new volume (first pass, an explicit initial pass) is a new generation and a full
+    pass (base null); a lost volume file fails the automatic pass with what to do; a fresh pass
+    that fails leaves its volume recorded as failed."""
     config = make_config(tmp_path, oma_dsn, vma.base_url, run_replications=True, engine_poll_interval=0.1)
     async with run_oma(config) as oma:
         assert (
@@ -156,9 +157,16 @@ async def test_a_volume_owns_its_change_ids_and_a_new_volume_gets_a_full_pass(
             value: str | None = (await oma.get(q)).json()["change_id"]
             return value
 
-        # 1. no volume yet: a new one (recorded before its file was made), a full pass
+        # 0. a change ID recorded by a job run outside the engine (no volume received it)
+        await st.db.execute(
+            "INSERT INTO vm_disk_changeids (vm_path, disk_id, change_id, vcenter_host, vm_id)"
+            " VALUES ('/DC/vm/app01', 'disk-2000', '52 3c/5', 'vcsim.lab.local', 'vm-app01')"
+        )
+        # 1. no volume yet: a new one (recorded before its file was made), a full pass: the job
+        #    was created incremental from that change ID, but no volume of this OMA holds it
         job, target = await start()
-        assert job["replication_type"] == "initial" and target["base_change_id"] is None
+        assert job["replication_type"] == "incremental" and target["base_change_id"] is None
+        assert job["disks"][0]["base_change_id"] is None
         assert target["uri"] == job["disks"][0]["nbd_uri"]
         vol = await volume()
         assert (vol["state"], vol["generation"], vol["node_id"]) == ("creating", 1, await engine.node_id())
@@ -181,11 +189,20 @@ async def test_a_volume_owns_its_change_ids_and_a_new_volume_gets_a_full_pass(
         assert (await volume())["state"] == "creating" and await base() is None
         await complete(job["id"], "52 3c/13")
 
-        # 4. the volume file is lost: the job is created incremental, the engine finds no file and
-        #    makes a new generation with a full pass
+        # 4. the volume file is lost: the automatic job fails and says what to do; the explicit
+        #    initial replication makes a new generation with a full pass
         Path(vol["path"]).unlink()
-        job, target = await start()
+        job = (await oma.post("/replications", json=job_body("app01"))).json()
         assert job["replication_type"] == "incremental"
+
+        async def ended() -> Any:
+            body = (await oma.get(f"/replications/{job['id']}")).json()
+            return body if body["status"] == "failed" and job["id"] not in engine.jobs else None
+
+        failed_job = await wait_for(ended)
+        assert "run an initial replication" in failed_job["error_message"]
+        assert job["id"] not in vma.replications and not Path(vol["path"]).exists()
+        job, target = await start(replication_type="initial")
         assert target["base_change_id"] is None and job["disks"][0]["base_change_id"] is None
         assert job["disks"][0]["volume_generation"] == 3 and Path(vol["path"]).exists()
 

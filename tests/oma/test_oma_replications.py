@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
-from oma_harness import Oma
+from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
 from pyapp.db import open_database
+
+#: Rounds of 20 creations racing 20 status changes (each round a fresh chance to interleave).
+ROUNDS = 8
 
 
 def job_body(name: str, disks: tuple[str, ...] = ("disk-2000",), **extra: Any) -> dict[str, Any]:
@@ -123,9 +127,10 @@ async def test_list_paginates_and_filters(oma: Oma) -> None:
     assert (await oma.get("/replications")).json()["limit"] == 100  # the default page
 
 
-async def test_change_ids_belong_to_a_volume(oma: Oma) -> None:
-    """Without the engine no volume receives anything: no change ID can be stored, no base exists.
-    (The whole life of a volume and its change IDs: tests/oma/test_oma_engine.py.)"""
+async def test_change_ids_and_incremental_detection(oma: Oma) -> None:
+    """Jobs driven by hand (the engine is off; the VMA given its own targets, as in the seed): their
+    change IDs belong to no volume of this OMA, and are bases only for such jobs. (The life of a
+    volume and its change IDs under the engine: tests/oma/test_oma_engine.py.)"""
     q = "/replications/changeid?vm_path=/DC/vm/app01&disk_id=disk-2000"
     assert (await oma.get(q)).json()["change_id"] is None
 
@@ -138,16 +143,24 @@ async def test_change_ids_belong_to_a_volume(oma: Oma) -> None:
     r = await oma.post(
         f"/replications/{job_id}/changeid", json={"disk_id": "disk-2000", "change_id": "52 3c/11"}
     )
-    assert r.status_code == 409, r.text  # the job has no target volume: the ID would describe nothing
-    assert_envelope(r.json(), "CONFLICT")
+    assert r.status_code == 201, r.text
+    assert r.json()["volume_id"] is None  # no volume of this OMA received it
     r = await oma.post(f"/replications/{job_id}/changeid", json={"disk_id": "disk-9999", "change_id": "x"})
     assert r.status_code == 404
-    await oma.put(f"/replications/{job_id}", json={"status": "failed"})
-    r = await oma.post(f"/replications/{job_id}/changeid", json={"disk_id": "disk-2000", "change_id": "bad"})
-    assert r.status_code == 409  # a failed pass never becomes a base
-    assert (await oma.get(q)).json()["change_id"] is None
+    await oma.put(f"/replications/{job_id}", json={"status": "completed"})
+
+    got = (await oma.get(q)).json()
+    assert got["change_id"] == "52 3c/11" and got["job_id"] == job_id
+
     second = (await oma.post("/replications", json=job_body("app01"))).json()
-    assert second["replication_type"] == "initial" and second["disks"][0]["base_change_id"] is None
+    assert second["replication_type"] == "incremental"
+    assert second["disks"][0]["base_change_id"] == "52 3c/11" and second["disks"][0]["volume_id"] is None
+    await oma.put(f"/replications/{second['id']}", json={"status": "failed"})
+    r = await oma.post(
+        f"/replications/{second['id']}/changeid", json={"disk_id": "disk-2000", "change_id": "bad"}
+    )
+    assert r.status_code == 409  # a failed pass never becomes a base
+    assert (await oma.get(q)).json()["change_id"] == "52 3c/11"
     r = await oma.post("/replications/repl-nope/changeid", json={"disk_id": "disk-2000", "change_id": "x"})
     assert r.status_code == 404
     assert_envelope(r.json(), "JOB_NOT_FOUND")
@@ -207,40 +220,44 @@ async def test_vms_are_known_by_identity_not_by_name(oma: Oma) -> None:
     assert (await oma.post("/replications", json=bad)).status_code == 422  # ids are morefs
 
 
-async def test_creations_while_jobs_finish_never_deadlock(oma: Oma) -> None:
+async def test_creations_while_jobs_finish_never_deadlock(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble
+) -> None:
     """A creation locks the VM context, then inserts the job's disks (waiting for a finishing job
-    of the same disk); a status change must take the same locks in the same order."""
+    of the same disk); a status change must take the same locks in the same order, or the two
+    deadlock (PostgreSQL then aborts one: a 500)."""
     names = [f"dl{i:02d}" for i in range(20)]
-    for _ in range(3):
-        active = {}
-        for name in names:
-            r = await oma.post("/replications", json=job_body(name))
-            assert r.status_code == 201, r.text
-            active[name] = r.json()["id"]
-        finished: list[httpx.Response] = []
-        created: list[httpx.Response] = []
+    async with run_oma(make_config(tmp_path, oma_dsn, vma.base_url, db_pool_size=45)) as oma:
+        for _ in range(ROUNDS):
+            active = {}
+            for name in names:
+                r = await oma.post("/replications", json=job_body(name))
+                assert r.status_code == 201, r.text
+                active[name] = r.json()["id"]
+            finished: list[httpx.Response] = []
+            created: list[httpx.Response] = []
 
-        async def finish(job_id: str, into: list[httpx.Response]) -> None:
-            into.append(await oma.put(f"/replications/{job_id}", json={"status": "completed"}))
+            async def finish(job_id: str, into: list[httpx.Response]) -> None:
+                into.append(await oma.put(f"/replications/{job_id}", json={"status": "completed"}))
 
-        async def create(name: str, into: list[httpx.Response]) -> None:
-            into.append(await oma.post("/replications", json=job_body(name)))
+            async def create(name: str, into: list[httpx.Response]) -> None:
+                into.append(await oma.post("/replications", json=job_body(name)))
 
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                for name in names:
-                    nursery.start_soon(finish, active[name], finished)
-                    nursery.start_soon(create, name, created)
-        assert sorted({r.status_code for r in finished}) == [200], [
-            r.text for r in finished if r.status_code != 200
-        ]
-        assert {r.status_code for r in created} <= {201, 409}, [
-            r.text for r in created if r.status_code >= 500
-        ]
-        # end whatever the round created, so the next round starts from finished jobs only
-        for r in created:
-            if r.status_code == 201:
-                await oma.put(f"/replications/{r.json()['id']}", json={"status": "cancelled"})
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for name in names:
+                        nursery.start_soon(finish, active[name], finished)
+                        nursery.start_soon(create, name, created)
+            assert {r.status_code for r in finished} == {200}, [
+                r.text for r in finished if r.status_code != 200
+            ]
+            assert {r.status_code for r in created} <= {201, 409}, [
+                r.text for r in created if r.status_code >= 500
+            ]
+            # end whatever the round created, so the next round starts from finished jobs only
+            for r in created:
+                if r.status_code == 201:
+                    await oma.put(f"/replications/{r.json()['id']}", json={"status": "cancelled"})
 
 
 async def test_progress_proxy_and_merged_progress(oma: Oma, vma: VmaDouble) -> None:
@@ -270,7 +287,6 @@ async def test_progress_proxy_and_merged_progress(oma: Oma, vma: VmaDouble) -> N
 
 
 async def test_progress_when_the_vma_is_unreachable(tmp_path: Any, oma_dsn: str) -> None:
-    from oma_harness import make_config, run_oma
 
     with trio.socket.socket() as s:  # a loopback port with nobody listening
         await s.bind(("127.0.0.1", 0))
