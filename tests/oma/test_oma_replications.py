@@ -11,7 +11,8 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
-from pyapp.db import open_database
+from oma.app import MIGRATIONS_DIR
+from pyapp.db import apply_migrations, load_migrations, open_database
 
 #: Rounds of 20 creations racing 20 status changes (each round a fresh chance to interleave).
 ROUNDS = 8
@@ -299,3 +300,88 @@ async def test_progress_when_the_vma_is_unreachable(tmp_path: Any, oma_dsn: str)
         assert f"127.0.0.1:{port}" in r.json()["error"]
         merged = (await oma.get(f"/replications/{job_id}/progress")).json()
         assert merged["source"] == "database" and "unreachable" in merged["vma_error"]
+
+
+async def test_migration_006_keys_existing_replicas_by_identity(oma_dsn: str) -> None:
+    """Rows of a pre-006 OMA: a volume file two VMs wrote (names folding together), a trusted
+    volume with its change ID, a volume whose 'initial' pass ran incrementally (bug 1), two
+    contexts of one VM (renamed). After 006 only the trusted volume keeps a base."""
+    migrations = load_migrations(MIGRATIONS_DIR)
+    assert migrations[5].name == "006_replica_identity.sql"
+    async with open_database(oma_dsn, min_size=1, max_size=1) as db:
+        await apply_migrations(db, migrations[:5])
+        await db.execute(
+            "INSERT INTO vms (id, name, path, vcenter_host) VALUES"
+            " ('vm-1', 'c2 vm', '/DC/vm/c2 vm', 'vc'), ('vm-2', 'c2_vm', '/DC/vm/c2_vm', 'vc'),"
+            " ('vm-3', 'new', '/DC/vm/new', 'vc'), ('vm-5', 'five', '/DC/vm/five', 'vc')"
+        )
+        await db.execute(
+            "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, total_jobs, updated_at)"
+            " VALUES ('ctx-a', 'c2 vm', NULL, '/DC/vm/c2 vm', 1, now()),"
+            " ('ctx-b', 'c2_vm', 'vm-2', '/DC/vm/c2_vm', 1, now()),"
+            " ('ctx-c', 'old', 'vm-3', '/DC/vm/old', 1, now() - interval '1 day'),"
+            " ('ctx-d', 'new', 'vm-3', '/DC/vm/new', 1, now()),"
+            " ('ctx-e', 'five', 'vm-5', '/DC/vm/five', 2, now())"
+        )
+        jobs = [  # id, context, vm id, path, type, created (minutes ago), disk volume, copy mode
+            ("j1", "ctx-a", None, "/DC/vm/c2 vm", "initial", 50, "/v/c2_vm/disk-2000.raw", "full"),
+            ("j2", "ctx-b", "vm-2", "/DC/vm/c2_vm", "initial", 40, "/v/c2_vm/disk-2000.raw", "full"),
+            ("j3", "ctx-c", "vm-3", "/DC/vm/old", "initial", 30, "/v/old/disk-2000.raw", "full"),
+            ("j4", "ctx-d", "vm-3", "/DC/vm/new", "incremental", 20, "/v/old/disk-2000.raw", "incremental"),
+            ("j5", "ctx-e", "vm-5", "/DC/vm/five", "initial", 20, "/v/five/disk-2000.raw", "full"),
+            ("j6", "ctx-e", "vm-5", "/DC/vm/five", "initial", 10, "/v/five/disk-2000.raw", "incremental"),
+        ]
+        for job_id, ctx, vm_id, path, kind, ago, volume, mode in jobs:
+            await db.execute(
+                "INSERT INTO replication_jobs (id, vm_context_id, vm_id, vm_name, vm_path, vcenter_host,"
+                " replication_type, status, created_by, created_at)"
+                " VALUES ($1, $2, $3, $4, $4, 'vc', $5, 'completed', 't', now() - make_interval(mins => $6))",
+                job_id,
+                ctx,
+                vm_id,
+                path,
+                kind,
+                ago,
+            )
+            await db.execute(
+                "INSERT INTO replication_job_disks (job_id, disk_id, vm_path, active, volume_path, copy_mode)"
+                " VALUES ($1, 'disk-2000', $2, false, $3, $4)",
+                job_id,
+                path,
+                volume,
+                mode,
+            )
+            await db.execute(
+                "INSERT INTO vm_disk_changeids (vm_path, disk_id, change_id, job_id)"
+                " VALUES ($1, 'disk-2000', $2, $3)",
+                path,
+                f"52 aa/{ago}",
+                job_id,
+            )
+        await apply_migrations(db, migrations)
+        volumes = {
+            r["vm_id"]: dict(r)
+            for r in await db.fetch(
+                "SELECT vm_id, path, state, error_message, generation, node_id FROM replica_volumes"
+            )
+        }
+        assert set(volumes) == {"vm-1", "vm-2", "vm-3", "vm-5"}
+        assert volumes["vm-1"]["state"] == volumes["vm-2"]["state"] == "failed"
+        assert "another VM" in volumes["vm-1"]["error_message"]
+        assert volumes["vm-5"]["state"] == "failed" and "not a full pass" in volumes["vm-5"]["error_message"]
+        assert (volumes["vm-3"]["state"], volumes["vm-3"]["generation"], volumes["vm-3"]["node_id"]) == (
+            "ready",
+            1,
+            None,
+        )
+        attached = await db.fetch(
+            "SELECT c.change_id FROM vm_disk_changeids c JOIN replica_volumes v ON v.id = c.volume_id"
+            " ORDER BY c.id"
+        )
+        assert [r["change_id"] for r in attached] == ["52 aa/30", "52 aa/20"]  # vm-3's two passes only
+        contexts = {r["context_id"]: dict(r) for r in await db.fetch("SELECT * FROM vm_contexts")}
+        assert set(contexts) == {"ctx-a", "ctx-b", "ctx-d", "ctx-e"}  # vm-3's two contexts merged
+        assert (contexts["ctx-a"]["vmware_vm_id"], contexts["ctx-a"]["vcenter_host"]) == ("vm-1", "vc")
+        assert contexts["ctx-d"]["total_jobs"] == 2
+        assert await db.fetchval("SELECT vm_context_id FROM replication_jobs WHERE id = 'j3'") == "ctx-d"
+        assert await db.fetchval("SELECT vm_id FROM replication_jobs WHERE id = 'j1'") == "vm-1"
