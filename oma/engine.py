@@ -410,6 +410,7 @@ class ReplicationEngine(ClaimWorker):
             if d["disk_id"] in current
         }
         superseded: list[Path] = []
+        targets: list[DiskTarget] = []  # the job's only once the transaction committed
         with trio.CancelScope(shield=True):  # a transaction cut in the middle would keep rows locked
             async with self.db.transaction() as conn:
                 state = (await lock_job(conn, job.job_id))["status"]
@@ -417,7 +418,7 @@ class ReplicationEngine(ClaimWorker):
                     return False
                 for d in disks:
                     target, old_path = await self._volume_for(conn, job, row, d, node, unusable)
-                    job.targets.append(target)
+                    targets.append(target)
                     if old_path is not None:
                         superseded.append(old_path)
                     await conn.execute(
@@ -430,6 +431,7 @@ class ReplicationEngine(ClaimWorker):
                         target.base,
                         str(target.volume),
                     )
+        job.targets.extend(targets)
         for old in superseded:  # a pre-006 file that no volume row names any more
             await trio.to_thread.run_sync(partial(old.unlink, missing_ok=True))
         return True
