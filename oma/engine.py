@@ -4,15 +4,21 @@ One engine runs in each OMA process (a background task of the app, stopped befor
 and the VMA client close). It claims pending jobs with ``SELECT … FOR UPDATE SKIP LOCKED`` (so
 several OMA processes on one database never drive the same job) and, per job:
 
-1. allocates each disk's target volume: ``<data-dir>/volumes/<vm>/<disk>.raw``, one persistent
-   sparse raw file per VM disk. An ``initial`` job starts from a new zeroed file (written under a
-   temporary name, then renamed); an ``incremental`` job writes into the volume of the previous
-   passes, which must exist;
+1. allocates each disk's target volume, one persistent sparse raw file per VM disk, keyed by the
+   VM's identity (vCenter, managed object id, disk id; :func:`volume_path`), recorded in
+   ``replica_volumes`` (state ``creating``) *before* its file is made. A disk whose job carries a
+   base (``base_change_id``) writes into the volume that received that base — if it is still that
+   volume generation, on this node; when its file is gone (or larger than the disk) the job fails
+   and says to run an initial replication. Any other disk (an ``initial`` job, a base of no
+   volume, a volume of another generation or a failed one) gets a new volume generation (a new
+   zeroed file) and a full pass: a base is never applied to a volume that did not receive it;
 2. serves each volume with ``qemu-nbd --shared=8`` on a free loopback port (the tunnel forwards
    it to the VMA) and records volume and export on the job's disks;
 3. tells the VMA: ``PUT /api/v1/config`` (the seed's dynamic allocation, for a single-disk job)
    and ``POST /api/v1/replicate`` with the decrypted vCenter login (the job's credential, else the
-   VM context's, else the default one) and ``targets`` naming every disk's export;
+   VM context's, else the default one), ``targets`` naming every disk's export and its
+   ``base_change_id`` (null: a full pass that also zeroes what it does not list) and ``vm_ids``
+   (the VM the job was made for: the VMA refuses another VM found at the path);
 4. tracks the job: the VMA reports progress and the end itself (``PUT /replications/{id}``, change
    IDs through ``POST /replications/{id}/changeid``); the engine also polls the VMA's
    ``/status/{job_id}``, so a VMA that lost the job (restart), stays silent past
@@ -23,8 +29,14 @@ several OMA processes on one database never drive the same job) and, per job:
    it. A failed job never records a change ID (the API refuses it), so the next pass starts from
    the last complete one and repairs whatever the failed pass left half-written.
 
-Every status change is one transaction with the row locked (``FOR UPDATE``); a terminal state
-releases the job's disks in the same transaction.
+Every status change is one transaction with the row locked (``FOR UPDATE``, after its VM
+context: :func:`oma.api.replications.lock_job`); a terminal state releases the job's disks in the
+same transaction. A job that ends other than ``completed`` marks the volume generations it made
+and did not complete ``failed`` (with the reason; the file stays where the row says).
+
+A volume lives on one node (``node_id``: the id stored in the volumes directory, so every OMA
+process that sees the same volumes directory is the same node); the engine claims only jobs whose
+disks' volumes are on its node or do not exist yet.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import os
 import re
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +55,7 @@ from typing import Any, Protocol
 
 import trio
 
-from oma.api.replications import TERMINAL, load_job, on_status_change
+from oma.api.replications import TERMINAL, lock_job, on_status_change
 from oma.config import OmaConfig
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
 from oma.workers import ClaimWorker, claimant_gone
@@ -58,6 +71,8 @@ FINISH_TIMEOUT = 8.0
 #: How long the VMA's own final report may lag behind its ``/status`` before the engine ends the job.
 REPORT_GRACE = 5.0
 EXPORT_ATTEMPTS = 3
+#: The node id file in the volumes directory (see :func:`node_id`).
+NODE_ID_FILE = ".oma-node-id"
 
 
 class Login(Protocol):
@@ -81,6 +96,12 @@ class DiskTarget:
     disk_id: str
     capacity: int
     volume: Path
+    volume_id: str = ""
+    generation: int = 0
+    #: A new volume generation (a new zeroed file, a full pass); else the volume of the base.
+    fresh: bool = False
+    #: The change ID the pass builds on; None: a full pass.
+    base: str | None = None
     export: NbdExport | None = None
     uri: str = ""
 
@@ -99,8 +120,47 @@ def safe_name(name: str) -> str:
     return cleaned or "_"
 
 
-def volume_path(config: OmaConfig, vm_name: str, disk_id: str) -> Path:
-    return config.volumes_dir / safe_name(vm_name) / f"{safe_name(disk_id)}.raw"
+def volume_path(config: OmaConfig, vcenter: str, vm_id: str, disk_id: str, volume_id: str) -> Path:
+    """``<volumes>/<vcenter>/<vm id>/<disk>-<volume id>.raw``: from the VM's identity, never its
+    name; the volume id makes it unique whatever :func:`safe_name` folds together."""
+    return (
+        config.volumes_dir
+        / safe_name(vcenter or "vcenter")
+        / safe_name(vm_id)
+        / f"{safe_name(disk_id)}-{volume_id}.raw"
+    )
+
+
+def node_id(volumes_dir: Path) -> str:
+    """This node's id: the one stored in ``volumes_dir`` (made once, atomically). Every OMA
+    process that sees the same volumes directory is the same node. Blocking: run it in a thread."""
+    volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    path = volumes_dir / NODE_ID_FILE
+    if not path.exists():
+        tmp = path.with_name(f"{NODE_ID_FILE}.{os.getpid()}.{uuid.uuid4().hex}")
+        tmp.write_text(f"node-{uuid.uuid4().hex}\n")
+        try:
+            os.link(tmp, path)  # fails if another process made it first: then keep theirs
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    value = path.read_text().strip()
+    if not value:
+        raise JobError(f"{path} is empty: remove it so that the OMA makes a new node id")
+    return value
+
+
+def volume_usable(path: Path, capacity: int) -> str | None:
+    """Why the existing volume file at ``path`` cannot take an incremental pass of a disk of
+    ``capacity`` bytes (None: it can). Blocking: run it in a thread."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return f"volume file {path} is missing"
+    if size > capacity:
+        return f"volume file {path} ({size} bytes) is larger than the disk ({capacity} bytes)"
+    return None
 
 
 def prepare_volume(path: Path, capacity: int, *, fresh: bool) -> None:
@@ -122,10 +182,7 @@ def prepare_volume(path: Path, capacity: int, *, fresh: bool) -> None:
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise JobError(
-            f"target volume {path} is missing: an incremental pass needs the volume of the previous"
-            " passes (run an initial replication)"
-        ) from None
+        raise JobError(f"target volume {path} is missing") from None
     if size > capacity:
         raise JobError(f"target volume {path} ({size} bytes) is larger than the disk ({capacity} bytes)")
     if size < capacity:
@@ -158,6 +215,13 @@ class ReplicationEngine(ClaimWorker):
         self.resolve_login = resolve_login
         #: Jobs this process drives now, by id (their volumes and exports).
         self.jobs: dict[str, RunningJob] = {}
+        self._node_id: str | None = None
+
+    async def node_id(self) -> str:
+        """The node this engine's volumes are on (:func:`node_id`)."""
+        if self._node_id is None:
+            self._node_id = await trio.to_thread.run_sync(node_id, self.config.volumes_dir)
+        return self._node_id
 
     @property
     def engine_id(self) -> str:
@@ -201,14 +265,23 @@ class ReplicationEngine(ClaimWorker):
                     )
 
     async def claim(self, limit: int) -> list[Any]:
+        # A job never runs where its volume is not: only jobs whose disks' volumes are on this node
+        # (or unknown, pre-006; or not made yet).
         return await self.db.fetch(
             "UPDATE replication_jobs j SET claimed_by = $1, claimed_at = now(),"
             " current_operation = 'Preparing target volumes', updated_at = now()"
-            " WHERE j.id IN (SELECT id FROM replication_jobs WHERE status = 'pending' AND claimed_by IS NULL"
-            "  ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT $2)"
-            " RETURNING j.id, j.vm_name, j.vm_path, j.replication_type, j.vm_context_id, j.credential_id",
+            " WHERE j.id IN (SELECT r.id FROM replication_jobs r WHERE r.status = 'pending'"
+            " AND r.claimed_by IS NULL"
+            "  AND NOT EXISTS (SELECT 1 FROM replication_job_disks d JOIN replica_volumes v"
+            "   ON v.vcenter_host = d.vcenter_host AND v.vm_id = d.vm_id AND v.disk_id = d.disk_id"
+            "   WHERE d.job_id = r.id AND v.node_id <> $3)"
+            "  ORDER BY r.created_at FOR UPDATE OF r SKIP LOCKED LIMIT"
+            " $2)"
+            " RETURNING j.id, j.vm_id, j.vm_name, j.vm_path, j.replication_type,"
+            " j.vm_context_id, j.credential_id",
             self.engine_id,
             limit,
+            await self.node_id(),
         )
 
     # -- one job -----------------------------------------------------------------------------------
@@ -250,7 +323,9 @@ class ReplicationEngine(ClaimWorker):
 
     async def _start(self, job: RunningJob, row: dict[str, Any]) -> None:
         disks = await self.db.fetch(
-            "SELECT disk_id, capacity_bytes FROM replication_job_disks WHERE job_id = $1 ORDER BY disk_id",
+            "SELECT disk_id, capacity_bytes, base_change_id, volume_id, volume_generation,"
+            " vcenter_host, vm_id"
+            " FROM replication_job_disks WHERE job_id = $1 ORDER BY disk_id",
             job.job_id,
         )
         unknown = [d["disk_id"] for d in disks if not d["capacity_bytes"]]
@@ -260,27 +335,26 @@ class ReplicationEngine(ClaimWorker):
             "SELECT credential_id FROM vm_contexts WHERE context_id = $1", row["vm_context_id"]
         )
         login = await self.resolve_login(credential_id)
-        fresh = row["replication_type"] == "initial"
-        for d in disks:
-            target = DiskTarget(
-                d["disk_id"], d["capacity_bytes"], volume_path(self.config, row["vm_name"], d["disk_id"])
-            )
-            job.targets.append(target)
+        if not await self._allocate(job, row, [dict(d) for d in disks]):
+            return  # cancelled while pending
+        for target in job.targets:
             await trio.to_thread.run_sync(
-                partial(prepare_volume, target.volume, target.capacity, fresh=fresh)
+                partial(prepare_volume, target.volume, target.capacity, fresh=target.fresh)
             )
-            target.export = await trio.to_thread.run_sync(start_export, target, f"{safe_name(d['disk_id'])}")
+            target.export = await trio.to_thread.run_sync(start_export, target, safe_name(target.disk_id))
             port = target.export.port
             target.uri = f"nbd://{self.config.nbd_host}:{port}/{target.export.name}"
         with trio.CancelScope(shield=True):  # one atomic statement, not cut in the middle
             await self.db.executemany(
-                "UPDATE replication_job_disks SET volume_path = $3, nbd_uri = $4"
-                " WHERE job_id = $1 AND disk_id = $2",
-                [(job.job_id, t.disk_id, str(t.volume), t.uri) for t in job.targets],
+                "UPDATE replication_job_disks SET nbd_uri = $3 WHERE job_id = $1 AND disk_id = $2",
+                [(job.job_id, t.disk_id, t.uri) for t in job.targets],
             )
         log.info(
             "target volumes exported",
-            extra={"volumes": [str(t.volume) for t in job.targets], "fresh": fresh},
+            extra={
+                "volumes": {t.disk_id: f"{t.volume} (generation {t.generation})" for t in job.targets},
+                "fresh": [t.disk_id for t in job.targets if t.fresh],
+            },
         )
         status = await self.db.fetchval("SELECT status FROM replication_jobs WHERE id = $1", job.job_id)
         if status in TERMINAL:  # cancelled while the volumes were prepared
@@ -292,6 +366,7 @@ class ReplicationEngine(ClaimWorker):
                 nbd_port=only.export.port, export_name=only.export.name, target_device=str(only.volume)
             )
         await self._note(job.job_id, "Starting the copy on the VMA")
+        vm_id = row["vm_id"] or ""
         await self.vma.replicate(
             job_id=job.job_id,
             vcenter=login.vcenter,
@@ -299,10 +374,161 @@ class ReplicationEngine(ClaimWorker):
             password=login.password,
             vm_paths=[job.vm_path],
             targets={job.vm_path: {t.disk_id: t.uri for t in job.targets}},
+            bases={job.vm_path: {t.disk_id: t.base for t in job.targets}},
+            vm_ids={} if not vm_id or vm_id.startswith("path:") else {job.vm_path: vm_id},
             oma_url=self.config.callback_url,
         )
         job.started_on_vma = True
-        log.info("replication started on the VMA", extra={"targets": {t.disk_id: t.uri for t in job.targets}})
+        log.info(
+            "replication started on the VMA",
+            extra={
+                "targets": {t.disk_id: t.uri for t in job.targets},
+                "bases": {t.disk_id: t.base for t in job.targets},
+            },
+        )
+
+    async def _allocate(self, job: RunningJob, row: dict[str, Any], disks: list[dict[str, Any]]) -> bool:
+        """Decide and record each disk's volume (one transaction, before any file is touched);
+        fills ``job.targets``. False when the job ended meanwhile."""
+        node = await self.node_id()
+        current = {
+            r["disk_id"]: dict(r)
+            for r in await self.db.fetch(
+                "SELECT id, disk_id, path FROM replica_volumes WHERE vcenter_host = $1 AND vm_id = $2"
+                " AND disk_id = ANY($3::text[])",
+                disks[0]["vcenter_host"] if disks else "",
+                disks[0]["vm_id"] if disks else "",
+                [d["disk_id"] for d in disks],
+            )
+        }
+        # Whether each existing file can take an incremental pass, looked at before the transaction.
+        unusable = {
+            d["disk_id"]: await trio.to_thread.run_sync(
+                volume_usable, Path(current[d["disk_id"]]["path"]), d["capacity_bytes"]
+            )
+            for d in disks
+            if d["disk_id"] in current
+        }
+        superseded: list[Path] = []
+        targets: list[DiskTarget] = []  # the job's only once the transaction committed
+        with trio.CancelScope(shield=True):  # a transaction cut in the middle would keep rows locked
+            async with self.db.transaction() as conn:
+                state = (await lock_job(conn, job.job_id))["status"]
+                if state in TERMINAL:
+                    return False
+                for d in disks:
+                    target, old_path = await self._volume_for(conn, job, row, d, node, unusable)
+                    targets.append(target)
+                    if old_path is not None:
+                        superseded.append(old_path)
+                    await conn.execute(
+                        "UPDATE replication_job_disks SET volume_id = $3, volume_generation = $4,"
+                        " base_change_id = $5, volume_path = $6 WHERE job_id = $1 AND disk_id = $2",
+                        job.job_id,
+                        target.disk_id,
+                        target.volume_id,
+                        target.generation,
+                        target.base,
+                        str(target.volume),
+                    )
+        job.targets.extend(targets)
+        for old in superseded:  # a pre-006 file that no volume row names any more
+            await trio.to_thread.run_sync(partial(old.unlink, missing_ok=True))
+        return True
+
+    async def _volume_for(
+        self,
+        conn: Any,
+        job: RunningJob,
+        row: dict[str, Any],
+        disk: dict[str, Any],
+        node: str,
+        unusable: dict[str, str | None],
+    ) -> tuple[DiskTarget, Path | None]:
+        """The volume of one disk: the base's volume when it is still usable, else a new volume
+        generation (recorded ``creating``). Returns the target and a superseded file to remove."""
+        disk_id, capacity, base = disk["disk_id"], disk["capacity_bytes"], disk["base_change_id"]
+        vol = await conn.fetchrow(
+            "SELECT id, path, generation, state, node_id FROM replica_volumes"
+            " WHERE vcenter_host = $1 AND vm_id = $2 AND disk_id = $3 FOR UPDATE",
+            disk["vcenter_host"],
+            disk["vm_id"],
+            disk_id,
+        )
+        if vol is not None and vol["node_id"] is not None and vol["node_id"] != node:
+            raise JobError(
+                f"the volume of {disk_id} ({vol['path']}) is on OMA node {vol['node_id']}, not on this one"
+                f" ({node}): the job must run there"
+            )
+        display = (row["vm_name"], job.vm_path, capacity, job.job_id, node)
+        why_new: str | None = None
+        if base is None:
+            why_new = "a full pass (initial replication, or no complete earlier pass)"
+        elif vol is None:
+            why_new = "the volume of the base is gone"
+        elif vol["id"] != disk["volume_id"] or vol["generation"] != disk["volume_generation"]:
+            why_new = "the volume was made anew since the job was created"
+        elif vol["state"] != "ready":
+            why_new = f"the volume is {vol['state']}"
+        elif unusable.get(disk_id):
+            # A volume that vanished (or no longer fits) is an incident for an operator to look at
+            # (a volumes directory not mounted, a file removed), not something to paper over with
+            # a silent full copy: the job fails and says what to do.
+            raise JobError(
+                f"{unusable[disk_id]}: an incremental pass needs the volume that holds its base"
+                f' ({base}); run an initial replication (replication_type "initial") to make a new'
+                " volume with a full pass"
+            )
+        if why_new is None:
+            assert vol is not None
+            await conn.execute(
+                "UPDATE replica_volumes SET vm_name = $2, vm_path = $3, size_bytes ="
+                " greatest(size_bytes, $4),"
+                " job_id = $5, node_id = $6, updated_at = now() WHERE id = $1",
+                vol["id"],
+                *display,
+            )
+            target = DiskTarget(
+                disk_id, capacity, Path(vol["path"]), vol["id"], vol["generation"], False, base
+            )
+            return target, None
+        if base is not None:
+            log.warning(
+                "%s: full pass into a new volume generation instead of an incremental pass: %s",
+                disk_id,
+                why_new,
+            )
+        if vol is None:
+            volume_id = f"vol-{uuid.uuid4().hex}"
+            path = volume_path(self.config, disk["vcenter_host"], disk["vm_id"], disk_id, volume_id)
+            await conn.execute(
+                "INSERT INTO replica_volumes (id, vcenter_host, vm_id, disk_id, vm_name, vm_path, size_bytes,"
+                " job_id, node_id, path, generation, state)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 'creating')",
+                volume_id,
+                disk["vcenter_host"],
+                disk["vm_id"],
+                disk_id,
+                *display,
+                str(path),
+            )
+            return DiskTarget(disk_id, capacity, path, volume_id, 1, True, None), None
+        path = volume_path(self.config, disk["vcenter_host"], disk["vm_id"], disk_id, vol["id"])
+        generation = await conn.fetchval(
+            "UPDATE replica_volumes SET vm_name = $2, vm_path = $3, size_bytes = $4, job_id"
+            " = $5, node_id = $6,"
+            " path = $7, generation = generation + 1, state = 'creating', error_message = NULL,"
+            " updated_at = now() WHERE id = $1 RETURNING generation",
+            vol["id"],
+            *display,
+            str(path),
+        )
+        old: Path | None = None
+        if vol["path"] != str(path) and not await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM replica_volumes WHERE path = $1)", vol["path"]
+        ):
+            old = Path(vol["path"])
+        return DiskTarget(disk_id, capacity, path, vol["id"], generation, True, None), old
 
     async def _status(self, job_id: str) -> str | None:
         status: str | None = await self.db.fetchval(
@@ -379,8 +605,36 @@ class ReplicationEngine(ClaimWorker):
                     await self._store_figures(job.job_id)
                 if error is not None and await finish_job(self.db, job.job_id, "failed", error):
                     log.error("replication job failed: %s", error)
+                await self._mark_unfinished_volumes(job, error)
             except Exception:
                 log.exception("recording the end of the job failed")
+
+    async def _mark_unfinished_volumes(self, job: RunningJob, error: str | None) -> None:
+        """The volume generations this job made and did not complete (no change ID stored: still
+        ``creating``) are marked ``failed`` with the reason; their files stay where the rows say,
+        and the next pass makes a new generation."""
+        fresh = [t for t in job.targets if t.fresh]
+        if not fresh:
+            return
+        status = await self._status(job.job_id)
+        reason = (
+            error or f"the replication job {job.job_id} ended {status or 'deleted'} before its pass completed"
+        )
+        with trio.CancelScope(shield=True):
+            marked = await self.db.fetch(
+                "UPDATE replica_volumes v SET state = 'failed', error_message = $3, updated_at ="
+                " now()"
+                " FROM unnest($1::text[], $2::int[]) AS u(id, generation)"
+                " WHERE v.id = u.id AND v.generation = u.generation AND v.state = 'creating'"
+                " RETURNING v.path",
+                [t.volume_id for t in fresh],
+                [t.generation for t in fresh],
+                f"job {job.job_id}: {reason}"[:4000],
+            )
+        if marked:
+            log.warning(
+                "volumes left incomplete, marked failed", extra={"volumes": [r["path"] for r in marked]}
+            )
 
     async def _stop_on_vma(self, job_id: str) -> None:
         try:
@@ -421,7 +675,7 @@ async def finish_job(db: Database, job_id: str, status: str, error: str | None) 
 async def _finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
     async with db.transaction() as conn:
         try:
-            job = await load_job(conn, job_id, for_update=True)
+            job = await lock_job(conn, job_id)
         except ApiError:
             return False  # deleted meanwhile
         if job["status"] in TERMINAL:

@@ -181,17 +181,30 @@ class VmaClient:
         password: str,
         vm_paths: list[str],
         targets: dict[str, dict[str, str]],
+        bases: dict[str, dict[str, str | None]],
+        vm_ids: dict[str, str] | None = None,
         oma_url: str | None,
     ) -> dict[str, Any]:
-        """Start a job on the VMA: ``targets`` maps vm_path -> disk id -> NBD URI of its target."""
+        """Start a job on the VMA: ``targets`` maps vm_path -> disk id -> NBD URI of its target,
+        ``bases`` vm_path -> disk id -> the change ID the target volume holds (None: a full pass);
+        each disk goes as ``{"uri", "base_change_id"}`` (docs/vma.md). ``vm_ids``: vm_path -> the
+        managed object id the job was made for (the VMA refuses another VM at that path)."""
         payload: dict[str, Any] = {
             "job_id": job_id,
             "vcenter": vcenter,
             "username": username,
             "password": password,
             "vm_paths": vm_paths,
-            "targets": targets,
+            "targets": {
+                vm_path: {
+                    disk_id: {"uri": uri, "base_change_id": bases.get(vm_path, {}).get(disk_id)}
+                    for disk_id, uri in per_vm.items()
+                }
+                for vm_path, per_vm in targets.items()
+            },
         }
+        if vm_ids:
+            payload["vm_ids"] = vm_ids
         if oma_url:
             payload["oma_url"] = oma_url
         body = await self._request("POST", "/api/v1/replicate", payload)

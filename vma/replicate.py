@@ -3,10 +3,13 @@ one bound for the whole VMA (``max_parallel_disks``).
 
 Per VM::
 
-    find the VM -> resolve each disk's NBD target -> CBT on (VM, each disk's ctkEnabled, stun)
-    -> snapshot "vma-<job_id>" -> per disk: previous change ID from the OMA, QueryChangedDiskAreas
-       over the whole disk (``*`` on the first pass), nbdkit source on the snapshot, mover copy of
-       those extents into the target (the mover flushes the target before it returns)
+    find the VM (and check it is the one the job was made for: ``vm_ids``) -> resolve each disk's
+    NBD target -> CBT on (VM, each disk's ctkEnabled, stun) -> snapshot "vma-<job_id>"
+    -> per disk: the base change ID (the request's ``base_change_id`` for that target when given,
+       null meaning a full pass; else, as in the seed, the OMA's ``GET /replications/changeid``),
+       QueryChangedDiskAreas over the whole disk (``*`` on a full pass), nbdkit source on the
+       snapshot, mover copy of those extents into the target (the mover flushes the target
+       before it returns)
     -> every disk copied: store each disk's new change ID (read from the snapshot's disk backing)
     -> remove the snapshot (also on every failure path, shielded from cancellation)
 
@@ -52,14 +55,25 @@ from vma.workflow import (
 
 log = logging.getLogger(__name__)
 
-#: vm_path -> disk (``disk-2000``, ``2000`` or the disk's index ``0``) -> NBD URI of its target.
-Targets = Mapping[str, Mapping[str, str]]
+
+@dataclass(frozen=True)
+class Target:
+    """A disk's target: its NBD URI and, when the request gave one, the change ID the target
+    holds (``base_given``; ``base`` None: the target holds no complete pass, copy everything)."""
+
+    uri: str
+    base_given: bool = False
+    base: str | None = None
+
+
+#: vm_path -> disk (``disk-2000``, ``2000`` or the disk's index ``0``) -> its target.
+Targets = Mapping[str, Mapping[str, Target]]
 
 
 @dataclass
 class Plan:
     disk: DiskInfo
-    target: str
+    target: Target
     mode: str = ""
     extents: list[tuple[int, int]] | None = None
     copied: bool = False
@@ -67,20 +81,20 @@ class Plan:
 
 def resolve_targets(
     vm_path: str, disks: list[DiskInfo], targets: Targets, config: VmaConfig
-) -> dict[int, str]:
+) -> dict[int, Target]:
     """Each disk's target: from the request's ``targets``, else for a VM with a single disk the
     export that ``PUT /api/v1/config`` set (``nbd_host``/``nbd_port``/``export_name``)."""
     per_vm = targets.get(vm_path)
-    out: dict[int, str] = {}
+    out: dict[int, Target] = {}
     if per_vm:
         for i, d in enumerate(disks):
-            uri = per_vm.get(d.disk_id) or per_vm.get(str(d.key)) or per_vm.get(str(i))
-            if not uri:
+            target = per_vm.get(d.disk_id) or per_vm.get(str(d.key)) or per_vm.get(str(i))
+            if not target:
                 raise JobFailed(f"no target for {vm_path} {d.disk_id} in the request's targets")
-            out[d.key] = uri
+            out[d.key] = target
         return out
     if len(disks) == 1 and config.nbd_port and config.export_name:
-        return {disks[0].key: f"nbd://{config.nbd_host}:{config.nbd_port}/{config.export_name}"}
+        return {disks[0].key: Target(f"nbd://{config.nbd_host}:{config.nbd_port}/{config.export_name}")}
     raise JobFailed(
         f"no target for {vm_path}: give targets[vm_path][disk_id] in the request"
         " (or, for a single-disk VM, nbd_port and export_name through PUT /api/v1/config)"
@@ -112,8 +126,9 @@ class Replicator:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
 
-    async def run_job(self, job: Job, targets: Targets) -> None:
-        """Run ``job`` to its end (completed or failed); never raises but for the app's shutdown."""
+    async def run_job(self, job: Job, targets: Targets, vm_ids: Mapping[str, str] | None = None) -> None:
+        """Run ``job`` to its end (completed or failed); never raises but for the app's shutdown.
+        ``vm_ids``: vm_path -> the managed object id the job was made for."""
         with log_context(job_id=job.job_id, action="replicate"):
             oma = self.oma_for(job.oma_url)
             job.status, job.phase, job.started_at = "running", "starting", dt.datetime.now(dt.UTC)
@@ -129,7 +144,7 @@ class Replicator:
                         await oma.update_replication(
                             job.job_id, status="replicating", current_operation="Starting replication"
                         )
-                        await self._run_vms(job, targets, oma)
+                        await self._run_vms(job, targets, vm_ids or {}, oma)
                         nursery.cancel_scope.cancel()
                 if scope.cancelled_caught:
                     raise JobFailed(job.cancel_reason or "cancelled")
@@ -184,21 +199,27 @@ class Replicator:
                 current_operation=job.current_operation[:4000],
             )
 
-    async def _run_vms(self, job: Job, targets: Targets, oma: OmaClient) -> None:
+    async def _run_vms(self, job: Job, targets: Targets, vm_ids: Mapping[str, str], oma: OmaClient) -> None:
         job.phase, job.current_operation = "connecting", f"Connecting to vCenter {job.login.host}"
         vs = await run(VSphere.connect, job.login, insecure=self.config.vcenter_insecure)
         try:
             async with trio.open_nursery() as nursery:
                 for vm_path in job.vm_paths:
-                    nursery.start_soon(self._replicate_vm, job, vs, vm_path, targets, oma)
+                    nursery.start_soon(
+                        self._replicate_vm, job, vs, vm_path, targets, vm_ids.get(vm_path), oma
+                    )
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(30):
                 await run(vs.disconnect)
 
     async def _replicate_vm(
-        self, job: Job, vs: VSphere, vm_path: str, targets: Targets, oma: OmaClient
+        self, job: Job, vs: VSphere, vm_path: str, targets: Targets, vm_id: str | None, oma: OmaClient
     ) -> None:
         vm, live = await find_vm_disks(vs, vm_path)
+        if vm_id is not None and vm._moId != vm_id:
+            # Another VM took the path (renamed, moved, re-created): its disks must not go into
+            # the volumes of the VM the job was made for.
+            raise JobFailed(f"{vm_path} is VM {vm._moId}, not {vm_id}, the VM this job replicates")
         disk_targets = resolve_targets(vm_path, live, targets, self.config)
         for d in live:
             job.disks[(vm_path, d.disk_id)] = DiskProgress(vm_path, d.disk_id, d.capacity)
@@ -228,7 +249,10 @@ class Replicator:
         with log_context(action="copy_disk"):
             async with self.disk_limiter:
                 progress.phase = "querying"
-                previous = await oma.previous_change_id(vm_path, disk.disk_id)
+                if plan.target.base_given:  # the OMA said what its target volume holds
+                    previous = plan.target.base
+                else:
+                    previous = await oma.previous_change_id(vm_path, disk.disk_id)
                 planned = await plan_pass(vs, snap, vm_path, disk, previous)
                 plan.mode, plan.extents = planned.mode, planned.extents
                 # full-cbt-reset: the whole disk's allocated data, and zeros for the rest.
@@ -280,11 +304,11 @@ class Replicator:
             async with serve_source(argv, work / f"{name}.log") as source_uri:
                 result = await mover.copy(
                     source_uri,
-                    plan.target,
+                    plan.target.uri,
                     extents=None if allocated_only else plan.extents,
                     allocated_only=allocated_only,
-                    # A first pass lists every allocated area ('*'): zero the rest, so a volume
-                    # left by an earlier, failed pass cannot keep stale bytes.
+                    # A full pass lists every allocated area ('*'): zero the rest, so a volume
+                    # that holds anything else (an earlier, failed pass) cannot keep stale bytes.
                     zero_unlisted=plan.mode == "full",
                     connections=connections,
                     requests=self.config.mover_requests,

@@ -3,10 +3,14 @@ management as VM contexts without creating any job.
 
 - ``discover-vms``: discover, refresh the inventory, optionally add every VM found
   (``create_context``);
-- ``add-vms``: add the named VMs (names not found in vCenter are reported, not invented);
+- ``add-vms``: add the named VMs (every VM of a name, or one VM by inventory path; names not
+  found in vCenter are reported, not invented);
 - ``bulk-add``: add every VM matching the filter (optionally skipping powered-off ones);
 - ``preview``: discover and tell which VMs are new, persisting nothing;
 - ``ungrouped-vms``: contexts that belong to no machine group.
+
+A VM is known by its identity (the vCenter and the VM's managed object id), never by its name:
+two VMs of one name are two contexts, and a renamed VM keeps its context (its name follows).
 
 The vCenter login comes from a stored credential (``credential_id``, else the default one).
 """
@@ -82,11 +86,15 @@ async def _persist_inventory(result: DiscoverResult) -> None:
         await upsert_vms(conn, vcenter, vms, "discovery")
 
 
-async def _existing_contexts(names: Iterable[str]) -> dict[str, str]:
+async def _existing_contexts(vcenter: str, vms: Iterable[DiscoveredVM]) -> dict[str, str]:
+    """VM id -> context id of the discovered VMs already managed."""
     rows = await state().db.fetch(
-        "SELECT vm_name, context_id FROM vm_contexts WHERE vm_name = ANY($1::text[])", list(names)
+        "SELECT vmware_vm_id, context_id FROM vm_contexts WHERE vcenter_host = $1"
+        " AND vmware_vm_id = ANY($2::text[])",
+        vcenter,
+        [vm.id for vm in vms],
     )
-    return {r["vm_name"]: r["context_id"] for r in rows}
+    return {r["vmware_vm_id"]: r["context_id"] for r in rows}
 
 
 async def _add_contexts(
@@ -102,7 +110,7 @@ async def _add_contexts(
                 "datacenter,"
                 " credential_id, auto_added, cpu_count, memory_mb, os_type, power_state)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, true, $8, $9, $10, $11)"
-                " ON CONFLICT (vm_name) DO NOTHING RETURNING context_id",
+                " ON CONFLICT (vcenter_host, vmware_vm_id) DO NOTHING RETURNING context_id",
                 new_id("ctx"),
                 vm.name,
                 vm.id,
@@ -116,7 +124,17 @@ async def _add_contexts(
                 vm.power_state,
             )
             if context_id is None:
-                skipped.append({"vm_name": vm.name, "reason": "already managed"})
+                # already managed: the name and path follow the VM (renamed or moved)
+                await conn.execute(
+                    "UPDATE vm_contexts SET vm_name = $3, vm_path = $4, updated_at = now()"
+                    " WHERE vcenter_host = $1 AND vmware_vm_id = $2 AND (vm_name, vm_path) IS"
+                    " DISTINCT FROM ($3, $4)",
+                    result.vcenter.host,
+                    vm.id,
+                    vm.name,
+                    vm.path,
+                )
+                skipped.append({"vm_name": vm.name, "vm_id": vm.id, "reason": "already managed"})
             else:
                 added.append(
                     {"vm_name": vm.name, "context_id": context_id, "vm_id": vm.id, "vm_path": vm.path}
@@ -126,8 +144,8 @@ async def _add_contexts(
 
 def _vm_view(vm: DiscoveredVM, existing: dict[str, str]) -> dict[str, Any]:
     view = vm.model_dump()
-    view["existing"] = vm.name in existing
-    view["context_id"] = existing.get(vm.name)
+    view["existing"] = vm.id in existing
+    view["context_id"] = existing.get(vm.id)
     return view
 
 
@@ -140,7 +158,7 @@ async def discover_vms(data: DiscoverRequest) -> dict[str, Any]:
         added: list[dict[str, Any]] = []
         if data.create_context:
             added, _ = await _add_contexts(result, result.vms, credential_id)
-        existing = await _existing_contexts(vm.name for vm in result.vms)
+        existing = await _existing_contexts(result.vcenter.host, result.vms)
         log.info("discovery done", extra={"vm_count": len(result.vms), "contexts_created": len(added)})
     return {
         "vcenter": result.vcenter.model_dump(),
@@ -158,10 +176,11 @@ async def add_vms(data: AddVMsRequest) -> dict[str, Any]:
     with log_context(action="discovery_add"):
         result, credential_id, _ = await _discover(data.credential_id, "")
         await _persist_inventory(result)
-        by_name = {vm.name: vm for vm in result.vms}
+        # A name adds every VM of that name (names are not unique); an inventory path adds one VM.
         wanted = list(dict.fromkeys(data.vm_names))
-        found = [by_name[n] for n in wanted if n in by_name]
-        not_found = [n for n in wanted if n not in by_name]
+        found = [vm for vm in result.vms if vm.name in wanted or vm.path in wanted]
+        seen = {vm.name for vm in found} | {vm.path for vm in found}
+        not_found = [n for n in wanted if n not in seen]
         added, skipped = await _add_contexts(result, found, credential_id)
         log.info("VMs added", extra={"added": len(added), "not_found": len(not_found)})
     return {"added": added, "skipped": skipped, "not_found": not_found, "added_count": len(added)}
@@ -189,7 +208,7 @@ async def bulk_add(data: BulkAddRequest) -> dict[str, Any]:
 @validate_request(PreviewRequest)
 async def preview(data: PreviewRequest) -> dict[str, Any]:
     result, _, duration = await _discover(data.credential_id, data.filter)
-    existing = await _existing_contexts(vm.name for vm in result.vms)
+    existing = await _existing_contexts(result.vcenter.host, result.vms)
     views = [_vm_view(vm, existing) for vm in result.vms]
     return {
         "vcenter": result.vcenter.model_dump(),

@@ -1,8 +1,10 @@
 """Replications, ChangeID (CBT) and the progress proxy.
 
-A replication job copies the disks of one VM (all of them, or the ones listed). Each disk of a
+A replication job copies the disks of one VM (all of them, or the ones listed). A VM is known by
+its identity: its vCenter and managed object id (``source_vm.id``, else the inventory's id for
+``source_vm.path``, else ``path:<path>``); names and paths are for display only. Each disk of a
 job is a row of ``replication_job_disks``; a partial unique index allows one *active* row per VM
-disk (``vm_path``, ``disk_id``), so two concurrent creations for the same disk yield one job and
+disk (vCenter, VM id, disk id), so two concurrent creations for the same disk yield one job and
 one 409, decided by PostgreSQL rather than by a check-then-insert race.
 
 Status machine::
@@ -14,15 +16,24 @@ Status machine::
 Reaching a terminal state releases the disks (``active = false``) in the same transaction.
 
 Change IDs: after a pass the VMA stores the vCenter change ID of each disk
-(``POST /replications/{job_id}/changeid``); the next pass asks for it
-(``GET /replications/changeid?vm_path=&disk_id=``; ``change_id: null`` means "no base: copy
-everything"). A failed or cancelled job cannot record a change ID: a base that was never fully
-copied would silently lose changed blocks on the next incremental pass.
+(``POST /replications/{job_id}/changeid``). A change ID belongs to the target volume (and its
+generation, ``replica_volumes``) that received it: the base of a disk's next pass is the latest
+change ID of the disk's current volume generation, fixed in the job at creation and sent to the
+VMA with the job (``base_change_id`` per disk; null: a full pass). A volume made anew has a new
+generation, so no earlier change ID can be a base for it. ``GET /replications/changeid`` answers
+for the VM's current volume (``change_id: null``: "no base: copy everything"). A failed or
+cancelled job cannot record a change ID: a base that was never fully copied would silently lose
+changed blocks on the next incremental pass.
+
+Locks: every transaction that changes a job locks its VM context first, then the job, then the
+job's disks and volumes (:func:`lock_job`); the creation's single statement upserts the context
+first. One order, so a creation and a status change of the same VM never deadlock.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -61,7 +72,13 @@ class SourceDisk(BaseModel):
 
 
 class SourceVM(BaseModel):
-    id: str | None = Field(None, max_length=MAX_NAME, description="VMware managed object id")
+    id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_NAME,
+        pattern=r"^[^:\s/]+$",
+        description="VMware managed object id (e.g. vm-143): with the vCenter, the VM's identity",
+    )
     name: str = Field(min_length=1, max_length=MAX_NAME)
     path: str = Field(min_length=1, max_length=MAX_TEXT, description="inventory path, /DC/vm/NAME")
     datacenter: str = Field("", max_length=MAX_NAME)
@@ -110,7 +127,8 @@ class StoreChangeIdRequest(BaseModel):
 
 async def _job_disks(conn: Any, job_id: str) -> list[dict[str, Any]]:
     rows = await conn.fetch(
-        "SELECT d.disk_id, d.capacity_bytes, d.active, d.base_change_id, d.volume_path, d.nbd_uri,"
+        "SELECT d.disk_id, d.capacity_bytes, d.active, d.base_change_id, d.volume_id, d.volume_generation,"
+        " d.volume_path, d.nbd_uri,"
         " d.copy_mode, d.bytes_written, d.bytes_zeroed,"
         " (SELECT c.change_id FROM vm_disk_changeids c WHERE c.job_id = d.job_id AND c.disk_id = d.disk_id"
         "  ORDER BY c.id DESC LIMIT 1) AS change_id"
@@ -128,14 +146,30 @@ async def load_job(conn: Any, job_id: str, *, for_update: bool = False) -> dict[
     return row_dict(row)
 
 
+async def lock_job(conn: Connection, job_id: str) -> dict[str, Any]:
+    """Lock ``job_id`` for a change, in the one lock order: its VM context, then the job (a
+    creation upserts the context first too). Raises 404 when the job does not exist."""
+    await conn.execute(
+        "SELECT 1 FROM vm_contexts WHERE context_id = (SELECT vm_context_id FROM"
+        " replication_jobs WHERE id = $1)"
+        " FOR NO KEY UPDATE",
+        job_id,
+    )
+    return await load_job(conn, job_id, for_update=True)
+
+
 async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDisk]:
     if vm.disks:
         ids = [d.id for d in vm.disks]
         if len(set(ids)) != len(ids):
             raise ApiError.unprocessable("source_vm.disks lists a disk twice")
         return vm.disks
+    # By id when the request names the VM (another VM may sit at the same path), else by path.
     row = await conn.fetchrow(
-        "SELECT disks FROM vms WHERE ($1::text IS NOT NULL AND id = $1) OR path = $2 LIMIT 1", vm.id, vm.path
+        "SELECT disks FROM vms WHERE CASE WHEN $1::text IS NOT NULL THEN id = $1 ELSE path = $2 END"
+        " ORDER BY updated_at DESC LIMIT 1",
+        vm.id,
+        vm.path,
     )
     disks = row_dict(row)["disks"] if row else []
     found = [
@@ -166,6 +200,67 @@ async def list_replications(query_args: ReplicationListQuery) -> Response:
     )
 
 
+@dataclass(frozen=True)
+class VmIdentity:
+    """A VM as the replicas know it: its vCenter and its managed object id there (``path:<path>``
+    when nobody knows the id)."""
+
+    vcenter: str
+    vm_id: str
+
+
+async def resolve_identity(conn: Database | Connection, vm: SourceVM, vcenter_host: str) -> VmIdentity:
+    """The identity of ``vm``: ``source_vm.id`` within ``vcenter_host`` (else the inventory's
+    vCenter for that id); without an id, the inventory's VM at ``source_vm.path``; else the path."""
+    if vm.id:
+        vcenter = vcenter_host or await conn.fetchval("SELECT vcenter_host FROM vms WHERE id = $1", vm.id)
+        return VmIdentity(vcenter or "", vm.id)
+    rows = await conn.fetch(
+        "SELECT id, vcenter_host FROM vms WHERE path = $1 AND ($2 = '' OR vcenter_host = $2) LIMIT 2",
+        vm.path,
+        vcenter_host,
+    )
+    if len(rows) > 1:
+        raise ApiError.conflict(
+            f"the inventory has VMs at {vm.path!r} in several vCenters: give vcenter_host or source_vm.id"
+        )
+    if rows:
+        return VmIdentity(vcenter_host or rows[0]["vcenter_host"], rows[0]["id"])
+    return VmIdentity(vcenter_host, f"path:{vm.path}")
+
+
+@dataclass(frozen=True)
+class DiskBase:
+    """The base a disk's next pass can build on: the latest change ID of its current volume
+    generation, if that volume holds a complete pass (``ready``). A disk that never had a volume
+    (its jobs were run outside this OMA's engine, as in the seed: the VMA given its own targets)
+    has the latest change ID recorded without a volume (``volume_id`` None); the engine never
+    applies such a base to a volume of its own."""
+
+    volume_id: str | None
+    generation: int | None
+    change_id: str
+
+
+async def disk_bases(
+    conn: Database | Connection, who: VmIdentity, disk_ids: list[str]
+) -> dict[str, DiskBase]:
+    rows = await conn.fetch(
+        "SELECT d.disk_id, v.id, v.generation, CASE"
+        "  WHEN v.id IS NULL THEN (SELECT c.change_id FROM vm_disk_changeids c WHERE c.vcenter_host = $1"
+        "   AND c.vm_id = $2 AND c.disk_id = d.disk_id AND c.volume_id IS NULL ORDER BY c.id DESC LIMIT 1)"
+        "  WHEN v.state = 'ready' THEN (SELECT c.change_id FROM vm_disk_changeids c WHERE c.volume_id = v.id"
+        "   AND c.generation = v.generation ORDER BY c.id DESC LIMIT 1)"
+        " END AS change_id"
+        " FROM unnest($3::text[]) AS d(disk_id) LEFT JOIN replica_volumes v"
+        " ON v.vcenter_host = $1 AND v.vm_id = $2 AND v.disk_id = d.disk_id",
+        who.vcenter,
+        who.vm_id,
+        disk_ids,
+    )
+    return {r["disk_id"]: DiskBase(r["id"], r["generation"], r["change_id"]) for r in rows if r["change_id"]}
+
+
 @bp.post("/replications")
 @allow_vma
 @validate_request(CreateReplicationRequest)
@@ -174,34 +269,32 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
     db = state().db
     vm = data.source_vm
     job_id = new_id("repl")
-    disks = await _disks_for(db, vm)
-    bases = {
-        r["disk_id"]: r["change_id"]
-        for r in await db.fetch(
-            "SELECT DISTINCT ON (disk_id) disk_id, change_id FROM vm_disk_changeids"
-            " WHERE vm_path = $1 AND disk_id = ANY($2::text[]) ORDER BY disk_id, id DESC",
-            vm.path,
-            [d.id for d in disks],
-        )
-    }
+    disks = sorted(await _disks_for(db, vm), key=lambda d: d.id)
+    who = await resolve_identity(db, vm, data.vcenter_host)
+    bases = await disk_bases(db, who, [d.id for d in disks])
     all_have_base = all(d.id in bases for d in disks)
     kind = data.replication_type or ("incremental" if all_have_base else "initial")
     if kind == "incremental" and not all_have_base:
         missing = sorted(d.id for d in disks if d.id not in bases)
-        raise ApiError.conflict(f"incremental replication needs a stored change ID for disks {missing}")
-    disks = sorted(disks, key=lambda d: d.id)
-    base_ids = [bases.get(d.id) if kind == "incremental" else None for d in disks]
+        raise ApiError.conflict(
+            f"incremental replication needs a complete earlier pass into the current volume of disks"
+            f" {missing}: run an initial replication (or omit replication_type)"
+        )
+    # initial: every disk gets a full pass into a new volume generation; incremental: each disk
+    # builds on its volume's latest change ID (the engine checks the volume is still that one).
+    used = [bases[d.id] if kind == "incremental" else None for d in disks]
     try:
         # One statement, so one atomic step: upsert the VM context (pointing at the new job), insert
         # the job and its disks. The partial unique index on active disks makes a concurrent
-        # creation for the same disk fail here as a whole (nothing of it is kept).
+        # creation for the same disk fail here as a whole (nothing of it is kept). The context is
+        # locked first, as every other writer of a job does (lock_job).
         row = await db.fetchrow(
             "WITH ctx AS ("
             "  INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, datacenter,"
             "   current_job_id, current_status, total_jobs, last_job_at)"
             "  VALUES ($2, $3, $4, $5, $6, $7, $1, 'replication_pending', 1, now())"
-            "  ON CONFLICT (vm_name) DO UPDATE SET vm_path = EXCLUDED.vm_path,"
-            "   vmware_vm_id = COALESCE(EXCLUDED.vmware_vm_id, vm_contexts.vmware_vm_id),"
+            "  ON CONFLICT (vcenter_host, vmware_vm_id) DO UPDATE SET vm_path = EXCLUDED.vm_path,"
+            "   vm_name = EXCLUDED.vm_name,"
             "   current_job_id = EXCLUDED.current_job_id, current_status = 'replication_pending',"
             "   total_jobs = vm_contexts.total_jobs + 1, last_job_at = now(), updated_at = now()"
             "  RETURNING context_id),"
@@ -210,36 +303,44 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             "   datacenter, replication_type, status, total_bytes, current_operation, created_by,"
             "   credential_id)"
             "  SELECT $1, ctx.context_id, $4, $3, $5, $6, $7, $8, 'pending', $9, 'queued', $10, $14 FROM ctx"
-            f"  RETURNING {JOB_COLUMNS}),"
-            " disks AS ("
-            "  INSERT INTO replication_job_disks (job_id, disk_id, vm_path, capacity_bytes, base_change_id)"
-            "  SELECT job.id, u.disk_id, $5, u.capacity_bytes, u.base_change_id"
-            "  FROM job, unnest($11::text[], $12::bigint[], $13::text[]) AS u(disk_id, capacity_bytes,"
-            "   base_change_id)"
+            f"  RETURNING"
+            f" {JOB_COLUMNS}),"
+            " disks AS"
+            " ("
+            "  INSERT INTO replication_job_disks (job_id, disk_id, vm_path, vcenter_host,"
+            " vm_id, capacity_bytes,"
+            "   base_change_id, volume_id, volume_generation)"
+            "  SELECT job.id, u.disk_id, $5, $6, $4, u.capacity_bytes, u.base_change_id,"
+            " u.volume_id, u.generation"
+            "  FROM job, unnest($11::text[], $12::bigint[], $13::text[], $15::text[], $16::int[])"
+            "   AS u(disk_id, capacity_bytes, base_change_id, volume_id, generation)"
             "  RETURNING 1)"
             " SELECT job.*, (SELECT count(*) FROM disks) AS disk_count FROM job",
             job_id,
             new_id("ctx"),
             vm.name,
-            vm.id,
+            who.vm_id,
             vm.path,
-            data.vcenter_host,
+            who.vcenter,
             vm.datacenter,
             kind,
             sum(d.capacity_bytes or 0 for d in disks),
             principal.subject,
             [d.id for d in disks],
             [d.capacity_bytes for d in disks],
-            base_ids,
+            [b.change_id if b else None for b in used],
             data.credential_id,
+            [b.volume_id if b else None for b in used],
+            [b.generation if b else None for b in used],
         )
     except UniqueViolation as exc:
         if exc.constraint_name != ACTIVE_DISK_INDEX:
             raise
         existing = await db.fetchval(
-            "SELECT job_id FROM replication_job_disks WHERE vm_path = $1 AND disk_id = ANY($2::text[])"
-            " AND active LIMIT 1",
-            vm.path,
+            "SELECT job_id FROM replication_job_disks WHERE vcenter_host = $1 AND vm_id = $2"
+            " AND disk_id = ANY($3::text[]) AND active LIMIT 1",
+            who.vcenter,
+            who.vm_id,
             [d.id for d in disks],
         )
         raise ApiError.conflict(
@@ -252,7 +353,9 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             "disk_id": d.id,
             "capacity_bytes": d.capacity_bytes,
             "active": True,
-            "base_change_id": base,
+            "base_change_id": base.change_id if base else None,
+            "volume_id": base.volume_id if base else None,
+            "volume_generation": base.generation if base else None,
             "volume_path": None,
             "nbd_uri": None,
             "copy_mode": None,
@@ -260,10 +363,13 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             "bytes_zeroed": None,
             "change_id": None,
         }
-        for d, base in zip(disks, base_ids, strict=True)
+        for d, base in zip(disks, used, strict=True)
     ]
     with log_context(job_id=job_id, action="replication_create"):
-        log.info("replication job created", extra={"vm_name": vm.name, "replication_type": kind})
+        log.info(
+            "replication job created",
+            extra={"vm_name": vm.name, "vm_id": who.vm_id, "vcenter": who.vcenter, "replication_type": kind},
+        )
     state().wake_engine()
     return job, 201
 
@@ -272,9 +378,17 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
 @allow_vma
 @validate_querystring(ChangeIdQuery)
 async def get_previous_change_id(query_args: ChangeIdQuery) -> dict[str, Any]:
+    """The latest change ID of the current volume of the VM last replicated from ``vm_path``: none
+    when that volume is being made anew (or failed), whatever older volumes or VMs stored. For a
+    path whose jobs never had a volume (run outside the engine), the latest one recorded."""
     row = await state().db.fetchrow(
-        "SELECT change_id, job_id, created_at FROM vm_disk_changeids WHERE vm_path = $1 AND disk_id = $2"
-        " ORDER BY id DESC LIMIT 1",
+        "WITH v AS (SELECT id, generation, state FROM replica_volumes WHERE vm_path = $1 AND disk_id = $2"
+        "  ORDER BY updated_at DESC LIMIT 1)"
+        " SELECT c.change_id, c.job_id, c.created_at FROM vm_disk_changeids c WHERE CASE"
+        "  WHEN EXISTS (SELECT 1 FROM v)"
+        "   THEN (c.volume_id, c.generation) = (SELECT id, generation FROM v WHERE state = 'ready')"
+        "  ELSE c.volume_id IS NULL AND c.vm_path = $1 AND c.disk_id = $2"
+        " END ORDER BY c.id DESC LIMIT 1",
         query_args.vm_path,
         query_args.disk_id,
     )
@@ -309,7 +423,7 @@ async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dic
 
 async def _update_replication(job_id: str, data: UpdateReplicationRequest) -> dict[str, Any]:
     async with state().db.transaction() as conn:
-        job = await load_job(conn, job_id, for_update=True)
+        job = await lock_job(conn, job_id)
         old, new = job["status"], data.status or job["status"]
         if old in TERMINAL:
             raise ApiError.conflict(f"job {job_id} is {old}; a finished job cannot change")
@@ -373,7 +487,7 @@ async def delete_replication(job_id: str) -> dict[str, Any]:
 
 async def _delete_replication(job_id: str) -> dict[str, Any]:
     async with state().db.transaction() as conn:
-        job = await load_job(conn, job_id, for_update=True)
+        job = await lock_job(conn, job_id)
         if job["status"] in ACTIVE:
             raise ApiError.conflict(
                 f"job {job_id} is {job['status']}; cancel it first (PUT status=cancelled)"
@@ -395,34 +509,62 @@ async def store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict
 
 async def _store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
     async with state().db.transaction() as conn:
-        job = await load_job(conn, job_id, for_update=True)
+        job = await lock_job(conn, job_id)
         if job["status"] in ("failed", "cancelled"):
             raise ApiError.conflict(f"job {job_id} is {job['status']}; its change IDs cannot become a base")
         if data.vm_path is not None and data.vm_path != job["vm_path"]:
             raise ApiError.unprocessable(f"job {job_id} replicates {job['vm_path']!r}, not {data.vm_path!r}")
         disk = await conn.fetchrow(
-            "SELECT vm_path FROM replication_job_disks WHERE job_id = $1 AND disk_id = $2",
+            "SELECT vm_path, vcenter_host, vm_id, volume_id, volume_generation FROM replication_job_disks"
+            " WHERE job_id = $1 AND disk_id = $2",
             job_id,
             data.disk_id,
         )
         if disk is None:
             raise ApiError.not_found(f"job {job_id} has no disk {data.disk_id!r}")
+        # The volume becomes 'ready' (it holds a complete pass) in the same step as its change ID,
+        # and only if it is still the generation this job wrote. A job without a volume (not run
+        # by the engine) records a change ID of no volume: never a base for a volume.
+        if disk["volume_id"] is not None and not await conn.fetchval(
+            "UPDATE replica_volumes SET state = 'ready', error_message = NULL, updated_at = now()"
+            " WHERE id = $1 AND generation = $2 RETURNING true",
+            disk["volume_id"],
+            disk["volume_generation"],
+        ):
+            raise ApiError.conflict(
+                f"the volume of {data.disk_id} was made anew since job {job_id} started: its change ID"
+                " would describe another volume"
+            )
         row = await conn.fetchrow(
-            "INSERT INTO vm_disk_changeids (vm_path, disk_id, change_id, job_id) VALUES ($1, $2, $3, $4)"
-            " RETURNING created_at",
+            "INSERT INTO vm_disk_changeids (vm_path, disk_id, change_id, job_id,"
+            " vcenter_host, vm_id, volume_id,"
+            " generation) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING created_at",
             disk["vm_path"],
             data.disk_id,
             data.change_id,
             job_id,
+            disk["vcenter_host"],
+            disk["vm_id"],
+            disk["volume_id"],
+            disk["volume_generation"],
         )
     with log_context(job_id=job_id, action="changeid_store"):
-        log.info("change ID stored", extra={"disk_id": data.disk_id})
+        log.info(
+            "change ID stored",
+            extra={
+                "disk_id": data.disk_id,
+                "volume_id": disk["volume_id"],
+                "generation": disk["volume_generation"],
+            },
+        )
     assert row is not None
     return {
         "job_id": job_id,
         "vm_path": disk["vm_path"],
         "disk_id": data.disk_id,
         "change_id": data.change_id,
+        "volume_id": disk["volume_id"],
+        "volume_generation": disk["volume_generation"],
         "recorded_at": iso(row["created_at"]),
     }, 201
 

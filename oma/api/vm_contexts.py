@@ -1,5 +1,9 @@
 """VM-centric architecture: one context per VM under management, with its jobs.
 
+A context is one VM identity (vCenter, managed object id), whatever its name: two VMs of the
+same name have two contexts. ``GET /vm-contexts/{vm_name}`` takes a context id or a name; a name
+that several managed VMs share answers 409 with their context ids.
+
 ``GET /vm-contexts/ungrouped`` (alias of ``/discovery/ungrouped-vms``) is a static route and so
 wins over ``/vm-contexts/{vm_name}``: a VM literally named ``ungrouped`` is reached through the
 list endpoint's ``search``.
@@ -83,10 +87,19 @@ async def ungrouped_alias(query_args: Page) -> dict[str, Any]:
 @bp.get("/vm-contexts/<vm_name>")
 async def get_vm_context(vm_name: str) -> dict[str, Any]:
     db = state().db
-    row = await db.fetchrow(f"SELECT {CONTEXT_COLUMNS} FROM vm_contexts WHERE vm_name = $1", vm_name)
-    if row is None:
+    rows = await db.fetch(
+        f"SELECT {CONTEXT_COLUMNS} FROM vm_contexts WHERE context_id = $1"
+        " UNION ALL"
+        f" SELECT {CONTEXT_COLUMNS} FROM vm_contexts WHERE vm_name = $1"
+        " AND NOT EXISTS (SELECT 1 FROM vm_contexts WHERE context_id = $1) ORDER BY context_id LIMIT 10",
+        vm_name,
+    )
+    if not rows:
         raise ApiError.not_found(f"no VM context for {vm_name!r}")
-    context = row_dict(row)
+    if len(rows) > 1:
+        ids = ", ".join(f"{r['context_id']} ({r['vm_path']})" for r in rows)
+        raise ApiError.conflict(f"several managed VMs are named {vm_name!r}: ask by context id: {ids}")
+    context = row_dict(rows[0])
     current = None
     if context["current_job_id"]:
         job = await db.fetchrow(
@@ -99,9 +112,9 @@ async def get_vm_context(vm_name: str) -> dict[str, Any]:
         context["context_id"],
     )
     inventory = await db.fetchrow(
-        "SELECT disks, networks FROM vms WHERE ($1::text IS NOT NULL AND id = $1) OR path = $2 LIMIT 1",
+        "SELECT disks, networks FROM vms WHERE id = $1 AND ($2 = '' OR vcenter_host = $2)",
         context["vmware_vm_id"],
-        context["vm_path"],
+        context["vcenter_host"],
     )
     inv = row_dict(inventory) if inventory else {"disks": [], "networks": []}
     return {

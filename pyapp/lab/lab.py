@@ -11,6 +11,8 @@ with lab:                                   # or: await nursery.start(lab.serve)
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import select
 import subprocess
 import time
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, cast
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 import trio
@@ -255,8 +257,15 @@ class Lab:
         datacenter: str = "DC0",
         datastore: str = "LocalDS_0",
         power_on: bool = True,
+        folder: str = "",
+        directory: str | None = None,
     ) -> LabVM:
-        """Build the disk images, then create the VM through the vSphere API with those disks."""
+        """Build the disk images, then create the VM through the vSphere API with those disks.
+
+        ``folder``: a VM folder path under the datacenter's ``vm`` folder (``"f2"``, ``"a/b"``),
+        made when missing, so the VM's inventory path is ``/DC0/vm/<folder>/<name>``;
+        ``directory``: the VM's directory on the datastore (default: its name; two VMs of one name
+        in two folders need two)."""
         if len(disks) > 15:
             raise ValueError("at most 15 disks (one SCSI controller)")
         si = self._service()
@@ -273,9 +282,16 @@ class Lab:
             raise LabError(f"no datacenter {datacenter!r}")
         compute = next(e for e in dc.hostFolder.childEntity if isinstance(e, vim.ComputeResource))
 
+        target_folder = dc.vmFolder
+        for part in [p for p in folder.split("/") if p]:
+            child = next(
+                (e for e in target_folder.childEntity if isinstance(e, vim.Folder) and e.name == part), None
+            )
+            target_folder = child if child is not None else target_folder.CreateFolder(part)
+        home = directory or name
         built: list[tuple[str, Path, DiskLayout, int]] = []
         for i, spec in enumerate(disks):
-            rel = f"{name}/{name}.vmdk" if i == 0 else f"{name}/{name}_{i}.vmdk"
+            rel = f"{home}/{name}.vmdk" if i == 0 else f"{home}/{name}_{i}.vmdk"
             ds_path = datastore_path(datastore, rel)
             descriptor = self.resolve(ds_path)
             if descriptor.exists():
@@ -318,10 +334,10 @@ class Lab:
             guestId=guest_id,
             memoryMB=memory_mb,
             numCPUs=num_cpus,
-            files=vim.vm.FileInfo(vmPathName=datastore_path(datastore, f"{name}/{name}.vmx")),
+            files=vim.vm.FileInfo(vmPathName=datastore_path(datastore, f"{home}/{name}.vmx")),
             deviceChange=changes,
         )
-        task = dc.vmFolder.CreateVM_Task(config=config, pool=compute.resourcePool)
+        task = target_folder.CreateVM_Task(config=config, pool=compute.resourcePool)
         WaitForTask(task)
         vm = task.info.result
         if power_on and vm.runtime.powerState != "poweredOn":
@@ -352,3 +368,38 @@ class Lab:
                 )
             )
         return LabVM(name, vm._moId, vm.config.uuid, tuple(lab_disks))
+
+    def grow_disk(self, vm: LabVM, index: int, capacity: int) -> LabVM:
+        """Grow disk ``index`` of ``vm`` to ``capacity`` bytes, as an operator extending a virtual
+        disk would: the image grows (the new area reads as zeros), then the VM's disk device
+        (``ReconfigVM_Task``, operation ``edit``). Returns ``vm`` with the new capacity."""
+        disk = vm.disks[index]
+        if capacity <= disk.capacity or capacity % 512:
+            raise ValueError("a disk grows to a larger multiple of 512 bytes")
+        with disk.image.open("r+b") as f:
+            f.truncate(capacity)
+            os.fsync(f.fileno())
+        write_descriptor(disk.descriptor, capacity)
+        si = self.connect()  # a connection of its own: the shared one may have gone idle
+        try:
+            found: Any = vim.VirtualMachine(
+                vm.moref, si._stub
+            )  # by its moref: SearchIndex trips on the lab's objects
+            if found.config is None:
+                raise LabError(f"no VM {vm.name} ({vm.moref})")
+            device: Any = next(
+                d
+                for d in found.config.hardware.device
+                if isinstance(d, vim.vm.device.VirtualDisk) and d.key == disk.key
+            )
+            device.capacityInBytes = capacity
+            device.capacityInKB = capacity // 1024
+            spec = vim.vm.ConfigSpec(
+                deviceChange=[vim.vm.device.VirtualDeviceSpec(operation="edit", device=device)]
+            )
+            WaitForTask(found.ReconfigVM_Task(spec=spec))
+        finally:
+            Disconnect(si)
+        disks = list(vm.disks)
+        disks[index] = dataclasses.replace(disk, capacity=capacity, guest=GuestDisk(disk.descriptor))
+        return dataclasses.replace(vm, disks=tuple(disks))

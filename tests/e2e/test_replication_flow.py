@@ -1,6 +1,8 @@
 """The product's main flow end to end: discovery through the OMA, a full pass, guest writes, an
 incremental pass that moves only the changed extents, target volumes equal to the source byte for
-byte, no snapshot left in the lab; a target export killed mid-copy; two VMs at once."""
+byte, no snapshot left in the lab; a target export killed mid-copy; two VMs at once; a new volume
+always gets a full pass (an explicit initial pass after earlier ones; after a lost volume file,
+which fails the automatic pass with what to do); a disk grown between passes."""
 
 from __future__ import annotations
 
@@ -136,3 +138,89 @@ async def test_two_vms_at_once(product: Product, vm1: LabVM) -> None:
         assert await no_snapshots(product, vm) == []
     # both ran side by side: the second started before the first completed
     assert done[1]["started_at"] < done[0]["completed_at"]
+
+
+async def guest_writes(vm: LabVM, seed: int) -> None:
+    await trio.to_thread.run_sync(
+        lambda: vm.disks[0].guest.rewrite_random_chunks(6, chunk=64 * 1024, seed=seed)
+    )
+    await trio.to_thread.run_sync(vm.disks[1].guest.write, 3 * MiB + seed * 4096, os.urandom(4096))
+
+
+async def test_an_initial_replication_after_earlier_passes_is_a_full_pass(
+    product: Product, vm1: LabVM
+) -> None:
+    await product.oma.post("/discovery/add-vms", json={"vm_names": ["vm1"]})
+    first = await product.wait((await product.replicate(vm1))["id"])
+    assert first["status"] == "completed", first["error_message"]
+    await guest_writes(vm1, 11)
+
+    # The operator asks for an initial replication: a new zeroed volume generation, so the pass
+    # must copy everything — never the areas changed since a change ID the new volume never got.
+    again = await product.replicate(vm1, replication_type="initial")
+    assert again["replication_type"] == "initial"
+    job = await product.wait(again["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert {d["copy_mode"] for d in job["disks"]} == {"full"}
+    assert all(d["base_change_id"] is None for d in job["disks"])
+    assert {d["volume_generation"] for d in job["disks"]} == {2}
+    assert_targets_equal(job, vm1)
+
+    # The next automatic pass builds on the new generation.
+    await guest_writes(vm1, 12)
+    job = await product.wait((await product.replicate(vm1))["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert job["replication_type"] == "incremental"
+    assert {d["copy_mode"] for d in job["disks"]} == {"incremental"}
+    assert_targets_equal(job, vm1)
+
+
+async def test_a_lost_volume_file_is_refused_and_an_initial_replication_copies_everything(
+    product: Product, vm1: LabVM
+) -> None:
+    await product.oma.post("/discovery/add-vms", json={"vm_names": ["vm1"]})
+    first = await product.wait((await product.replicate(vm1))["id"])
+    assert first["status"] == "completed", first["error_message"]
+    await guest_writes(vm1, 21)
+    for d in first["disks"]:
+        Path(d["volume_path"]).unlink()
+
+    # The automatic job builds on a base whose volume is gone: it fails and says what to do.
+    auto = await product.wait((await product.replicate(vm1))["id"])
+    assert auto["status"] == "failed" and "run an initial replication" in auto["error_message"]
+    assert await no_snapshots(product, vm1) == []
+
+    # Doing exactly that: a new volume generation and a full pass, never an incremental one.
+    job = await product.wait((await product.replicate(vm1, replication_type="initial"))["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert {d["copy_mode"] for d in job["disks"]} == {"full"}
+    assert all(d["base_change_id"] is None for d in job["disks"])
+    assert job["bytes_transferred"] > 0
+    assert_targets_equal(job, vm1)
+
+    # and the next automatic pass builds on it
+    await guest_writes(vm1, 22)
+    job = await product.wait((await product.replicate(vm1))["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert {d["copy_mode"] for d in job["disks"]} == {"incremental"}
+    assert_targets_equal(job, vm1)
+
+
+async def test_a_disk_grown_between_passes(product: Product, vm1: LabVM) -> None:
+    await product.oma.post("/discovery/add-vms", json={"vm_names": ["vm1"]})
+    first = await product.wait((await product.replicate(vm1))["id"])
+    assert first["status"] == "completed", first["error_message"]
+
+    grown = await trio.to_thread.run_sync(product.lab.grow_disk, vm1, 0, 48 * MiB)
+    await trio.to_thread.run_sync(grown.disks[0].guest.write, 40 * MiB, os.urandom(64 * 1024))  # new area
+    await guest_writes(grown, 31)
+    r = await product.oma.post("/discovery/add-vms", json={"vm_names": ["vm1"]})  # the inventory learns it
+    assert r.status_code == 200, r.text
+    inventory = (await product.oma.get(f"/vms/{vm1.moref}")).json()
+    assert {d["id"]: d["capacity_bytes"] for d in inventory["disks"]}[f"disk-{vm1.disks[0].key}"] == 48 * MiB
+
+    job = await product.wait((await product.replicate(grown))["id"])
+    assert job["status"] == "completed", job["error_message"]
+    assert {d["copy_mode"] for d in job["disks"]} == {"incremental"}
+    assert {d["volume_path"] for d in job["disks"]} == {d["volume_path"] for d in first["disks"]}
+    assert_targets_equal(job, grown)

@@ -16,7 +16,13 @@ calls the OMA makes:
   in docs/oma.md), or 404 ``JOB_NOT_FOUND``;
 - the **export job** of docs/backup.md ("The VMA's export job"): ``POST /api/v1/replicate`` with
   ``"mode": "export"``, ``GET /api/v1/status/{job_id}`` with ``phase`` and ``exports``, and
-  ``POST /api/v1/cleanup`` (``cleanup_all`` releases the export).
+  ``POST /api/v1/cleanup`` (``cleanup_all`` releases the export);
+- the **replication job** as the engine starts it (docs/vma.md): ``PUT /api/v1/config`` and
+  ``POST /api/v1/replicate`` whose ``targets`` give every disk as ``{"uri", "base_change_id"}``
+  (a plain URI or a missing ``base_change_id`` is refused: the OMA must say what each target
+  holds) and optional ``vm_ids``. The double copies nothing: the job stays ``running`` (the test
+  plays the VMA's reports to the OMA) until ``POST /api/v1/cleanup`` stops it; the bodies are in
+  :attr:`VmaDouble.replications`.
 
 The export job serves real bytes: each disk the test registers (:meth:`VmaDouble.add_export_disk`)
 is a raw image the test writes through :meth:`ExportDisk.write`, which also records the written
@@ -208,6 +214,8 @@ class VmaDouble:
     export_jobs: dict[str, ExportJob] = field(default_factory=dict)
     #: Job ids released through ``POST /cleanup``, in order.
     releases: list[str] = field(default_factory=list)
+    #: Replication jobs started (``POST /replicate`` in replicate mode): job id -> body, status.
+    replications: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_delay: float = 0.0
     read_delay: str | None = None
     read_rate: str | None = None
@@ -326,12 +334,43 @@ class VmaDouble:
                 "vms": [vm for vm in self.vms if wanted in vm["name"].lower()],
             }
 
+        def replication(body: dict[str, Any]) -> Any:
+            if body.get("username") != self.username or body.get("password") != self.password:
+                return error(500, "OPERATION_FAILED", f"vCenter {body.get('vcenter')} refused the login")
+            job_id, vm_paths, targets = body.get("job_id"), body.get("vm_paths"), body.get("targets")
+            if not isinstance(job_id, str) or job_id in self.replications:
+                return error(409, "CONFLICT", f"job {job_id} exists")
+            if (
+                not isinstance(vm_paths, list)
+                or not isinstance(targets, dict)
+                or set(targets) != set(vm_paths)
+            ):
+                return error(400, "INVALID_REQUEST", "targets must name every vm_path")
+            for vm_path, disks in targets.items():
+                for disk_id, target in (disks or {}).items():
+                    if not isinstance(target, dict) or set(target) != {"uri", "base_change_id"}:
+                        return error(
+                            400,
+                            "INVALID_REQUEST",
+                            f"targets[{vm_path}][{disk_id}] must be {{uri, base_change_id}}",
+                        )
+            self.replications[job_id] = {"body": body, "status": "running"}
+            return {"job_id": job_id, "status": "started", "vm_count": len(vm_paths), "started_at": _now()}
+
+        @app.put("/api/v1/config")
+        async def put_config() -> Any:
+            body = await request.get_json()
+            self.requests.append(("PUT", "/api/v1/config", body))
+            return {"status": "updated", **(body if isinstance(body, dict) else {})}
+
         @app.post("/api/v1/replicate")
         async def replicate() -> Any:
             body = await request.get_json()
             self.requests.append(("POST", "/api/v1/replicate", body))
+            if isinstance(body, dict) and body.get("mode") in (None, "replicate"):
+                return replication(body)
             if not isinstance(body, dict) or body.get("mode") != "export":
-                return error(400, "INVALID_REQUEST", "the double only runs export jobs (mode: export)")
+                return error(400, "INVALID_REQUEST", "mode must be 'replicate' or 'export'")
             if body.get("username") != self.username or body.get("password") != self.password:
                 return error(500, "OPERATION_FAILED", f"vCenter {body.get('vcenter')} refused the login")
             job_id, vm_paths, disks = body.get("job_id"), body.get("vm_paths"), body.get("disks")
@@ -349,6 +388,8 @@ class VmaDouble:
 
         @app.get("/api/v1/status/<job_id>")
         async def status(job_id: str) -> Any:
+            if job_id in self.replications:
+                return {"job_id": job_id, "status": self.replications[job_id]["status"]}
             job = self.export_jobs.get(job_id)
             if job is None:
                 return error(404, "JOB_NOT_FOUND", f"job {job_id} not found")
@@ -358,6 +399,18 @@ class VmaDouble:
         async def cleanup() -> Any:
             body = await request.get_json()
             self.requests.append(("POST", "/api/v1/cleanup", body))
+            replication = self.replications.get(body.get("job_id") if isinstance(body, dict) else "")
+            if replication is not None:
+                stopped = replication["status"] == "running"
+                replication["status"] = "failed" if stopped else replication["status"]
+                return {
+                    "job_id": body["job_id"],
+                    "action": body.get("action"),
+                    "status": "success",
+                    "job_stopped": stopped,
+                    "snapshots_removed": [],
+                    "artifacts_removed": True,
+                }
             job = self.export_jobs.get(body.get("job_id") if isinstance(body, dict) else None)
             if job is None:
                 return error(404, "JOB_NOT_FOUND", f"job {body.get('job_id')} not found")

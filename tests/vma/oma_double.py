@@ -7,8 +7,11 @@ Real HTTP (quart-trio on hypercorn, loopback) speaking the shapes of the OMA's c
   ``{"token", "token_type", "expires_at", "expires_in", "role"}``; tokens expire after ``ttl``
   seconds (short in tests), a wrong login answers 401;
 - ``GET /api/v1/replications/changeid?vm_path=&disk_id=`` -> ``{"vm_path", "disk_id", "change_id"}``
-  (``null``: no base);
-- ``POST /api/v1/replications/{job_id}/changeid`` ``{"disk_id", "change_id", "vm_path"}`` -> 201;
+  (``null``: no base). The double answers the last one stored for the path, as the seed's OMA
+  did; the real OMA answers for the VM's current volume, and its engine sends each target's base
+  in the replicate request, which the VMA uses instead (docs/vma.md);
+- ``POST /api/v1/replications/{job_id}/changeid`` ``{"disk_id", "change_id", "vm_path"}`` -> 201
+  (with ``volume_id`` and ``volume_generation``: null here, no volume of the double received it);
   refused (409) once the job is failed, as the OMA does;
 - ``PUT /api/v1/replications/{job_id}`` -> the job's record (status, progress, error...);
 - ``POST /api/v1/vms/inventory``.
@@ -130,7 +133,8 @@ class OmaDouble:
                 return error(400, "INVALID_REQUEST", "disk_id and change_id are required")
             self.change_id_posts.append({"job_id": job_id, **body})
             self.change_ids[(body.get("vm_path", ""), body["disk_id"])] = body["change_id"]
-            return {"job_id": job_id, **body, "recorded_at": _now()}, 201
+            answer = {"job_id": job_id, **body, "volume_id": None, "volume_generation": None}
+            return {**answer, "recorded_at": _now()}, 201
 
         @app.put("/api/v1/replications/<job_id>")
         async def update_replication(job_id: str) -> Any:

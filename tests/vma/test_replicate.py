@@ -148,3 +148,69 @@ async def test_single_disk_target_from_put_config(tmp_path: Path, vma: Vma, lab:
         p = await replicate(vma, body)
         assert p["status"] == "completed", p
     assert images_equal(target, vm.disks[0].image)
+
+
+async def test_the_request_says_what_each_target_holds(
+    tmp_path: Path, vma: Vma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    """The OMA's request gives each target's base (``base_change_id``): the VMA builds on that, not
+    on whatever ``GET /replications/changeid`` answers; null means a full pass that also zeroes
+    what it does not list. ``vm_ids``: another VM at the path is never copied."""
+
+    def body(
+        job_id: str, served: list[NbdExport], bases: dict[str, str | None], **extra: Any
+    ) -> dict[str, Any]:
+        targets = {
+            VM_PATH: {
+                f"disk-{d.key}": {"uri": e.uri, "base_change_id": bases.get(f"disk-{d.key}")}
+                for d, e in zip(vm1.disks, served, strict=True)
+            }
+        }
+        return replicate_body(lab, job_id, oma_url=oma.url, targets=targets, **extra)
+
+    with exports(tmp_path, vm1, "old") as (_, served):
+        p1 = await replicate(vma, request(lab, "repl-o1", oma, served, vm1))
+        assert p1["status"] == "completed", p1
+    first = {p["disk_id"]: p["change_id"] for p in oma.change_id_posts if p["job_id"] == "repl-o1"}
+    vm1.disks[0].guest.rewrite_random_chunks(4, chunk=64 * 1024, seed=5)
+
+    with exports(tmp_path, vm1, "new") as (targets, served):
+        # A new volume: the OMA says it holds nothing, although GET /changeid still names a base
+        # (as the seed's OMA did for a VM path whatever volume received it).
+        assert oma.change_ids
+        asked = len([r for r in oma.requests if r[1] == "/api/v1/replications/changeid"])
+        p2 = await replicate(vma, body("repl-n1", served, {}))
+        assert p2["status"] == "completed", p2
+        assert {d["mode"] for d in p2["disks"]} == {"full"}
+        for target, disk in zip(targets, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)
+        second = {p["disk_id"]: p["change_id"] for p in oma.change_id_posts if p["job_id"] == "repl-n1"}
+        assert set(second) == set(first)
+
+        # The volume holds pass 2: incremental from the bases the request gives.
+        vm1.disks[0].guest.rewrite_random_chunks(3, chunk=64 * 1024, seed=6)
+        vm1.disks[1].guest.rewrite_random_chunks(1, chunk=64 * 1024, seed=7)
+        p3 = await replicate(vma, body("repl-n2", served, second))
+        assert p3["status"] == "completed", p3
+        assert {d["mode"] for d in p3["disks"]} == {"incremental"}
+        assert written(p3) <= 4 * 64 * 1024 + 64 * 1024
+        for target, disk in zip(targets, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)
+        assert len([r for r in oma.requests if r[1] == "/api/v1/replications/changeid"]) == asked
+
+        # The job was made for another VM than the one now at the path: nothing is copied.
+        third = {p["disk_id"]: p["change_id"] for p in oma.change_id_posts if p["job_id"] == "repl-n2"}
+        p4 = await replicate(vma, body("repl-n3", served, third, vm_ids={VM_PATH: "vm-999999"}))
+        assert p4["status"] == "failed" and "vm-999999" in p4["error"], p4
+        assert not [p for p in oma.change_id_posts if p["job_id"] == "repl-n3"]
+
+    # Malformed targets are refused before anything starts.
+    bad = body("repl-bad", served, {})
+    bad["targets"][VM_PATH][f"disk-{vm1.disks[0].key}"] = {"uri": "nbd://127.0.0.1:1/x"}  # no base_change_id
+    r = await vma.post("/api/v1/replicate", bad)
+    assert r.status_code == 400 and "base_change_id" in r.json()["error"], r.text
+    bad["targets"][VM_PATH][f"disk-{vm1.disks[0].key}"] = {
+        "uri": "nbd://127.0.0.1:1/x",
+        "base_change_id": "nope",
+    }
+    assert (await vma.post("/api/v1/replicate", bad)).status_code == 400

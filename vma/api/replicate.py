@@ -4,8 +4,11 @@ Body: the seed's ``job_id, vcenter, username, password, vm_paths, oma_url`` plus
 
 - ``"replicate"`` (default): optionally ``targets``:
   ``{"<vm_path>": {"<disk-2000 | 2000 | index>": "nbd://host:port/export"}}``, where each disk is
-  written (see docs/vma.md). Without ``targets`` a single-disk VM goes to the export set by
-  ``PUT /api/v1/config``;
+  written (see docs/vma.md), or per disk ``{"uri": "nbd://...", "base_change_id": "<id>" | null}``:
+  the change ID the target holds (null: none, a full pass); with a plain URI the VMA asks the OMA
+  (``GET /replications/changeid``). Optionally ``vm_ids`` ``{vm_path: "vm-143"}``: the VM the job
+  is for (another VM found at the path fails the job). Without ``targets`` a single-disk VM goes
+  to the export set by ``PUT /api/v1/config``;
 - ``"export"`` (backups, docs/backup.md): the snapshot's disks are served for the OMA to read;
   optionally ``disks`` ``{vm_path: ["disk-2000", ...]}`` (default: all),
   ``previous_change_ids`` ``{vm_path: {disk_id: change ID or null}}`` (null or absent: a full
@@ -27,6 +30,7 @@ from vma.api.validation import text
 from vma.errors import ApiError, require_json_object
 from vma.export import ExportRequest
 from vma.jobs import Job, JobMode, iso
+from vma.replicate import Target
 from vma.state import state
 from vma.vsphere import VCenterLogin
 
@@ -35,29 +39,67 @@ bp = Blueprint("replicate", __name__)
 MAX_VMS = 256
 MODES: tuple[JobMode, ...] = ("replicate", "export")
 EXPORT_FIELDS = ("disks", "previous_change_ids", "export_timeout")
+REPLICATE_FIELDS = ("targets", "vm_ids")
 #: The OMA's (and discovery's) name of a disk: ``disk-<device key>``.
 DISK_ID = re.compile(r"^disk-[0-9]{1,9}$")
 MAX_CHANGE_ID = 256
 MAX_EXPORT_TIMEOUT = 7 * 24 * 3600.0
 
 
-def _targets(body: dict[str, Any], vm_paths: list[str]) -> dict[str, dict[str, str]]:
+def _change_id(where: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or "/" not in value or len(value) > MAX_CHANGE_ID):
+        raise ApiError.invalid(
+            f"{where} must be a change ID ('<CBT UUID>/<sequence>', as the snapshot's disk"
+            f" reported it) or null"
+        )
+    return value
+
+
+def _target(where: str, raw: Any) -> Target:
+    if isinstance(raw, dict):
+        unknown = set(raw) - {"uri", "base_change_id"}
+        if unknown:
+            raise ApiError.invalid(f"{where} has unknown fields {sorted(unknown)} (uri, base_change_id)")
+        if "base_change_id" not in raw:
+            raise ApiError.invalid(f"{where}.base_change_id is required (null: the target holds no pass)")
+        uri = raw.get("uri")
+        base = _change_id(f"{where}.base_change_id", raw["base_change_id"])
+        given = True
+    else:
+        uri, base, given = raw, None, False
+    if not isinstance(uri, str) or not uri.startswith(("nbd://", "nbd+unix://", "/")) or len(uri) > 2048:
+        raise ApiError.invalid(f"{where} must be an NBD URI, or an object with uri and base_change_id")
+    return Target(uri, given, base)
+
+
+def _targets(body: dict[str, Any], vm_paths: list[str]) -> dict[str, dict[str, Target]]:
     raw = body.get("targets")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ApiError.invalid("targets must be an object: vm_path -> disk -> NBD URI")
-    out: dict[str, dict[str, str]] = {}
+    out: dict[str, dict[str, Target]] = {}
     for vm_path, disks in raw.items():
         if vm_path not in vm_paths:
             raise ApiError.invalid(f"targets names {vm_path!r}, which is not in vm_paths")
         if not isinstance(disks, dict) or not disks:
             raise ApiError.invalid(f"targets[{vm_path!r}] must be an object: disk -> NBD URI")
-        for disk, uri in disks.items():
-            if not isinstance(uri, str) or not uri.startswith(("nbd://", "nbd+unix://", "/")):
-                raise ApiError.invalid(f"targets[{vm_path!r}][{disk!r}] must be an NBD URI")
-        out[vm_path] = {str(k): str(v) for k, v in disks.items()}
+        out[vm_path] = {str(k): _target(f"targets[{vm_path!r}][{k!r}]", v) for k, v in disks.items()}
     return out
+
+
+def _vm_ids(body: dict[str, Any], vm_paths: list[str]) -> dict[str, str]:
+    raw = body.get("vm_ids")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ApiError.invalid("vm_ids must be an object: vm_path -> managed object id (vm-143)")
+    for vm_path, vm_id in raw.items():
+        if vm_path not in vm_paths:
+            raise ApiError.invalid(f"vm_ids names {vm_path!r}, which is not in vm_paths")
+        if not isinstance(vm_id, str) or not vm_id or len(vm_id) > 256:
+            raise ApiError.invalid(f"vm_ids[{vm_path!r}] must be a managed object id such as vm-143")
+    return {str(k): str(v) for k, v in raw.items()}
 
 
 def _mode(body: dict[str, Any]) -> JobMode:
@@ -121,14 +163,7 @@ def _previous_change_ids(
                     f"previous_change_ids[{vm_path!r}] names {disk_id},"
                     f" which disks[{vm_path!r}] does not export"
                 )
-            if change_id is not None and (
-                not isinstance(change_id, str) or "/" not in change_id or len(change_id) > MAX_CHANGE_ID
-            ):
-                raise ApiError.invalid(
-                    f"previous_change_ids[{vm_path!r}][{disk_id!r}] must be a change ID"
-                    " ('<CBT UUID>/<sequence>', as the snapshot's disk reported it) or null"
-                )
-            out[vm_path][disk_id] = change_id
+            out[vm_path][disk_id] = _change_id(f"previous_change_ids[{vm_path!r}][{disk_id!r}]", change_id)
     return out
 
 
@@ -144,10 +179,11 @@ def _export_timeout(body: dict[str, Any], default: float) -> float:
 
 
 def _export_request(body: dict[str, Any], vm_paths: list[str], default_timeout: float) -> ExportRequest:
-    if body.get("targets") is not None:
-        raise ApiError.invalid(
-            "targets applies to mode 'replicate' only: an export job serves the disks for the OMA to read"
-        )
+    for name in REPLICATE_FIELDS:
+        if body.get(name) is not None:
+            raise ApiError.invalid(
+                f"{name} applies to mode 'replicate' only: an export job serves the disks for the OMA to read"
+            )
     disks = _export_disks(body, vm_paths)
     return ExportRequest(
         disks=disks,
@@ -194,13 +230,14 @@ async def replicate() -> tuple[dict[str, Any], int]:
             if body.get(name) is not None:
                 raise ApiError.invalid(f"{name} applies to mode 'export' only")
         targets = _targets(body, vm_paths)
+        vm_ids = _vm_ids(body, vm_paths)
         if not targets and not (c.nbd_port and c.export_name and len(vm_paths) == 1):
             raise ApiError.invalid(
                 "no target: give targets (vm_path -> disk -> NBD URI) or set nbd_port and export_name"
                 " through PUT /api/v1/config for a single-disk VM"
             )
         st.tracker.add(job)
-        current_app.add_background_task(st.replicator.run_job, job, targets)
+        current_app.add_background_task(st.replicator.run_job, job, targets, vm_ids)
     return {
         "job_id": job_id,
         "status": "started",
