@@ -75,6 +75,9 @@ class VmaConfig:
     mover_request_size: int = 1 << 20
     #: How long the mover retries a lost NBD connection before the job fails.
     reconnect_timeout: float = 30.0
+    #: Store the change ID of a pass whose target cannot be made durable (an NBD server without
+    #: flush). Off: such a pass fails, because its base could hold bytes the target never kept.
+    allow_non_durable_targets: bool = False
     #: Seconds between replication record updates sent to the OMA while copying.
     progress_report_interval: float = 5.0
     #: How long a failed job keeps trying to tell the OMA before giving up (the OMA may be down).
