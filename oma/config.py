@@ -27,6 +27,7 @@
 | idle seconds before a file-restore mount expires | | ``OMA_RESTORE_IDLE_TIMEOUT`` | ``3600`` |
 | seconds between restore cleanup runs | | ``OMA_RESTORE_CLEANUP_INTERVAL`` | ``60`` |
 | file-restore mounts open at once | | ``OMA_MAX_RESTORE_MOUNTS`` | ``8`` |
+| where full restores may write (``:``-separated) | | ``OMA_RESTORE_ROOTS`` | none: NBD only |
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class OmaConfig:
     restore_idle_timeout: float = 3600.0
     restore_cleanup_interval: float = 60.0
     max_restore_mounts: int = 8
+    restore_roots: tuple[Path, ...] = ()
 
     @property
     def key_file(self) -> Path:
@@ -132,4 +134,5 @@ class OmaConfig:
             restore_idle_timeout=env_float("OMA_RESTORE_IDLE_TIMEOUT", 3600.0),
             restore_cleanup_interval=env_float("OMA_RESTORE_CLEANUP_INTERVAL", 60.0),
             max_restore_mounts=env_int("OMA_MAX_RESTORE_MOUNTS", 8, minimum=1),
+            restore_roots=tuple(Path(p) for p in (env_str("OMA_RESTORE_ROOTS") or "").split(":") if p),
         )

@@ -92,7 +92,17 @@ def _public_spec(row: Record) -> RepositorySpec:
     return RepositorySpec(row["id"], row["type"], repos.config_of(row))
 
 
-def _response(row: Record) -> dict[str, Any]:
+async def _answer(row: Record) -> dict[str, Any]:
+    """:func:`_response` with ``immutability``: for an immutable repository, whether its locks
+    are ``enforced`` by the file system (immutable attribute) or only ``advisory`` (NFS, CIFS,
+    a file system without the attribute); None for a repository without locks."""
+    mode = None
+    if row["immutable"] and row["immutable_days"] > 0:
+        mode = await trio.to_thread.run_sync(repos.lock_mode, _public_spec(row), state().config.mounts_dir)
+    return _response(row, mode)
+
+
+def _response(row: Record, immutability: str | None) -> dict[str, Any]:
     """``RepositoryResponse``: the row without its secret; the config never holds the password
     (it is kept apart, encrypted), ``has_password`` says whether one is stored."""
     spec = _public_spec(row)
@@ -105,6 +115,7 @@ def _response(row: Record) -> dict[str, Any]:
         "enabled": row["enabled"],
         "immutable": row["immutable"],
         "immutable_days": row["immutable_days"],
+        "immutability": immutability,
         "storage": {
             "total_bytes": row["total_bytes"],
             "used_bytes": row["used_bytes"],
@@ -213,7 +224,7 @@ async def create_repository(data: CreateRepositoryRequest) -> tuple[dict[str, An
             "backup repository created",
             extra={"repository_id": repository_id, "type": data.type, "root": root},
         )
-    return _response(await _load(st.db, repository_id)), 201
+    return await _answer(await _load(st.db, repository_id)), 201
 
 
 async def _refuse_overlap(conn: Database | Connection, spec: RepositorySpec, name: str) -> None:
@@ -268,13 +279,13 @@ async def list_repositories(query_args: RepositoryListQuery) -> dict[str, Any]:
         stale |= await _refresh_if_stale(db, row, now)
     if stale:
         rows = await db.fetch(sql, *args)
-    items = [_response(r) for r in rows]
+    items = [await _answer(r) for r in rows]
     return {"repositories": items, "count": len(items)}
 
 
 @bp.get("/repositories/<repository_id>")
 async def get_repository(repository_id: str) -> dict[str, Any]:
-    return _response(await _load(state().db, repository_id))
+    return await _answer(await _load(state().db, repository_id))
 
 
 @bp.get("/repositories/<repository_id>/storage")

@@ -2,9 +2,10 @@
 
 Mount a completed backup point, browse it, download files and directories, unmount; watch the
 resources and the cleanup service; restore a point whole to a raw file or device, a new QCOW2
-image or an NBD target. The contract is docs/backup.md ("File-level restore", "Full restore");
-the work is done by :mod:`oma.restore`. Every view touches the mount it serves
-(``last_access_at``); downloads keep touching it while they stream.
+image (both only under an administrator's restore root, ``OMA_RESTORE_ROOTS``) or an NBD
+target. The contract is docs/backup.md ("File-level restore", "Full restore"); the work is done
+by :mod:`oma.restore`. Every view touches the mount it serves (``last_access_at``); downloads
+keep touching it while they stream.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from quart_schema import validate_querystring, validate_request
 from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page
 from oma.auth import current_principal
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
-from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, job_body
+from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
 from oma.restore.service import RestoreService, restore_service
 from pyapp.api import ApiError
 
@@ -193,7 +194,10 @@ async def cleanup_status() -> dict[str, Any]:
 @bp.post("/restore/full")
 @validate_request(FullRestoreRequest)
 async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], int]:
-    job = await restore_service().start_full_restore(
+    service = restore_service()
+    # A path target only under an administrator's restore root (403 TARGET_NOT_ALLOWED).
+    await service.run_sync(check_restore_root, data.target_type, data.target, service.config.restore_roots)
+    job = await service.start_full_restore(
         data.backup_id, data.target_type, data.target, current_principal().subject
     )
     return job, 202
