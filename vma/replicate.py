@@ -15,10 +15,10 @@ Per VM::
 
 A change ID is stored only after all disks of its VM are copied and flushed, so a failed job
 never advances the base of the next incremental pass; a target that cannot flush (the mover's
-``durable`` false) fails the pass unless ``allow_non_durable_targets`` is set. A stored change ID from another CBT epoch
-(CBT was reset) makes a full pass: the whole disk's allocated areas, with zeros written for the
-rest, because the target already holds older data. The snapshot and plan steps are shared with
-the export jobs (``vma/workflow.py``).
+``durable`` false) fails the pass unless ``allow_non_durable_targets`` is set. A stored change ID
+from another CBT epoch (CBT was reset) makes a full pass: the whole disk's allocated areas, with
+zeros written for the rest, because the target already holds older data. The snapshot and plan
+steps are shared with the export jobs (``vma/workflow.py``).
 """
 
 from __future__ import annotations
