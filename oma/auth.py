@@ -63,7 +63,7 @@ class Principal:
 
     def has(self, role: Role) -> bool:
         """The principal's role includes ``role`` (a VMA has none of the users' roles)."""
-        return self.role in ROLES and ROLES.index(self.role) >= ROLES.index(role)  # type: ignore[arg-type]
+        return self.role in ROLES and ROLES.index(self.role) >= ROLES.index(role)
 
 
 def public(func: F) -> F:
@@ -150,7 +150,11 @@ async def lookup_token(db: Database, token: str) -> Principal | None:
     if row is None:
         return None
     return Principal(
-        role=row["role"], subject=row["subject"], user_id=row["user_id"], vma_id=row["vma_id"], token_id=row["id"]
+        role=row["role"],
+        subject=row["subject"],
+        user_id=row["user_id"],
+        vma_id=row["vma_id"],
+        token_id=row["id"],
     )
 
 
@@ -201,7 +205,8 @@ async def audit(
 ) -> None:
     """One row of ``auth_audit_log`` (never a password or a token: callers pass neither)."""
     await db.execute(
-        "INSERT INTO auth_audit_log (event_type, actor, subject, client_ip, details) VALUES ($1, $2, $3, $4, $5::jsonb)",
+        "INSERT INTO auth_audit_log (event_type, actor, subject, client_ip, details)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb)",
         event,
         actor,
         subject,
@@ -217,6 +222,7 @@ ADDRESS_FREE_FAILURES: Final = 20  # from one client address (several users behi
 FIRST_LOCK_S: Final = 1.0  # the first lock; each further failure doubles it ...
 MAX_LOCK_S: Final = 900.0  # ... up to this
 FAILURE_WINDOW_S: Final = 3600.0  # a key without a failure (or a lock) for this long starts over
+
 
 # Count one attempt for a key unless it is locked, and lock it from the free_failures-th on
 # ($1 key, $2 free failures, $3 first lock, $4 longest lock, $5 window; seconds). One statement:

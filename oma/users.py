@@ -100,25 +100,35 @@ async def update_user(
     client_ip: str | None,
 ) -> dict[str, Any]:
     async with db.transaction() as conn:
-        await conn.execute("SELECT 1 FROM users WHERE role = 'admin' AND disabled_at IS NULL ORDER BY id FOR UPDATE")
+        await conn.execute(
+            "SELECT 1 FROM users WHERE role = 'admin' AND disabled_at IS NULL ORDER BY id FOR UPDATE"
+        )
         current = await _user(conn, user_id, lock=True)
         name = current["username"]
-        loses_admin = current["role"] == "admin" and current["enabled"] and (
-            (role is not None and role != "admin") or enabled is False
+        loses_admin = (
+            current["role"] == "admin"
+            and current["enabled"]
+            and ((role is not None and role != "admin") or enabled is False)
         )
         if loses_admin:
             await _keep_an_admin(conn, current)
         if role is not None and role != current["role"]:
             await conn.execute("UPDATE users SET role = $2 WHERE id = $1", user_id, role)
-            await audit(conn, "role_changed", actor, subject=name, client_ip=client_ip, old=current["role"], new=role)
+            await audit(
+                conn, "role_changed", actor, subject=name, client_ip=client_ip, old=current["role"], new=role
+            )
         if enabled is False and current["enabled"]:
             await conn.execute(
                 "UPDATE users SET disabled_at = now(), disabled_by = $2 WHERE id = $1", user_id, actor
             )
             revoked = await _revoke_user_tokens(conn, user_id)
-            await audit(conn, "user_disabled", actor, subject=name, client_ip=client_ip, tokens_revoked=revoked)
+            await audit(
+                conn, "user_disabled", actor, subject=name, client_ip=client_ip, tokens_revoked=revoked
+            )
         if enabled is True and not current["enabled"]:
-            await conn.execute("UPDATE users SET disabled_at = NULL, disabled_by = NULL WHERE id = $1", user_id)
+            await conn.execute(
+                "UPDATE users SET disabled_at = NULL, disabled_by = NULL WHERE id = $1", user_id
+            )
             await audit(conn, "user_enabled", actor, subject=name, client_ip=client_ip)
         return user_body(await _user(conn, user_id))
 
@@ -126,13 +136,22 @@ async def update_user(
 async def delete_user(db: Database, user_id: int, *, actor: str, client_ip: str | None) -> int:
     """Delete the user; its tokens go with it (``ON DELETE CASCADE``). Returns how many were live."""
     async with db.transaction() as conn:
-        await conn.execute("SELECT 1 FROM users WHERE role = 'admin' AND disabled_at IS NULL ORDER BY id FOR UPDATE")
+        await conn.execute(
+            "SELECT 1 FROM users WHERE role = 'admin' AND disabled_at IS NULL ORDER BY id FOR UPDATE"
+        )
         current = await _user(conn, user_id, lock=True)
         if current["role"] == "admin" and current["enabled"]:
             await _keep_an_admin(conn, current)
         revoked = await _revoke_user_tokens(conn, user_id)
         await conn.execute("DELETE FROM users WHERE id = $1", user_id)
-        await audit(conn, "user_deleted", actor, subject=current["username"], client_ip=client_ip, tokens_revoked=revoked)
+        await audit(
+            conn,
+            "user_deleted",
+            actor,
+            subject=current["username"],
+            client_ip=client_ip,
+            tokens_revoked=revoked,
+        )
     return revoked
 
 
@@ -152,7 +171,9 @@ async def set_password(
     async with db.transaction() as conn:
         current = await _user(conn, user_id, lock=True)
         await conn.execute(
-            "UPDATE users SET password_hash = $2, password_changed_at = now() WHERE id = $1", user_id, password_hash
+            "UPDATE users SET password_hash = $2, password_changed_at = now() WHERE id = $1",
+            user_id,
+            password_hash,
         )
         revoked = await _revoke_user_tokens(conn, user_id, keep=keep_token)
         subject = None if current["username"] == actor else current["username"]
@@ -177,12 +198,24 @@ async def change_own_password(
         await audit(db, "password_change_refused", actor, client_ip=client_ip)
         raise ApiError.forbidden("the current password is wrong")
     return await set_password(
-        db, user_id, new_password, actor=actor, client_ip=client_ip, keep_token=token_id, event="password_changed"
+        db,
+        user_id,
+        new_password,
+        actor=actor,
+        client_ip=client_ip,
+        keep_token=token_id,
+        event="password_changed",
     )
 
 
 async def revoke_own_token(
-    db: Database, *, user_id: int, token_id: str, actor: str, client_ip: str | None, event: str = "token_revoked"
+    db: Database,
+    *,
+    user_id: int,
+    token_id: str,
+    actor: str,
+    client_ip: str | None,
+    event: str = "token_revoked",
 ) -> None:
     """Revoke one of the user's live tokens; another user's token, or none, is a 404."""
     try:

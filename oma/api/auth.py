@@ -80,7 +80,8 @@ async def _check(username: str, password: str) -> tuple[str, str, int | None, st
             return None
         return "vma", username, None, row["id"]
     row = await db.fetchrow(
-        "SELECT id, password_hash, role, disabled_at IS NULL AS enabled FROM users WHERE username = $1", username
+        "SELECT id, password_hash, role, disabled_at IS NULL AS enabled FROM users WHERE username = $1",
+        username,
     )
     if not await verify_password(row["password_hash"] if row else None, password) or row is None:
         return None
@@ -139,14 +140,10 @@ async def login(data: LoginRequest) -> tuple[dict[str, Any], int] | Response:
 async def _failed(attempt: Counted, username: str, address: str | None) -> None:
     db = state().db
     log.warning("login refused", extra={"action": "auth_login", "subject": username})
-    await audit(
-        db,
-        "login_failed",
-        username,
-        client_ip=address,
-        failures=attempt.failures,
-        **({"locked_for": attempt.locked_for} if attempt.locked_for else {}),
-    )
+    details: dict[str, Any] = {"failures": attempt.failures}
+    if attempt.locked_for:
+        details["locked_for"] = attempt.locked_for
+    await audit(db, "login_failed", username, client_ip=address, **details)
     await prune_attempts(db)
 
 
@@ -215,5 +212,7 @@ async def list_tokens(query_args: Page) -> dict[str, Any]:
 @requires("viewer")
 async def revoke_token(token_id: str) -> dict[str, Any]:
     user_id, subject, _ = _user_principal()
-    await users.revoke_own_token(state().db, user_id=user_id, token_id=token_id, actor=subject, client_ip=client_ip())
+    await users.revoke_own_token(
+        state().db, user_id=user_id, token_id=token_id, actor=subject, client_ip=client_ip()
+    )
     return {"message": "token revoked", "id": token_id}

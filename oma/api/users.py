@@ -34,7 +34,9 @@ class CreateUserRequest(BaseModel):
     @classmethod
     def _not_reserved(cls, value: str) -> str:
         if value.startswith(users.RESERVED_PREFIX):
-            raise ValueError(f"user names starting with {users.RESERVED_PREFIX!r} are reserved for enrolled VMAs")
+            raise ValueError(
+                f"user names starting with {users.RESERVED_PREFIX!r} are reserved for enrolled VMAs"
+            )
         return value
 
 
@@ -64,7 +66,9 @@ class AuditQuery(Page):
 async def list_users(query_args: Page) -> dict[str, Any]:
     db = state().db
     rows = await db.fetch(
-        f"SELECT {users.USER_COLUMNS} FROM users ORDER BY id LIMIT $1 OFFSET $2", query_args.limit, query_args.offset
+        f"SELECT {users.USER_COLUMNS} FROM users ORDER BY id LIMIT $1 OFFSET $2",
+        query_args.limit,
+        query_args.offset,
     )
     total = await db.fetchval("SELECT count(*) FROM users")
     return page_body("users", [users.user_body(r) for r in rows], total, query_args)
@@ -99,7 +103,9 @@ async def audit_log(query_args: AuditQuery) -> dict[str, Any]:
         query_args.limit,
         query_args.offset,
     )
-    total = await db.fetchval(f"SELECT count(*) FROM auth_audit_log {where}", query_args.event_type, query_args.actor)
+    total = await db.fetchval(
+        f"SELECT count(*) FROM auth_audit_log {where}", query_args.event_type, query_args.actor
+    )
     return page_body("events", [row_dict(r) for r in rows], total, query_args)
 
 
@@ -126,7 +132,9 @@ async def update_user(user_id: int, data: UpdateUserRequest) -> dict[str, Any]:
 @bp.delete("/users/<int:user_id>")
 @requires("admin")
 async def delete_user(user_id: int) -> dict[str, Any]:
-    revoked = await users.delete_user(state().db, user_id, actor=current_principal().subject, client_ip=client_ip())
+    revoked = await users.delete_user(
+        state().db, user_id, actor=current_principal().subject, client_ip=client_ip()
+    )
     return {"message": "user deleted", "id": user_id, "tokens_revoked": revoked}
 
 
@@ -137,4 +145,8 @@ async def reset_password(user_id: int, data: ResetPasswordRequest) -> dict[str, 
     revoked = await users.set_password(
         state().db, user_id, data.password, actor=current_principal().subject, client_ip=client_ip()
     )
-    return {"message": "password reset; the user's tokens are revoked", "id": user_id, "tokens_revoked": revoked}
+    return {
+        "message": "password reset; the user's tokens are revoked",
+        "id": user_id,
+        "tokens_revoked": revoked,
+    }

@@ -99,7 +99,9 @@ async def attempt(oma: Oma, username: str, password: str) -> httpx.Response:
 
 async def auth_audit(dsn: str) -> list[dict[str, object]]:
     async with open_database(dsn, min_size=1, max_size=1) as db:
-        rows = await db.fetch("SELECT event_type, actor, client_ip, details::text AS details FROM auth_audit_log ORDER BY id")
+        rows = await db.fetch(
+            "SELECT event_type, actor, client_ip, details::text AS details FROM auth_audit_log ORDER BY id"
+        )
     return [dict(r.items()) for r in rows]
 
 
@@ -142,7 +144,9 @@ async def test_failed_logins_per_address_are_refused_for_every_user(oma: Oma) ->
     await trio.sleep(1.1)
     assert (await attempt(oma, ADMIN_USER, ADMIN_PASSWORD)).status_code == 200
     events = await auth_audit(oma.config.database_url or "")
-    assert any(e["event_type"] == "login_throttled" and '"scope": "address"' in str(e["details"]) for e in events)
+    assert any(
+        e["event_type"] == "login_throttled" and '"scope": "address"' in str(e["details"]) for e in events
+    )
 
 
 async def test_throttling_is_shared_by_every_oma_on_the_database(

@@ -23,7 +23,9 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "oma.md"
 ROLES = ("viewer", "operator", "admin")
 LEVELS = ("public", *ROLES)
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
-ROW = re.compile(r"^\|\s*`(?P<method>[A-Z]+)`\s*\|\s*`(?P<path>/[^`]*)`\s*\|\s*(?P<role>\w+)\s*\|\s*(?P<vma>\w*)\s*\|")
+ROW = re.compile(
+    r"^\|\s*`(?P<method>[A-Z]+)`\s*\|\s*`(?P<path>/[^`]*)`\s*\|\s*(?P<role>\w+)\s*\|\s*(?P<vma>\w*)\s*\|"
+)
 
 
 def role_table() -> dict[tuple[str, str], tuple[str, bool]]:
@@ -85,14 +87,18 @@ async def vma_token(oma: Oma) -> str:
             " 'ssh-ed25519 AAAA', 'c', 'approved', 'vma-roles')",
             code_id,
         )
-        token, _ = await issue_token(db, role="vma", subject="vma-roles", ttl_seconds=3600, vma_id="enr-roles")
+        token, _ = await issue_token(
+            db, role="vma", subject="vma-roles", ttl_seconds=3600, vma_id="enr-roles"
+        )
     return token
 
 
 async def user_tokens(oma: Oma) -> dict[str, str]:
     tokens = {"admin": oma.token}
     for role in ("viewer", "operator"):
-        r = await oma.post("/users", json={"username": f"a-{role}", "password": f"{role}-password", "role": role})
+        r = await oma.post(
+            "/users", json={"username": f"a-{role}", "password": f"{role}-password", "role": role}
+        )
         assert r.status_code == 201, r.text
         tokens[role] = await oma.login(f"a-{role}", f"{role}-password")
     return tokens
@@ -138,7 +144,9 @@ async def test_every_route_answers_as_the_table_says(oma: Oma) -> None:
 async def test_a_role_below_admin_cannot_manage_users(oma: Oma, role: str) -> None:
     tokens = await user_tokens(oma)
     headers = {"Authorization": f"Bearer {tokens[role]}"}
-    r = await oma.post("/users", json={"username": "x", "password": "long-enough", "role": "admin"}, headers=headers)
+    r = await oma.post(
+        "/users", json={"username": "x", "password": "long-enough", "role": "admin"}, headers=headers
+    )
     assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN"
     async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:
         assert await db.fetchval("SELECT count(*) FROM users WHERE username = 'x'") == 0

@@ -19,7 +19,9 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def create_user(oma: Oma, username: str, role: str, password: str | None = None) -> dict[str, Any]:
-    r = await oma.post("/users", json={"username": username, "password": password or f"{username}-pw-123", "role": role})
+    r = await oma.post(
+        "/users", json={"username": username, "password": password or f"{username}-pw-123", "role": role}
+    )
     assert r.status_code == 201, r.text
     body: dict[str, Any] = r.json()
     return body
@@ -40,7 +42,9 @@ async def audit_events(oma: Oma) -> list[dict[str, Any]]:
 async def test_admin_creates_lists_and_reads_users(oma: Oma) -> None:
     created = await create_user(oma, "vera", "viewer")
     assert created["username"] == "vera" and created["role"] == "viewer" and created["enabled"] is True
-    assert created["created_by"] == ADMIN_USER and "password" not in created and "password_hash" not in created
+    assert (
+        created["created_by"] == ADMIN_USER and "password" not in created and "password_hash" not in created
+    )
     assert "vera-pw-123" not in str(created)
     r = await oma.get("/users")
     assert r.status_code == 200
@@ -149,7 +153,9 @@ async def test_the_last_enabled_admin_stays(oma: Oma) -> None:
     r = await oma.put(f"/users/{me['id']}", json={"role": "operator"})
     assert r.status_code == 200 and r.json()["role"] == "operator"
     ada = await oma.login("ada", "ada-pw-123")
-    assert (await oma.put(f"/users/{second['id']}", json={"enabled": False}, headers=bearer(ada))).status_code == 409
+    assert (
+        await oma.put(f"/users/{second['id']}", json={"enabled": False}, headers=bearer(ada))
+    ).status_code == 409
     assert (await oma.delete(f"/users/{second['id']}", headers=bearer(ada))).status_code == 409
 
 
@@ -158,11 +164,15 @@ async def test_own_password_change(oma: Oma) -> None:
     first = await oma.login("carl", "carl-pw-123")
     second = await oma.login("carl", "carl-pw-123")
     r = await oma.post(
-        "/auth/password", json={"current_password": "wrong-password", "new_password": "carl-new-pw"}, headers=bearer(first)
+        "/auth/password",
+        json={"current_password": "wrong-password", "new_password": "carl-new-pw"},
+        headers=bearer(first),
     )
     assert r.status_code == 403 and r.json()["code"] == "FORBIDDEN"
     r = await oma.post(
-        "/auth/password", json={"current_password": "carl-pw-123", "new_password": "carl-new-pw"}, headers=bearer(first)
+        "/auth/password",
+        json={"current_password": "carl-pw-123", "new_password": "carl-new-pw"},
+        headers=bearer(first),
     )
     assert r.status_code == 200, r.text
     assert "carl-new-pw" not in r.text and "carl-pw-123" not in r.text
@@ -170,7 +180,9 @@ async def test_own_password_change(oma: Oma) -> None:
     assert (await oma.get("/vms", headers=bearer(second))).status_code == 401  # every other session
     assert await try_login(oma, "carl", "carl-pw-123") == 401
     assert await try_login(oma, "carl", "carl-new-pw") == 200
-    assert any(e["event_type"] == "password_changed" and e["actor"] == "carl" for e in await audit_events(oma))
+    assert any(
+        e["event_type"] == "password_changed" and e["actor"] == "carl" for e in await audit_events(oma)
+    )
 
 
 async def test_logout_and_own_tokens(oma: Oma) -> None:
