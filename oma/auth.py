@@ -24,6 +24,7 @@ its password is checked; from the ``*_FREE_FAILURES``-th failure on, the key is 
 from __future__ import annotations
 
 import datetime as dt
+import ipaddress
 import json
 import logging
 import math
@@ -243,7 +244,7 @@ _COUNT_SQL = (
     f" failures = {_FAILURES}, last_failure_at = now(), refused = 0, locked_until = {_lock(_FAILURES)},"
     f" expires_at = greatest(now() + make_interval(secs => $5::float8), {_lock(_FAILURES)})"
     " WHERE t.locked_until IS NULL OR t.locked_until <= now()"
-    " RETURNING t.failures, t.locked_until"
+    " RETURNING t.failures, extract(epoch FROM t.locked_until - now())::float8 AS locked_for"
 )
 _REFUSE_SQL = (
     "UPDATE login_throttle SET refused = refused + 1 WHERE key = $1 AND locked_until > now()"
@@ -261,12 +262,26 @@ class Refusal:
     failures: int
 
 
+def address_key(address: str) -> str:
+    """What one client address is counted as: an IPv4 address (also when IPv4-mapped), or the
+    /64 network of an IPv6 address — one host easily holds a whole /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def throttle_keys(username: str, address: str | None) -> list[tuple[Literal["user", "address"], str, int]]:
     """The keys an attempt counts against, address first: an attempt from a locked address does
     not count against the user it names."""
     keys: list[tuple[Literal["user", "address"], str, int]] = []
     if address:
-        keys.append(("address", f"addr:{address}", ADDRESS_FREE_FAILURES))
+        keys.append(("address", f"addr:{address_key(address)}", ADDRESS_FREE_FAILURES))
     keys.append(("user", f"user:{username}", USER_FREE_FAILURES))
     return keys
 
@@ -289,9 +304,8 @@ async def count_attempt(db: Database, username: str, address: str | None) -> Cou
             if row is not None:
                 counted.keys.append(key)
                 counted.failures[scope] = row["failures"]
-                if row["locked_until"] is not None:
-                    left = (row["locked_until"] - dt.datetime.now(dt.UTC)).total_seconds()
-                    counted.locked_for[scope] = round(max(left, 0.0), 3)
+                if row["locked_for"] is not None:
+                    counted.locked_for[scope] = round(max(row["locked_for"], 0.0), 3)
                 break
             refused = await db.fetchrow(_REFUSE_SQL, key)
             if refused is not None:

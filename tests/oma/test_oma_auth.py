@@ -173,3 +173,14 @@ async def test_concurrent_guesses_do_not_slip_past_the_lock(oma: Oma) -> None:
     # every attempt was counted before its password was checked: at most the free ones were checked
     assert statuses.count(401) <= USER_FREE_FAILURES, statuses
     assert statuses.count(429) >= 2 * USER_FREE_FAILURES, statuses
+
+
+def test_an_ipv6_client_is_counted_by_its_64() -> None:
+    from oma.auth import address_key
+
+    assert (
+        address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"
+    )
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:192.0.2.7") == address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("192.0.2.7") != address_key("192.0.2.8")

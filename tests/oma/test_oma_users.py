@@ -221,3 +221,24 @@ async def test_logout_and_own_tokens(oma: Oma) -> None:
 async def test_the_configured_admin_can_still_log_in_after_users_were_added(oma: Oma) -> None:
     await create_user(oma, "zed", "viewer")
     assert await try_login(oma, ADMIN_USER, ADMIN_PASSWORD) == 200
+
+
+async def test_two_admins_disabling_each_other_at_once_leave_one(oma: Oma) -> None:
+    import trio
+
+    me = next(u for u in (await oma.get("/users")).json()["users"] if u["username"] == ADMIN_USER)
+    other = await create_user(oma, "ada", "admin")
+    ada = await oma.login("ada", "ada-pw-123")
+    statuses: dict[str, int] = {}
+
+    async def disable(who: str, target: int, token: str) -> None:
+        r = await oma.put(f"/users/{target}", json={"enabled": False}, headers=bearer(token))
+        statuses[who] = r.status_code
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(disable, "admin", other["id"], oma.token)
+        nursery.start_soon(disable, "ada", me["id"], ada)
+    assert sorted(statuses.values()) in ([200, 401], [200, 409]), statuses
+    async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:
+        enabled = await db.fetchval("SELECT count(*) FROM users WHERE role = 'admin' AND disabled_at IS NULL")
+        assert enabled == 1
