@@ -42,6 +42,7 @@ from oma.api import (
     replications,
     repositories,
     restore,
+    users,
     vm_contexts,
     vms,
 )
@@ -126,6 +127,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
     app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
     app.register_blueprint(backups.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(users.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
     fast_json_views(app)

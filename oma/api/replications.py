@@ -41,7 +41,7 @@ from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, not_cut_short, row_dict
-from oma.auth import allow_vma, current_principal
+from oma.auth import allow_vma, current_principal, requires
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
@@ -185,6 +185,7 @@ async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDi
 
 
 @bp.get("/replications")
+@requires("viewer")
 @allow_vma
 @validate_querystring(ReplicationListQuery)
 async def list_replications(query_args: ReplicationListQuery) -> Response:
@@ -262,6 +263,7 @@ async def disk_bases(
 
 
 @bp.post("/replications")
+@requires("operator")
 @allow_vma
 @validate_request(CreateReplicationRequest)
 async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, Any], int]:
@@ -375,6 +377,7 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
 
 
 @bp.get("/replications/changeid")
+@requires("viewer")
 @allow_vma
 @validate_querystring(ChangeIdQuery)
 async def get_previous_change_id(query_args: ChangeIdQuery) -> dict[str, Any]:
@@ -402,6 +405,7 @@ async def get_previous_change_id(query_args: ChangeIdQuery) -> dict[str, Any]:
 
 
 @bp.get("/replications/<job_id>")
+@requires("viewer")
 @allow_vma
 async def get_replication(job_id: str) -> dict[str, Any]:
     db = state().db
@@ -411,6 +415,7 @@ async def get_replication(job_id: str) -> dict[str, Any]:
 
 
 @bp.put("/replications/<job_id>")
+@requires("operator")
 @allow_vma
 @validate_request(UpdateReplicationRequest)
 async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dict[str, Any]:
@@ -480,6 +485,7 @@ async def on_status_change(conn: Connection, job: dict[str, Any], new: str) -> N
 
 
 @bp.delete("/replications/<job_id>")
+@requires("operator")
 async def delete_replication(job_id: str) -> dict[str, Any]:
     with not_cut_short():
         return await _delete_replication(job_id)
@@ -500,6 +506,7 @@ async def _delete_replication(job_id: str) -> dict[str, Any]:
 
 
 @bp.post("/replications/<job_id>/changeid")
+@requires("operator")
 @allow_vma
 @validate_request(StoreChangeIdRequest)
 async def store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
@@ -578,6 +585,7 @@ def _vma_api_error(exc: VmaError, job_id: str) -> ApiError:
 
 
 @bp.get("/progress/<job_id>")
+@requires("viewer")
 @allow_vma
 async def vma_progress_proxy(job_id: str) -> dict[str, Any]:
     try:
@@ -599,6 +607,7 @@ LIVE_FIELDS = (
 
 
 @bp.get("/replications/<job_id>/progress")
+@requires("viewer")
 @allow_vma
 async def replication_progress(job_id: str) -> dict[str, Any]:
     st = state()

@@ -27,6 +27,7 @@ from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, new_id
+from oma.auth import requires
 from oma.backups import repositories as repos
 from oma.backups.repositories import (
     REPOSITORY_OVERLAP,
@@ -177,6 +178,7 @@ async def _refresh_if_stale(db: Database, row: Record, now: dt.datetime) -> bool
 
 
 @bp.post("/repositories")
+@requires("operator")
 @validate_request(CreateRepositoryRequest)
 async def create_repository(data: CreateRepositoryRequest) -> tuple[dict[str, Any], int]:
     st = state()
@@ -264,6 +266,7 @@ def _release_quietly(spec: RepositorySpec, mounts_dir: Path) -> None:
 
 
 @bp.get("/repositories")
+@requires("viewer")
 @validate_querystring(RepositoryListQuery)
 async def list_repositories(query_args: RepositoryListQuery) -> dict[str, Any]:
     db = state().db
@@ -284,11 +287,13 @@ async def list_repositories(query_args: RepositoryListQuery) -> dict[str, Any]:
 
 
 @bp.get("/repositories/<repository_id>")
+@requires("viewer")
 async def get_repository(repository_id: str) -> dict[str, Any]:
     return await _answer(await _load(state().db, repository_id))
 
 
 @bp.get("/repositories/<repository_id>/storage")
+@requires("viewer")
 async def get_repository_storage(repository_id: str) -> dict[str, Any]:
     """A fresh capacity reading; the repository is prepared (mounted) first, like a backup would."""
     st = state()
@@ -306,6 +311,7 @@ async def get_repository_storage(repository_id: str) -> dict[str, Any]:
 
 
 @bp.post("/repositories/test")
+@requires("operator")
 @validate_request(TestRepositoryRequest)
 async def test_repository(data: TestRepositoryRequest) -> dict[str, Any]:
     """Try a configuration without saving it: ``success: false`` (200) when it cannot be reached,
@@ -329,6 +335,7 @@ async def test_repository(data: TestRepositoryRequest) -> dict[str, Any]:
 
 
 @bp.delete("/repositories/<repository_id>")
+@requires("operator")
 async def delete_repository(repository_id: str) -> dict[str, Any]:
     st = state()
     async with st.db.transaction() as conn:

@@ -21,7 +21,7 @@ from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page
-from oma.auth import current_principal
+from oma.auth import current_principal, requires
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
 from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
 from oma.restore.service import RestoreService, restore_service
@@ -99,23 +99,27 @@ def _streamed(body: AsyncIterator[bytes], content_type: str, filename: str, leng
 
 
 @bp.post("/restore/mount")
+@requires("operator")
 @validate_request(MountRequest)
 async def mount_backup(data: MountRequest) -> tuple[dict[str, Any], int]:
     return await restore_service().create_mount(data.backup_id, data.volume, current_principal().subject), 201
 
 
 @bp.delete("/restore/<mount_id>")
+@requires("operator")
 async def unmount_backup(mount_id: str) -> dict[str, Any]:
     return await restore_service().unmount(mount_id)
 
 
 @bp.get("/restore/mounts")
+@requires("viewer")
 async def list_mounts() -> dict[str, Any]:
     mounts = await restore_service().active_mounts()
     return {"mounts": mounts, "count": len(mounts)}
 
 
 @bp.get("/restore/<mount_id>/files")
+@requires("operator")
 @validate_querystring(ListFilesQuery)
 async def list_files(mount_id: str, query_args: ListFilesQuery) -> dict[str, Any]:
     service = restore_service()
@@ -134,6 +138,7 @@ async def list_files(mount_id: str, query_args: ListFilesQuery) -> dict[str, Any
 
 
 @bp.get("/restore/<mount_id>/file-info")
+@requires("operator")
 @validate_querystring(PathQuery)
 async def file_info(mount_id: str, query_args: PathQuery) -> dict[str, Any]:
     service = restore_service()
@@ -142,6 +147,7 @@ async def file_info(mount_id: str, query_args: PathQuery) -> dict[str, Any]:
 
 
 @bp.get("/restore/<mount_id>/download")
+@requires("operator")
 @validate_querystring(PathQuery)
 async def download_file(mount_id: str, query_args: PathQuery) -> Response:
     service = restore_service()
@@ -162,6 +168,7 @@ async def download_file(mount_id: str, query_args: PathQuery) -> Response:
 
 
 @bp.get("/restore/<mount_id>/download-directory")
+@requires("operator")
 @validate_querystring(DirectoryDownloadQuery)
 async def download_directory(mount_id: str, query_args: DirectoryDownloadQuery) -> Response:
     service = restore_service()
@@ -182,16 +189,19 @@ async def download_directory(mount_id: str, query_args: DirectoryDownloadQuery) 
 
 
 @bp.get("/restore/resources")
+@requires("viewer")
 async def resources() -> dict[str, Any]:
     return await restore_service().resources()
 
 
 @bp.get("/restore/cleanup-status")
+@requires("viewer")
 async def cleanup_status() -> dict[str, Any]:
     return await restore_service().cleanup_status()
 
 
 @bp.post("/restore/full")
+@requires("operator")
 @validate_request(FullRestoreRequest)
 async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], int]:
     service = restore_service()
@@ -204,6 +214,7 @@ async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], 
 
 
 @bp.get("/restore/full")
+@requires("viewer")
 @validate_querystring(FullRestoreListQuery)
 async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
     return await json_page(
@@ -219,6 +230,7 @@ async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
 
 
 @bp.get("/restore/full/<restore_id>")
+@requires("viewer")
 async def get_full_restore(restore_id: str) -> dict[str, Any]:
     row = await restore_service().db.fetchrow(
         f"SELECT {JOB_COLUMNS} FROM restore_jobs WHERE id = $1", restore_id
