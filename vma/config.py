@@ -54,6 +54,13 @@ class VmaConfig:
     #: Skip TLS verification of vCenter (self-signed appliances); the thumbprint still pins VDDK.
     vcenter_insecure: bool = True
     vsphere_threads: int = 8
+    #: Deadline of one vSphere call (and of each HTTP request of a session), in seconds.
+    vsphere_call_timeout: float = 60.0
+    #: Deadline of waiting for a vCenter task (snapshot create/remove, CBT reconfiguration).
+    vsphere_task_timeout: float = 1800.0
+    #: Seconds between two passes removing what jobs of a previous run (or failed removals)
+    #: left in vCenter and in the work directory; the first pass runs at start.
+    recovery_interval: float = 60.0
 
     # -- disk sources ----------------------------------------------------------------------------
     #: ``vddk``: nbdkit's vddk plugin against the snapshot (production); ``file``: nbdkit's file
@@ -110,6 +117,9 @@ class VmaConfig:
                 f"export_listen {self.export_listen} listens everywhere: set export_host"
                 " (VMA_EXPORT_HOST) to the address the OMA reaches this VMA at"
             )
+        for name in ("vsphere_call_timeout", "vsphere_task_timeout", "recovery_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if not self.export_timeout > 0:
             raise ConfigError(
                 f"export_timeout must be a positive number of seconds, got {self.export_timeout}"
