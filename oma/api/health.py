@@ -141,6 +141,8 @@ async def assess(st: OmaState) -> tuple[dict[str, Any], int]:
         "reasons": fatal + minor,
         "timestamp": utc_timestamp(),
         "uptime": f"{time.monotonic() - st.started_monotonic:.3f}s",
+        # the earlier answer's field, kept for probes that read it
+        "database": "ok" if database["status"] == "ok" else f"error: {database['error']}",
         "checks": {"database": database, "data_dir": data_dir, "workers": workers},
     }, (503 if status == UNHEALTHY else 200)
 
