@@ -12,6 +12,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,6 +21,7 @@ from pyVim.task import WaitForTask
 
 from pyapp.lab import Lab, LabVM
 from tests.vma.conftest import Vma
+from vma.jobs import Job, Journal
 from vma.vsphere import (
     DEADLINES,
     ChangedAreasError,
@@ -313,3 +315,13 @@ async def test_discover_api_checks_the_certificate_as_asked(vma: Vma, tls_lab: L
     ):
         r = await vma.post("/api/v1/discover", {**body, **bad})
         assert r.status_code == 400 and r.json()["code"] == "INVALID_REQUEST", r.text
+
+
+def test_the_journal_keeps_the_tls_mode_for_recovery(tmp_path: Path) -> None:
+    """Recovery reconnects from the journal: the login's TLS settings are kept with it."""
+    pin = ":".join(["5A"] * 32)
+    login = VCenterLogin("vc.example", "u", "p", tls_mode="thumbprint", tls_thumbprint=pin)
+    journal = Journal(tmp_path)
+    journal.record(Job("job-tls", ["/DC0/vm/vm1"], login, "", tmp_path))
+    [record] = journal.records()
+    assert record.login == login
