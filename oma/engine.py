@@ -81,6 +81,10 @@ class Login(Protocol):
     def username(self) -> str: ...
     @property
     def password(self) -> str: ...
+    @property
+    def tls_mode(self) -> str: ...
+    @property
+    def tls_thumbprint(self) -> str: ...
 
 
 ResolveLogin = Callable[[int | None], Awaitable[Login]]
@@ -382,6 +386,8 @@ class ReplicationEngine(ClaimWorker):
             vcenter=login.vcenter,
             username=login.username,
             password=login.password,
+            tls_mode=login.tls_mode,
+            tls_thumbprint=login.tls_thumbprint,
             vm_paths=[job.vm_path],
             targets={job.vm_path: {t.disk_id: t.uri for t in job.targets}},
             bases={job.vm_path: {t.disk_id: t.base for t in job.targets}},

@@ -111,6 +111,12 @@ def exports_of(status: dict[str, Any]) -> list[ExportedDisk]:
         ) from exc
 
 
+def tls_fields(tls_mode: str, tls_thumbprint: str) -> dict[str, str]:
+    """How the VMA checks vCenter's certificate, sent with the login (the credential's
+    ``tls_mode``; ``tls_thumbprint`` only with ``thumbprint``)."""
+    return {"tls_mode": tls_mode, **({"tls_thumbprint": tls_thumbprint} if tls_thumbprint else {})}
+
+
 class VmaClient:
     def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
         self._http = http
@@ -149,12 +155,21 @@ class VmaClient:
         return body
 
     async def discover(
-        self, *, vcenter: str, username: str, password: str, datacenter: str, filter: str = ""
+        self,
+        *,
+        vcenter: str,
+        username: str,
+        password: str,
+        datacenter: str,
+        filter: str = "",
+        tls_mode: str = "verify",
+        tls_thumbprint: str = "",
     ) -> DiscoverResult:
         payload = {
             "vcenter": vcenter,
             "username": username,
             "password": password,
+            **tls_fields(tls_mode, tls_thumbprint),
             "datacenter": datacenter,
             "filter": filter,
         }
@@ -184,6 +199,8 @@ class VmaClient:
         bases: dict[str, dict[str, str | None]],
         vm_ids: dict[str, str] | None = None,
         oma_url: str | None,
+        tls_mode: str = "verify",
+        tls_thumbprint: str = "",
     ) -> dict[str, Any]:
         """Start a job on the VMA: ``targets`` maps vm_path -> disk id -> NBD URI of its target,
         ``bases`` vm_path -> disk id -> the change ID the target volume holds (None: a full pass);
@@ -194,6 +211,7 @@ class VmaClient:
             "vcenter": vcenter,
             "username": username,
             "password": password,
+            **tls_fields(tls_mode, tls_thumbprint),
             "vm_paths": vm_paths,
             "targets": {
                 vm_path: {
@@ -222,6 +240,8 @@ class VmaClient:
         disks: dict[str, list[str]],
         previous_change_ids: dict[str, dict[str, str | None]],
         export_timeout: float | None = None,
+        tls_mode: str = "verify",
+        tls_thumbprint: str = "",
     ) -> dict[str, Any]:
         """Start an export job (``POST /api/v1/replicate``, ``"mode": "export"``): the VMA snapshots
         each VM of ``disks`` (vm_path -> disk ids) and serves those disks read-only over NBD, with
@@ -234,6 +254,7 @@ class VmaClient:
             "vcenter": vcenter,
             "username": username,
             "password": password,
+            **tls_fields(tls_mode, tls_thumbprint),
             "vm_paths": list(disks),
             "disks": disks,
             "previous_change_ids": previous_change_ids,

@@ -214,7 +214,10 @@ def images_equal(a: Path, b: Path) -> bool:
 
 def count_snapshots(lab: Lab, vms: list[LabVM]) -> int:
     """Snapshots of the VMs in vCenter (the VMA removes its own after each pass)."""
-    vs = VSphere.connect(VCenterLogin(lab.url, lab.username, lab.password))
+    pin = lab.thumbprint()
+    vs = VSphere.connect(
+        VCenterLogin(lab.url, lab.username, lab.password, tls_mode="thumbprint", tls_thumbprint=pin)
+    )
     try:
         return sum(len(vs.snapshot_tree(vs.find_vm(f"/DC0/vm/{vm.name}"))) for vm in vms)
     finally:
@@ -365,7 +368,7 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
         f"[{time.monotonic() - t0:5.1f} s] starting the vSphere lab and building its VMs' disks ...",
         flush=True,
     )
-    lab = Lab(work / "lab", qcda_window=64 * MiB)
+    lab = Lab(work / "lab", qcda_window=64 * MiB, tls=True)  # HTTPS, its certificate pinned below
     await trio.to_thread.run_sync(lab.start)
     try:
         vms = await trio.to_thread.run_sync(build_lab_vms, lab)
@@ -446,6 +449,8 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
                             "password": lab.password,
                             "datacenter": "DC0",
                             "is_default": True,
+                            "tls_mode": "thumbprint",
+                            "tls_thumbprint": lab.thumbprint(),
                         },
                     )
                     found = await api.call("POST", "/discovery/discover-vms", {"create_context": True})

@@ -30,6 +30,14 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 
 
 @pytest.fixture
+def tls_lab(tmp_path: Path) -> Iterator[Lab]:
+    """A lab serving HTTPS with its own self-signed certificate: connect to it by pinning
+    ``tls_lab.thumbprint()`` or with ``tls_lab.ca_file`` as CA, never without verification."""
+    with Lab(tmp_path / "tls-lab", tls=True) as lab:
+        yield lab
+
+
+@pytest.fixture
 def vm1(lab: Lab) -> LabVM:
     """A VM with two disks: an ext4 file system with files, and a blank disk."""
     return lab.create_vm(

@@ -22,7 +22,7 @@ from vma.config import VmaConfig
 from vma.errors import install_error_handlers
 from vma.recovery import recovery_loop
 from vma.state import VmaState
-from vma.vsphere import configure_deadlines
+from vma.vsphere import configure_deadlines, configure_tls
 
 API_PREFIX = "/api/v1"
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def create_app(cfg: VmaConfig) -> QuartTrio:
     async def _lifespan() -> AsyncGenerator[None, None]:
         await trio.Path(cfg.work_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
         configure_deadlines(cfg.vsphere_call_timeout, cfg.vsphere_task_timeout)
+        configure_tls(cfg.vcenter_ca_file)
         stop = trio.Event()
         app.add_background_task(recovery_loop, cfg, st.tracker, stop)
         log.info(

@@ -51,8 +51,11 @@ class VmaConfig:
     oma_unreachable_deadline: float = 600.0
 
     # -- vCenter ---------------------------------------------------------------------------------
-    #: Skip TLS verification of vCenter (self-signed appliances); the thumbprint still pins VDDK.
-    vcenter_insecure: bool = True
+    #: vCenter's certificate is checked as each credential's ``tls_mode`` says (sent by the OMA;
+    #: ``verify`` unless given). True skips every check, for every vCenter (a WARNING each connect).
+    vcenter_insecure: bool = False
+    #: Extra CA certificates (PEM) that ``verify`` trusts besides the system's.
+    vcenter_ca_file: Path | None = None
     vsphere_threads: int = 8
     #: Deadline of one vSphere call (and of each HTTP request of a session), in seconds.
     vsphere_call_timeout: float = 60.0

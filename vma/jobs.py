@@ -237,6 +237,8 @@ class Journal:
             "vcenter": job.login.host,
             "username": job.login.username,
             "password": job.login.password,
+            "tls_mode": job.login.tls_mode,
+            "tls_thumbprint": job.login.tls_thumbprint,
             "vm_paths": job.vm_paths,
             "snapshots": list(snapshot_names(job.job_id)),
         }
@@ -267,7 +269,13 @@ class Journal:
                 continue
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                login = VCenterLogin(str(data["vcenter"]), str(data["username"]), str(data["password"]))
+                login = VCenterLogin(
+                    str(data["vcenter"]),
+                    str(data["username"]),
+                    str(data["password"]),
+                    tls_mode=data.get("tls_mode", "verify"),
+                    tls_thumbprint=str(data.get("tls_thumbprint", "")),
+                )
                 out.append(JournalRecord(str(data["job_id"]), login, [str(p) for p in data["vm_paths"]]))
             except (OSError, ValueError, KeyError, TypeError):
                 path.unlink(missing_ok=True)

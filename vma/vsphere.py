@@ -25,16 +25,26 @@ call, ``task`` more for the methods that wait for a vCenter task (:data:`TASK_ME
 create and remove, the CBT reconfiguration). The session's HTTP requests time out after ``call``
 seconds too, so a thread left waiting on a silent vCenter ends soon after the job has failed; a
 task is waited for by polling its state (short requests), never by one long poll.
+
+TLS (:meth:`VSphere.connect`, per login's ``tls_mode``): ``verify`` (the default) checks vCenter's
+certificate against the system CAs plus ``vcenter_ca_file`` and its name; ``thumbprint`` first
+reads the certificate vCenter presents and compares its SHA-256 (or SHA-1) fingerprint with the
+pinned one *before* any request, then trusts that certificate alone for the session's
+connections; ``insecure`` checks nothing and logs a warning naming the vCenter on every connect.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import re
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, Protocol, TypeVar
+from pathlib import Path
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, get_args
 from urllib.parse import urlsplit
 
 import trio
@@ -73,6 +83,49 @@ TASK_METHODS = frozenset(
 
 def configure_deadlines(call: float, task: float) -> None:
     DEADLINES.call, DEADLINES.task = call, task
+
+
+#: How the VMA checks vCenter's certificate (per credential, sent by the OMA with the login).
+TlsMode = Literal["verify", "thumbprint", "insecure"]
+TLS_MODES: tuple[str, ...] = get_args(TlsMode)
+
+
+@dataclass
+class TlsDefaults:
+    """The process's TLS settings (one VMA per process): extra CA certificates for ``verify``."""
+
+    ca_file: Path | None = None
+
+
+#: Set by ``create_app`` from ``VmaConfig.vcenter_ca_file``.
+TLS_DEFAULTS = TlsDefaults()
+
+
+def configure_tls(ca_file: Path | None) -> None:
+    TLS_DEFAULTS.ca_file = ca_file
+
+
+#: 20 (SHA-1) or 32 (SHA-256) bytes as hex, colon-separated or not.
+_THUMBPRINT = re.compile(
+    r"(?:[0-9A-Fa-f]{2}:){19}[0-9A-Fa-f]{2}(?:(?::[0-9A-Fa-f]{2}){12})?|[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64}"
+)
+
+
+def normalize_thumbprint(value: str) -> str:
+    """``value`` as upper-case colon-separated hex (``AB:CD:...``), as VMware tools show it:
+    32 bytes (SHA-256) or 20 bytes (SHA-1), with or without colons. ValueError otherwise."""
+    value = value.strip()
+    if not _THUMBPRINT.fullmatch(value):
+        raise ValueError(
+            "tls_thumbprint must be the certificate's SHA-256 (or SHA-1) fingerprint as hex bytes,"
+            " e.g. AB:CD:...:EF (32 or 20 bytes)"
+        )
+    digits = value.replace(":", "").upper()
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
+
+
+def certificate_thumbprint(der: bytes, algorithm: str = "sha256") -> str:
+    return ":".join(f"{b:02X}" for b in hashlib.new(algorithm, der).digest())
 
 
 class VSphereError(Exception):
@@ -119,11 +172,22 @@ class CbtResetError(VSphereError):
 
 @dataclass(frozen=True)
 class VCenterLogin:
-    """Where and how to log in. ``host`` is ``name``, ``name:port`` or a URL (``http://h:p/sdk``)."""
+    """Where and how to log in. ``host`` is ``name``, ``name:port`` or a URL (``http://h:p/sdk``);
+    ``tls_mode`` and ``tls_thumbprint`` say how vCenter's certificate is checked (module doc)."""
 
     host: str
     username: str
     password: str = field(repr=False)
+    tls_mode: TlsMode = "verify"
+    tls_thumbprint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.tls_mode not in TLS_MODES:
+            raise ValueError(f"tls_mode must be one of {', '.join(TLS_MODES)}, not {self.tls_mode!r}")
+        if self.tls_mode == "thumbprint":
+            object.__setattr__(self, "tls_thumbprint", normalize_thumbprint(self.tls_thumbprint))
+        elif self.tls_thumbprint:
+            raise ValueError("tls_thumbprint is given only with tls_mode 'thumbprint'")
 
     def endpoint(self) -> tuple[str, str, int]:
         """``(protocol, host, port)``."""
@@ -277,6 +341,53 @@ def disks_of(devices: Iterable[Any], extra_config: Iterable[Any] = ()) -> list[D
     return out
 
 
+def peer_certificate(host: str, port: int) -> bytes:
+    """The DER certificate vCenter presents (a TLS handshake only: nothing is sent over it)."""
+    probe = ssl.create_default_context()
+    probe.check_hostname = False
+    probe.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection((host, port), timeout=max(1.0, DEADLINES.call)) as sock,
+        probe.wrap_socket(sock, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    if not der:
+        raise VSphereError(f"vCenter {host}:{port} presented no TLS certificate")
+    return der
+
+
+def tls_context(login: VCenterLogin, host: str, port: int, *, insecure: bool = False) -> ssl.SSLContext:
+    """The SSL context for ``login``'s session (module doc). ``thumbprint``: the certificate vCenter
+    presents now must match the pin (else :class:`VSphereError`, before any request), and becomes
+    the only certificate the session's connections trust, so a later connection cannot present
+    another one."""
+    if insecure or login.tls_mode == "insecure":
+        log.warning(
+            "TLS verification of vCenter %s is disabled (tls_mode insecure): its identity is not checked",
+            login.host,
+            extra={"action": "vsphere_connect", "vcenter": login.host, "tls_mode": "insecure"},
+        )
+        return ssl._create_unverified_context()
+    if login.tls_mode == "thumbprint":
+        der = peer_certificate(host, port)
+        algorithm = "sha1" if len(login.tls_thumbprint) == 59 else "sha256"
+        seen = certificate_thumbprint(der, algorithm)
+        if seen != login.tls_thumbprint:
+            raise VSphereError(
+                f"vCenter {login.host}: TLS thumbprint mismatch: the certificate presented has"
+                f" {algorithm.upper()} {seen}, the credential pins {login.tls_thumbprint}; not logging in"
+            )
+        pinned = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.check_hostname = False  # the pin names the certificate, not the host
+        pinned.load_verify_locations(cadata=der)
+        pinned.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the pinned leaf is the trust anchor
+        return pinned
+    context = ssl.create_default_context()
+    if TLS_DEFAULTS.ca_file is not None:
+        context.load_verify_locations(cafile=str(TLS_DEFAULTS.ca_file))
+    return context
+
+
 class VSphere:
     """One pyvmomi session. Every method blocks: call it through :func:`run`."""
 
@@ -286,17 +397,26 @@ class VSphere:
         self.content = si.RetrieveContent()
 
     @classmethod
-    def connect(cls, login: VCenterLogin, *, insecure: bool = True) -> VSphere:
+    def connect(cls, login: VCenterLogin, *, insecure: bool = False) -> VSphere:
+        """Log in to ``login``'s vCenter, checking its certificate as ``login.tls_mode`` says
+        (``insecure=True``, the VMA-wide ``vcenter_insecure``, overrides it to ``insecure``)."""
         protocol, host, port = login.endpoint()
         kwargs: dict[str, Any] = {"httpConnectionTimeout": max(1, round(DEADLINES.call))}
-        if protocol == "https" and insecure:
-            kwargs["sslContext"] = ssl._create_unverified_context()
         try:
+            if protocol == "https":
+                # Always an explicit context: without one pyvmomi skips verification for localhost.
+                kwargs["sslContext"] = tls_context(login, host, port, insecure=insecure)
             si = SmartConnect(
                 protocol=protocol, host=host, port=port, user=login.username, pwd=login.password, **kwargs
             )
         except vim.fault.InvalidLogin as e:
             raise VSphereError(f"vCenter {login.host} refused the login of {login.username}") from e
+        except ssl.SSLCertVerificationError as e:
+            raise VSphereError(
+                f"vCenter {login.host}: TLS certificate verification failed ({e.verify_message});"
+                " add its CA to the VMA's vcenter_ca_file or pin the certificate's"
+                " thumbprint (tls_mode 'thumbprint')"
+            ) from e
         except (OSError, vmodl.MethodFault) as e:
             raise VSphereError(f"cannot connect to vCenter {login.host}: {e}") from e
         return cls(si, login)

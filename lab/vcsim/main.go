@@ -1,5 +1,6 @@
 // Command lab-vcsim is the project's vSphere lab: the govmomi vCenter simulator (VPX model) over
-// plain HTTP on loopback, with the lab extension (lab.go, qcda.go, journal.go): disks backed by
+// plain HTTP on loopback (HTTPS with -tls: a self-signed certificate, written to
+// <dir>/vcsim-cert.pem and named in the ready line as "certificate"), with the lab extension (lab.go, qcda.go, journal.go): disks backed by
 // real images in local datastore directories, snapshots that freeze those images, and
 // QueryChangedDiskAreas answered from per-disk change journals.
 //
@@ -16,10 +17,18 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"flag"
 	"fmt"
 	"log"
+	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -43,14 +52,15 @@ func main() {
 	pass := flag.String("password", "pass", "login password")
 	window := flag.Int64("qcda-window", 0, "bytes one QueryChangedDiskAreas answer covers at most (0: a third of the disk)")
 	block := flag.Int64("cbt-block", 512, "change-tracking granularity in bytes")
+	useTLS := flag.Bool("tls", false, "serve HTTPS with a self-signed certificate (written to <dir>/vcsim-cert.pem)")
 	flag.Parse()
 
-	if err := run(*listen, *dir, strings.Split(*dsNames, ","), *user, *pass, *window, *block); err != nil {
+	if err := run(*listen, *dir, strings.Split(*dsNames, ","), *user, *pass, *window, *block, *useTLS); err != nil {
 		log.Fatalf("lab-vcsim: %v", err)
 	}
 }
 
-func run(listen, dir string, dsNames []string, user, pass string, window, block int64) error {
+func run(listen, dir string, dsNames []string, user, pass string, window, block int64, useTLS bool) error {
 	if dir == "" {
 		return fmt.Errorf("-dir is required")
 	}
@@ -113,19 +123,35 @@ func run(listen, dir string, dsNames []string, user, pass string, window, block 
 	simulator.Map.AddHandler(lab)
 
 	model.Service.Listen = &url.URL{Host: listen, User: url.UserPassword(user, pass)}
+	if useTLS {
+		cert, err := selfSigned()
+		if err != nil {
+			return err
+		}
+		model.Service.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
 	srv := model.Service.NewServer()
 	defer srv.Close()
+	certificate := ""
+	if useTLS {
+		certificate = filepath.Join(dir, "vcsim-cert.pem")
+		der := srv.Certificate().Raw
+		if err := os.WriteFile(certificate, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+			return err
+		}
+	}
 	// Wrap the simulator's handler before any client knows the address.
 	lab.inner = srv.Config.Handler
 	srv.Config.Handler = lab
 
 	ready, err := json.Marshal(map[string]interface{}{
-		"event":      "ready",
-		"url":        srv.URL.Scheme + "://" + srv.URL.Host + srv.URL.Path,
-		"username":   user,
-		"password":   pass,
-		"datastores": lab.datastores,
-		"pid":        os.Getpid(),
+		"event":       "ready",
+		"url":         srv.URL.Scheme + "://" + srv.URL.Host + srv.URL.Path,
+		"username":    user,
+		"password":    pass,
+		"datastores":  lab.datastores,
+		"pid":         os.Getpid(),
+		"certificate": certificate,
 	})
 	if err != nil {
 		return err
@@ -152,4 +178,34 @@ func watchParent(orphaned chan<- struct{}) {
 		time.Sleep(500 * time.Millisecond)
 	}
 	close(orphaned)
+}
+
+// selfSigned makes the lab's certificate: ECDSA P-256, self-signed, for 127.0.0.1, ::1 and
+// localhost (httptest's own is RSA-1024, which OpenSSL 3 refuses as too weak).
+func selfSigned() (tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 63))
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "lab-vcsim", Organization: []string{"vSphere lab"}},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(365 * 24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1"), net.IPv6loopback},
+		DNSNames:              []string{"localhost"},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
 }

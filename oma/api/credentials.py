@@ -5,6 +5,12 @@ The vCenter password is encrypted with AES-256-GCM before it reaches the databas
 connects: it asks the VMA to run a discovery with these credentials and reports how many VMs it
 saw, or why it could not (VMA unreachable, vCenter refused, ...).
 
+vCenter TLS: each credential says how the VMA checks vCenter's certificate, ``tls_mode``:
+``verify`` (the default: CAs and name), ``thumbprint`` (``tls_thumbprint``, the certificate's
+SHA-256 fingerprint as VMware tools show it, ``AB:CD:...``; SHA-1 is accepted too) or
+``insecure`` (nothing is checked: only when asked for by name; every answer shows it and the
+OMA and the VMA log a warning naming the vCenter).
+
 At most one credential is the default (a partial unique index); discovery uses it when a request
 names no credential.
 """
@@ -12,11 +18,12 @@ names no credential.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from quart import Blueprint
 from quart_schema import validate_request
 
@@ -35,8 +42,38 @@ bp = Blueprint("credentials", __name__)
 PURPOSE = b"vmware-credential"
 PUBLIC_COLUMNS = (
     "id, credential_name, vcenter_host, username, datacenter, is_active, is_default, created_by,"
-    " created_at, updated_at, last_used_at, usage_count, last_test_at, last_test_ok, last_test_message"
+    " created_at, updated_at, last_used_at, usage_count, last_test_at, last_test_ok, last_test_message,"
+    " tls_mode, tls_thumbprint"
 )
+
+TlsMode = Literal["verify", "thumbprint", "insecure"]
+_THUMBPRINT = re.compile(
+    r"(?:[0-9A-Fa-f]{2}:){19}[0-9A-Fa-f]{2}(?:(?::[0-9A-Fa-f]{2}){12})?|[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64}"
+)
+
+
+def _thumbprint(value: str) -> str:
+    """Upper-case colon-separated hex of a SHA-256 (32 bytes) or SHA-1 (20 bytes) fingerprint."""
+    value = value.strip()
+    if not value:
+        return ""
+    if not _THUMBPRINT.fullmatch(value):
+        raise ValueError(
+            "tls_thumbprint must be the certificate's SHA-256 (or SHA-1) fingerprint as hex bytes,"
+            " e.g. AB:CD:...:EF (32 or 20 bytes)"
+        )
+    digits = value.replace(":", "").upper()
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
+
+
+Thumbprint = Annotated[str, Field(max_length=200), AfterValidator(_thumbprint)]
+
+
+def _check_tls(mode: str, thumbprint: str) -> None:
+    if mode == "thumbprint" and not thumbprint:
+        raise ValueError("tls_mode 'thumbprint' needs tls_thumbprint (the certificate's SHA-256 fingerprint)")
+    if mode != "thumbprint" and thumbprint:
+        raise ValueError(f"tls_thumbprint is given only with tls_mode 'thumbprint', not {mode!r}")
 
 
 def _no_login_in_host(host: str) -> str:
@@ -61,6 +98,13 @@ class CreateCredentialRequest(BaseModel):
     datacenter: str = Field("", max_length=MAX_NAME)
     is_active: bool = True
     is_default: bool = False
+    tls_mode: TlsMode = "verify"
+    tls_thumbprint: Thumbprint = ""
+
+    @model_validator(mode="after")
+    def _tls(self) -> Self:
+        _check_tls(self.tls_mode, self.tls_thumbprint)
+        return self
 
 
 class UpdateCredentialRequest(BaseModel):
@@ -70,6 +114,9 @@ class UpdateCredentialRequest(BaseModel):
     password: str | None = Field(None, min_length=1, max_length=1024)
     datacenter: str | None = Field(None, max_length=MAX_NAME)
     is_active: bool | None = None
+    #: Changing the mode: give ``tls_thumbprint`` with ``thumbprint``; another mode clears it.
+    tls_mode: TlsMode | None = None
+    tls_thumbprint: Thumbprint | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +126,8 @@ class VCenterLogin:
     username: str
     password: str = field(repr=False)
     datacenter: str
+    tls_mode: str = "verify"
+    tls_thumbprint: str = ""
 
 
 async def _get(cred_id: int) -> Record:
@@ -93,15 +142,15 @@ async def resolve_login(credential_id: int | None) -> VCenterLogin:
     st = state()
     if credential_id is None:
         row = await st.db.fetchrow(
-            "SELECT id, vcenter_host, username, datacenter, password_ciphertext, is_active"
-            " FROM vmware_credentials WHERE is_default"
+            "SELECT id, vcenter_host, username, datacenter, password_ciphertext, is_active, tls_mode,"
+            " tls_thumbprint FROM vmware_credentials WHERE is_default"
         )
         if row is None:
             raise ApiError.unprocessable("no credential_id given and no default VMware credential is set")
     else:
         row = await st.db.fetchrow(
-            "SELECT id, vcenter_host, username, datacenter, password_ciphertext, is_active"
-            " FROM vmware_credentials WHERE id = $1",
+            "SELECT id, vcenter_host, username, datacenter, password_ciphertext, is_active, tls_mode,"
+            " tls_thumbprint FROM vmware_credentials WHERE id = $1",
             credential_id,
         )
         if row is None:
@@ -116,7 +165,26 @@ async def resolve_login(credential_id: int | None) -> VCenterLogin:
         "UPDATE vmware_credentials SET last_used_at = now(), usage_count = usage_count + 1 WHERE id = $1",
         row["id"],
     )
-    return VCenterLogin(row["id"], row["vcenter_host"], row["username"], password, row["datacenter"])
+    if row["tls_mode"] == "insecure":
+        _warn_insecure(row["id"], row["vcenter_host"])
+    return VCenterLogin(
+        row["id"],
+        row["vcenter_host"],
+        row["username"],
+        password,
+        row["datacenter"],
+        row["tls_mode"],
+        row["tls_thumbprint"],
+    )
+
+
+def _warn_insecure(cred_id: int, vcenter: str) -> None:
+    log.warning(
+        "VMware credential %s connects to vCenter %s without TLS verification (tls_mode insecure)",
+        cred_id,
+        vcenter,
+        extra={"credential_id": cred_id, "vcenter": vcenter, "tls_mode": "insecure"},
+    )
 
 
 @bp.get("/vmware-credentials")
@@ -137,9 +205,10 @@ async def create_credential(data: CreateCredentialRequest) -> tuple[dict[str, An
             if data.is_default:
                 await conn.execute("UPDATE vmware_credentials SET is_default = false WHERE is_default")
             row = await conn.fetchrow(
-                "INSERT INTO vmware_credentials (credential_name, vcenter_host, username, "
-                "password_ciphertext,"
-                " datacenter, is_active, is_default, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                "INSERT INTO vmware_credentials (credential_name, vcenter_host, username,"
+                " password_ciphertext, datacenter, is_active, is_default, created_by, tls_mode,"
+                " tls_thumbprint)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                 f" RETURNING {PUBLIC_COLUMNS}",
                 data.credential_name,
                 data.vcenter_host,
@@ -149,14 +218,19 @@ async def create_credential(data: CreateCredentialRequest) -> tuple[dict[str, An
                 data.is_active,
                 data.is_default,
                 current_principal().subject,
+                data.tls_mode,
+                data.tls_thumbprint,
             )
     except UniqueViolation as exc:
         raise ApiError.conflict(f"a credential named {data.credential_name!r} already exists") from exc
     assert row is not None
     with log_context(action="credential_create"):
         log.info(
-            "VMware credential created", extra={"credential_id": row["id"], "vcenter": data.vcenter_host}
+            "VMware credential created",
+            extra={"credential_id": row["id"], "vcenter": data.vcenter_host, "tls_mode": data.tls_mode},
         )
+        if data.tls_mode == "insecure":
+            _warn_insecure(row["id"], data.vcenter_host)
     return row_dict(row), 201
 
 
@@ -183,12 +257,14 @@ async def update_credential(cred_id: int, data: UpdateCredentialRequest) -> dict
     if not data.model_dump(exclude_unset=True):
         raise ApiError.unprocessable("nothing to update")
     ciphertext = st.box.encrypt(data.password, PURPOSE) if data.password is not None else None
+    mode, thumbprint = await _new_tls(cred_id, data)
     try:
         row = await st.db.fetchrow(
             "UPDATE vmware_credentials SET credential_name = COALESCE($2, credential_name),"
             " vcenter_host = COALESCE($3, vcenter_host), username = COALESCE($4, username),"
             " password_ciphertext = COALESCE($5, password_ciphertext), datacenter = COALESCE($6, datacenter),"
-            " is_active = COALESCE($7, is_active), updated_at = now()"
+            " is_active = COALESCE($7, is_active), tls_mode = COALESCE($8, tls_mode),"
+            " tls_thumbprint = COALESCE($9, tls_thumbprint), updated_at = now()"
             f" WHERE id = $1 RETURNING {PUBLIC_COLUMNS}",
             cred_id,
             data.credential_name,
@@ -197,6 +273,8 @@ async def update_credential(cred_id: int, data: UpdateCredentialRequest) -> dict
             ciphertext,
             data.datacenter,
             data.is_active,
+            mode,
+            thumbprint,
         )
     except UniqueViolation as exc:
         raise ApiError.conflict(f"a credential named {data.credential_name!r} already exists") from exc
@@ -205,9 +283,33 @@ async def update_credential(cred_id: int, data: UpdateCredentialRequest) -> dict
     with log_context(action="credential_update"):
         log.info(
             "VMware credential updated",
-            extra={"credential_id": cred_id, "password_changed": ciphertext is not None},
+            extra={
+                "credential_id": cred_id,
+                "password_changed": ciphertext is not None,
+                "tls_mode": row["tls_mode"],
+            },
         )
+        if mode == "insecure":
+            _warn_insecure(cred_id, row["vcenter_host"])
     return row_dict(row)
+
+
+async def _new_tls(cred_id: int, data: UpdateCredentialRequest) -> tuple[str | None, str | None]:
+    """The ``(tls_mode, tls_thumbprint)`` an update sets (None: unchanged), checked together with
+    what the credential has: a new mode other than ``thumbprint`` clears the thumbprint."""
+    if data.tls_mode is None and data.tls_thumbprint is None:
+        return None, None
+    current = await _get(cred_id)
+    mode = data.tls_mode or current["tls_mode"]
+    if data.tls_thumbprint is not None:
+        thumbprint = data.tls_thumbprint
+    else:
+        thumbprint = current["tls_thumbprint"] if mode == "thumbprint" else ""
+    try:
+        _check_tls(mode, thumbprint)
+    except ValueError as exc:
+        raise ApiError.unprocessable(str(exc)) from exc
+    return mode, thumbprint
 
 
 @bp.delete("/vmware-credentials/<int:cred_id>")
@@ -254,6 +356,8 @@ async def test_credential(cred_id: int) -> dict[str, Any]:
             username=login.username,
             password=login.password,
             datacenter=login.datacenter,
+            tls_mode=login.tls_mode,
+            tls_thumbprint=login.tls_thumbprint,
         )
     except VmaUnreachable as exc:
         ok, message, vm_count = False, f"could not reach the VMA to test: {exc.message}", None

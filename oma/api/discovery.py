@@ -70,6 +70,8 @@ async def _discover(credential_id: int | None, filter: str) -> tuple[DiscoverRes
             vcenter=login.vcenter,
             username=login.username,
             password=login.password,
+            tls_mode=login.tls_mode,
+            tls_thumbprint=login.tls_thumbprint,
             datacenter=login.datacenter,
             filter=filter,
         )

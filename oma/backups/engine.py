@@ -484,6 +484,8 @@ class BackupEngine(ClaimWorker):
             vcenter=login.vcenter,
             username=login.username,
             password=login.password,
+            tls_mode=login.tls_mode,
+            tls_thumbprint=login.tls_thumbprint,
             disks={job.vm_path: [job.disk_id]},
             previous_change_ids={job.vm_path: {job.disk_id: parent.change_id if parent else None}},
         )

@@ -12,8 +12,10 @@ with lab:                                   # or: await nursery.start(lab.serve)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import select
+import ssl
 import subprocess
 import time
 from collections.abc import Sequence
@@ -82,6 +84,7 @@ class Lab:
         username: str = "user",
         password: str = "pass",
         cache_dir: Path | None = None,
+        tls: bool = False,
     ) -> None:
         self.directory = Path(directory).resolve()
         self.qcda_window = qcda_window
@@ -91,6 +94,7 @@ class Lab:
         self.username = username
         self.password = password
         self.cache_dir = cache_dir
+        self.tls = tls
         self.ready: Ready | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._si: vim.ServiceInstance | None = None
@@ -109,6 +113,7 @@ class Lab:
             cbt_block=self.cbt_block,
             username=self.username,
             password=self.password,
+            tls=self.tls,
         )
 
     @property
@@ -220,6 +225,21 @@ class Lab:
         return port
 
     @property
+    def ca_file(self) -> Path:
+        """PEM file of the lab's self-signed certificate (a lab started with ``tls=True``): a CA
+        file that verifies it, for 127.0.0.1."""
+        cert = self._ready().certificate
+        if cert is None:
+            raise LabError("the lab serves plain HTTP: start it with tls=True for a certificate")
+        return cert
+
+    def thumbprint(self, algorithm: str = "sha256") -> str:
+        """The certificate's fingerprint as VMware tools show it: ``AB:CD:...`` over the DER
+        certificate (``sha256``, or ``sha1`` as older tools and VDDK show it)."""
+        der = ssl.PEM_cert_to_DER_cert(self.ca_file.read_text(encoding="ascii"))
+        return ":".join(f"{b:02X}" for b in hashlib.new(algorithm, der).digest())
+
+    @property
     def datastores(self) -> DatastoreMap:
         return DatastoreMap(self._ready().datastores)
 
@@ -232,7 +252,19 @@ class Lab:
         return self.datastores.image(ds_path)
 
     def connect(self) -> vim.ServiceInstance:
-        """A new pyvmomi connection (plain HTTP); the caller disconnects it."""
+        """A new pyvmomi connection (plain HTTP, or HTTPS verified against the lab's own
+        certificate); the caller disconnects it."""
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+            https: vim.ServiceInstance = SmartConnect(
+                protocol="https",
+                host=self.host,
+                port=self.port,
+                user=self.username,
+                pwd=self.password,
+                sslContext=context,
+            )
+            return https
         si: vim.ServiceInstance = SmartConnect(
             protocol="http", host=self.host, port=self.port, user=self.username, pwd=self.password
         )

@@ -90,6 +90,8 @@ class Ready:
     password: str
     datastores: dict[str, Path]
     pid: int
+    #: PEM file of the simulator's self-signed certificate (HTTPS, ``tls=True``), else None.
+    certificate: Path | None = None
 
     @classmethod
     def parse(cls, line: bytes) -> Ready:
@@ -105,6 +107,7 @@ class Ready:
             d["password"],
             {k: Path(v) for k, v in d["datastores"].items()},
             int(d["pid"]),
+            Path(d["certificate"]) if d.get("certificate") else None,
         )
 
 
@@ -118,6 +121,7 @@ def vcsim_command(
     cbt_block: int = 512,
     username: str = "user",
     password: str = "pass",
+    tls: bool = False,
 ) -> list[str]:
     return [
         str(binary),
@@ -135,4 +139,5 @@ def vcsim_command(
         username,
         "-password",
         password,
+        *(["-tls"] if tls else []),
     ]

@@ -178,3 +178,74 @@ def test_logins_do_not_show_their_password_in_repr() -> None:
     secret = f"Zq-{uuid.uuid4().hex}-pw"
     assert secret not in repr(VCenterLogin(1, "vc", "u", secret, "DC0"))
     assert secret not in repr(RepositorySpec("repo-1", "cifs", {}, secret))
+
+
+SHA256 = ":".join(f"{b:02X}" for b in range(32))
+
+
+async def test_tls_mode_is_verify_by_default_and_goes_to_the_vma(oma: Oma, vma: VmaDouble) -> None:
+    cred = (await oma.post("/vmware-credentials", json=cred_body(vma, "plain", is_default=True))).json()
+    assert (cred["tls_mode"], cred["tls_thumbprint"]) == ("verify", "")
+    assert (await oma.post(f"/vmware-credentials/{cred['id']}/test")).json()["success"] is True
+    sent = vma.requests[-1][2]
+    assert sent["tls_mode"] == "verify" and "tls_thumbprint" not in sent
+    # discovery sends it too
+    assert (await oma.post("/discovery/preview", json={})).status_code == 200
+    assert vma.requests[-1][2]["tls_mode"] == "verify"
+
+
+async def test_a_pinned_thumbprint_is_normalized_shown_and_sent(oma: Oma, vma: VmaDouble) -> None:
+    body = cred_body(vma, "pinned", tls_mode="thumbprint", tls_thumbprint=SHA256.replace(":", "").lower())
+    r = await oma.post("/vmware-credentials", json=body)
+    assert r.status_code == 201, r.text
+    cred = r.json()
+    assert (cred["tls_mode"], cred["tls_thumbprint"]) == ("thumbprint", SHA256)
+    assert (await oma.get(f"/vmware-credentials/{cred['id']}")).json()["tls_thumbprint"] == SHA256
+    await oma.post(f"/vmware-credentials/{cred['id']}/test")
+    sent = vma.requests[-1][2]
+    assert (sent["tls_mode"], sent["tls_thumbprint"]) == ("thumbprint", SHA256)
+    # a SHA-1 thumbprint (20 bytes) is accepted too
+    sha1 = ":".join(["AB"] * 20)
+    r = await oma.put(f"/vmware-credentials/{cred['id']}", json={"tls_thumbprint": sha1})
+    assert r.status_code == 200 and r.json()["tls_thumbprint"] == sha1
+    # another mode clears the pin
+    r = await oma.put(f"/vmware-credentials/{cred['id']}", json={"tls_mode": "verify"})
+    assert r.status_code == 200 and (r.json()["tls_mode"], r.json()["tls_thumbprint"]) == ("verify", "")
+
+
+async def test_tls_settings_are_validated(oma: Oma, vma: VmaDouble) -> None:
+    for extra in (
+        {"tls_mode": "thumbprint"},  # no thumbprint
+        {"tls_mode": "thumbprint", "tls_thumbprint": "AB:CD:EF"},  # too short
+        {"tls_mode": "thumbprint", "tls_thumbprint": "ZZ" * 32},  # not hex
+        {"tls_thumbprint": SHA256},  # a thumbprint without the mode that uses it
+        {"tls_mode": "off"},
+        {"tls_mode": True},
+    ):
+        r = await oma.post("/vmware-credentials", json=cred_body(vma, "bad", **extra))
+        assert r.status_code == 422, (extra, r.text)
+        assert_envelope(r.json(), "VALIDATION_FAILED")
+    cred = (await oma.post("/vmware-credentials", json=cred_body(vma, "ok"))).json()
+    r = await oma.put(f"/vmware-credentials/{cred['id']}", json={"tls_mode": "thumbprint"})
+    assert r.status_code == 422, r.text
+    r = await oma.put(f"/vmware-credentials/{cred['id']}", json={"tls_thumbprint": SHA256})
+    assert r.status_code == 422, r.text
+    assert (await oma.get(f"/vmware-credentials/{cred['id']}")).json()["tls_mode"] == "verify"
+
+
+async def test_insecure_is_explicit_and_shows_in_answers_and_logs(
+    oma: Oma, vma: VmaDouble, log_capture: io.StringIO
+) -> None:
+    r = await oma.post("/vmware-credentials", json=cred_body(vma, "lax", tls_mode="insecure"))
+    assert r.status_code == 201, r.text
+    cred = r.json()
+    assert cred["tls_mode"] == "insecure"
+    listing = (await oma.get("/vmware-credentials")).json()["credentials"]
+    assert [c["tls_mode"] for c in listing if c["id"] == cred["id"]] == ["insecure"]
+    await oma.post(f"/vmware-credentials/{cred['id']}/test")
+    assert vma.requests[-1][2]["tls_mode"] == "insecure"
+    warnings = [
+        line for line in log_capture.getvalue().splitlines() if "without TLS verification" in line
+    ]
+    assert len(warnings) >= 2  # on create and on each use
+    assert all(vma.vcenter_host in line and "warning" in line.lower() for line in warnings)

@@ -32,6 +32,7 @@ async def test_discover_preview_add_bulk_ungrouped(oma: Oma, vma: VmaDouble) -> 
         "vcenter": vma.vcenter_host,
         "username": vma.username,
         "password": vma.password,
+        "tls_mode": "verify",
         "datacenter": vma.datacenter,
         "filter": "web",
     }

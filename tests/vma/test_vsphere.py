@@ -6,18 +6,22 @@ gives one, so a fake answer object drives it)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
+from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 
 from pyapp.lab import Lab, LabVM
 from tests.vma.conftest import Vma
+from vma.jobs import Job, Journal
 from vma.vsphere import (
     DEADLINES,
     ChangedAreasError,
@@ -27,7 +31,9 @@ from vma.vsphere import (
     cbt_epoch,
     collect_changed_areas,
     configure_deadlines,
+    configure_tls,
     merge_extents,
+    normalize_thumbprint,
     run,
     same_cbt_epoch,
 )
@@ -150,7 +156,7 @@ def test_vcenter_endpoint_forms() -> None:
     assert VCenterLogin("vc.example.com", "u", "p").endpoint() == ("https", "vc.example.com", 443)
     assert VCenterLogin("vc.example.com:8443", "u", "p").endpoint() == ("https", "vc.example.com", 8443)
     assert VCenterLogin("http://127.0.0.1:8989/sdk", "u", "p").endpoint() == ("http", "127.0.0.1", 8989)
-    assert "p" not in repr(VCenterLogin("vc", "u", "secret-pass"))
+    assert "secret-pass" not in repr(VCenterLogin("vc", "u", "secret-pass"))
 
 
 def test_vm_in_a_folder_has_its_folder_path(lab: Lab, vm1: LabVM) -> None:
@@ -213,3 +219,109 @@ async def test_a_vcenter_stopped_mid_session_fails_the_call_within_its_deadline(
     finally:
         os.kill(pid, signal.SIGCONT)
     await run(vs.disconnect)
+
+
+# -- vCenter TLS (against the lab serving HTTPS with its self-signed certificate) -------------------
+
+
+def _session_count(lab: Lab) -> int:
+    si = lab.connect()
+    try:
+        return len(si.content.sessionManager.sessionList)
+    finally:
+        Disconnect(si)
+
+
+def test_verify_is_the_default_and_refuses_a_self_signed_certificate(tls_lab: Lab) -> None:
+    login = VCenterLogin(tls_lab.url, tls_lab.username, tls_lab.password)
+    assert login.tls_mode == "verify"
+    with pytest.raises(VSphereError, match="TLS certificate verification failed") as e:
+        VSphere.connect(login)
+    assert "self-signed" in str(e.value) or "self signed" in str(e.value)
+
+
+def test_a_wrong_thumbprint_refuses_the_connection_before_login(tls_lab: Lab) -> None:
+    before = _session_count(tls_lab)
+    wrong = ":".join(["AB"] * 32)
+    # a wrong password too: had a login been sent, the error would be vCenter refusing it
+    login = VCenterLogin(tls_lab.url, tls_lab.username, "wrong", tls_mode="thumbprint", tls_thumbprint=wrong)
+    with pytest.raises(VSphereError, match="TLS thumbprint mismatch") as e:
+        VSphere.connect(login)
+    assert tls_lab.thumbprint() in str(e.value) and wrong in str(e.value)
+    assert _session_count(tls_lab) == before
+
+
+@pytest.mark.parametrize("form", ["sha256", "sha256-plain-lower", "sha1"])
+def test_the_pinned_thumbprint_connects(tls_lab: Lab, form: str) -> None:
+    pin = tls_lab.thumbprint("sha1" if form == "sha1" else "sha256")
+    if form == "sha256-plain-lower":
+        pin = pin.replace(":", "").lower()
+    login = VCenterLogin(
+        tls_lab.url, tls_lab.username, tls_lab.password, tls_mode="thumbprint", tls_thumbprint=pin
+    )
+    assert login.tls_thumbprint == tls_lab.thumbprint("sha1" if form == "sha1" else "sha256")
+    vs = VSphere.connect(login)
+    try:
+        assert [d.name for d in vs.datacenters()] == ["DC0"]
+    finally:
+        vs.disconnect()
+
+
+def test_verify_with_the_labs_certificate_as_ca_file(tls_lab: Lab) -> None:
+    configure_tls(tls_lab.ca_file)
+    try:
+        vs = VSphere.connect(VCenterLogin(tls_lab.url, tls_lab.username, tls_lab.password))
+        vs.disconnect()
+    finally:
+        configure_tls(None)
+
+
+def test_insecure_connects_and_logs_a_warning_naming_the_vcenter(
+    tls_lab: Lab, caplog: pytest.LogCaptureFixture
+) -> None:
+    login = VCenterLogin(tls_lab.url, tls_lab.username, tls_lab.password, tls_mode="insecure")
+    with caplog.at_level(logging.WARNING, logger="vma.vsphere"):
+        for _ in range(2):
+            VSphere.connect(login).disconnect()
+    warnings = [r for r in caplog.records if "TLS verification" in r.getMessage()]
+    assert len(warnings) == 2  # every connect
+    assert all(tls_lab.url in r.getMessage() and r.levelno == logging.WARNING for r in warnings)
+
+
+def test_thumbprint_forms_are_checked() -> None:
+    with pytest.raises(ValueError, match="tls_thumbprint must be"):
+        VCenterLogin("vc", "u", "p", tls_mode="thumbprint", tls_thumbprint="AB:CD")
+    with pytest.raises(ValueError, match="tls_thumbprint must be"):
+        VCenterLogin("vc", "u", "p", tls_mode="thumbprint")
+    with pytest.raises(ValueError, match="only with tls_mode 'thumbprint'"):
+        VCenterLogin("vc", "u", "p", tls_thumbprint=":".join(["AB"] * 32))
+    assert normalize_thumbprint("ab" * 20) == ":".join(["AB"] * 20)
+
+
+async def test_discover_api_checks_the_certificate_as_asked(vma: Vma, tls_lab: Lab) -> None:
+    body = {"vcenter": tls_lab.url, "username": tls_lab.username, "password": tls_lab.password}
+    r = await vma.post("/api/v1/discover", body)
+    assert r.status_code == 500 and "TLS certificate verification failed" in r.json()["error"]
+    wrong = {**body, "tls_mode": "thumbprint", "tls_thumbprint": ":".join(["00"] * 32)}
+    r = await vma.post("/api/v1/discover", wrong)
+    assert r.status_code == 500 and "TLS thumbprint mismatch" in r.json()["error"]
+    right = {**body, "tls_mode": "thumbprint", "tls_thumbprint": tls_lab.thumbprint()}
+    r = await vma.post("/api/v1/discover", right)
+    assert r.status_code == 200, r.text
+    for bad in (
+        {"tls_mode": "none"},
+        {"tls_mode": "thumbprint", "tls_thumbprint": "not-hex"},
+        {"tls_thumbprint": tls_lab.thumbprint()},
+    ):
+        r = await vma.post("/api/v1/discover", {**body, **bad})
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_REQUEST", r.text
+
+
+def test_the_journal_keeps_the_tls_mode_for_recovery(tmp_path: Path) -> None:
+    """Recovery reconnects from the journal: the login's TLS settings are kept with it."""
+    pin = ":".join(["5A"] * 32)
+    login = VCenterLogin("vc.example", "u", "p", tls_mode="thumbprint", tls_thumbprint=pin)
+    journal = Journal(tmp_path)
+    journal.record(Job("job-tls", ["/DC0/vm/vm1"], login, "", tmp_path))
+    [record] = journal.records()
+    assert record.login == login

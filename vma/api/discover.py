@@ -12,10 +12,10 @@ from typing import Any
 from quart import Blueprint, request
 
 from pyapp.logs import log_context
-from vma.api.validation import text
+from vma.api.validation import text, vcenter_login
 from vma.errors import ApiError, require_json_object
 from vma.state import state
-from vma.vsphere import VCenterLogin, VSphere, VSphereError, run
+from vma.vsphere import VSphere, VSphereError, run
 
 bp = Blueprint("discover", __name__)
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @bp.post("/discover")
 async def discover() -> dict[str, Any]:
     body = require_json_object(await request.get_json(silent=True))
-    login = VCenterLogin(text(body, "vcenter"), text(body, "username"), text(body, "password"))
+    login = vcenter_login(body)
     datacenter = text(body, "datacenter", required=False, max_len=255)
     name_filter = text(body, "filter", required=False, max_len=255)
     config = state().config

@@ -26,13 +26,12 @@ from typing import Any
 from quart import Blueprint, current_app, request
 
 from vma.api.validation import job_id as parse_job_id
-from vma.api.validation import text
+from vma.api.validation import text, vcenter_login
 from vma.errors import ApiError, require_json_object
 from vma.export import ExportRequest
 from vma.jobs import Job, JobMode, iso
 from vma.replicate import Target
 from vma.state import state
-from vma.vsphere import VCenterLogin
 
 bp = Blueprint("replicate", __name__)
 
@@ -196,7 +195,7 @@ def _export_request(body: dict[str, Any], vm_paths: list[str], default_timeout: 
 async def replicate() -> tuple[dict[str, Any], int]:
     body = require_json_object(await request.get_json(silent=True))
     job_id = parse_job_id(body)
-    login = VCenterLogin(text(body, "vcenter"), text(body, "username"), text(body, "password"))
+    login = vcenter_login(body)
     vm_paths = body.get("vm_paths")
     if (
         not isinstance(vm_paths, list)

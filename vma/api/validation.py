@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from vma.errors import ApiError
+from vma.vsphere import TLS_MODES, VCenterLogin
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 
@@ -26,3 +27,21 @@ def job_id(body: dict[str, Any]) -> str:
     if not JOB_ID.match(value):
         raise ApiError.invalid("Invalid job_id format (letters, digits and . _ : - only)")
     return value
+
+
+def vcenter_login(body: dict[str, Any]) -> VCenterLogin:
+    """The vCenter login of a request: ``vcenter``, ``username``, ``password``, and how to check
+    vCenter's certificate, ``tls_mode`` (``verify`` unless given) and ``tls_thumbprint``."""
+    mode = text(body, "tls_mode", required=False, max_len=20) or "verify"
+    if mode not in TLS_MODES:
+        raise ApiError.invalid(f"tls_mode must be one of {', '.join(TLS_MODES)}")
+    try:
+        return VCenterLogin(
+            text(body, "vcenter"),
+            text(body, "username"),
+            text(body, "password"),
+            tls_mode=mode,  # type: ignore[arg-type]  # checked against TLS_MODES above
+            tls_thumbprint=text(body, "tls_thumbprint", required=False, max_len=200),
+        )
+    except ValueError as e:
+        raise ApiError.invalid(str(e)) from e
