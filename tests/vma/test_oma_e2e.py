@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import NbdExport, free_tcp_port
-from tests.vma.conftest import images_equal, new_target, vma_config
+from tests.vma.conftest import images_equal, new_target, oma_auth, vma_config
 from vma.server import serve_vma
 
 pytestmark = pytest.mark.e2e
@@ -157,7 +157,6 @@ async def test_full_and_incremental_against_the_real_oma(
                     "username": lab.username,
                     "password": lab.password,
                     "vm_paths": ["/DC0/vm/vm1"],
-                    "oma_url": oma_url,
                     "targets": {
                         "/DC0/vm/vm1": {
                             f"disk-{vm1.disks[0].key}": e0.uri,
@@ -165,10 +164,11 @@ async def test_full_and_incremental_against_the_real_oma(
                         }
                     },
                 }
-                assert (await http.post(f"{vma}/api/v1/replicate", json=body)).status_code == 200
+                signed = oma_auth(config)
+                assert (await http.post(f"{vma}/api/v1/replicate", json=body, auth=signed)).status_code == 200
                 with trio.fail_after(60):
                     while True:
-                        p = (await http.get(f"{vma}/api/v1/progress/{job['id']}")).json()
+                        p = (await http.get(f"{vma}/api/v1/progress/{job['id']}", auth=signed)).json()
                         if p["status"] in ("completed", "failed"):
                             break
                         await trio.sleep(0.1)
