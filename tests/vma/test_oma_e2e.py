@@ -53,6 +53,8 @@ def oma_url(tmp_path: Path, vma_port: int) -> Iterator[str]:
         # This test plays the OMA's replication engine itself (exports, /replicate): the real one
         # would claim the same jobs. tests/e2e runs the engine.
         "OMA_REPLICATION_ENGINE": "0",
+        # The VMA's enrollment secret (vma_config's file): the OMA signs its VMA requests with it.
+        "OMA_VMA_SECRET_FILE": str(tmp_path / "oma.secret"),
     }
     log = (tmp_path / "oma.log").open("wb")
     proc = subprocess.Popen(
