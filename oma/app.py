@@ -167,7 +167,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                     )
                 timeout = httpx.Timeout(config.vma_timeout, connect=min(config.vma_timeout, 5.0))
                 async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
-                    st.vma_ = VmaClient(http, config.vma_url)
+                    st.vma_ = VmaClient(http, config.vma_url, config.vma_secret_file)
                     stop = trio.Event()
 
                     async def prune_loop() -> None:

@@ -8,6 +8,7 @@
 | database | | ``DATABASE_URL`` | embedded PostgreSQL in ``<data-dir>/pgdata`` |
 | VMA API URL | ``--vma-url`` | ``OMA_VMA_URL`` | ``http://localhost:9081`` |
 | VMA request timeout (s) | | ``OMA_VMA_TIMEOUT`` | ``10`` |
+| the enrolled VMA's secret (signs requests to it) | | ``OMA_VMA_SECRET_FILE`` | none: the VMA answers 401 |
 | credentials key file | | ``OMA_SECRET_KEY_FILE`` | ``<data-dir>/secrets/credentials.key`` |
 | first admin | | ``OMA_ADMIN_USERNAME`` + ``OMA_ADMIN_PASSWORD_FILE`` (or ``_PASSWORD``) | none |
 | token lifetime (s) | | ``OMA_TOKEN_TTL`` | ``86400`` |
@@ -16,7 +17,6 @@
 | pool size (per worker) | | ``OMA_DB_POOL_SIZE`` | ``30`` |
 | worker processes | ``--workers`` | ``OMA_WORKERS`` | ``1`` |
 | run the replication engine | | ``OMA_REPLICATION_ENGINE`` (``0``/``1``) | ``1`` |
-| OMA URL sent to the VMA (its way back) | ``--callback-url`` | ``OMA_CALLBACK_URL`` | none: the VMA's own |
 | host the VMA reaches target exports at | | ``OMA_NBD_HOST`` | ``127.0.0.1`` (the tunnel's end) |
 | jobs driven at once per process | | ``OMA_MAX_ACTIVE_JOBS`` | ``8`` |
 | seconds without any VMA answer before a job fails | | ``OMA_VMA_LOST_TIMEOUT`` | ``300`` |
@@ -52,6 +52,8 @@ class OmaConfig:
     database_url: str | None = None
     vma_url: str = DEFAULT_VMA_URL
     vma_timeout: float = 10.0
+    #: The enrolled VMA's secret, with which every request to the VMA is signed (docs/vma.md).
+    vma_secret_file: Path | None = None
     secret_key_file: Path | None = None
     admin_username: str | None = None
     admin_password: str | None = None
@@ -63,7 +65,6 @@ class OmaConfig:
     max_body_bytes: int = 1024 * 1024
     #: The replication engine (oma/engine.py): off for processes that only serve the API.
     run_replications: bool = True
-    callback_url: str | None = None
     nbd_host: str = "127.0.0.1"
     max_active_jobs: int = 8
     engine_poll_interval: float = 1.0
@@ -125,6 +126,7 @@ class OmaConfig:
             database_url=env_str("DATABASE_URL"),
             vma_url=(env_str("OMA_VMA_URL", DEFAULT_VMA_URL) or DEFAULT_VMA_URL).rstrip("/"),
             vma_timeout=env_float("OMA_VMA_TIMEOUT", 10.0),
+            vma_secret_file=env_path("OMA_VMA_SECRET_FILE"),
             secret_key_file=env_path("OMA_SECRET_KEY_FILE"),
             admin_username=admin_username,
             admin_password=admin_password,
@@ -134,7 +136,6 @@ class OmaConfig:
             db_pool_size=env_int("OMA_DB_POOL_SIZE", 30, minimum=1),
             workers=env_int("OMA_WORKERS", 1, minimum=1),
             run_replications=env_int("OMA_REPLICATION_ENGINE", 1, minimum=0) != 0,
-            callback_url=(env_str("OMA_CALLBACK_URL") or "").rstrip("/") or None,
             nbd_host=env_str("OMA_NBD_HOST", "127.0.0.1") or "127.0.0.1",
             max_active_jobs=env_int("OMA_MAX_ACTIVE_JOBS", 8, minimum=1),
             vma_lost_timeout=env_float("OMA_VMA_LOST_TIMEOUT", 300.0),

@@ -392,7 +392,6 @@ class ReplicationEngine(ClaimWorker):
             targets={job.vm_path: {t.disk_id: t.uri for t in job.targets}},
             bases={job.vm_path: {t.disk_id: t.base for t in job.targets}},
             vm_ids={} if not vm_id or vm_id.startswith("path:") else {job.vm_path: vm_id},
-            oma_url=self.config.callback_url,
         )
         job.started_on_vma = True
         log.info(

@@ -73,10 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--vma-url", help="VMA API base URL (default http://localhost:9081, env OMA_VMA_URL)")
     parser.add_argument(
-        "--callback-url",
-        help="OMA URL the VMA reports replications to (default: the VMA's own, env OMA_CALLBACK_URL)",
-    )
-    parser.add_argument(
         "--log-level", choices=["debug", "info", "warning", "error"], help="env OMA_LOG_LEVEL"
     )
     parser.add_argument(
@@ -290,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             data_dir=args.data_dir,
             vma_url=args.vma_url,
-            callback_url=args.callback_url.rstrip("/") if args.callback_url else None,
             log_level=args.log_level,
             workers=args.workers,
         )

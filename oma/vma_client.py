@@ -13,18 +13,23 @@ Every call has a timeout. Failures are told apart for the operator:
   carried through), e.g. vCenter refused the credentials;
 - :class:`VmaJobNotFound`: the VMA does not know the job (404).
 
-The vCenter password travels in the request body only; it is never logged (httpx logs URLs only
+Every request is signed with the enrolled VMA's secret (``Authorization: Mover-HMAC``,
+pyapp/vma_auth.py; docs/vma.md, "Who may call the VMA"). The vCenter password travels in the
+request body only; it is never logged (httpx logs URLs only
 and its logger is kept at WARNING).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pyapp.vma_auth import SecretFile, SignedAuth
 
 log = logging.getLogger(__name__)
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -118,17 +123,21 @@ def tls_fields(tls_mode: str, tls_thumbprint: str) -> dict[str, str]:
 
 
 class VmaClient:
-    def __init__(self, http: httpx.AsyncClient, base_url: str) -> None:
+    """``secret_file``: the enrolled VMA's secret (``OMA_VMA_SECRET_FILE``), re-read when it
+    changes; every request is signed with it (pyapp/vma_auth.py). Without it the VMA answers 401."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, secret_file: Path | None = None) -> None:
         self._http = http
         self.base_url = base_url.rstrip("/")
+        self._auth = SignedAuth(SecretFile(secret_file).read)
 
     async def _request(self, method: str, path: str, json: Any = None, *, wait_s: float | None = None) -> Any:
         url = f"{self.base_url}{path}"
         try:
             if wait_s is None:
-                response = await self._http.request(method, url, json=json)
+                response = await self._http.request(method, url, json=json, auth=self._auth)
             else:
-                response = await self._http.request(method, url, json=json, timeout=wait_s)
+                response = await self._http.request(method, url, json=json, auth=self._auth, timeout=wait_s)
         except httpx.TimeoutException as exc:
             raise VmaUnreachable(
                 f"VMA at {self.base_url} did not answer in time ({type(exc).__name__})"
@@ -147,6 +156,8 @@ class VmaClient:
             text = message or f"HTTP {response.status_code}"
             if response.status_code == 404:
                 raise VmaJobNotFound(text, code=code, status=404)
+            if response.status_code == 401:
+                text += " (the OMA signs its VMA requests with the secret in OMA_VMA_SECRET_FILE)"
             raise VmaRequestFailed(
                 f"VMA refused {method} {path}: {text}", code=code, status=response.status_code
             )
@@ -198,14 +209,15 @@ class VmaClient:
         targets: dict[str, dict[str, str]],
         bases: dict[str, dict[str, str | None]],
         vm_ids: dict[str, str] | None = None,
-        oma_url: str | None,
         tls_mode: str = "verify",
         tls_thumbprint: str = "",
     ) -> dict[str, Any]:
         """Start a job on the VMA: ``targets`` maps vm_path -> disk id -> NBD URI of its target,
         ``bases`` vm_path -> disk id -> the change ID the target volume holds (None: a full pass);
         each disk goes as ``{"uri", "base_change_id"}`` (docs/vma.md). ``vm_ids``: vm_path -> the
-        managed object id the job was made for (the VMA refuses another VM at that path)."""
+        managed object id the job was made for (the VMA refuses another VM at that path).
+        ``oma_url`` is not sent: the VMA reports to the OMA of its own configuration and refuses
+        the field (422); the parameter stays for callers that still pass it."""
         payload: dict[str, Any] = {
             "job_id": job_id,
             "vcenter": vcenter,
@@ -223,8 +235,6 @@ class VmaClient:
         }
         if vm_ids:
             payload["vm_ids"] = vm_ids
-        if oma_url:
-            payload["oma_url"] = oma_url
         body = await self._request("POST", "/api/v1/replicate", payload)
         if not isinstance(body, dict) or body.get("status") != "started":
             raise VmaRequestFailed(f"VMA did not start job {job_id}: {body!r}"[:500])

@@ -383,6 +383,8 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
             host="127.0.0.1",
             port=0,
             vma_url=f"http://127.0.0.1:{vma_port}",
+            # Where the VMA's enrollment secret lands (below): the OMA signs its VMA requests with it.
+            vma_secret_file=work / "vma" / "oma.secret",
             admin_username="admin",
             admin_password=admin_password,
             db_pool_size=10,
@@ -417,7 +419,8 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
                         flush=True,
                     )
                     appliance_id, secret = await enroll_vma(api)
-                    secret_file = work / "vma" / "oma.secret"
+                    secret_file = oma_config.vma_secret_file
+                    assert secret_file is not None
                     secret_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                     secret_file.write_text(secret + "\n")
                     secret_file.chmod(0o600)

@@ -15,16 +15,20 @@ import logging
 from collections.abc import AsyncGenerator
 
 import trio
+from quart import Response, request
 from quart_trio import QuartTrio
 
+from pyapp.vma_auth import AuthFailed, SecretFile, Verifier
 from vma.api import cleanup, config, discover, health, replicate, status
 from vma.config import VmaConfig
-from vma.errors import install_error_handlers
+from vma.errors import error_response, install_error_handlers
 from vma.recovery import recovery_loop
 from vma.state import VmaState
 from vma.vsphere import configure_deadlines, configure_tls
 
 API_PREFIX = "/api/v1"
+#: Paths answered without the OMA's signature (docs/vma.md, "Who may call the VMA").
+PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health"})
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +41,33 @@ def create_app(cfg: VmaConfig) -> QuartTrio:
     for module in (health, cleanup, status, config, discover, replicate):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     install_error_handlers(app)
+    secret = SecretFile(cfg.oma_secret_file)
+    verifier = Verifier()
+
+    @app.before_request
+    async def _authenticate() -> Response | None:
+        """Only the OMA this VMA is enrolled with may call it: every request but ``/health``
+        carries that OMA's signature (pyapp/vma_auth.py)."""
+        if request.path in PUBLIC_PATHS and request.method in ("GET", "HEAD"):
+            return None
+        body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+        try:
+            verifier.verify(
+                secret.read(),
+                request.headers.get("Authorization"),
+                request.method,
+                request.path,
+                request.query_string.decode("latin-1"),
+                body,
+            )
+        except AuthFailed as e:
+            log.warning(
+                "request refused: %s", e, extra={"action": "auth_refused", "path": request.path}
+            )
+            response = error_response(401, "UNAUTHORIZED", str(e))
+            response.headers["WWW-Authenticate"] = "Mover-HMAC"
+            return response
+        return None
 
     @app.while_serving
     async def _lifespan() -> AsyncGenerator[None, None]:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +25,7 @@ from pyapp.db import create_database, with_database
 from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from tests.oma.oma_harness import Oma, make_config, run_oma
-from tests.vma.conftest import vma_config
+from tests.vma.conftest import signed_client, vma_config
 from vma.config import VmaConfig
 from vma.server import serve_vma
 
@@ -128,12 +127,15 @@ async def product(tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery)
         run_replications=True,
         engine_poll_interval=0.2,
         vma_timeout=10.0,
+        # The secret the VMA gets at enrollment (below): the OMA signs its requests to it with it.
+        vma_secret_file=tmp_path / "oma.secret",
     )
     async with run_oma(config) as oma:
         appliance_id, secret = await enroll(oma)
         vc = vma_config(tmp_path, lab, None)
         vc.oma_url, vc.appliance_id, vc.port = oma.base_url, appliance_id, vma_port
         assert vc.oma_secret_file is not None
+        assert vc.oma_secret_file == config.vma_secret_file
         vc.oma_secret_file.write_text(secret)
         vma_url: str = await nursery.start(
             lambda task_status: serve_vma(vc, handle_signals=False, task_status=task_status)
@@ -154,7 +156,7 @@ async def product(tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery)
 
 
 async def vma_progress(product: Product, job_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with signed_client(product.vma, timeout=10) as http:
         body: dict[str, Any] = (await http.get(f"{product.vma_url}/api/v1/progress/{job_id}")).json()
         return body
 

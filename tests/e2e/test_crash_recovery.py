@@ -31,6 +31,7 @@ from pyapp.db import open_database
 from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from pyapp.process import ProcessRef, cmdline, pids
+from pyapp.vma_auth import SecretFile, SignedAuth
 from tests.e2e.conftest import TERMINAL, enroll
 from tests.e2e.test_replication_flow import assert_targets_equal
 from tests.oma.oma_harness import ADMIN_PASSWORD, ADMIN_USER, Oma, make_config
@@ -125,7 +126,10 @@ class Stack:
     async def vma_phase(self, job_id: str) -> str:
         port = json.loads((self.work / "vma.json").read_text())["port"]
         try:
-            r = await self.http.get(f"http://127.0.0.1:{port}/api/v1/progress/{job_id}")
+            r = await self.http.get(
+                f"http://127.0.0.1:{port}/api/v1/progress/{job_id}",
+                auth=SignedAuth(SecretFile(self.work / "vma.secret").read),
+            )
         except httpx.TransportError:
             return ""
         return str(r.json().get("phase", ""))
@@ -154,6 +158,7 @@ async def stack_factory(
             "OMA_ADMIN_USERNAME": ADMIN_USER,
             "OMA_ADMIN_PASSWORD": ADMIN_PASSWORD,
             "OMA_VMA_URL": f"http://127.0.0.1:{vma_port}",
+            "OMA_VMA_SECRET_FILE": str(work / "vma.secret"),
             "OMA_JOB_LEASE_TTL": str(LEASE_TTL),
             "OMA_VMA_LOST_TIMEOUT": "30",
             "OMA_BACKUP_ENGINE": "0",

@@ -20,6 +20,7 @@ from hypercorn.trio import serve
 from oma.app import create_app
 from oma.config import OmaConfig
 from pyapp.logs import RecentRecords
+from tests.oma.vma_double import double_secret_file
 
 ADMIN_USER = "admin"
 ADMIN_PASSWORD = "correct-horse-battery"
@@ -66,6 +67,7 @@ def make_config(tmp_path: Path, dsn: str, vma_url: str, **overrides: Any) -> Oma
         "database_url": dsn,
         "vma_url": vma_url,
         "vma_timeout": 3.0,
+        "vma_secret_file": double_secret_file(),
         "admin_username": ADMIN_USER,
         "admin_password": ADMIN_PASSWORD,
         "db_pool_size": 5,

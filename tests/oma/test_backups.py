@@ -36,6 +36,7 @@ from oma.backups.layout import manifest_path, vm_dir, vm_key
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
 from pyapp.db import Database, UniqueViolation, apply_migrations, load_migrations, open_database
+from pyapp.vma_auth import SignedAuth
 
 MiB = 1 << 20
 DISK_SIZE = 64 * MiB
@@ -535,6 +536,7 @@ async def test_restart_fails_the_backups_of_a_dead_process_and_shutdown_fails_it
         )
         r = await oma.client.post(
             f"{vma.base_url}/api/v1/replicate",
+            auth=SignedAuth(lambda: vma.secret),
             json={
                 "job_id": started["backup_id"],
                 "mode": "export",

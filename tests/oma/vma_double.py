@@ -37,12 +37,20 @@ read: ``"2"`` seconds, ``"50ms"``), ``read_rate`` (nbdkit's rate filter, bits pe
 serving nbdkit dies; the job fails).
 
 Every request body is recorded so tests can check what the OMA sent.
+
+As the real VMA, the double answers only the OMA it is "enrolled" with: every request but
+``/health`` must carry the OMA's signature made with :attr:`VmaDouble.secret` (pyapp/vma_auth.py),
+or it gets 401 ``UNAUTHORIZED``. The OMA's test configuration (tests/oma/oma_harness.py) points
+``vma_secret_file`` at :func:`double_secret_file`, which holds the double's default secret.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
+import os
+import secrets
 import subprocess
 import tempfile
 import uuid
@@ -59,6 +67,20 @@ from quart import jsonify, request
 from quart_trio import QuartTrio
 
 from pyapp.nbd_export import free_tcp_port
+from pyapp.vma_auth import AuthFailed, Verifier
+
+#: The secret the double's OMA signs with: one per test process (kept in the environment so that
+#: this module imported under two names — ``vma_double``, ``tests.oma.vma_double`` — agrees).
+DOUBLE_SECRET = os.environ.setdefault("VMA_DOUBLE_TEST_SECRET", secrets.token_urlsafe(32))
+
+
+@functools.cache
+def double_secret_file() -> Path:
+    """A file holding :data:`DOUBLE_SECRET`, for the OMA's ``vma_secret_file``."""
+    path = Path(tempfile.mkdtemp(prefix="vma-double-secret-")) / "vma.secret"
+    path.write_text(DOUBLE_SECRET + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def _now() -> str:
@@ -222,6 +244,9 @@ class VmaDouble:
     fail_next_export: str | None = None
     work_dir: Path | None = None
     nursery: trio.Nursery | None = None
+    #: The enrollment secret the OMA must sign with; requests refused with 401, in order.
+    secret: str = DOUBLE_SECRET
+    refused: list[tuple[str, str]] = field(default_factory=list)
 
     def add_export_disk(self, vm: dict[str, Any], image: Path, disk_id: str = "disk-2000") -> ExportDisk:
         """Back ``disk_id`` of ``vm`` (from :meth:`add_vm`) with the raw ``image`` for export jobs."""
@@ -315,6 +340,27 @@ class VmaDouble:
             response = jsonify({"error": message, "code": code, "timestamp": _now()})
             response.status_code = status
             return response
+
+        verifier = Verifier()
+
+        @app.before_request
+        async def authenticate() -> Any:
+            if request.path == "/api/v1/health":
+                return None
+            body = await request.get_data(cache=True, as_text=False, parse_form_data=False)
+            try:
+                verifier.verify(
+                    self.secret,
+                    request.headers.get("Authorization"),
+                    request.method,
+                    request.path,
+                    request.query_string.decode("latin-1"),
+                    body,
+                )
+            except AuthFailed as e:
+                self.refused.append((request.method, request.path))
+                return error(401, "UNAUTHORIZED", str(e))
+            return None
 
         @app.get("/api/v1/health")
         async def health() -> Any:

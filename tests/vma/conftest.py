@@ -17,6 +17,7 @@ import trio
 
 from pyapp.lab import Lab
 from pyapp.nbd_export import free_tcp_port
+from pyapp.vma_auth import SecretFile, SignedAuth
 from tests.vma.oma_double import OmaDouble, run_oma_double
 from vma.config import VmaConfig
 from vma.server import serve_vma
@@ -35,6 +36,16 @@ def replicate_body(lab: Lab, job_id: str, **fields: Any) -> dict[str, Any]:
         "vm_paths": [VM_PATH],
         **fields,
     }
+
+
+def oma_auth(config: VmaConfig) -> SignedAuth:
+    """Requests signed as the enrolled OMA signs them (the VMA's own enrollment secret)."""
+    return SignedAuth(SecretFile(config.oma_secret_file).read)
+
+
+def signed_client(config: VmaConfig, timeout: float = 60) -> httpx.AsyncClient:
+    """An HTTP client whose every request carries the enrolled OMA's signature."""
+    return httpx.AsyncClient(timeout=timeout, auth=oma_auth(config))
 
 
 @pytest.fixture
@@ -106,7 +117,7 @@ async def start_vma(
     tmp_path: Path, lab: Lab, oma: OmaDouble, nursery: trio.Nursery
 ) -> AsyncIterator[StartVma]:
     """Start a VMA on the lab and the OMA double, with configuration overrides."""
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with signed_client(vma_config(tmp_path, lab, oma)) as http:
 
         async def start(**overrides: Any) -> Vma:
             config = vma_config(tmp_path, lab, oma)
@@ -133,7 +144,7 @@ async def api(tmp_path: Path, oma: OmaDouble, nursery: trio.Nursery) -> AsyncIte
     url: str = await nursery.start(
         lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
     )
-    async with httpx.AsyncClient(timeout=60) as http:
+    async with signed_client(config) as http:
         yield Vma(url, config, http)
 
 

@@ -43,7 +43,6 @@ async def test_two_vms_two_disks_each_under_a_bound_of_one(
             "username": lab.username,
             "password": lab.password,
             "vm_paths": list(targets),
-            "oma_url": oma.url,
             "targets": targets,
         }
         r = await vma.post("/api/v1/replicate", body)

@@ -9,7 +9,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import trio
 
@@ -21,6 +20,7 @@ from tests.vma.conftest import (
     Vma,
     new_target,
     replicate_body,
+    signed_client,
     slow_export,
     snapshot_names,
     vma_config,
@@ -39,7 +39,7 @@ async def vma(start_vma: StartVma) -> Vma:
 
 def body(lab: Lab, job_id: str, oma: OmaDouble, uris: list[str], vm: LabVM) -> dict[str, Any]:
     targets = {VM_PATH: {f"disk-{d.key}": u for d, u in zip(vm.disks, uris, strict=True)}}
-    return replicate_body(lab, job_id, oma_url=oma.url, targets=targets)
+    return replicate_body(lab, job_id, targets=targets)
 
 
 async def wait_bytes(vma: Vma, job_id: str) -> dict[str, Any]:
@@ -181,7 +181,7 @@ async def test_vma_shutdown_mid_copy_removes_the_snapshot(
     t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
     t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
     with slow_export(t0) as (uri0, _), NbdExport(t1, name="d1", shared=8) as e1:
-        async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as service:
+        async with signed_client(config, timeout=30) as http, trio.open_nursery() as service:
             url: str = await service.start(
                 lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
             )

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import NbdExport, free_tcp_port
-from tests.vma.conftest import images_equal, new_target, vma_config
+from tests.vma.conftest import images_equal, new_target, oma_auth, vma_config
 from vma.server import serve_vma
 
 pytestmark = pytest.mark.e2e
@@ -53,6 +53,8 @@ def oma_url(tmp_path: Path, vma_port: int) -> Iterator[str]:
         # This test plays the OMA's replication engine itself (exports, /replicate): the real one
         # would claim the same jobs. tests/e2e runs the engine.
         "OMA_REPLICATION_ENGINE": "0",
+        # The VMA's enrollment secret (vma_config's file): the OMA signs its VMA requests with it.
+        "OMA_VMA_SECRET_FILE": str(tmp_path / "oma.secret"),
     }
     log = (tmp_path / "oma.log").open("wb")
     proc = subprocess.Popen(
@@ -157,7 +159,6 @@ async def test_full_and_incremental_against_the_real_oma(
                     "username": lab.username,
                     "password": lab.password,
                     "vm_paths": ["/DC0/vm/vm1"],
-                    "oma_url": oma_url,
                     "targets": {
                         "/DC0/vm/vm1": {
                             f"disk-{vm1.disks[0].key}": e0.uri,
@@ -165,10 +166,11 @@ async def test_full_and_incremental_against_the_real_oma(
                         }
                     },
                 }
-                assert (await http.post(f"{vma}/api/v1/replicate", json=body)).status_code == 200
+                signed = oma_auth(config)
+                assert (await http.post(f"{vma}/api/v1/replicate", json=body, auth=signed)).status_code == 200
                 with trio.fail_after(60):
                     while True:
-                        p = (await http.get(f"{vma}/api/v1/progress/{job['id']}")).json()
+                        p = (await http.get(f"{vma}/api/v1/progress/{job['id']}", auth=signed)).json()
                         if p["status"] in ("completed", "failed"):
                             break
                         await trio.sleep(0.1)

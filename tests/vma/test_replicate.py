@@ -40,7 +40,7 @@ def exports(tmp_path: Path, vm: LabVM, tag: str = "t") -> Iterator[tuple[list[Pa
 
 def request(lab: Lab, job_id: str, oma: OmaDouble, served: list[NbdExport], vm: LabVM) -> dict[str, Any]:
     targets = {VM_PATH: {f"disk-{d.key}": e.uri for d, e in zip(vm.disks, served, strict=True)}}
-    return replicate_body(lab, job_id, oma_url=oma.url, targets=targets)
+    return replicate_body(lab, job_id, targets=targets)
 
 
 async def replicate(vma: Vma, body: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +145,6 @@ async def test_single_disk_target_from_put_config(tmp_path: Path, vma: Vma, lab:
             "username": lab.username,
             "password": lab.password,
             "vm_paths": ["/DC0/vm/solo"],
-            "oma_url": oma.url,
         }
         p = await replicate(vma, body)
         assert p["status"] == "completed", p
@@ -168,7 +167,7 @@ async def test_the_request_says_what_each_target_holds(
                 for d, e in zip(vm1.disks, served, strict=True)
             }
         }
-        return replicate_body(lab, job_id, oma_url=oma.url, targets=targets, **extra)
+        return replicate_body(lab, job_id, targets=targets, **extra)
 
     with exports(tmp_path, vm1, "old") as (_, served):
         p1 = await replicate(vma, request(lab, "repl-o1", oma, served, vm1))
@@ -236,7 +235,7 @@ async def test_a_pass_into_targets_that_cannot_flush_stores_no_change_id(
 
         strict = await start_vma()
         r = await strict.post(
-            "/api/v1/replicate", replicate_body(lab, "repl-nf1", oma_url=oma.url, targets=targets)
+            "/api/v1/replicate", replicate_body(lab, "repl-nf1", targets=targets)
         )
         assert r.status_code == 200, r.text
         p1 = await strict.wait_job("repl-nf1")
@@ -248,7 +247,7 @@ async def test_a_pass_into_targets_that_cannot_flush_stores_no_change_id(
 
         lenient = await start_vma(allow_non_durable_targets=True)
         r = await lenient.post(
-            "/api/v1/replicate", replicate_body(lab, "repl-nf2", oma_url=oma.url, targets=targets)
+            "/api/v1/replicate", replicate_body(lab, "repl-nf2", targets=targets)
         )
         assert r.status_code == 200, r.text
         p2 = await lenient.wait_job("repl-nf2")

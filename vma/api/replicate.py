@@ -1,6 +1,7 @@
 """``POST /api/v1/replicate``: start a replication or an export job in the background.
 
-Body: the seed's ``job_id, vcenter, username, password, vm_paths, oma_url`` plus ``mode``:
+Body: the seed's ``job_id, vcenter, username, password, vm_paths`` plus ``mode`` (the seed's
+``oma_url`` is refused with 422: the VMA reports to the OMA of its configuration):
 
 - ``"replicate"`` (default): optionally ``targets``:
   ``{"<vm_path>": {"<disk-2000 | 2000 | index>": "nbd://host:port/export"}}``, where each disk is
@@ -26,8 +27,8 @@ from typing import Any
 from quart import Blueprint, current_app, request
 
 from vma.api.validation import job_id as parse_job_id
-from vma.api.validation import text, vcenter_login
-from vma.errors import ApiError, require_json_object
+from vma.api.validation import vcenter_login
+from vma.errors import INVALID_REQUEST, ApiError, require_json_object
 from vma.export import ExportRequest
 from vma.jobs import Job, JobMode, iso
 from vma.replicate import Target
@@ -43,6 +44,8 @@ REPLICATE_FIELDS = ("targets", "vm_ids")
 DISK_ID = re.compile(r"^disk-[0-9]{1,9}$")
 MAX_CHANGE_ID = 256
 MAX_EXPORT_TIMEOUT = 7 * 24 * 3600.0
+#: The only targets a replication writes: NBD exports (never a path on the VMA).
+NBD_SCHEMES = ("nbd://", "nbd+unix://")
 
 
 def _change_id(where: str, value: Any) -> str | None:
@@ -66,8 +69,13 @@ def _target(where: str, raw: Any) -> Target:
         given = True
     else:
         uri, base, given = raw, None, False
-    if not isinstance(uri, str) or not uri.startswith(("nbd://", "nbd+unix://", "/")) or len(uri) > 2048:
+    if not isinstance(uri, str) or len(uri) > 2048:
         raise ApiError.invalid(f"{where} must be an NBD URI, or an object with uri and base_change_id")
+    if not uri.startswith(NBD_SCHEMES):
+        # A local path or another scheme would let a caller write anywhere the VMA can.
+        raise ApiError(
+            422, INVALID_REQUEST, f"{where} must be an NBD export (nbd:// or nbd+unix:// URI)"
+        )
     return Target(uri, given, base)
 
 
@@ -206,9 +214,12 @@ async def replicate() -> tuple[dict[str, Any], int]:
         raise ApiError.invalid("vm_paths must be a non-empty list of inventory paths (/DC/vm/NAME)")
     if len(set(vm_paths)) != len(vm_paths):
         raise ApiError.invalid("vm_paths lists a VM twice")
-    oma_url = text(body, "oma_url", required=False, max_len=1024)
-    if oma_url and not oma_url.startswith(("http://", "https://")):
-        raise ApiError.invalid("oma_url must be an http(s) URL")
+    if "oma_url" in body:
+        # The VMA reports to the OMA it is enrolled with (its configuration), never to a URL a
+        # request names: that would hand its OMA credentials to whoever sent it.
+        raise ApiError(
+            422, INVALID_REQUEST, "oma_url is not a request field: the VMA reports to its configured OMA"
+        )
     mode = _mode(body)
     st = state()
     c = st.config
@@ -216,7 +227,7 @@ async def replicate() -> tuple[dict[str, Any], int]:
         job_id=job_id,
         vm_paths=list(vm_paths),
         login=login,
-        oma_url=oma_url or c.oma_url,
+        oma_url=c.oma_url,
         work_dir=c.work_dir / job_id,
         mode=mode,
     )
