@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_request
 
-from oma.api.common import MAX_NAME, iso
+from oma.api.common import MAX_NAME, RequestModel, iso
 from oma.auth import issue_token, public
 from oma.crypto import verify_password
 from oma.state import state
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 bp = Blueprint("auth", __name__)
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(RequestModel):
     username: str = Field(min_length=1, max_length=MAX_NAME)
     password: str = Field(min_length=1, max_length=1024)
 

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, Page, json_columns, json_page, new_id, not_cut_short
+from oma.api.common import MAX_NAME, Page, RequestModel, json_columns, json_page, new_id, not_cut_short
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
 from oma.backups.layout import manifest_path, point_path, vm_key
@@ -75,7 +75,7 @@ Status = Literal["pending", "running", "completed", "failed", "cancelled", "dele
 TagText = Annotated[str, Field(max_length=MAX_NAME)]
 
 
-class StartBackupRequest(BaseModel):
+class StartBackupRequest(RequestModel):
     vm_name: str | None = Field(
         None, min_length=1, max_length=MAX_NAME, description="a managed VM (its VM context)"
     )

@@ -1,4 +1,6 @@
-"""Helpers shared by the blueprints: pagination, row conversion, request context."""
+"""Helpers shared by the blueprints: pagination, row conversion, request context, and the bases of
+request models (:class:`RequestModel`: unknown fields refused; :data:`SerialId`: an id the
+database can hold)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,20 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import trio
 from pydantic import BaseModel, Field
 from quart import Response, request
 
+from pyapp.api import RequestModel as RequestModel
 from pyapp.db import Database, Record
+from pyapp.http_limits import SERIAL_MAX
 
 MAX_NAME = 255
 MAX_TEXT = 4096
+#: An integer id of a row (a PostgreSQL ``serial``).
+SerialId = Annotated[int, Field(ge=1, le=SERIAL_MAX)]
 
 
 class Page(BaseModel):

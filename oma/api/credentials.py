@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_request
 
-from oma.api.common import MAX_NAME, row_dict
+from oma.api.common import MAX_NAME, RequestModel, row_dict
 from oma.auth import current_principal
 from oma.crypto import SecretBoxError
 from oma.state import state
@@ -39,7 +39,7 @@ PUBLIC_COLUMNS = (
 )
 
 
-class CreateCredentialRequest(BaseModel):
+class CreateCredentialRequest(RequestModel):
     credential_name: str = Field(min_length=1, max_length=MAX_NAME)
     vcenter_host: str = Field(min_length=1, max_length=MAX_NAME)
     username: str = Field(min_length=1, max_length=MAX_NAME)
@@ -49,7 +49,7 @@ class CreateCredentialRequest(BaseModel):
     is_default: bool = False
 
 
-class UpdateCredentialRequest(BaseModel):
+class UpdateCredentialRequest(RequestModel):
     credential_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     vcenter_host: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     username: str | None = Field(None, min_length=1, max_length=MAX_NAME)

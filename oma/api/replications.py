@@ -40,7 +40,18 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, not_cut_short, row_dict
+from oma.api.common import (
+    MAX_NAME,
+    MAX_TEXT,
+    Page,
+    RequestModel,
+    SerialId,
+    iso,
+    json_page,
+    new_id,
+    not_cut_short,
+    row_dict,
+)
 from oma.auth import allow_vma, current_principal
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
@@ -65,13 +76,13 @@ JOB_COLUMNS = (
 ACTIVE_DISK_INDEX = "replication_job_disks_one_active"
 
 
-class SourceDisk(BaseModel):
+class SourceDisk(RequestModel):
     id: str = Field(min_length=1, max_length=MAX_NAME, description="VMware disk key, e.g. disk-2000")
     path: str | None = Field(None, max_length=MAX_TEXT)
     capacity_bytes: int | None = Field(None, ge=0)
 
 
-class SourceVM(BaseModel):
+class SourceVM(RequestModel):
     id: str | None = Field(
         None,
         min_length=1,
@@ -87,18 +98,18 @@ class SourceVM(BaseModel):
     )
 
 
-class CreateReplicationRequest(BaseModel):
+class CreateReplicationRequest(RequestModel):
     source_vm: SourceVM
     vcenter_host: str = Field("", max_length=MAX_NAME)
     replication_type: Literal["initial", "incremental"] | None = Field(
         None, description="omitted: incremental when every disk has a stored change ID, else initial"
     )
-    credential_id: int | None = Field(
-        None, ge=1, description="VMware credential to run the job with; omitted: the VM's, else the default"
+    credential_id: SerialId | None = Field(
+        None, description="VMware credential to run the job with; omitted: the VM's, else the default"
     )
 
 
-class UpdateReplicationRequest(BaseModel):
+class UpdateReplicationRequest(RequestModel):
     status: Literal["pending", "replicating", "completed", "failed", "cancelled"] | None = None
     progress_percent: float | None = Field(None, ge=0, le=100)
     bytes_transferred: int | None = Field(None, ge=0)
@@ -117,7 +128,7 @@ class ChangeIdQuery(BaseModel):
     disk_id: str = Field(min_length=1, max_length=MAX_NAME)
 
 
-class StoreChangeIdRequest(BaseModel):
+class StoreChangeIdRequest(RequestModel):
     disk_id: str = Field(min_length=1, max_length=MAX_NAME)
     change_id: str = Field(min_length=1, max_length=1024)
     vm_path: str | None = Field(

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page, row_dict
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page, row_dict
 from oma.auth import allow_vma
 from oma.state import state
 from pyapp.api import ApiError
@@ -28,7 +28,7 @@ VM_COLUMNS = (
 )
 
 
-class InventoryVCenter(BaseModel):
+class InventoryVCenter(RequestModel):
     host: str = Field(min_length=1, max_length=MAX_NAME)
     datacenter: str = Field("", max_length=MAX_NAME)
 
@@ -46,7 +46,7 @@ class InventoryVM(BaseModel):
     networks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
 
 
-class InventoryRequest(BaseModel):
+class InventoryRequest(RequestModel):
     vcenter: InventoryVCenter
     vms: list[InventoryVM] = Field(max_length=20_000)
 
