@@ -87,6 +87,10 @@ def install_error_handlers(app: Quart) -> None:
     async def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
 
+    @app.errorhandler(UnicodeDecodeError)
+    async def _not_utf8(exc: UnicodeDecodeError) -> Response:
+        return error_response(400, INVALID_REQUEST, "the request body is not valid UTF-8")
+
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
         status = exc.code or 500

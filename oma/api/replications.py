@@ -56,7 +56,7 @@ from oma.auth import allow_vma, current_principal
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
-from pyapp.db import Connection, Database, UniqueViolation
+from pyapp.db import Connection, Database, ForeignKeyViolation, UniqueViolation
 from pyapp.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -357,6 +357,8 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
         raise ApiError.conflict(
             f"VM {vm.name!r} already has an active replication job ({existing}) for one of these disks"
         ) from exc
+    except ForeignKeyViolation as exc:  # the only reference the request names: its credential
+        raise ApiError.unprocessable(f"credential_id {data.credential_id}: no such VMware credential") from exc
     assert row is not None
     job = row_dict(row, exclude=("disk_count",))
     job["disks"] = [

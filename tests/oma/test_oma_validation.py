@@ -171,3 +171,11 @@ async def test_oversized_body_with_wrong_content_length_header(oma: Oma) -> None
     )
     assert r.status_code == 413, r.text
     assert_envelope(r.json(), "PAYLOAD_TOO_LARGE")
+
+
+async def test_unknown_credential_is_422_not_a_database_error(oma: Oma) -> None:
+    # found by schemathesis: the job's foreign key to its credential failed as a 500
+    r = await oma.post("/replications", json={**GOOD, "credential_id": 4242})
+    assert r.status_code == 422, r.text
+    assert_envelope(r.json(), "VALIDATION_FAILED")
+    assert "credential_id 4242" in r.json()["error"]

@@ -14,7 +14,7 @@ from quart_schema import document_request
 
 from pyapp.logs import log_context
 from vma.api.schemas import DiscoverRequest, refuse_unknown_fields
-from vma.api.validation import text
+from vma.api.validation import text, vcenter
 from vma.errors import ApiError, json_object
 from vma.state import state
 from vma.vsphere import VCenterLogin, VSphere, VSphereError, run
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @document_request(DiscoverRequest)
 async def discover() -> dict[str, Any]:
     body = refuse_unknown_fields(await json_object(), DiscoverRequest)
-    login = VCenterLogin(text(body, "vcenter"), text(body, "username"), text(body, "password"))
+    login = VCenterLogin(vcenter(body), text(body, "username"), text(body, "password"))
     datacenter = text(body, "datacenter", required=False, max_len=255)
     name_filter = text(body, "filter", required=False, max_len=255)
     config = state().config

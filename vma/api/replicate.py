@@ -28,7 +28,7 @@ from quart_schema import document_request
 
 from vma.api.schemas import ReplicateRequest, refuse_unknown_fields
 from vma.api.validation import job_id as parse_job_id
-from vma.api.validation import text
+from vma.api.validation import text, vcenter
 from vma.errors import ApiError, json_object
 from vma.export import ExportRequest
 from vma.jobs import Job, JobMode, iso
@@ -199,7 +199,7 @@ def _export_request(body: dict[str, Any], vm_paths: list[str], default_timeout: 
 async def replicate() -> tuple[dict[str, Any], int]:
     body = refuse_unknown_fields(await json_object(), ReplicateRequest)
     job_id = parse_job_id(body)
-    login = VCenterLogin(text(body, "vcenter"), text(body, "username"), text(body, "password"))
+    login = VCenterLogin(vcenter(body), text(body, "username"), text(body, "password"))
     vm_paths = body.get("vm_paths")
     if (
         not isinstance(vm_paths, list)

@@ -8,6 +8,8 @@ from typing import Any
 from vma.errors import ApiError
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+#: A vCenter: ``host``, ``host:port`` or an http(s) URL, in ASCII (an IDN host in its ``xn--`` form).
+VCENTER = re.compile(r"^(?:https?://)?(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[!-~]*)?$")
 
 
 def text(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 1024) -> str:
@@ -25,4 +27,17 @@ def job_id(body: dict[str, Any]) -> str:
     value = text(body, "job_id", max_len=200)
     if not JOB_ID.match(value):
         raise ApiError.invalid("Invalid job_id format (letters, digits and . _ : - only)")
+    return value
+
+
+def vcenter(body: dict[str, Any]) -> str:
+    value = text(body, "vcenter", max_len=1024)
+    match = VCENTER.match(value)
+    host = match["host"] if match else ""
+    try:
+        ok = bool(match) and (host.startswith("[") or len(host.encode("idna")) <= 253)
+    except UnicodeError:  # a label empty or longer than 63 characters
+        ok = False
+    if not ok:
+        raise ApiError.invalid("vcenter must be a host name, host:port or an http(s) URL (ASCII)")
     return value
