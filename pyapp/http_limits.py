@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, cast
 
 import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, Scope
 from quart import Quart, request
 from quart.json.provider import JSONProvider
 from werkzeug.exceptions import BadRequest, NotFound
@@ -34,11 +35,7 @@ SERIAL_MAX = (1 << 31) - 1
 MAX_DRAIN_BYTES = 64 * 1024 * 1024
 DRAIN_TIMEOUT_S = 30.0
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+AsgiApp = Callable[[Scope, ASGIReceiveCallable, ASGISendCallable], Awaitable[None]]
 
 
 class BodyRejected(BadRequest):
@@ -130,7 +127,7 @@ async def check_request_target() -> None:
 
 
 def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
+    for name, value in cast(Mapping[str, Any], scope).get("headers", ()):
         if name.lower() == b"content-length":
             try:
                 return int(value)
@@ -149,7 +146,7 @@ class KeepAliveAfterRefusal:
         self.app = app
         self.max_drain_bytes = max_drain_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -157,12 +154,13 @@ class KeepAliveAfterRefusal:
         received = 0
         declared = _content_length(scope)
 
-        async def counting_receive() -> Message:
+        async def counting_receive() -> ASGIReceiveEvent:
             nonlocal received
             message = await receive()
+            fields = cast(Mapping[str, Any], message)
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False):
+                received += len(fields.get("body", b""))
+                if not fields.get("more_body", False):
                     body_done.set()
             else:
                 body_done.set()
@@ -182,15 +180,17 @@ class KeepAliveAfterRefusal:
 
         too_much = False
 
-        async def finishing_send(message: Message) -> None:
+        async def finishing_send(message: ASGISendEvent) -> None:
             nonlocal too_much
+            fields = cast(Mapping[str, Any], message)
             if message["type"] == "http.response.start" and not body_done.is_set():
                 too_much = declared is not None and declared - received > self.max_drain_bytes
                 if too_much:
-                    message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+                    headers = [*fields.get("headers", ()), (b"connection", b"close")]
+                    message = cast(ASGISendEvent, {**fields, "headers": headers})
             elif (
                 message["type"] == "http.response.body"
-                and not message.get("more_body", False)
+                and not fields.get("more_body", False)
                 and not body_done.is_set()
                 and not too_much
             ):

@@ -101,9 +101,10 @@ class RawHttp:
 async def oma_service(tmp_path: Path, postgres_admin_dsn: str) -> AsyncIterator[Oma]:
     name = f"oma_test_{uuid.uuid4().hex[:12]}"
     await create_database(postgres_admin_dsn, name)
-    async with run_vma_double() as double, run_oma(
-        make_config(tmp_path, with_database(postgres_admin_dsn, name), double.base_url)
-    ) as oma:
+    async with (
+        run_vma_double() as double,
+        run_oma(make_config(tmp_path, with_database(postgres_admin_dsn, name), double.base_url)) as oma,
+    ):
         yield oma
 
 

@@ -83,7 +83,8 @@ async def run_schemathesis(
     ]
     for name, value in headers.items():
         cmd += ["-H", f"{name}: {value}"]
-    result = await trio.run_process(cmd, capture_stdout=True, capture_stderr=True, check=False)
+    # in tmp_path: schemathesis keeps its example cache (.schemathesis/) in its working directory
+    result = await trio.run_process(cmd, cwd=tmp_path, capture_stdout=True, capture_stderr=True, check=False)
     out = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     (reports / "output.txt").write_text(out)
     assert "Server error" not in out, out[-20000:]
@@ -96,9 +97,10 @@ async def run_schemathesis(
 async def oma_service(tmp_path: Path, postgres_admin_dsn: str) -> AsyncIterator[Oma]:
     name = f"oma_test_{uuid.uuid4().hex[:12]}"
     await create_database(postgres_admin_dsn, name)
-    async with run_vma_double() as double, run_oma(
-        make_config(tmp_path, with_database(postgres_admin_dsn, name), double.base_url)
-    ) as oma:
+    async with (
+        run_vma_double() as double,
+        run_oma(make_config(tmp_path, with_database(postgres_admin_dsn, name), double.base_url)) as oma,
+    ):
         yield oma
 
 
@@ -117,4 +119,4 @@ async def test_vma_openapi_has_no_server_errors(tmp_path: Path, nursery: trio.Nu
     url: str = await nursery.start(
         lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
     )
-    await run_schemathesis(f"{url}{VMA_OPENAPI_PATH}", tmp_path, headers={}, max_examples=8, max_time=40)
+    await run_schemathesis(f"{url}{VMA_OPENAPI_PATH}", tmp_path, headers={}, max_examples=8, max_time=30)

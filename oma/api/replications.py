@@ -358,7 +358,8 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
             f"VM {vm.name!r} already has an active replication job ({existing}) for one of these disks"
         ) from exc
     except ForeignKeyViolation as exc:  # the only reference the request names: its credential
-        raise ApiError.unprocessable(f"credential_id {data.credential_id}: no such VMware credential") from exc
+        message = f"credential_id {data.credential_id}: no such VMware credential"
+        raise ApiError.unprocessable(message) from exc
     assert row is not None
     job = row_dict(row, exclude=("disk_count",))
     job["disks"] = [

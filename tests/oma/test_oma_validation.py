@@ -124,7 +124,7 @@ async def test_nul_characters_are_refused(oma: Oma) -> None:
 
 async def test_integers_beyond_the_database_are_refused(oma: Oma) -> None:
     huge = 1 << 70
-    body = b'{"source_vm": {"name": "vm1", "path": "/DC/vm/vm1"}, "credential_id": ' + str(huge).encode() + b"}"
+    body = b'{"source_vm": {"name": "vm1", "path": "/DC/vm/vm1"}, "credential_id": %d}' % huge
     r = await oma.client.post(oma.url("/replications"), **_raw(oma, body))
     assert r.status_code == 400, r.text
     assert "64 bits" in r.json()["error"] and "$.credential_id" in r.json()["error"]

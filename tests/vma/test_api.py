@@ -120,6 +120,13 @@ async def test_refused_bodies_never_500(api: Vma) -> None:
     r = await api.http.put(f"{api.url}/api/v1/config", **raw(b"nbd_port=1", "text/plain"))
     assert_error(r, 415, "INVALID_REQUEST")
     assert_error(await api.get("/api/v1/status/j%00"), 400, "INVALID_REQUEST")
+    # found by schemathesis: a body not in UTF-8, a vCenter host name idna cannot encode (500 before)
+    r = await api.http.post(f"{api.url}/api/v1/discover", **raw(b'{"vcenter": "\xef\xbb"}'))
+    assert_error(r, 400, "INVALID_REQUEST")
+    for host in ("0" * 70, "a..b", "vc host", "http://vc\u00e9/sdk"):
+        r = await api.post("/api/v1/discover", {"vcenter": host, "username": "u", "password": "p"})
+        assert_error(r, 400, "INVALID_REQUEST")
+        assert "vcenter must be" in r.json()["error"]
 
 
 async def test_vcenter_failure_is_502_not_500(api: Vma) -> None:
@@ -139,6 +146,7 @@ async def test_openapi_documents_bodies_and_errors(api: Vma) -> None:
             assert op["responses"]["400"]["content"]["application/json"]["schema"] == {
                 "$ref": "#/components/schemas/ErrorEnvelope"
             }
+
 
 def test_cli_accepts_seed_port_flag() -> None:
     assert parse_args(["-port", "8081"]).port == 8081

@@ -9,7 +9,9 @@ from vma.errors import ApiError
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 #: A vCenter: ``host``, ``host:port`` or an http(s) URL, in ASCII (an IDN host in its ``xn--`` form).
-VCENTER = re.compile(r"^(?:https?://)?(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[!-~]*)?$")
+VCENTER = re.compile(
+    r"^(?:https?://)?(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[!-~]*)?$"
+)
 
 
 def text(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 1024) -> str:
