@@ -4,8 +4,9 @@ losing the connection.
 - :func:`strict_json_loads` parses request bodies: nested at most :data:`MAX_JSON_DEPTH` deep,
   integers within 64 bits, numbers finite, no NUL character in any string or key (PostgreSQL
   cannot store one). Anything else is a 400 :class:`BodyRejected` naming where in the body.
-- :func:`check_request_target`: path parameters and query strings with a NUL character are a 400;
-  an integer path parameter outside the database's ``serial`` range is a 404 (no such row).
+- :func:`check_request_target`: a path parameter with a NUL character is a 400; an integer path
+  parameter outside the database's ``serial`` range is a 404 (no such row). (Query strings are
+  the query models' business: the OMA's ``QueryModel`` refuses NUL characters.)
 - :class:`KeepAliveAfterRefusal`: an ASGI wrapper that lets a refused request's connection live
   on. A view that answers before reading the request body (401, 404, 405, 413) leaves the rest of
   the body unread, and hypercorn then closes the connection; the wrapper holds the end of the
@@ -114,16 +115,13 @@ class StrictJSONProvider(JSONProvider):
 
 
 async def check_request_target() -> None:
-    """Before every request: no NUL in the path parameters or the query string, integer path
-    parameters within the ids the database can hold."""
+    """Before every request: no NUL in the path parameters, integer path parameters within the
+    ids the database can hold."""
     for name, value in (request.view_args or {}).items():
         if isinstance(value, str) and "\x00" in value:
             raise BodyRejected(f"the path parameter {name} contains a NUL character")
         if isinstance(value, int) and not 0 <= value <= SERIAL_MAX:
             raise NotFound()
-    for name, value in request.args.items(multi=True):
-        if "\x00" in name or "\x00" in value:
-            raise BodyRejected("the query string contains a NUL character")
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -31,11 +31,21 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, Page, RequestModel, client_ip, iso, new_id, page_body, row_dict
+from oma.api.common import (
+    MAX_NAME,
+    Page,
+    QueryModel,
+    RequestModel,
+    client_ip,
+    iso,
+    new_id,
+    page_body,
+    row_dict,
+)
 from oma.auth import current_principal, public
 from oma.crypto import SecretBoxError, hash_password
 from oma.state import state
@@ -80,7 +90,7 @@ class VerifyRequest(RequestModel):
     )
 
 
-class ResultQuery(BaseModel):
+class ResultQuery(QueryModel):
     enrollment_id: str = Field(min_length=1, max_length=64)
     signature: str = Field(min_length=1, max_length=512)
 

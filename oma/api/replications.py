@@ -36,7 +36,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
@@ -44,6 +44,7 @@ from oma.api.common import (
     MAX_NAME,
     MAX_TEXT,
     Page,
+    QueryModel,
     RequestModel,
     SerialId,
     iso,
@@ -123,7 +124,7 @@ class ReplicationListQuery(Page):
     vm_name: str | None = Field(None, max_length=MAX_NAME)
 
 
-class ChangeIdQuery(BaseModel):
+class ChangeIdQuery(QueryModel):
     vm_path: str = Field(min_length=1, max_length=MAX_TEXT)
     disk_id: str = Field(min_length=1, max_length=MAX_NAME)
 
