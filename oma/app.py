@@ -10,7 +10,9 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
 4. an httpx client for the VMA API;
 5. a background task in the app nursery pruning expired tokens and pairing codes, stopped by an
    event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
-6. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
+6. when embedded, a watchdog restarting PostgreSQL if it dies (every database call retries a lost
+   connection with backoff meanwhile, ``OMA_DB_RETRY_DEADLINE``);
+7. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
    services (unless ``run_backups`` is off: the backup engine ``oma.backups.engine``, the copy
    worker, retention), other background tasks: stopped first at shutdown, and waited for
    (bounded) so that they end their jobs, release the VMA's exports and remove unfinished files
@@ -42,6 +44,7 @@ from oma.api import (
     replications,
     repositories,
     restore,
+    users,
     vm_contexts,
     vms,
 )
@@ -65,6 +68,7 @@ from pyapp.db import (
     create_database,
     load_migrations,
     open_database,
+    watch_embedded,
     with_database,
 )
 from pyapp.logs import RecentRecords, log_context
@@ -126,6 +130,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
     app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
     app.register_blueprint(backups.bp, url_prefix=API_PREFIX)
+    app.register_blueprint(users.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
     fast_json_views(app)
@@ -148,7 +153,9 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
             dsn = with_database(admin_dsn, EMBEDDED_DB_NAME)
             log.info("embedded PostgreSQL running", extra={"action": "startup", "pgdata": str(config.pgdata)})
         try:
-            async with open_database(dsn, min_size=2, max_size=config.db_pool_size) as db:
+            async with open_database(
+                dsn, min_size=2, max_size=config.db_pool_size, retry_deadline=config.db_retry_deadline
+            ) as db:
                 st.db_ = db
                 st.migrations_applied = await apply_migrations(db, load_migrations(MIGRATIONS_DIR))
                 st.box_ = SecretBox(await trio.to_thread.run_sync(load_or_create_key, config.key_file))
@@ -174,6 +181,8 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                                     await stop.wait()
 
                     app.add_background_task(prune_loop)
+                    if embedded is not None:  # killed or crashed: started again, same socket
+                        app.add_background_task(watch_embedded, embedded, stop)
                     restore_service = start_restore_service(app, config, db)  # cleanup when run_backups
                     engine: ReplicationEngine | None = None
                     if config.run_replications:

@@ -27,6 +27,9 @@
 | idle seconds before a file-restore mount expires | | ``OMA_RESTORE_IDLE_TIMEOUT`` | ``3600`` |
 | seconds between restore cleanup runs | | ``OMA_RESTORE_CLEANUP_INTERVAL`` | ``60`` |
 | file-restore mounts open at once | | ``OMA_MAX_RESTORE_MOUNTS`` | ``8`` |
+| where full restores may write (``:``-separated) | | ``OMA_RESTORE_ROOTS`` | none: NBD only |
+| seconds a claimed job's lease lasts without renewal | | ``OMA_JOB_LEASE_TTL`` | ``60`` |
+| seconds a lost database connection is retried | | ``OMA_DB_RETRY_DEADLINE`` | ``120`` |
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ class OmaConfig:
     restore_idle_timeout: float = 3600.0
     restore_cleanup_interval: float = 60.0
     max_restore_mounts: int = 8
+    restore_roots: tuple[Path, ...] = ()
+    #: A claimed job's lease: renewed every third of it; once expired, another worker takes over.
+    job_lease_ttl: float = 60.0
+    #: How long a database call keeps retrying a lost connection (backoff) before it fails.
+    db_retry_deadline: float = 120.0
 
     @property
     def key_file(self) -> Path:
@@ -86,6 +94,11 @@ class OmaConfig:
     def mounts_dir(self) -> Path:
         """Where NFS and CIFS repositories without their own ``mount_point`` are mounted."""
         return self.mount_root or self.data_dir / "mounts"
+
+    @property
+    def export_records_dir(self) -> Path:
+        """Durable records of the running ``qemu-nbd`` exports (see :mod:`pyapp.nbd_export`)."""
+        return self.data_dir / "run" / "exports"
 
     @property
     def pgdata(self) -> Path:
@@ -132,4 +145,7 @@ class OmaConfig:
             restore_idle_timeout=env_float("OMA_RESTORE_IDLE_TIMEOUT", 3600.0),
             restore_cleanup_interval=env_float("OMA_RESTORE_CLEANUP_INTERVAL", 60.0),
             max_restore_mounts=env_int("OMA_MAX_RESTORE_MOUNTS", 8, minimum=1),
+            restore_roots=tuple(Path(p) for p in (env_str("OMA_RESTORE_ROOTS") or "").split(":") if p),
+            job_lease_ttl=env_float("OMA_JOB_LEASE_TTL", 60.0),
+            db_retry_deadline=env_float("OMA_DB_RETRY_DEADLINE", 120.0),
         )

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -62,7 +61,7 @@ from oma.workers import ClaimWorker, claimant_gone
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
-from pyapp.nbd_export import ExportError, NbdExport, free_tcp_port
+from pyapp.nbd_export import ExportError, NbdExport, free_tcp_port, reap_orphaned_exports
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +190,14 @@ def prepare_volume(path: Path, capacity: int, *, fresh: bool) -> None:
             os.fsync(f.fileno())
 
 
-def start_export(target: DiskTarget, export_name: str) -> NbdExport:
-    """``qemu-nbd`` on a free loopback port; another port if the one picked was taken meanwhile."""
+def start_export(target: DiskTarget, export_name: str, record_dir: Path | None = None) -> NbdExport:
+    """``qemu-nbd`` on a free loopback port; another port if the one picked was taken meanwhile.
+    ``record_dir``: where the export is recorded before it starts (see :mod:`pyapp.nbd_export`)."""
     error: ExportError | None = None
     for _ in range(EXPORT_ATTEMPTS):
-        export = NbdExport(target.volume, name=export_name, port=free_tcp_port(), shared=8)
+        export = NbdExport(
+            target.volume, name=export_name, port=free_tcp_port(), shared=8, record_dir=record_dir
+        )
         try:
             return export.start()
         except ExportError as e:
@@ -206,9 +208,16 @@ def start_export(target: DiskTarget, export_name: str) -> NbdExport:
 class ReplicationEngine(ClaimWorker):
     kind = "replication engine"
     action = "replication_engine"
+    lease_table = "replication_jobs"
+    active_statuses = ("pending", "replicating")
 
     def __init__(self, config: OmaConfig, db: Database, vma: VmaClient, resolve_login: ResolveLogin) -> None:
-        super().__init__(max_active=config.max_active_jobs, poll_interval=config.engine_poll_interval)
+        super().__init__(
+            max_active=config.max_active_jobs,
+            poll_interval=config.engine_poll_interval,
+            db=db,
+            lease_ttl=config.job_lease_ttl,
+        )
         self.config = config
         self.db = db
         self.vma = vma
@@ -235,34 +244,33 @@ class ReplicationEngine(ClaimWorker):
         self.jobs[job.job_id] = job
         nursery.start_soon(self._drive, job, dict(row))
 
+    def driven_ids(self) -> list[str]:
+        return list(self.jobs)
+
     async def recover_orphans(self) -> None:
-        """Fail the active jobs that an OMA process on this host claimed and no longer drives (it
-        crashed or was killed): left alone, they would hold their disks' "one active job" slot
-        forever. The VMA is asked to stop each (its snapshot goes). Jobs claimed on other hosts are
-        left to their engines."""
-        host = socket.gethostname()
-        rows = await self.db.fetch(
-            "SELECT id, claimed_by FROM replication_jobs WHERE status IN ('pending', 'replicating')"
-            " AND claimed_by LIKE $1",
-            f"{host}:%",
-        )
-        for row in rows:
-            if not claimant_gone(row["claimed_by"]):
-                continue
-            with log_context(job_id=row["id"]):
-                try:
-                    await self.vma.cleanup(row["id"], "cleanup_all", wait_s=FINISH_TIMEOUT)
-                except VmaError as e:
-                    log.info("the VMA did not stop the orphaned job: %s", e.message)
-                if await finish_job(
-                    self.db,
-                    row["id"],
-                    "failed",
-                    f"the OMA process driving the job ({row['claimed_by']}) stopped",
-                ):
-                    log.warning(
-                        "job of a stopped OMA process failed", extra={"claimed_by": row["claimed_by"]}
-                    )
+        """What a dead OMA process left: first the ``qemu-nbd`` exports recorded in this data
+        directory whose process is gone, then its jobs (lease expired, or claimed on this host by a
+        process that is gone: :meth:`~oma.workers.ClaimWorker.take_over_expired`)."""
+        stopped = await trio.to_thread.run_sync(reap_orphaned_exports, self.config.export_records_dir)
+        if stopped:
+            log.warning("exports of a stopped OMA process closed", extra={"volumes": stopped})
+        await self.take_over_expired()
+
+    async def take_over(self, row: Any) -> None:
+        """A job whose worker stopped renewing its lease: the VMA is asked to stop it (its
+        snapshot goes), exports of a dead process on this host are closed, and the job fails with
+        the reason; the next pass starts from the last complete one."""
+        try:
+            await self.vma.cleanup(row["id"], "cleanup_all", wait_s=FINISH_TIMEOUT)
+        except VmaError as e:
+            log.info("the VMA did not stop the orphaned job: %s", e.message)
+        gone = claimant_gone(row["previous"])
+        if gone:
+            await trio.to_thread.run_sync(reap_orphaned_exports, self.config.export_records_dir)
+        reason = "its process is gone" if gone else "its lease expired"
+        error = f"the OMA worker driving the job ({row['previous']}) stopped: {reason}"
+        if await finish_job(self.db, row["id"], "failed", error):
+            log.warning("job of a stopped OMA worker failed", extra={"claimed_by": row["previous"]})
 
     async def claim(self, limit: int) -> list[Any]:
         # A job never runs where its volume is not: only jobs whose disks' volumes are on this node
@@ -341,7 +349,9 @@ class ReplicationEngine(ClaimWorker):
             await trio.to_thread.run_sync(
                 partial(prepare_volume, target.volume, target.capacity, fresh=target.fresh)
             )
-            target.export = await trio.to_thread.run_sync(start_export, target, safe_name(target.disk_id))
+            target.export = await trio.to_thread.run_sync(
+                start_export, target, safe_name(target.disk_id), self.config.export_records_dir
+            )
             port = target.export.port
             target.uri = f"nbd://{self.config.nbd_host}:{port}/{target.export.name}"
         with trio.CancelScope(shield=True):  # one atomic statement, not cut in the middle

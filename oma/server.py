@@ -11,6 +11,12 @@
 hands its address to the workers, creates the key file, prints the address once every worker is
 serving, and on SIGTERM/SIGINT tells them to shut down gracefully. Workers share nothing but the
 database (tokens, revocations and jobs all live there), which is what makes this safe.
+
+A worker that dies (killed, crashed) is replaced by a new one; the others and the database keep
+running. The new worker takes over the dead one's jobs at its start (their claimant is gone),
+and any live worker would once their leases expire. More than :data:`MAX_RESTARTS` deaths within
+:data:`RESTART_WINDOW_S` seconds mean something is wrong with every worker: the parent stops.
+The parent also restarts the embedded PostgreSQL if it dies.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ from pyapp.db import (
 from pyapp.logs import setup_logging
 
 log = logging.getLogger("oma.server")
+
+#: Worker deaths tolerated within :data:`RESTART_WINDOW_S` before the parent gives up.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 60.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -171,10 +181,11 @@ def run_workers(config: OmaConfig) -> int:
         ctx = multiprocessing.get_context("spawn")
         shutdown = ctx.Event()
         ready = ctx.Queue()
-        workers = [
-            ctx.Process(target=_worker_process, args=(config, sockets, shutdown, ready), daemon=False)
-            for _ in range(config.workers)
-        ]
+
+        def new_worker() -> Any:
+            return ctx.Process(target=_worker_process, args=(config, sockets, shutdown, ready), daemon=False)
+
+        workers = [new_worker() for _ in range(config.workers)]
         stop_requested = False
 
         def on_signal(signum: int, frame: object) -> None:
@@ -205,11 +216,35 @@ def run_workers(config: OmaConfig) -> int:
                 print(
                     f"OMA listening on http://{repr_socket_addr(sock.family, sock.getsockname())}", flush=True
                 )
-            while not stop_requested and all(w.is_alive() for w in workers):
+            deaths: list[float] = []
+            while not stop_requested:
                 time.sleep(0.5)
-            if not stop_requested:
-                log.error("a worker exited; stopping the others", extra={"action": "shutdown"})
-            return 0 if stop_requested else 1
+                if embedded is not None and not stop_requested:
+                    try:
+                        embedded.ensure_running()
+                    except Exception as e:
+                        log.warning(
+                            "embedded PostgreSQL did not start yet: %s", e, extra={"action": "db_restart"}
+                        )
+                for i, worker in enumerate(workers):
+                    if worker.is_alive() or stop_requested:
+                        continue
+                    now = time.monotonic()
+                    deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
+                    if len(deaths) > MAX_RESTARTS:
+                        log.error(
+                            "%d worker deaths within %.0f s: stopping", len(deaths), RESTART_WINDOW_S,
+                            extra={"action": "shutdown"},
+                        )
+                        return 1
+                    log.error(
+                        "worker %s exited (%s): starting another", worker.pid, worker.exitcode,
+                        extra={"action": "worker_restart"},
+                    )
+                    worker.join(0)
+                    workers[i] = new_worker()
+                    workers[i].start()
+            return 0
         finally:
             shutdown.set()
             for worker in workers:

@@ -6,41 +6,149 @@ path ending in ``.qcow2`` that does not exist becomes a new QCOW2 image (``--bac
 an overlay) with a BLAKE3 manifest beside it. A QCOW2 source's backing files must lie under its
 own directory unless ``--backing-root DIR`` allows another. ``mover verify``, ``checksum``, ``consolidate``
 and ``info`` work on backup chains. Long work draws a progress bar when standard error is a
-terminal; ``--json`` prints one JSON summary object on standard output.
-Exit status: 0 done, 1 failed (or, for ``verify``, chunks differ), 2 bad usage (an invalid
-``--extents`` plan included, refused before the target is created), 130 interrupted (for
-``copy``: 130 after SIGINT, 143 after SIGTERM, once the target is flushed and the checkpoint
-saved; the same command resumes).
+terminal (never with ``--json``); sizes read by people are in IEC units (KiB, MiB, GiB).
+
+``--json`` makes standard output exactly one JSON document whatever happens — the summary, or
+the error object (``error``, ``code``, ``offset``, ``length``, ``errno``) of a failure, a usage
+error or an interruption — and standard error carries error lines only.
+
+Exit status: 0 done, 1 failed (or, for ``verify``, chunks differ), 2 bad usage (an unknown
+option, a value out of range, an input file that does not exist, an invalid ``--extents`` plan;
+refused before anything is created), 130 / 143 interrupted by SIGINT / SIGTERM (for ``copy``:
+once the target is flushed and the checkpoint saved; the same command resumes), 141 standard
+output closed early (``mover … | head -1``; nothing is printed about it, as for a tool killed by
+SIGPIPE).
+
+Start-up is kept short (``mover --help``): the extension, tqdm, json and threading are imported
+by the code that uses them, never at module level.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import signal
 import sys
-import threading
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
 
-from tqdm import tqdm
+# Not ``typing.TYPE_CHECKING``: importing typing alone is a tenth of the start-up budget. mypy
+# takes any name TYPE_CHECKING as true; the annotations are strings (``from __future__``).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any, NoReturn, TypeVar
 
-from pyapp import _mover
-from pyapp._mover import (
-    CancelledError,
-    Copy,
-    CopyProgress,
-    InvalidPlanError,
-    MoverError,
-    Tracker,
-    VerifyReport,
-)
+    from _typeshed import SupportsWrite
+    from tqdm import tqdm
 
-T = TypeVar("T")
+    from pyapp._mover import Copy, CopyProgress, MoverError, Tracker, VerifyReport
+
+    T = TypeVar("T")
+
+DISTRIBUTION = "vmware-cloudstack-mover"
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
+
+
+class UsageError(Exception):
+    """The command line is refused before any work starts (exit status 2). ``prog`` names the
+    (sub)command, as argparse does."""
+
+    def __init__(self, message: str, prog: str = "mover") -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block) and, with ``--json``, one JSON
+    object on standard output: ``error`` raises :class:`UsageError` for :func:`main` to report."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message, self.prog)
+
+    def print_help(self, file: SupportsWrite[str] | None = None) -> None:
+        # argparse swallows a write error here; a closed pipe must reach main() (status 141).
+        (file or sys.stdout).write(self.format_help())
+
+
+class ShowVersion(argparse.Action):
+    """``--version``: the installed package's version, read only when asked for
+    (``importlib.metadata`` alone costs more than the rest of the start-up)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> NoReturn:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"mover {version(DISTRIBUTION)}")
+        except PackageNotFoundError:
+            parser.exit(EXIT_FAILED, f"mover: the {DISTRIBUTION} package is not installed; "
+                                     "its version is unknown\n")
+        parser.exit()
+
+
+def count(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``lo`` to ``hi``."""
+
+    def parse(text: str) -> int:
+        try:
+            n = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{n} is not from {lo} to {hi}")
+        return n
+
+    return parse
+
+
+IEC = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+
+
+def byte_size(lo: int, hi: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a power of two from ``lo`` to ``hi`` bytes (``what`` says the range
+    in words), given in bytes or with an IEC unit (``64KiB``, ``1 MiB``)."""
+
+    def parse(text: str) -> int:
+        digits = text.strip()
+        unit = digits.lstrip("0123456789")
+        digits = digits[:len(digits) - len(unit)]
+        unit = unit.strip().lower()
+        if not digits.isascii() or not digits.isdigit() or unit not in IEC:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a size: give whole bytes, or a whole number of KiB, MiB or GiB")
+        n = int(digits) * IEC[unit]
+        if not (lo <= n <= hi and n & (n - 1) == 0):
+            raise argparse.ArgumentTypeError(f"{text} is not a power of two from {what}")
+        return n
+
+    return parse
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        s = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < s < 1e9:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds (below 1e9)")
+    return s
+
+
+def need_file(path: str, what: str, prog: str) -> None:
+    """Refuse (exit status 2) a local input path that does not exist; NBD URIs are left to the
+    copy, which names what it could not reach."""
+    if "://" not in path and not os.path.exists(path):
+        raise UsageError(f"{what} {path}: no such file or directory", prog)
+
+
+def print_json(doc: object) -> None:
+    import json
+
+    print(json.dumps(doc))
 
 
 def load_extents(path: str) -> list[tuple[int, int]]:
@@ -53,6 +161,8 @@ def load_extents(path: str) -> list[tuple[int, int]]:
     was not made by the tool the operator thinks, and guessing what it meant could copy the
     wrong areas. Extents past the end of the disk are refused by the copy itself, before the
     target is created."""
+    import json
+
     try:
         with open(path, encoding="utf-8") as f:
             data: Any = json.load(f)
@@ -138,6 +248,8 @@ def run_tracked(run: Callable[[], T], progress: Callable[[], CopyProgress], canc
                 show_bar: bool, label: str, done: Callable[[CopyProgress], int] = scanned) -> T:
     """Run ``run`` in a thread, drawing a bar from ``progress()`` meanwhile; Ctrl-C calls
     ``cancel()`` and waits for the thread."""
+    import threading
+
     outcome: dict[str, Any] = {}
 
     def work() -> None:
@@ -148,30 +260,45 @@ def run_tracked(run: Callable[[], T], progress: Callable[[], CopyProgress], canc
 
     thread = threading.Thread(target=work, name=f"mover-{label}")
     thread.start()
-    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not show_bar,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress_bar(label) if show_bar else None
     try:
         while thread.is_alive():
             thread.join(0.2)
-            p = progress()
-            if bar.total != p.bytes_planned:
-                bar.total = p.bytes_planned
-            bar.n = min(done(p), p.bytes_planned)
-            bar.set_postfix(read=_size(p.bytes_read), written=_size(p.bytes_written), refresh=False)
-            bar.refresh()
+            if bar is not None:
+                draw(bar, progress(), done)
     except KeyboardInterrupt:
         cancel()
         thread.join()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     if "error" in outcome:
         raise outcome["error"]
     result: T = outcome["result"]
     return result
 
 
+def progress_bar(label: str) -> tqdm[Any]:
+    """A bar on standard error whose figures are in IEC units: tqdm's own ``unit_scale`` writes
+    SI prefixes (``MB``, and ``kB/s`` for 1000-byte rates), so the figures are ours, in the postfix."""
+    from tqdm import tqdm
+
+    return tqdm(total=0, desc=label, file=sys.stderr, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
+
+
+def draw(bar: tqdm[Any], p: CopyProgress, done: Callable[[CopyProgress], int]) -> None:
+    if bar.total != p.bytes_planned:
+        bar.total = p.bytes_planned
+    bar.n = min(done(p), p.bytes_planned)
+    bar.set_postfix_str(f"{_size(bar.n)} of {_size(p.bytes_planned)}, {_size(p.throughput_bytes_per_s)}/s, "
+                        f"read {_size(p.bytes_read)}, written {_size(p.bytes_written)}", refresh=False)
+    bar.refresh()
+
+
 def _size(n: float) -> str:
+    """``n`` bytes in IEC units, as people read them: ``512 B``, ``64.0 KiB``, ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
@@ -215,20 +342,35 @@ class StopSignals:
         return 128 + int(self.received)
 
 
+def interrupted(stop: StopSignals, as_json: bool, detail: str = "", **extra: object) -> int:
+    """Report the signal that stopped the work: one line on standard error (and, with ``--json``,
+    the error object on standard output); the exit status is 128 + the signal's number."""
+    assert stop.received is not None
+    message = f"interrupted by {stop.received.name}"
+    if as_json:
+        print_json({"error": message, "code": "CancelledError", "offset": None, "length": None, "errno": None,
+                    "signal": stop.received.name, **extra})
+    print(f"mover: {message}{detail}", file=sys.stderr)
+    return stop.exit_status
+
+
 def cmd_copy(args: argparse.Namespace) -> int:
     with StopSignals() as stop:
         return copy_until_stopped(args, stop)
 
 
 def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
+    from pyapp._mover import CancelledError, Copy, InvalidPlanError, MoverError
+
     try:
         extents = load_extents(args.extents) if args.extents else None
     except (OSError, ValueError) as e:
-        print(f"mover: invalid --extents plan: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError(f"invalid --extents plan: {e}", args.prog) from None
+    need_file(args.source, "SRC", args.prog)
+    if args.backing is not None:
+        need_file(args.backing, "--backing", args.prog)
     if stop.received is not None:
-        print(f"mover: interrupted by {stop.received.name} before the copy started", file=sys.stderr)
-        return stop.exit_status
+        return interrupted(stop, args.json, " before the copy started")
     try:
         job = Copy(
             args.source,
@@ -251,14 +393,13 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
             allowed_backing_roots=args.backing_roots,
         )
         stop.cancel = job.cancel
-        result = run_with_progress(job, show_bar=sys.stderr.isatty())
+        result = run_with_progress(job, show_bar=sys.stderr.isatty() and not args.json)
     except CancelledError:
         if stop.received is None:
             raise
         where = (f"checkpoint {args.checkpoint} records what is done; run the same command to resume"
                  if args.checkpoint else "no checkpoint was asked for (--checkpoint FILE)")
-        print(f"mover: interrupted by {stop.received.name}: the target is flushed; {where}", file=sys.stderr)
-        return stop.exit_status
+        return interrupted(stop, args.json, f": the target is flushed; {where}", checkpoint=args.checkpoint)
     except InvalidPlanError as e:
         # The core names the offending extent ("extent (offset, length) ..."); say which file.
         plan_file = args.extents if args.extents and "extent (" in str(e) else None
@@ -269,7 +410,7 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
         return EXIT_FAILED
     out = summary(result, args.source, args.target)
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         print(
             f"copied {_size(out['bytes_planned'])}: {_size(out['bytes_written'])} written, "
@@ -283,6 +424,8 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
 
 
 def tracked_call(args: argparse.Namespace, label: str, call: Callable[[Tracker], T]) -> T:
+    from pyapp._mover import Tracker
+
     tracker = Tracker()
     stop: StopSignals | None = getattr(args, "stop", None)
     if stop is not None:
@@ -312,6 +455,8 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     the core) and the command exits 130 or 143."""
 
     def wrapper(args: argparse.Namespace) -> int:
+        from pyapp._mover import CancelledError, MoverError
+
         with StopSignals() as stop:
             args.stop = stop
             try:
@@ -319,12 +464,14 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
             except CancelledError:
                 if stop.received is None:
                     raise
-                print(f"mover: interrupted by {stop.received.name}", file=sys.stderr)
-                return stop.exit_status
+                return interrupted(stop, args.json)
             except MoverError as e:
                 report_error(e, args.json)
                 return EXIT_FAILED
             except KeyboardInterrupt:
+                if args.json:
+                    print_json({"error": "interrupted", "code": "CancelledError", "offset": None,
+                                "length": None, "errno": None, "signal": "SIGINT"})
                 print("mover: interrupted", file=sys.stderr)
                 return EXIT_INTERRUPTED
 
@@ -333,10 +480,14 @@ def guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
 
 @guarded
 def cmd_verify(args: argparse.Namespace) -> int:
+    from pyapp import _mover
+
+    if args.chain and args.manifest:
+        raise UsageError("--chain uses the manifest beside each file; drop --manifest", args.prog)
+    need_file(args.image, "IMAGE", args.prog)
+    if args.manifest:
+        need_file(args.manifest, "--manifest", args.prog)
     if args.chain:
-        if args.manifest:
-            print("mover: --chain uses the manifest beside each file; drop --manifest", file=sys.stderr)
-            return EXIT_USAGE
         reports, unverified = tracked_call(args, "verify",
                                            lambda t: _mover.verify_chain(args.image, tracker=t))
     else:
@@ -345,13 +496,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
         unverified = []
     ok = all(r.ok for r in reports)
     if args.json:
-        print(json.dumps({"ok": ok, "images": [verify_dict(r) for r in reports], "unverified": unverified}))
+        print_json({"ok": ok, "images": [verify_dict(r) for r in reports], "unverified": unverified})
     else:
         for r in reports:
             state = "OK" if r.ok else f"{len(r.mismatches)} of {r.chunks} chunks DIFFER"
             print(f"{r.image}: {state} ({_size(r.bytes_read)} read in {r.seconds:.2f} s)")
             for m in r.mismatches:
-                print(f"  chunk {m.index} offset {m.offset} length {m.length}: "
+                print(f"  chunk {m.index} offset {m.offset} length {_size(m.length)}: "
                       f"expected {m.expected}, found {m.found}")
         for u in unverified:
             print(f"{u}: no manifest, not verified")
@@ -360,30 +511,36 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 @guarded
 def cmd_checksum(args: argparse.Namespace) -> int:
+    from pyapp import _mover
+
+    need_file(args.source, "SRC", args.prog)
     r = tracked_call(args, "checksum", lambda t: _mover.checksum(
         args.source, output=args.output, chunk_size=args.chunk_size, tracker=t))
     out = {"source": r.source, "manifest": r.manifest, "disk_size": r.disk_size, "chunk_size": r.chunk_size,
            "chunks": r.chunks, "disk_digest": r.disk_digest, "bytes_read": r.bytes_read,
            "seconds": round(r.seconds, 6)}
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         where = f", manifest {r.manifest}" if r.manifest else ""
-        print(f"{r.disk_digest}  {r.source} ({r.chunks} chunks of {_size(r.chunk_size)}{where})")
+        print(f"{r.disk_digest}  {r.source} ({_size(r.disk_size)}: {r.chunks} chunks of "
+              f"{_size(r.chunk_size)}{where})")
     return 0
 
 
 @guarded
 def cmd_consolidate(args: argparse.Namespace) -> int:
+    from pyapp import _mover
+
     if args.layers is None and args.output is None:
-        print("mover: consolidate needs --layers N or --output FILE", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("consolidate needs --layers N or --output FILE", args.prog)
+    need_file(args.image, "TOP", args.prog)
     r = tracked_call(args, "consolidate", lambda t: _mover.consolidate(
         args.image, layers=args.layers, output=args.output, cluster_size=args.cluster_size, tracker=t))
     out = {"image": r.image, "merged": r.merged, "removed": r.removed, "disk_size": r.disk_size,
            "disk_digest": r.disk_digest, "bytes_written": r.bytes_written, "seconds": round(r.seconds, 6)}
     if args.json:
-        print(json.dumps(out))
+        print_json(out)
     else:
         print(f"{r.image}: {len(r.merged)} layers merged, {len(r.removed)} files removed, "
               f"{_size(r.bytes_written)} written in {r.seconds:.2f} s")
@@ -392,6 +549,13 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
 
 @guarded
 def cmd_info(args: argparse.Namespace) -> int:
+    """The chain as JSON, in both modes (indented without ``--json``): it is a document for
+    programs and people alike, so its sizes stay in bytes."""
+    import json
+
+    from pyapp import _mover
+
+    need_file(args.image, "IMAGE", args.prog)
     doc = json.loads(_mover.info(args.image))
     print(json.dumps(doc) if args.json else json.dumps(doc, indent=2))
     return 0
@@ -399,15 +563,36 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def report_error(e: MoverError, as_json: bool, context: str | None = None) -> None:
     if as_json:
-        print(json.dumps({"error": str(e), "code": type(e).__name__, "offset": e.offset,
-                          "length": e.length, "errno": e.code}))
+        print_json({"error": str(e), "code": type(e).__name__, "offset": e.offset,
+                    "length": e.length, "errno": e.code})
     where = f" ({context})" if context else ""
     print(f"mover: {type(e).__name__}{where}: {e}", file=sys.stderr)
 
 
+def report_usage(e: UsageError, as_json: bool) -> int:
+    """One line on standard error (argparse's ``PROG: error: MESSAGE``, without the usage
+    block), and with ``--json`` the error object on standard output."""
+    if as_json:
+        print_json({"error": str(e), "code": "UsageError", "offset": None, "length": None, "errno": None})
+    print(f"{e.prog}: error: {e} (see {e.prog} --help)", file=sys.stderr)
+    return EXIT_USAGE
+
+
+# The core's limits (copy.rs CopyOptions::check, qcow2/writer.rs, manifest.rs), checked here too
+# so that a bad value is a usage error before anything is opened.
+REQUEST_SIZE = byte_size(4 << 10, 32 << 20, "4 KiB to 32 MiB")
+CLUSTER_SIZE = byte_size(512, 2 << 20, "512 B to 2 MiB")
+CHUNK_SIZE = byte_size(4 << 10, 1 << 30, "4 KiB to 1 GiB")
+MAX_CHAIN = 1000
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mover", description="Move disk bytes between NBD exports and images.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="mover", description="Move disk bytes between NBD exports and images.",
+               epilog="Exit status: 0 done, 1 failed, 2 bad usage, 130/143 interrupted by SIGINT/SIGTERM, "
+                      "141 standard output closed early.")
+    p.add_argument("--version", action=ShowVersion, nargs=0, default=argparse.SUPPRESS,
+                   help="print the mover's version and exit")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("copy", help="copy a disk", description="Copy SRC to DST (NBD URIs or paths).")
     c.add_argument("source", metavar="SRC")
     c.add_argument("target", metavar="DST")
@@ -418,10 +603,13 @@ def parser() -> argparse.ArgumentParser:
                       help="copy only what the source reports as data")
     c.add_argument("--zero-unlisted", action="store_true",
                    help="with --extents: they are all the data; zero everything else on the target")
-    c.add_argument("--connections", type=int, default=4, metavar="N",
-                   help="connections per endpoint (default 4)")
-    c.add_argument("--requests", type=int, default=16, metavar="N", help="requests in flight per connection")
-    c.add_argument("--request-size", type=int, default=1 << 20, metavar="BYTES", help="bytes per request")
+    c.add_argument("--connections", type=count(1, 64), default=4, metavar="N",
+                   help="connections per endpoint, 1 to 64 (default 4)")
+    c.add_argument("--requests", type=count(1, 1024), default=16, metavar="N",
+                   help="requests in flight per connection, 1 to 1024 (default 16)")
+    c.add_argument("--request-size", type=REQUEST_SIZE, default=1 << 20, metavar="BYTES",
+                   help="bytes per request: a power of two from 4 KiB to 32 MiB, e.g. 262144 or 256KiB "
+                        "(default 1 MiB)")
     c.add_argument("--checkpoint", metavar="FILE", help="record progress here; resume from it if it exists")
     c.add_argument("--target-is-zero", action="store_true", help="the target reads as zeros already")
     c.add_argument("--backing", metavar="FILE",
@@ -429,17 +617,18 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--backing-root", metavar="DIR", action="append", dest="backing_roots", default=[],
                    help="a QCOW2 source's backing files may also lie under DIR (repeatable); by default "
                         "only the source image's own directory is allowed")
-    c.add_argument("--cluster-size", type=int, default=1 << 16, metavar="BYTES",
-                   help="cluster size of a new QCOW2 target (default 65536)")
+    c.add_argument("--cluster-size", type=CLUSTER_SIZE, default=1 << 16, metavar="BYTES",
+                   help="cluster size of a new QCOW2 target: a power of two from 512 B to 2 MiB "
+                        "(default 64 KiB)")
     c.add_argument("--manifest", metavar="FILE",
                    help="write a BLAKE3 manifest of the target here (automatic beside a new QCOW2 image)")
     c.add_argument("--no-manifest", action="store_true",
                    help="write no manifest, even beside a new QCOW2 image")
-    c.add_argument("--request-timeout", type=float, default=60.0, metavar="SECONDS",
+    c.add_argument("--request-timeout", type=seconds, default=60.0, metavar="SECONDS",
                    help="longest wait for an NBD reply before the connection counts as lost (default 60)")
-    c.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+    c.add_argument("--connect-timeout", type=seconds, default=30.0, metavar="SECONDS",
                    help="longest NBD connection attempt, handshake included (default 30)")
-    c.add_argument("--reconnect-timeout", type=float, default=60.0, metavar="SECONDS",
+    c.add_argument("--reconnect-timeout", type=seconds, default=60.0, metavar="SECONDS",
                    help="how long to keep re-sending to a lost NBD server before failing (default 60)")
     c.add_argument("--json", action="store_true",
                    help="print one JSON summary object at the end (\"durable\": false when the "
@@ -458,7 +647,8 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("checksum", help="make a BLAKE3 manifest of any source")
     k.add_argument("source", metavar="SRC")
     k.add_argument("-o", "--output", metavar="FILE", help="save the manifest here")
-    k.add_argument("--chunk-size", type=int, default=1 << 20, metavar="BYTES", help="default 1 MiB")
+    k.add_argument("--chunk-size", type=CHUNK_SIZE, default=1 << 20, metavar="BYTES",
+                   help="a power of two from 4 KiB to 1 GiB (default 1 MiB)")
     k.add_argument("--json", action="store_true", help="print one JSON summary object")
     k.set_defaults(func=cmd_checksum)
 
@@ -466,10 +656,11 @@ def parser() -> argparse.ArgumentParser:
                        description="Crash-safe: the new image is written beside the old ones, verified, "
                                    "fsynced and renamed into place atomically.")
     m.add_argument("image", metavar="TOP")
-    m.add_argument("--layers", type=int, metavar="N",
+    m.add_argument("--layers", type=count(1, MAX_CHAIN), metavar="N",
                    help="merge the oldest N layers in place (2: the oldest increment into the full)")
     m.add_argument("--output", metavar="FILE", help="write the whole chain flattened to this new file")
-    m.add_argument("--cluster-size", type=int, default=1 << 16, metavar="BYTES")
+    m.add_argument("--cluster-size", type=CLUSTER_SIZE, default=1 << 16, metavar="BYTES",
+                   help="a power of two from 512 B to 2 MiB (default 64 KiB)")
     m.add_argument("--json", action="store_true", help="print one JSON summary object")
     m.set_defaults(func=cmd_consolidate)
 
@@ -477,12 +668,46 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("image", metavar="IMAGE")
     i.add_argument("--json", action="store_true", help="compact JSON on one line")
     i.set_defaults(func=cmd_info)
+    for command in (c, v, k, m, i):
+        command.set_defaults(prog=command.prog)
     return p
 
 
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``--json`` was asked for, known before (and even when) parsing fails."""
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    return "--json" in options
+
+
+def quiet_after_closed_pipe() -> None:
+    """Standard output's reader has gone (``mover … | head -1``). Point both output streams at
+    /dev/null so that the interpreter's last flush of what is buffered cannot fail again (and
+    print "Exception ignored … BrokenPipeError" on the way out)."""
+    import contextlib
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    code: int = args.func(args)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            args = parser().parse_args(arguments)
+            code: int = args.func(args)
+        except UsageError as e:
+            code = report_usage(e, wants_json(arguments))
+        except SystemExit as e:  # --help and --version, after printing
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else EXIT_FAILED
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Not SIGPIPE's default action: that would also kill the process for an NBD socket the
+        # server closed, which the core reports as an error instead.
+        quiet_after_closed_pipe()
+        return EXIT_BROKEN_PIPE
     return code
 
 

@@ -11,6 +11,13 @@ start at once against one database), the embedded server (``pgserver``) used whe
 is configured, and ``CREATE DATABASE`` for tests and first start.
 
 SQL is always sent with parameters (``$1``...), never by string formatting of values.
+
+A lost connection (PostgreSQL restarted, killed, or not answering new connections yet) is retried
+with exponential backoff and jitter (tenacity) for up to ``retry_deadline`` seconds, by every
+statement of :class:`Database` and by the acquisition of a connection for a transaction — never by
+replaying a transaction whose connection broke in the middle: that error reaches its caller. The
+statements sent outside a transaction are single, idempotent updates or reads, so running one a
+second time after a reply was lost does no harm.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 import asyncpg  # type: ignore[import-untyped]
+import tenacity
 import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
@@ -47,6 +55,35 @@ class Record(Protocol):
 UniqueViolation = asyncpg.UniqueViolationError
 ForeignKeyViolation = asyncpg.ForeignKeyViolationError
 PostgresError = asyncpg.PostgresError
+
+#: How long a statement retries a lost connection by default (seconds).
+RETRY_DEADLINE_S = 120.0
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the server is gone or not accepting connections (yet): worth
+    retrying on a new connection, as opposed to an error of the statement itself."""
+    return isinstance(
+        exc,
+        asyncpg.PostgresConnectionError  # class 08: lost, refused, cannot establish
+        | asyncpg.CannotConnectNowError  # starting up, shutting down, in recovery
+        | asyncpg.AdminShutdownError
+        | asyncpg.CrashShutdownError
+        | asyncpg.TooManyConnectionsError
+        | ConnectionError  # refused, reset
+        | FileNotFoundError,  # the Unix socket is not there (the server is restarting)
+    ) or (isinstance(exc, asyncpg.InterfaceError) and "connection is closed" in str(exc))
+
+
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome is not None else None
+    log.warning(
+        "database connection lost (%s): retrying in %.1f s",
+        exc,
+        state.next_action.sleep if state.next_action is not None else 0.0,
+        extra={"action": "db_retry", "attempt": state.attempt_number},
+    )
+
 
 # One advisory lock key for "migrations of this database" (any constant 64-bit value works).
 MIGRATION_LOCK_KEY = 0x6F6D615F6D696772  # "oma_migr"
@@ -90,48 +127,90 @@ class Connection:
 class Database:
     """A pool of connections usable from trio. Create with :func:`open_database`."""
 
-    def __init__(self, bridge: _Bridge, pool: asyncpg.Pool) -> None:
+    def __init__(self, bridge: _Bridge, pool: asyncpg.Pool, retry_deadline: float = RETRY_DEADLINE_S) -> None:
         self._bridge = bridge
         self._pool = pool
+        self.retry_deadline = retry_deadline
+
+    def _retrying(self) -> tenacity.AsyncRetrying:
+        return tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(connection_lost),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
+            stop=tenacity.stop_after_delay(self.retry_deadline),
+            sleep=trio.sleep,
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+    async def _retry(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await fn(*args)`` (a trio coroutine function), retried while the connection is lost."""
+        async for attempt in self._retrying():
+            with attempt:
+                return await fn(*args)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """An asyncpg call (asyncio) through the bridge, retried while the connection is lost."""
+        return await self._retry(self._bridge.run, fn, *args)
 
     async def execute(self, sql: str, *args: Any) -> str:
-        return cast(str, await self._bridge.run(self._pool.execute, sql, *args))
+        return cast(str, await self._run(self._pool.execute, sql, *args))
 
     async def executemany(self, sql: str, args: Sequence[Sequence[Any]]) -> None:
-        await self._bridge.run(self._pool.executemany, sql, args)
+        await self._run(self._pool.executemany, sql, args)
 
     async def fetch(self, sql: str, *args: Any) -> list[Record]:
-        return cast(list[Record], await self._bridge.run(self._pool.fetch, sql, *args))
+        return cast(list[Record], await self._run(self._pool.fetch, sql, *args))
 
     async def fetchrow(self, sql: str, *args: Any) -> Record | None:
-        return cast(Record | None, await self._bridge.run(self._pool.fetchrow, sql, *args))
+        return cast(Record | None, await self._run(self._pool.fetchrow, sql, *args))
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self._bridge.run(self._pool.fetchval, sql, *args)
+        return await self._run(self._pool.fetchval, sql, *args)
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:
-        conn = await self._bridge.run(self._pool.acquire)
+        conn = await self._run(self._pool.acquire)
         try:
             yield Connection(self._bridge, conn)
         finally:
             with trio.CancelScope(shield=True):
                 await self._bridge.run(self._pool.release, conn)
 
+    async def _begin(self, isolation: str) -> tuple[Any, Any]:
+        """A pooled connection with a transaction started on it. A connection broken by a server
+        restart fails at ``BEGIN``, before anything ran: it is released and another one taken."""
+        conn = await self._bridge.run(self._pool.acquire)
+        try:
+            tx = conn.transaction(isolation=isolation)
+            await self._bridge.run(tx.start)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._bridge.run(self._pool.release, conn)
+            raise
+        return conn, tx
+
     @contextlib.asynccontextmanager
     async def transaction(self, isolation: str = "read_committed") -> AsyncIterator[Connection]:
         """A connection inside a transaction: committed on normal exit, rolled back on error."""
-        async with self.connection() as conn:
-            tx = conn._conn.transaction(isolation=isolation)
-            await self._bridge.run(tx.start)
+        conn, tx = await self._retry(self._begin, isolation)
+        try:
             try:
-                yield conn
+                yield Connection(self._bridge, conn)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    await self._bridge.run(tx.rollback)
+                    try:
+                        await self._bridge.run(tx.rollback)
+                    except Exception as e:
+                        if not connection_lost(e):
+                            raise
+                        # the server rolled it back already: the caller gets its own error
                 raise
             else:
                 await self._bridge.run(tx.commit)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._bridge.run(self._pool.release, conn)
 
     def pool_stats(self) -> dict[str, int]:
         return {
@@ -143,15 +222,18 @@ class Database:
 
 
 @contextlib.asynccontextmanager
-async def open_database(dsn: str, *, min_size: int = 2, max_size: int = 10) -> AsyncIterator[Database]:
-    """Open a trio-asyncio loop and an asyncpg pool on ``dsn`` for the duration of the block."""
+async def open_database(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, retry_deadline: float = RETRY_DEADLINE_S
+) -> AsyncIterator[Database]:
+    """Open a trio-asyncio loop and an asyncpg pool on ``dsn`` for the duration of the block.
+    ``retry_deadline``: how long each statement retries a lost connection."""
     async with trio_asyncio.open_loop() as loop:
         bridge = _Bridge(loop)
         pool = await bridge.run(
             asyncpg.create_pool, dsn, min_size=min_size, max_size=max_size, command_timeout=30
         )
         try:
-            yield Database(bridge, pool)
+            yield Database(bridge, pool, retry_deadline)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await bridge.run(pool.close)
@@ -259,7 +341,37 @@ class EmbeddedPostgres:
         self._server = await trio.to_thread.run_sync(get_server, self.pgdata)
         return str(self._server.get_uri("postgres"))
 
+    def running(self) -> bool:
+        """Whether the server's postmaster runs (False after it was killed, or before start)."""
+        from pgserver.utils import PostmasterInfo
+
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        return info is not None and bool(info.is_running())
+
+    def ensure_running(self) -> bool:
+        """Start the server again if it died (blocking; same socket, so the DSN holds). True if
+        it had to be restarted. Raises when it cannot start (yet): the caller tries again."""
+        if self._server is None or self.running():
+            return False
+        log.warning("embedded PostgreSQL is not running: restarting it", extra={"action": "db_restart"})
+        self._server.ensure_postgres_running()
+        log.info("embedded PostgreSQL restarted", extra={"action": "db_restart"})
+        return True
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+
+
+async def watch_embedded(embedded: EmbeddedPostgres, stop: trio.Event, interval: float = 1.0) -> None:
+    """Restart ``embedded`` whenever it dies, until ``stop`` is set (a task of the owning service)."""
+    while True:
+        with trio.move_on_after(interval):
+            await stop.wait()
+        if stop.is_set():
+            return
+        try:
+            await trio.to_thread.run_sync(embedded.ensure_running)
+        except Exception as e:  # e.g. the killed server's backends still hold its shared memory
+            log.warning("embedded PostgreSQL did not start yet: %s", e, extra={"action": "db_restart"})

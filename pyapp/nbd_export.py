@@ -5,20 +5,32 @@ An :class:`NbdExport` is a ``qemu-nbd`` child process on a Unix socket or a loop
 It is ready when a connection is accepted, and stopped (SIGTERM, then SIGKILL) when its context
 exits. ``shared`` must cover the mover's connections: qemu-nbd's default of one client makes a
 second connection wait forever.
+
+Given a ``record_dir``, an export is recorded durably there *before* ``qemu-nbd`` starts (a JSON
+file: the owning process, the command line, then the export's :class:`~pyapp.process.ProcessRef`)
+and the record goes when the export is stopped. A service killed with its exports running leaves
+their records: :func:`reap_orphaned_exports`, run at the next start (or by a live peer sharing the
+directory), stops every ``qemu-nbd`` whose owner is gone and removes the records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
-from pyapp.process import terminate
+from pyapp.process import ProcessRef, cmdline, pids, terminate
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
@@ -45,6 +57,7 @@ class NbdExport:
         shared: int = 8,
         cache: str = "none",
         extra_args: list[str] | None = None,
+        record_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.image = Path(image)
         self.name = name
@@ -58,6 +71,8 @@ class NbdExport:
         if self.socket_path is None and self.port is None:
             self.port = free_tcp_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.record_dir = Path(record_dir) if record_dir is not None else None
+        self._record: Path | None = None
 
     @property
     def uri(self) -> str:
@@ -105,12 +120,24 @@ class NbdExport:
         if self.socket_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
-        self.process = subprocess.Popen(self.argv(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        argv = self.argv()
+        if self.record_dir is not None:
+            self._record = self.record_dir / f"{uuid.uuid4().hex}.json"
+            write_record(self._record, {"owner": str(ProcessRef.self()), "argv": argv, "process": None})
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if self._record is not None:
+            ref = ProcessRef.of(self.process.pid)
+            write_record(
+                self._record,
+                {"owner": str(ProcessRef.self()), "argv": argv, "process": str(ref) if ref else None},
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
-                raise ExportError(f"qemu-nbd exited with {self.process.returncode}: {err.strip()}")
+                code = self.process.returncode
+                self.stop()
+                raise ExportError(f"qemu-nbd exited with {code}: {err.strip()}")
             if self._accepts():
                 return self
             time.sleep(0.02)
@@ -124,12 +151,14 @@ class NbdExport:
             self.process.wait()
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        terminate(self.process)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        self.process = None
+        if self.process is not None:
+            terminate(self.process)
+            if self.process.stderr is not None:
+                self.process.stderr.close()
+            self.process = None
+        if self._record is not None:
+            self._record.unlink(missing_ok=True)
+            self._record = None
 
     def __enter__(self) -> NbdExport:
         return self.start()
@@ -141,3 +170,70 @@ class NbdExport:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def write_record(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` to ``path`` durably: a temporary file, fsynced, renamed, directory fsynced."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_qemu_nbd(argv: list[str]) -> bool:
+    return bool(argv) and Path(argv[0]).name == "qemu-nbd"
+
+
+def reap_orphaned_exports(record_dir: Path) -> list[str]:
+    """Stop the ``qemu-nbd`` exports recorded in ``record_dir`` whose owning process is gone, and
+    remove their records (blocking). Returns the images whose exports were stopped.
+
+    The export is found by its :class:`ProcessRef` (never a bare PID); a record written before its
+    process started names no process, so the command line is looked for among the host's processes
+    instead. Records of live owners are left alone: they are that process's running exports."""
+    stopped: list[str] = []
+    if not record_dir.is_dir():
+        return stopped
+    for path in sorted(record_dir.iterdir()):
+        if path.suffix == ".tmp":
+            path.unlink(missing_ok=True)
+            continue
+        if path.suffix != ".json":
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            owner = ProcessRef.parse(str(data["owner"]))
+            argv = [str(a) for a in data["argv"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("unreadable export record %s removed", path, extra={"action": "recover_exports"})
+            path.unlink(missing_ok=True)
+            continue
+        if owner is not None and owner.alive():
+            continue
+        refs: list[ProcessRef] = []
+        recorded = ProcessRef.parse(str(data.get("process") or ""))
+        if recorded is not None:
+            if recorded.alive() and _is_qemu_nbd(cmdline(recorded.pid)):
+                refs.append(recorded)
+        else:
+            for pid in pids():
+                ref = ProcessRef.of(pid)
+                if ref is not None and _is_qemu_nbd(argv) and cmdline(pid) == argv:
+                    refs.append(ref)
+        for ref in refs:
+            if ref.terminate():
+                stopped.append(argv[-1])
+                log.warning(
+                    "orphaned export stopped",
+                    extra={"action": "recover_exports", "image": argv[-1], "export_process": str(ref)},
+                )
+        path.unlink(missing_ok=True)
+    return stopped

@@ -54,6 +54,13 @@ class VmaConfig:
     #: Skip TLS verification of vCenter (self-signed appliances); the thumbprint still pins VDDK.
     vcenter_insecure: bool = True
     vsphere_threads: int = 8
+    #: Deadline of one vSphere call (and of each HTTP request of a session), in seconds.
+    vsphere_call_timeout: float = 60.0
+    #: Deadline of waiting for a vCenter task (snapshot create/remove, CBT reconfiguration).
+    vsphere_task_timeout: float = 1800.0
+    #: Seconds between two passes removing what jobs of a previous run (or failed removals)
+    #: left in vCenter and in the work directory; the first pass runs at start.
+    recovery_interval: float = 60.0
 
     # -- disk sources ----------------------------------------------------------------------------
     #: ``vddk``: nbdkit's vddk plugin against the snapshot (production); ``file``: nbdkit's file
@@ -75,6 +82,9 @@ class VmaConfig:
     mover_request_size: int = 1 << 20
     #: How long the mover retries a lost NBD connection before the job fails.
     reconnect_timeout: float = 30.0
+    #: Store the change ID of a pass whose target cannot be made durable (an NBD server without
+    #: flush). Off: such a pass fails, because its base could hold bytes the target never kept.
+    allow_non_durable_targets: bool = False
     #: Seconds between replication record updates sent to the OMA while copying.
     progress_report_interval: float = 5.0
     #: How long a failed job keeps trying to tell the OMA before giving up (the OMA may be down).
@@ -107,6 +117,9 @@ class VmaConfig:
                 f"export_listen {self.export_listen} listens everywhere: set export_host"
                 " (VMA_EXPORT_HOST) to the address the OMA reaches this VMA at"
             )
+        for name in ("vsphere_call_timeout", "vsphere_task_timeout", "recovery_interval"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if not self.export_timeout > 0:
             raise ConfigError(
                 f"export_timeout must be a positive number of seconds, got {self.export_timeout}"

@@ -5,14 +5,26 @@ copied into the OMA's targets (``mode`` ``replicate``) or served for the OMA to 
 (``export``: then the job records its :class:`ExportedDisk` list until it is released). The tracker
 owns the figures ``GET /api/v1/status/{job_id}`` and ``GET /api/v1/progress/{job_id}`` answer
 with, the snapshots a job made (so cleanup can remove them, and only them), and the job's cancel
-scope (so ``cleanup_all`` can stop it). Jobs are not persisted: after a restart the VMA knows no
-job, and a snapshot left by a crashed process is named ``vma-<job_id>`` for the operator.
+scope (so ``cleanup_all`` can stop it). Jobs are not resumed after a restart: the VMA knows no
+job then, and the OMA fails the ones it was running.
+
+What a job may leave outside the process is journalled before it is made: :meth:`JobTracker.add`
+writes ``<work_dir>/journal/<job_id>.json`` (mode 0600, fsynced) before the job's task starts, so
+before its snapshot ``vma-<job_id>`` is created. The record names the vCenter and its login (the
+vddk source keeps the same password in the job's work directory already), the VMs and the
+snapshot names. ``vma/recovery.py`` reads the journal at start (and every ``recovery_interval``):
+for every job this process does not run, it removes the job's snapshots by name, its work
+directory, then the record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -194,15 +206,102 @@ class Job:
         }
 
 
+def snapshot_names(job_id: str) -> tuple[str, str]:
+    """The names of the snapshots a job may create: its own, and the CBT stun's."""
+    return f"vma-{job_id}", f"vma-{job_id}-cbt-stun"
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """What a job (perhaps of a previous run) may have left in vCenter: see the module doc."""
+
+    job_id: str
+    login: VCenterLogin
+    vm_paths: list[str]
+
+
+class Journal:
+    """The durable journal of jobs in ``<work_dir>/journal`` (one JSON file per job)."""
+
+    def __init__(self, work_dir: Path) -> None:
+        self.dir = work_dir / "journal"
+
+    def path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def record(self, job: Job) -> None:
+        """Write the job's record durably (temporary file, fsync, rename, directory fsync)."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = {
+            "job_id": job.job_id,
+            "vcenter": job.login.host,
+            "username": job.login.username,
+            "password": job.login.password,
+            "vm_paths": job.vm_paths,
+            "snapshots": list(snapshot_names(job.job_id)),
+        }
+        tmp = self.dir / f".{job.job_id}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path(job.job_id))
+        dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def forget(self, job_id: str) -> None:
+        self.path(job_id).unlink(missing_ok=True)
+
+    def records(self) -> list[JournalRecord]:
+        """Every readable record (an unreadable one is removed; a temporary, being written or left
+        by a crash, is skipped: :meth:`remove_stale_temporaries`)."""
+        out: list[JournalRecord] = []
+        if not self.dir.is_dir():
+            return out
+        for path in sorted(self.dir.iterdir()):
+            if path.name.endswith(".tmp"):
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                login = VCenterLogin(str(data["vcenter"]), str(data["username"]), str(data["password"]))
+                out.append(JournalRecord(str(data["job_id"]), login, [str(p) for p in data["vm_paths"]]))
+            except (OSError, ValueError, KeyError, TypeError):
+                path.unlink(missing_ok=True)
+        return out
+
+    def remove_stale_temporaries(self, older_than: float = 60.0) -> None:
+        """Remove the temporaries a crash left mid-write (older than ``older_than`` seconds: a
+        younger one may be a record being written now)."""
+        if not self.dir.is_dir():
+            return
+        now = time.time()
+        for path in self.dir.glob("*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - path.stat().st_mtime > older_than:
+                    path.unlink(missing_ok=True)
+
+
 class JobTracker:
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
         self._jobs: dict[str, Job] = {}
+        self.journal = journal
 
     def add(self, job: Job) -> None:
+        """Track ``job``; journalled first (see the module doc), so call it before starting it."""
         existing = self._jobs.get(job.job_id)
         if existing is not None and not existing.finished:
             raise ApiError.invalid(f"job {job.job_id} is already {existing.status}")
+        if self.journal is not None:
+            self.journal.record(job)
         self._jobs[job.job_id] = job
+
+    def running(self, job_id: str) -> bool:
+        job = self._jobs.get(job_id)
+        return job is not None and not job.finished
 
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)

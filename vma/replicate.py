@@ -14,10 +14,11 @@ Per VM::
     -> remove the snapshot (also on every failure path, shielded from cancellation)
 
 A change ID is stored only after all disks of its VM are copied and flushed, so a failed job
-never advances the base of the next incremental pass. A stored change ID from another CBT epoch
-(CBT was reset) makes a full pass: the whole disk's allocated areas, with zeros written for the
-rest, because the target already holds older data. The snapshot and plan steps are shared with
-the export jobs (``vma/workflow.py``).
+never advances the base of the next incremental pass; a target that cannot flush (the mover's
+``durable`` false) fails the pass unless ``allow_non_durable_targets`` is set. A stored change ID
+from another CBT epoch (CBT was reset) makes a full pass: the whole disk's allocated areas, with
+zeros written for the rest, because the target already holds older data. The snapshot and plan
+steps are shared with the export jobs (``vma/workflow.py``).
 """
 
 from __future__ import annotations
@@ -326,6 +327,23 @@ class Replicator:
             raise
         on_progress(result)
         progress.throughput = 0.0
+        if not result.durable:
+            # The target's NBD server cannot flush: the bytes may still sit in its cache, so the
+            # pass must not become the base of the next one (its change ID is never stored).
+            if not self.config.allow_non_durable_targets:
+                progress.phase = "failed"
+                raise JobFailed(
+                    f"copy of {progress.vm_path} {progress.disk_id} cannot be made durable: the target"
+                    f" {plan.target.uri} does not support flush, so the change ID is not stored"
+                    " (set allow_non_durable_targets to accept such targets)"
+                )
+            log.warning(
+                "target of %s %s cannot be made durable (no flush); its change ID is stored because"
+                " allow_non_durable_targets is set",
+                progress.vm_path,
+                progress.disk_id,
+                extra={"disk_id": progress.disk_id},
+            )
         log.info(
             "copied %s %s: %d bytes written, %d zeroed in %.1f s",
             progress.vm_path,

@@ -12,7 +12,7 @@ from quart import current_app
 
 from vma.config import VmaConfig
 from vma.export import Exporter
-from vma.jobs import JobTracker
+from vma.jobs import JobTracker, Journal
 from vma.oma_client import OmaClient
 from vma.replicate import Replicator
 
@@ -20,13 +20,14 @@ from vma.replicate import Replicator
 @dataclass
 class VmaState:
     config: VmaConfig
-    tracker: JobTracker = field(default_factory=JobTracker)
+    tracker: JobTracker = field(init=False)
     started_mono: float = field(default_factory=time.monotonic)
     oma_clients: dict[str, OmaClient] = field(default_factory=dict)
     replicator: Replicator = field(init=False)
     exporter: Exporter = field(init=False)
 
     def __post_init__(self) -> None:
+        self.tracker = JobTracker(Journal(self.config.work_dir))
         self.replicator = Replicator(self.config, self.oma_for)
         self.exporter = Exporter(self.config)
 

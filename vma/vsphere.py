@@ -18,12 +18,20 @@ VMware pitfalls handled here (see docs/vma.md):
   :func:`same_cbt_epoch` tells the workflow to make a full pass;
 - snapshots are removed only by the managed object id the job created; a snapshot the VMA did
   not make is never touched.
+
+Deadlines: a vCenter that stops answering must not hang a job. Every call through :func:`run`
+has one (:data:`DEADLINES`, set from the configuration by the app): ``call`` seconds for a plain
+call, ``task`` more for the methods that wait for a vCenter task (:data:`TASK_METHODS`: snapshot
+create and remove, the CBT reconfiguration). The session's HTTP requests time out after ``call``
+seconds too, so a thread left waiting on a silent vCenter ends soon after the job has failed; a
+task is waited for by polling its state (short requests), never by one long poll.
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -31,7 +39,6 @@ from urllib.parse import urlsplit
 
 import trio
 from pyVim.connect import Disconnect, SmartConnect
-from pyVim.task import WaitForTask
 from pyVmomi import vim, vmodl
 
 log = logging.getLogger(__name__)
@@ -43,13 +50,63 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
-async def run(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Run a blocking pyvmomi call in a worker thread under :data:`LIMITER`."""
-    return await trio.to_thread.run_sync(lambda: func(*args, **kwargs), limiter=LIMITER)
+@dataclass
+class Deadlines:
+    """Seconds a vSphere call may take: ``call`` for one request (and each HTTP request of the
+    session), ``task`` for waiting on a vCenter task (snapshots, reconfiguration)."""
+
+    call: float = 60.0
+    task: float = 1800.0
+    #: Seconds between two reads of a running task's state.
+    task_poll: float = 0.5
+
+
+#: The process's deadlines (one VMA per process): set by ``create_app`` from ``VmaConfig``.
+DEADLINES = Deadlines()
+
+#: Functions that wait for vCenter tasks (:class:`VSphere` methods, and the cleanup API's and the
+#: start-up recovery's snapshot removals): their deadline is ``call + task``.
+TASK_METHODS = frozenset(
+    {"create_snapshot", "remove_snapshot", "ensure_cbt", "_remove_snapshots", "remove_job_snapshots"}
+)
+
+
+def configure_deadlines(call: float, task: float) -> None:
+    DEADLINES.call, DEADLINES.task = call, task
 
 
 class VSphereError(Exception):
     """A vCenter operation failed; the message is safe to show to the API client."""
+
+
+class VSphereTimeout(VSphereError):
+    """vCenter did not answer within the call's deadline."""
+
+
+def deadline_of(func: Callable[..., object]) -> float:
+    name = getattr(func, "__name__", "")
+    return DEADLINES.call + (DEADLINES.task if name in TASK_METHODS else 0.0)
+
+
+async def run(func: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a blocking pyvmomi call in a worker thread under :data:`LIMITER`, within its deadline
+    (:func:`deadline_of`). On expiry :class:`VSphereTimeout`: the thread is left to end by its
+    HTTP timeout (it only waits on vCenter; it writes nothing of ours)."""
+    deadline = deadline_of(func)
+    what = getattr(func, "__name__", "call")
+    with trio.move_on_after(deadline) as scope:
+        try:
+            return await trio.to_thread.run_sync(
+                lambda: func(*args, **kwargs), limiter=LIMITER, abandon_on_cancel=True
+            )
+        except TimeoutError as e:  # one HTTP request of the session timed out
+            raise VSphereTimeout(
+                f"vCenter did not answer within {DEADLINES.call:.0f} s ({what}): {e}"
+            ) from e
+        except OSError as e:
+            raise VSphereError(f"vCenter connection failed ({what}): {e}") from e
+    assert scope.cancelled_caught
+    raise VSphereTimeout(f"vCenter did not answer within {deadline:.0f} s ({what})")
 
 
 class ChangedAreasError(VSphereError):
@@ -231,7 +288,7 @@ class VSphere:
     @classmethod
     def connect(cls, login: VCenterLogin, *, insecure: bool = True) -> VSphere:
         protocol, host, port = login.endpoint()
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"httpConnectionTimeout": max(1, round(DEADLINES.call))}
         if protocol == "https" and insecure:
             kwargs["sslContext"] = ssl._create_unverified_context()
         try:
@@ -431,11 +488,19 @@ class VSphere:
     # -- snapshots -----------------------------------------------------------------------------------
 
     def _wait(self, task: Any, what: str) -> Any:
-        try:
-            WaitForTask(task)
-        except vmodl.MethodFault as e:
-            raise VSphereError(f"{what} failed: {fault_message(e)}") from e
-        return task.info.result
+        """Wait for ``task`` by polling its state (each read a short request) for at most
+        ``DEADLINES.task`` seconds."""
+        deadline = time.monotonic() + DEADLINES.task
+        while True:
+            info = task.info
+            state = str(info.state)
+            if state == "success":
+                return info.result
+            if state == "error":
+                raise VSphereError(f"{what} failed: {fault_message(info.error)}")
+            if time.monotonic() > deadline:
+                raise VSphereTimeout(f"{what}: the vCenter task did not end within {DEADLINES.task:.0f} s")
+            time.sleep(DEADLINES.task_poll)
 
     def create_snapshot(self, vm: Any, name: str, description: str) -> SnapshotRef:
         snap = self._wait(

@@ -40,6 +40,7 @@ from oma.api.common import (
     new_id,
     not_cut_short,
 )
+from oma.auth import requires
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
 from oma.backups.layout import manifest_path, point_path, vm_key
@@ -216,6 +217,7 @@ def context_key(ctx: Record) -> str:
 
 
 @bp.post("/backup/start")
+@requires("operator")
 @validate_request(StartBackupRequest)
 async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
     st = state()
@@ -322,6 +324,7 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
 
 
 @bp.get("/backup/list")
+@requires("viewer")
 @validate_querystring(BackupListQuery)
 async def list_backups(query_args: BackupListQuery) -> Response:
     q = query_args
@@ -339,6 +342,7 @@ async def list_backups(query_args: BackupListQuery) -> Response:
 
 
 @bp.get("/backup/chain")
+@requires("viewer")
 @validate_querystring(ChainQuery)
 async def backup_chain(query_args: ChainQuery) -> dict[str, Any]:
     """The disk's latest chain (in ``repository_id``, else anywhere): its completed points, full
@@ -405,11 +409,13 @@ async def backup_chain(query_args: ChainQuery) -> dict[str, Any]:
 
 
 @bp.get("/backup/<backup_id>")
+@requires("viewer")
 async def get_backup(backup_id: str) -> dict[str, Any]:
     return await load_backup(state().db, backup_id)
 
 
 @bp.delete("/backup/<backup_id>")
+@requires("operator")
 async def delete_backup_point(backup_id: str) -> dict[str, Any]:
     st = state()
     with log_context(job_id=backup_id, action="backup_delete"), not_cut_short():
@@ -421,6 +427,7 @@ async def delete_backup_point(backup_id: str) -> dict[str, Any]:
 
 
 @bp.post("/backup/<backup_id>/verify")
+@requires("operator")
 async def verify_backup_point(backup_id: str) -> dict[str, Any]:
     """Re-read every layer of the point, in every repository holding it, against its manifests
     (``oma/backups/verify.py``): a flipped byte on a repository disk is named by file and chunk."""

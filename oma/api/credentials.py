@@ -21,7 +21,7 @@ from quart import Blueprint
 from quart_schema import validate_request
 
 from oma.api.common import MAX_NAME, RequestModel, row_dict
-from oma.auth import current_principal
+from oma.auth import current_principal, requires
 from oma.crypto import SecretBoxError
 from oma.state import state
 from oma.vma_client import VmaError, VmaUnreachable
@@ -106,12 +106,14 @@ async def resolve_login(credential_id: int | None) -> VCenterLogin:
 
 
 @bp.get("/vmware-credentials")
+@requires("admin")
 async def list_credentials() -> dict[str, Any]:
     rows = await state().db.fetch(f"SELECT {PUBLIC_COLUMNS} FROM vmware_credentials ORDER BY credential_name")
     return {"credentials": [row_dict(r) for r in rows], "count": len(rows)}
 
 
 @bp.post("/vmware-credentials")
+@requires("admin")
 @validate_request(CreateCredentialRequest)
 async def create_credential(data: CreateCredentialRequest) -> tuple[dict[str, Any], int]:
     st = state()
@@ -145,6 +147,7 @@ async def create_credential(data: CreateCredentialRequest) -> tuple[dict[str, An
 
 
 @bp.get("/vmware-credentials/default")
+@requires("admin")
 async def get_default_credential() -> dict[str, Any]:
     row = await state().db.fetchrow(f"SELECT {PUBLIC_COLUMNS} FROM vmware_credentials WHERE is_default")
     if row is None:
@@ -153,11 +156,13 @@ async def get_default_credential() -> dict[str, Any]:
 
 
 @bp.get("/vmware-credentials/<int:cred_id>")
+@requires("admin")
 async def get_credential(cred_id: int) -> dict[str, Any]:
     return row_dict(await _get(cred_id))
 
 
 @bp.put("/vmware-credentials/<int:cred_id>")
+@requires("admin")
 @validate_request(UpdateCredentialRequest)
 async def update_credential(cred_id: int, data: UpdateCredentialRequest) -> dict[str, Any]:
     st = state()
@@ -192,6 +197,7 @@ async def update_credential(cred_id: int, data: UpdateCredentialRequest) -> dict
 
 
 @bp.delete("/vmware-credentials/<int:cred_id>")
+@requires("admin")
 async def delete_credential(cred_id: int) -> dict[str, Any]:
     deleted = await state().db.fetchval("DELETE FROM vmware_credentials WHERE id = $1 RETURNING id", cred_id)
     if deleted is None:
@@ -202,6 +208,7 @@ async def delete_credential(cred_id: int) -> dict[str, Any]:
 
 
 @bp.put("/vmware-credentials/<int:cred_id>/set-default")
+@requires("admin")
 async def set_default_credential(cred_id: int) -> dict[str, Any]:
     async with state().db.transaction() as conn:
         exists = await conn.fetchval(
@@ -221,6 +228,7 @@ async def set_default_credential(cred_id: int) -> dict[str, Any]:
 
 
 @bp.post("/vmware-credentials/<int:cred_id>/test")
+@requires("admin")
 async def test_credential(cred_id: int) -> dict[str, Any]:
     st = state()
     await _get(cred_id)

@@ -11,6 +11,7 @@ from quart import Blueprint, current_app
 from quart_schema import validate_querystring
 
 from oma.api.common import Page, page_body, row_dict
+from oma.auth import requires
 from oma.state import state
 from oma.vma_client import VmaError
 from pyapp.logs import utc_timestamp
@@ -24,6 +25,7 @@ class LogsQuery(BaseModel):
 
 
 @bp.get("/debug/health")
+@requires("admin")
 async def debug_health() -> dict[str, Any]:
     st = state()
     started = time.monotonic()
@@ -63,6 +65,7 @@ async def debug_health() -> dict[str, Any]:
 
 
 @bp.get("/debug/failover-jobs")
+@requires("admin")
 @validate_querystring(Page)
 async def debug_failover_jobs(query_args: Page) -> dict[str, Any]:
     db = state().db
@@ -77,6 +80,7 @@ async def debug_failover_jobs(query_args: Page) -> dict[str, Any]:
 
 
 @bp.get("/debug/endpoints")
+@requires("admin")
 async def debug_endpoints() -> dict[str, Any]:
     endpoints = sorted(
         (
@@ -94,6 +98,7 @@ async def debug_endpoints() -> dict[str, Any]:
 
 
 @bp.get("/debug/logs")
+@requires("admin")
 @validate_querystring(LogsQuery)
 async def debug_logs(query_args: LogsQuery) -> dict[str, Any]:
     recent = state().recent_logs

@@ -30,6 +30,7 @@ from oma.api.common import MAX_NAME, Page, RequestModel, SerialId, new_id
 from oma.api.credentials import resolve_login
 from oma.api.vm_contexts import list_ungrouped
 from oma.api.vms import InventoryVCenter, InventoryVM, upsert_vms
+from oma.auth import requires
 from oma.state import state
 from oma.vma_client import DiscoveredVM, DiscoverResult, VmaError, VmaUnreachable
 from pyapp.api import OPERATION_FAILED, ApiError
@@ -150,6 +151,7 @@ def _vm_view(vm: DiscoveredVM, existing: dict[str, str]) -> dict[str, Any]:
 
 
 @bp.post("/discovery/discover-vms")
+@requires("operator")
 @validate_request(DiscoverRequest)
 async def discover_vms(data: DiscoverRequest) -> dict[str, Any]:
     with log_context(action="discovery"):
@@ -171,6 +173,7 @@ async def discover_vms(data: DiscoverRequest) -> dict[str, Any]:
 
 
 @bp.post("/discovery/add-vms")
+@requires("operator")
 @validate_request(AddVMsRequest)
 async def add_vms(data: AddVMsRequest) -> dict[str, Any]:
     with log_context(action="discovery_add"):
@@ -187,6 +190,7 @@ async def add_vms(data: AddVMsRequest) -> dict[str, Any]:
 
 
 @bp.post("/discovery/bulk-add")
+@requires("operator")
 @validate_request(BulkAddRequest)
 async def bulk_add(data: BulkAddRequest) -> dict[str, Any]:
     with log_context(action="discovery_bulk_add"):
@@ -205,6 +209,7 @@ async def bulk_add(data: BulkAddRequest) -> dict[str, Any]:
 
 
 @bp.post("/discovery/preview")
+@requires("operator")
 @validate_request(PreviewRequest)
 async def preview(data: PreviewRequest) -> dict[str, Any]:
     result, _, duration = await _discover(data.credential_id, data.filter)
@@ -221,6 +226,7 @@ async def preview(data: PreviewRequest) -> dict[str, Any]:
 
 
 @bp.get("/discovery/ungrouped-vms")
+@requires("viewer")
 @validate_querystring(Page)
 async def ungrouped_vms(query_args: Page) -> dict[str, Any]:
     return await list_ungrouped(state().db, query_args)

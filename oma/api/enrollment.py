@@ -46,7 +46,7 @@ from oma.api.common import (
     page_body,
     row_dict,
 )
-from oma.auth import current_principal, public
+from oma.auth import current_principal, public, requires
 from oma.crypto import SecretBoxError, hash_password
 from oma.state import state
 from pyapp.api import ApiError
@@ -144,6 +144,7 @@ def _verify_signature(public_key: str, challenge: str, signature_b64: str) -> bo
 
 
 @admin_bp.post("/admin/vma/pairing-code")
+@requires("admin")
 @validate_request(PairingCodeRequest)
 async def create_pairing_code(data: PairingCodeRequest) -> tuple[dict[str, Any], int]:
     st = state()
@@ -164,6 +165,7 @@ async def create_pairing_code(data: PairingCodeRequest) -> tuple[dict[str, Any],
 
 
 @admin_bp.get("/admin/vma/pending")
+@requires("admin")
 async def list_pending() -> dict[str, Any]:
     rows = await state().db.fetch(
         f"SELECT {ENROLLMENT_COLUMNS} FROM vma_enrollments WHERE status = ANY($1::text[]) ORDER BY "
@@ -174,6 +176,7 @@ async def list_pending() -> dict[str, Any]:
 
 
 @admin_bp.get("/admin/vma/active")
+@requires("admin")
 async def list_active() -> dict[str, Any]:
     rows = await state().db.fetch(
         f"SELECT {ENROLLMENT_COLUMNS} FROM vma_enrollments WHERE status = 'approved' ORDER BY decided_at"
@@ -191,6 +194,7 @@ async def _locked_enrollment(conn: Connection, enrollment_id: str) -> dict[str, 
 
 
 @admin_bp.post("/admin/vma/approve/<enrollment_id>")
+@requires("admin")
 @validate_request(DecisionRequest)
 async def approve(enrollment_id: str, data: DecisionRequest) -> dict[str, Any]:
     st = state()
@@ -225,6 +229,7 @@ async def approve(enrollment_id: str, data: DecisionRequest) -> dict[str, Any]:
 
 
 @admin_bp.post("/admin/vma/reject/<enrollment_id>")
+@requires("admin")
 @validate_request(DecisionRequest)
 async def reject(enrollment_id: str, data: DecisionRequest) -> dict[str, Any]:
     actor = current_principal().subject
@@ -247,6 +252,7 @@ async def reject(enrollment_id: str, data: DecisionRequest) -> dict[str, Any]:
 
 
 @admin_bp.delete("/admin/vma/revoke/<enrollment_id>")
+@requires("admin")
 async def revoke(enrollment_id: str) -> dict[str, Any]:
     actor = current_principal().subject
     async with state().db.transaction() as conn:
@@ -272,6 +278,7 @@ async def revoke(enrollment_id: str) -> dict[str, Any]:
 
 
 @admin_bp.get("/admin/vma/audit")
+@requires("admin")
 @validate_querystring(AuditQuery)
 async def audit_log(query_args: AuditQuery) -> dict[str, Any]:
     db = state().db

@@ -18,6 +18,7 @@ from quart import Blueprint, current_app
 from quart_schema import validate_request
 
 from oma.api.common import MAX_NAME, RequestModel, new_id, not_cut_short
+from oma.auth import requires
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, request_copy
 from oma.backups.retention import RETENTION_KEY, RetentionService, retention_status
 from oma.state import state
@@ -82,6 +83,7 @@ def _check_rules(data: PolicyRequest) -> None:
 
 
 @bp.post("/policies")
+@requires("operator")
 @validate_request(PolicyRequest)
 async def create_policy(data: PolicyRequest) -> tuple[dict[str, Any], int]:
     _check_rules(data)
@@ -135,6 +137,7 @@ async def create_policy(data: PolicyRequest) -> tuple[dict[str, Any], int]:
 
 
 @bp.get("/policies")
+@requires("viewer")
 async def list_policies() -> dict[str, Any]:
     db = state().db
     rows = await db.fetch(f"SELECT {POLICY_COLUMNS} FROM backup_policies ORDER BY name")
@@ -148,6 +151,7 @@ async def list_policies() -> dict[str, Any]:
 
 
 @bp.get("/policies/retention-status")
+@requires("viewer")
 async def get_retention_status() -> dict[str, Any]:
     """This process's retention service and the last run any OMA process made (docs/backup.md)."""
     service: RetentionService | None = current_app.extensions.get(RETENTION_KEY)
@@ -155,11 +159,13 @@ async def get_retention_status() -> dict[str, Any]:
 
 
 @bp.get("/policies/<policy_id>")
+@requires("viewer")
 async def get_policy(policy_id: str) -> dict[str, Any]:
     return await _policy(state().db, policy_id)
 
 
 @bp.delete("/policies/<policy_id>")
+@requires("operator")
 async def delete_policy(policy_id: str) -> dict[str, Any]:
     deleted = await state().db.fetchval("DELETE FROM backup_policies WHERE id = $1 RETURNING id", policy_id)
     if deleted is None:
@@ -170,6 +176,7 @@ async def delete_policy(policy_id: str) -> dict[str, Any]:
 
 
 @bp.get("/backups/<backup_id>/copies")
+@requires("viewer")
 async def list_backup_copies(backup_id: str) -> list[dict[str, Any]]:
     db = state().db
     if not await db.fetchval("SELECT EXISTS (SELECT 1 FROM backup_jobs WHERE id = $1)", backup_id):
@@ -181,6 +188,7 @@ async def list_backup_copies(backup_id: str) -> list[dict[str, Any]]:
 
 
 @bp.post("/backups/<backup_id>/copy")
+@requires("operator")
 @validate_request(TriggerCopyRequest)
 async def trigger_backup_copy(backup_id: str, data: TriggerCopyRequest) -> tuple[dict[str, Any], int]:
     with not_cut_short():

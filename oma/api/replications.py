@@ -53,7 +53,7 @@ from oma.api.common import (
     not_cut_short,
     row_dict,
 )
-from oma.auth import allow_vma, current_principal
+from oma.auth import allow_vma, current_principal, requires
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
@@ -197,6 +197,7 @@ async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDi
 
 
 @bp.get("/replications")
+@requires("viewer")
 @allow_vma
 @validate_querystring(ReplicationListQuery)
 async def list_replications(query_args: ReplicationListQuery) -> Response:
@@ -274,6 +275,7 @@ async def disk_bases(
 
 
 @bp.post("/replications")
+@requires("operator")
 @allow_vma
 @validate_request(CreateReplicationRequest)
 async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, Any], int]:
@@ -390,6 +392,7 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
 
 
 @bp.get("/replications/changeid")
+@requires("viewer")
 @allow_vma
 @validate_querystring(ChangeIdQuery)
 async def get_previous_change_id(query_args: ChangeIdQuery) -> dict[str, Any]:
@@ -417,6 +420,7 @@ async def get_previous_change_id(query_args: ChangeIdQuery) -> dict[str, Any]:
 
 
 @bp.get("/replications/<job_id>")
+@requires("viewer")
 @allow_vma
 async def get_replication(job_id: str) -> dict[str, Any]:
     db = state().db
@@ -426,6 +430,7 @@ async def get_replication(job_id: str) -> dict[str, Any]:
 
 
 @bp.put("/replications/<job_id>")
+@requires("operator")
 @allow_vma
 @validate_request(UpdateReplicationRequest)
 async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dict[str, Any]:
@@ -495,6 +500,7 @@ async def on_status_change(conn: Connection, job: dict[str, Any], new: str) -> N
 
 
 @bp.delete("/replications/<job_id>")
+@requires("operator")
 async def delete_replication(job_id: str) -> dict[str, Any]:
     with not_cut_short():
         return await _delete_replication(job_id)
@@ -515,6 +521,7 @@ async def _delete_replication(job_id: str) -> dict[str, Any]:
 
 
 @bp.post("/replications/<job_id>/changeid")
+@requires("operator")
 @allow_vma
 @validate_request(StoreChangeIdRequest)
 async def store_change_id(job_id: str, data: StoreChangeIdRequest) -> tuple[dict[str, Any], int]:
@@ -593,6 +600,7 @@ def _vma_api_error(exc: VmaError, job_id: str) -> ApiError:
 
 
 @bp.get("/progress/<job_id>")
+@requires("viewer")
 @allow_vma
 async def vma_progress_proxy(job_id: str) -> dict[str, Any]:
     try:
@@ -614,6 +622,7 @@ LIVE_FIELDS = (
 
 
 @bp.get("/replications/<job_id>/progress")
+@requires("viewer")
 @allow_vma
 async def replication_progress(job_id: str) -> dict[str, Any]:
     st = state()

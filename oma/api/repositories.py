@@ -27,6 +27,7 @@ from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, RequestModel, new_id
+from oma.auth import requires
 from oma.backups import repositories as repos
 from oma.backups.repositories import (
     REPOSITORY_OVERLAP,
@@ -92,7 +93,17 @@ def _public_spec(row: Record) -> RepositorySpec:
     return RepositorySpec(row["id"], row["type"], repos.config_of(row))
 
 
-def _response(row: Record) -> dict[str, Any]:
+async def _answer(row: Record) -> dict[str, Any]:
+    """:func:`_response` with ``immutability``: for an immutable repository, whether its locks
+    are ``enforced`` by the file system (immutable attribute) or only ``advisory`` (NFS, CIFS,
+    a file system without the attribute); None for a repository without locks."""
+    mode = None
+    if row["immutable"] and row["immutable_days"] > 0:
+        mode = await trio.to_thread.run_sync(repos.lock_mode, _public_spec(row), state().config.mounts_dir)
+    return _response(row, mode)
+
+
+def _response(row: Record, immutability: str | None) -> dict[str, Any]:
     """``RepositoryResponse``: the row without its secret; the config never holds the password
     (it is kept apart, encrypted), ``has_password`` says whether one is stored."""
     spec = _public_spec(row)
@@ -105,6 +116,7 @@ def _response(row: Record) -> dict[str, Any]:
         "enabled": row["enabled"],
         "immutable": row["immutable"],
         "immutable_days": row["immutable_days"],
+        "immutability": immutability,
         "storage": {
             "total_bytes": row["total_bytes"],
             "used_bytes": row["used_bytes"],
@@ -166,6 +178,7 @@ async def _refresh_if_stale(db: Database, row: Record, now: dt.datetime) -> bool
 
 
 @bp.post("/repositories")
+@requires("operator")
 @validate_request(CreateRepositoryRequest)
 async def create_repository(data: CreateRepositoryRequest) -> tuple[dict[str, Any], int]:
     st = state()
@@ -213,7 +226,7 @@ async def create_repository(data: CreateRepositoryRequest) -> tuple[dict[str, An
             "backup repository created",
             extra={"repository_id": repository_id, "type": data.type, "root": root},
         )
-    return _response(await _load(st.db, repository_id)), 201
+    return await _answer(await _load(st.db, repository_id)), 201
 
 
 async def _refuse_overlap(conn: Database | Connection, spec: RepositorySpec, name: str) -> None:
@@ -253,6 +266,7 @@ def _release_quietly(spec: RepositorySpec, mounts_dir: Path) -> None:
 
 
 @bp.get("/repositories")
+@requires("viewer")
 @validate_querystring(RepositoryListQuery)
 async def list_repositories(query_args: RepositoryListQuery) -> dict[str, Any]:
     db = state().db
@@ -268,16 +282,18 @@ async def list_repositories(query_args: RepositoryListQuery) -> dict[str, Any]:
         stale |= await _refresh_if_stale(db, row, now)
     if stale:
         rows = await db.fetch(sql, *args)
-    items = [_response(r) for r in rows]
+    items = [await _answer(r) for r in rows]
     return {"repositories": items, "count": len(items)}
 
 
 @bp.get("/repositories/<repository_id>")
+@requires("viewer")
 async def get_repository(repository_id: str) -> dict[str, Any]:
-    return _response(await _load(state().db, repository_id))
+    return await _answer(await _load(state().db, repository_id))
 
 
 @bp.get("/repositories/<repository_id>/storage")
+@requires("viewer")
 async def get_repository_storage(repository_id: str) -> dict[str, Any]:
     """A fresh capacity reading; the repository is prepared (mounted) first, like a backup would."""
     st = state()
@@ -295,6 +311,7 @@ async def get_repository_storage(repository_id: str) -> dict[str, Any]:
 
 
 @bp.post("/repositories/test")
+@requires("operator")
 @validate_request(TestRepositoryRequest)
 async def test_repository(data: TestRepositoryRequest) -> dict[str, Any]:
     """Try a configuration without saving it: ``success: false`` (200) when it cannot be reached,
@@ -318,6 +335,7 @@ async def test_repository(data: TestRepositoryRequest) -> dict[str, Any]:
 
 
 @bp.delete("/repositories/<repository_id>")
+@requires("operator")
 async def delete_repository(repository_id: str) -> dict[str, Any]:
     st = state()
     async with st.db.transaction() as conn:

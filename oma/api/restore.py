@@ -2,9 +2,10 @@
 
 Mount a completed backup point, browse it, download files and directories, unmount; watch the
 resources and the cleanup service; restore a point whole to a raw file or device, a new QCOW2
-image or an NBD target. The contract is docs/backup.md ("File-level restore", "Full restore");
-the work is done by :mod:`oma.restore`. Every view touches the mount it serves
-(``last_access_at``); downloads keep touching it while they stream.
+image (both only under an administrator's restore root, ``OMA_RESTORE_ROOTS``) or an NBD
+target. The contract is docs/backup.md ("File-level restore", "Full restore"); the work is done
+by :mod:`oma.restore`. Every view touches the mount it serves (``last_access_at``); downloads
+keep touching it while they stream.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page
-from oma.auth import current_principal
+from oma.auth import current_principal, requires
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
-from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, job_body
+from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
 from oma.restore.service import RestoreService, restore_service
 from pyapp.api import ApiError
 
@@ -98,23 +99,27 @@ def _streamed(body: AsyncIterator[bytes], content_type: str, filename: str, leng
 
 
 @bp.post("/restore/mount")
+@requires("operator")
 @validate_request(MountRequest)
 async def mount_backup(data: MountRequest) -> tuple[dict[str, Any], int]:
     return await restore_service().create_mount(data.backup_id, data.volume, current_principal().subject), 201
 
 
 @bp.delete("/restore/<mount_id>")
+@requires("operator")
 async def unmount_backup(mount_id: str) -> dict[str, Any]:
     return await restore_service().unmount(mount_id)
 
 
 @bp.get("/restore/mounts")
+@requires("viewer")
 async def list_mounts() -> dict[str, Any]:
     mounts = await restore_service().active_mounts()
     return {"mounts": mounts, "count": len(mounts)}
 
 
 @bp.get("/restore/<mount_id>/files")
+@requires("operator")
 @validate_querystring(ListFilesQuery)
 async def list_files(mount_id: str, query_args: ListFilesQuery) -> dict[str, Any]:
     service = restore_service()
@@ -133,6 +138,7 @@ async def list_files(mount_id: str, query_args: ListFilesQuery) -> dict[str, Any
 
 
 @bp.get("/restore/<mount_id>/file-info")
+@requires("operator")
 @validate_querystring(PathQuery)
 async def file_info(mount_id: str, query_args: PathQuery) -> dict[str, Any]:
     service = restore_service()
@@ -141,6 +147,7 @@ async def file_info(mount_id: str, query_args: PathQuery) -> dict[str, Any]:
 
 
 @bp.get("/restore/<mount_id>/download")
+@requires("operator")
 @validate_querystring(PathQuery)
 async def download_file(mount_id: str, query_args: PathQuery) -> Response:
     service = restore_service()
@@ -161,6 +168,7 @@ async def download_file(mount_id: str, query_args: PathQuery) -> Response:
 
 
 @bp.get("/restore/<mount_id>/download-directory")
+@requires("operator")
 @validate_querystring(DirectoryDownloadQuery)
 async def download_directory(mount_id: str, query_args: DirectoryDownloadQuery) -> Response:
     service = restore_service()
@@ -181,25 +189,32 @@ async def download_directory(mount_id: str, query_args: DirectoryDownloadQuery) 
 
 
 @bp.get("/restore/resources")
+@requires("viewer")
 async def resources() -> dict[str, Any]:
     return await restore_service().resources()
 
 
 @bp.get("/restore/cleanup-status")
+@requires("viewer")
 async def cleanup_status() -> dict[str, Any]:
     return await restore_service().cleanup_status()
 
 
 @bp.post("/restore/full")
+@requires("operator")
 @validate_request(FullRestoreRequest)
 async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], int]:
-    job = await restore_service().start_full_restore(
+    service = restore_service()
+    # A path target only under an administrator's restore root (403 TARGET_NOT_ALLOWED).
+    await service.run_sync(check_restore_root, data.target_type, data.target, service.config.restore_roots)
+    job = await service.start_full_restore(
         data.backup_id, data.target_type, data.target, current_principal().subject
     )
     return job, 202
 
 
 @bp.get("/restore/full")
+@requires("viewer")
 @validate_querystring(FullRestoreListQuery)
 async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
     return await json_page(
@@ -215,6 +230,7 @@ async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
 
 
 @bp.get("/restore/full/<restore_id>")
+@requires("viewer")
 async def get_full_restore(restore_id: str) -> dict[str, Any]:
     row = await restore_service().db.fetchrow(
         f"SELECT {JOB_COLUMNS} FROM restore_jobs WHERE id = $1", restore_id

@@ -19,6 +19,7 @@ from quart_schema import validate_querystring
 
 from oma.api.common import MAX_NAME, Page, page_body, row_dict
 from oma.api.replications import JOB_COLUMNS
+from oma.auth import requires
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Database
@@ -57,6 +58,7 @@ async def list_ungrouped(db: Database, page: Page) -> dict[str, Any]:
 
 
 @bp.get("/vm-contexts")
+@requires("viewer")
 @validate_querystring(ContextListQuery)
 async def list_vm_contexts(query_args: ContextListQuery) -> dict[str, Any]:
     db = state().db
@@ -79,12 +81,14 @@ async def list_vm_contexts(query_args: ContextListQuery) -> dict[str, Any]:
 
 
 @bp.get("/vm-contexts/ungrouped")
+@requires("viewer")
 @validate_querystring(Page)
 async def ungrouped_alias(query_args: Page) -> dict[str, Any]:
     return await list_ungrouped(state().db, query_args)
 
 
 @bp.get("/vm-contexts/<vm_name>")
+@requires("viewer")
 async def get_vm_context(vm_name: str) -> dict[str, Any]:
     db = state().db
     rows = await db.fetch(
@@ -127,6 +131,7 @@ async def get_vm_context(vm_name: str) -> dict[str, Any]:
 
 
 @bp.get("/vm-contexts/<context_id>/recent-jobs")
+@requires("viewer")
 @validate_querystring(RecentJobsQuery)
 async def recent_jobs(context_id: str, query_args: RecentJobsQuery) -> dict[str, Any]:
     db = state().db

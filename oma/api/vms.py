@@ -15,7 +15,7 @@ from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page, row_dict
-from oma.auth import allow_vma
+from oma.auth import allow_vma, requires
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database
@@ -90,6 +90,7 @@ async def upsert_vms(
 
 
 @bp.get("/vms")
+@requires("viewer")
 @allow_vma
 @validate_querystring(VmListQuery)
 async def list_vms(query_args: VmListQuery) -> Response:
@@ -106,6 +107,7 @@ async def list_vms(query_args: VmListQuery) -> Response:
 
 
 @bp.post("/vms/inventory")
+@requires("operator")
 @allow_vma
 @validate_request(InventoryRequest)
 async def receive_inventory(data: InventoryRequest) -> tuple[dict[str, Any], int]:
@@ -115,6 +117,7 @@ async def receive_inventory(data: InventoryRequest) -> tuple[dict[str, Any], int
 
 
 @bp.get("/vms/<vm_id>")
+@requires("viewer")
 @allow_vma
 async def get_vm(vm_id: str) -> dict[str, Any]:
     row = await state().db.fetchrow(f"SELECT {VM_COLUMNS} FROM vms WHERE id = $1", vm_id)

@@ -13,8 +13,11 @@ needed by every newer point of its chain, so a point leaves in one of two ways:
 A middle increment cannot leave alone (the API refuses with ``CHAIN_DEPENDENCY``).
 
 What stops a removal: an immutability lock on any copy of a point that would be removed or
-rewritten, an open file-restore mount or a running full restore of a removed point, a copy in
-progress, a backup of the same disk in flight. The API answers 409 naming the reason; retention
+rewritten — the database's (repository flag and days) *or* the point's own lock record beside its
+files (:mod:`oma.backups.immutability`: a database edit alone never unlocks a point; the files'
+immutable attribute is cleared only once the record's date has passed) — an open file-restore
+mount or a running full restore of a removed point, a copy in progress, a backup of the same
+disk in flight. The API answers 409 naming the reason; retention
 postpones the chain to a later run.
 
 Crash safety across the database and the files: the points to remove are first marked
@@ -40,6 +43,7 @@ from typing import Any
 
 import trio
 
+from oma.backups import immutability
 from oma.backups.layout import manifest_path
 from oma.backups.repositories import ensure_ready
 from oma.crypto import SecretBox
@@ -232,10 +236,45 @@ async def _check_removable(
         raise ChainBusy(CONFLICT, f"backup {in_flight} of the same disk is in progress")
 
 
-def _remove_files(paths: Iterable[Path]) -> None:
-    """Remove point files (newest first, as given) and their manifests; missing ones are fine."""
+def _file_locks(points: Sequence[Point], now: dt.datetime) -> tuple[str, Path, dt.datetime] | None:
+    """The first replica whose own lock record still holds it at ``now`` (blocking): (backup id,
+    image, end of lock). A damaged record holds its point for ever (reported as such)."""
+    for point in points:
+        for replica in point.replicas:
+            try:
+                until = immutability.locked_until(replica.path)
+            except immutability.LockError as e:
+                raise ChainBusy(IMMUTABLE, f"backup {point.id}: {e}") from e
+            if until is not None and until > now:
+                return point.id, replica.path, until
+    return None
+
+
+async def _check_file_locks(removed: Sequence[Point], kept: Point | None, now: dt.datetime) -> None:
+    """Raise :class:`ChainBusy` (``IMMUTABLE``) when a lock record beside a file to remove or
+    rewrite still holds it, whatever the database says about its repository."""
+    found = await trio.to_thread.run_sync(_file_locks, [*removed, *([kept] if kept else [])], now)
+    if found is not None:
+        backup_id, path, until = found
+        raise ChainBusy(
+            IMMUTABLE,
+            f"backup {backup_id} is immutable until {until.isoformat()} by its lock record"
+            f" {immutability.lock_path(path)}: it cannot be deleted or rewritten before then",
+        )
+
+
+def _release(paths: Iterable[Path], now: dt.datetime) -> None:
+    """Clear the immutable attribute of files whose recorded lock has ended (blocking)."""
     for path in paths:
-        for p in (path, manifest_path(path)):
+        if not immutability.release_expired(path, now):
+            raise RuntimeError(f"{path} is still locked by its lock record")
+
+
+def _remove_files(paths: Iterable[Path]) -> None:
+    """Remove point files (newest first, as given), their manifests and lock records; missing
+    ones are fine."""
+    for path in paths:
+        for p in (path, manifest_path(path), immutability.lock_path(path)):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
@@ -255,10 +294,12 @@ def _repositories(removed: Sequence[Point], kept: Point | None) -> list[str]:
     return sorted({r.repository_id for p in [*removed, *([kept] if kept else [])] for r in p.replicas})
 
 
-async def _change_files(removed: Sequence[Point], kept: Point | None) -> dict[str, int]:
+async def _change_files(removed: Sequence[Point], kept: Point | None, now: dt.datetime) -> dict[str, int]:
     """Merge or remove, repository by repository (each one ready). Returns the new file size of
     ``kept`` in each repository where it was made standalone."""
     sizes: dict[str, int] = {}
+    every = [r.path for p in [*removed, *([kept] if kept else [])] for r in p.replicas]
+    await trio.to_thread.run_sync(_release, every, now)  # expired locks only: checked before
     for repository_id in _repositories(removed, kept):
         kept_replica = (
             next((r for r in kept.replicas if r.repository_id == repository_id), None) if kept else None
@@ -315,11 +356,12 @@ async def _remove(
         await _check_removable(conn, removed, kept, now)
         for repository_id in _repositories(removed, kept):  # mounted before anything is marked
             await ensure_ready(db, box, mounts_dir, repository_id)
+        await _check_file_locks(removed, kept, now)
         await conn.execute(
             "UPDATE backup_jobs SET status = 'deleting', updated_at = now() WHERE id = ANY($1::text[])",
             [p.id for p in removed],
         )
-    sizes = await _change_files(removed, kept)
+    sizes = await _change_files(removed, kept, now)
     with trio.CancelScope(shield=True):  # the files have changed: the rows must follow
         await _finish(db, removed, kept, sizes)
     log.info(

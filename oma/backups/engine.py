@@ -12,7 +12,11 @@ backup) and, per backup:
 
 1. makes the repository ready (:func:`oma.backups.repositories.ensure_ready`: mounted, a
    directory) and plans the point's file, ``<root>/<vm>/<disk>/<backup_id>.qcow2``;
-2. for an incremental, takes the chain's latest ``completed`` point as parent (a failed point is
+2. for an incremental, takes the chain's latest ``completed`` point as parent (unless its policy
+   forces a full, :meth:`BackupEngine._full_forced`: in an immutable repository locking points
+   longer than the policy keeps them, a chain's expired points can never be merged away, so a
+   new full starts once the chain's oldest point is past the retention, and retention expires
+   the old chain whole once all of its points are past retention and lock) (a failed point is
    never one) and records it on the row, so that the parent cannot be deleted under the copy;
 3. asks the VMA for an export job (``POST /replicate``, ``"mode": "export"``) with the parent's
    change ID, and polls ``/status/{id}`` until ``phase`` is ``"exported"``;
@@ -21,7 +25,9 @@ backup) and, per backup:
    a new chain). While the copy runs, the VMA's job is watched: an export that fails or vanishes
    stops the copy at once instead of after the mover's reconnection timeout. Progress goes to the
    row at most once a second;
-5. records the point ``completed`` (file, manifest, sizes, digest, change ID, chain);
+5. records the point ``completed`` (file, manifest, sizes, digest, change ID, chain) and, in an
+   immutable repository, locks its files (:mod:`oma.backups.immutability`: a lock record beside
+   the image and the file system's immutable attribute until ``created_at + immutable_days``);
 6. releases the export (``POST /cleanup``, ``cleanup_all``) and hands the point to the
    ``after_backup`` hook (copy rules of its policy).
 
@@ -45,8 +51,8 @@ from typing import Any
 
 import trio
 
-from oma.backups import layout
-from oma.backups.chains import disk_lock
+from oma.backups import immutability, layout
+from oma.backups.chains import disk_lock, locked_until
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
@@ -337,7 +343,9 @@ class BackupEngine(ClaimWorker):
     async def _run(self, job: RunningBackup) -> None:
         root = await ensure_ready(self.db, self.box, self.config.mounts_dir, job.repository_id)
         async with self._holding_disk(job):
-            parent = await self._take_parent(job) if job.requested_type == "incremental" else None
+            parent = None
+            if job.requested_type == "incremental" and not await self._full_forced(job):
+                parent = await self._take_parent(job)
             target = layout.point_path(
                 root, job.vm_key, job.disk_id, job.backup_id, parent.file_path if parent else None
             )
@@ -375,6 +383,60 @@ class BackupEngine(ClaimWorker):
                 await self._note(job, "Waiting for another operation on this disk's backups to end")
             await trio.sleep(self.config.engine_poll_interval)
             await self._still_running(job)
+
+    async def _full_forced(self, job: RunningBackup) -> bool:
+        """True when the backup's policy makes this incremental a full: its repository locks
+        points for longer than the policy keeps them (``immutable_days > retention_days``) and the
+        chain it would grow started before the retention window. Such a chain can never be
+        trimmed by merging (the point that would absorb the expired ones is always still locked),
+        so it is closed and retention later removes it whole."""
+        row = await self.db.fetchrow(
+            "SELECT p.retention_days, r.immutable, r.immutable_days,"
+            " (SELECT min(c.created_at) < now() - make_interval(days => p.retention_days)"
+            "  FROM backup_jobs c WHERE c.status IN ('completed', 'deleting') AND c.chain_id ="
+            f"  (SELECT l.chain_id FROM ({LATEST_POINT}) l)) AS chain_expired"
+            " FROM backup_jobs b JOIN backup_policies p ON p.id = b.policy_id"
+            " JOIN backup_repositories r ON r.id = b.repository_id WHERE b.id = $4",
+            job.vm_key,
+            job.disk_id,
+            job.repository_id,
+            job.backup_id,
+        )
+        if row is None or not row["immutable"] or row["immutable_days"] <= row["retention_days"]:
+            return False
+        if not row["chain_expired"]:
+            return False
+        await self._note(job, "A new full: the chain is older than the policy's retention and locked longer")
+        log.info(
+            "full forced by policy",
+            extra={"retention_days": row["retention_days"], "immutable_days": row["immutable_days"]},
+        )
+        return True
+
+    async def _lock_point(self, job: RunningBackup) -> None:
+        """Lock a completed point's files in an immutable repository (lock record, immutable
+        attribute). A failure is logged: the point stays completed, its database lock holds,
+        and the retention run locks it later."""
+        assert job.target is not None
+        row = await self.db.fetchrow(
+            "SELECT b.created_at, r.immutable, r.immutable_days FROM backup_jobs b"
+            " JOIN backup_repositories r ON r.id = b.repository_id WHERE b.id = $1",
+            job.backup_id,
+        )
+        if row is None:
+            return
+        until = locked_until(row["immutable"], row["immutable_days"], row["created_at"])
+        if until is None:
+            return
+        now = await self.db.fetchval("SELECT now()")
+        try:
+            mode = await trio.to_thread.run_sync(
+                immutability.lock_point, job.target, job.backup_id, row["created_at"], until, now
+            )
+        except (OSError, immutability.LockError) as e:
+            log.error("cannot lock the point's files: %s", e)
+            return
+        log.info("point locked", extra={"locked_until": until.isoformat(), "lock_mode": mode})
 
     async def _take_parent(self, job: RunningBackup) -> Parent:
         """The chain's latest completed point, recorded as the backup's parent in one transaction
@@ -586,6 +648,8 @@ class BackupEngine(ClaimWorker):
             job.completed = done is not None
         if not job.completed:
             raise BackupError("the backup was ended while its copy ran (cancelled or deleted)")
+        with trio.CancelScope(shield=True):
+            await self._lock_point(job)
         log.info(
             "backup completed",
             extra={

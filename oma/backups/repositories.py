@@ -2,7 +2,11 @@
 
 A repository is a local directory (``disk_path``), an NFS export or a CIFS/SMB share. The OMA
 mounts NFS and CIFS itself (``mount -t nfs`` / ``mount -t cifs``; CIFS credentials go through a
-0600 file that exists only during the mount). The one rule: a network repository's path is used
+0600 file in a 0700 directory that exists only during the mount). Mount options come from an
+allow-list per type (:data:`NFS_OPTIONS`, :data:`CIFS_OPTIONS`), each value checked, and
+``nosuid,nodev,noexec`` are always added: an operator's request never becomes an arbitrary
+``mount`` (a share bringing setuid programs or devices, a remount, a credentials file of their
+choice). The one rule: a network repository's path is used
 only once ``os.path.ismount`` says it is a mount. An NFS server that is down must never turn into
 backups silently written into the empty mount-point directory on the OMA's own disk.
 
@@ -25,6 +29,7 @@ from typing import Any, Literal
 
 import trio
 
+from oma.backups.immutability import LockMode, root_mode
 from oma.crypto import SecretBox
 from pyapp.api import ApiError
 from pyapp.db import Database, Record
@@ -98,18 +103,132 @@ def _absolute(config: Mapping[str, Any], key: str, errors: list[str], *, require
     return None if value is None else os.path.normpath(value)
 
 
-def _mount_options(config: Mapping[str, Any], errors: list[str]) -> str | None:
+#: A mount option's value: which values an allowed option takes.
+_Value = re.Pattern[str] | tuple[int, int] | None
+
+_NUMBER = re.compile(r"^[0-9]{1,10}$")
+_IP = re.compile(r"^(\[?[0-9A-Fa-f:.]+\]?)$")
+_MODE = re.compile(r"^0?[0-7]{3}$")  # permission bits only: never setuid, setgid or sticky
+# fmt: off
+_NFS_FLAGS = (
+    "hard", "soft", "intr", "nointr", "lock", "nolock", "ac", "noac", "cto", "nocto", "ro", "rw",
+    "tcp", "udp", "atime", "noatime", "diratime", "nodiratime", "relatime", "resvport",
+    "noresvport", "sharecache", "nosharecache", "rdirplus", "nordirplus",
+)
+_CIFS_FLAGS = (
+    "hard", "soft", "ro", "rw", "serverino", "noserverino", "nounix", "nobrl", "seal", "sign",
+    "nosharesock", "forceuid", "forcegid", "noatime", "relatime", "nocase", "nostrictsync",
+    "mfsymlinks", "nomapposix", "nomapchars",
+)
+# fmt: on
+#: NFS options an operator may set (docs/backup.md, "Mount options"): a flag (None), a value
+#: matching a pattern, or an integer in a range. Anything else is refused; ``nosuid,nodev,noexec``
+#: are always added, so a share can never bring a setuid program or a device node to the OMA.
+NFS_OPTIONS: dict[str, _Value] = {
+    **dict.fromkeys(_NFS_FLAGS, None),
+    "vers": re.compile(r"^(2|3|4|4\.0|4\.1|4\.2)$"),
+    "nfsvers": re.compile(r"^(2|3|4|4\.0|4\.1|4\.2)$"),
+    "minorversion": (0, 2),
+    "proto": re.compile(r"^(tcp|udp|tcp6|udp6|rdma|rdma6)$"),
+    "mountproto": re.compile(r"^(tcp|udp|tcp6|udp6)$"),
+    "mountvers": (1, 3),
+    "sec": re.compile(r"^(sys|krb5|krb5i|krb5p)$"),
+    "local_lock": re.compile(r"^(none|all|flock|posix)$"),
+    "lookupcache": re.compile(r"^(all|none|pos|positive)$"),
+    "timeo": (1, 6000),
+    "retrans": (0, 100),
+    "retry": (0, 10000),
+    "port": (0, 65535),
+    "mountport": (0, 65535),
+    "rsize": (1024, 16 << 20),
+    "wsize": (1024, 16 << 20),
+    "nconnect": (1, 16),
+    "actimeo": (0, 3600),
+    "acregmin": (0, 3600),
+    "acregmax": (0, 3600),
+    "acdirmin": (0, 3600),
+    "acdirmax": (0, 3600),
+    "clientaddr": _IP,
+}
+#: CIFS options an operator may set. The login (username, password, domain) is never an option:
+#: it goes through the credentials file.
+CIFS_OPTIONS: dict[str, _Value] = {
+    **dict.fromkeys(_CIFS_FLAGS, None),
+    "vers": re.compile(r"^(1\.0|2\.0|2\.1|3|3\.0|3\.02|3\.1\.1|3\.11|default)$"),
+    "sec": re.compile(r"^(krb5|krb5i|ntlmssp|ntlmsspi|ntlmv2|ntlmv2i)$"),
+    "cache": re.compile(r"^(strict|none|loose|singleclient|ro)$"),
+    "iocharset": re.compile(r"^(utf8|iso8859-1|iso8859-15|cp437|cp850)$"),
+    "port": (1, 65535),
+    "uid": (0, 2**31 - 1),
+    "gid": (0, 2**31 - 1),
+    "file_mode": _MODE,
+    "dir_mode": _MODE,
+    "rsize": (1024, 16 << 20),
+    "wsize": (1024, 16 << 20),
+    "actimeo": (0, 3600),
+    "echo_interval": (1, 600),
+    "closetimeo": (0, 3600),
+    "max_credits": (20, 60000),
+}
+#: Added to every network mount, whatever the operator chose.
+FORCED_OPTIONS = ("nosuid", "nodev", "noexec")
+
+
+def _check_option(repo_type: str, name: str, value: str | None, allowed: dict[str, _Value]) -> str | None:
+    """Why one ``name[=value]`` option is refused, or None when it is allowed."""
+    if name not in allowed:
+        return (
+            f"config.mount_options: option {name!r} is not allowed for a {repo_type} repository"
+            f" (allowed: {', '.join(sorted(allowed))})"
+        )
+    rule = allowed[name]
+    if rule is None:
+        return None if value is None else f"config.mount_options: option {name!r} takes no value"
+    if value is None or value == "":
+        return f"config.mount_options: option {name!r} needs a value"
+    if isinstance(rule, tuple):
+        low, high = rule
+        if not _NUMBER.match(value) or not low <= int(value) <= high:
+            return f"config.mount_options: option {name!r} must be an integer from {low} to {high}"
+        return None
+    if not rule.match(value):
+        return f"config.mount_options: {value!r} is not a valid value of option {name!r}"
+    return None
+
+
+def _mount_options(repo_type: str, config: Mapping[str, Any], errors: list[str]) -> str | None:
+    """The operator's mount options, each checked against the type's allow-list; returned
+    normalised (``name[=value]`` joined by commas). Every refused option is named in ``errors``."""
     value = _text(config, "mount_options", errors, required=False)
     if value is None:
         return None
     if not _OPTIONS.match(value):
         errors.append("config.mount_options may hold only letters, digits and _ . = : , / -")
         return None
-    names = {opt.split("=", 1)[0].lower() for opt in value.split(",") if opt}
-    if names & _FORBIDDEN_OPTIONS:
-        errors.append(f"config.mount_options must not set {sorted(names & _FORBIDDEN_OPTIONS)}")
+    items = [opt.split("=", 1) for opt in value.split(",")]
+    names = [item[0].lower() for item in items]
+    if set(names) & _FORBIDDEN_OPTIONS:
+        errors.append(f"config.mount_options must not set {sorted(set(names) & _FORBIDDEN_OPTIONS)}")
         return None
-    return value
+    allowed = NFS_OPTIONS if repo_type == "nfs" else CIFS_OPTIONS
+    problems: list[str] = []
+    seen: set[str] = set()
+    for name, item in zip(names, items, strict=True):
+        if not name:
+            problems.append("config.mount_options holds an empty option (two commas, or a leading '=')")
+            continue
+        if name in seen:
+            problems.append(f"config.mount_options sets option {name!r} twice")
+        seen.add(name)
+        problem = _check_option(repo_type, name, item[1] if len(item) == 2 else None, allowed)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        errors.extend(problems)
+        return None
+    return ",".join(
+        name if len(item) == 1 else f"{name}={item[1]}" for name, item in zip(names, items, strict=True)
+    )
 
 
 def validate_config(repo_type: str, config: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -131,7 +250,7 @@ def validate_config(repo_type: str, config: Mapping[str, Any]) -> tuple[dict[str
         mount_point = _absolute(config, "mount_point", errors, required=False)
         if mount_point is not None:
             out["mount_point"] = mount_point
-        options = _mount_options(config, errors)
+        options = _mount_options(repo_type, config, errors)
         if options is not None:
             out["mount_options"] = options
         if repo_type == "nfs":
@@ -165,16 +284,17 @@ def root_of(spec: RepositorySpec, mounts_dir: Path) -> Path:
 
 
 def mount_argv(spec: RepositorySpec, mount_point: Path, credentials_file: Path | None = None) -> list[str]:
-    """The ``mount`` command of a network repository (no shell: each value is one argument)."""
-    options = spec.config.get("mount_options") or ""
+    """The ``mount`` command of a network repository (no shell: each value is one argument).
+    ``nosuid,nodev,noexec`` always come first, then the operator's (allow-listed) options; a
+    CIFS login is only ever the ``credentials=`` file, never a user name or password in argv."""
+    options = ",".join(o for o in (*FORCED_OPTIONS, spec.config.get("mount_options")) if o)
     if spec.type == "nfs":
         source = f"{spec.config['server']}:{spec.config['export_path']}"
-        argv = ["mount", "-t", "nfs", source, str(mount_point)]
-        return [*argv, "-o", options] if options else argv
+        return ["mount", "-t", "nfs", source, str(mount_point), "-o", options]
     if spec.type == "cifs":
         if credentials_file is None:
             raise ValueError("a CIFS mount needs a credentials file")
-        opts = ",".join(o for o in (f"credentials={credentials_file}", options) if o)
+        opts = f"credentials={credentials_file},{options}"
         source = f"//{spec.config['server']}/{spec.config['share_name']}"
         return ["mount", "-t", "cifs", source, str(mount_point), "-o", opts]
     raise ValueError(f"a {spec.type} repository is not mounted")
@@ -208,13 +328,18 @@ def mount(spec: RepositorySpec, mount_point: Path) -> None:
     except OSError as e:
         raise RepositoryError(f"cannot create the mount point {mount_point}: {e}") from e
     if spec.type == "cifs":
-        fd, name = tempfile.mkstemp(prefix="oma-cifs-", suffix=".cred")  # mode 0600
+        # A private directory (0700) holding a 0600 file, both the OMA's (root's) only, that
+        # exists for the mount alone: the password never reaches argv or the environment.
+        private = Path(tempfile.mkdtemp(prefix="oma-cifs-"))
+        name = private / "credentials"
         try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(_credentials_text(spec))
-            _run_mount(mount_argv(spec, mount_point, Path(name)))
+            _run_mount(mount_argv(spec, mount_point, name))
         finally:
-            os.unlink(name)
+            name.unlink(missing_ok=True)
+            private.rmdir()
     else:
         _run_mount(mount_argv(spec, mount_point))
     if not os.path.ismount(mount_point):
@@ -315,6 +440,16 @@ def current_storage(spec: RepositorySpec, mounts_dir: Path) -> StorageInfo:
     if spec.type != "local" and not os.path.ismount(root):
         raise RepositoryError(f"{root} is not mounted")
     return storage(root)
+
+
+def lock_mode(spec: RepositorySpec, mounts_dir: Path) -> LockMode:
+    """How an immutability lock holds in this repository (blocking): ``enforced`` where the
+    file system keeps the immutable attribute (a local directory on ext4, xfs, btrfs, ...),
+    ``advisory`` where it cannot (NFS and CIFS shares always: the attribute is not theirs to
+    set; a local file system without it)."""
+    if spec.type != "local":
+        return "advisory"
+    return root_mode(root_of(spec, mounts_dir))
 
 
 def release(spec: RepositorySpec, mounts_dir: Path) -> None:

@@ -13,6 +13,12 @@ left half-removed, which the run finishes) are grouped by VM disk and repository
 group goes to ``apply_retention`` with one ``now`` for the whole run. A failure in one group is
 recorded and the run goes on.
 
+Each run first brings the files' immutability locks in line (:func:`oma.backups.immutability.sweep`
+over every stored point and copy of every enabled repository): locks whose own record has ended
+are released (the immutable attribute cleared: their points may now leave), points the
+database locks but that have no lock record yet are locked. The record beside the files, not
+the database, decides when a lock ends.
+
 Only one OMA process runs retention at a time (a PostgreSQL advisory lock held for the run); a
 process that finds it taken skips its turn. Each run's figures — when, chains examined, points
 removed, new fulls, chains postponed and failed with their reasons — are logged and recorded in
@@ -27,14 +33,18 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from itertools import groupby
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from oma.backups.chains import apply_retention
+from oma.backups import immutability
+from oma.backups.chains import apply_retention, locked_until
+from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
 from oma.workers import new_worker_id
+from pyapp.api import ApiError
 from pyapp.db import Database
 
 log = logging.getLogger(__name__)
@@ -60,6 +70,8 @@ class RetentionRun:
     new_fulls: list[str] = field(default_factory=list)
     postponed: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    locks_set: list[str] = field(default_factory=list)
+    locks_released: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """The run as JSON-ready data (counts beside the lists, times in ISO 8601)."""
@@ -147,6 +159,7 @@ class RetentionService:
             return run
 
     async def _run(self, run: RetentionRun) -> None:
+        await self._sweep_locks(run)
         policies = await self.db.fetch(
             "SELECT id, retention_days FROM backup_policies WHERE enabled ORDER BY name"
         )
@@ -161,6 +174,40 @@ class RetentionService:
             for key, group in groupby(points, key=lambda p: (p["vm_key"], p["disk_id"], p["repository_id"])):
                 run.disks += 1
                 await self._apply(run, policy["id"], policy["retention_days"], key, [p["id"] for p in group])
+
+    async def _sweep_locks(self, run: RetentionRun) -> None:
+        """Release ended file locks and set missing ones, repository by repository (each made
+        ready first; one that cannot be is skipped this run and recorded)."""
+        rows = await self.db.fetch(
+            "SELECT b.id AS backup_id, b.file_path, b.created_at, b.repository_id, r.immutable,"
+            " r.immutable_days FROM backup_jobs b JOIN backup_repositories r ON r.id = b.repository_id"
+            " WHERE r.enabled AND b.status = 'completed' AND b.file_path IS NOT NULL"
+            " UNION ALL SELECT c.backup_id, c.file_path, c.created_at, c.repository_id, r.immutable,"
+            " r.immutable_days FROM backup_copies c JOIN backup_repositories r ON r.id = c.repository_id"
+            " WHERE r.enabled AND c.status = 'completed' AND c.file_path IS NOT NULL"
+            " ORDER BY repository_id"
+        )
+        for repository_id, group in groupby(rows, key=lambda r: r["repository_id"]):
+            points = [
+                immutability.StoredPoint(
+                    Path(r["file_path"]),
+                    r["backup_id"],
+                    r["created_at"],
+                    locked_until(r["immutable"], r["immutable_days"], r["created_at"]),
+                )
+                for r in group
+            ]
+            try:
+                await ensure_ready(self.db, self.box, self.config.mounts_dir, repository_id)
+            except ApiError as e:
+                run.failed.append(
+                    {"repository_id": repository_id, "error": f"locks not checked: {e.message}"}
+                )
+                continue
+            result = await trio.to_thread.run_sync(immutability.sweep, points, run.now)
+            run.locks_set.extend(result.locked)
+            run.locks_released.extend(result.released)
+            run.failed.extend({"repository_id": repository_id, **f} for f in result.failed)
 
     async def _apply(
         self,

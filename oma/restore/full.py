@@ -16,6 +16,15 @@ Targets (checked before the job is accepted):
     An NBD URI (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=...``), e.g. the export
     of a CloudStack volume; written whole, as a block device.
 
+Where a path target may lie: only under a *restore root* an administrator configured
+(``OMA_RESTORE_ROOTS``, :attr:`oma.config.OmaConfig.restore_roots`; none by default), both
+resolved through every symlink; a block device is allowed when it, or a directory holding it,
+is a restore root. Anything else is refused (403 ``TARGET_NOT_ALLOWED``): an operator's request
+never writes an arbitrary host path (``/etc/shadow``, ``/root/.ssh``, a disk of the OMA).
+A managed volume is written through its NBD export, which needs no root. The paths a job will
+write are resolved when it is accepted and again right before the copy: a symlink planted in
+between fails the job (:func:`recheck_target`).
+
 Repositories are never written: a path target (and, for QCOW2, the manifest written beside it)
 is resolved through every symlink, and one inside any repository's root, or equal to any file a
 backup or a copy recorded, is refused (422 ``TARGET_IN_REPOSITORY``). A QCOW2 target whose
@@ -56,6 +65,7 @@ log = logging.getLogger(__name__)
 TargetType = Literal["raw", "qcow2", "nbd"]
 TARGET_EXISTS = "TARGET_EXISTS"
 TARGET_IN_REPOSITORY = "TARGET_IN_REPOSITORY"
+TARGET_NOT_ALLOWED = "TARGET_NOT_ALLOWED"
 INVALID_TARGET = "INVALID_TARGET"
 PROGRESS_INTERVAL_S = 1.0
 JOB_COLUMNS = (
@@ -74,6 +84,8 @@ class TargetPlan:
     target: str
     creates: bool  # the job creates the target (and removes it on failure)
     target_is_zero: bool  # nothing to zero: only the allocated data is copied
+    #: The written paths resolved through every symlink when the target was checked.
+    resolved: tuple[str, ...] = ()
 
 
 def written_paths(target_type: TargetType, target: str) -> list[str]:
@@ -111,6 +123,35 @@ def check_not_in_repository(
     return resolved
 
 
+def check_restore_root(target_type: TargetType, target: str, restore_roots: Sequence[Path]) -> None:
+    """Refuse (403 ``TARGET_NOT_ALLOWED``) a path target that is not under one of the
+    administrator's restore roots, target and roots resolved through every symlink (blocking).
+    NBD targets need no root."""
+    if target_type == "nbd":
+        return
+    if not target.startswith("/") or "\x00" in target:
+        raise ApiError(422, INVALID_TARGET, f"the {target_type} target must be an absolute path")
+    roots = [Path(os.path.realpath(r)) for r in restore_roots if r.is_absolute()]
+    if not roots:
+        raise ApiError(
+            403,
+            TARGET_NOT_ALLOWED,
+            f"full restores to host paths are disabled: {target} is refused. Restore to an NBD"
+            " target (a managed volume's export), or ask an administrator to set OMA_RESTORE_ROOTS",
+        )
+    for given in written_paths(target_type, target):
+        real = Path(os.path.realpath(given))
+        if not any(_inside(real, root) for root in roots):
+            raise ApiError(
+                403,
+                TARGET_NOT_ALLOWED,
+                f"{given}"
+                + (f" (it resolves to {real})" if str(real) != given else "")
+                + f" is not under a restore root ({', '.join(str(r) for r in restore_roots)}):"
+                " a full restore writes only there or to an NBD target",
+            )
+
+
 def check_target(target_type: TargetType, target: str, repository_roots: Sequence[Path] = ()) -> TargetPlan:
     """Validate a target (blocking: it looks at the file system). Raises :class:`ApiError`."""
     if target_type == "nbd":
@@ -122,7 +163,7 @@ def check_target(target_type: TargetType, target: str, repository_roots: Sequenc
         raise ApiError(422, INVALID_TARGET, f"the {target_type} target must be an absolute path")
     if target_type == "qcow2" and path.suffix != ".qcow2":
         raise ApiError(422, INVALID_TARGET, "a qcow2 target path ends in .qcow2")
-    check_not_in_repository(target_type, target, repository_roots)
+    resolved = tuple(check_not_in_repository(target_type, target, repository_roots))
     if target_type == "qcow2" and os.path.lexists(manifest_path(target)):
         raise ApiError(
             409,
@@ -135,7 +176,7 @@ def check_target(target_type: TargetType, target: str, repository_roots: Sequenc
     except FileNotFoundError:
         if not path.parent.is_dir():
             raise ApiError(422, INVALID_TARGET, f"the directory {path.parent} does not exist") from None
-        return TargetPlan(target_type, str(path), creates=True, target_is_zero=True)
+        return TargetPlan(target_type, str(path), creates=True, target_is_zero=True, resolved=resolved)
     if target_type == "raw" and stat.S_ISBLK(st.st_mode):
         # O_EXCL on a block device fails (EBUSY) while a file system on it is mounted or another
         # holder has it: a restore never writes over a device in use.
@@ -145,7 +186,7 @@ def check_target(target_type: TargetType, target: str, repository_roots: Sequenc
             raise ApiError(
                 409, TARGET_EXISTS, f"block device {path} is in use (mounted, or held): {e.strerror}"
             ) from e
-        return TargetPlan(target_type, str(path), creates=False, target_is_zero=False)
+        return TargetPlan(target_type, str(path), creates=False, target_is_zero=False, resolved=resolved)
     raise ApiError(
         409,
         TARGET_EXISTS,
@@ -283,9 +324,14 @@ def recheck_target(plan: TargetPlan, repository_roots: Sequence[Path]) -> None:
     if plan.target_type == "nbd":
         return
     try:
-        check_not_in_repository(plan.target_type, plan.target, repository_roots)
+        resolved = check_not_in_repository(plan.target_type, plan.target, repository_roots)
     except ApiError as e:
         raise TargetChanged(f"{e.message} (the target changed after the restore was accepted)") from e
+    if plan.resolved and tuple(resolved) != plan.resolved:
+        raise TargetChanged(
+            f"{plan.target} now resolves to {resolved[0]}, not {plan.resolved[0]} as when the restore"
+            " was accepted (a symlink changed): it is left alone"
+        )
     if plan.creates:
         for path in written_paths(plan.target_type, plan.target):
             if os.path.lexists(path):

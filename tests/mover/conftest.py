@@ -87,6 +87,18 @@ class Nbdkit:
                 self.process.stderr.close()
 
 
+def flushless_nbdkit_args(path: Path) -> list[str]:
+    """nbdkit arguments for a writable export over ``path`` that cannot flush: the ``eval`` plugin
+    without a ``can_flush`` script, so nbdkit does not advertise NBD_FLAG_SEND_FLUSH."""
+    return [
+        "eval",
+        f"get_size=echo {path.stat().st_size}",
+        f"pread=dd if={path} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
+        f"pwrite=dd of={path} seek=$4 conv=notrunc oflag=seek_bytes status=none",
+        "can_write=exit 0",
+    ]
+
+
 @pytest.fixture
 def nbdkit(tmp_path: Path) -> Iterator[Callable[..., Nbdkit]]:
     started: list[Nbdkit] = []

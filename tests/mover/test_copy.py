@@ -15,7 +15,7 @@ import pytest
 from pyapp import mover
 from pyapp.nbd_export import NbdExport
 
-from .conftest import MiB, Nbdkit, allocated_bytes, images_equal, write_disk
+from .conftest import MiB, Nbdkit, allocated_bytes, flushless_nbdkit_args, images_equal, write_disk
 
 pytestmark = pytest.mark.interop
 
@@ -164,15 +164,7 @@ async def test_zero_unlisted_repairs_a_target_holding_stale_data(
 
 
 def flushless_nbdkit(nbdkit: Callable[..., Nbdkit], path: Path) -> Nbdkit:
-    """A writable nbdkit export over ``path`` that cannot flush: the ``eval`` plugin without a
-    ``can_flush`` script, so nbdkit does not advertise NBD_FLAG_SEND_FLUSH."""
-    return nbdkit(
-        "eval",
-        f"get_size=echo {path.stat().st_size}",
-        f"pread=dd if={path} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none",
-        f"pwrite=dd of={path} seek=$4 conv=notrunc oflag=seek_bytes status=none",
-        "can_write=exit 0",
-    )
+    return nbdkit(*flushless_nbdkit_args(path))
 
 
 async def test_durable_only_when_every_target_flush_happened(

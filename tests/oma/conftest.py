@@ -12,8 +12,19 @@ import pytest
 from oma_harness import Oma, make_config, run_oma
 from vma_double import VmaDouble, run_vma_double
 
+from oma.backups.immutability import clear_tree
 from pyapp.db import create_database, with_database
 from pyapp.logs import JsonFormatter
+
+
+@pytest.fixture(autouse=True)
+def _clear_immutable_files(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Clear the immutable attribute a test's locked backup points left under its ``tmp_path``:
+    pytest could not remove them otherwise."""
+    tmp_path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp_path is not None:
+        clear_tree(tmp_path)
 
 
 @pytest.fixture

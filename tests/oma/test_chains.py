@@ -19,7 +19,7 @@ import pytest
 from backup_fixtures import build_chain, data_cluster_offset, flip_byte, qemu_img_compare, state_of
 from oma_harness import Oma
 
-from oma.backups import chains, verify
+from oma.backups import chains, immutability, verify
 from oma.backups.layout import manifest_path
 from pyapp import mover
 from pyapp.api import ApiError
@@ -216,3 +216,59 @@ async def test_verify_finds_a_flipped_byte_in_any_layer(oma: Oma, tmp_path: Path
     assert files[str(chain.files[0])]["ok"]
     bad = files[str(chain.files[1])]
     assert not bad["ok"] and bad["mismatch_count"] == 1 and bad["mismatches"][0]["length"] > 0
+
+
+async def test_a_locked_point_holds_below_the_database(oma: Oma, tmp_path: Path) -> None:
+    """Locked files (lock record + the file system's immutable attribute) cannot be removed or
+    overwritten even by root; unlocking the repository in the database does not let the API or
+    retention remove them before the record's date; after it, retention clears the attribute
+    and merges as usual."""
+    st = state_of(oma)
+    db = st.db
+    chain = await make_chain(db, tmp_path, immutable_days=30)
+    now = dt.datetime.now(dt.UTC)
+    rows = await db.fetch("SELECT id, file_path, created_at FROM backup_jobs ORDER BY created_at")
+    for row in rows:
+        until = row["created_at"] + dt.timedelta(days=30)
+        mode = immutability.lock_point(Path(row["file_path"]), row["id"], row["created_at"], until, now)
+        assert mode == "enforced"
+    newest = chain.files[3]
+    for path in immutability.point_files(newest):
+        assert immutability.is_immutable(path), path
+        with pytest.raises(PermissionError):
+            path.unlink()
+    rm = subprocess.run(["rm", "-f", str(newest)], capture_output=True, text=True, check=False)
+    assert rm.returncode != 0 and "Operation not permitted" in rm.stderr
+    dd = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={newest}", "bs=4096", "count=1", "conv=notrunc"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert dd.returncode != 0 and "Operation not permitted" in dd.stderr
+    await assert_restorable(db, chain.ids[3], chain.states[3])
+    record = immutability.read_lock(newest)
+    assert record is not None and record.backup_id == chain.ids[3]
+    assert record.files == (newest.name, manifest_path(newest).name)
+
+    # A database edit does not unlock: the API and retention read the point's own record.
+    await db.execute("UPDATE backup_repositories SET immutable = false, immutable_days = 0")
+    with pytest.raises(ApiError) as locked:
+        await chains.delete_backup(db, st.box, tmp_path, chain.ids[3])
+    assert locked.value.status == 409 and locked.value.code == chains.IMMUTABLE
+    assert "lock record" in locked.value.message
+    result = await chains.apply_retention(db, st.box, tmp_path, chain.ids, 5, now)
+    assert result.removed == [] and "lock record" in result.postponed[0]["reason"], result
+    # Nor does a second, shorter lock: the first record counts.
+    immutability.lock_point(newest, chain.ids[3], now, now + dt.timedelta(seconds=1), now)
+    assert immutability.locked_until(newest) == record.locked_until
+    assert all(f.exists() for f in chain.files)
+
+    # Past every lock: the attribute is cleared and the expired points merge as usual.
+    later = now + dt.timedelta(days=40)
+    result = await chains.apply_retention(db, st.box, tmp_path, chain.ids, 5, later)
+    assert result.removed == chain.ids[:3] and result.new_fulls == [chain.ids[3]], result
+    for path in chain.files[:3]:
+        assert not path.exists() and not immutability.lock_path(path).exists()
+    assert not any(immutability.is_immutable(p) for p in immutability.point_files(newest))
+    await assert_restorable(db, chain.ids[3], chain.states[3])

@@ -18,6 +18,8 @@ from test_oma_credentials import cred_body
 from test_oma_enrollment import enrolled_vma
 from vma_double import VmaDouble
 
+from pyapp.db import open_database
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -184,3 +186,49 @@ async def test_cli_two_workers_share_one_port_and_one_database(oma_dsn: str) -> 
     finally:
         assert await stop_oma_process(proc) == 0
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+async def test_an_expired_lease_is_taken_over_by_a_live_worker_and_a_live_one_is_not(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble
+) -> None:
+    """Two jobs claimed by OMA workers on another host: one claimed long ago and never renewed (its
+    worker died right after the claim), one whose lease runs for an hour. A live engine takes the
+    first over (the VMA is told to stop it, the job fails with the reason) and leaves the second."""
+    config = make_config(tmp_path, oma_dsn, vma.base_url)
+    async with run_oma(config) as oma:
+        ids = []
+        for i in (1, 2):
+            path = f"/LabDC/vm/lease0{i}"
+            source = {"id": f"vm-{i}", "name": f"lease0{i}", "path": path, "disks": [{"id": "disk-2000"}]}
+            r = await oma.post("/replications", json={"source_vm": source})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+    dead, live = ids
+    async with open_database(oma_dsn, min_size=1, max_size=1) as db:
+        await db.execute(
+            "UPDATE replication_jobs SET status = 'replicating', claimed_by = $2,"
+            " claimed_at = now() - interval '1 hour' WHERE id = $1",
+            dead,
+            "elsewhere:4242@1:dead0000",
+        )
+        await db.execute(
+            "UPDATE replication_jobs SET status = 'replicating', claimed_by = $2, claimed_at = now(),"
+            " lease_expires_at = now() + interval '1 hour' WHERE id = $1",
+            live,
+            "elsewhere:4243@1:live0000",
+        )
+    engine_on = make_config(
+        tmp_path, oma_dsn, vma.base_url, run_replications=True, job_lease_ttl=1.0, engine_poll_interval=0.2
+    )
+    async with run_oma(engine_on) as oma:
+        with trio.fail_after(20):
+            while (job := (await oma.get(f"/replications/{dead}")).json())["status"] != "failed":
+                await trio.sleep(0.1)
+        assert "elsewhere:4242@1:dead0000" in job["error_message"]
+        assert "lease expired" in job["error_message"]
+        assert ("POST", "/api/v1/cleanup", {"job_id": dead, "action": "cleanup_all"}) in vma.requests
+        await trio.sleep(2.0)  # several takeover rounds (every lease_ttl / 2)
+        assert (await oma.get(f"/replications/{live}")).json()["status"] == "replicating"
+    async with open_database(oma_dsn, min_size=1, max_size=1) as db:
+        claimed_by = await db.fetchval("SELECT claimed_by FROM replication_jobs WHERE id = $1", live)
+    assert claimed_by == "elsewhere:4243@1:live0000"

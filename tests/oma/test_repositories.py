@@ -359,12 +359,16 @@ def test_mount_argv() -> None:
     nfs = RepositorySpec(
         "repo-1", "nfs", {"server": "nas", "export_path": "/b", "mount_options": "vers=4.1,hard"}
     )
-    assert repos.mount_argv(nfs, Path("/m")) == ["mount", "-t", "nfs", "nas:/b", "/m", "-o", "vers=4.1,hard"]
+    assert repos.mount_argv(nfs, Path("/m")) == [
+        "mount", "-t", "nfs", "nas:/b", "/m", "-o", "nosuid,nodev,noexec,vers=4.1,hard",
+    ]  # fmt: skip
     bare = RepositorySpec("repo-1", "nfs", {"server": "nas", "export_path": "/b"})
-    assert repos.mount_argv(bare, Path("/m")) == ["mount", "-t", "nfs", "nas:/b", "/m"]
+    assert repos.mount_argv(bare, Path("/m")) == [
+        "mount", "-t", "nfs", "nas:/b", "/m", "-o", "nosuid,nodev,noexec",
+    ]  # fmt: skip
     cifs = RepositorySpec("repo-2", "cifs", {"server": "fs", "share_name": "s", "username": "u"}, "p")
     assert repos.mount_argv(cifs, Path("/m"), Path("/tmp/c.cred")) == [
-        "mount", "-t", "cifs", "//fs/s", "/m", "-o", "credentials=/tmp/c.cred",
+        "mount", "-t", "cifs", "//fs/s", "/m", "-o", "credentials=/tmp/c.cred,nosuid,nodev,noexec",
     ]  # fmt: skip
     with pytest.raises(ValueError):
         repos.mount_argv(cifs, Path("/m"))
@@ -383,6 +387,7 @@ def test_cifs_credentials_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         'cred=$(printf "%s" "$6" | sed "s/^credentials=//; s/,.*//")\n'
         f'stat -c %a "$cred" >> {record}\n'
         f'cat "$cred" >> {record}\n'
+        f'stat -c %a "$(dirname "$cred")" >> {record}\n'
         'echo "mount error(13): Permission denied" >&2\n'
         "exit 32\n"
     )
@@ -399,10 +404,11 @@ def test_cifs_credentials_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     lines = record.read_text().splitlines()
     assert lines[:5] == ["-t", "cifs", "//fs/s", str(tmp_path / "m"), "-o"]
     cred = lines[5].removeprefix("credentials=").split(",")[0]
-    assert lines[5] == f"credentials={cred},vers=3.0"
+    assert lines[5] == f"credentials={cred},nosuid,nodev,noexec,vers=3.0"
     assert lines[6] == "600"
-    assert lines[7:] == ["username=u", "password=pw", "domain=D"]
-    assert not Path(cred).exists()  # removed after the mount
+    assert lines[7:10] == ["username=u", "password=pw", "domain=D"]
+    assert lines[10:] == ["700"]  # in a directory only root can enter
+    assert not Path(cred).exists() and not Path(cred).parent.exists()  # removed after the mount
     assert stat.S_ISDIR((tmp_path / "m").stat().st_mode)
 
 
@@ -435,3 +441,95 @@ async def test_share_gone_is_never_replaced_by_local_disk(oma: Oma, tmpfs: Path)
     assert "mount -t nfs nas01:/export/b" in r.json()["error"]
     assert list(tmpfs.iterdir()) == []
     assert "mount -t nfs" in (await oma.get(f"/repositories/{repo['id']}")).json()["last_error"]
+
+
+# -- mount options: an allow-list per type ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("repo_type", "options", "named"),
+    [
+        ("nfs", "suid", "option 'suid' is not allowed for a nfs repository"),
+        ("nfs", "hard,exec", "option 'exec' is not allowed for a nfs repository"),
+        ("nfs", "dev", "option 'dev' is not allowed"),
+        ("nfs", "remount", "option 'remount' is not allowed"),
+        ("nfs", "bind", "option 'bind' is not allowed"),
+        ("nfs", "x-mount.mkdir", "option 'x-mount.mkdir' is not allowed"),
+        ("nfs", "context=system_u:object_r:shadow_t:s0", "option 'context' is not allowed"),
+        ("nfs", "vers=9", "'9' is not a valid value of option 'vers'"),
+        ("nfs", "vers=4.1=x", "'4.1=x' is not a valid value of option 'vers'"),
+        ("nfs", "timeo=soon", "option 'timeo' must be an integer from 1 to 6000"),
+        ("nfs", "port=70000", "option 'port' must be an integer from 0 to 65535"),
+        ("nfs", "hard=1", "option 'hard' takes no value"),
+        ("nfs", "vers", "option 'vers' needs a value"),
+        ("nfs", "hard,,soft", "config.mount_options holds an empty option"),
+        ("nfs", "timeo=10,timeo=20", "config.mount_options sets option 'timeo' twice"),
+        ("cifs", "file_mode=4777", "'4777' is not a valid value of option 'file_mode'"),
+        ("cifs", "setuids", "option 'setuids' is not allowed for a cifs repository"),
+        ("cifs", "noperm", "option 'noperm' is not allowed"),
+        ("cifs", "sec=none", "'none' is not a valid value of option 'sec'"),
+        ("cifs", "password2=x", "option 'password2' is not allowed"),
+    ],
+)
+async def test_mount_options_outside_the_allow_list_are_refused(
+    oma: Oma, repo_type: str, options: str, named: str
+) -> None:
+    """Each option is checked against its type's allow-list and its value against its rule; a
+    refusal (422) names the option. Nothing is mounted."""
+    config: dict[str, object] = {"server": "nas", "mount_options": options}
+    if repo_type == "nfs":
+        config["export_path"] = "/b"
+    else:
+        config |= {"share_name": "s", "username": "u", "password": "p"}
+    for path, body in (
+        ("/repositories", {"name": "bad", "type": repo_type, "config": config}),
+        ("/repositories/test", {"type": repo_type, "config": config}),
+    ):
+        r = await oma.post(path, json=body)
+        assert r.status_code == 422, r.text
+        assert any(named in d for d in r.json()["details"]), r.json()
+    assert (await oma.get("/repositories")).json()["count"] == 0
+
+
+def test_allowed_options_are_kept_and_nosuid_nodev_noexec_always_added() -> None:
+    config, _ = repos.validate_config(
+        "nfs", {"server": "nas", "export_path": "/b", "mount_options": "vers=4.1,hard,timeo=600,NOLOCK"}
+    )
+    assert config["mount_options"] == "vers=4.1,hard,timeo=600,nolock"
+    nfs = RepositorySpec("repo-1", "nfs", config)
+    assert repos.mount_argv(nfs, Path("/m")) == [
+        "mount", "-t", "nfs", "nas:/b", "/m", "-o", "nosuid,nodev,noexec,vers=4.1,hard,timeo=600,nolock",
+    ]  # fmt: skip
+    bare = RepositorySpec("repo-1", "nfs", {"server": "nas", "export_path": "/b"})
+    assert repos.mount_argv(bare, Path("/m"))[-2:] == ["-o", "nosuid,nodev,noexec"]
+    config, password = repos.validate_config(
+        "cifs",
+        {"server": "fs", "share_name": "s", "username": "u", "password": "pw",
+         "mount_options": "vers=3.1.1,uid=1000,gid=1000,file_mode=0640,dir_mode=750,sec=ntlmssp"},
+    )  # fmt: skip
+    cifs = RepositorySpec("repo-2", "cifs", config, password)
+    argv = repos.mount_argv(cifs, Path("/m"), Path("/run/c/credentials"))
+    assert argv[-1] == (
+        "credentials=/run/c/credentials,nosuid,nodev,noexec,"
+        "vers=3.1.1,uid=1000,gid=1000,file_mode=0640,dir_mode=750,sec=ntlmssp"
+    )
+    assert "pw" not in " ".join(argv) and "username" not in " ".join(argv)
+
+
+async def test_immutability_is_advisory_on_a_share(oma: Oma, tmp_path: Path, tmpfs: Path) -> None:
+    """The answer says how a repository's locks hold: ``enforced`` on a local file system with
+    the immutable attribute, ``advisory`` on NFS/CIFS (the attribute is not the OMA's to set
+    there), None without locks."""
+    local = await create_local_repository(oma, "vault", tmp_path / "vault", immutable=True, immutable_days=7)
+    r = await oma.post(
+        "/repositories",
+        json={"name": "nas", "type": "nfs", "immutable": True, "immutable_days": 7,
+              "config": {"server": "nas01", "export_path": "/b", "mount_point": str(tmpfs)}},
+    )  # fmt: skip
+    assert r.status_code == 201, r.text
+    assert r.json()["immutability"] == "advisory"
+    plain = await create_local_repository(oma, "plain", tmp_path / "plain")
+    listed = {x["id"]: x for x in (await oma.get("/repositories")).json()["repositories"]}
+    assert listed[local]["immutability"] == "enforced"
+    assert listed[r.json()["id"]]["immutability"] == "advisory"
+    assert listed[plain]["immutability"] is None

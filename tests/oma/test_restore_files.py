@@ -191,6 +191,15 @@ async def insert_backup(
     return backup_id
 
 
+@pytest.fixture
+async def oma(tmp_path: Path, oma_dsn: str, vma: VmaDouble) -> AsyncIterator[Oma]:
+    """The OMA with the test's directory (and ``/dev``, for block devices) as restore roots: a
+    full restore writes host paths only under a root an administrator configured."""
+    config = make_config(tmp_path, oma_dsn, vma.base_url, restore_roots=(tmp_path, Path("/dev")))
+    async with run_oma(config) as handle:
+        yield handle
+
+
 async def mount(oma: Oma, backup_id: str, volume: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"backup_id": backup_id}
     if volume is not None:
@@ -929,3 +938,61 @@ async def test_restores_of_a_dead_process_are_failed_and_their_partial_targets_r
     assert rows["restore-dead"]["status"] == "failed" and "stopped" in rows["restore-dead"]["error_message"]
     assert rows["restore-alive"]["status"] == "running"
     assert not partial.exists() and not Path(f"{partial}.manifest").exists()
+
+
+async def test_full_restore_writes_host_paths_only_under_a_restore_root(
+    oma_dsn: str, vma: VmaDouble, disks: Disks, tmp_path: Path
+) -> None:
+    """Without restore roots (the default) a raw or QCOW2 target is refused (403
+    ``TARGET_NOT_ALLOWED``) and only NBD targets are written; with one, a path outside it —
+    given as it is, through ``..`` or through a symlink planted under the root — is refused
+    too. Nothing is created anywhere."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_bytes(b"host file")
+    async with run_oma(make_config(tmp_path / "no-roots", oma_dsn, vma.base_url)) as oma:
+        backup_id = await insert_backup(oma, disks.mbr, vm="mbr")
+        for target_type, target in (
+            ("raw", str(outside / "x.raw")),
+            ("qcow2", str(outside / "x.qcow2")),
+            ("raw", "/etc/oma-restore-test.raw"),
+        ):
+            body = {"backup_id": backup_id, "target_type": target_type, "target": target}
+            r = await oma.post("/restore/full", json=body)
+            assert r.status_code == 403, (body, r.text)
+            assert_envelope(r.json(), "TARGET_NOT_ALLOWED")
+            assert "OMA_RESTORE_ROOTS" in r.json()["error"]
+        file = tmp_path / "volume.raw"
+        with file.open("wb") as f:
+            f.truncate(48 * MiB)
+        with NbdExport(file, socket_path=tmp_path / "nbd.sock") as export:
+            body = {"backup_id": backup_id, "target_type": "nbd", "target": export.uri}
+            r = await oma.post("/restore/full", json=body)
+            assert r.status_code == 202, r.text
+            job = await _wait_restore(oma, r.json()["restore_id"])
+        assert job["status"] == "completed", job
+
+    root = tmp_path / "restores"
+    root.mkdir()
+    (root / "escape").symlink_to(outside)
+    (root / "escape.raw").symlink_to(outside / "planted.raw")
+    config = make_config(tmp_path / "with-roots", oma_dsn, vma.base_url, restore_roots=(root,))
+    async with run_oma(config) as oma:
+        backup_id = await insert_backup(oma, disks.mbr, vm="mbr2")
+        for target_type, target in (
+            ("raw", str(outside / "x.raw")),
+            ("raw", str(root / ".." / "outside" / "x.raw")),
+            ("raw", str(root / "escape" / "x.raw")),
+            ("raw", str(root / "escape.raw")),
+            ("qcow2", str(root / "escape" / "x.qcow2")),
+        ):
+            body = {"backup_id": backup_id, "target_type": target_type, "target": target}
+            r = await oma.post("/restore/full", json=body)
+            assert r.status_code == 403, (body, r.text)
+            assert_envelope(r.json(), "TARGET_NOT_ALLOWED")
+        body = {"backup_id": backup_id, "target_type": "raw", "target": str(root / "disk.raw")}
+        r = await oma.post("/restore/full", json=body)
+        assert r.status_code == 202, r.text
+        job = await _wait_restore(oma, r.json()["restore_id"])
+        assert job["status"] == "completed", job
+    assert sorted(p.name for p in outside.iterdir()) == ["keep.txt"]

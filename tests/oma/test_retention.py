@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from backup_fixtures import (
     run_backup_oma,
     wait_for_copies,
 )
-from oma_harness import Oma
+from oma_harness import Oma, make_config, run_oma
+from test_backups import BackupLab, MiB, assert_point_is, pattern, setup_lab
 from vma_double import VmaDouble
 
-from oma.backups import copies
+from oma.backups import copies, immutability
 from oma.backups.layout import backup_path
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from pyapp import mover
@@ -161,3 +163,93 @@ async def test_locks_postpone_and_grouping(oma: Oma, tmp_path: Path) -> None:
     assert chains["locked"][0].backup_id in later.points_removed and later.postponed == []
     status = (await oma.get("/policies/retention-status")).json()["last_run"]
     assert status["now"] > status["started_at"]
+
+
+@pytest.fixture
+async def lab(tmp_path: Path, oma_dsn: str, vma: VmaDouble) -> AsyncIterator[BackupLab]:
+    """The backup engine against the VMA double (tests/oma/test_backups.py's lab)."""
+    config = make_config(tmp_path, oma_dsn, vma.base_url, run_backups=True, engine_poll_interval=0.1)
+    async with run_oma(config) as handle:
+        yield await setup_lab(handle, vma, tmp_path)
+
+
+async def test_engine_locks_points_below_the_database(lab: BackupLab, tmp_path: Path) -> None:
+    """A point the engine completes in an immutable local repository carries the immutable
+    attribute on its image, manifest and lock record: root's ``rm`` fails, and a database edit
+    that unlocks the repository does not make the API delete it."""
+    vault = await create_local_repository(
+        lab.oma, "vault", tmp_path / "vault", immutable=True, immutable_days=7
+    )
+    answer = (await lab.oma.get(f"/repositories/{vault}")).json()
+    assert answer["immutability"] == "enforced", answer
+    assert (await lab.oma.get(f"/repositories/{lab.repository_id}")).json()["immutability"] is None
+    point = await lab.backup("full", repository_id=vault)
+    image = Path(point["file_path"])
+    record = immutability.read_lock(image)
+    assert record is not None and record.backup_id == point["backup_id"]
+    shown = dt.datetime.fromisoformat(point["locked_until"])  # the API shows milliseconds
+    assert abs(record.locked_until - shown) < dt.timedelta(milliseconds=1)
+    for path in immutability.point_files(image):
+        assert immutability.is_immutable(path), path
+    rm = subprocess.run(["rm", "-f", str(image)], capture_output=True, text=True, check=False)
+    assert rm.returncode != 0 and "Operation not permitted" in rm.stderr
+
+    await db_of(lab.oma).execute("UPDATE backup_repositories SET immutable = false WHERE id = $1", vault)
+    r = await lab.oma.delete(f"/backup/{point['backup_id']}")
+    assert r.status_code == 409 and r.json()["code"] == "IMMUTABLE", r.text
+    assert "lock record" in r.json()["error"]
+    assert image.is_file()
+
+    # A point whose record has ended is released by the retention run (the attribute cleared).
+    run = await service_of(lab.oma).run_once(now=dt.datetime.now(dt.UTC) + 8 * DAY)
+    assert point["backup_id"] in run.locks_released, run
+    assert not any(immutability.is_immutable(p) for p in immutability.point_files(image))
+
+
+async def test_immutable_longer_than_retention_starts_new_fulls_and_expires_old_chains_whole(
+    lab: BackupLab, tmp_path: Path
+) -> None:
+    """``immutable_days`` (30) beyond ``retention_days`` (7): the expired points of a chain can
+    never be merged into a newer point (that one is always still locked), so once the chain is
+    older than the retention an incremental of the policy becomes a new full; the old chain
+    goes whole once every point of it is past retention and lock — never merged."""
+    vault = await create_local_repository(
+        lab.oma, "vault", tmp_path / "vault", immutable=True, immutable_days=30
+    )
+    policy = await make_policy(lab.oma, "locked-daily", vault)
+    db = db_of(lab.oma)
+    old = [await lab.backup("full", policy_id=policy, repository_id=None)]
+    lab.disk.write(3 * MiB, pattern(7, 64 * 1024))
+    old.append(await lab.backup("incremental", policy_id=policy, repository_id=None))
+    assert old[1]["backup_type"] == "incremental"
+    # A chain within the retention keeps growing.
+    lab.disk.write(4 * MiB, pattern(8, 64 * 1024))
+    old.append(await lab.backup("incremental", policy_id=policy, repository_id=None))
+    assert old[2]["backup_type"] == "incremental" and old[2]["chain_id"] == old[0]["backup_id"]
+    # Ten days later (rows aged; the files' lock records keep their real dates).
+    await db.execute(
+        "UPDATE backup_jobs SET created_at = created_at - interval '10 days',"
+        " completed_at = completed_at - interval '10 days'"
+    )
+    lab.disk.write(5 * MiB, pattern(9, 64 * 1024))
+    new = await lab.backup("incremental", policy_id=policy, repository_id=None)
+    assert new["requested_type"] == "incremental" and new["backup_type"] == "full", new
+    assert new["parent_backup_id"] is None and new["chain_id"] == new["backup_id"]
+    old_ids = [p["backup_id"] for p in old]
+
+    # Past the retention, inside the lock: nothing is merged, the old chain waits whole.
+    run = await service_of(lab.oma).run_once(now=dt.datetime.now(dt.UTC) + 8 * DAY)
+    assert run.points_removed == [] and run.failed == [], run
+    assert any("immutable" in p["reason"] for p in run.postponed), run
+    assert all(Path(p["file_path"]).is_file() for p in old)
+    # Past every lock of the old chain (its records say created now + 30 days): it goes whole,
+    # the new chain stays.
+    run = await service_of(lab.oma).run_once(now=dt.datetime.now(dt.UTC) + 31 * DAY)
+    assert sorted(run.points_removed) == sorted(old_ids) and run.new_fulls == [], run
+    assert run.failed == [], run
+    for point in old:
+        image = Path(point["file_path"])
+        assert not image.exists() and not immutability.lock_path(image).exists()
+    left = [r["id"] for r in await db.fetch("SELECT id FROM backup_jobs WHERE status = 'completed'")]
+    assert left == [new["backup_id"]]
+    assert_point_is(Path(new["file_path"]), lab.state(new["backup_id"]))

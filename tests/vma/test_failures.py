@@ -4,6 +4,8 @@ lasts long enough to be hit."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +203,36 @@ def test_only_cancelled() -> None:
     assert only_cancelled(BaseExceptionGroup("g", [cancelled]))
     assert not only_cancelled(BaseExceptionGroup("g", [cancelled, ValueError("x")]))
     assert not only_cancelled(ValueError("x"))
+
+
+async def test_a_vcenter_that_stops_answering_fails_the_job_within_the_deadline(
+    tmp_path: Path, start_vma: StartVma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    """vcsim stopped (SIGSTOP) as the job starts: every vSphere call has a deadline, so the job
+    fails with a clear reason within it; once vCenter answers again, the VMA's recovery removes
+    whatever snapshot the job could not remove itself, and its journal record."""
+    vma = await start_vma(vsphere_call_timeout=2.0, vsphere_task_timeout=3.0, recovery_interval=0.5)
+    t0 = new_target(tmp_path / "t0.raw", vm1.disks[0].capacity)
+    t1 = new_target(tmp_path / "t1.raw", vm1.disks[1].capacity)
+    assert lab._proc is not None  # the vcsim process
+    pid = lab._proc.pid
+    with NbdExport(t0, name="d0", shared=8) as e0, NbdExport(t1, name="d1", shared=8) as e1:
+        r = await vma.post("/api/v1/replicate", body(lab, "repl-silent", oma, [e0.uri, e1.uri], vm1))
+        assert r.status_code == 200, r.text
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = trio.current_time()
+            final = await vma.wait_job("repl-silent", within=40)
+            took = trio.current_time() - start
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert final["status"] == "failed"
+    assert "vCenter did not answer within" in final["error"], final["error"]
+    # each step is bounded: connect or a call (2 s), a task (2 + 3 s), the snapshot removal (5 s)
+    assert took < 2 * (2.0 + 3.0) + 5.0, took
+    with trio.fail_after(30):
+        while await trio.to_thread.run_sync(snapshot_names, lab, "vm1") or any(
+            (vma.config.work_dir / "journal").iterdir()
+        ):
+            await trio.sleep(0.2)
+    assert oma.change_id_posts == []

@@ -12,8 +12,10 @@ import trio
 
 from pyapp.lab import DiskSpec, Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
+from tests.mover.conftest import Nbdkit, flushless_nbdkit_args
 from tests.vma.conftest import (
     VM_PATH,
+    StartVma,
     Vma,
     images_equal,
     make_snapshot,
@@ -214,3 +216,46 @@ async def test_the_request_says_what_each_target_holds(
         "base_change_id": "nope",
     }
     assert (await vma.post("/api/v1/replicate", bad)).status_code == 400
+
+
+async def test_a_pass_into_targets_that_cannot_flush_stores_no_change_id(
+    tmp_path: Path, start_vma: StartVma, lab: Lab, vm1: LabVM, oma: OmaDouble
+) -> None:
+    """A target whose NBD server cannot flush may not keep what it acknowledged: the pass fails
+    and its change ID never becomes a base, unless the operator accepts such targets
+    (``allow_non_durable_targets``), which stores it."""
+    files = [new_target(tmp_path / f"nf-{d.key}.raw", d.capacity) for d in vm1.disks]
+    servers = [
+        Nbdkit(tmp_path / f"nf-{d.key}.sock", flushless_nbdkit_args(f))
+        for f, d in zip(files, vm1.disks, strict=True)
+    ]
+    try:
+        for s in servers:
+            s.start()
+        targets = {VM_PATH: {f"disk-{d.key}": s.uri for d, s in zip(vm1.disks, servers, strict=True)}}
+
+        strict = await start_vma()
+        r = await strict.post(
+            "/api/v1/replicate", replicate_body(lab, "repl-nf1", oma_url=oma.url, targets=targets)
+        )
+        assert r.status_code == 200, r.text
+        p1 = await strict.wait_job("repl-nf1")
+        assert p1["status"] == "failed", p1
+        assert "cannot be made durable" in p1["error"] and "does not support flush" in p1["error"]
+        assert oma.change_id_posts == []
+        assert oma.replications["repl-nf1"]["status"] == "failed"
+        assert await trio.to_thread.run_sync(snapshot_names, lab, "vm1") == []
+
+        lenient = await start_vma(allow_non_durable_targets=True)
+        r = await lenient.post(
+            "/api/v1/replicate", replicate_body(lab, "repl-nf2", oma_url=oma.url, targets=targets)
+        )
+        assert r.status_code == 200, r.text
+        p2 = await lenient.wait_job("repl-nf2")
+        assert p2["status"] == "completed", p2
+        assert {p["disk_id"] for p in oma.change_id_posts} == {f"disk-{d.key}" for d in vm1.disks}
+        for target, disk in zip(files, vm1.disks, strict=True):
+            assert images_equal(target, disk.image)
+    finally:
+        for s in servers:
+            s.stop()

@@ -6,6 +6,10 @@ gives one, so a fake answer object drives it)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,13 +19,16 @@ from pyVim.task import WaitForTask
 from pyapp.lab import Lab, LabVM
 from tests.vma.conftest import Vma
 from vma.vsphere import (
+    DEADLINES,
     ChangedAreasError,
     VCenterLogin,
     VSphere,
     VSphereError,
     cbt_epoch,
     collect_changed_areas,
+    configure_deadlines,
     merge_extents,
+    run,
     same_cbt_epoch,
 )
 
@@ -159,3 +166,50 @@ def test_vm_in_a_folder_has_its_folder_path(lab: Lab, vm1: LabVM) -> None:
             vs.find_vm("/DC0/vm/vm1")
     finally:
         vs.disconnect()
+
+
+@pytest.fixture
+def silent_vcenter() -> Iterator[str]:
+    """A TCP listener that accepts connections (the kernel does) and never answers: a vCenter
+    that stopped answering. Its URL."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/sdk"
+
+
+@pytest.fixture
+def short_deadlines() -> Iterator[None]:
+    saved = (DEADLINES.call, DEADLINES.task)
+    configure_deadlines(1.0, 2.0)
+    yield
+    configure_deadlines(*saved)
+
+
+async def test_a_silent_vcenter_fails_the_call_within_its_deadline(
+    silent_vcenter: str, short_deadlines: None
+) -> None:
+    start = trio.current_time()
+    with trio.fail_after(15), pytest.raises(VSphereError, match="vCenter"):
+        await run(VSphere.connect, VCenterLogin(silent_vcenter, "u", "p"))
+    assert trio.current_time() - start < DEADLINES.call + 2.0
+
+
+async def test_a_vcenter_stopped_mid_session_fails_the_call_within_its_deadline(
+    lab: Lab, vm1: LabVM, short_deadlines: None
+) -> None:
+    """The lab stopped with SIGSTOP after the session was open: the snapshot call fails within
+    its deadline (call + task seconds), not never."""
+    vs = await run(VSphere.connect, VCenterLogin(lab.url, lab.username, lab.password))
+    vm = await run(vs.find_vm, "/DC0/vm/vm1")
+    assert lab._proc is not None  # the vcsim process (the Lab has no public handle on it)
+    pid = lab._proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        start = trio.current_time()
+        with trio.fail_after(20), pytest.raises(VSphereError, match="within"):
+            await run(vs.create_snapshot, vm, "vma-deadline", "never ends")
+        assert trio.current_time() - start < DEADLINES.call + DEADLINES.task + 2.0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await run(vs.disconnect)

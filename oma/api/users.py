@@ -1,0 +1,146 @@
+"""User administration (administrators), under ``/api/v1/users`` — an addition to the seed.
+
+Create, list, read, change role or enabled state, delete, reset a password, and read the
+authentication audit log. The rules (tokens revoked with the access they stood for, the last
+enabled administrator kept) are :mod:`oma.users`; docs/oma.md "Users and roles" is the contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ConfigDict, Field, field_validator
+from quart import Blueprint
+from quart_schema import validate_querystring, validate_request
+
+from oma import users
+from oma.api.common import MAX_NAME, Page, RequestModel, client_ip, page_body, row_dict
+from oma.auth import Role, current_principal, requires
+from oma.state import state
+
+bp = Blueprint("users", __name__)
+
+Password = Field(min_length=users.MIN_PASSWORD, max_length=1024)
+
+
+class CreateUserRequest(RequestModel):
+    username: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
+    password: str = Password
+    role: Role = "viewer"
+
+    @field_validator("username")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value.startswith(users.RESERVED_PREFIX):
+            raise ValueError(
+                f"user names starting with {users.RESERVED_PREFIX!r} are reserved for enrolled VMAs"
+            )
+        return value
+
+
+class UpdateUserRequest(RequestModel):
+    role: Role | None = None
+    enabled: bool | None = None
+
+
+class ResetPasswordRequest(RequestModel):
+    password: str = Password
+
+
+class AuditQuery(Page):
+    model_config = ConfigDict(extra="forbid")
+
+    event_type: str | None = Field(None, max_length=MAX_NAME)
+    actor: str | None = Field(None, max_length=MAX_NAME)
+
+
+@bp.get("/users")
+@requires("admin")
+@validate_querystring(Page)
+async def list_users(query_args: Page) -> dict[str, Any]:
+    db = state().db
+    rows = await db.fetch(
+        f"SELECT {users.USER_COLUMNS} FROM users ORDER BY id LIMIT $1 OFFSET $2",
+        query_args.limit,
+        query_args.offset,
+    )
+    total = await db.fetchval("SELECT count(*) FROM users")
+    return page_body("users", [users.user_body(r) for r in rows], total, query_args)
+
+
+@bp.post("/users")
+@requires("admin")
+@validate_request(CreateUserRequest)
+async def create_user(data: CreateUserRequest) -> tuple[dict[str, Any], int]:
+    body = await users.create_user(
+        state().db,
+        username=data.username,
+        password=data.password,
+        role=data.role,
+        actor=current_principal().subject,
+        client_ip=client_ip(),
+    )
+    return body, 201
+
+
+@bp.get("/users/audit")
+@requires("admin")
+@validate_querystring(AuditQuery)
+async def audit_log(query_args: AuditQuery) -> dict[str, Any]:
+    db = state().db
+    where = "WHERE ($1::text IS NULL OR event_type = $1) AND ($2::text IS NULL OR actor = $2)"
+    rows = await db.fetch(
+        "SELECT id, event_type, actor, subject, client_ip, details, created_at FROM auth_audit_log"
+        f" {where} ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
+        query_args.event_type,
+        query_args.actor,
+        query_args.limit,
+        query_args.offset,
+    )
+    total = await db.fetchval(
+        f"SELECT count(*) FROM auth_audit_log {where}", query_args.event_type, query_args.actor
+    )
+    return page_body("events", [row_dict(r) for r in rows], total, query_args)
+
+
+@bp.get("/users/<int:user_id>")
+@requires("admin")
+async def get_user(user_id: int) -> dict[str, Any]:
+    return await users.get_user(state().db, user_id)
+
+
+@bp.put("/users/<int:user_id>")
+@requires("admin")
+@validate_request(UpdateUserRequest)
+async def update_user(user_id: int, data: UpdateUserRequest) -> dict[str, Any]:
+    return await users.update_user(
+        state().db,
+        user_id,
+        role=data.role,
+        enabled=data.enabled,
+        actor=current_principal().subject,
+        client_ip=client_ip(),
+    )
+
+
+@bp.delete("/users/<int:user_id>")
+@requires("admin")
+async def delete_user(user_id: int) -> dict[str, Any]:
+    revoked = await users.delete_user(
+        state().db, user_id, actor=current_principal().subject, client_ip=client_ip()
+    )
+    return {"message": "user deleted", "id": user_id, "tokens_revoked": revoked}
+
+
+@bp.post("/users/<int:user_id>/password")
+@requires("admin")
+@validate_request(ResetPasswordRequest)
+async def reset_password(user_id: int, data: ResetPasswordRequest) -> dict[str, Any]:
+    revoked = await users.set_password(
+        state().db, user_id, data.password, actor=current_principal().subject, client_ip=client_ip()
+    )
+    return {
+        "message": "password reset; the user's tokens are revoked",
+        "id": user_id,
+        "tokens_revoked": revoked,
+    }
