@@ -19,6 +19,7 @@ from oma.auth import allow_vma, requires
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database
+from pyapp.http_limits import SERIAL_MAX
 
 bp = Blueprint("vms", __name__)
 
@@ -40,7 +41,7 @@ class InventoryVM(BaseModel):
     path: str = Field(min_length=1, max_length=MAX_TEXT)
     power_state: str | None = Field(None, max_length=64)
     guest_os: str | None = Field(None, max_length=MAX_NAME)
-    memory_mb: int | None = Field(None, ge=0, le=1 << 31)
+    memory_mb: int | None = Field(None, ge=0, le=SERIAL_MAX)  # an integer column
     num_cpu: int | None = Field(None, ge=0, le=4096)
     disks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     networks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)

@@ -179,3 +179,11 @@ async def test_unknown_credential_is_422_not_a_database_error(oma: Oma) -> None:
     assert r.status_code == 422, r.text
     assert_envelope(r.json(), "VALIDATION_FAILED")
     assert "credential_id 4242" in r.json()["error"]
+
+
+async def test_inventory_memory_beyond_the_column_is_422(oma: Oma) -> None:
+    # found by schemathesis: memory_mb 2^31 passed the model and overflowed the int column (500)
+    vm = {"id": "vm-1", "name": "vm1", "path": "/DC/vm/vm1", "memory_mb": 1 << 31, "disks": []}
+    r = await oma.post("/vms/inventory", json={"vcenter": {"host": "vc", "datacenter": "DC"}, "vms": [vm]})
+    assert r.status_code == 422, r.text
+    assert "memory_mb" in r.json()["error"]
