@@ -7,6 +7,12 @@ Every record is one JSON object on one line with at least ``timestamp`` (UTC, IS
 
 A bounded in-memory ring of recent records (:class:`RecentRecords`) backs the OMA's
 ``/debug/logs``. Secrets never belong in a log message; callers pass identifiers, not passwords.
+As a second line of defence every record is redacted on its way out (:func:`redact`, applied by
+:func:`record_to_dict`, so to the JSON lines and the ring alike): a field whose name ends in a
+secret's word (``password``, ``secret``, ``token``, ``authorization``, ...) keeps its name with
+``[redacted]`` for a value, at any depth; in the message, the exception and every string value,
+``key=value`` and ``"key": "value"`` pairs of such keys, ``Bearer`` tokens and the
+password of a URL's ``user:password@`` are replaced the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -30,6 +37,57 @@ _STANDARD_ATTRS = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
     | {"message", "asctime", "taskName"}
 )
+
+
+REDACTED = "[redacted]"
+#: A field is secret when the last word of its name (``new_password``, ``oma_secret``,
+#: ``access_token``) is one of these; ``token_id`` or ``password_changed`` are not.
+_SECRET_WORDS = frozenset(
+    {
+        "password", "passwd", "pwd", "passphrase", "secret", "token", "authorization", "cookie",
+        "credentials", "apikey", "signature", "privatekey",
+    }
+)  # fmt: skip
+_SECRET_KEY_TEXT = r"[\w.-]*?(?:password|passwd|pwd|passphrase|secret|token|api[_-]?key|authorization)"
+# "password": "x", 'password': 'x' (JSON, Python reprs)
+_QUOTED_PAIR = re.compile(rf"""(?i)(["'])({_SECRET_KEY_TEXT})\1(\s*[:=]\s*)(["'])(?:\\.|(?!\4).)*\4""")
+# password=x, password='x' (mount options, query strings, dataclass reprs)
+_PLAIN_PAIR = re.compile(
+    rf"""(?i)(?<![\w.-])({_SECRET_KEY_TEXT})(\s*=\s*)(?:(["'])(?:\\.|(?!\3).)*\3|[^\s,;&'"\]}})]+)"""
+)
+_AUTH_SCHEME = re.compile(r"(?i)\b(bearer)(\s+)[A-Za-z0-9._~+/=-]{6,}")
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]+):[^\s/@]+@")
+
+
+def _secret_key(key: str) -> bool:
+    words = [w for w in re.split(r"[^a-z0-9]+", key.lower()) if w]
+    if not words:
+        return False
+    return words[-1] in _SECRET_WORDS or "".join(words[-2:]) in _SECRET_WORDS
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the secrets of known shapes replaced by ``[redacted]`` (see the module doc)."""
+    text = _QUOTED_PAIR.sub(rf"\1\2\1\3\4{REDACTED}\4", text)
+    text = _PLAIN_PAIR.sub(lambda m: f"{m[1]}{m[2]}{m[3] or ''}{REDACTED}{m[3] or ''}", text)
+    text = _AUTH_SCHEME.sub(rf"\1\2{REDACTED}", text)
+    return _URL_USERINFO.sub(rf"\1:{REDACTED}@", text)
+
+
+def redact(value: Any, key: str | None = None) -> Any:
+    """A log field's value with its secrets redacted: the whole value under a secret's name (but
+    ``None`` and booleans, which hold none), strings scrubbed, containers walked."""
+    if key is not None and _secret_key(key) and value is not None and not isinstance(value, bool):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [redact(v) for v in value]
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return redact_text(str(value))  # what json.dumps(default=str) would have written
 
 
 def utc_timestamp(when: float | None = None) -> str:
@@ -57,16 +115,16 @@ def record_to_dict(record: logging.LogRecord) -> dict[str, Any]:
     out: dict[str, Any] = {
         "timestamp": utc_timestamp(record.created),
         "level": record.levelname.lower(),
-        "message": record.getMessage(),
+        "message": redact_text(record.getMessage()),
         "job_id": getattr(record, "job_id", None) or _job_id.get(),
         "action": getattr(record, "action", None) or _action.get(),
         "logger": record.name,
     }
     for key, value in vars(record).items():
         if key not in _STANDARD_ATTRS and key not in out:
-            out[key] = value
+            out[key] = redact(value, key)
     if record.exc_info and record.exc_info[0] is not None:
-        out["exception"] = logging.Formatter().formatException(record.exc_info)
+        out["exception"] = redact_text(logging.Formatter().formatException(record.exc_info))
     return out
 
 

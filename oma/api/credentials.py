@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from quart import Blueprint
 from quart_schema import validate_request
 
@@ -39,9 +39,23 @@ PUBLIC_COLUMNS = (
 )
 
 
+def _no_login_in_host(host: str) -> str:
+    """A host or URL without a login in it: ``user:password@`` would keep a password in a field
+    that every answer and log line shows."""
+    authority = host.split("://", 1)[-1].split("/", 1)[0]
+    if "@" in authority:
+        raise ValueError(
+            "vcenter_host must not carry a login (user:password@); give username and password in their fields"
+        )
+    return host
+
+
+VCenterHost = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_no_login_in_host)]
+
+
 class CreateCredentialRequest(RequestModel):
     credential_name: str = Field(min_length=1, max_length=MAX_NAME)
-    vcenter_host: str = Field(min_length=1, max_length=MAX_NAME)
+    vcenter_host: VCenterHost
     username: str = Field(min_length=1, max_length=MAX_NAME)
     password: str = Field(min_length=1, max_length=1024)
     datacenter: str = Field("", max_length=MAX_NAME)
@@ -51,7 +65,7 @@ class CreateCredentialRequest(RequestModel):
 
 class UpdateCredentialRequest(RequestModel):
     credential_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
-    vcenter_host: str | None = Field(None, min_length=1, max_length=MAX_NAME)
+    vcenter_host: VCenterHost | None = None
     username: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     password: str | None = Field(None, min_length=1, max_length=1024)
     datacenter: str | None = Field(None, max_length=MAX_NAME)
@@ -63,7 +77,7 @@ class VCenterLogin:
     credential_id: int | None
     vcenter: str
     username: str
-    password: str
+    password: str = field(repr=False)
     datacenter: str
 
 

@@ -1,4 +1,8 @@
-"""Debug (administrators only): deep health, failover jobs, the route table, recent logs."""
+"""Debug (administrators only): deep health, the route table, recent logs.
+
+Every answer here is real data of this process or its database. (The seed's
+``/debug/failover-jobs`` is not served: no failover engine exists to fill its table, so it could
+only ever answer an empty list.)"""
 
 from __future__ import annotations
 
@@ -6,15 +10,16 @@ import logging
 import time
 from typing import Any, Literal
 
+import trio
 from pydantic import BaseModel, Field
 from quart import Blueprint, current_app
 from quart_schema import validate_querystring
 
-from oma.api.common import Page, page_body, row_dict
+from oma.api.health import DB_DEADLINE_S, assess
 from oma.auth import requires
 from oma.state import state
 from oma.vma_client import VmaError
-from pyapp.logs import utc_timestamp
+from pyapp.db import PostgresError
 
 bp = Blueprint("debug", __name__)
 
@@ -26,18 +31,30 @@ class LogsQuery(BaseModel):
 
 @bp.get("/debug/health")
 @requires("admin")
-async def debug_health() -> dict[str, Any]:
+async def debug_health() -> tuple[dict[str, Any], int]:
+    """``GET /health``'s checks (status, reasons, the same HTTP status), then deeper figures: the
+    database's version, pool and row counts (when the database answers) and the VMA's reach."""
     st = state()
-    started = time.monotonic()
-    db_version = await st.db.fetchval("SHOW server_version")
-    schema = await st.db.fetchval("SELECT max(version) FROM schema_migrations")
-    db_ms = round((time.monotonic() - started) * 1000, 2)
-    counts = await st.db.fetchrow(
-        "SELECT (SELECT count(*) FROM vms) AS vms, (SELECT count(*) FROM vm_contexts) AS vm_contexts,"
-        " (SELECT count(*) FROM replication_jobs) AS replication_jobs,"
-        " (SELECT count(*) FROM replication_jobs WHERE status IN ('pending', 'replicating')) AS active_jobs,"
-        " (SELECT count(*) FROM vma_enrollments WHERE status = 'approved') AS active_vmas"
-    )
+    body, status = await assess(st)
+    body["uptime_seconds"] = round(time.monotonic() - st.started_monotonic, 3)
+    database: dict[str, Any] = dict(body["checks"]["database"])
+    database |= {"pool": st.db.pool_stats(), "embedded": st.config.database_url is None}
+    counts: dict[str, Any] = {}
+    if database["status"] == "ok":
+        try:
+            with trio.fail_after(DB_DEADLINE_S):
+                database["server_version"] = await st.db.fetchval("SHOW server_version")
+                row = await st.db.fetchrow(
+                    "SELECT (SELECT count(*) FROM vms) AS vms,"
+                    " (SELECT count(*) FROM vm_contexts) AS vm_contexts,"
+                    " (SELECT count(*) FROM replication_jobs) AS replication_jobs,"
+                    " (SELECT count(*) FROM replication_jobs WHERE status IN ('pending', 'replicating'))"
+                    " AS active_jobs,"
+                    " (SELECT count(*) FROM vma_enrollments WHERE status = 'approved') AS active_vmas"
+                )
+                counts = dict(row) if row else {}
+        except (trio.TooSlowError, PostgresError) as exc:
+            database["details_error"] = type(exc).__name__
     vma: dict[str, Any] = {"url": st.vma.base_url}
     vma_started = time.monotonic()
     try:
@@ -48,35 +65,8 @@ async def debug_health() -> dict[str, Any]:
         vma["reachable"] = exc.status is not None
         vma["detail"] = exc.message
     vma["latency_ms"] = round((time.monotonic() - vma_started) * 1000, 2)
-    return {
-        "status": "healthy",
-        "timestamp": utc_timestamp(),
-        "uptime_seconds": round(time.monotonic() - st.started_monotonic, 3),
-        "database": {
-            "server_version": db_version,
-            "schema_version": schema,
-            "latency_ms": db_ms,
-            "pool": st.db.pool_stats(),
-            "embedded": st.config.database_url is None,
-        },
-        "counts": dict(counts) if counts else {},
-        "vma": vma,
-    }
-
-
-@bp.get("/debug/failover-jobs")
-@requires("admin")
-@validate_querystring(Page)
-async def debug_failover_jobs(query_args: Page) -> dict[str, Any]:
-    db = state().db
-    rows = await db.fetch(
-        "SELECT id, vm_context_id, failover_type, status, error_message, created_at, updated_at"
-        " FROM failover_jobs ORDER BY created_at DESC LIMIT $1 OFFSET $2",
-        query_args.limit,
-        query_args.offset,
-    )
-    total = await db.fetchval("SELECT count(*) FROM failover_jobs")
-    return page_body("failover_jobs", [row_dict(r) for r in rows], total, query_args)
+    body |= {"database": database, "counts": counts, "vma": vma}
+    return body, status
 
 
 @bp.get("/debug/endpoints")

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -216,6 +215,8 @@ async def finish_backup(
 class BackupEngine(ClaimWorker):
     kind = "backup engine"
     action = "backup_engine"
+    lease_table = "backup_jobs"
+    active_statuses = ("pending", "running")
 
     def __init__(
         self,
@@ -227,7 +228,12 @@ class BackupEngine(ClaimWorker):
         *,
         after_backup: AfterBackup | None = None,
     ) -> None:
-        super().__init__(max_active=config.max_active_backups, poll_interval=config.engine_poll_interval)
+        super().__init__(
+            max_active=config.max_active_backups,
+            poll_interval=config.engine_poll_interval,
+            db=db,
+            lease_ttl=config.job_lease_ttl,
+        )
         self.config = config
         self.db = db
         self.vma = vma
@@ -251,33 +257,30 @@ class BackupEngine(ClaimWorker):
         self.backups[job.backup_id] = job
         nursery.start_soon(self._drive, job)
 
-    async def recover_orphans(self) -> None:
-        """Fail the active backups that a dead OMA process on this host claimed: left alone they
-        would hold their disk's "one active backup" slot forever. Each one's export is released on
-        the VMA and its unfinished files are removed."""
-        rows = await self.db.fetch(
-            "SELECT id, claimed_by, file_path, repository_id FROM backup_jobs"
-            " WHERE status IN ('pending', 'running') AND claimed_by LIKE $1",
-            f"{socket.gethostname()}:%",
+    def driven_ids(self) -> list[str]:
+        return list(self.backups)
+
+    async def take_over(self, row: Any) -> None:
+        """A backup whose engine stopped renewing its lease (or, on this host, whose process is
+        gone; see :mod:`oma.workers`): left alone it would hold its disk's "one active backup"
+        slot forever. Its export is released on the VMA, its unfinished files are removed, and it
+        fails with the reason; the next backup of the disk starts from the last complete point."""
+        await self._release_export(row["id"])
+        found = await self.db.fetchrow(
+            "SELECT file_path, repository_id FROM backup_jobs WHERE id = $1", row["id"]
         )
-        for row in rows:
-            if not claimant_gone(row["claimed_by"]):
-                continue
-            with log_context(job_id=row["id"]):
-                await self._release_export(row["id"])
-                removed = True
-                if row["file_path"]:
-                    removed = await self._remove_orphan_files(row["repository_id"], Path(row["file_path"]))
-                if await finish_backup(
-                    self.db,
-                    row["id"],
-                    "failed",
-                    f"the OMA process driving the backup ({row['claimed_by']}) stopped",
-                    files_removed=removed,
-                ):
-                    log.warning(
-                        "backup of a stopped OMA process failed", extra={"claimed_by": row["claimed_by"]}
-                    )
+        removed = True
+        if found is not None and found["file_path"]:
+            removed = await self._remove_orphan_files(found["repository_id"], Path(found["file_path"]))
+        reason = "its process is gone" if claimant_gone(row["previous"]) else "its lease expired"
+        if await finish_backup(
+            self.db,
+            row["id"],
+            "failed",
+            f"the OMA process driving the backup ({row['previous']}) stopped: {reason}",
+            files_removed=removed,
+        ):
+            log.warning("backup of a stopped OMA process failed", extra={"claimed_by": row["previous"]})
 
     async def _remove_orphan_files(self, repository_id: str, image: Path) -> bool:
         """Remove what a dead process left of a point, once its repository is ready: the path of

@@ -23,7 +23,7 @@ import secrets
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,7 +61,7 @@ class RepositorySpec:
     id: str
     type: RepositoryType
     config: Mapping[str, Any]
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -70,12 +70,14 @@ MOUNT_COLUMNS = (
 
 
 def mount_body(row: Record | dict[str, Any]) -> dict[str, Any]:
-    """The API's view of a ``restore_mounts`` row (the seed's fields, then ours)."""
+    """The API's view of a ``restore_mounts`` row (the seed's fields, then ours).
+
+    The seed's ``mount_path`` and ``nbd_device`` are left out: the point is read in the process
+    through dissect, with no kernel mount and no NBD device, so there is no such path or device to
+    report (docs/backup.md). ``filesystem_type`` is what dissect detected."""
     return {
         "mount_id": row["id"],
         "backup_id": row["backup_id"],
-        "mount_path": f"restore://{row['id']}/",
-        "nbd_device": None,
         "filesystem_type": row["filesystem_type"],
         "status": row["status"],
         "volumes": _decoded(row["volumes"]),

@@ -673,3 +673,62 @@ async def test_migration_008_keys_existing_points_by_identity(oma_dsn: str) -> N
                 " 'full', 'full', 'repo-1', 'backup-7', 'pending')",
                 vm_key("vc1", "vm-8"),
             )
+
+
+async def test_a_backup_whose_lease_expired_is_taken_over_by_a_live_engine(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble
+) -> None:
+    """Two backups claimed by engines on another host: one claimed long ago and never renewed (its
+    OMA died), one whose lease runs for an hour. A live engine takes the first over — its export
+    released, its partial image removed, the backup failed with the reason — and leaves the
+    second to its owner."""
+    base = make_config(tmp_path, oma_dsn, vma.base_url, engine_poll_interval=0.1)
+    async with run_oma(base.with_overrides(run_backups=False)) as oma:
+        lab = await setup_lab(oma, vma, tmp_path)
+        dead = await lab.start("full")
+        partial = Path(dead["file_path"])
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(b"QFI\xfb partial")
+        await lab.db.execute(
+            "UPDATE backup_jobs SET status = 'running', claimed_by = 'elsewhere:4242@1:dead0000',"
+            " claimed_at = now() - interval '1 hour', started_at = now() WHERE id = $1",
+            dead["backup_id"],
+        )
+        r = await oma.client.post(  # the export its engine had asked for
+            f"{vma.base_url}/api/v1/replicate",
+            json={
+                "job_id": dead["backup_id"],
+                "mode": "export",
+                "username": vma.username,
+                "password": vma.password,
+                "vm_paths": ["/LabDC/vm/app01"],
+                "disks": {"/LabDC/vm/app01": ["disk-2000"]},
+            },
+        )
+        assert r.status_code == 200, r.text
+        live = await lab.start("full", disk_id="disk-2001")
+        await lab.db.execute(
+            "UPDATE backup_jobs SET status = 'running', claimed_by = 'elsewhere:4243@1:live0000',"
+            " claimed_at = now(), lease_expires_at = now() + interval '1 hour', started_at = now()"
+            " WHERE id = $1",
+            live["backup_id"],
+        )
+
+    async with run_oma(base.with_overrides(job_lease_ttl=1.0)) as oma:
+        lab = await setup_lab(oma, vma, tmp_path)
+        taken = await lab.wait(dead["backup_id"])
+        assert taken["status"] == "failed", taken
+        assert "elsewhere:4242@1:dead0000" in taken["error_message"]
+        assert "lease expired" in taken["error_message"]
+        assert dead["backup_id"] in vma.releases
+        assert not partial.exists()
+        await trio.sleep(2.0)  # several takeover rounds (every lease_ttl / 2)
+        assert (await lab.get(live["backup_id"]))["status"] == "running"
+        claimed_by = await lab.db.fetchval(
+            "SELECT claimed_by FROM backup_jobs WHERE id = $1", live["backup_id"]
+        )
+        assert claimed_by == "elsewhere:4243@1:live0000"
+        await lab.db.execute(
+            "UPDATE backup_jobs SET status = 'failed', completed_at = now() WHERE id = $1", live["backup_id"]
+        )
+    shutil.rmtree(lab.repo_root, ignore_errors=True)

@@ -153,3 +153,28 @@ def test_key_file_is_created_0600_and_refused_when_readable_by_others(tmp_path: 
     path.chmod(0o644)
     with pytest.raises(SecretBoxError, match="readable by others"):
         load_or_create_key(path)
+
+
+async def test_a_vcenter_host_carrying_a_login_is_refused_without_echoing_it(
+    oma: Oma, vma: VmaDouble
+) -> None:
+    """``https://user:password@host`` would keep a password in a field every answer shows: it is
+    refused (422) on create and update, and the refusal does not repeat it."""
+    secret = f"Zq-{uuid.uuid4().hex}-pw"
+    for host in (f"https://admin:{secret}@vc.example", f"admin:{secret}@vc.example", f"{secret}@vc.example"):
+        r = await oma.post("/vmware-credentials", json=cred_body(vma, "userinfo", vcenter_host=host))
+        assert r.status_code == 422, r.text
+        assert_envelope(r.json(), "VALIDATION_FAILED")
+        assert secret not in r.text
+    ok = (await oma.post("/vmware-credentials", json=cred_body(vma, "plain"))).json()
+    r = await oma.put(f"/vmware-credentials/{ok['id']}", json={"vcenter_host": f"https://a:{secret}@vc"})
+    assert r.status_code == 422 and secret not in r.text
+
+
+def test_logins_do_not_show_their_password_in_repr() -> None:
+    from oma.api.credentials import VCenterLogin
+    from oma.backups.repositories import RepositorySpec
+
+    secret = f"Zq-{uuid.uuid4().hex}-pw"
+    assert secret not in repr(VCenterLogin(1, "vc", "u", secret, "DC0"))
+    assert secret not in repr(RepositorySpec("repo-1", "cifs", {}, secret))

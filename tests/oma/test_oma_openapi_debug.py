@@ -6,9 +6,11 @@ from __future__ import annotations
 import io
 import json
 
+import trio
 from oma_harness import Oma
 
 from oma.app import MIGRATIONS_DIR
+from oma.state import STATE_KEY, OmaState
 from pyapp.db import load_migrations
 
 # Every path of the sections implemented (OMA seed): Authentication; Health/Swagger; VM Inventory;
@@ -57,7 +59,6 @@ SEED_PATHS = {
     ("post", "/api/v1/vma/enroll/verify"),
     ("get", "/api/v1/vma/enroll/result"),
     ("get", "/api/v1/debug/health"),
-    ("get", "/api/v1/debug/failover-jobs"),
     ("get", "/api/v1/debug/endpoints"),
     ("get", "/api/v1/debug/logs"),
     # Backup Repository Management
@@ -112,13 +113,40 @@ async def test_debug_endpoints(oma: Oma) -> None:
     assert health["database"]["schema_version"] == latest and health["vma"]["reachable"] is True
     endpoints = (await oma.get("/debug/endpoints")).json()
     assert any(e["path"] == "/api/v1/replications" and "POST" in e["methods"] for e in endpoints["endpoints"])
-    failover = (await oma.get("/debug/failover-jobs")).json()
-    assert failover["total"] == 0
     await oma.post(
         "/replications", json={"source_vm": {"name": "l1", "path": "/DC/vm/l1", "disks": [{"id": "d"}]}}
     )
     logs = (await oma.get("/debug/logs?level=info&limit=50")).json()
     assert any(rec["message"] == "replication job created" for rec in logs["logs"])
+
+
+async def test_debug_health_status_is_the_health_checks(oma: Oma) -> None:
+    r = await oma.get("/debug/health")
+    assert r.status_code == 200, r.text
+    healthy = r.json()
+    assert healthy["status"] == "healthy" and healthy["reasons"] == []
+    assert healthy["database"]["server_version"] and healthy["counts"]["vms"] == 0
+    assert healthy["checks"]["workers"]["backup_engine"] == "running"
+    # a worker whose loop ended: the deep health says so too, with the probe's status
+    st: OmaState = oma.extra["app"].extensions[STATE_KEY]
+    assert st.backup_engine is not None
+    st.backup_engine.stop()
+    with trio.fail_after(20):
+        await st.backup_engine.stopped.wait()
+    r = await oma.get("/debug/health")
+    assert r.status_code == 503, r.text
+    body = r.json()
+    assert body["status"] == "unhealthy" and "backup engine is not running" in body["reasons"]
+    assert body["database"]["schema_version"] == healthy["database"]["schema_version"]
+
+
+async def test_debug_routes_without_data_do_not_exist(oma: Oma) -> None:
+    # no failover engine fills failover_jobs: the route is not served (and not documented)
+    r = await oma.get("/debug/failover-jobs")
+    assert r.status_code == 404, r.text
+    spec = (await oma.client.get(oma.url("/swagger/openapi.json"))).json()
+    debug_paths = sorted(p for p in spec["paths"] if p.startswith("/api/v1/debug/"))
+    assert debug_paths == ["/api/v1/debug/endpoints", "/api/v1/debug/health", "/api/v1/debug/logs"]
 
 
 async def test_logs_are_json_lines_with_the_required_fields(oma: Oma, log_capture: io.StringIO) -> None:

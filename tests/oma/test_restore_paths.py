@@ -3,6 +3,8 @@ real ext4 file system (built by the lab) read through the mover's image reader a
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import subprocess
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 
 from oma.restore.mount import Mount
 from oma.restore.paths import MAX_SYMLINKS, split_request_path
+from oma.restore.service import mount_body
 from pyapp.api import ApiError
 from pyapp.lab import MiB, Partition
 from pyapp.lab.disks import build_partition
@@ -172,3 +175,26 @@ def test_a_directory_loop_is_not_walked_twice(tmp_path: Path) -> None:
     assert not truncated and "/docs/loop" in paths and "/docs/loop/docs" not in paths
     assert paths.count("/docs/a.txt") == 1
     mount.close()
+
+
+def test_the_mount_answer_reports_what_dissect_found_and_no_placeholder(fs_mount: Mount) -> None:
+    """``filesystem_type`` is dissect's; ``mount_path``/``nbd_device`` do not exist in the no-mount
+    design and are left out rather than answered with a made-up path or ``null``."""
+    now = dt.datetime.now(dt.UTC)
+    row = {
+        "id": "mnt-1",
+        "backup_id": "bk-1",
+        "status": "mounted",
+        "filesystem_type": fs_mount.filesystem_type,
+        "volumes": json.dumps([v.describe() for v in fs_mount.volumes]),
+        "created_by": "admin",
+        "created_at": now,
+        "last_access_at": now,
+        "expires_at": now,
+        "unmounted_at": None,
+    }
+    body = mount_body(row)
+    assert body["filesystem_type"] == "ext4"
+    assert [(v["name"], v["filesystem_type"]) for v in body["volumes"]] == [("disk", "ext4")]
+    assert "mount_path" not in body and "nbd_device" not in body
+    assert None not in (body["mount_id"], body["backup_id"], body["filesystem_type"], body["status"])
