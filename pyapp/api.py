@@ -6,9 +6,16 @@ Every error a client sees is ``{"error": <human message>, "code": <stable code>,
 validation failures, bodies that are not JSON, unknown paths, wrong methods, oversized bodies and
 unexpected exceptions — to the same envelope.
 
-Status mapping: a body that is not JSON (wrong content type, unparsable) is 400 ``INVALID_REQUEST``;
-a JSON body or a query string that does not fit the model is 422 ``VALIDATION_FAILED`` (query
-strings: 400 ``INVALID_REQUEST``).
+Status mapping: a body sent with another content type than ``application/json`` is 415
+``UNSUPPORTED_MEDIA_TYPE``; a body that is not JSON, or JSON the services refuse to parse (nested
+too deep, integers beyond 64 bits, NUL characters: :mod:`pyapp.http_limits`) is 400
+``INVALID_REQUEST``; a JSON body that does not fit the model is 422 ``VALIDATION_FAILED`` naming
+the fields (request models derive from :class:`RequestModel`, so an unknown field is refused,
+never dropped); a query string that does not fit is 400 ``INVALID_REQUEST``; a body over
+``MAX_CONTENT_LENGTH`` is 413 ``PAYLOAD_TOO_LARGE``.
+
+:func:`install_error_handlers` also makes the app's OpenAPI document (quart-schema) declare these
+answers, with the envelope's schema, for every operation.
 """
 
 from __future__ import annotations
@@ -21,11 +28,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
 from quart import Quart, Response, request
 from quart_schema import RequestSchemaValidationError
+from quart_schema.openapi import OpenAPIProvider
 from quart_schema.validation import QuerystringValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Rule
 
+from pyapp import http_limits
 from pyapp.logs import utc_timestamp
 
 log = logging.getLogger(__name__)
@@ -39,9 +50,17 @@ METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
 CONFLICT = "CONFLICT"
 JOB_NOT_FOUND = "JOB_NOT_FOUND"
 PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+UNSUPPORTED_MEDIA_TYPE = "UNSUPPORTED_MEDIA_TYPE"
 OPERATION_FAILED = "OPERATION_FAILED"
 UPSTREAM_UNAVAILABLE = "UPSTREAM_UNAVAILABLE"
 INTERNAL_ERROR = "INTERNAL_ERROR"
+
+
+class RequestModel(BaseModel):
+    """The base of every request body model: a field the model does not know is refused (422
+    naming it), never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ApiError(Exception):
@@ -157,6 +176,20 @@ def _validation_details(error: Exception) -> Any:
     return str(inner) if inner is not None else None
 
 
+def _validation_message(details: Any) -> str:
+    """The 422's message: the fields at fault, unknown ones first."""
+    message = "the request body does not match the schema"
+    if not isinstance(details, list) or not details:
+        return message
+    unknown = [".".join(d["loc"]) for d in details if d.get("type") == "extra_forbidden"]
+    if unknown:
+        return f"{message}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:10])}"
+    first = details[0]
+    where = ".".join(first["loc"]) or "the body"
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"{message}: {where}: {first['msg']}{more}"
+
+
 _HTTP_CODES = {
     400: INVALID_REQUEST,
     401: UNAUTHORIZED,
@@ -165,12 +198,79 @@ _HTTP_CODES = {
     405: METHOD_NOT_ALLOWED,
     409: CONFLICT,
     413: PAYLOAD_TOO_LARGE,
+    415: UNSUPPORTED_MEDIA_TYPE,
     422: VALIDATION_FAILED,
 }
 
+#: The error answers every operation of the OpenAPI document declares (besides its own).
+ERROR_RESPONSES = {
+    400: "malformed request: not JSON, refused JSON (too deep, NUL, integers beyond 64 bits), bad query",
+    401: "no valid bearer token",
+    403: "not allowed for this principal",
+    404: "no such resource",
+    409: "conflicts with the current state",
+    410: "gone",
+    413: "request body over the size limit",
+    415: "request body not application/json",
+    422: "request body does not match the schema (unknown fields included)",
+    429: "too many requests",
+    500: "internal error",
+    502: "an upstream service (VMA, vCenter) failed",
+    503: "unavailable (a repository, the database)",
+}
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error", "code", "timestamp"],
+    "properties": {
+        "error": {"type": "string"},
+        "code": {"type": "string"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "details": {},
+    },
+}
+
+
+class EnvelopeOpenAPIProvider(OpenAPIProvider):
+    """quart-schema's OpenAPI generation, with the error envelope declared for every operation
+    (:data:`ERROR_RESPONSES`) and a JSON success answer for those that declare none."""
+
+    def schema(self) -> dict[str, Any]:
+        schema = super().schema()
+        schema["components"]["schemas"]["ErrorEnvelope"] = ERROR_SCHEMA
+        return schema
+
+    def build_paths(self, rule: Rule) -> tuple[dict[str, Any], dict[str, Any]]:
+        paths, components = super().build_paths(rule)
+        for operations in paths.values():
+            for operation in operations.values():
+                responses = dict(operation.get("responses", {}))
+                if not any(str(code).startswith("2") for code in responses):
+                    responses["2XX"] = {
+                        "description": "success",
+                        "content": {"application/json": {"schema": {}}},
+                    }
+                for status, description in ERROR_RESPONSES.items():
+                    responses.setdefault(
+                        str(status),
+                        {
+                            "description": description,
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorEnvelope"}}
+                            },
+                        },
+                    )
+                operation["responses"] = responses
+        return paths, components
+
 
 def install_error_handlers(app: Quart) -> None:
-    """Make every error of ``app`` answer with the envelope."""
+    """Make every error of ``app`` answer with the envelope; refuse bad input before the views
+    (:func:`pyapp.http_limits.install`); declare the envelope in the OpenAPI document."""
+    http_limits.install(app)
+    schema_ext = app.extensions.get("QUART_SCHEMA")
+    if schema_ext is not None:
+        schema_ext.openapi_provider = EnvelopeOpenAPIProvider(app, schema_ext)
 
     @app.errorhandler(ApiError)
     async def _api_error(error: ApiError) -> Response:
@@ -183,16 +283,17 @@ def install_error_handlers(app: Quart) -> None:
                 400, INVALID_REQUEST, "invalid query parameters", _validation_details(error)
             )
         if not request.is_json:
-            return error_response(400, INVALID_REQUEST, "the request body must be JSON (application/json)")
+            return error_response(
+                415, UNSUPPORTED_MEDIA_TYPE, "the request body must be JSON (Content-Type: application/json)"
+            )
         try:
             parsed = await request.get_json(silent=True)
         except UnicodeDecodeError:
             parsed = None
         if parsed is None:
             return error_response(400, INVALID_REQUEST, "the request body is not valid JSON")
-        return error_response(
-            422, VALIDATION_FAILED, "the request body does not match the schema", _validation_details(error)
-        )
+        details = _validation_details(error)
+        return error_response(422, VALIDATION_FAILED, _validation_message(details), details)
 
     @app.errorhandler(UnicodeDecodeError)
     async def _not_utf8(error: UnicodeDecodeError) -> Response:
@@ -202,12 +303,14 @@ def install_error_handlers(app: Quart) -> None:
     async def _http_error(error: HTTPException) -> Response:
         status = error.code or 500
         code = _HTTP_CODES.get(status, INTERNAL_ERROR if status >= 500 else INVALID_REQUEST)
-        if status == 400:
+        if isinstance(error, http_limits.BodyRejected):
+            message = error.description or "malformed request"
+        elif status == 400:
             message = "malformed request (the body is not valid JSON?)"
         elif status == 404:
-            message = f"no such resource: {request.path}"
+            message = f"no such resource: {request.path}"[:300]
         elif status == 405:
-            message = f"method {request.method} not allowed on {request.path}"
+            message = f"method {request.method} not allowed on {request.path}"[:300]
         else:
             message = error.description or error.name
         return error_response(status, code, message)

@@ -1,8 +1,14 @@
 """API errors of the VMA: the seed's envelope ``{"error", "code", "timestamp"}`` and its codes.
 
-An :class:`ApiError` raised anywhere in a view becomes that envelope with its HTTP status; any
-other exception becomes a 500 ``OPERATION_FAILED`` whose message names the exception's type only
-(details go to the log, never to the client).
+An :class:`ApiError` raised anywhere in a view becomes that envelope with its HTTP status; a
+vCenter that refuses or fails is a 502 ``OPERATION_FAILED``; any other exception becomes a 500
+``OPERATION_FAILED`` whose message names the exception's type only (details go to the log, never
+to the client).
+
+:func:`install_error_handlers` also sets what every request must respect before a view runs
+(:mod:`pyapp.http_limits`: bodies of at most :data:`MAX_BODY_BYTES`, strict JSON, the connection
+kept after an early refusal) and serves the OpenAPI document at ``/api/v1/swagger/openapi.json``
+with the envelope declared for every operation.
 """
 
 from __future__ import annotations
@@ -11,12 +17,20 @@ import datetime as dt
 import logging
 from typing import Any
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
+from quart_schema import QuartSchema
+from quart_schema.openapi import Info
 from werkzeug.exceptions import HTTPException
+
+from pyapp import http_limits
+from pyapp.api import EnvelopeOpenAPIProvider
 
 INVALID_REQUEST = "INVALID_REQUEST"
 JOB_NOT_FOUND = "JOB_NOT_FOUND"
 OPERATION_FAILED = "OPERATION_FAILED"
+
+MAX_BODY_BYTES = 1024 * 1024
+OPENAPI_PATH = "/api/v1/swagger/openapi.json"
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +57,10 @@ class ApiError(Exception):
         return cls(404, JOB_NOT_FOUND, f"job {job_id} not found")
 
     @classmethod
-    def failed(cls, message: str) -> ApiError:
-        return cls(500, OPERATION_FAILED, message)
+    def failed(cls, message: str, status: int = 502) -> ApiError:
+        """The operation failed elsewhere: vCenter refused or failed (502), or a job would not
+        stop (503)."""
+        return cls(status, OPERATION_FAILED, message)
 
 
 def error_response(status: int, code: str, message: str) -> Response:
@@ -54,9 +70,26 @@ def error_response(status: int, code: str, message: str) -> Response:
 
 
 def install_error_handlers(app: Quart) -> None:
+    """The envelope for every error, the request limits and the OpenAPI document (see above)."""
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    schema = QuartSchema(
+        app,
+        openapi_path=OPENAPI_PATH,
+        swagger_ui_path="/api/v1/swagger/",
+        redoc_ui_path=None,
+        scalar_ui_path=None,
+        info=Info(title="VMA API", version="1"),
+    )
+    schema.openapi_provider = EnvelopeOpenAPIProvider(app, schema)
+    http_limits.install(app)
+
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(UnicodeDecodeError)
+    async def _not_utf8(exc: UnicodeDecodeError) -> Response:
+        return error_response(400, INVALID_REQUEST, "the request body is not valid UTF-8")
 
     @app.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> Response:
@@ -75,3 +108,10 @@ def require_json_object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError.invalid("the request body must be a JSON object")
     return body
+
+
+async def json_object() -> dict[str, Any]:
+    """The request's body, a JSON object: else 415 (not ``application/json``) or 400."""
+    if not request.is_json:
+        raise ApiError(415, INVALID_REQUEST, "the request body must be JSON (Content-Type: application/json)")
+    return require_json_object(await request.get_json(silent=True))

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from oma import users
-from oma.api.common import MAX_NAME, Page, client_ip, iso, page_body
+from oma.api.common import MAX_NAME, Page, RequestModel, client_ip, iso, page_body
 from oma.auth import (
     Counted,
     Refusal,
@@ -44,14 +44,12 @@ bp = Blueprint("auth", __name__)
 TOO_MANY_REQUESTS = "TOO_MANY_REQUESTS"
 
 
-class LoginRequest(BaseModel):
+class LoginRequest(RequestModel):
     username: str = Field(min_length=1, max_length=MAX_NAME)
     password: str = Field(min_length=1, max_length=1024)
 
 
-class ChangePasswordRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ChangePasswordRequest(RequestModel):
     current_password: str = Field(min_length=1, max_length=1024)
     new_password: str = Field(min_length=users.MIN_PASSWORD, max_length=1024)
 

@@ -26,11 +26,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, Page, json_columns, json_page, new_id, not_cut_short
+from oma.api.common import (
+    MAX_NAME,
+    Page,
+    QueryModel,
+    RequestModel,
+    json_columns,
+    json_page,
+    new_id,
+    not_cut_short,
+)
 from oma.auth import requires
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
@@ -76,7 +85,7 @@ Status = Literal["pending", "running", "completed", "failed", "cancelled", "dele
 TagText = Annotated[str, Field(max_length=MAX_NAME)]
 
 
-class StartBackupRequest(BaseModel):
+class StartBackupRequest(RequestModel):
     vm_name: str | None = Field(
         None, min_length=1, max_length=MAX_NAME, description="a managed VM (its VM context)"
     )
@@ -105,7 +114,7 @@ class BackupListQuery(Page):
     status: Status | None = None
 
 
-class ChainQuery(BaseModel):
+class ChainQuery(QueryModel):
     vm_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     vm_context_id: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     disk_id: str = Field("0", min_length=1, max_length=MAX_NAME, description="disk id, key or index")

@@ -1,4 +1,6 @@
-"""Helpers shared by the blueprints: pagination, row conversion, request context."""
+"""Helpers shared by the blueprints: pagination, row conversion, request context, and the bases of
+request models (:class:`RequestModel`: unknown fields refused; :class:`QueryModel`: no NUL
+characters; :data:`SerialId`: an id the database can hold)."""
 
 from __future__ import annotations
 
@@ -7,19 +9,35 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import trio
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from quart import Response, request
 
+from pyapp.api import RequestModel as RequestModel
 from pyapp.db import Database, Record
+from pyapp.http_limits import SERIAL_MAX
 
 MAX_NAME = 255
 MAX_TEXT = 4096
+#: An integer id of a row (a PostgreSQL ``serial``).
+SerialId = Annotated[int, Field(ge=1, le=SERIAL_MAX)]
 
 
-class Page(BaseModel):
+class QueryModel(BaseModel):
+    """The base of query-string models: a NUL character in any parameter is refused (400), as
+    PostgreSQL cannot hold one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and any("\x00" in f"{k}{v}" for k, v in data.items()):
+            raise ValueError("a query parameter contains a NUL character")
+        return data
+
+
+class Page(QueryModel):
     """``limit``/``offset`` pagination of every list (default 100, at most 1000 per page)."""
 
     limit: int = Field(100, ge=1, le=1000)

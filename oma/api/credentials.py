@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 from quart import Blueprint
 from quart_schema import validate_request
 
-from oma.api.common import MAX_NAME, row_dict
+from oma.api.common import MAX_NAME, RequestModel, row_dict
 from oma.auth import current_principal, requires
 from oma.crypto import SecretBoxError
 from oma.state import state
@@ -90,7 +90,7 @@ def _no_login_in_host(host: str) -> str:
 VCenterHost = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_no_login_in_host)]
 
 
-class CreateCredentialRequest(BaseModel):
+class CreateCredentialRequest(RequestModel):
     credential_name: str = Field(min_length=1, max_length=MAX_NAME)
     vcenter_host: VCenterHost
     username: str = Field(min_length=1, max_length=MAX_NAME)
@@ -107,7 +107,7 @@ class CreateCredentialRequest(BaseModel):
         return self
 
 
-class UpdateCredentialRequest(BaseModel):
+class UpdateCredentialRequest(RequestModel):
     credential_name: str | None = Field(None, min_length=1, max_length=MAX_NAME)
     vcenter_host: VCenterHost | None = None
     username: str | None = Field(None, min_length=1, max_length=MAX_NAME)

@@ -22,11 +22,11 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, Page, new_id
+from oma.api.common import MAX_NAME, Page, RequestModel, SerialId, new_id
 from oma.api.credentials import resolve_login
 from oma.api.vm_contexts import list_ungrouped
 from oma.api.vms import InventoryVCenter, InventoryVM, upsert_vms
@@ -40,24 +40,24 @@ log = logging.getLogger(__name__)
 bp = Blueprint("discovery", __name__)
 
 
-class DiscoverRequest(BaseModel):
-    credential_id: int | None = Field(None, ge=1)
+class DiscoverRequest(RequestModel):
+    credential_id: SerialId | None = None
     filter: str = Field("", max_length=MAX_NAME, description="passed to the VMA's discover filter")
     create_context: bool = Field(False, description="also add every discovered VM to management")
 
 
-class PreviewRequest(BaseModel):
-    credential_id: int | None = Field(None, ge=1)
+class PreviewRequest(RequestModel):
+    credential_id: SerialId | None = None
     filter: str = Field("", max_length=MAX_NAME)
 
 
-class AddVMsRequest(BaseModel):
-    credential_id: int | None = Field(None, ge=1)
+class AddVMsRequest(RequestModel):
+    credential_id: SerialId | None = None
     vm_names: list[str] = Field(min_length=1, max_length=1000)
 
 
-class BulkAddRequest(BaseModel):
-    credential_id: int | None = Field(None, ge=1)
+class BulkAddRequest(RequestModel):
+    credential_id: SerialId | None = None
     filter: str = Field("", max_length=MAX_NAME)
     exclude_powered_off: bool = False
 

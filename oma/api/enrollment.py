@@ -31,11 +31,21 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_ssh_public_key
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, Page, client_ip, iso, new_id, page_body, row_dict
+from oma.api.common import (
+    MAX_NAME,
+    Page,
+    QueryModel,
+    RequestModel,
+    client_ip,
+    iso,
+    new_id,
+    page_body,
+    row_dict,
+)
 from oma.auth import current_principal, public, requires
 from oma.crypto import SecretBoxError, hash_password
 from oma.state import state
@@ -57,15 +67,15 @@ ENROLLMENT_COLUMNS = (
 )
 
 
-class PairingCodeRequest(BaseModel):
+class PairingCodeRequest(RequestModel):
     ttl_seconds: int | None = Field(None, ge=60, le=7 * 24 * 3600)
 
 
-class DecisionRequest(BaseModel):
+class DecisionRequest(RequestModel):
     reason: str | None = Field(None, max_length=1024)
 
 
-class EnrollRequest(BaseModel):
+class EnrollRequest(RequestModel):
     pairing_code: str = Field(min_length=CODE_LENGTH, max_length=32)
     vma_public_key: str = Field(min_length=16, max_length=4096, description="OpenSSH ed25519 public key")
     vma_name: str = Field(min_length=1, max_length=MAX_NAME)
@@ -73,14 +83,14 @@ class EnrollRequest(BaseModel):
     vma_fingerprint: str = Field(min_length=1, max_length=MAX_NAME)
 
 
-class VerifyRequest(BaseModel):
+class VerifyRequest(RequestModel):
     enrollment_id: str = Field(min_length=1, max_length=64)
     signature: str = Field(
         min_length=1, max_length=512, description="base64 ed25519 signature of the challenge"
     )
 
 
-class ResultQuery(BaseModel):
+class ResultQuery(QueryModel):
     enrollment_id: str = Field(min_length=1, max_length=64)
     signature: str = Field(min_length=1, max_length=512)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint, current_app
 from quart_schema import validate_request
 
-from oma.api.common import MAX_NAME, new_id, not_cut_short
+from oma.api.common import MAX_NAME, RequestModel, new_id, not_cut_short
 from oma.auth import requires
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, request_copy
 from oma.backups.retention import RETENTION_KEY, RetentionService, retention_status
@@ -38,14 +38,14 @@ COPY_COLUMNS = (
 )
 
 
-class CopyRuleRequest(BaseModel):
+class CopyRuleRequest(RequestModel):
     destination_repository_id: str = Field(min_length=1, max_length=MAX_NAME)
     copy_mode: Literal["immediate", "scheduled"] = "immediate"
     verify_after_copy: bool = True
     enabled: bool = True
 
 
-class PolicyRequest(BaseModel):
+class PolicyRequest(RequestModel):
     name: str = Field(min_length=1, max_length=MAX_NAME)
     enabled: bool = True
     primary_repository_id: str = Field(min_length=1, max_length=MAX_NAME)
@@ -53,7 +53,7 @@ class PolicyRequest(BaseModel):
     copy_rules: list[CopyRuleRequest] = Field(default_factory=list, max_length=MAX_COPY_RULES)
 
 
-class TriggerCopyRequest(BaseModel):
+class TriggerCopyRequest(RequestModel):
     repository_id: str = Field(min_length=1, max_length=MAX_NAME)
 
 

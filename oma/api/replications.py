@@ -36,16 +36,28 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, iso, json_page, new_id, not_cut_short, row_dict
+from oma.api.common import (
+    MAX_NAME,
+    MAX_TEXT,
+    Page,
+    QueryModel,
+    RequestModel,
+    SerialId,
+    iso,
+    json_page,
+    new_id,
+    not_cut_short,
+    row_dict,
+)
 from oma.auth import allow_vma, current_principal, requires
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
-from pyapp.db import Connection, Database, UniqueViolation
+from pyapp.db import Connection, Database, ForeignKeyViolation, UniqueViolation
 from pyapp.logs import log_context
 
 log = logging.getLogger(__name__)
@@ -65,13 +77,13 @@ JOB_COLUMNS = (
 ACTIVE_DISK_INDEX = "replication_job_disks_one_active"
 
 
-class SourceDisk(BaseModel):
+class SourceDisk(RequestModel):
     id: str = Field(min_length=1, max_length=MAX_NAME, description="VMware disk key, e.g. disk-2000")
     path: str | None = Field(None, max_length=MAX_TEXT)
     capacity_bytes: int | None = Field(None, ge=0)
 
 
-class SourceVM(BaseModel):
+class SourceVM(RequestModel):
     id: str | None = Field(
         None,
         min_length=1,
@@ -87,18 +99,18 @@ class SourceVM(BaseModel):
     )
 
 
-class CreateReplicationRequest(BaseModel):
+class CreateReplicationRequest(RequestModel):
     source_vm: SourceVM
     vcenter_host: str = Field("", max_length=MAX_NAME)
     replication_type: Literal["initial", "incremental"] | None = Field(
         None, description="omitted: incremental when every disk has a stored change ID, else initial"
     )
-    credential_id: int | None = Field(
-        None, ge=1, description="VMware credential to run the job with; omitted: the VM's, else the default"
+    credential_id: SerialId | None = Field(
+        None, description="VMware credential to run the job with; omitted: the VM's, else the default"
     )
 
 
-class UpdateReplicationRequest(BaseModel):
+class UpdateReplicationRequest(RequestModel):
     status: Literal["pending", "replicating", "completed", "failed", "cancelled"] | None = None
     progress_percent: float | None = Field(None, ge=0, le=100)
     bytes_transferred: int | None = Field(None, ge=0)
@@ -112,12 +124,12 @@ class ReplicationListQuery(Page):
     vm_name: str | None = Field(None, max_length=MAX_NAME)
 
 
-class ChangeIdQuery(BaseModel):
+class ChangeIdQuery(QueryModel):
     vm_path: str = Field(min_length=1, max_length=MAX_TEXT)
     disk_id: str = Field(min_length=1, max_length=MAX_NAME)
 
 
-class StoreChangeIdRequest(BaseModel):
+class StoreChangeIdRequest(RequestModel):
     disk_id: str = Field(min_length=1, max_length=MAX_NAME)
     change_id: str = Field(min_length=1, max_length=1024)
     vm_path: str | None = Field(
@@ -348,6 +360,9 @@ async def create_replication(data: CreateReplicationRequest) -> tuple[dict[str, 
         raise ApiError.conflict(
             f"VM {vm.name!r} already has an active replication job ({existing}) for one of these disks"
         ) from exc
+    except ForeignKeyViolation as exc:  # the only reference the request names: its credential
+        message = f"credential_id {data.credential_id}: no such VMware credential"
+        raise ApiError.unprocessable(message) from exc
     assert row is not None
     job = row_dict(row, exclude=("disk_count",))
     job["disks"] = [

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, new_id
+from oma.api.common import MAX_NAME, RequestModel, new_id
 from oma.auth import requires
 from oma.backups import repositories as repos
 from oma.backups.repositories import (
@@ -61,7 +61,7 @@ COLUMNS = (
 )
 
 
-class CreateRepositoryRequest(BaseModel):
+class CreateRepositoryRequest(RequestModel):
     name: str = Field(min_length=1, max_length=MAX_NAME)
     type: RepositoryType
     config: dict[str, Any] = Field(
@@ -73,7 +73,7 @@ class CreateRepositoryRequest(BaseModel):
     immutable_days: int = Field(0, ge=0, le=36500)
 
 
-class TestRepositoryRequest(BaseModel):
+class TestRepositoryRequest(RequestModel):
     type: RepositoryType
     config: dict[str, Any]
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page
 from oma.auth import current_principal, requires
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
 from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
@@ -33,7 +33,7 @@ MAX_LISTING = 100_000
 KEEPALIVE_S = 30.0
 
 
-class MountRequest(BaseModel):
+class MountRequest(RequestModel):
     backup_id: str = Field(min_length=1, max_length=MAX_NAME)
     volume: str | None = Field(
         None, min_length=1, max_length=MAX_NAME, description="mount only this volume (part1, lvm-vg-lv, ...)"
@@ -55,7 +55,7 @@ class DirectoryDownloadQuery(BaseModel):
     format: Literal["zip", "tar.gz"] = "zip"
 
 
-class FullRestoreRequest(BaseModel):
+class FullRestoreRequest(RequestModel):
     backup_id: str = Field(min_length=1, max_length=MAX_NAME)
     target_type: Literal["raw", "qcow2", "nbd"]
     target: str = Field(min_length=1, max_length=MAX_TEXT)

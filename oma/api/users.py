@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
 from oma import users
-from oma.api.common import MAX_NAME, Page, client_ip, page_body, row_dict
+from oma.api.common import MAX_NAME, Page, RequestModel, client_ip, page_body, row_dict
 from oma.auth import Role, current_principal, requires
 from oma.state import state
 
@@ -23,9 +23,7 @@ bp = Blueprint("users", __name__)
 Password = Field(min_length=users.MIN_PASSWORD, max_length=1024)
 
 
-class CreateUserRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class CreateUserRequest(RequestModel):
     username: str = Field(min_length=1, max_length=MAX_NAME, pattern=r"^[^\x00-\x1f\x7f]+$")
     password: str = Password
     role: Role = "viewer"
@@ -40,16 +38,12 @@ class CreateUserRequest(BaseModel):
         return value
 
 
-class UpdateUserRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class UpdateUserRequest(RequestModel):
     role: Role | None = None
     enabled: bool | None = None
 
 
-class ResetPasswordRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class ResetPasswordRequest(RequestModel):
     password: str = Password
 
 

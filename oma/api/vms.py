@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, json_page, row_dict
+from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page, row_dict
 from oma.auth import allow_vma, requires
 from oma.state import state
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database
+from pyapp.http_limits import SERIAL_MAX
 
 bp = Blueprint("vms", __name__)
 
@@ -28,7 +29,7 @@ VM_COLUMNS = (
 )
 
 
-class InventoryVCenter(BaseModel):
+class InventoryVCenter(RequestModel):
     host: str = Field(min_length=1, max_length=MAX_NAME)
     datacenter: str = Field("", max_length=MAX_NAME)
 
@@ -40,13 +41,13 @@ class InventoryVM(BaseModel):
     path: str = Field(min_length=1, max_length=MAX_TEXT)
     power_state: str | None = Field(None, max_length=64)
     guest_os: str | None = Field(None, max_length=MAX_NAME)
-    memory_mb: int | None = Field(None, ge=0, le=1 << 31)
+    memory_mb: int | None = Field(None, ge=0, le=SERIAL_MAX)  # an integer column
     num_cpu: int | None = Field(None, ge=0, le=4096)
     disks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     networks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
 
 
-class InventoryRequest(BaseModel):
+class InventoryRequest(RequestModel):
     vcenter: InventoryVCenter
     vms: list[InventoryVM] = Field(max_length=20_000)
 

@@ -11,10 +11,10 @@ from pydantic import BaseModel, Field
 from quart_schema import QuartSchema, validate_querystring, validate_request
 from quart_trio import QuartTrio
 
-from pyapp.api import ApiError, fast_json_views, install_error_handlers
+from pyapp.api import ERROR_RESPONSES, ApiError, RequestModel, fast_json_views, install_error_handlers
 
 
-class Body(BaseModel):
+class Body(RequestModel):
     name: str = Field(min_length=1, max_length=8)
 
 
@@ -60,7 +60,10 @@ async def client() -> AsyncIterator[Any]:
         ("post", "/things", {"json": {"name": 3}}, 422, "VALIDATION_FAILED"),
         ("post", "/things", {"json": {"name": "x" * 9}}, 422, "VALIDATION_FAILED"),
         ("post", "/things", {"json": {}}, 422, "VALIDATION_FAILED"),
-        ("post", "/things", {"data": "name=x"}, 400, "INVALID_REQUEST"),
+        ("post", "/things", {"data": "name=x"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        ("post", "/things", {"json": {"name": "ok", "colour": "red"}}, 422, "VALIDATION_FAILED"),
+        ("post", "/things", {"json": {"name": "a\x00b"}}, 400, "INVALID_REQUEST"),
+        ("post", "/things", {"json": {"name": "ok", "n": 1 << 64}}, 400, "INVALID_REQUEST"),
         (
             "post",
             "/things",
@@ -88,3 +91,24 @@ async def test_success_bodies_are_plain_json(client: Any) -> None:
     response = await client.post("/things", json={"name": "ok"})
     assert response.status_code == 201 and await response.get_json() == {"name": "ok"}
     assert response.content_type == "application/json"
+
+
+async def test_unknown_fields_are_named(client: Any) -> None:
+    response = await client.post("/things", json={"name": "ok", "colour": "red", "size": 3})
+    body = await response.get_json()
+    assert response.status_code == 422
+    assert "unknown fields colour, size" in body["error"]
+    assert [d["loc"] for d in body["details"]] == [["colour"], ["size"]]
+
+
+async def test_openapi_declares_the_envelope_for_every_operation(client: Any) -> None:
+    response = await client.get("/openapi.json")
+    doc = await response.get_json()
+    assert doc["components"]["schemas"]["ErrorEnvelope"]["required"] == ["error", "code", "timestamp"]
+    operations = [op for path in doc["paths"].values() for op in path.values()]
+    assert len(operations) >= 3
+    for op in operations:
+        for status in ERROR_RESPONSES:
+            schema = op["responses"][str(status)]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorEnvelope"}
+        assert any(code.startswith("2") for code in op["responses"])

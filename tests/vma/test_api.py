@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -85,6 +86,66 @@ async def test_request_validation(api: Vma) -> None:
     assert_error(await api.post("/api/v1/replicate", bad_targets), 400, "INVALID_REQUEST")
     assert_error(await api.post("/api/v1/discover", {"vcenter": "vc"}), 400, "INVALID_REQUEST")
     assert_error(await api.get("/api/v1/nothing-here"), 404, "INVALID_REQUEST")
+
+
+async def test_unknown_fields_are_refused_naming_them(api: Vma) -> None:
+    base = {"job_id": "j1", "vcenter": "vc", "username": "u", "password": "p", "vm_paths": ["/DC0/vm/vm1"]}
+    for path, body in (
+        ("/api/v1/replicate", {**base, "targets": {}, "priority": 9}),
+        ("/api/v1/cleanup", {"job_id": "j1", "action": "cleanup_all", "priority": 9}),
+        ("/api/v1/discover", {"vcenter": "vc", "username": "u", "password": "p", "priority": 9}),
+    ):
+        r = await api.post(path, body)
+        assert_error(r, 400, "INVALID_REQUEST")
+        assert "unknown field: priority" in r.json()["error"], (path, r.text)
+
+
+async def test_refused_bodies_never_500(api: Vma) -> None:
+    def raw(body: bytes, content_type: str = "application/json") -> dict[str, Any]:
+        return {"content": body, "headers": {"content-type": content_type}}
+
+    url = f"{api.url}/api/v1/replicate"
+    for body, status in (
+        (b"[" * 10_000 + b"]" * 10_000, 400),  # was a RecursionError: 500
+        (b'{"job_id": "j\\u0000", "vcenter": "vc"}', 400),
+        (b'{"job_id": "j1", "export_timeout": 1e400}', 400),
+        (b'{"job_id": "j1", "export_timeout": NaN}', 400),
+        (b'{"job_id": "j1", "n": ' + str(1 << 80).encode() + b"}", 400),
+        (b'{"a":"' + b"x" * (2 << 20) + b'"}', 413),
+    ):
+        r = await api.http.post(url, **raw(body))
+        assert_error(r, status, "INVALID_REQUEST")
+    r = await api.http.post(url, **raw(b"job_id=j1", "application/x-www-form-urlencoded"))
+    assert_error(r, 415, "INVALID_REQUEST")
+    r = await api.http.put(f"{api.url}/api/v1/config", **raw(b"nbd_port=1", "text/plain"))
+    assert_error(r, 415, "INVALID_REQUEST")
+    assert_error(await api.get("/api/v1/status/j%00"), 400, "INVALID_REQUEST")
+    # found by schemathesis: a body not in UTF-8, a vCenter host name idna cannot encode (500 before)
+    r = await api.http.post(f"{api.url}/api/v1/discover", **raw(b'{"vcenter": "\xef\xbb"}'))
+    assert_error(r, 400, "INVALID_REQUEST")
+    for host in ("0" * 70, "a..b", "vc host", "http://vc\u00e9/sdk"):
+        r = await api.post("/api/v1/discover", {"vcenter": host, "username": "u", "password": "p"})
+        assert_error(r, 400, "INVALID_REQUEST")
+        assert "vcenter must be" in r.json()["error"]
+
+
+async def test_vcenter_failure_is_502_not_500(api: Vma) -> None:
+    body = {"vcenter": "http://127.0.0.1:9/sdk", "username": "u", "password": "p"}
+    r = await api.post("/api/v1/discover", body)
+    assert_error(r, 502, "OPERATION_FAILED")
+
+
+async def test_openapi_documents_bodies_and_errors(api: Vma) -> None:
+    r = await api.get("/api/v1/swagger/openapi.json")
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    replicate = doc["paths"]["/api/v1/replicate"]["post"]
+    assert replicate["requestBody"]["content"]["application/json"]["schema"]
+    for path in doc["paths"].values():
+        for op in path.values():
+            assert op["responses"]["400"]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorEnvelope"
+            }
 
 
 def test_cli_accepts_seed_port_flag() -> None:

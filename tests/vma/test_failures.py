@@ -160,7 +160,7 @@ async def test_vcenter_refusal_fails_the_job_and_cleanup_reports_it(
     assert oma.change_id_posts == []
     # Cleanup needs vCenter too: its failure is the seed's error answer, never "not implemented".
     r = await vma.post("/api/v1/cleanup", {"job_id": "repl-badpass", "action": "delete_snapshot"})
-    assert r.status_code == 500
+    assert r.status_code == 502
     answer = r.json()
     assert answer["code"] == "OPERATION_FAILED" and answer["status"] == "error"
     assert answer["job_id"] == "repl-badpass" and answer["action"] == "delete_snapshot"

@@ -65,10 +65,10 @@ async def test_discover_lab_vms(vma: Vma, lab: Lab, vm1: LabVM) -> None:
 async def test_discover_errors(vma: Vma, lab: Lab) -> None:
     body = {"vcenter": lab.url, "username": lab.username, "password": "wrong", "datacenter": "DC0"}
     r = await vma.post("/api/v1/discover", body)
-    assert r.status_code == 500 and r.json()["code"] == "OPERATION_FAILED"
+    assert r.status_code == 502 and r.json()["code"] == "OPERATION_FAILED"
     assert "refused the login" in r.json()["error"]
     r = await vma.post("/api/v1/discover", {**body, "password": lab.password, "datacenter": "NoSuchDC"})
-    assert r.status_code == 500 and r.json()["code"] == "OPERATION_FAILED"
+    assert r.status_code == 502 and r.json()["code"] == "OPERATION_FAILED"
 
 
 def test_ensure_cbt_sets_ctk_and_stuns(lab: Lab, vm1: LabVM) -> None:

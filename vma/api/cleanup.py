@@ -5,7 +5,7 @@ A running job is stopped first (it cannot go on without its snapshot); its own f
 removes the snapshot, and whatever is still recorded afterwards — or still named
 ``vma-<job_id>`` on the job's VMs — is removed here. Snapshots the VMA did not make are never
 touched. Success answers the seed's ``{"job_id", "action", "status": "success"}`` plus what was
-removed; a vCenter failure answers 500 ``OPERATION_FAILED`` with the seed's
+removed; a vCenter failure answers 502 ``OPERATION_FAILED`` with the seed's
 ``"status": "error", "message"`` fields besides the error envelope."""
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import logging
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
+from quart_schema import document_request
 
 from pyapp.logs import log_context
+from vma.api.schemas import CleanupRequest, refuse_unknown_fields
 from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import text
-from vma.errors import OPERATION_FAILED, ApiError, require_json_object, utc_now_iso
+from vma.errors import OPERATION_FAILED, ApiError, json_object, utc_now_iso
 from vma.jobs import Job
 from vma.state import state
 from vma.vsphere import SnapshotRef, VSphere, VSphereError, run
@@ -41,7 +43,7 @@ async def _stop(job: Job, action: str) -> bool:
     with trio.move_on_after(STOP_TIMEOUT):
         await job.done.wait()
     if not job.done.is_set():
-        raise ApiError.failed(f"job {job.job_id} did not stop within {STOP_TIMEOUT:.0f} s")
+        raise ApiError.failed(f"job {job.job_id} did not stop within {STOP_TIMEOUT:.0f} s", status=503)
     return True
 
 
@@ -66,8 +68,9 @@ def _remove_snapshots(vs: VSphere, job: Job, before: list[SnapshotRef]) -> list[
 
 
 @bp.post("/cleanup")
+@document_request(CleanupRequest)
 async def cleanup() -> Any:
-    body = require_json_object(await request.get_json(silent=True))
+    body = refuse_unknown_fields(await json_object(), CleanupRequest)
     job_id = parse_job_id(body)
     action = text(body, "action", max_len=64)
     if action not in ACTIONS:
@@ -96,7 +99,7 @@ async def cleanup() -> Any:
                     "message": str(e),
                 }
             )
-            response.status_code = 500
+            response.status_code = 502
             return response
         artifacts = (
             await trio.to_thread.run_sync(remove_artifacts, st.config, job)

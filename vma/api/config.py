@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Blueprint, request
+from quart import Blueprint
+from quart_schema import document_request
 
 from pyapp.logs import log_context
-from vma.errors import ApiError, require_json_object
+from vma.api.schemas import ConfigRequest, refuse_unknown_fields
+from vma.errors import ApiError, json_object
 from vma.state import state
 
 bp = Blueprint("config", __name__)
@@ -32,11 +34,9 @@ def _current() -> dict[str, Any]:
 
 
 @bp.put("/config")
+@document_request(ConfigRequest)
 async def put_config() -> dict[str, Any]:
-    body = require_json_object(await request.get_json(silent=True))
-    unknown = set(body) - set(FIELDS)
-    if unknown:
-        raise ApiError.invalid(f"unknown fields: {', '.join(sorted(unknown))}")
+    body = refuse_unknown_fields(await json_object(), ConfigRequest)
     if not body:
         raise ApiError.invalid("nothing to update")
     port = body.get("nbd_port")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quart import Blueprint, request
+from quart import Blueprint
+from quart_schema import document_request
 
 from pyapp.logs import log_context
+from vma.api.schemas import DiscoverRequest, refuse_unknown_fields
 from vma.api.validation import text, vcenter_login
-from vma.errors import ApiError, require_json_object
+from vma.errors import ApiError, json_object
 from vma.state import state
 from vma.vsphere import VSphere, VSphereError, run
 
@@ -22,8 +24,9 @@ log = logging.getLogger(__name__)
 
 
 @bp.post("/discover")
+@document_request(DiscoverRequest)
 async def discover() -> dict[str, Any]:
-    body = require_json_object(await request.get_json(silent=True))
+    body = refuse_unknown_fields(await json_object(), DiscoverRequest)
     login = vcenter_login(body)
     datacenter = text(body, "datacenter", required=False, max_len=255)
     name_filter = text(body, "filter", required=False, max_len=255)

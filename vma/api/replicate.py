@@ -24,11 +24,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from quart import Blueprint, current_app, request
+from quart import Blueprint, current_app
+from quart_schema import document_request
 
+from vma.api.schemas import ReplicateRequest, refuse_unknown_fields
 from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import vcenter_login
-from vma.errors import INVALID_REQUEST, ApiError, require_json_object
+from vma.errors import INVALID_REQUEST, ApiError, json_object
 from vma.export import ExportRequest
 from vma.jobs import Job, JobMode, iso
 from vma.replicate import Target
@@ -200,8 +202,9 @@ def _export_request(body: dict[str, Any], vm_paths: list[str], default_timeout: 
 
 
 @bp.post("/replicate")
+@document_request(ReplicateRequest)
 async def replicate() -> tuple[dict[str, Any], int]:
-    body = require_json_object(await request.get_json(silent=True))
+    body = refuse_unknown_fields(await json_object(), ReplicateRequest)
     job_id = parse_job_id(body)
     login = vcenter_login(body)
     vm_paths = body.get("vm_paths")

@@ -9,6 +9,10 @@ from vma.errors import ApiError
 from vma.vsphere import TLS_MODES, VCenterLogin
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+#: A vCenter: ``host``, ``host:port`` or an http(s) URL, in ASCII (an IDN host in its ``xn--`` form).
+VCENTER = re.compile(
+    r"^(?:https?://)?(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[!-~]*)?$"
+)
 
 
 def text(body: dict[str, Any], key: str, *, required: bool = True, max_len: int = 1024) -> str:
@@ -29,6 +33,19 @@ def job_id(body: dict[str, Any]) -> str:
     return value
 
 
+def vcenter(body: dict[str, Any]) -> str:
+    value = text(body, "vcenter", max_len=1024)
+    match = VCENTER.match(value)
+    host = match["host"] if match else ""
+    try:
+        ok = bool(match) and (host.startswith("[") or len(host.encode("idna")) <= 253)
+    except UnicodeError:  # a label empty or longer than 63 characters
+        ok = False
+    if not ok:
+        raise ApiError.invalid("vcenter must be a host name, host:port or an http(s) URL (ASCII)")
+    return value
+
+
 def vcenter_login(body: dict[str, Any]) -> VCenterLogin:
     """The vCenter login of a request: ``vcenter``, ``username``, ``password``, and how to check
     vCenter's certificate, ``tls_mode`` (``verify`` unless given) and ``tls_thumbprint``."""
@@ -37,7 +54,7 @@ def vcenter_login(body: dict[str, Any]) -> VCenterLogin:
         raise ApiError.invalid(f"tls_mode must be one of {', '.join(TLS_MODES)}")
     try:
         return VCenterLogin(
-            text(body, "vcenter"),
+            vcenter(body),
             text(body, "username"),
             text(body, "password"),
             tls_mode=mode,  # type: ignore[arg-type]  # checked against TLS_MODES above
