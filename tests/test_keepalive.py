@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from pyapp.db import create_database, with_database
+from pyapp.vma_auth import sign
 from tests.oma.oma_harness import Oma, make_config, run_oma
 from tests.oma.vma_double import run_vma_double
 from tests.vma.conftest import vma_config
@@ -108,6 +109,10 @@ async def oma_service(tmp_path: Path, postgres_admin_dsn: str) -> AsyncIterator[
         yield oma
 
 
+#: The enrollment secret of a VMA configured without an OMA (tests/vma/conftest.py vma_config).
+VMA_SECRET = "none"
+
+
 @pytest.fixture
 async def vma_url(tmp_path: Path, nursery: trio.Nursery) -> str:
     config = vma_config(tmp_path, None, None)
@@ -140,29 +145,39 @@ def assert_envelope(answer: Answer, status: int) -> None:
     assert {"error", "code", "timestamp"} <= set(body), body
 
 
+#: Fixed headers, or headers made for each request from its method, target and body (a signature).
+Headers = dict[str, str] | Callable[[str, str, bytes], dict[str, str]]
+
+
+def headers_for(headers: Headers, method: str, target: str, body: bytes) -> dict[str, str]:
+    made = headers(method, target, body) if callable(headers) else headers
+    return {"Content-Type": "application/json", **made}
+
+
 async def refuse_and_continue(
-    base_url: str, status: int, method: str, target: str, headers: dict[str, str], body: bytes
+    base_url: str, status: int, method: str, target: str, headers: Headers, body: bytes
 ) -> None:
     with trio.fail_after(10):
         http = await connect(base_url)
-        answer = await http.request(method, target, {"Content-Type": "application/json", **headers}, body)
+        answer = await http.request(method, target, headers_for(headers, method, target, body), body)
         assert_envelope(answer, status)
         await assert_next_request_answered(http)
         # and once more: a connection survives several early refusals in a row
-        answer = await http.request(method, target, {"Content-Type": "application/json", **headers}, body)
+        answer = await http.request(method, target, headers_for(headers, method, target, body), body)
         assert_envelope(answer, status)
         await assert_next_request_answered(http)
         await http.stream.aclose()
 
 
-async def refuse_while_sending(base_url: str, target: str, headers: dict[str, str], limit: int) -> None:
+async def refuse_while_sending(base_url: str, target: str, headers: Headers, limit: int) -> None:
     """Content-Length over the limit: the 413 comes while the body is still being sent; the
     client then sends the rest of its body and the connection goes on."""
     total = limit + 4 * CHUNK
     first = b'{"name":"' + b"x" * (CHUNK - 9)
+    whole = first + b"x" * (total - len(first))
     with trio.fail_after(10):
         http = await connect(base_url)
-        await http.start("POST", target, {"Content-Type": "application/json", **headers}, total)
+        await http.start("POST", target, headers_for(headers, "POST", target, whole), total)
         await http.send_body(first)
         answer = await http.answer()  # before the body is complete
         assert_envelope(answer, 413)
@@ -191,9 +206,15 @@ async def test_oma_keeps_the_connection_after_early_refusals(oma_service: Oma) -
 
 
 async def test_vma_keeps_the_connection_after_early_refusals(vma_url: str) -> None:
+    def signed(method: str, target: str, body: bytes) -> dict[str, str]:
+        path, _, query = target.partition("?")
+        return {"Authorization": sign(VMA_SECRET, method, path, query, body)}
+
     small = json.dumps({"job_id": "j1", "extra": "y" * 2000}).encode()
-    await refuse_and_continue(vma_url, 404, "POST", "/api/v1/no-such-thing", {}, small)
-    await refuse_and_continue(vma_url, 404, "GET", "/api/v1/status/no-such-job", {}, b"")
-    await refuse_and_continue(vma_url, 405, "PATCH", "/api/v1/replicate", {}, small)
-    await refuse_and_continue(vma_url, 413, "POST", "/api/v1/replicate", {}, _big(MAX_BODY_BYTES))
-    await refuse_while_sending(vma_url, "/api/v1/replicate", {}, MAX_BODY_BYTES)
+    await refuse_and_continue(vma_url, 401, "POST", "/api/v1/replicate", {}, small)
+    await refuse_and_continue(vma_url, 401, "GET", "/api/v1/status/no-such-job", {}, b"")
+    await refuse_and_continue(vma_url, 404, "POST", "/api/v1/no-such-thing", signed, small)
+    await refuse_and_continue(vma_url, 404, "GET", "/api/v1/status/no-such-job", signed, b"")
+    await refuse_and_continue(vma_url, 405, "PATCH", "/api/v1/replicate", signed, small)
+    await refuse_and_continue(vma_url, 413, "POST", "/api/v1/replicate", signed, _big(MAX_BODY_BYTES))
+    await refuse_while_sending(vma_url, "/api/v1/replicate", signed, MAX_BODY_BYTES)

@@ -13,13 +13,18 @@ from __future__ import annotations
 import shutil
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
 
 from pyapp.db import create_database, with_database
+from pyapp.vma_auth import sign
 from tests.oma.oma_harness import Oma, make_config, run_oma
 from tests.oma.vma_double import run_vma_double
 from tests.vma.conftest import vma_config
@@ -134,9 +139,62 @@ async def test_oma_openapi_has_no_server_errors(oma_service: Oma, tmp_path: Path
     assert r.status_code == 200, r.text
 
 
+#: The enrollment secret of a VMA configured without an OMA (tests/vma/conftest.py vma_config).
+VMA_SECRET = "none"
+HOP_BY_HOP = {"host", "content-length", "transfer-encoding", "connection", "authorization"}
+
+Asgi = Callable[
+    [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]
+]
+
+
+def signing_proxy(upstream: str, secret: str, http: httpx.AsyncClient) -> Asgi:
+    """An ASGI app that forwards every request to ``upstream`` signed as the enrolled OMA signs
+    it (the VMA refuses anything else): schemathesis's requests reach the VMA's handlers."""
+
+    async def app(
+        scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Callable[[Any], Awaitable[None]]
+    ) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        query = scope["query_string"].decode("latin-1")
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        forwarded = [(k, v) for k, v in headers if k.lower() not in HOP_BY_HOP]
+        forwarded.append(("Authorization", sign(secret, scope["method"], scope["path"], query, body)))
+        target = scope["raw_path"].decode("latin-1") + (f"?{query}" if query else "")
+        answer = await http.request(scope["method"], f"{upstream}{target}", content=body, headers=forwarded)
+        out = [(k.encode(), v.encode()) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP]
+        out.append((b"content-length", str(len(answer.content)).encode()))
+        await send({"type": "http.response.start", "status": answer.status_code, "headers": out})
+        await send({"type": "http.response.body", "body": answer.content})
+
+    return app
+
+
 async def test_vma_openapi_has_no_server_errors(tmp_path: Path, nursery: trio.Nursery) -> None:
     config = vma_config(tmp_path, None, None)
     url: str = await nursery.start(
         lambda task_status: serve_vma(config, handle_signals=False, task_status=task_status)
     )
-    await run_schemathesis(f"{url}{VMA_OPENAPI_PATH}", tmp_path, headers={}, max_examples=8, max_time=30)
+    async with httpx.AsyncClient(timeout=60) as http:
+        proxy = HypercornConfig()
+        proxy.bind = ["127.0.0.1:0"]
+        proxy.accesslog = None
+        bound: list[str] = await nursery.start(
+            lambda task_status: serve(signing_proxy(url, VMA_SECRET, http), proxy, task_status=task_status)  # type: ignore[arg-type]
+        )
+        # through the proxy a request reaches the handlers: an unknown job, not a refused signature
+        probe = await http.get(f"{bound[0]}/api/v1/status/no-such-job")
+        assert probe.status_code == 404 and probe.json()["code"] == "JOB_NOT_FOUND", probe.text
+        await run_schemathesis(
+            f"{bound[0]}{VMA_OPENAPI_PATH}", tmp_path, headers={}, max_examples=8, max_time=30
+        )
