@@ -234,8 +234,9 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         st.vma_ = None
                 st.db_ = None
         finally:
-            if embedded is not None:
-                await trio.to_thread.run_sync(embedded.stop)
+            if embedded is not None:  # shielded: a cancelled start-up still stops PostgreSQL
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(embedded.stop)
             log.info("OMA stopped", extra={"action": "shutdown"})
 
     return app

@@ -22,6 +22,7 @@ The parent also restarts the embedded PostgreSQL if it dies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import multiprocessing
@@ -29,6 +30,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -37,7 +39,6 @@ from typing import Any
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio import serve
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import repr_socket_addr, wrap_app
 
@@ -53,7 +54,8 @@ from pyapp.db import (
     open_database,
     with_database,
 )
-from pyapp.logs import setup_logging
+from pyapp.logs import redact_text, setup_logging
+from pyapp.service import StartupError, bind_sockets, failure_message
 
 log = logging.getLogger("oma.server")
 
@@ -109,14 +111,56 @@ def hypercorn_config(config: OmaConfig) -> HypercornConfig:
     return hc
 
 
+@contextlib.asynccontextmanager
+async def database_for(config: OmaConfig) -> AsyncIterator[tuple[OmaConfig, EmbeddedPostgres | None]]:
+    """``config`` with its database, for the one-shot commands (``--create-admin``):
+    ``DATABASE_URL``, or the embedded PostgreSQL of the data directory started here (reused if a
+    killed OMA left it running) and stopped when the block ends, however it ends."""
+    if config.database_url is not None:
+        yield config, None
+        return
+    embedded = EmbeddedPostgres(config.pgdata)
+    try:
+        try:
+            admin_dsn = await embedded.start()
+            await create_database(admin_dsn, EMBEDDED_DB_NAME)
+        except Exception as exc:  # pg_ctl failed, the directory is not writable, ...
+            raise StartupError(
+                f"cannot start the embedded PostgreSQL in {config.pgdata}: {failure_message(exc)}"
+                f" (its log: {config.pgdata / 'log'})"
+            ) from exc
+        log.info("embedded PostgreSQL running", extra={"action": "startup", "pgdata": str(config.pgdata)})
+        yield config.with_overrides(database_url=with_database(admin_dsn, EMBEDDED_DB_NAME)), embedded
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(embedded.stop)
+
+
+async def check_database(dsn: str) -> None:
+    """Fail at once, with one line, when the database refuses the connection (or the login): an
+    OMA that cannot reach its database at start-up is misconfigured, not having a bad moment."""
+    try:
+        async with open_database(dsn, min_size=1, max_size=1, retry_deadline=0) as db:
+            await db.fetchval("SELECT 1")
+    except Exception as exc:
+        where = redact_text(dsn)
+        raise StartupError(f"cannot connect to the database {where}: {failure_message(exc)}") from exc
+
+
 async def run_server(config: OmaConfig) -> None:
+    """Serve until SIGTERM/SIGINT. The port is bound, and a configured ``DATABASE_URL`` reached,
+    before the application starts, so that either failing is one clear error. The application
+    starts and stops the embedded PostgreSQL (see :mod:`oma.app`)."""
     recent = setup_logging(config.log_level.upper())
-    app = create_app(config, recent_logs=recent)
     hc = hypercorn_config(config)
+    sockets = bind_sockets(hc)
     async with trio.open_nursery() as nursery:
         stop: trio.Event = await nursery.start(_shutdown_on_signal)
+        if config.database_url is not None:
+            await check_database(config.database_url)
+        app = wrap_app(create_app(config, recent_logs=recent), hc.wsgi_max_body_size, None)
         binds: list[str] = await nursery.start(
-            lambda task_status: serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+            partial(worker_serve, app, hc, sockets=sockets, shutdown_trigger=stop.wait)
         )
         for bind in binds:
             print(f"OMA listening on {bind}", flush=True)
@@ -135,10 +179,12 @@ async def _worker_main(config: OmaConfig, sockets: Sockets, shutdown: MpEvent, r
     recent = setup_logging(config.log_level.upper())
     app = create_app(config, recent_logs=recent)
     hc = hypercorn_config(config)
+    parent = os.getppid()
 
     async def shutdown_requested() -> None:
         # a multiprocessing Event cannot wake trio: poll it (as hypercorn's own workers do)
-        while not shutdown.is_set():  # noqa: ASYNC110
+        # ... and stop when the parent is gone (killed with SIGKILL: nothing told us)
+        while not shutdown.is_set() and os.getppid() == parent:  # noqa: ASYNC110
             await trio.sleep(0.1)
 
     async with trio.open_nursery() as nursery:
@@ -157,23 +203,32 @@ async def _worker_main(config: OmaConfig, sockets: Sockets, shutdown: MpEvent, r
 def run_workers(config: OmaConfig) -> int:
     """Serve with ``config.workers`` processes on one listening socket (see the module doc)."""
     setup_logging(config.log_level.upper())
+    hc = hypercorn_config(config)
+    sockets = bind_sockets(hc)  # a taken port: one line, before anything started
     embedded: EmbeddedPostgres | None = None
     if config.database_url is None:
         embedded = EmbeddedPostgres(config.pgdata)
 
         async def start_embedded() -> str:
             assert embedded is not None
-            admin_dsn = await embedded.start()
-            await create_database(admin_dsn, EMBEDDED_DB_NAME)
+            try:
+                admin_dsn = await embedded.start()
+                await create_database(admin_dsn, EMBEDDED_DB_NAME)
+            except Exception as exc:
+                raise StartupError(
+                    f"cannot start the embedded PostgreSQL in {config.pgdata}: {failure_message(exc)}"
+                ) from exc
             return with_database(admin_dsn, EMBEDDED_DB_NAME)
 
-        config = config.with_overrides(database_url=trio.run(start_embedded))
+        try:
+            config = config.with_overrides(database_url=trio.run(start_embedded))
+        except BaseException:
+            embedded.stop()
+            raise
     try:
+        assert config.database_url is not None
+        trio.run(check_database, config.database_url)  # refused: one line, not N dying workers
         load_or_create_key(config.key_file)  # once, before the workers race for it
-        hc = hypercorn_config(config)
-        sockets = hc.create_sockets()
-        for sock in sockets.insecure_sockets:
-            sock.listen(hc.backlog)
         ctx = multiprocessing.get_context("spawn")
         shutdown = ctx.Event()
         ready = ctx.Queue()
@@ -254,15 +309,12 @@ def run_workers(config: OmaConfig) -> int:
 
 
 async def create_admin(config: OmaConfig, username: str, password: str) -> None:
-    embedded = None
-    dsn = config.database_url
-    if dsn is None:
-        embedded = EmbeddedPostgres(config.pgdata)
-        admin_dsn = await embedded.start()
-        await create_database(admin_dsn, EMBEDDED_DB_NAME)
-        dsn = with_database(admin_dsn, EMBEDDED_DB_NAME)
-    try:
-        async with open_database(dsn, min_size=1, max_size=2) as db:
+    """Create ``username`` as administrator; an existing user is an error (exit 1), as for
+    ``useradd``: the command never changes an existing account's password or role."""
+    async with database_for(config) as (config, _):
+        assert config.database_url is not None
+        await check_database(config.database_url)
+        async with open_database(config.database_url, min_size=1, max_size=2) as db:
             await apply_migrations(db, load_migrations(MIGRATIONS_DIR))
             password_hash = await hash_password(password)
             created = await db.fetchval(
@@ -272,10 +324,7 @@ async def create_admin(config: OmaConfig, username: str, password: str) -> None:
                 password_hash,
             )
             if created is None:
-                raise ConfigError(f"user {username!r} already exists")
-    finally:
-        if embedded is not None:
-            await trio.to_thread.run_sync(embedded.stop)
+                raise StartupError(f"user {username!r} already exists: nothing changed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -294,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.port > 65535:
             raise ConfigError(f"--port must be 0..65535, got {config.port}")
         if args.create_admin:
-            setup_logging(config.log_level.upper())
+            # a one-shot command: quiet unless something is wrong (or --log-level says otherwise)
+            setup_logging((args.log_level or "warning").upper())
             password = (
                 getpass.getpass("password: ") if sys.stdin.isatty() else sys.stdin.readline().rstrip("\r\n")
             )
@@ -308,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         if config.workers > 1:
             return run_workers(config)
         trio.run(run_server, config)
-    except ConfigError as exc:
-        print(f"oma-api-server: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # ExceptionGroup too
+        # One line, exit status 1: the port is taken, the configuration or the database is wrong.
+        # The traceback, for a developer, only at debug level (a JSON line like every log).
+        log.debug("start-up failed", exc_info=exc, extra={"action": "shutdown"})
+        print(f"oma-api-server: {failure_message(exc)}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

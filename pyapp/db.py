@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -322,11 +323,26 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server in a local directory through the ``pgserver`` wheel.
 
-    Started on a Unix socket inside ``pgdata`` (no TCP port), stopped when the process that
-    started it exits. Starting blocks for a few seconds, so it runs in a thread.
+    Started on a Unix socket inside ``pgdata`` (no TCP port), stopped by :meth:`stop` (and at
+    the latest when the process exits) unless another live process still holds a handle on it.
+    Starting blocks for a few seconds, so it runs in a thread.
+
+    A server left running by a process killed with SIGKILL is reused, never doubled (PostgreSQL's
+    ``postmaster.pid`` is checked first); the killed process's handle is dropped at that start so
+    that the new owner's :meth:`stop` does stop the server.
     """
 
     def __init__(self, pgdata: Path) -> None:
@@ -338,8 +354,33 @@ class EmbeddedPostgres:
         from pgserver import get_server  # type: ignore[attr-defined]  # heavy: embedded mode only
 
         self.pgdata.mkdir(parents=True, exist_ok=True)
+        await trio.to_thread.run_sync(self._forget_dead_handles)
         self._server = await trio.to_thread.run_sync(get_server, self.pgdata)
         return str(self._server.get_uri("postgres"))
+
+    def _forget_dead_handles(self) -> None:
+        """Drop from pgserver's list of handle holders (``.handle_pids.json``) the processes that
+        are gone: a holder killed with SIGKILL never removed itself, and pgserver stops the server
+        only when the last holder lets go — with a dead one listed, never."""
+        import json
+
+        from pgserver.postgres_server import PostgresServer
+
+        handles = self.pgdata / ".handle_pids.json"
+        with PostgresServer._lock:  # pgserver's own inter-process lock over that file
+            try:
+                pids = json.loads(handles.read_text())
+            except (OSError, ValueError):
+                return
+            if not isinstance(pids, list):
+                return
+            alive = [p for p in pids if isinstance(p, int) and _process_exists(p)]
+            if alive != pids:
+                log.info(
+                    "dropping handles of exited processes on the embedded PostgreSQL",
+                    extra={"action": "db_start", "pids": sorted(set(pids) - set(alive))},
+                )
+                handles.write_text(json.dumps(alive))
 
     def running(self) -> bool:
         """Whether the server's postmaster runs (False after it was killed, or before start)."""

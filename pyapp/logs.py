@@ -177,6 +177,9 @@ def setup_logging(
         setattr(handler, "_pyapp_json", True)  # noqa: B010 -- marks the handlers this module owns
         root.addHandler(handler)
     root.setLevel(level)
+    # Python's warnings (a library's DeprecationWarning, platformdirs' RuntimeDirWarning) would be
+    # printed as bare text on stderr: they go through logging too, so every line is JSON.
+    logging.captureWarnings(True)
     # HTTP clients log every request at INFO; the services log what matters themselves.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -6,6 +6,9 @@
 On start it prints one JSON line on stdout: ``{"event": "listening", "url": "http://..."}``.
 Logs are JSON lines on stderr (the journal, under systemd). SIGTERM/SIGINT stop it: running jobs
 get a few seconds, then are cancelled and their snapshots removed.
+
+A port already in use or an unreadable or invalid configuration ends it with one line on stderr
+(``vma-api-server: ...``) and exit status 1, no traceback.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ from pathlib import Path
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from pyapp.logs import setup_logging
+from pyapp.service import bind_sockets, failure_message
 from vma.app import create_app
 from vma.config import VmaConfig
 
@@ -58,6 +63,7 @@ async def serve_vma(
     hc.bind = [f"{config.host}:{config.port}"]
     hc.accesslog = None
     hc.errorlog = None
+    sockets = bind_sockets(hc)  # a taken port: one clear error before anything starts
     stop = trio.Event()
 
     async def watch_signals() -> None:
@@ -70,8 +76,12 @@ async def serve_vma(
         if handle_signals:
             nursery.start_soon(watch_signals)
         binds: list[str] = await nursery.start(
-            lambda task_status: serve(
-                create_app(config), hc, shutdown_trigger=stop.wait, task_status=task_status
+            lambda task_status: worker_serve(
+                wrap_app(create_app(config), hc.wsgi_max_body_size, None),
+                hc,
+                sockets=sockets,
+                shutdown_trigger=stop.wait,
+                task_status=task_status,
             )
         )
         task_status.started(binds[0])
@@ -82,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
     except (OSError, ValueError) as e:
-        print(f"vma-api-server: bad configuration: {e}", file=sys.stderr)
-        return 2
-    setup_logging(config.log_level.upper())
+        print(f"vma-api-server: bad configuration: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    try:
+        setup_logging(config.log_level.upper())
+    except ValueError as e:  # an unknown level name
+        print(f"vma-api-server: bad configuration: log level: {e}", file=sys.stderr)
+        return 1
     logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
     async def run() -> None:
@@ -92,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             url: str = await nursery.start(serve_vma, config)
             print(json.dumps({"event": "listening", "url": url}), flush=True)
 
-    trio.run(run)
+    try:
+        trio.run(run)
+    except Exception as exc:  # ExceptionGroup too: one line, exit status 1 (see pyapp.service)
+        logging.getLogger("vma.server").debug("start-up failed", exc_info=exc)
+        print(f"vma-api-server: {failure_message(exc)}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
