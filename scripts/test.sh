@@ -18,3 +18,7 @@ step "ruff";      ruff check pyapp vma oma tests bench
 step "mypy";      mypy
 step "stubtest";  python -m mypy.stubtest pyapp._mover
 step "pytest";    pytest "$@"
+# Issue 20's ratios on a small workload, paired with the peers: printed, kept as JSON and compared
+# with bench/baseline.json; a regression is a WARNING line, never a failure (shared, noisy machines).
+step "bench (quick)"; pytest bench/ --benchmark-only -q -p no:cacheprovider --quick \
+                  --benchmark-json bench/work/benchmark.json --bench-ratios bench/work/ratios.json
