@@ -14,6 +14,7 @@ cd "$ROOT"
 APT_PACKAGES=(
     qemu-utils nbdkit libnbd-bin     # NBD servers and peers, qemu-img
     b3sum                            # BLAKE3 peer for the benchmarks
+    time                             # GNU time: the benchmarks' CPU and peak RSS of each command
     unzip                            # the restore tests unpack zip archives with it too
     fdisk e2fsprogs xfsprogs mtools dosfstools ntfs-3g  # lab disk images without mounting
     nfs-common cifs-utils            # mount.nfs and mount.cifs for backup repositories
