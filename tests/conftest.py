@@ -8,15 +8,22 @@ Suites create their own databases on it (see ``pyapp.db.create_database``).
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from pyapp.db import create_database, with_database
 from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
+from pyapp.logs import JsonFormatter
+from tests.oma.oma_harness import Oma, make_config, run_oma
+from tests.oma.vma_double import run_vma_double
 
 FILES = {"etc/hostname": b"vm1\n", "var/lib/data/blob.bin": bytes(range(256)) * 8192}
 
@@ -71,3 +78,34 @@ def postgres_admin_dsn() -> Iterator[str]:
     finally:
         server.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+async def oma_dsn(postgres_admin_dsn: str) -> str:
+    name = f"oma_test_{uuid.uuid4().hex[:12]}"
+    await create_database(postgres_admin_dsn, name)
+    return with_database(postgres_admin_dsn, name)
+
+
+@pytest.fixture
+def log_capture() -> Iterator[io.StringIO]:
+    """Every log record of the process during the test, as the JSON lines the service writes."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+
+
+@pytest.fixture
+async def oma_service(tmp_path: Path, oma_dsn: str) -> AsyncIterator[Oma]:
+    """An OMA on its own database with the VMA double behind it."""
+    async with run_vma_double() as double, run_oma(make_config(tmp_path, oma_dsn, double.base_url)) as oma:
+        yield oma

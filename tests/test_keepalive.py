@@ -10,8 +10,7 @@ sent when the answer comes (the rest follows the answer).
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +19,8 @@ import h11
 import pytest
 import trio
 
-from pyapp.db import create_database, with_database
 from pyapp.vma_auth import sign
-from tests.oma.oma_harness import Oma, make_config, run_oma
-from tests.oma.vma_double import run_vma_double
+from tests.oma.oma_harness import Oma
 from tests.vma.conftest import vma_config
 from vma.errors import MAX_BODY_BYTES
 from vma.server import serve_vma
@@ -96,17 +93,6 @@ class RawHttp:
         await self.send_body(body)
         await self.end()
         return await self.answer()
-
-
-@pytest.fixture
-async def oma_service(tmp_path: Path, postgres_admin_dsn: str) -> AsyncIterator[Oma]:
-    name = f"oma_test_{uuid.uuid4().hex[:12]}"
-    await create_database(postgres_admin_dsn, name)
-    async with (
-        run_vma_double() as double,
-        run_oma(make_config(tmp_path, with_database(postgres_admin_dsn, name), double.base_url)) as oma,
-    ):
-        yield oma
 
 
 #: The enrollment secret of a VMA configured without an OMA (tests/vma/conftest.py vma_config).

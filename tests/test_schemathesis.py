@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from pyapp.db import create_database, with_database
 from pyapp.vma_auth import sign
-from tests.oma.oma_harness import Oma, make_config, run_oma
-from tests.oma.vma_double import run_vma_double
+from tests.oma.oma_harness import Oma
 from tests.vma.conftest import vma_config
 from vma.errors import OPENAPI_PATH as VMA_OPENAPI_PATH
 from vma.server import serve_vma
@@ -104,17 +101,6 @@ async def run_schemathesis(
     assert result.returncode == 0, out[-20000:]
     # it did test something: operations were run, not skipped for want of a schema
     assert "passed" in out.lower(), out[-5000:]
-
-
-@pytest.fixture
-async def oma_service(tmp_path: Path, postgres_admin_dsn: str) -> AsyncIterator[Oma]:
-    name = f"oma_test_{uuid.uuid4().hex[:12]}"
-    await create_database(postgres_admin_dsn, name)
-    async with (
-        run_vma_double() as double,
-        run_oma(make_config(tmp_path, with_database(postgres_admin_dsn, name), double.base_url)) as oma,
-    ):
-        yield oma
 
 
 # Operations that would lock the run's own administrator out (log out, revoke its token, disable

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import socket
 import ssl
 import time
@@ -50,6 +49,8 @@ from urllib.parse import urlsplit
 import trio
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
+
+from pyapp.thumbprint import normalize_thumbprint
 
 log = logging.getLogger(__name__)
 
@@ -103,25 +104,6 @@ TLS_DEFAULTS = TlsDefaults()
 
 def configure_tls(ca_file: Path | None) -> None:
     TLS_DEFAULTS.ca_file = ca_file
-
-
-#: 20 (SHA-1) or 32 (SHA-256) bytes as hex, colon-separated or not.
-_THUMBPRINT = re.compile(
-    r"(?:[0-9A-Fa-f]{2}:){19}[0-9A-Fa-f]{2}(?:(?::[0-9A-Fa-f]{2}){12})?|[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64}"
-)
-
-
-def normalize_thumbprint(value: str) -> str:
-    """``value`` as upper-case colon-separated hex (``AB:CD:...``), as VMware tools show it:
-    32 bytes (SHA-256) or 20 bytes (SHA-1), with or without colons. ValueError otherwise."""
-    value = value.strip()
-    if not _THUMBPRINT.fullmatch(value):
-        raise ValueError(
-            "tls_thumbprint must be the certificate's SHA-256 (or SHA-1) fingerprint as hex bytes,"
-            " e.g. AB:CD:...:EF (32 or 20 bytes)"
-        )
-    digits = value.replace(":", "").upper()
-    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
 
 
 def certificate_thumbprint(der: bytes, algorithm: str = "sha256") -> str:

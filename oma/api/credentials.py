@@ -18,7 +18,6 @@ names no credential.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Self
@@ -35,6 +34,7 @@ from oma.vma_client import VmaError, VmaUnreachable
 from pyapp.api import ApiError
 from pyapp.db import Record, UniqueViolation
 from pyapp.logs import log_context
+from pyapp.thumbprint import normalize_thumbprint
 
 log = logging.getLogger(__name__)
 bp = Blueprint("credentials", __name__)
@@ -47,23 +47,11 @@ PUBLIC_COLUMNS = (
 )
 
 TlsMode = Literal["verify", "thumbprint", "insecure"]
-_THUMBPRINT = re.compile(
-    r"(?:[0-9A-Fa-f]{2}:){19}[0-9A-Fa-f]{2}(?:(?::[0-9A-Fa-f]{2}){12})?|[0-9A-Fa-f]{40}|[0-9A-Fa-f]{64}"
-)
 
 
 def _thumbprint(value: str) -> str:
-    """Upper-case colon-separated hex of a SHA-256 (32 bytes) or SHA-1 (20 bytes) fingerprint."""
-    value = value.strip()
-    if not value:
-        return ""
-    if not _THUMBPRINT.fullmatch(value):
-        raise ValueError(
-            "tls_thumbprint must be the certificate's SHA-256 (or SHA-1) fingerprint as hex bytes,"
-            " e.g. AB:CD:...:EF (32 or 20 bytes)"
-        )
-    digits = value.replace(":", "").upper()
-    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))
+    """The pinned thumbprint, normalised (:func:`pyapp.thumbprint.normalize_thumbprint`); "" for none."""
+    return normalize_thumbprint(value) if value.strip() else ""
 
 
 Thumbprint = Annotated[str, Field(max_length=200), AfterValidator(_thumbprint)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import logging
 import secrets
 import urllib.parse
 import uuid
@@ -27,7 +26,6 @@ import trio
 
 from oma.state import STATE_KEY, OmaState
 from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
-from pyapp.logs import JsonFormatter
 from tests.e2e.conftest import Product, enroll
 from tests.oma.oma_harness import ADMIN_PASSWORD, ADMIN_USER
 
@@ -81,23 +79,6 @@ class Answers:
         self.items.append((request, response.status_code, f"{headers}\n\n{response.text}"))
 
 
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    """Every record of the process (both services run in it) as the JSON lines they write."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
-
-
 def small_vm(lab: Lab) -> LabVM:
     return lab.create_vm(
         "vm1",
@@ -107,7 +88,7 @@ def small_vm(lab: Lab) -> LabVM:
 
 
 async def test_no_secret_in_logs_or_answers(
-    product: Product, captured_logs: io.StringIO, tmp_path: Path
+    product: Product, log_capture: io.StringIO, tmp_path: Path
 ) -> None:
     oma = product.oma
     st: OmaState = oma.extra["app"].extensions[STATE_KEY]
@@ -272,7 +253,7 @@ async def test_no_secret_in_logs_or_answers(
     assert r.status_code == 200, r.text
 
     # -- the search ------------------------------------------------------------------------------
-    logs = captured_logs.getvalue()
+    logs = log_capture.getvalue()
     records = [json.loads(line) for line in logs.splitlines() if line.strip()]
     assert any(rec["message"] == "replication job created" for rec in records)  # the capture works
     leaks: list[str] = []

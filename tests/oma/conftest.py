@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import logging
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,8 +10,6 @@ from oma_harness import Oma, make_config, run_oma
 from vma_double import VmaDouble, run_vma_double
 
 from oma.backups.immutability import clear_tree
-from pyapp.db import create_database, with_database
-from pyapp.logs import JsonFormatter
 
 
 @pytest.fixture(autouse=True)
@@ -25,30 +20,6 @@ def _clear_immutable_files(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if tmp_path is not None:
         clear_tree(tmp_path)
-
-
-@pytest.fixture
-async def oma_dsn(postgres_admin_dsn: str) -> str:
-    name = f"oma_test_{uuid.uuid4().hex[:12]}"
-    await create_database(postgres_admin_dsn, name)
-    return with_database(postgres_admin_dsn, name)
-
-
-@pytest.fixture
-def log_capture() -> Iterator[io.StringIO]:
-    """Every log record of the process during the test, as the JSON lines the service writes."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    old_level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(old_level)
 
 
 @pytest.fixture

@@ -301,10 +301,10 @@ def test_thumbprint_forms_are_checked() -> None:
 async def test_discover_api_checks_the_certificate_as_asked(vma: Vma, tls_lab: Lab) -> None:
     body = {"vcenter": tls_lab.url, "username": tls_lab.username, "password": tls_lab.password}
     r = await vma.post("/api/v1/discover", body)
-    assert r.status_code == 500 and "TLS certificate verification failed" in r.json()["error"]
+    assert r.status_code == 502 and "TLS certificate verification failed" in r.json()["error"]
     wrong = {**body, "tls_mode": "thumbprint", "tls_thumbprint": ":".join(["00"] * 32)}
     r = await vma.post("/api/v1/discover", wrong)
-    assert r.status_code == 500 and "TLS thumbprint mismatch" in r.json()["error"]
+    assert r.status_code == 502 and "TLS thumbprint mismatch" in r.json()["error"]
     right = {**body, "tls_mode": "thumbprint", "tls_thumbprint": tls_lab.thumbprint()}
     r = await vma.post("/api/v1/discover", right)
     assert r.status_code == 200, r.text
