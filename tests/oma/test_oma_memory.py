@@ -10,12 +10,16 @@ context of the request that made it until the timer's deadline (up to 300 s).
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from pyapp.db import open_database
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,3 +46,19 @@ def test_rss_after_load_stays_within_1_5x_of_warmup(tmp_path: Path) -> None:
         f"OMA RSS grew from {report['warmup_rss_mib']} MiB after the warm-up to {report['end_rss_mib']} MiB"
         f" (x{report['ratio']}); samples (s, MiB): {report['samples']}"
     )
+
+
+def cancelled_timers() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, asyncio.TimerHandle) and o.cancelled())
+
+
+async def test_cancelled_database_timers_are_not_kept(oma_dsn: str) -> None:
+    """The cause, fast: each statement and each pool release schedules an asyncio timer that
+    asyncpg cancels soon after; the bridge's loop must not keep them (and their contexts)."""
+    async with open_database(oma_dsn, min_size=1, max_size=2) as db:
+        before = cancelled_timers()
+        for _ in range(2000):
+            assert await db.fetchval("SELECT 1") == 1
+        kept = cancelled_timers() - before
+    assert kept < 500, f"{kept} cancelled timers kept alive after 2000 statements"
