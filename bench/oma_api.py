@@ -21,6 +21,15 @@ answers parsed by Content-Length) to keep its own CPU cost far below the server'
 client would dominate on a 2-core machine. Non-2xx answers are counted as errors and reported.
 
 Goal: p99 < 100 ms for each endpoint.
+
+``--rss``: instead of the latency scenarios, the memory check (issue 13, item 10). After seeding,
+``--clients`` clients run a mixed load (GET /vms, GET /replications, POST /replications, GET
+/debug/logs in turn) for ``--warmup`` seconds, then for ``--duration`` seconds more, while the
+OMA process's RSS (``VmRSS`` of ``/proc/<pid>/status``) is sampled every second. Reported: the RSS
+after the warm-up, at the end, the peak, and end ÷ warm-up (goal ≤ 1.5).
+``OMA_TRACEMALLOC_DIR`` (a debugging aid): the OMA is started under ``tracemalloc`` and writes a
+snapshot there when it gets SIGUSR2; ``--rss`` sends it after the warm-up and at the end, and
+prints the top differences.
 """
 
 from __future__ import annotations
@@ -148,6 +157,108 @@ async def run_load(
     return result
 
 
+def rss_kib(pid: int) -> int:
+    """The resident set size of process ``pid`` (KiB), from ``/proc/<pid>/status``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+@dataclass
+class RssRun:
+    warmup_kib: int = 0
+    end_kib: int = 0
+    peak_kib: int = 0
+    samples: list[tuple[float, int]] = field(default_factory=list)  # (seconds since start, KiB)
+    requests: int = 0
+    errors: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "warmup_rss_mib": round(self.warmup_kib / 1024, 1),
+            "end_rss_mib": round(self.end_kib / 1024, 1),
+            "peak_rss_mib": round(self.peak_kib / 1024, 1),
+            "ratio": round(self.end_kib / self.warmup_kib, 3),
+            "requests": self.requests,
+            "errors": self.errors,
+            "samples": [(round(t, 1), round(k / 1024, 1)) for t, k in self.samples],
+        }
+
+
+def snapshot_files(directory: Path) -> set[Path]:
+    return set(directory.glob("*.snap"))
+
+
+async def tracemalloc_snapshot(pid: int, directory: Path, name: str) -> Path:
+    """Ask the OMA (started with ``OMA_TRACEMALLOC_DIR``) for a snapshot; wait for the file."""
+    import signal
+
+    before = snapshot_files(directory)
+    os.kill(pid, signal.SIGUSR2)
+    with trio.fail_after(120):
+        while True:
+            new = snapshot_files(directory) - before
+            if new:
+                await trio.sleep(2)  # let it finish writing
+                path = new.pop()
+                return path.rename(directory / f"{name}.snap")
+            await trio.sleep(0.5)
+
+
+def print_tracemalloc_diff(first: Path, second: Path, top: int = 25) -> None:
+    import tracemalloc
+
+    old = tracemalloc.Snapshot.load(str(first))
+    new = tracemalloc.Snapshot.load(str(second))
+    for stat in new.compare_to(old, "traceback")[:top]:
+        print(f"{stat.size_diff / 1024:+10.1f} KiB {stat.count_diff:+8d} blocks", file=sys.stderr)
+        for line in stat.traceback.format()[-12:]:
+            print(f"      {line}", file=sys.stderr)
+
+
+async def run_rss(
+    pid: int,
+    host: str,
+    port: int,
+    clients: int,
+    warmup: float,
+    duration: float,
+    make_request: Callable[[int, int], bytes],
+    snapshots: Path | None,
+) -> RssRun:
+    """Mixed load for ``warmup`` then ``duration`` seconds, sampling the OMA's RSS every second."""
+    run = RssRun()
+    started = trio.current_time()
+
+    async def sample() -> None:
+        while True:
+            kib = rss_kib(pid)
+            run.samples.append((trio.current_time() - started, kib))
+            run.peak_kib = max(run.peak_kib, kib)
+            await trio.sleep(1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sample)
+        first = await run_load("warm-up", host, port, clients, warmup, make_request)
+        await trio.sleep(1)  # the last answers' garbage is collected
+        run.warmup_kib = rss_kib(pid)
+        print(f"RSS after the {warmup:.0f} s warm-up: {run.warmup_kib / 1024:.1f} MiB", file=sys.stderr)
+        if snapshots is not None:
+            await tracemalloc_snapshot(pid, snapshots, "warmup")
+        second = await run_load("measured", host, port, clients, duration, make_request)
+        await trio.sleep(1)
+        run.end_kib = rss_kib(pid)
+        if snapshots is not None:
+            await tracemalloc_snapshot(pid, snapshots, "end")
+        nursery.cancel_scope.cancel()
+    run.requests = len(first.latencies_ms) + len(second.latencies_ms)
+    run.errors = first.errors + second.errors
+    if snapshots is not None:
+        print_tracemalloc_diff(snapshots / "warmup.snap", snapshots / "end.snap")
+    return run
+
+
 async def seed(base: str, token: str, dsn: str, vms: int, jobs: int) -> None:
     import httpx
 
@@ -269,7 +380,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         admin_dsn = os.environ.get("DATABASE_URL")
         if not admin_dsn:
-            from pgserver import get_server
+            from pgserver import get_server  # type: ignore[attr-defined]
 
             embedded = await trio.to_thread.run_sync(get_server, tmp / "pgdata")
             admin_dsn = str(embedded.get_uri("postgres"))
@@ -289,11 +400,14 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.pool_size:
             env["OMA_DB_POOL_SIZE"] = str(args.pool_size)
         profile = ["-m", "cProfile", "-o", str(args.profile)] if args.profile else []
+        snapshots = Path(env["OMA_TRACEMALLOC_DIR"]) if env.get("OMA_TRACEMALLOC_DIR") else None
+        if snapshots is not None:
+            snapshots.mkdir(parents=True, exist_ok=True)
+            profile = ["-X", "tracemalloc=25", str(Path(__file__).with_name("tracemalloc_run.py"))]
         cmd = [
             sys.executable,
             *profile,
-            "-m",
-            "oma.server",
+            *([] if snapshots is not None else ["-m", "oma.server"]),
             "--host",
             "127.0.0.1",
             "--port",
@@ -336,6 +450,30 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
                 return render("POST", "/api/v1/replications", hostport, token, body)
 
+            if args.rss:
+                get_logs = render("GET", "/api/v1/debug/logs", hostport, token)
+                kinds: dict[str, Callable[[int, int], bytes]] = {
+                    "vms": lambda c, i: get_vms,
+                    "jobs": lambda c, i: get_jobs,
+                    "post": post_job,
+                    "logs": lambda c, i: get_logs,
+                }
+                mixed = [kinds[k] for k in args.mix.split(",")]
+                print(
+                    f"RSS: {args.clients} clients, mixed load, {args.warmup}s warm-up + {args.duration}s ...",
+                    file=sys.stderr,
+                )
+                run = await run_rss(
+                    server.pid,
+                    host,
+                    int(port),
+                    args.clients,
+                    args.warmup,
+                    args.duration,
+                    lambda c, i: mixed[(c + i) % len(mixed)](c, i),
+                    snapshots,
+                )
+                return [run.summary()]
             scenarios: list[tuple[str, Callable[[int, int], bytes]]] = [
                 ("GET /api/v1/vms", lambda c, i: get_vms),
                 ("GET /api/v1/replications", lambda c, i: get_jobs),
@@ -372,9 +510,34 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="run the OMA under cProfile, writing the stats here")
     parser.add_argument("--no-peer", action="store_true", help="skip the bare quart-trio peer measurement")
     parser.add_argument("--serve-peer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rss", action="store_true", help="measure the OMA's RSS under a mixed load instead of latencies"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=60.0, help="--rss: warm-up seconds before the baseline"
+    )
+    parser.add_argument(
+        "--mix", default="vms,jobs,post,logs", help="--rss: the requests each client cycles through"
+    )
     args = parser.parse_args()
     if args.serve_peer:
         trio.run(serve_peer)
+        return
+    if args.rss:
+        load_before = os.getloadavg()[0]
+        (rss,) = trio.run(main_async, args)
+        samples = rss.pop("samples")
+        rss["load_average_before_after"] = [load_before, os.getloadavg()[0]]
+        print(
+            f"OMA RSS: after warm-up {rss['warmup_rss_mib']} MiB, at the end {rss['end_rss_mib']} MiB,"
+            f" peak {rss['peak_rss_mib']} MiB, end/warm-up {rss['ratio']} (goal <= 1.5:"
+            f" {'met' if rss['ratio'] <= 1.5 else 'NOT met'}); {rss['requests']} requests,"
+            f" {rss['errors']} errors; {args.clients} clients, {args.warmup:.0f} s + {args.duration:.0f} s;"
+            f" load average before/after {load_before:.1f}/{os.getloadavg()[0]:.1f}"
+        )
+        if args.json:
+            report = {**vars(args), "json": str(args.json), **rss, "samples": samples}
+            args.json.write_text(json.dumps(report))
         return
     load_before = os.getloadavg()[0]
     summaries = trio.run(main_async, args)

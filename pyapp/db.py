@@ -23,6 +23,7 @@ second time after a reply was lost does no harm.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import re
@@ -89,6 +90,29 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
 # One advisory lock key for "migrations of this database" (any constant 64-bit value works).
 MIGRATION_LOCK_KEY = 0x6F6D615F6D696772  # "oma_migr"
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[A-Za-z0-9_]+\.sql$")
+
+
+def _drop_cancelled_timers(loop: Any) -> None:
+    """Make ``loop`` (trio-asyncio) forget cancelled timers, as asyncio's own loop does.
+
+    trio-asyncio keeps a cancelled ``TimerHandle`` in its heap until the handle's deadline, and a
+    handle holds the context it was created in (a request's, with its request and response).
+    asyncpg schedules a timer on every query (``command_timeout``) and every pool release (the
+    idle-connection timer, 300 s) and cancels it soon after: under load the OMA kept hundreds of
+    MB of finished requests alive. Once more than half of the heap is cancelled it is rebuilt.
+    """
+    cancelled = 0
+
+    def timer_handle_cancelled(handle: Any) -> None:
+        nonlocal cancelled
+        cancelled += 1
+        timers: list[Any] = loop._timers
+        if cancelled > 100 and cancelled * 2 > len(timers):
+            timers[:] = [t for t in timers if not t.cancelled()]
+            heapq.heapify(timers)
+            cancelled = 0
+
+    loop._timer_handle_cancelled = timer_handle_cancelled
 
 
 class _Bridge:
@@ -229,6 +253,7 @@ async def open_database(
     """Open a trio-asyncio loop and an asyncpg pool on ``dsn`` for the duration of the block.
     ``retry_deadline``: how long each statement retries a lost connection."""
     async with trio_asyncio.open_loop() as loop:
+        _drop_cancelled_timers(loop)
         bridge = _Bridge(loop)
         pool = await bridge.run(
             asyncpg.create_pool, dsn, min_size=min_size, max_size=max_size, command_timeout=30
