@@ -517,6 +517,24 @@ async def test_a_cbt_reset_makes_the_incremental_a_full_on_a_new_chain(lab: Back
     assert_point_is(Path(nxt["file_path"]), lab.state(nxt["backup_id"]))
 
 
+async def export_as_a_dead_engine_left_it(oma: Oma, vma: VmaDouble, backup_id: str) -> None:
+    """The export a backup engine had asked the VMA for before its process died (signed as the
+    OMA signs its requests)."""
+    r = await oma.client.post(
+        f"{vma.base_url}/api/v1/replicate",
+        auth=SignedAuth(lambda: vma.secret),
+        json={
+            "job_id": backup_id,
+            "mode": "export",
+            "username": vma.username,
+            "password": vma.password,
+            "vm_paths": ["/LabDC/vm/app01"],
+            "disks": {"/LabDC/vm/app01": ["disk-2000"]},
+        },
+    )
+    assert r.status_code == 200, r.text
+
+
 async def test_restart_fails_the_backups_of_a_dead_process_and_shutdown_fails_its_own(
     tmp_path: Path, oma_dsn: str, vma: VmaDouble
 ) -> None:
@@ -534,19 +552,7 @@ async def test_restart_fails_the_backups_of_a_dead_process_and_shutdown_fails_it
             started["backup_id"],
             f"{socket.gethostname()}:999999999:dead",
         )
-        r = await oma.client.post(
-            f"{vma.base_url}/api/v1/replicate",
-            auth=SignedAuth(lambda: vma.secret),
-            json={
-                "job_id": started["backup_id"],
-                "mode": "export",
-                "username": vma.username,
-                "password": vma.password,
-                "vm_paths": ["/LabDC/vm/app01"],
-                "disks": {"/LabDC/vm/app01": ["disk-2000"]},
-            },
-        )
-        assert r.status_code == 200, r.text
+        await export_as_a_dead_engine_left_it(oma, vma, started["backup_id"])
 
     async with run_oma(base) as oma:
         lab = await setup_lab(oma, vma, tmp_path)
@@ -696,18 +702,7 @@ async def test_a_backup_whose_lease_expired_is_taken_over_by_a_live_engine(
             " claimed_at = now() - interval '1 hour', started_at = now() WHERE id = $1",
             dead["backup_id"],
         )
-        r = await oma.client.post(  # the export its engine had asked for
-            f"{vma.base_url}/api/v1/replicate",
-            json={
-                "job_id": dead["backup_id"],
-                "mode": "export",
-                "username": vma.username,
-                "password": vma.password,
-                "vm_paths": ["/LabDC/vm/app01"],
-                "disks": {"/LabDC/vm/app01": ["disk-2000"]},
-            },
-        )
-        assert r.status_code == 200, r.text
+        await export_as_a_dead_engine_left_it(oma, vma, dead["backup_id"])
         live = await lab.start("full", disk_id="disk-2001")
         await lab.db.execute(
             "UPDATE backup_jobs SET status = 'running', claimed_by = 'elsewhere:4243@1:live0000',"
