@@ -119,6 +119,34 @@ def locked_until(immutable: bool, immutable_days: int, stored_at: dt.datetime) -
     return stored_at + dt.timedelta(days=immutable_days)
 
 
+async def lock_stored_point(
+    db: Database, image: Path, backup_id: str, repository_id: str, stored_at: dt.datetime
+) -> None:
+    """Lock the files of a point just stored in ``repository_id`` (a backup's image, or its copy
+    in another repository) when that repository is immutable: the lock record and the immutable
+    attribute (:func:`oma.backups.immutability.lock_point`). A failure is logged: the point stays
+    completed, its database lock holds, and the retention run locks it later."""
+    row = await db.fetchrow(
+        "SELECT immutable, immutable_days, now() AS now FROM backup_repositories WHERE id = $1", repository_id
+    )
+    if row is None:
+        return
+    until = locked_until(row["immutable"], row["immutable_days"], stored_at)
+    if until is None:
+        return
+    try:
+        mode = await trio.to_thread.run_sync(
+            immutability.lock_point, image, backup_id, stored_at, until, row["now"]
+        )
+    except (OSError, immutability.LockError) as e:
+        log.error("cannot lock the point's files: %s", e, extra={"file_path": str(image)})
+        return
+    log.info(
+        "point locked",
+        extra={"file_path": str(image), "locked_until": until.isoformat(), "lock_mode": mode},
+    )
+
+
 @contextlib.asynccontextmanager
 async def disk_lock(
     db: Database, vm_key: str, disk_id: str, repository_id: str, *, wait: bool = False

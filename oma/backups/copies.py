@@ -52,6 +52,7 @@ from pathlib import Path
 import trio
 
 from oma.backups import layout
+from oma.backups.chains import lock_stored_point
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
@@ -450,7 +451,7 @@ class CopyWorker(ClaimWorker):
         copy_id, backup_id, repository_id = row["id"], row["backup_id"], row["repository_id"]
         b = await self.db.fetchrow(
             "SELECT b.vm_key, b.disk_id, b.repository_id, b.status, b.file_path, b.manifest_path,"
-            " b.disk_digest, b.parent_backup_id,"
+            " b.disk_digest, b.parent_backup_id, b.created_at,"
             " (SELECT p.status FROM backup_copies p WHERE p.backup_id = b.parent_backup_id"
             "   AND p.repository_id = $2) AS parent_copy_status,"
             " (SELECT r.verify_after_copy FROM backup_copy_rules r WHERE r.id = $3) AS verify_after_copy"
@@ -513,6 +514,9 @@ class CopyWorker(ClaimWorker):
             "backup copy completed",
             extra={"copy_id": copy_id, "backup_id": backup_id, "verified": verify, "bytes": size},
         )
+        # A copy is a point of its repository: locked there as the backup was in its own
+        # (counted from the backup's time, as retention counts it).
+        await lock_stored_point(self.db, dest, backup_id, repository_id, b["created_at"])
 
     async def _fail(self, copy_id: str, message: str, dest: list[Path]) -> None:
         left: str | None = None

@@ -50,8 +50,8 @@ from typing import Any
 
 import trio
 
-from oma.backups import immutability, layout
-from oma.backups.chains import disk_lock, locked_until
+from oma.backups import layout
+from oma.backups.chains import disk_lock, lock_stored_point
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
@@ -417,29 +417,15 @@ class BackupEngine(ClaimWorker):
         return True
 
     async def _lock_point(self, job: RunningBackup) -> None:
-        """Lock a completed point's files in an immutable repository (lock record, immutable
-        attribute). A failure is logged: the point stays completed, its database lock holds,
-        and the retention run locks it later."""
+        """Lock a completed point's files in an immutable repository."""
         assert job.target is not None
         row = await self.db.fetchrow(
-            "SELECT b.created_at, r.immutable, r.immutable_days FROM backup_jobs b"
-            " JOIN backup_repositories r ON r.id = b.repository_id WHERE b.id = $1",
-            job.backup_id,
+            "SELECT created_at, repository_id FROM backup_jobs WHERE id = $1", job.backup_id
         )
-        if row is None:
-            return
-        until = locked_until(row["immutable"], row["immutable_days"], row["created_at"])
-        if until is None:
-            return
-        now = await self.db.fetchval("SELECT now()")
-        try:
-            mode = await trio.to_thread.run_sync(
-                immutability.lock_point, job.target, job.backup_id, row["created_at"], until, now
+        if row is not None:
+            await lock_stored_point(
+                self.db, job.target, job.backup_id, row["repository_id"], row["created_at"]
             )
-        except (OSError, immutability.LockError) as e:
-            log.error("cannot lock the point's files: %s", e)
-            return
-        log.info("point locked", extra={"locked_until": until.isoformat(), "lock_mode": mode})
 
     async def _take_parent(self, job: RunningBackup) -> Parent:
         """The chain's latest completed point, recorded as the backup's parent in one transaction

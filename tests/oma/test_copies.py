@@ -3,6 +3,7 @@ mover, and ``qemu-img`` as the oracle."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import subprocess
@@ -26,7 +27,7 @@ from backup_fixtures import (
 from oma_harness import Oma
 from vma_double import VmaDouble
 
-from oma.backups import copies
+from oma.backups import copies, immutability
 from oma.backups.layout import backup_path, manifest_path
 from pyapp import mover
 
@@ -323,3 +324,29 @@ async def test_shutdown_leaves_no_half_copy(tmp_path: Path, oma_dsn: str, vma: V
         (copy,) = await wait_for_copies(oma, full.backup_id)
         assert copy["status"] == "completed" and copy["verified"] is True
         assert leftovers(tmp_path / "offsite") == []
+
+
+async def test_a_copy_into_an_immutable_repository_is_locked_when_it_completes(
+    oma: Oma, tmp_path: Path
+) -> None:
+    """A copy is a point of its repository: in an immutable one its image, manifest and lock
+    record carry the immutable attribute as soon as the copy completes, not at the next
+    retention sweep; the lock counts from the backup's time."""
+    primary = await create_local_repository(oma, "primary", tmp_path / "primary")
+    vault = await create_local_repository(oma, "vault", tmp_path / "vault", immutable=True, immutable_days=7)
+    db = db_of(oma)
+    (full,) = await build_chain(db, tmp_path / "work", tmp_path / "primary", primary, points=1)
+    r = await oma.post(f"/backups/{full.backup_id}/copy", json={"repository_id": vault})
+    assert r.status_code == 202, r.text
+    (copy,) = await wait_for_copies(oma, full.backup_id)
+    assert copy["status"] == "completed", copy
+    dest = Path(copy["file_path"])
+    record = immutability.read_lock(dest)
+    assert record is not None and record.backup_id == full.backup_id
+    created = await db.fetchval("SELECT created_at FROM backup_jobs WHERE id = $1", full.backup_id)
+    assert record.locked_at == created and record.locked_until == created + dt.timedelta(days=7)
+    for path in immutability.point_files(dest):
+        assert immutability.is_immutable(path), path
+    rm = subprocess.run(["rm", "-f", str(dest)], capture_output=True, text=True, check=False)
+    assert rm.returncode != 0 and "Operation not permitted" in rm.stderr
+    assert not immutability.is_immutable(full.path)  # the primary repository is not immutable
