@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import logging
+import os
 import random
 import secrets
 import shutil
@@ -272,6 +274,38 @@ def print_summary(
     print(f"snapshots left in vCenter: {snapshots}")
 
 
+def replication_report(
+    full: list[PassResult], incremental: list[PassResult], vms: list[LabVM], snapshots: int
+) -> dict[str, Any]:
+    """The replication part of the ``--json`` summary: every pass, per disk."""
+    capacity = {(vm.name, f"disk-{d.key}"): d.capacity for vm in vms for d in vm.disks}
+    return {
+        "passes": [
+            {
+                "vm": r.vm,
+                "kind": r.kind,
+                "status": r.status,
+                "error": r.error,
+                "seconds": round(r.seconds, 3),
+                "bytes_transferred": r.bytes_transferred,
+                "disks": [
+                    {
+                        "disk_id": d["disk_id"],
+                        "capacity_bytes": capacity[(r.vm, d["disk_id"])],
+                        "copy_mode": d.get("copy_mode"),
+                        "bytes_written": d["bytes_written"] or 0,
+                        "bytes_zeroed": d.get("bytes_zeroed") or 0,
+                        "target_equals_source": r.equal.get(d["disk_id"], False),
+                    }
+                    for d in r.disks
+                ],
+            }
+            for r in full + incremental
+        ],
+        "snapshots_left": snapshots,
+    }
+
+
 async def wait_backup(api: Api, backup_id: str, within: float = 300.0) -> dict[str, Any]:
     with trio.fail_after(within):
         while True:
@@ -302,7 +336,7 @@ async def restored_equal(api: Api, backup_id: str, tree: dict[str, bytes]) -> tu
         await api.call("DELETE", f"/restore/{mount_id}")
 
 
-async def backup_part(api: Api, vm: LabVM, work: Path, t0: float) -> bool:
+async def backup_part(api: Api, vm: LabVM, work: Path, t0: float, report: dict[str, Any]) -> bool:
     """A full and an incremental backup of ``vm``'s data disk, file-level restore from both."""
     disk = vm.disks[1]
     disk_id = f"disk-{disk.key}"
@@ -337,6 +371,25 @@ async def backup_part(api: Api, vm: LabVM, work: Path, t0: float) -> bool:
         rows.append((point, seconds, files, same))
     verified = await api.call("POST", f"/backup/{rows[-1][0]['backup_id']}/verify")
     ok = ok and bool(verified["ok"])
+    report["backup"] = {
+        "vm": vm.name,
+        "disk_id": disk_id,
+        "points": [
+            {
+                "backup_id": point["backup_id"],
+                "backup_type": point["backup_type"],
+                "status": point["status"],
+                "changed_bytes": point["changed_bytes"] or 0,
+                "stored_bytes": point["stored_bytes"] or 0,
+                "seconds": round(seconds, 3),
+                "files_restored": files,
+                "files_equal": same,
+                "disk_digest": point["disk_digest"],
+            }
+            for point, seconds, files, same in rows
+        ],
+        "chain_verified": bool(verified["ok"]),
+    }
     header = f"{'point':<12} {'changed':>9} {'stored':>9} {'time':>7}  {'files restored':>14}  digest"
     print(header)
     print("-" * len(header))
@@ -353,7 +406,8 @@ async def backup_part(api: Api, vm: LabVM, work: Path, t0: float) -> bool:
     return ok
 
 
-async def demo(work: Path, quiet_logs: bool) -> bool:
+async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
+    """The whole demo; ``report`` receives the summary (``--json``)."""
     t0 = time.monotonic()
     ok = False
     log_file = work / "services.log"
@@ -489,6 +543,7 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
                     snapshots = await trio.to_thread.run_sync(count_snapshots, lab, vms)
 
                     print_summary(full, incremental, vms, snapshots)
+                    report["replication"] = replication_report(full, incremental, vms, snapshots)
                     ok = (
                         all(
                             r.status == "completed" and r.equal and all(r.equal.values())
@@ -499,7 +554,7 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
                     for r in full + incremental:
                         if r.status != "completed":
                             print(f"{r.vm} {r.kind}: {r.status}: {r.error}")
-                    ok = await backup_part(api, vms[0], work, t0) and ok
+                    ok = await backup_part(api, vms[0], work, t0, report) and ok
             except Exception:
                 traceback.print_exc()  # then shut the services down in order, and report a failure
             finally:
@@ -507,8 +562,17 @@ async def demo(work: Path, quiet_logs: bool) -> bool:
                 vma_scope.cancel()
     finally:
         await trio.to_thread.run_sync(lab.stop)
+    report["passed"], report["seconds"] = ok, round(time.monotonic() - t0, 3)
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
     return ok
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """The summary as JSON: a new file, then renamed over ``path``."""
+    path = path.resolve()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--keep", action="store_true", help="keep the data directory (volumes, database, logs)")
     ap.add_argument("--verbose", action="store_true", help="service logs on stderr too")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the summary as JSON to FILE")
     args = ap.parse_args(argv)
     # PostgreSQL run as root drops to its own user, which must traverse the data directory.
     work: Path = (args.workdir or Path(tempfile.mkdtemp(prefix="oma-demo-"))).resolve()
@@ -528,8 +593,11 @@ def main(argv: list[str] | None = None) -> int:
     work.chmod(0o755)
     # pgserver asks platformdirs for XDG_RUNTIME_DIR, unset on a server: not the demo's business
     warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+    report: dict[str, Any] = {"passed": False}
     try:
-        ok = trio.run(demo, work, not args.verbose)
+        ok = trio.run(demo, work, not args.verbose, report)
+        if args.json is not None:
+            write_json(args.json, report)
     finally:
         if args.keep:
             print(f"kept in {work}: oma/volumes (targets), backups, oma/pgdata, lab, services.log")

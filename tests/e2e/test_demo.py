@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -14,10 +15,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_demo_runs_end_to_end_within_three_minutes() -> None:
+def test_demo_runs_end_to_end_within_three_minutes(tmp_path: Path) -> None:
     started = time.monotonic()
+    summary_file = tmp_path / "summary.json"
     r = subprocess.run(
-        [sys.executable, "-m", "pyapp.demo"],
+        [sys.executable, "-m", "pyapp.demo", "--json", str(summary_file)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -33,3 +35,24 @@ def test_demo_runs_end_to_end_within_three_minutes() -> None:
     # two backup points, every file restored from each equal to the guest's
     assert backups.count(" equal ") == 2 and "DIFFER" not in backups
     assert "chain verified against its manifests: yes" in backups
+
+    # --json FILE: the same summary as JSON
+    summary = json.loads(summary_file.read_text())
+    assert summary["passed"] is True and 0 < summary["seconds"] < 180
+    passes = summary["replication"]["passes"]
+    assert [(p["vm"], p["kind"]) for p in passes] == [
+        ("web01", "initial"), ("db01", "initial"), ("web01", "incremental"), ("db01", "incremental")
+    ]  # fmt: skip
+    disks = [d for p in passes for d in p["disks"]]
+    assert len(disks) == 6 and all(d["target_equals_source"] is True for d in disks)
+    assert all(p["status"] == "completed" and p["error"] is None for p in passes)
+    full = sum(d["bytes_written"] for p in passes[:2] for d in p["disks"])
+    incremental = sum(d["bytes_written"] for p in passes[2:] for d in p["disks"])
+    assert 0 < incremental < full
+    assert summary["replication"]["snapshots_left"] == 0
+    points = summary["backup"]["points"]
+    assert [p["backup_type"] for p in points] == ["full", "incremental"]
+    assert all(
+        p["status"] == "completed" and p["files_equal"] is True and p["files_restored"] > 0 for p in points
+    )
+    assert summary["backup"]["chain_verified"] is True
