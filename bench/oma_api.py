@@ -65,6 +65,9 @@ class Result:
     name: str
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
+    #: Connections the server closed under a client (after a ``Connection: close`` answer, or a
+    #: keep-alive timeout): the request counts as an error and the client dials again.
+    reconnects: int = 0
     elapsed_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -78,6 +81,7 @@ class Result:
             "endpoint": self.name,
             "requests": n,
             "errors": self.errors,
+            "reconnects": self.reconnects,
             "throughput_rps": round(n / self.elapsed_s, 1) if self.elapsed_s else 0.0,
             "p50_ms": pct(50),
             "p90_ms": pct(90),
@@ -136,18 +140,25 @@ async def run_load(
     deadline = trio.current_time() + duration
 
     async def worker(index: int) -> None:
-        stream = await trio.open_tcp_stream(host, port)
-        client = KeepAliveClient(stream)
         i = 0
-        async with stream:
-            while trio.current_time() < deadline:
-                raw = make_request(index, i)
-                started = time.perf_counter()
-                status = await client.request(raw)
-                result.latencies_ms.append((time.perf_counter() - started) * 1000)
-                if status >= 300:
+        while trio.current_time() < deadline:
+            stream = await trio.open_tcp_stream(host, port)
+            client = KeepAliveClient(stream)
+            async with stream:
+                try:
+                    while trio.current_time() < deadline:
+                        raw = make_request(index, i)
+                        started = time.perf_counter()
+                        status = await client.request(raw)
+                        result.latencies_ms.append((time.perf_counter() - started) * 1000)
+                        if status >= 300:
+                            result.errors += 1
+                        i += 1
+                except (ConnectionError, trio.BrokenResourceError):
+                    # the server closed this connection (as HTTP/1.1 lets it): dial again
                     result.errors += 1
-                i += 1
+                    result.reconnects += 1
+                    i += 1
 
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
