@@ -535,7 +535,7 @@ async fn write_flat(
         checkpoint: None,
         ..opts.copy.clone()
     };
-    let snap = copy::copy_recording(
+    let snap = copy::copy_reporting(
         Arc::clone(&src),
         Arc::clone(&dst),
         &PlanKind::Allocated,
@@ -544,7 +544,8 @@ async fn write_flat(
         Arc::clone(cancel),
         builder.clone(),
     )
-    .await?;
+    .await?
+    .progress;
     let manifest = match builder {
         Some(b) => {
             copy::complete_manifest(&b, &*dst).await?;

@@ -453,21 +453,7 @@ pub async fn copy(
     progress: Arc<Progress>,
     cancel: Arc<CancelToken>,
 ) -> Result<ProgressSnapshot> {
-    copy_recording(source, target, kind, opts, progress, cancel, None).await
-}
-
-/// [`copy`], feeding every write and zero command to `manifest`. Ranges skipped because a
-/// checkpoint names them are marked for reading back.
-pub async fn copy_recording(
-    source: Arc<dyn Endpoint>,
-    target: Arc<dyn Endpoint>,
-    kind: &PlanKind,
-    opts: &CopyOptions,
-    progress: Arc<Progress>,
-    cancel: Arc<CancelToken>,
-    manifest: Option<Arc<ManifestBuilder>>,
-) -> Result<ProgressSnapshot> {
-    copy_reporting(source, target, kind, opts, progress, cancel, manifest)
+    copy_reporting(source, target, kind, opts, progress, cancel, None)
         .await
         .map(|c| c.progress)
 }
@@ -482,7 +468,9 @@ pub struct Copied {
     pub durable: bool,
 }
 
-/// [`copy_recording`], also saying whether the target was made durable.
+/// [`copy`], feeding every write and zero command to `manifest` (ranges skipped because a
+/// checkpoint names them are marked for reading back), and saying whether the target was made
+/// durable.
 pub async fn copy_reporting(
     source: Arc<dyn Endpoint>,
     target: Arc<dyn Endpoint>,
