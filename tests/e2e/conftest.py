@@ -142,17 +142,22 @@ async def product(tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery)
         )
         r = await oma.post(
             "/vmware-credentials",
-            json={
-                "credential_name": "lab",
-                "vcenter_host": lab.url,
-                "username": lab.username,
-                "password": lab.password,
-                "datacenter": "DC0",
-                "is_default": True,
-            },
+            json=lab_credential(lab),
         )
         assert r.status_code == 201, r.text
         yield Product(oma, vma_url, vc, lab)
+
+
+def lab_credential(lab: Lab) -> dict[str, Any]:
+    """The lab vCenter's login as the default VMware credential (``POST /vmware-credentials``)."""
+    return {
+        "credential_name": "lab",
+        "vcenter_host": lab.url,
+        "username": lab.username,
+        "password": lab.password,
+        "datacenter": "DC0",
+        "is_default": True,
+    }
 
 
 async def vma_progress(product: Product, job_id: str) -> dict[str, Any]:

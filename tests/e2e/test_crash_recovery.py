@@ -32,7 +32,7 @@ from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from pyapp.process import ProcessRef, cmdline, pids
 from pyapp.vma_auth import SecretFile, SignedAuth
-from tests.e2e.conftest import TERMINAL, enroll
+from tests.e2e.conftest import TERMINAL, enroll, lab_credential
 from tests.e2e.test_replication_flow import assert_targets_equal
 from tests.oma.oma_harness import ADMIN_PASSWORD, ADMIN_USER, Oma, make_config
 from tests.vma.conftest import snapshot_names
@@ -136,9 +136,7 @@ class Stack:
 
 
 @pytest.fixture
-async def stack_factory(
-    lab: Lab, postgres_admin_dsn: str, tmp_path: Path
-) -> AsyncIterator[Any]:
+async def stack_factory(lab: Lab, postgres_admin_dsn: str, tmp_path: Path) -> AsyncIterator[Any]:
     stacks: list[Stack] = []
     # not under pytest's 0700 tmp dir: as root, pgserver runs PostgreSQL as its own user
     work = Path(tempfile.mkdtemp(prefix="oma-crash-"))
@@ -211,14 +209,7 @@ async def stack_factory(
         r = await stack.api(
             "POST",
             "/vmware-credentials",
-            json={
-                "credential_name": "lab",
-                "vcenter_host": lab.url,
-                "username": lab.username,
-                "password": lab.password,
-                "datacenter": "DC0",
-                "is_default": True,
-            },
+            json=lab_credential(lab),
         )
         assert r.status_code == 201, r.text
         return stack
