@@ -272,6 +272,12 @@ def build_disk(path: Path, size: int, partitions: list[Partition], table: TableT
             raise DiskBuildError(f"partition {i + 1}: sfdisk made {psize} bytes, asked {spec.size}")
         placed.append(PlacedPartition(i + 1, start, psize, spec))
 
+    _write_file_systems(path, placed)
+    return DiskLayout(path, size, table, tuple(placed))
+
+
+def _write_file_systems(path: Path, placed: list[PlacedPartition]) -> None:
+    """Make each placed partition's file system in a scratch image and write it at its offset."""
     with tempfile.TemporaryDirectory(prefix="lab-disk-", dir=path.parent) as tmp:
         work = Path(tmp)
         for pp in placed:
@@ -281,7 +287,6 @@ def build_disk(path: Path, size: int, partitions: list[Partition], table: TableT
             _make_fs(pp.spec, scratch, work, pp.number)
             place(scratch, path, pp.start)
             scratch.unlink()
-    return DiskLayout(path, size, table, tuple(placed))
 
 
 def build_dos_disk_with_logicals(
@@ -324,13 +329,5 @@ def build_dos_disk_with_logicals(
         if psize != spec.size:
             raise DiskBuildError(f"partition {number}: sfdisk made {psize} bytes, asked {spec.size}")
         placed.append(PlacedPartition(number, start, psize, spec))
-    with tempfile.TemporaryDirectory(prefix="lab-disk-", dir=path.parent) as tmp:
-        work = Path(tmp)
-        for pp in placed:
-            if pp.spec.fs == "none":
-                continue
-            scratch = work / f"part{pp.number}.img"
-            _make_fs(pp.spec, scratch, work, pp.number)
-            place(scratch, path, pp.start)
-            scratch.unlink()
+    _write_file_systems(path, placed)
     return DiskLayout(path, size, "dos", tuple(placed))
