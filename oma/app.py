@@ -3,7 +3,7 @@
 While serving, the app holds (opened in ``while_serving``, closed in reverse order):
 
 1. the database — ``DATABASE_URL`` when configured, else an embedded PostgreSQL in
-   ``<data-dir>/pgdata`` — with the numbered migrations of ``oma/migrations`` applied under an
+   ``<data-dir>/pgdata`` — with the numbered migrations of ``oma/store/migrations`` applied under an
    advisory lock;
 2. the secret box (AES key file, created 0600 at first start);
 3. the first administrator from configuration, when no user exists yet;
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncGenerator
-from pathlib import Path
 
 import httpx
 import trio
@@ -59,6 +58,7 @@ from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.engine import FINISH_TIMEOUT, ReplicationEngine
 from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
+from oma.store import MIGRATIONS_DIR
 from oma.vma_client import VmaClient
 from pyapp.api import fast_json_views, install_error_handlers
 from pyapp.db import (
@@ -77,7 +77,6 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 SWAGGER_PREFIX = f"{API_PREFIX}/swagger/"
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 EMBEDDED_DB_NAME = "oma"
 ADMIN_BLUEPRINTS = frozenset({"credentials", "enrollment_admin", "debug"})
 PRUNE_INTERVAL_S = 600.0

@@ -42,9 +42,10 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from oma.app import EMBEDDED_DB_NAME, MIGRATIONS_DIR, create_app
+from oma.app import EMBEDDED_DB_NAME, create_app
 from oma.config import OmaConfig
 from oma.crypto import hash_password, load_or_create_key
+from oma.store import MIGRATIONS_DIR
 from pyapp.config import ConfigError
 from pyapp.db import (
     EmbeddedPostgres,

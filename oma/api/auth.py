@@ -21,7 +21,7 @@ from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
 from oma import users
-from oma.api.common import MAX_NAME, Page, RequestModel, client_ip, iso, page_body
+from oma.api.requests import MAX_NAME, PageQuery, RequestModel, client_ip
 from oma.auth import (
     Counted,
     Refusal,
@@ -36,6 +36,8 @@ from oma.auth import (
 )
 from oma.crypto import verify_password
 from oma.state import state
+from oma.store.pages import page_body
+from oma.store.rows import iso
 from pyapp.api import ApiError, error_response
 
 log = logging.getLogger(__name__)
@@ -189,8 +191,8 @@ async def change_password(data: ChangePasswordRequest) -> dict[str, Any]:
 
 @bp.get("/auth/tokens")
 @requires("viewer")
-@validate_querystring(Page)
-async def list_tokens(query_args: Page) -> dict[str, Any]:
+@validate_querystring(PageQuery)
+async def list_tokens(query_args: PageQuery) -> dict[str, Any]:
     user_id, _, token_id = _user_principal()
     db = state().db
     live = "FROM auth_tokens WHERE user_id = $1 AND revoked_at IS NULL AND expires_at > now()"

@@ -30,16 +30,7 @@ from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import (
-    MAX_NAME,
-    Page,
-    QueryModel,
-    RequestModel,
-    json_columns,
-    json_page,
-    new_id,
-    not_cut_short,
-)
+from oma.api.requests import MAX_NAME, PageQuery, QueryModel, RequestModel, json_response, not_cut_short
 from oma.auth import requires
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
@@ -47,6 +38,8 @@ from oma.backups.layout import manifest_path, point_path, vm_key
 from oma.backups.repositories import enabled_spec, root_of
 from oma.backups.verify import verify_backup
 from oma.state import state
+from oma.store.pages import json_page
+from oma.store.rows import json_columns, new_id
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record, UniqueViolation
 from pyapp.logs import log_context
@@ -106,7 +99,7 @@ class StartBackupRequest(RequestModel):
     tags: dict[TagText, TagText] = Field(default_factory=dict, max_length=64)
 
 
-class BackupListQuery(Page):
+class BackupListQuery(PageQuery):
     vm_name: str | None = Field(None, max_length=MAX_NAME)
     vm_context_id: str | None = Field(None, max_length=MAX_NAME)
     repository_id: str | None = Field(None, max_length=MAX_NAME)
@@ -328,7 +321,7 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
 @validate_querystring(BackupListQuery)
 async def list_backups(query_args: BackupListQuery) -> Response:
     q = query_args
-    return await json_page(
+    return json_response(await json_page(
         state().db,
         "backups",
         columns=BACKUP_FIELDS,
@@ -338,7 +331,7 @@ async def list_backups(query_args: BackupListQuery) -> Response:
         order=[("created_at", "DESC"), ("backup_id", "DESC")],
         args=(q.vm_name, q.vm_context_id, q.repository_id, q.backup_type, q.status),
         page=q,
-    )
+    ))
 
 
 @bp.get("/backup/chain")

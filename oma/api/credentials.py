@@ -26,10 +26,11 @@ from pydantic import AfterValidator, Field, model_validator
 from quart import Blueprint
 from quart_schema import validate_request
 
-from oma.api.common import MAX_NAME, RequestModel, row_dict
+from oma.api.requests import MAX_NAME, RequestModel
 from oma.auth import current_principal, requires
 from oma.crypto import SecretBoxError
 from oma.state import state
+from oma.store.rows import row_dict
 from oma.vma_client import VmaError, VmaUnreachable
 from pyapp.api import ApiError
 from pyapp.db import Record, UniqueViolation

@@ -26,12 +26,13 @@ from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, Page, RequestModel, SerialId, new_id
 from oma.api.credentials import resolve_login
+from oma.api.requests import MAX_NAME, PageQuery, RequestModel, SerialId
 from oma.api.vm_contexts import list_ungrouped
 from oma.api.vms import InventoryVCenter, InventoryVM, upsert_vms
 from oma.auth import requires
 from oma.state import state
+from oma.store.rows import new_id
 from oma.vma_client import DiscoveredVM, DiscoverResult, VmaError, VmaUnreachable
 from pyapp.api import OPERATION_FAILED, ApiError
 from pyapp.logs import log_context
@@ -229,6 +230,6 @@ async def preview(data: PreviewRequest) -> dict[str, Any]:
 
 @bp.get("/discovery/ungrouped-vms")
 @requires("viewer")
-@validate_querystring(Page)
-async def ungrouped_vms(query_args: Page) -> dict[str, Any]:
+@validate_querystring(PageQuery)
+async def ungrouped_vms(query_args: PageQuery) -> dict[str, Any]:
     return await list_ungrouped(state().db, query_args)

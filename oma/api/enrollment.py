@@ -35,20 +35,12 @@ from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import (
-    MAX_NAME,
-    Page,
-    QueryModel,
-    RequestModel,
-    client_ip,
-    iso,
-    new_id,
-    page_body,
-    row_dict,
-)
+from oma.api.requests import MAX_NAME, PageQuery, QueryModel, RequestModel, client_ip
 from oma.auth import current_principal, public, requires
 from oma.crypto import SecretBoxError, hash_password
 from oma.state import state
+from oma.store.pages import page_body
+from oma.store.rows import iso, new_id, row_dict
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database
 from pyapp.logs import log_context
@@ -95,7 +87,7 @@ class ResultQuery(QueryModel):
     signature: str = Field(min_length=1, max_length=512)
 
 
-class AuditQuery(Page):
+class AuditQuery(PageQuery):
     enrollment_id: str | None = Field(None, max_length=64)
 
 

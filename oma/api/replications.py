@@ -40,21 +40,20 @@ from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import (
+from oma.api.requests import (
     MAX_NAME,
     MAX_TEXT,
-    Page,
+    PageQuery,
     QueryModel,
     RequestModel,
     SerialId,
-    iso,
-    json_page,
-    new_id,
+    json_response,
     not_cut_short,
-    row_dict,
 )
 from oma.auth import allow_vma, current_principal, requires
 from oma.state import state
+from oma.store.pages import json_page
+from oma.store.rows import iso, new_id, row_dict
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
 from pyapp.db import Connection, Database, ForeignKeyViolation, UniqueViolation
@@ -119,7 +118,7 @@ class UpdateReplicationRequest(RequestModel):
     error_message: str | None = Field(None, max_length=MAX_TEXT)
 
 
-class ReplicationListQuery(Page):
+class ReplicationListQuery(PageQuery):
     status: Literal["pending", "replicating", "completed", "failed", "cancelled"] | None = None
     vm_name: str | None = Field(None, max_length=MAX_NAME)
 
@@ -201,7 +200,7 @@ async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDi
 @allow_vma
 @validate_querystring(ReplicationListQuery)
 async def list_replications(query_args: ReplicationListQuery) -> Response:
-    return await json_page(
+    return json_response(await json_page(
         state().db,
         "replications",
         columns=JOB_COLUMNS,
@@ -210,7 +209,7 @@ async def list_replications(query_args: ReplicationListQuery) -> Response:
         order=[("created_at", "DESC"), ("id", "DESC")],
         args=(query_args.status, query_args.vm_name),
         page=query_args,
-    )
+    ))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from pydantic import BaseModel, Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, RequestModel, new_id
+from oma.api.requests import MAX_NAME, RequestModel
 from oma.auth import requires
 from oma.backups import repositories as repos
 from oma.backups.repositories import (
@@ -38,6 +38,7 @@ from oma.backups.repositories import (
     StorageInfo,
 )
 from oma.state import state
+from oma.store.rows import new_id
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record, UniqueViolation
 from pyapp.logs import log_context

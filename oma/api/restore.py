@@ -20,11 +20,12 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page
+from oma.api.requests import MAX_NAME, MAX_TEXT, PageQuery, RequestModel, json_response
 from oma.auth import current_principal, requires
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
 from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
 from oma.restore.service import RestoreService, restore_service
+from oma.store.pages import json_page
 from pyapp.api import ApiError
 
 bp = Blueprint("restore", __name__)
@@ -61,7 +62,7 @@ class FullRestoreRequest(RequestModel):
     target: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
-class FullRestoreListQuery(Page):
+class FullRestoreListQuery(PageQuery):
     status: Literal["pending", "running", "completed", "failed", "cancelled"] | None = None
     backup_id: str | None = Field(None, max_length=MAX_NAME)
 
@@ -217,7 +218,7 @@ async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], 
 @requires("viewer")
 @validate_querystring(FullRestoreListQuery)
 async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
-    return await json_page(
+    return json_response(await json_page(
         restore_service().db,
         "restores",
         columns=LIST_COLUMNS,
@@ -226,7 +227,7 @@ async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
         order=[("created_at", "DESC"), ("id", "DESC")],
         args=(query_args.status, query_args.backup_id),
         page=query_args,
-    )
+    ))
 
 
 @bp.get("/restore/full/<restore_id>")

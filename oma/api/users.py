@@ -14,9 +14,11 @@ from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
 from oma import users
-from oma.api.common import MAX_NAME, Page, RequestModel, client_ip, page_body, row_dict
+from oma.api.requests import MAX_NAME, PageQuery, RequestModel, client_ip
 from oma.auth import Role, current_principal, requires
 from oma.state import state
+from oma.store.pages import page_body
+from oma.store.rows import row_dict
 
 bp = Blueprint("users", __name__)
 
@@ -47,7 +49,7 @@ class ResetPasswordRequest(RequestModel):
     password: str = Password
 
 
-class AuditQuery(Page):
+class AuditQuery(PageQuery):
     model_config = ConfigDict(extra="forbid")
 
     event_type: str | None = Field(None, max_length=MAX_NAME)
@@ -56,8 +58,8 @@ class AuditQuery(Page):
 
 @bp.get("/users")
 @requires("admin")
-@validate_querystring(Page)
-async def list_users(query_args: Page) -> dict[str, Any]:
+@validate_querystring(PageQuery)
+async def list_users(query_args: PageQuery) -> dict[str, Any]:
     db = state().db
     rows = await db.fetch(
         f"SELECT {users.USER_COLUMNS} FROM users ORDER BY id LIMIT $1 OFFSET $2",

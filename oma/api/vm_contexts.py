@@ -17,10 +17,12 @@ from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring
 
-from oma.api.common import MAX_NAME, Page, page_body, row_dict
 from oma.api.replications import JOB_COLUMNS
+from oma.api.requests import MAX_NAME, PageQuery
 from oma.auth import requires
 from oma.state import state
+from oma.store.pages import page_body
+from oma.store.rows import row_dict
 from pyapp.api import ApiError
 from pyapp.db import Database
 
@@ -33,16 +35,16 @@ CONTEXT_COLUMNS = (
 )
 
 
-class ContextListQuery(Page):
+class ContextListQuery(PageQuery):
     search: str | None = Field(None, max_length=MAX_NAME)
     status: str | None = Field(None, max_length=64)
 
 
-class RecentJobsQuery(Page):
+class RecentJobsQuery(PageQuery):
     limit: int = Field(10, ge=1, le=1000)
 
 
-async def list_ungrouped(db: Database, page: Page) -> dict[str, Any]:
+async def list_ungrouped(db: Database, page: PageQuery) -> dict[str, Any]:
     rows = await db.fetch(
         f"SELECT {CONTEXT_COLUMNS}, (SELECT count(*) FROM vm_contexts WHERE machine_group_id IS NULL)"
         " AS total_count FROM vm_contexts WHERE machine_group_id IS NULL ORDER BY vm_name LIMIT $1 OFFSET $2",
@@ -82,8 +84,8 @@ async def list_vm_contexts(query_args: ContextListQuery) -> dict[str, Any]:
 
 @bp.get("/vm-contexts/ungrouped")
 @requires("viewer")
-@validate_querystring(Page)
-async def ungrouped_alias(query_args: Page) -> dict[str, Any]:
+@validate_querystring(PageQuery)
+async def ungrouped_alias(query_args: PageQuery) -> dict[str, Any]:
     return await list_ungrouped(state().db, query_args)
 
 

@@ -14,9 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.common import MAX_NAME, MAX_TEXT, Page, RequestModel, json_page, row_dict
+from oma.api.requests import MAX_NAME, MAX_TEXT, PageQuery, RequestModel, json_response
 from oma.auth import allow_vma, requires
 from oma.state import state
+from oma.store.pages import json_page
+from oma.store.rows import row_dict
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database
 from pyapp.http_limits import SERIAL_MAX
@@ -52,7 +54,7 @@ class InventoryRequest(RequestModel):
     vms: list[InventoryVM] = Field(max_length=20_000)
 
 
-class VmListQuery(Page):
+class VmListQuery(PageQuery):
     search: str | None = Field(None, max_length=MAX_NAME)
 
 
@@ -96,7 +98,7 @@ async def upsert_vms(
 @validate_querystring(VmListQuery)
 async def list_vms(query_args: VmListQuery) -> Response:
     pattern = None if query_args.search is None else f"%{query_args.search}%"
-    return await json_page(
+    return json_response(await json_page(
         state().db,
         "vms",
         columns=VM_COLUMNS,
@@ -104,7 +106,7 @@ async def list_vms(query_args: VmListQuery) -> Response:
         order=[("name", "ASC"), ("id", "ASC")],
         args=(pattern,),
         page=query_args,
-    )
+    ))
 
 
 @bp.post("/vms/inventory")

@@ -23,7 +23,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 MANIFEST_SUFFIX = ".manifest"
-#: A backup id as :func:`oma.api.common.new_id` makes them (``backup-<hex>``).
+#: A backup id as :func:`oma.store.rows.new_id` makes them (``backup-<hex>``).
 _BACKUP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
 #: A disk id as the inventory names it: ``disk-<device key>``.
 _DISK_ID = re.compile(r"^disk-[0-9]{1,10}$")

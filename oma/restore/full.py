@@ -52,8 +52,8 @@ from typing import Any, Literal
 
 import trio
 
-from oma.api.common import new_id
 from oma.restore.points import hold_completed
+from oma.store.rows import new_id
 from oma.workers import claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError

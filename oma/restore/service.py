@@ -32,7 +32,6 @@ import trio
 from quart import current_app
 from quart_trio import QuartTrio
 
-from oma.api.common import new_id
 from oma.backups.repositories import RepositorySpec, config_of, root_of
 from oma.config import OmaConfig
 from oma.restore.full import (
@@ -47,6 +46,7 @@ from oma.restore.full import (
 )
 from oma.restore.mount import Mount
 from oma.restore.points import completed_backup, hold_completed
+from oma.store.rows import new_id
 from oma.workers import new_worker_id
 from pyapp.api import ApiError
 from pyapp.db import Database, Record

@@ -29,11 +29,11 @@ from vma_double import ExportDisk, VmaDouble
 
 from oma.api.backups import resolve_disk_id
 from oma.api.credentials import resolve_login
-from oma.app import MIGRATIONS_DIR
 from oma.backups.copies import enqueue_policy_copies
 from oma.backups.engine import BackupEngine
 from oma.backups.layout import manifest_path, vm_dir, vm_key
 from oma.state import STATE_KEY, OmaState
+from oma.store import MIGRATIONS_DIR
 from pyapp import mover
 from pyapp.db import Database, UniqueViolation, apply_migrations, load_migrations, open_database
 from pyapp.vma_auth import SignedAuth

@@ -15,8 +15,8 @@ import trio
 from oma_harness import Oma, make_config, run_oma
 from vma_double import VmaDouble
 
-from oma.app import MIGRATIONS_DIR
 from oma.state import STATE_KEY, OmaState
+from oma.store import MIGRATIONS_DIR
 from pyapp.db import load_migrations, open_database
 
 

@@ -9,8 +9,8 @@ import json
 import trio
 from oma_harness import Oma
 
-from oma.app import MIGRATIONS_DIR
 from oma.state import STATE_KEY, OmaState
+from oma.store import MIGRATIONS_DIR
 from pyapp.db import load_migrations
 
 # Every path of the sections implemented (OMA seed): Authentication; Health/Swagger; VM Inventory;

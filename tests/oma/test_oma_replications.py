@@ -11,7 +11,7 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
-from oma.app import MIGRATIONS_DIR
+from oma.store import MIGRATIONS_DIR
 from pyapp.db import apply_migrations, load_migrations, open_database
 
 #: Rounds of 20 creations racing 20 status changes (each round a fresh chance to interleave).
