@@ -33,6 +33,24 @@ impl Extent {
     }
 }
 
+/// Append an extent, merging it with the previous one when they are of the same kind.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, offset: u64, length: u64, zero: bool) {
+    if length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.zero == zero && last.end() == offset {
+            last.length += length;
+            return;
+        }
+    }
+    out.push(Extent {
+        offset,
+        length,
+        zero,
+    });
+}
+
 /// What an endpoint can do, asked once when it is opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Capabilities {

@@ -37,8 +37,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::endpoint::file::push_extent;
-use crate::endpoint::{Access, Capabilities, Endpoint, Extent};
+use crate::endpoint::{push_extent, Access, Capabilities, Endpoint, Extent};
 use crate::error::{MoverError, Result};
 use crate::progress::CancelToken;
 

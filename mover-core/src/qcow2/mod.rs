@@ -35,11 +35,6 @@ pub mod writer;
 pub use reader::{Allocation, BackingFormat, MapEntry, Qcow2Chain};
 pub use writer::{Backing, Qcow2Writer, DEFAULT_CLUSTER_SIZE};
 
-/// The errno of an I/O error, as the error variants carry it.
-pub(crate) fn errno(e: &std::io::Error) -> Option<u32> {
-    e.raw_os_error().and_then(|c| u32::try_from(c).ok())
-}
-
 /// The file at `path` starts with the QCOW2 magic.
 pub fn is_qcow2(path: &Path) -> Result<bool> {
     reader::probe_qcow2(path)
