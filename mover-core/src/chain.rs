@@ -58,12 +58,12 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::copy::{self, CopyOptions};
-use crate::endpoint::blocking;
-use crate::endpoint::{self, Access, Endpoint};
+use crate::endpoint::{blocking, Access, Endpoint};
 use crate::error::{MoverError, Result};
 use crate::manifest::{
     chunk_digest, ChunkMismatch, Digest, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE,
 };
+use crate::open::open;
 use crate::plan::{self, PlanKind};
 use crate::progress::{CancelToken, Progress};
 use crate::qcow2::{Allocation, Qcow2Chain, Qcow2Source, Qcow2Target, DEFAULT_CLUSTER_SIZE};
@@ -214,7 +214,7 @@ pub async fn checksum(
     cancel: &Arc<CancelToken>,
 ) -> Result<ChecksumReport> {
     let start = Instant::now();
-    let ep = endpoint::open(source, Access::Read).await?;
+    let ep = open(source, Access::Read).await?;
     let result = checksum_endpoint(&ep, chunk_size, progress, cancel).await;
     let _ = ep.close().await;
     let m = result?;
@@ -268,7 +268,7 @@ pub async fn verify(
     let mpath = manifest.map_or_else(|| Manifest::path_for(Path::new(image)), Path::to_owned);
     let mp = mpath.clone();
     let expected = blocking(move || Manifest::load(&mp)).await?;
-    let ep = endpoint::open(image, Access::Read).await?;
+    let ep = open(image, Access::Read).await?;
     if ep.capabilities().size != expected.disk_size() {
         let size = ep.capabilities().size;
         let _ = ep.close().await;
