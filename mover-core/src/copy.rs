@@ -40,7 +40,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use crate::checkpoint::{self, CheckpointKey, DoneSet};
-use crate::endpoint::{Access, Endpoint, Kind, OpenOptions};
+use crate::endpoint::{blocking, Access, Endpoint, Kind, OpenOptions};
 use crate::error::{MoverError, Result};
 use crate::manifest::{Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
 use crate::open::{kind_of, open, open_with};
@@ -710,7 +710,7 @@ async fn reopen_qcow2(target: &str, size: u64, open: &OpenOptions) -> Result<Arc
     let path = PathBuf::from(target);
     let backing = open.backing.clone();
     let spec = target.to_owned();
-    let writer = endpoint_blocking(move || {
+    let writer = blocking(move || {
         let writer = Qcow2Writer::open_to_resume(&path)?;
         let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
@@ -741,17 +741,6 @@ async fn reopen_qcow2(target: &str, size: u64, open: &OpenOptions) -> Result<Arc
         )));
     }
     Ok(Arc::new(Qcow2Target::from_writer(Arc::new(writer))))
-}
-
-/// Blocking work on tokio's blocking pool.
-async fn endpoint_blocking<T, F>(f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| MoverError::io("blocking worker", std::io::Error::other(e)))?
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -819,7 +808,7 @@ async fn run_open(
     let read_back = complete_manifest(&builder, &**dst).await?;
     // Streamed from the builder: a manifest of a large disk is never held in memory whole.
     let (b, p) = (Arc::clone(&builder), path.clone());
-    let disk_digest = endpoint_blocking(move || b.save(&p)).await?;
+    let disk_digest = blocking(move || b.save(&p)).await?;
     Ok(CopyOutcome {
         progress: snapshot,
         manifest: Some(ManifestReport {
