@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use crate::checkpoint::{self, CheckpointKey, DoneSet};
 use crate::endpoint::{blocking, Access, Endpoint, Kind, OpenOptions};
 use crate::error::{MoverError, Result};
-use crate::manifest::{Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
+use crate::manifest::{checksum_endpoint, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
 use crate::open::{kind_of, open, open_with};
 use crate::plan::{self, Plan, PlanKind, WorkItem};
 use crate::progress::{CancelToken, Progress, ProgressSnapshot};
@@ -612,7 +612,7 @@ async fn parent_manifest(
     } else {
         let spec = backing.display().to_string();
         let src = open(&spec, Access::Read).await?;
-        crate::chain::checksum_endpoint(&src, chunk_size, &Arc::default(), cancel).await?
+        checksum_endpoint(&src, chunk_size, &Arc::default(), cancel).await?
     };
     ManifestBuilder::from_parent(&parent, disk_size)
 }
