@@ -6,7 +6,7 @@
 //! a socket reader task and the caller reuses it for the next request without allocating.
 //!
 //! This module is the interface and its types only: it imports no implementation. The
-//! implementations are [`file`] (raw files and block devices), [`crate::nbd`] and
+//! implementations are [`file`](mod@file) (raw files and block devices), [`crate::nbd`] and
 //! [`crate::qcow2`]; [`crate::open`] turns a specification into one of them.
 
 use std::path::PathBuf;

@@ -1,6 +1,6 @@
 //! QCOW2 images as copy sources and targets.
 //!
-//! - [`format`]: the on-disk structures (header, extensions, L1/L2 entries), pure functions;
+//! - [`format`](mod@format): the on-disk structures (header, extensions, L1/L2 entries), pure functions;
 //! - [`reader`]: [`Qcow2Chain`], an image and its backing chain of any depth (QCOW2 versions 2
 //!   and 3, raw or QCOW2 backing files, zero, unallocated and compressed clusters (deflate or
 //!   zstd), extended L2 entries with subclusters), its backing files confined to the top image's
