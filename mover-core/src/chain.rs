@@ -6,13 +6,9 @@
 //!
 //! # Checksum and verify
 //!
-//! [`checksum_endpoint`] digests any source chunk by chunk with several workers in parallel
-//! (each reads a chunk with a positioned read and digests it on its own thread). Chunks that the
-//! source's allocation map reports wholly as zeros (holes, zero clusters, clusters no layer
-//! allocates) take the known zero digest without being read: the map comes from the same
-//! metadata every read goes through, so this is what a read would return, and a damaged table
-//! that turns data into a hole still shows up as a chunk that differs. [`verify`] compares the
-//! result with the manifest and names each chunk that differs. [`verify_chain`] verifies every
+//! [`checksum`] digests any source with [`checksum_endpoint`] (several workers in parallel;
+//! chunks the allocation map reports as zeros are not read). [`verify`] compares the result
+//! with the manifest and names each chunk that differs. [`verify_chain`] verifies every
 //! file of a chain against its own manifest, each read through its own backing files, so a
 //! flipped byte in any layer is found, even where newer layers hide it from the top.
 //!
@@ -50,145 +46,24 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
-use tokio::task::JoinSet;
 
 use crate::copy::{self, CopyOptions};
-use crate::endpoint::blocking;
-use crate::endpoint::{self, Access, Endpoint};
+use crate::endpoint::{blocking, Access, Endpoint};
 use crate::error::{MoverError, Result};
 use crate::manifest::{
-    chunk_digest, ChunkMismatch, Digest, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE,
+    checksum_endpoint, ChunkMismatch, Digest, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE,
 };
-use crate::plan::{self, PlanKind};
+use crate::open::open;
+use crate::plan::PlanKind;
 use crate::progress::{CancelToken, Progress};
 use crate::qcow2::{Allocation, Qcow2Chain, Qcow2Source, Qcow2Target, DEFAULT_CLUSTER_SIZE};
 
-/// Chunks read and digested at once by a checksum or a verification.
-pub const DEFAULT_WORKERS: usize = 8;
-
 fn hex(d: &Digest) -> String {
     blake3::Hash::from(*d).to_hex().to_string()
-}
-
-/// Which chunks must be read: those touched by a data run of the allocation map.
-async fn chunks_to_read(ep: &dyn Endpoint, chunk_size: u64) -> Result<Vec<bool>> {
-    let size = ep.capabilities().size;
-    let count = size.div_ceil(chunk_size) as usize;
-    if !ep.capabilities().extents {
-        return Ok(vec![true; count]);
-    }
-    let mut read = vec![false; count];
-    for e in plan::allocation_map(ep).await? {
-        if !e.zero && e.length > 0 {
-            for c in e.offset / chunk_size..=(e.end() - 1) / chunk_size {
-                read[c as usize] = true;
-            }
-        }
-    }
-    Ok(read)
-}
-
-/// Digest every chunk of `ep`'s disk, several chunks at once; see the module documentation.
-pub async fn checksum_endpoint(
-    ep: &Arc<dyn Endpoint>,
-    chunk_size: u64,
-    progress: &Arc<Progress>,
-    cancel: &Arc<CancelToken>,
-) -> Result<Manifest> {
-    let size = ep.capabilities().size;
-    let zero = Manifest::zero(size, chunk_size)?;
-    let read = chunks_to_read(&**ep, chunk_size).await?;
-    let pending: Arc<Vec<u64>> = Arc::new(
-        (0..read.len() as u64)
-            .filter(|&i| read[i as usize])
-            .collect(),
-    );
-    let skipped: u64 = (0..zero.chunk_count())
-        .filter(|&i| !read[i as usize])
-        .map(|i| zero.chunk_range(i).1)
-        .sum();
-    // A fresh start of the counters: consolidation runs a copy and then this on one tracker.
-    for counter in [
-        &progress.bytes_read,
-        &progress.bytes_written,
-        &progress.bytes_zeroed,
-        &progress.bytes_resumed,
-        &progress.extents_done,
-    ] {
-        counter.store(0, Ordering::Relaxed);
-    }
-    progress.bytes_planned.store(size, Ordering::Relaxed);
-    progress
-        .extents_total
-        .store(zero.chunk_count(), Ordering::Relaxed);
-    progress.start();
-    Progress::add(&progress.bytes_zeroed, skipped);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = JoinSet::new();
-    for _ in 0..DEFAULT_WORKERS.min(pending.len().max(1)) {
-        let handle = if ep.capabilities().multi_conn {
-            ep.another().await?
-        } else {
-            Arc::clone(ep)
-        };
-        let (pending, next, progress, cancel) = (
-            Arc::clone(&pending),
-            Arc::clone(&next),
-            Arc::clone(progress),
-            Arc::clone(cancel),
-        );
-        tasks.spawn(async move {
-            let mut out: Vec<(u64, Digest)> = Vec::new();
-            let mut buf: Vec<u8> = Vec::new();
-            loop {
-                if cancel.is_cancelled() {
-                    return Err(MoverError::Cancelled);
-                }
-                let Some(&index) = pending.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    break;
-                };
-                let offset = index * chunk_size;
-                let length = chunk_size.min(size - offset);
-                buf.resize(length as usize, 0);
-                buf = handle
-                    .read(offset, buf)
-                    .await
-                    .map_err(|e| e.on_source(offset, length))?;
-                out.push((index, chunk_digest(&buf)));
-                Progress::add(&progress.bytes_read, length);
-                Progress::add(&progress.extents_done, 1);
-            }
-            Ok(out)
-        });
-    }
-    let mut digests: Vec<Digest> = zero.digests().to_vec();
-    let mut failure = None;
-    while let Some(joined) = tasks.join_next().await {
-        match joined {
-            Ok(Ok(part)) => {
-                for (i, d) in part {
-                    digests[i as usize] = d;
-                }
-            }
-            Ok(Err(e)) => {
-                failure.get_or_insert(e);
-                cancel.cancel();
-            }
-            Err(e) => {
-                failure.get_or_insert(MoverError::io("checksum worker", std::io::Error::other(e)));
-            }
-        }
-    }
-    progress.finish();
-    if let Some(e) = failure {
-        return Err(e);
-    }
-    Manifest::from_digests(size, chunk_size, digests)
 }
 
 /// A manifest made for a source, and where it was saved.
@@ -214,7 +89,7 @@ pub async fn checksum(
     cancel: &Arc<CancelToken>,
 ) -> Result<ChecksumReport> {
     let start = Instant::now();
-    let ep = endpoint::open(source, Access::Read).await?;
+    let ep = open(source, Access::Read).await?;
     let result = checksum_endpoint(&ep, chunk_size, progress, cancel).await;
     let _ = ep.close().await;
     let m = result?;
@@ -268,7 +143,7 @@ pub async fn verify(
     let mpath = manifest.map_or_else(|| Manifest::path_for(Path::new(image)), Path::to_owned);
     let mp = mpath.clone();
     let expected = blocking(move || Manifest::load(&mp)).await?;
-    let ep = endpoint::open(image, Access::Read).await?;
+    let ep = open(image, Access::Read).await?;
     if ep.capabilities().size != expected.disk_size() {
         let size = ep.capabilities().size;
         let _ = ep.close().await;

@@ -40,9 +40,10 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 
 use crate::checkpoint::{self, CheckpointKey, DoneSet};
-use crate::endpoint::{self, Access, Endpoint, Kind, OpenOptions};
+use crate::endpoint::{blocking, Access, Endpoint, Kind, OpenOptions};
 use crate::error::{MoverError, Result};
-use crate::manifest::{Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
+use crate::manifest::{checksum_endpoint, Manifest, ManifestBuilder, DEFAULT_CHUNK_SIZE};
+use crate::open::{kind_of, open, open_with};
 use crate::plan::{self, Plan, PlanKind, WorkItem};
 use crate::progress::{CancelToken, Progress, ProgressSnapshot};
 use crate::qcow2::{Qcow2Target, Qcow2Writer};
@@ -610,8 +611,8 @@ async fn parent_manifest(
             .map_err(|e| MoverError::io("manifest reader", std::io::Error::other(e)))??
     } else {
         let spec = backing.display().to_string();
-        let src = endpoint::open(&spec, Access::Read).await?;
-        crate::chain::checksum_endpoint(&src, chunk_size, &Arc::default(), cancel).await?
+        let src = open(&spec, Access::Read).await?;
+        checksum_endpoint(&src, chunk_size, &Arc::default(), cancel).await?
     };
     ManifestBuilder::from_parent(&parent, disk_size)
 }
@@ -650,7 +651,7 @@ pub async fn run(
     progress: Arc<Progress>,
     cancel: Arc<CancelToken>,
 ) -> Result<CopyOutcome> {
-    let target_kind = endpoint::kind_of(target, Access::Write { create_size: 0 })?;
+    let target_kind = kind_of(target, Access::Write { create_size: 0 })?;
     // Bad options are refused before anything is opened, let alone created.
     opts.check()?;
     // An existing QCOW2 image is written only to finish the copy its checkpoint describes.
@@ -667,13 +668,13 @@ pub async fn run(
         backing: None,
         ..open.clone()
     };
-    let src = endpoint::open_with(source, Access::Read, &src_open).await?;
+    let src = open_with(source, Access::Read, &src_open).await?;
     let size = src.capabilities().size;
     // An explicit plan that does not fit the source is refused before the target is created.
     let opened = match plan::check(kind, size) {
         Err(e) => Err(e),
         Ok(()) if resume_qcow2 => reopen_qcow2(target, size, open).await,
-        Ok(()) => endpoint::open_with(target, Access::Write { create_size: size }, open).await,
+        Ok(()) => open_with(target, Access::Write { create_size: size }, open).await,
     };
     let dst = match opened {
         Ok(d) => d,
@@ -709,7 +710,7 @@ async fn reopen_qcow2(target: &str, size: u64, open: &OpenOptions) -> Result<Arc
     let path = PathBuf::from(target);
     let backing = open.backing.clone();
     let spec = target.to_owned();
-    let writer = endpoint_blocking(move || {
+    let writer = blocking(move || {
         let writer = Qcow2Writer::open_to_resume(&path)?;
         let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
             (Ok(a), Ok(b)) => a == b,
@@ -740,17 +741,6 @@ async fn reopen_qcow2(target: &str, size: u64, open: &OpenOptions) -> Result<Arc
         )));
     }
     Ok(Arc::new(Qcow2Target::from_writer(Arc::new(writer))))
-}
-
-/// Blocking work on tokio's blocking pool.
-async fn endpoint_blocking<T, F>(f: F) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce() -> Result<T> + Send + 'static,
-{
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| MoverError::io("blocking worker", std::io::Error::other(e)))?
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -818,7 +808,7 @@ async fn run_open(
     let read_back = complete_manifest(&builder, &**dst).await?;
     // Streamed from the builder: a manifest of a large disk is never held in memory whole.
     let (b, p) = (Arc::clone(&builder), path.clone());
-    let disk_digest = endpoint_blocking(move || b.save(&p)).await?;
+    let disk_digest = blocking(move || b.save(&p)).await?;
     Ok(CopyOutcome {
         progress: snapshot,
         manifest: Some(ManifestReport {

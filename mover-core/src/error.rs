@@ -8,6 +8,11 @@ use std::io;
 
 pub type Result<T, E = MoverError> = std::result::Result<T, E>;
 
+/// The errno of an I/O error, as the error variants carry it (`code`).
+pub(crate) fn errno(e: &io::Error) -> Option<u32> {
+    e.raw_os_error().and_then(|c| u32::try_from(c).ok())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum MoverError {
     /// An endpoint specification (URI or path) that cannot be understood.

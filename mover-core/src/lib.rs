@@ -3,7 +3,9 @@
 //! Everything that touches disk bytes at volume goes through this crate:
 //!
 //! - [`endpoint`]: one interface ([`endpoint::Endpoint`]) over NBD exports, raw files and block
-//!   devices and QCOW2 images (routed by their magic), with capability queries (size, multi-conn, extents, fast zeroing);
+//!   devices and QCOW2 images, with capability queries (size, multi-conn, extents, fast zeroing);
+//! - [`open`]: an endpoint from its specification (a URI or a path; QCOW2 routed by its magic),
+//!   the one module that knows every kind;
 //! - [`nbd`]: a native NBD client (fixed newstyle, `NBD_OPT_GO`, structured replies, block
 //!   status) over TCP and Unix sockets;
 //! - [`qcow2`]: QCOW2 images read natively (v2/v3, backing chains of any depth, zero and
@@ -25,6 +27,7 @@ pub mod endpoint;
 pub mod error;
 pub mod manifest;
 pub mod nbd;
+pub mod open;
 pub mod plan;
 pub mod progress;
 pub mod qcow2;

@@ -43,13 +43,28 @@
 //! [`Manifest::diff`] compares two manifests, [`Manifest::verify`] re-reads a disk against a
 //! manifest and [`Manifest::verify_chunks`] re-reads only some chunks (an audit's sample, the
 //! chunks an incremental pass wrote); all name the exact chunks that differ.
+//!
+//! # Digesting an endpoint
+//!
+//! [`checksum_endpoint`] digests any source chunk by chunk with several workers in parallel
+//! (each reads a chunk with a positioned read and digests it on its own thread). Chunks that the
+//! source's allocation map reports wholly as zeros (holes, zero clusters, clusters no layer
+//! allocates) take the known zero digest without being read: the map comes from the same
+//! metadata every read goes through, so this is what a read would return, and a damaged table
+//! that turns data into a hole still shows up as a chunk that differs.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
+use tokio::task::JoinSet;
+
+use crate::endpoint::Endpoint;
 use crate::error::{MoverError, Result};
+use crate::plan;
+use crate::progress::{CancelToken, Progress};
 
 /// Version 1 manifests. A new layout gets a new magic.
 pub const MAGIC_V1: [u8; 8] = *b"MVB3MF\x00\x01";
@@ -709,6 +724,125 @@ impl ManifestBuilder {
             digests: (0..self.count).map(|i| self.digest_in(&st, i)).collect(),
         })
     }
+}
+
+/// Chunks read and digested at once by a checksum or a verification.
+pub const DEFAULT_WORKERS: usize = 8;
+
+/// Which chunks must be read: those touched by a data run of the allocation map.
+async fn chunks_to_read(ep: &dyn Endpoint, chunk_size: u64) -> Result<Vec<bool>> {
+    let size = ep.capabilities().size;
+    let count = size.div_ceil(chunk_size) as usize;
+    if !ep.capabilities().extents {
+        return Ok(vec![true; count]);
+    }
+    let mut read = vec![false; count];
+    for e in plan::allocation_map(ep).await? {
+        if !e.zero && e.length > 0 {
+            for c in e.offset / chunk_size..=(e.end() - 1) / chunk_size {
+                read[c as usize] = true;
+            }
+        }
+    }
+    Ok(read)
+}
+
+/// Digest every chunk of `ep`'s disk, several chunks at once; see the module documentation.
+pub async fn checksum_endpoint(
+    ep: &Arc<dyn Endpoint>,
+    chunk_size: u64,
+    progress: &Arc<Progress>,
+    cancel: &Arc<CancelToken>,
+) -> Result<Manifest> {
+    let size = ep.capabilities().size;
+    let zero = Manifest::zero(size, chunk_size)?;
+    let read = chunks_to_read(&**ep, chunk_size).await?;
+    let pending: Arc<Vec<u64>> = Arc::new(
+        (0..read.len() as u64)
+            .filter(|&i| read[i as usize])
+            .collect(),
+    );
+    let skipped: u64 = (0..zero.chunk_count())
+        .filter(|&i| !read[i as usize])
+        .map(|i| zero.chunk_range(i).1)
+        .sum();
+    // A fresh start of the counters: consolidation runs a copy and then this on one tracker.
+    for counter in [
+        &progress.bytes_read,
+        &progress.bytes_written,
+        &progress.bytes_zeroed,
+        &progress.bytes_resumed,
+        &progress.extents_done,
+    ] {
+        counter.store(0, Ordering::Relaxed);
+    }
+    progress.bytes_planned.store(size, Ordering::Relaxed);
+    progress
+        .extents_total
+        .store(zero.chunk_count(), Ordering::Relaxed);
+    progress.start();
+    Progress::add(&progress.bytes_zeroed, skipped);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for _ in 0..DEFAULT_WORKERS.min(pending.len().max(1)) {
+        let handle = if ep.capabilities().multi_conn {
+            ep.another().await?
+        } else {
+            Arc::clone(ep)
+        };
+        let (pending, next, progress, cancel) = (
+            Arc::clone(&pending),
+            Arc::clone(&next),
+            Arc::clone(progress),
+            Arc::clone(cancel),
+        );
+        tasks.spawn(async move {
+            let mut out: Vec<(u64, Digest)> = Vec::new();
+            let mut buf: Vec<u8> = Vec::new();
+            loop {
+                if cancel.is_cancelled() {
+                    return Err(MoverError::Cancelled);
+                }
+                let Some(&index) = pending.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    break;
+                };
+                let offset = index * chunk_size;
+                let length = chunk_size.min(size - offset);
+                buf.resize(length as usize, 0);
+                buf = handle
+                    .read(offset, buf)
+                    .await
+                    .map_err(|e| e.on_source(offset, length))?;
+                out.push((index, chunk_digest(&buf)));
+                Progress::add(&progress.bytes_read, length);
+                Progress::add(&progress.extents_done, 1);
+            }
+            Ok(out)
+        });
+    }
+    let mut digests: Vec<Digest> = zero.digests().to_vec();
+    let mut failure = None;
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok(part)) => {
+                for (i, d) in part {
+                    digests[i as usize] = d;
+                }
+            }
+            Ok(Err(e)) => {
+                failure.get_or_insert(e);
+                cancel.cancel();
+            }
+            Err(e) => {
+                failure.get_or_insert(MoverError::io("checksum worker", std::io::Error::other(e)));
+            }
+        }
+    }
+    progress.finish();
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Manifest::from_digests(size, chunk_size, digests)
 }
 
 fn set_bit(bits: &mut [u64], i: u64) {

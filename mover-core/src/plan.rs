@@ -7,7 +7,7 @@
 
 use std::hash::{Hash, Hasher};
 
-use crate::endpoint::{Endpoint, Extent};
+use crate::endpoint::{push_extent, Endpoint, Extent};
 use crate::error::{MoverError, Result};
 
 /// Largest range asked of an endpoint's allocation map at once (NBD block status lengths are
@@ -140,7 +140,7 @@ pub async fn allocation_map(source: &dyn Endpoint) -> Result<Vec<Extent>> {
                 ..e
             };
             covered = e.end();
-            crate::endpoint::file::push_extent(&mut out, e.offset, e.length, e.zero);
+            push_extent(&mut out, e.offset, e.length, e.zero);
             if covered >= pos + len {
                 break;
             }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use mover_core::endpoint::{self, Access, Endpoint};
+use mover_core::endpoint::{Access, Endpoint};
 use mover_core::MoverError;
 
 use common::{nbdkit_unix, pattern, qemu_unix, sparse_file, unix_uri, Server, MIB};
@@ -50,7 +50,7 @@ fn subjects(dir: &Path) -> Vec<Subject> {
 }
 
 async fn open(s: &Subject) -> Arc<dyn Endpoint> {
-    endpoint::open(&s.spec, Access::Write { create_size: SIZE })
+    mover_core::open::open(&s.spec, Access::Write { create_size: SIZE })
         .await
         .unwrap_or_else(|e| panic!("{}: {e}", s.name))
 }
@@ -143,7 +143,7 @@ async fn every_endpoint_conforms() {
 async fn read_only_endpoints_refuse_writes_with_a_target_error() {
     let dir = tempfile::tempdir().unwrap();
     for s in subjects(dir.path()) {
-        let ep = endpoint::open(&s.spec, Access::Read).await.unwrap();
+        let ep = mover_core::open::open(&s.spec, Access::Read).await.unwrap();
         let Err(err) = ep.write(0, vec![1; 4096]).await else {
             panic!("{}: a read-only endpoint accepted a write", s.name);
         };

@@ -857,7 +857,7 @@ async fn incremental_overlay_manifest_is_derived_and_verified() {
 
     // Full backup.
     let full = dir.path().join("full.qcow2");
-    let src = mover_core::endpoint::open(s(&src_path), mover_core::endpoint::Access::Read)
+    let src = mover_core::open::open(s(&src_path), mover_core::endpoint::Access::Read)
         .await
         .unwrap();
     let dst = Qcow2Target::create(&full, size, 64 * K, None).unwrap();

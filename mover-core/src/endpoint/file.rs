@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::{Access, Capabilities, Endpoint, Extent};
+use super::{push_extent, Access, Capabilities, Endpoint, Extent};
 use crate::error::{MoverError, Result};
 
 /// Which zeroing method works on this file; learnt on first refusal.
@@ -216,24 +216,6 @@ impl Inner {
         }
         Ok(())
     }
-}
-
-/// Append an extent, merging it with the previous one when they are of the same kind.
-pub(crate) fn push_extent(out: &mut Vec<Extent>, offset: u64, length: u64, zero: bool) {
-    if length == 0 {
-        return;
-    }
-    if let Some(last) = out.last_mut() {
-        if last.zero == zero && last.end() == offset {
-            last.length += length;
-            return;
-        }
-    }
-    out.push(Extent {
-        offset,
-        length,
-        zero,
-    });
 }
 
 #[async_trait]

@@ -4,8 +4,12 @@
 //! idea of nbdcopy's `struct rw_ops`). Buffers are owned and handed back (`read` and `write` take
 //! a `Vec<u8>` and return it), so an implementation may move the buffer into a blocking thread or
 //! a socket reader task and the caller reuses it for the next request without allocating.
+//!
+//! This module is the interface and its types only: it imports no implementation. The
+//! implementations are [`file`](mod@file) (raw files and block devices), [`crate::nbd`] and
+//! [`crate::qcow2`]; [`crate::open`] turns a specification into one of them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +35,24 @@ impl Extent {
     pub fn end(&self) -> u64 {
         self.offset + self.length
     }
+}
+
+/// Append an extent, merging it with the previous one when they are of the same kind.
+pub(crate) fn push_extent(out: &mut Vec<Extent>, offset: u64, length: u64, zero: bool) {
+    if length == 0 {
+        return;
+    }
+    if let Some(last) = out.last_mut() {
+        if last.zero == zero && last.end() == offset {
+            last.length += length;
+            return;
+        }
+    }
+    out.push(Extent {
+        offset,
+        length,
+        zero,
+    });
 }
 
 /// What an endpoint can do, asked once when it is opened.
@@ -112,7 +134,8 @@ pub enum Access {
     },
 }
 
-/// How an endpoint is opened beyond its access mode.
+/// How an endpoint is opened beyond its access mode. Its defaults are those of each kind of
+/// endpoint, so they are set where every kind is known: `impl Default` is in [`crate::open`].
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     /// How long a network endpoint keeps trying to re-establish a lost connection.
@@ -131,20 +154,6 @@ pub struct OpenOptions {
     pub allowed_backing_roots: Vec<PathBuf>,
 }
 
-impl Default for OpenOptions {
-    fn default() -> Self {
-        Self {
-            reconnect_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(60),
-            backing: None,
-            cluster_size: crate::qcow2::DEFAULT_CLUSTER_SIZE,
-            cancel: None,
-            allowed_backing_roots: Vec::new(),
-        }
-    }
-}
-
 /// What an endpoint specification names, decided before anything is opened or created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -156,124 +165,6 @@ pub enum Kind {
     /// A QCOW2 image the mover is to create: a target path ending in `.qcow2` that does not
     /// exist yet.
     NewQcow2,
-}
-
-/// Classify `spec` for `access` (reads the first bytes of an existing file).
-pub fn kind_of(spec: &str, access: Access) -> Result<Kind> {
-    if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
-        return Ok(Kind::Nbd);
-    }
-    if spec.contains("://") {
-        return Err(MoverError::InvalidEndpoint {
-            spec: spec.to_owned(),
-            reason: "unknown scheme: use nbd://, nbd+unix:// or a local path".into(),
-        });
-    }
-    let path = Path::new(spec);
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let qcow2_name = path
-                .extension()
-                .is_some_and(|x| x.eq_ignore_ascii_case("qcow2"));
-            Ok(match access {
-                Access::Write { .. } if qcow2_name => Kind::NewQcow2,
-                _ => Kind::Raw,
-            })
-        }
-        Err(_) => Ok(Kind::Raw),
-        Ok(meta) if meta.is_dir() => Err(MoverError::InvalidEndpoint {
-            spec: spec.to_owned(),
-            reason: "is a directory".into(),
-        }),
-        Ok(_) => Ok(if crate::qcow2::is_qcow2(path)? {
-            Kind::Qcow2
-        } else {
-            Kind::Raw
-        }),
-    }
-}
-
-/// Open an endpoint with the default [`OpenOptions`].
-pub async fn open(spec: &str, access: Access) -> Result<Arc<dyn Endpoint>> {
-    open_with(spec, access, &OpenOptions::default()).await
-}
-
-/// Open an endpoint from its specification: `nbd://host[:port]/export`,
-/// `nbd+unix:///export?socket=PATH`, a QCOW2 image (with its backing chain), or a path to a raw
-/// file or block device.
-///
-/// Routing: a file that starts with the QCOW2 magic is QCOW2; a target path ending in `.qcow2`
-/// that does not exist is created as a new QCOW2 image of `create_size` bytes (an overlay when
-/// `opts.backing` is set). An existing QCOW2 image is never opened for writing: backups are
-/// written once, into new files. `opts.backing` with any other kind of target is refused.
-pub async fn open_with(
-    spec: &str,
-    access: Access,
-    opts: &OpenOptions,
-) -> Result<Arc<dyn Endpoint>> {
-    let kind = kind_of(spec, access)?;
-    if opts.backing.is_some() && kind != Kind::NewQcow2 {
-        return Err(MoverError::InvalidEndpoint {
-            spec: spec.to_owned(),
-            reason: "a backing file needs a new QCOW2 target (a path ending in .qcow2 that does not exist)"
-                .into(),
-        });
-    }
-    match (kind, access) {
-        (Kind::Nbd, _) => {
-            let nbd_opts = crate::nbd::NbdOptions {
-                reconnect_timeout: opts.reconnect_timeout,
-                connect_timeout: opts.connect_timeout,
-                request_timeout: opts.request_timeout,
-                cancel: opts.cancel.clone(),
-            };
-            Ok(Arc::new(
-                crate::nbd::NbdEndpoint::open_with(spec, access, nbd_opts).await?,
-            ))
-        }
-        (Kind::Raw, _) => Ok(Arc::new(file::FileEndpoint::open(spec, access).await?)),
-        (Kind::Qcow2, Access::Read) => {
-            let path = PathBuf::from(spec);
-            let roots = opts.allowed_backing_roots.clone();
-            let src = blocking(move || crate::qcow2::Qcow2Source::open_with(&path, &roots)).await?;
-            Ok(Arc::new(src))
-        }
-        (Kind::Qcow2, Access::Write { .. }) => Err(MoverError::InvalidEndpoint {
-            spec: spec.to_owned(),
-            reason: "is an existing QCOW2 image; the mover writes QCOW2 only into new files \
-                     (give a new path ending in .qcow2, with --backing for an overlay)"
-                .into(),
-        }),
-        (Kind::NewQcow2, Access::Read) => Err(MoverError::Connect {
-            endpoint: spec.to_owned(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        }),
-        (Kind::NewQcow2, Access::Write { create_size }) => {
-            let path = PathBuf::from(spec);
-            let cluster = opts.cluster_size;
-            let backing = match &opts.backing {
-                None => None,
-                Some(b) => {
-                    let format = if crate::qcow2::is_qcow2(b)? {
-                        crate::qcow2::BackingFormat::Qcow2
-                    } else {
-                        crate::qcow2::BackingFormat::Raw
-                    };
-                    Some(crate::qcow2::Backing {
-                        path: b.clone(),
-                        format,
-                    })
-                }
-            };
-            // QEMU wants a virtual size in whole sectors.
-            let size = create_size.div_ceil(512) * 512;
-            let dst = blocking(move || {
-                crate::qcow2::Qcow2Target::create(&path, size, cluster, backing.as_ref())
-            })
-            .await?;
-            Ok(Arc::new(dst))
-        }
-    }
 }
 
 /// Run blocking file work (metadata, QCOW2 tables, manifests) on tokio's blocking pool.

@@ -4,9 +4,11 @@
 //!
 //! - [`uri`]: `nbd://host[:port]/export` and `nbd+unix:///export?socket=PATH`;
 //! - [`proto`]: the wire format, pure functions over byte slices;
-//! - [`client`]: one session with an export: the handshake, many requests in flight on one
-//!   socket, replies read straight into the callers' buffers, and reconnection with the
-//!   unfinished requests sent again;
+//! - `handshake`: dialling the server (socket options included) and negotiating the export;
+//! - `pipeline`: one connection carrying many requests at once, replies read straight into
+//!   the callers' buffers;
+//! - [`client`]: one session with an export, made of those two: a lost connection replaced and
+//!   the unfinished requests sent again;
 //! - this module: [`NbdEndpoint`], which maps the endpoint interface onto NBD commands, splits
 //!   requests larger than the server takes, and turns server errors into source read or target
 //!   write errors carrying the errno value.
@@ -33,19 +35,22 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::endpoint::file::push_extent;
-use crate::endpoint::{Access, Capabilities, Endpoint, Extent};
+use crate::endpoint::{push_extent, Access, Capabilities, Endpoint, Extent};
 use crate::error::{MoverError, Result};
-use crate::progress::CancelToken;
 
 pub mod client;
+mod handshake;
+mod pipeline;
 pub mod proto;
 pub mod uri;
 
+#[cfg(test)]
+mod tests;
+
+pub use client::NbdOptions;
 use client::{Client, Command, ServerError};
 use uri::NbdUri;
 
@@ -59,37 +64,6 @@ const MAX_EFFECT_REQUEST: u64 = 1 << 30;
 
 /// Largest zero buffer written when the server cannot zero by itself.
 const ZERO_BUFFER: u64 = 4 << 20;
-
-/// How an NBD endpoint behaves beyond what its URI says.
-#[derive(Clone, Debug)]
-pub struct NbdOptions {
-    /// How long to keep trying to reconnect after the connection drops before requests fail
-    /// with `MoverError::Connect`.
-    pub reconnect_timeout: Duration,
-    /// How long one connection attempt (connect and handshake) may take. A server at its
-    /// client limit (`qemu-nbd --shared`) accepts the socket but never greets.
-    pub connect_timeout: Duration,
-    /// How long one request (sending it and its whole reply) may take. A server that stops
-    /// answering (a stopped process, a hung storage backend) then costs this long, not
-    /// forever: the request's connection is given up as lost, and the request is sent again on
-    /// a new one within `reconnect_timeout`, or fails naming the request.
-    pub request_timeout: Duration,
-    /// The work this endpoint serves was cancelled: stop reconnecting at once, and fail the
-    /// requests waiting for a connection with `MoverError::Cancelled` rather than after
-    /// `reconnect_timeout`.
-    pub cancel: Option<Arc<CancelToken>>,
-}
-
-impl Default for NbdOptions {
-    fn default() -> Self {
-        Self {
-            reconnect_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(60),
-            cancel: None,
-        }
-    }
-}
 
 pub struct NbdEndpoint {
     spec: String,

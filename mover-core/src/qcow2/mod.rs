@@ -1,6 +1,6 @@
 //! QCOW2 images as copy sources and targets.
 //!
-//! - [`format`]: the on-disk structures (header, extensions, L1/L2 entries), pure functions;
+//! - [`format`](mod@format): the on-disk structures (header, extensions, L1/L2 entries), pure functions;
 //! - [`reader`]: [`Qcow2Chain`], an image and its backing chain of any depth (QCOW2 versions 2
 //!   and 3, raw or QCOW2 backing files, zero, unallocated and compressed clusters (deflate or
 //!   zstd), extended L2 entries with subclusters), its backing files confined to the top image's
@@ -34,11 +34,6 @@ pub mod writer;
 
 pub use reader::{Allocation, BackingFormat, MapEntry, Qcow2Chain};
 pub use writer::{Backing, Qcow2Writer, DEFAULT_CLUSTER_SIZE};
-
-/// The errno of an I/O error, as the error variants carry it.
-pub(crate) fn errno(e: &std::io::Error) -> Option<u32> {
-    e.raw_os_error().and_then(|c| u32::try_from(c).ok())
-}
 
 /// The file at `path` starts with the QCOW2 magic.
 pub fn is_qcow2(path: &Path) -> Result<bool> {

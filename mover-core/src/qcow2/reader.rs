@@ -45,7 +45,7 @@ use std::io::Read;
 use miniz_oxide::inflate::core::{decompress, inflate_flags, DecompressorOxide};
 
 use super::format::{self, Compression, Header, L2Entry};
-use crate::error::{MoverError, Result};
+use crate::error::{errno, MoverError, Result};
 
 /// Bytes of L2 tables each image keeps in memory: 32 MiB maps 256 GiB with 64 KiB clusters.
 const L2_CACHE_BYTES: u64 = 32 << 20;
@@ -137,7 +137,7 @@ fn format_err(path: &str, message: impl Into<String>) -> MoverError {
 }
 
 fn read_err(path: &str, offset: u64, len: usize, e: &std::io::Error) -> MoverError {
-    MoverError::source_read(offset, len as u64, super::errno(e), format!("{path}: {e}"))
+    MoverError::source_read(offset, len as u64, errno(e), format!("{path}: {e}"))
 }
 
 /// `pread` all of `buf`, zero-filling what lies past the end of the file.

@@ -68,7 +68,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use super::format::{self, Header, COPIED, INCOMPAT_DIRTY, OFFSET_MASK, ZERO};
 use super::reader::{push_entry, Allocation, BackingFormat, MapEntry, Qcow2Chain};
-use crate::error::{MoverError, Result};
+use crate::error::{errno, MoverError, Result};
 
 /// The cluster size used unless the caller asks for another.
 pub const DEFAULT_CLUSTER_SIZE: u64 = 64 << 10;
@@ -122,7 +122,7 @@ pub struct Qcow2Writer {
 }
 
 fn write_err(path: &str, offset: u64, length: u64, e: &std::io::Error) -> MoverError {
-    MoverError::target_write(offset, length, super::errno(e), format!("{path}: {e}"))
+    MoverError::target_write(offset, length, errno(e), format!("{path}: {e}"))
 }
 
 /// `target` relative to the directory `base`, both absolute and free of `..`.
