@@ -21,10 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import interleaved, run_cmd, setup, timed
+from workload import rewrite_chunks
 
 from pyapp._mover import Copy
 from pyapp.nbd_export import NbdExport
-from pyapp.workload import rewrite_chunks
 
 
 def fresh(path: Path, size: int) -> Path:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyapp.workload import GiB, reference_disk
+from workload import GiB, reference_disk
 
 HERE = Path(__file__).resolve().parent
 

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import suite
 from harness import HERE, Side
-
-from pyapp.workload import GiB
+from workload import GiB
 
 
 def slug(name: str) -> str:

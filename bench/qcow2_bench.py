@@ -25,9 +25,9 @@ import sys
 from pathlib import Path
 
 from harness import interleaved, run_cmd, setup
+from workload import GiB, rewrite_chunks
 
 from pyapp import _mover
-from pyapp.workload import GiB, rewrite_chunks
 
 LAYERS = 10
 

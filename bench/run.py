@@ -27,8 +27,7 @@ from pathlib import Path
 
 import suite
 from harness import HERE, Side, alternate, paired_ratio
-
-from pyapp.workload import GiB, MiB
+from workload import GiB, MiB
 
 
 @dataclass

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import Side
+from workload import GiB, MiB, reference_disk, rewrite_chunks
 
 from pyapp.nbd_export import NbdExport
-from pyapp.workload import GiB, MiB, reference_disk, rewrite_chunks
 
 MOVER = str(Path(sys.executable).parent / "mover")
 FIXED_TIME = 1_700_000_000

@@ -16,8 +16,7 @@ import pytest
 import suite
 from conftest import RATIOS
 from harness import HERE, Side, paired_ratio, run_process
-
-from pyapp.workload import MiB
+from workload import MiB
 
 QUICK_SIZE = 128 * MiB
 FULL_SIZE = 1024 * MiB

@@ -292,12 +292,13 @@ def draw(bar: tqdm[Any], p: CopyProgress, done: Callable[[CopyProgress], int]) -
     if bar.total != p.bytes_planned:
         bar.total = p.bytes_planned
     bar.n = min(done(p), p.bytes_planned)
-    bar.set_postfix_str(f"{_size(bar.n)} of {_size(p.bytes_planned)}, {_size(p.throughput_bytes_per_s)}/s, "
-                        f"read {_size(p.bytes_read)}, written {_size(p.bytes_written)}", refresh=False)
+    bar.set_postfix_str(f"{iec_size(bar.n)} of {iec_size(p.bytes_planned)}, "
+                        f"{iec_size(p.throughput_bytes_per_s)}/s, "
+                        f"read {iec_size(p.bytes_read)}, written {iec_size(p.bytes_written)}", refresh=False)
     bar.refresh()
 
 
-def _size(n: float) -> str:
+def iec_size(n: float) -> str:
     """``n`` bytes in IEC units, as people read them: ``512 B``, ``64.0 KiB``, ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -413,9 +414,9 @@ def copy_until_stopped(args: argparse.Namespace, stop: StopSignals) -> int:
         print_json(out)
     else:
         print(
-            f"copied {_size(out['bytes_planned'])}: {_size(out['bytes_written'])} written, "
-            f"{_size(out['bytes_zeroed'])} zeroed, {_size(out['bytes_resumed'])} resumed, "
-            f"in {out['seconds']:.2f} s ({_size(out['throughput_bytes_per_s'])}/s)"
+            f"copied {iec_size(out['bytes_planned'])}: {iec_size(out['bytes_written'])} written, "
+            f"{iec_size(out['bytes_zeroed'])} zeroed, {iec_size(out['bytes_resumed'])} resumed, "
+            f"in {out['seconds']:.2f} s ({iec_size(out['throughput_bytes_per_s'])}/s)"
         )
         if not result.durable:
             print("mover: the target cannot be made durable (its NBD server does not support flush): "
@@ -500,9 +501,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for r in reports:
             state = "OK" if r.ok else f"{len(r.mismatches)} of {r.chunks} chunks DIFFER"
-            print(f"{r.image}: {state} ({_size(r.bytes_read)} read in {r.seconds:.2f} s)")
+            print(f"{r.image}: {state} ({iec_size(r.bytes_read)} read in {r.seconds:.2f} s)")
             for m in r.mismatches:
-                print(f"  chunk {m.index} offset {m.offset} length {_size(m.length)}: "
+                print(f"  chunk {m.index} offset {m.offset} length {iec_size(m.length)}: "
                       f"expected {m.expected}, found {m.found}")
         for u in unverified:
             print(f"{u}: no manifest, not verified")
@@ -523,8 +524,8 @@ def cmd_checksum(args: argparse.Namespace) -> int:
         print_json(out)
     else:
         where = f", manifest {r.manifest}" if r.manifest else ""
-        print(f"{r.disk_digest}  {r.source} ({_size(r.disk_size)}: {r.chunks} chunks of "
-              f"{_size(r.chunk_size)}{where})")
+        print(f"{r.disk_digest}  {r.source} ({iec_size(r.disk_size)}: {r.chunks} chunks of "
+              f"{iec_size(r.chunk_size)}{where})")
     return 0
 
 
@@ -543,7 +544,7 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
         print_json(out)
     else:
         print(f"{r.image}: {len(r.merged)} layers merged, {len(r.removed)} files removed, "
-              f"{_size(r.bytes_written)} written in {r.seconds:.2f} s")
+              f"{iec_size(r.bytes_written)} written in {r.seconds:.2f} s")
     return 0
 
 

@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 ./scripts/bootstrap.sh
-exec "$ROOT/.venv/bin/python" -m pyapp.demo "$@"
+exec "$ROOT/.venv/bin/python" -m lab.demo "$@"

@@ -14,7 +14,8 @@ step "rustfmt";   cargo fmt --all -- --check
 step "clippy";    cargo clippy --quiet --no-default-features --all-targets -- -D warnings
                   cargo clippy --quiet --features python --lib -- -D warnings
 step "cargo test"; cargo test --no-default-features --quiet 2>&1 | grep -vE '^\s*$'
-step "ruff";      ruff check pyapp vma oma tests bench
+step "ruff";      ruff check pyapp vma oma lab tests bench
+step "imports";   lint-imports --no-logo --no-cache
 step "mypy";      mypy
 step "stubtest";  python -m mypy.stubtest pyapp._mover
 step "pytest";    pytest "$@"

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from lab import DiskSpec, Lab, LabVM, MiB, Partition
 from pyapp.db import create_database, with_database
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
 from pyapp.logs import JsonFormatter
 from tests.oma.oma_harness import Oma, make_config, run_oma
 from tests.oma.vma_double import run_vma_double

@@ -22,7 +22,7 @@ import trio
 from pyapp.vma_auth import sign
 from tests.oma.oma_harness import Oma
 from tests.vma.conftest import vma_config
-from vma.errors import MAX_BODY_BYTES
+from vma.api.errors import MAX_BODY_BYTES
 from vma.server import serve_vma
 
 CHUNK = 64 * 1024

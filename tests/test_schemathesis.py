@@ -25,7 +25,7 @@ from hypercorn.trio import serve
 from pyapp.vma_auth import sign
 from tests.oma.oma_harness import Oma
 from tests.vma.conftest import vma_config
-from vma.errors import OPENAPI_PATH as VMA_OPENAPI_PATH
+from vma.api.errors import OPENAPI_PATH as VMA_OPENAPI_PATH
 from vma.server import serve_vma
 
 pytestmark = pytest.mark.slow

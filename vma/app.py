@@ -7,7 +7,7 @@ remove their snapshots (shielded).
 
 Every call to vCenter has a deadline (``vsphere_call_timeout``, ``vsphere_task_timeout``). At
 start, and every ``recovery_interval`` seconds, what jobs of a previous run left (snapshots, work
-directories) is found through the job journal and removed (``vma/recovery.py``)."""
+directories) is found through the job journal and removed (:mod:`vma.replication.recovery`)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from quart_trio import QuartTrio
 
 from pyapp.vma_auth import AuthFailed, SecretFile, Verifier
 from vma.api import cleanup, config, discover, health, replicate, status
+from vma.api.errors import error_response, install_error_handlers
 from vma.config import VmaConfig
-from vma.errors import error_response, install_error_handlers
-from vma.recovery import recovery_loop
+from vma.replication.recovery import recovery_loop
 from vma.state import VmaState
-from vma.vsphere import configure_deadlines, configure_tls
+from vma.vsphere.client import configure_deadlines, configure_tls
 
 API_PREFIX = "/api/v1"
 #: Paths answered without the OMA's signature (docs/vma.md, "Who may call the VMA").

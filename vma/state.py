@@ -11,10 +11,10 @@ import trio
 from quart import current_app
 
 from vma.config import VmaConfig
-from vma.export import Exporter
-from vma.jobs import JobTracker, Journal
-from vma.oma_client import OmaClient
-from vma.replicate import Replicator
+from vma.oma_client.client import OmaClient
+from vma.replication.export import Exporter
+from vma.replication.jobs import JobTracker, Journal
+from vma.replication.replicate import Replicator
 
 
 @dataclass

@@ -7,7 +7,7 @@ package main
 // file, appended to by two writers that both hold an exclusive flock(2) on it while they append:
 //
 //	{"op":"write","disk":"vm1.vmdk","seq":7,"offset":1048576,"length":4096}
-//	    a guest wrote these bytes (pyapp/lab/guest.py); seq is the previous highest seq + 1
+//	    a guest wrote these bytes (lab/guest.py); seq is the previous highest seq + 1
 //	{"op":"reset","disk":"vm1.vmdk","seq":7,"uuid":"52 1f ... 9a-0c ... 44"}
 //	    change tracking (re)starts: a new epoch with a new UUID, based on the current seq
 //	    (written by the simulator when CBT is switched on, or by the lab to force a CBT reset)

@@ -19,10 +19,10 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from lab import Lab, LabVM
 from oma.engine import ReplicationEngine
 from oma.state import STATE_KEY, OmaState
 from pyapp.db import create_database, with_database
-from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from tests.oma.oma_harness import Oma, make_config, run_oma
 from tests.vma.conftest import signed_client, vma_config

@@ -18,10 +18,10 @@ import trio
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
+from lab import DiskSpec, LabVM, MiB, Partition
 from oma.backups.layout import manifest_path, vm_key
 from oma.state import STATE_KEY, OmaState
 from pyapp import mover
-from pyapp.lab import DiskSpec, LabVM, MiB, Partition
 from tests.e2e.conftest import Product
 from tests.vma.conftest import snapshot_names
 

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import trio
 
+from lab import DiskSpec, LabVM, MiB, Partition, rewrite_partition
 from oma.backups.retention import RETENTION_KEY, RetentionService
-from pyapp.lab import DiskSpec, LabVM, MiB, Partition, rewrite_partition
 from tests.e2e.conftest import Product
 from tests.oma.backup_fixtures import data_cluster_offset, flip_byte
 

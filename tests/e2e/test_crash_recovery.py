@@ -27,8 +27,8 @@ import httpx
 import pytest
 import trio
 
+from lab import Lab, LabVM
 from pyapp.db import open_database
-from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from pyapp.process import ProcessRef, cmdline, pids
 from pyapp.vma_auth import SecretFile, SignedAuth

@@ -19,7 +19,7 @@ def test_demo_runs_end_to_end_within_three_minutes(tmp_path: Path) -> None:
     started = time.monotonic()
     summary_file = tmp_path / "summary.json"
     r = subprocess.run(
-        [sys.executable, "-m", "pyapp.demo", "--json", str(summary_file)],
+        [sys.executable, "-m", "lab.demo", "--json", str(summary_file)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from lab import LabVM
 from pyapp.db import open_database
-from pyapp.lab import LabVM
 from tests.e2e.conftest import Product, hold_copy, vma_progress
 from tests.e2e.test_replication_flow import accepts, no_snapshots
 

@@ -24,8 +24,8 @@ import httpx
 import pytest
 import trio
 
+from lab import DiskSpec, Lab, LabVM, MiB, Partition
 from oma.state import STATE_KEY, OmaState
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition
 from tests.e2e.conftest import Product, enroll
 from tests.oma.oma_harness import ADMIN_PASSWORD, ADMIN_USER
 

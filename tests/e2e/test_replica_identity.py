@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from pyapp.lab import DiskSpec, LabVM, MiB, Partition
+from lab import DiskSpec, LabVM, MiB, Partition
 from tests.e2e.conftest import Product
 from tests.e2e.test_replication_flow import assert_targets_equal, no_snapshots
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from pyapp.lab import DiskSpec, LabVM, MiB, Partition
+from lab import DiskSpec, LabVM, MiB, Partition
 from tests.e2e.conftest import Product, hold_copy
 from tests.vma.conftest import images_equal, snapshot_names
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from pyapp.lab import Lab
+from lab import Lab
 from tests.e2e.conftest import Product
 
 
@@ -50,7 +50,7 @@ async def test_the_credentials_tls_mode_decides_how_the_vma_checks_vcenter(
         lax = await _test(product, tls_lab, "tls-lax", tls_mode="insecure")
     assert lax["tls_mode"] == "insecure" and lax["success"] is True, lax["message"]
     vma_warnings = [
-        r for r in caplog.records if r.name == "vma.vsphere" and "TLS verification" in r.getMessage()
+        r for r in caplog.records if r.name == "vma.vsphere.client" and "TLS verification" in r.getMessage()
     ]
     assert vma_warnings and all(tls_lab.url in r.getMessage() for r in vma_warnings)
     oma_warnings = [

@@ -7,8 +7,8 @@ from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from pyapp.lab import DiskSpec, Lab, LabVM, Partition
-from vma.vsphere import merge_extents
+from lab import DiskSpec, Lab, LabVM, Partition
+from vma.vsphere.client import merge_extents
 
 MiB = 1024 * 1024
 KNOWN_FILES = {

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pyapp.lab import DatastoreMap, DatastorePathError, GuestDisk, Partition, build_disk, parse_datastore_path
-from pyapp.lab.datastore import flat_of, journal_of, raw_extent, write_descriptor
+from lab import DatastoreMap, DatastorePathError, GuestDisk, Partition, build_disk, parse_datastore_path
+from lab.datastore import flat_of, journal_of, raw_extent, write_descriptor
 
 MiB = 1024 * 1024
 

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from pyapp.lab.vcsim import SOURCE_DIR, default_cache_dir, go_env
+from lab.simulator import SOURCE_DIR, default_cache_dir, go_env
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ The disks are built by the lab without mounting anything: a GPT disk with ext4, 
 NTFS partitions holding known trees (nested directories, symlinks inside the file system and
 pointing outside it), an MBR disk, a disk with an LVM2 volume, a disk without a partition table.
 Each becomes a backup chain with the mover: a full, then (for the GPT disk) the guest rewrites
-its ext4 partition (:func:`pyapp.lab.fsdisk.rewrite_partition`) and an incremental copies the
+its ext4 partition (:func:`lab.guest.rewrite_partition`) and an incremental copies the
 changed blocks onto an overlay. The points are rows of ``backup_jobs`` in the OMA's database.
 """
 
@@ -32,12 +32,13 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_auth import assert_envelope
 from vma_double import VmaDouble
 
+from lab import MiB, Partition, build_disk
+from lab.disks import build_dos_disk_with_logicals
+from lab.filesystems import build_partition
+from lab.guest import rewrite_partition
 from oma.restore.full import accept_job, check_target, fail_orphaned_jobs, run_full_restore
 from pyapp import mover
 from pyapp.db import open_database
-from pyapp.lab import MiB, Partition, build_disk
-from pyapp.lab.disks import build_dos_disk_with_logicals, build_partition
-from pyapp.lab.fsdisk import rewrite_partition
 from pyapp.nbd_export import NbdExport
 
 _rng = random.Random(20261122)

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from lab import MiB, Partition
+from lab.filesystems import build_partition
 from oma.restore.mount import Mount
 from oma.restore.paths import MAX_SYMLINKS, split_request_path
 from oma.restore.service import mount_body
 from pyapp.api import ApiError
-from pyapp.lab import MiB, Partition
-from pyapp.lab.disks import build_partition
 
 LINKS = {
     "loop-a": "loop-b",

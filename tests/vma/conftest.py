@@ -15,13 +15,13 @@ import httpx
 import pytest
 import trio
 
-from pyapp.lab import Lab
+from lab import Lab
 from pyapp.nbd_export import free_tcp_port
 from pyapp.vma_auth import SecretFile, SignedAuth
 from tests.vma.oma_double import OmaDouble, run_oma_double
 from vma.config import VmaConfig
 from vma.server import serve_vma
-from vma.vsphere import VCenterLogin, VSphere
+from vma.vsphere.client import VCenterLogin, VSphere
 
 VM_PATH = "/DC0/vm/vm1"
 

@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
+from pyapp.vma_auth import sign
 from tests.vma.conftest import Vma, vma_config
 from vma.api.health import format_uptime
+from vma.app import create_app
+from vma.replication.jobs import Job, JobConflict, JobNotFound, JobTracker
 from vma.server import parse_args, serve_vma
+from vma.state import VmaState
+from vma.vsphere.client import VCenterLogin
 
 ENVELOPE = {"error", "code", "timestamp"}
 
@@ -61,6 +67,52 @@ async def test_unknown_job_is_job_not_found(api: Vma) -> None:
     assert_error(await api.get("/api/v1/progress/repl-nope"), 404, "JOB_NOT_FOUND")
     r = await api.post("/api/v1/cleanup", {"job_id": "repl-nope", "action": "delete_snapshot"})
     assert_error(r, 404, "JOB_NOT_FOUND")
+
+
+def test_the_tracker_refuses_an_unfinished_job_id_and_names_an_unknown_one(tmp_path: Path) -> None:
+    tracker = JobTracker()
+    login = VCenterLogin("http://127.0.0.1:9/sdk", "u", "p")
+    tracker.add(Job("repl-1", ["/DC0/vm/vm1"], login, "http://127.0.0.1:9", tmp_path / "repl-1"))
+    with pytest.raises(JobConflict, match="job repl-1 is already pending"):
+        tracker.add(Job("repl-1", ["/DC0/vm/vm1"], login, "http://127.0.0.1:9", tmp_path / "repl-1"))
+    with pytest.raises(JobNotFound, match="job repl-2 not found"):
+        tracker.get("repl-2")
+
+
+async def test_a_job_id_that_has_not_finished_is_refused_in_the_envelope(tmp_path: Path) -> None:
+    """The tracker's :class:`JobConflict` becomes the seed's 400 (through the app's test client:
+    a job that stays pending needs its state at hand)."""
+    config = vma_config(tmp_path, None, None)
+    app = create_app(config)
+    st = app.extensions["vma"]
+    assert isinstance(st, VmaState)
+    login = VCenterLogin("http://127.0.0.1:9/sdk", "u", "p")
+    st.tracker.add(Job("repl-busy", ["/DC0/vm/vm1"], login, config.oma_url, config.work_dir / "repl-busy"))
+    body = json.dumps(
+        {
+            "job_id": "repl-busy",
+            "vcenter": "http://127.0.0.1:9/sdk",
+            "username": "u",
+            "password": "p",
+            "vm_paths": ["/DC0/vm/vm1"],
+            "targets": {"/DC0/vm/vm1": {"disk-2000": "nbd://127.0.0.1:1/x"}},
+        }
+    ).encode()
+    path = "/api/v1/replicate"
+    async with app.test_app() as test_app:
+        r = await test_app.test_client().post(
+            path,
+            data=body,
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": sign(config.oma_secret(), "POST", path, "", body),
+            },
+        )
+        answer = await r.get_json()
+    assert r.status_code == 400, answer
+    assert answer["code"] == "INVALID_REQUEST"
+    assert answer["error"] == "job repl-busy is already pending"
+    assert st.tracker.get("repl-busy").status == "pending"
 
 
 async def test_request_validation(api: Vma) -> None:

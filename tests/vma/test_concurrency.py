@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB
+from lab import DiskSpec, Lab, LabVM, MiB
 from tests.vma.conftest import StartVma, images_equal, new_target, slow_export, snapshot_names
 from tests.vma.oma_double import OmaDouble
 

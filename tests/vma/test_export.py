@@ -16,14 +16,14 @@ from urllib.parse import urlsplit
 import pytest
 import trio
 
+from lab import Lab, LabVM
 from pyapp import mover
-from pyapp.lab import Lab, LabVM
 from pyapp.nbd_export import free_tcp_port
 from tests.vma.conftest import VM_PATH, StartVma, Vma, replicate_body, snapshot_names
 from tests.vma.oma_double import OmaDouble
-from vma import export as vma_export
 from vma.config import VmaConfig
-from vma.vsphere import SnapshotRef, VCenterLogin, VSphere, merge_extents
+from vma.replication import export as vma_export
+from vma.vsphere.client import SnapshotRef, VCenterLogin, VSphere, merge_extents
 
 KiB = 1024
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import trio
 
-from pyapp.lab import Lab, LabVM, MiB
+from lab import Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
 from tests.vma.conftest import (
     VM_PATH,
@@ -26,8 +26,8 @@ from tests.vma.conftest import (
     vma_config,
 )
 from tests.vma.oma_double import OmaDouble
+from vma.replication.workflow import only_cancelled
 from vma.server import serve_vma
-from vma.workflow import only_cancelled
 
 
 @pytest.fixture

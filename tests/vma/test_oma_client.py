@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from tests.vma.oma_double import OmaDouble, run_oma_double
-from vma.oma_client import OmaAuthError, OmaClient, OmaError, OmaUnreachable
+from vma.oma_client.client import OmaAuthError, OmaClient, OmaError, OmaUnreachable
 
 
 def client(

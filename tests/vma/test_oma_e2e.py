@@ -22,7 +22,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from pyapp.lab import Lab, LabVM
+from lab import Lab, LabVM
 from pyapp.nbd_export import NbdExport, free_tcp_port
 from tests.vma.conftest import images_equal, new_target, oma_auth, vma_config
 from vma.server import serve_vma

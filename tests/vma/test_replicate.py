@@ -10,7 +10,7 @@ from typing import Any
 
 import trio
 
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB
+from lab import DiskSpec, Lab, LabVM, MiB
 from pyapp.nbd_export import NbdExport
 from tests.mover.conftest import Nbdkit, flushless_nbdkit_args
 from tests.vma.conftest import (

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from pyapp.nbd_export import free_tcp_port
 from vma.config import VmaConfig
-from vma.source import (
+from vma.replication.source import (
     SourceError,
     SourceSpec,
     TcpListen,
@@ -31,7 +31,7 @@ from vma.source import (
     socket_path,
     source_argv,
 )
-from vma.vsphere import VCenterLogin
+from vma.vsphere.client import VCenterLogin
 
 
 def test_vddk_argv(tmp_path: Path) -> None:

@@ -19,10 +19,10 @@ import trio
 from pyVim.connect import Disconnect
 from pyVim.task import WaitForTask
 
-from pyapp.lab import Lab, LabVM
+from lab import Lab, LabVM
 from tests.vma.conftest import Vma
-from vma.jobs import Job, Journal
-from vma.vsphere import (
+from vma.replication.jobs import Job, Journal
+from vma.vsphere.client import (
     DEADLINES,
     ChangedAreasError,
     VCenterLogin,
@@ -280,7 +280,7 @@ def test_insecure_connects_and_logs_a_warning_naming_the_vcenter(
     tls_lab: Lab, caplog: pytest.LogCaptureFixture
 ) -> None:
     login = VCenterLogin(tls_lab.url, tls_lab.username, tls_lab.password, tls_mode="insecure")
-    with caplog.at_level(logging.WARNING, logger="vma.vsphere"):
+    with caplog.at_level(logging.WARNING, logger="vma.vsphere.client"):
         for _ in range(2):
             VSphere.connect(login).disconnect()
     warnings = [r for r in caplog.records if "TLS verification" in r.getMessage()]

@@ -18,14 +18,14 @@ from quart import Blueprint, Response, jsonify
 from quart_schema import document_request
 
 from pyapp.logs import log_context
+from vma.api.errors import OPERATION_FAILED, ApiError, json_object, utc_now_iso
 from vma.api.schemas import CleanupRequest, refuse_unknown_fields
 from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import text
-from vma.errors import OPERATION_FAILED, ApiError, json_object, utc_now_iso
-from vma.jobs import Job
+from vma.replication.jobs import Job
+from vma.replication.workflow import remove_artifacts
 from vma.state import state
-from vma.vsphere import SnapshotRef, VSphere, VSphereError, run
-from vma.workflow import remove_artifacts
+from vma.vsphere.client import SnapshotRef, VSphere, VSphereError, run
 
 bp = Blueprint("cleanup", __name__)
 log = logging.getLogger(__name__)

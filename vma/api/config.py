@@ -13,8 +13,8 @@ from quart import Blueprint
 from quart_schema import document_request
 
 from pyapp.logs import log_context
+from vma.api.errors import ApiError, json_object
 from vma.api.schemas import ConfigRequest, refuse_unknown_fields
-from vma.errors import ApiError, json_object
 from vma.state import state
 
 bp = Blueprint("config", __name__)

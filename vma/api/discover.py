@@ -13,11 +13,11 @@ from quart import Blueprint
 from quart_schema import document_request
 
 from pyapp.logs import log_context
+from vma.api.errors import ApiError, json_object
 from vma.api.schemas import DiscoverRequest, refuse_unknown_fields
 from vma.api.validation import text, vcenter_login
-from vma.errors import ApiError, json_object
 from vma.state import state
-from vma.vsphere import VSphere, VSphereError, run
+from vma.vsphere.client import VSphere, VSphereError, run
 
 bp = Blueprint("discover", __name__)
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from typing import Any
 
 from quart import Blueprint
 
-from vma.errors import utc_now_iso
+from vma.api.errors import utc_now_iso
 from vma.state import state
 
 bp = Blueprint("health", __name__)

@@ -27,13 +27,13 @@ from typing import Any
 from quart import Blueprint, current_app
 from quart_schema import document_request
 
+from vma.api.errors import INVALID_REQUEST, ApiError, json_object
 from vma.api.schemas import ReplicateRequest, refuse_unknown_fields
 from vma.api.validation import job_id as parse_job_id
 from vma.api.validation import vcenter_login
-from vma.errors import INVALID_REQUEST, ApiError, json_object
-from vma.export import ExportRequest
-from vma.jobs import Job, JobMode, iso
-from vma.replicate import Target
+from vma.replication.export import ExportRequest
+from vma.replication.jobs import Job, JobMode, iso
+from vma.replication.replicate import Target
 from vma.state import state
 
 bp = Blueprint("replicate", __name__)

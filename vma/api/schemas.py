@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from pyapp.api import RequestModel
-from vma.errors import ApiError
+from vma.api.errors import ApiError
 
 
 class TargetSpec(RequestModel):

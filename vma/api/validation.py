@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vma.errors import ApiError
-from vma.vsphere import TLS_MODES, VCenterLogin
+from vma.api.errors import ApiError
+from vma.vsphere.client import TLS_MODES, VCenterLogin
 
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 #: A vCenter: ``host``, ``host:port`` or an http(s) URL, in ASCII (an IDN host in its ``xn--`` form).

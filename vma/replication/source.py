@@ -34,7 +34,7 @@ import trio
 from pyapp.datastore import DatastorePathError, parse_datastore_path, raw_extent
 from pyapp.process import aterminate
 from vma.config import WILDCARD_ADDRESSES, VmaConfig
-from vma.vsphere import VCenterLogin
+from vma.vsphere.client import VCenterLogin
 
 
 class SourceError(Exception):

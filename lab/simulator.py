@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 GOPATH = "/usr/share/gocode"
-SOURCE_DIR = Path(__file__).resolve().parents[2] / "lab" / "vcsim"
+SOURCE_DIR = Path(__file__).resolve().parent / "vcsim"
 
 
 class LabError(RuntimeError):

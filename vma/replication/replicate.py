@@ -18,7 +18,7 @@ never advances the base of the next incremental pass; a target that cannot flush
 ``durable`` false) fails the pass unless ``allow_non_durable_targets`` is set. A stored change ID
 from another CBT epoch (CBT was reset) makes a full pass: the whole disk's allocated areas, with
 zeros written for the rest, because the target already holds older data. The snapshot and plan
-steps are shared with the export jobs (``vma/workflow.py``).
+steps are shared with the export jobs (:mod:`vma.replication.workflow`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ import trio
 from pyapp import mover
 from pyapp.logs import log_context
 from vma.config import VmaConfig
-from vma.jobs import DiskProgress, Job
-from vma.oma_client import OmaClient, OmaError
-from vma.source import SourceError, SourceSpec, prepare_source, serve_source, socket_path
-from vma.vsphere import DiskInfo, SnapshotRef, VSphere, run
-from vma.workflow import (
+from vma.oma_client.client import OmaClient, OmaError
+from vma.replication.jobs import DiskProgress, Job
+from vma.replication.source import SourceError, SourceSpec, prepare_source, serve_source, socket_path
+from vma.replication.workflow import (
     SNAPSHOT_REMOVE_TIMEOUT,
     JobFailed,
     find_vm_disks,
@@ -53,6 +52,7 @@ from vma.workflow import (
     snapshot_with_cbt,
     tracked_snapshot_disks,
 )
+from vma.vsphere.client import DiskInfo, SnapshotRef, VSphere, run
 
 log = logging.getLogger(__name__)
 

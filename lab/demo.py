@@ -2,7 +2,7 @@
 
 What runs, all on loopback and in this process:
 
-- the vSphere lab (``pyapp.lab``): a vCenter simulator whose VMs have real disk images — ``web01``
+- the vSphere lab (:mod:`lab`): a vCenter simulator whose VMs have real disk images — ``web01``
   with two disks (an ext4 system disk and an ext4 data disk, both with files) and ``db01`` with one;
 - the OMA (``oma``) with an embedded PostgreSQL in the demo's data directory and its replication
   engine, and the VMA (``vma``) reading the lab's snapshot images with ``nbdkit``;
@@ -48,14 +48,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from lab import DiskSpec, Lab, LabVM, MiB, Partition, rewrite_partition
 from oma.app import create_app
 from oma.config import OmaConfig
-from pyapp.cli import _size
-from pyapp.lab import DiskSpec, Lab, LabVM, MiB, Partition, rewrite_partition
+from pyapp.cli import iec_size
 from pyapp.nbd_export import free_tcp_port
 from vma.config import VmaConfig
 from vma.server import serve_vma
-from vma.vsphere import VCenterLogin, VSphere
+from vma.vsphere.client import VCenterLogin, VSphere
 
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -157,8 +157,9 @@ def progress_line(vm: str, kind: str, p: dict[str, Any], started: float) -> str:
     rate = p.get("throughput_bps") or 0
     return (
         f"  {vm:<6} {kind:<11} {p.get('status', ''):<11} {p.get('progress_percent') or 0:6.1f}%"
-        f"  {_size(p.get('bytes_transferred') or 0):>9} / {_size(p.get('total_bytes') or 0):<9}"
-        f"  {_size(rate) + '/s':>11}  {time.monotonic() - started:5.1f} s  {p.get('current_operation') or ''}"
+        f"  {iec_size(p.get('bytes_transferred') or 0):>9} / {iec_size(p.get('total_bytes') or 0):<9}"
+        f"  {iec_size(rate) + '/s':>11}  {time.monotonic() - started:5.1f} s"
+        f"  {p.get('current_operation') or ''}"
     )
 
 
@@ -253,13 +254,14 @@ def print_summary(
             timing = ("", "")
             if n == 0:
                 timing = (
-                    f"{f.seconds:5.1f} s {_size(f.bytes_written / max(f.seconds, 1e-9)) + '/s':>10}",
-                    f"{i.seconds:5.1f} s {_size(i.bytes_written / max(i.seconds, 1e-9)) + '/s':>10}",
+                    f"{f.seconds:5.1f} s {iec_size(f.bytes_written / max(f.seconds, 1e-9)) + '/s':>10}",
+                    f"{i.seconds:5.1f} s {iec_size(i.bytes_written / max(i.seconds, 1e-9)) + '/s':>10}",
                 )
             ok = "yes" if f.equal.get(d["disk_id"]) and i.equal.get(d["disk_id"]) else "NO"
             print(
-                f"{f.vm if n == 0 else '':<6} {d['disk_id']:<10} {_size(capacity[(f.vm, d['disk_id'])]):>9}  "
-                f"{_size(d['bytes_written'] or 0):>10} {_size(di['bytes_written'] or 0):>12}  "
+                f"{f.vm if n == 0 else '':<6} {d['disk_id']:<10}"
+                f" {iec_size(capacity[(f.vm, d['disk_id'])]):>9}  "
+                f"{iec_size(d['bytes_written'] or 0):>10} {iec_size(di['bytes_written'] or 0):>12}  "
                 f"{timing[0]:>20}  {timing[1]:>20}  {ok}"
             )
     total_full = sum(r.bytes_written for r in full)
@@ -267,8 +269,9 @@ def print_summary(
     disk_total = sum(capacity.values())
     print("-" * len(header))
     print(
-        f"{len(vms)} VMs, {len(capacity)} disks, {_size(disk_total)} of disks: the full pass moved"
-        f" {_size(total_full)} of data (the rest was zeroed, never sent), the incremental {_size(total_incr)}"
+        f"{len(vms)} VMs, {len(capacity)} disks, {iec_size(disk_total)} of disks: the full pass moved"
+        f" {iec_size(total_full)} of data (the rest was zeroed, never sent),"
+        f" the incremental {iec_size(total_incr)}"
         f" ({total_incr / disk_total:.2%} of the disks)"
     )
     print(f"snapshots left in vCenter: {snapshots}")
@@ -395,8 +398,8 @@ async def backup_part(api: Api, vm: LabVM, work: Path, t0: float, report: dict[s
     print("-" * len(header))
     for point, seconds, files, same in rows:
         print(
-            f"{point['backup_type']:<12} {_size(point['changed_bytes'] or 0):>9}"
-            f" {_size(point['stored_bytes'] or 0):>9} {seconds:5.1f} s"
+            f"{point['backup_type']:<12} {iec_size(point['changed_bytes'] or 0):>9}"
+            f" {iec_size(point['stored_bytes'] or 0):>9} {seconds:5.1f} s"
             f"  {files:>5} {'equal' if same else 'DIFFER':>8}  {point['disk_digest'][:16]}"
         )
     print(
@@ -427,7 +430,7 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
     try:
         vms = await trio.to_thread.run_sync(build_lab_vms, lab)
         for vm in vms:
-            sizes = ", ".join(_size(d.capacity) for d in vm.disks)
+            sizes = ", ".join(iec_size(d.capacity) for d in vm.disks)
             print(f"           {vm.name}: {len(vm.disks)} disk(s) of {sizes}", flush=True)
 
         admin_password = secrets.token_urlsafe(16)
@@ -513,7 +516,7 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
                     found = await api.call("POST", "/discovery/discover-vms", {"create_context": True})
                     print(f"[{time.monotonic() - t0:5.1f} s] discovered through the OMA:", flush=True)
                     for vm in found["discovered_vms"]:
-                        disks = ", ".join(f"{d['id']} {_size(d['capacity_bytes'])}" for d in vm["disks"])
+                        disks = ", ".join(f"{d['id']} {iec_size(d['capacity_bytes'])}" for d in vm["disks"])
                         print(f"           {vm['name']:<6} {vm['path']:<16} {vm['power_state']:<10} {disks}")
 
                     print(
@@ -533,9 +536,8 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
                             )
                             areas = await trio.to_thread.run_sync(rewrite)
                             changed += sum(length for _, length in areas)
-                    print(
-                        f"           {_size(changed)} rewritten over {sum(len(vm.disks) for vm in vms)} disks"
-                    )
+                    disk_count = sum(len(vm.disks) for vm in vms)
+                    print(f"           {iec_size(changed)} rewritten over {disk_count} disks")
 
                     print(f"\n[{time.monotonic() - t0:5.1f} s] pass 2: incremental replication", flush=True)
                     incremental = await run_pass(api, vms, "incremental")

@@ -1,6 +1,6 @@
 # pyvmomi's stubs leave the data-object constructors and pyVim's helpers unannotated:
 # mypy: disable-error-code="no-untyped-call"
-"""The lab: a running simulator (``lab/vcsim``) plus VMs whose disks are real images.
+"""The vSphere lab: a running simulator (``lab/vcsim``) plus VMs whose disks are real images.
 
 lab = Lab(tmp_path)
 with lab:                                   # or: await nursery.start(lab.serve) under trio
@@ -30,11 +30,12 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVim.task import WaitForTask
 from pyVmomi import vim
 
-from ..process import aterminate, terminate
-from .datastore import DatastoreMap, datastore_path, flat_of, write_descriptor
-from .disks import DiskLayout, MiB, Partition, TableType, build_disk
-from .guest import GuestDisk
-from .vcsim import LabError, Ready, build_vcsim, vcsim_command
+from lab.datastore import DatastoreMap, datastore_path, flat_of, write_descriptor
+from lab.disks import DiskLayout, TableType, build_disk
+from lab.filesystems import MiB, Partition
+from lab.guest import GuestDisk
+from lab.simulator import LabError, Ready, build_vcsim, vcsim_command
+from pyapp.process import aterminate, terminate
 
 __all__ = ["DiskSpec", "Lab", "LabDisk", "LabVM", "MiB"]
 

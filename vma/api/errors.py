@@ -1,9 +1,10 @@
 """API errors of the VMA: the seed's envelope ``{"error", "code", "timestamp"}`` and its codes.
 
-An :class:`ApiError` raised anywhere in a view becomes that envelope with its HTTP status; a
-vCenter that refuses or fails is a 502 ``OPERATION_FAILED``; any other exception becomes a 500
-``OPERATION_FAILED`` whose message names the exception's type only (details go to the log, never
-to the client).
+An :class:`ApiError` raised anywhere in a view becomes that envelope with its HTTP status; so do
+the job tracker's errors (an unknown job id is a 404 ``JOB_NOT_FOUND``, the id of a job that has
+not finished a 400 ``INVALID_REQUEST``); a vCenter that refuses or fails is a 502
+``OPERATION_FAILED``; any other exception becomes a 500 ``OPERATION_FAILED`` whose message names
+the exception's type only (details go to the log, never to the client).
 
 :func:`install_error_handlers` also sets what every request must respect before a view runs
 (:mod:`pyapp.http_limits`: bodies of at most :data:`MAX_BODY_BYTES`, strict JSON, the connection
@@ -24,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from pyapp import http_limits
 from pyapp.api import EnvelopeOpenAPIProvider
+from vma.replication.jobs import JobConflict, JobNotFound
 
 INVALID_REQUEST = "INVALID_REQUEST"
 JOB_NOT_FOUND = "JOB_NOT_FOUND"
@@ -51,10 +53,6 @@ class ApiError(Exception):
     @classmethod
     def invalid(cls, message: str) -> ApiError:
         return cls(400, INVALID_REQUEST, message)
-
-    @classmethod
-    def job_not_found(cls, job_id: str) -> ApiError:
-        return cls(404, JOB_NOT_FOUND, f"job {job_id} not found")
 
     @classmethod
     def failed(cls, message: str, status: int = 502) -> ApiError:
@@ -86,6 +84,14 @@ def install_error_handlers(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def _api_error(exc: ApiError) -> Response:
         return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(JobNotFound)
+    async def _job_not_found(exc: JobNotFound) -> Response:
+        return error_response(404, JOB_NOT_FOUND, str(exc))
+
+    @app.errorhandler(JobConflict)
+    async def _job_conflict(exc: JobConflict) -> Response:
+        return error_response(400, INVALID_REQUEST, str(exc))
 
     @app.errorhandler(UnicodeDecodeError)
     async def _not_utf8(exc: UnicodeDecodeError) -> Response:

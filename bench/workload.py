@@ -1,4 +1,4 @@
-"""The reference workload of DESIGN.md, shared by the demo, the tests and the benchmarks.
+"""The reference workload of DESIGN.md ("The reference workload for performance"): the benchmarks' disk.
 
 A disk of ``size`` bytes cut into ``chunk``-sized chunks; a seeded random half of them holds
 random data (seed 1), the rest are holes. The incremental pass rewrites a seeded random 5% of

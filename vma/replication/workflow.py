@@ -1,5 +1,5 @@
-"""The steps a replication (``vma/replicate.py``) and an export (``vma/export.py``) share, so both
-modes read a VM the same way:
+"""The steps a replication (:mod:`vma.replication.replicate`) and an export
+(:mod:`vma.replication.export`) share, so both modes read a VM the same way:
 
     find the VM and its disks -> CBT on (``VSphere.ensure_cbt``) -> snapshot ``vma-<job_id>``
     -> the snapshot's disks, each with a change ID -> per disk, the pass's plan (:func:`plan_pass`)
@@ -30,10 +30,10 @@ import trio
 
 from pyapp import mover
 from vma.config import VmaConfig
-from vma.jobs import Job
-from vma.oma_client import OmaError
-from vma.source import SourceError
-from vma.vsphere import (
+from vma.oma_client.client import OmaError
+from vma.replication.jobs import Job
+from vma.replication.source import SourceError
+from vma.vsphere.client import (
     CbtResetError,
     DiskInfo,
     SnapshotRef,

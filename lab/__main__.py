@@ -1,4 +1,4 @@
-"""Run the lab by hand: ``python -m pyapp.lab --dir /tmp/lab --vm vm1=64,16 --vm db1=128``.
+"""Run the lab by hand: ``python -m lab --dir /tmp/lab --vm vm1=64,16 --vm db1=128``.
 
 Each ``--vm NAME=SIZES`` creates a VM with one disk per size (MiB); the first disk holds a GPT with
 an ext4 root file system (``/etc/hostname``, ``/etc/os-release``) and a FAT ESP. Prints the SDK URL,
@@ -12,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from .disks import MiB, Partition
-from .lab import DiskSpec, Lab
+from lab.filesystems import MiB, Partition
+from lab.vsphere import DiskSpec, Lab
 
 
 def _vm_arg(text: str) -> tuple[str, list[int]]:
@@ -24,7 +24,7 @@ def _vm_arg(text: str) -> tuple[str, list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pyapp.lab", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lab", description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, required=True, help="lab directory (datastores, journals, log)")
     p.add_argument("--vm", type=_vm_arg, action="append", default=[], help="NAME=SIZE[,SIZE...] in MiB")
     p.add_argument(

@@ -16,9 +16,10 @@ from dissect.ntfs import NTFS
 from dissect.volume.disk import Disk
 from dissect.volume.lvm import LVM2
 
-from pyapp.lab import GuestDisk, MiB, Partition, build_disk
-from pyapp.lab.datastore import flat_of, write_descriptor
-from pyapp.lab.fsdisk import REWRITE_BLOCK, lvm_crc, rewrite_partition
+from lab import GuestDisk, MiB, Partition, build_disk
+from lab.datastore import flat_of, write_descriptor
+from lab.guest import REWRITE_BLOCK, rewrite_partition
+from lab.lvm import lvm_crc
 
 FILES = {"etc/hostname": b"guest-1\n", "data/deep/nested.bin": bytes(range(256)) * 300}
 

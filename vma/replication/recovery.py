@@ -3,11 +3,12 @@
 The VMA may be killed in the middle of a job: its nbdkit sources die with it
 (``--exit-with-parent``), but its snapshot ``vma-<job_id>`` stays in vCenter and its work
 directory (password file, logs) on disk. Every job is journalled before it starts
-(:class:`vma.jobs.Journal`), so at start — and every ``recovery_interval`` seconds after — each
-journalled job that this process does not run has its snapshots removed by name (only those the
-VMA names ``vma-<job_id>``/``vma-<job_id>-cbt-stun``, on the job's VMs), its work directory
-removed, and then its record. A vCenter that cannot be reached keeps the record for the next pass.
-At start, work directories of jobs that are neither running nor journalled are removed too.
+(:class:`vma.replication.jobs.Journal`), so at start — and every ``recovery_interval`` seconds
+after — each journalled job that this process does not run has its snapshots removed by name
+(only those the VMA names ``vma-<job_id>``/``vma-<job_id>-cbt-stun``, on the job's VMs), its work
+directory removed, and then its record. A vCenter that cannot be reached keeps the record for the
+next pass. At start, work directories of jobs that are neither running nor journalled are removed
+too.
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ import trio
 
 from pyapp.logs import log_context
 from vma.config import VmaConfig
-from vma.jobs import JobTracker, JournalRecord, snapshot_names
-from vma.vsphere import VSphere, VSphereError, run
+from vma.replication.jobs import JobTracker, JournalRecord, snapshot_names
+from vma.vsphere.client import VSphere, VSphereError, run
 
 log = logging.getLogger(__name__)
 
 
 def remove_job_snapshots(record: JournalRecord, insecure: bool) -> list[str]:
     """Remove the snapshots ``record``'s job may have left; returns their managed object ids
-    (blocking: call through :func:`vma.vsphere.run`, which bounds it)."""
+    (blocking: call through :func:`vma.vsphere.client.run`, which bounds it)."""
     vs = VSphere.connect(record.login, insecure=insecure)
     removed: list[str] = []
     try:

@@ -2,9 +2,9 @@
 
 A backup pulls: the OMA's mover reads the snapshot's disks and writes the repository's images
 itself. So an export job takes the same snapshot, on the same CBT path, as a replication
-(``vma/workflow.py``), and instead of copying, serves each requested disk of the snapshot with
-``nbdkit`` on a TCP port (``export_listen``, loopback by default: the OMA comes through the
-tunnel), read-only, any number of connections. Per VM::
+(:mod:`vma.replication.workflow`), and instead of copying, serves each requested disk of the
+snapshot with ``nbdkit`` on a TCP port (``export_listen``, loopback by default: the OMA comes
+through the tunnel), read-only, any number of connections. Per VM::
 
     find the VM, pick the requested disks -> CBT on -> snapshot "vma-<job_id>"
     -> per disk: the plan against the request's previous change ID (full, incremental,
@@ -35,10 +35,9 @@ import trio
 from pyapp.logs import log_context
 from pyapp.nbd_export import free_tcp_port
 from vma.config import VmaConfig
-from vma.jobs import DiskProgress, ExportedDisk, Job
-from vma.source import SourceError, SourceSpec, TcpListen, prepare_source, serve_source
-from vma.vsphere import DiskInfo, SnapshotRef, VSphere, VSphereError, run
-from vma.workflow import (
+from vma.replication.jobs import DiskProgress, ExportedDisk, Job
+from vma.replication.source import SourceError, SourceSpec, TcpListen, prepare_source, serve_source
+from vma.replication.workflow import (
     SNAPSHOT_REMOVE_TIMEOUT,
     JobFailed,
     find_vm_disks,
@@ -50,6 +49,7 @@ from vma.workflow import (
     snapshot_with_cbt,
     tracked_snapshot_disks,
 )
+from vma.vsphere.client import DiskInfo, SnapshotRef, VSphere, VSphereError, run
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,10 @@
 """A lab guest: writes into a VM disk's raw image as the guest OS would, journalling each write.
 
+:func:`rewrite_partition` is a guest changing its files: it rebuilds one partition's file system
+with a new tree (builds are reproducible, see :mod:`lab.filesystems`) and writes only the 64 KiB
+blocks that differ into the disk — through a :class:`GuestDisk` when given one, so the
+simulator's change tracking sees them as guest writes.
+
 The journal format is described in ``lab/vcsim/journal.go`` and ``docs/lab.md``: JSON lines
 ``{"op": "write", "disk": ..., "seq": N, "offset": o, "length": l}``, plus ``reset`` and ``off``
 records for change tracking. The lock (``flock`` on the journal) is held across "write the bytes,
@@ -14,13 +19,19 @@ import json
 import os
 import random
 import secrets
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
-from .datastore import flat_of, journal_of
+from lab.datastore import flat_of, journal_of
+from lab.disks import DiskLayout
+from lab.filesystems import MiB, build_partition
+
+#: Granularity of :func:`rewrite_partition`: what a changed-block tracker would report.
+REWRITE_BLOCK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -160,3 +171,65 @@ class GuestDisk:
             self.write(idx * chunk, rng.randbytes(chunk))
             out.append((idx * chunk, chunk))
         return out
+
+
+def _differing_blocks(current: bytes, new: bytes, base: int) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for pos in range(0, len(new), REWRITE_BLOCK):
+        if current[pos : pos + REWRITE_BLOCK] != new[pos : pos + REWRITE_BLOCK]:
+            if out and out[-1][0] + out[-1][1] == base + pos:
+                out[-1] = (out[-1][0], out[-1][1] + min(REWRITE_BLOCK, len(new) - pos))
+            else:
+                out.append((base + pos, min(REWRITE_BLOCK, len(new) - pos)))
+    return out
+
+
+def rewrite_partition(
+    image_or_guest: Path | GuestDisk,
+    layout: DiskLayout,
+    number: int,
+    files: Mapping[str, bytes],
+    symlinks: Mapping[str, str] | None = None,
+) -> list[tuple[int, int]]:
+    """Rebuild partition ``number`` of ``layout`` with the tree ``files`` (+ ``symlinks``) and
+    write the 64 KiB blocks that differ into the disk, as the guest changing its files would.
+
+    ``image_or_guest`` is the raw image (written in place) or a guest disk (each write journalled
+    for change tracking). Returns the written ``(offset, length)`` areas of the disk, merged,
+    in order: the extents an incremental backup of this change copies.
+    """
+    placed = next((p for p in layout.partitions if p.number == number), None)
+    if placed is None:
+        raise ValueError(f"{layout.path} has no partition {number}")
+    for rel in files:
+        if ".." in PurePosixPath(rel).parts:
+            raise ValueError(f"file path must stay inside the file system: {rel!r}")
+    spec = replace(placed.spec, files=dict(files), source=None, symlinks=dict(symlinks or {}))
+    image = image_or_guest.image if isinstance(image_or_guest, GuestDisk) else image_or_guest
+    written: list[tuple[int, int]] = []
+    with tempfile.TemporaryDirectory(prefix="lab-rewrite-", dir=Path(image).parent) as tmp:
+        scratch = Path(tmp) / "part.img"
+        build_partition(spec, number, scratch, Path(tmp))
+        with scratch.open("rb") as new_f, open(image, "rb") as old_f:
+            pos = 0
+            while pos < placed.size:
+                n = min(16 * MiB, placed.size - pos)
+                new = new_f.read(n).ljust(n, b"\0")
+                old_f.seek(placed.start + pos)
+                current = old_f.read(n)
+                for offset, length in _differing_blocks(current, new, placed.start + pos):
+                    data = new[offset - placed.start - pos : offset - placed.start - pos + length]
+                    _write(image_or_guest, offset, data)
+                    if written and written[-1][0] + written[-1][1] == offset:
+                        written[-1] = (written[-1][0], written[-1][1] + length)
+                    else:
+                        written.append((offset, length))
+                pos += n
+    return written
+
+
+def _write(target: Path | GuestDisk, offset: int, data: bytes) -> None:
+    if isinstance(target, GuestDisk):
+        target.write(offset, data)
+    else:
+        pwrite_all(target, offset, data)

@@ -12,9 +12,9 @@ What a job may leave outside the process is journalled before it is made: :meth:
 writes ``<work_dir>/journal/<job_id>.json`` (mode 0600, fsynced) before the job's task starts, so
 before its snapshot ``vma-<job_id>`` is created. The record names the vCenter and its login (the
 vddk source keeps the same password in the job's work directory already), the VMs and the
-snapshot names. ``vma/recovery.py`` reads the journal at start (and every ``recovery_interval``):
-for every job this process does not run, it removes the job's snapshots by name, its work
-directory, then the record.
+snapshot names. :mod:`vma.replication.recovery` reads the journal at start (and every
+``recovery_interval``): for every job this process does not run, it removes the job's snapshots
+by name, its work directory, then the record.
 """
 
 from __future__ import annotations
@@ -31,11 +31,22 @@ from typing import Any, Literal
 
 import trio
 
-from vma.errors import ApiError
-from vma.vsphere import SnapshotRef, VCenterLogin
+from vma.vsphere.client import SnapshotRef, VCenterLogin
 
 JobStatus = Literal["pending", "running", "completed", "failed"]
 JobMode = Literal["replicate", "export"]
+
+
+class JobConflict(Exception):
+    """A job with this id is already tracked and not finished (the API answers 400)."""
+
+
+class JobNotFound(LookupError):
+    """No job with this id is tracked (the API answers 404 ``JOB_NOT_FOUND``)."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
 
 
 def iso(t: dt.datetime | None) -> str | None:
@@ -302,7 +313,7 @@ class JobTracker:
         """Track ``job``; journalled first (see the module doc), so call it before starting it."""
         existing = self._jobs.get(job.job_id)
         if existing is not None and not existing.finished:
-            raise ApiError.invalid(f"job {job.job_id} is already {existing.status}")
+            raise JobConflict(f"job {job.job_id} is already {existing.status}")
         if self.journal is not None:
             self.journal.record(job)
         self._jobs[job.job_id] = job
@@ -314,7 +325,7 @@ class JobTracker:
     def get(self, job_id: str) -> Job:
         job = self._jobs.get(job_id)
         if job is None:
-            raise ApiError.job_not_found(job_id)
+            raise JobNotFound(job_id)
         return job
 
     def all(self) -> list[Job]:
