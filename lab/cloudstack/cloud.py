@@ -276,6 +276,13 @@ class Cloud:
             if vm is None:
                 raise InvalidParameterValue("Please specify a valid zone.")
             zone_id = vm.zoneid
+        size = self._data_disk_size(disk_offering_id, size_gb)
+        return self._new_volume(
+            name or str(uuid.uuid4()), zone_id, "DATADISK", size, diskofferingid=disk_offering_id
+        )
+
+    def _data_disk_size(self, disk_offering_id: str, size_gb: int | None) -> int:
+        """A data disk's size in bytes from its offering, or the custom size an offering needs."""
         offering = self.disk_offerings[disk_offering_id]
         if offering.iscustomized:
             if size_gb is None:
@@ -286,14 +293,10 @@ class Cloud:
                 raise InvalidParameterValue(
                     f"Volume size: {size_gb}GB is out of allowed range. Max: {high} Min:{low}"
                 )
-            size = size_gb * GiB
-        else:
-            if size_gb is not None:
-                raise InvalidParameterValue("This disk offering does not allow custom size")
-            size = offering.disksize * GiB
-        return self._new_volume(
-            name or str(uuid.uuid4()), zone_id, "DATADISK", size, diskofferingid=offering.id
-        )
+            return size_gb * GiB
+        if size_gb is not None:
+            raise InvalidParameterValue("This disk offering does not allow custom size")
+        return offering.disksize * GiB
 
     async def _create_on_primary(self, vol: Volume) -> None:
         await self.storage.create_volume_file(vol.id, vol.size)
@@ -672,7 +675,7 @@ class Cloud:
                     deviceid=index,
                 )
             )
-        data_disk: Volume | None = None
+        data_size = self._data_disk_size(disk_offering_id, size_gb) if disk_offering_id else None
         vm = VirtualMachine(
             id=vm_uuid,
             internalid=self.state.new_internal_id(),
@@ -685,19 +688,14 @@ class Cloud:
             created=cs_date(),
             nics=nics,
         )
-        if disk_offering_id is not None:
-            data_disk = self.alloc_volume(
-                name=f"DATA-{vm.internalid}",
-                zone_id=zone_id,
-                disk_offering_id=disk_offering_id,
-                size_gb=size_gb,
-                vm_id=None,
-            )
         self.state.vms[vm.id] = vm
         root = self._new_volume(f"ROOT-{vm.internalid}", zone_id, "ROOT", size, templateid=template.id)
         self._attach(root, vm, 0)
-        if data_disk is not None:
-            self._attach(data_disk, vm, 1)
+        if disk_offering_id is not None and data_size is not None:
+            data = self._new_volume(
+                f"DATA-{vm.internalid}", zone_id, "DATADISK", data_size, diskofferingid=disk_offering_id
+            )
+            self._attach(data, vm, 1)
         return vm
 
     async def deploy_vm(self, vm_id: str, start: bool) -> VirtualMachine:
