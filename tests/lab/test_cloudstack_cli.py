@@ -184,3 +184,21 @@ async def test_python_dash_m_runs_the_same_double(tmp_path: Path, processes: lis
     started = time.monotonic()
     assert proc.stop(signal.SIGINT) == 0
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "complaint"),
+    [
+        ("--oma-vm-mac", "01:00:00:00:00:01", "--oma-vm-mac: Mac address is not unicast"),
+        ("--oma-vm-mac", "nonsense", "--oma-vm-mac: Mac address is not valid"),
+        ("--oma-vm-ip", "10.2.2.2", "--oma-vm-ip: 10.2.2.2 is not a host address of the OMA VM's network"),
+    ],
+)
+def test_bad_oma_vm_addresses_are_refused(tmp_path: Path, option: str, value: str, complaint: str) -> None:
+    result = subprocess.run(
+        [*lab_command(), "--port", "0", "--data-dir", str(tmp_path / "cs"), "--api-key", "k",
+         "--secret-key", "s", option, value],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"cloudstack-lab: {complaint}")

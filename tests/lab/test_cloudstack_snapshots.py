@@ -8,11 +8,7 @@ from pathlib import Path
 import trio
 
 from .cloudstack_fixtures import (
-    ISOLATED,
-    MEDIUM_SO,
     OMA_VM,
-    TEMPLATE,
-    ZONE1,
     CloudStackLab,
     cloudstack_fixture,  # noqa: F401 -- the cloudstack fixture
     read_at,
@@ -86,15 +82,7 @@ async def test_revert_is_refused_while_the_vm_runs(tmp_path: Path, nursery: trio
         nursery, tmp_path / "cs", seed=seed_with(configuration={"kvm.snapshot.enabled": True})
     )
     assert (await lab.api("listCapabilities"))["capability"]["kvmsnapshotenabled"] is True
-    vm = (
-        await lab.ok(
-            "deployVirtualMachine",
-            zoneid=ZONE1,
-            serviceofferingid=MEDIUM_SO,
-            templateid=TEMPLATE,
-            networkids=ISOLATED,
-        )
-    )["virtualmachine"]
+    vm = await lab.new_vm()
     volume = await lab.new_volume()
     await lab.ok("attachVolume", id=volume["id"], virtualmachineid=vm["id"])
     snapshot = (await lab.ok("createSnapshot", volumeid=volume["id"]))["snapshot"]  # allowed by the setting

@@ -105,9 +105,7 @@ async def test_deploy_refusals(cloudstack: CloudStackLab) -> None:
 
 
 async def test_start_stop(cloudstack: CloudStackLab) -> None:
-    vm = (await cloudstack.ok("deployVirtualMachine", **DEPLOY, networkids=ISOLATED, startvm="false"))[
-        "virtualmachine"
-    ]
+    vm = await cloudstack.new_vm(startvm="false")
     started = await cloudstack.ok("startVirtualMachine", id=vm["id"])
     assert started["virtualmachine"]["state"] == "Running"
     again = await cloudstack.ok("startVirtualMachine", id=vm["id"])  # already running: succeeds
@@ -119,7 +117,7 @@ async def test_start_stop(cloudstack: CloudStackLab) -> None:
 
 
 async def test_destroy_with_expunge_keeps_data_volumes_detached(cloudstack: CloudStackLab) -> None:
-    vm = (await cloudstack.ok("deployVirtualMachine", **DEPLOY, networkids=ISOLATED))["virtualmachine"]
+    vm = await cloudstack.new_vm()
     root = (await cloudstack.api("listVolumes", virtualmachineid=vm["id"]))["volume"][0]
     keep = await cloudstack.new_volume(name="keep")
     drop = await cloudstack.new_volume(name="drop")
@@ -140,7 +138,7 @@ async def test_destroy_with_expunge_keeps_data_volumes_detached(cloudstack: Clou
 
 
 async def test_destroy_without_expunge(cloudstack: CloudStackLab) -> None:
-    vm = (await cloudstack.ok("deployVirtualMachine", **DEPLOY, networkids=ISOLATED))["virtualmachine"]
+    vm = await cloudstack.new_vm()
     data = await cloudstack.new_volume()
     await cloudstack.ok("attachVolume", id=data["id"], virtualmachineid=vm["id"])
     destroyed = await cloudstack.ok("destroyVirtualMachine", id=vm["id"])
@@ -155,7 +153,7 @@ async def test_destroy_without_expunge(cloudstack: CloudStackLab) -> None:
 
 
 async def test_update_virtual_machine(cloudstack: CloudStackLab) -> None:
-    vm = (await cloudstack.ok("deployVirtualMachine", **DEPLOY, networkids=ISOLATED))["virtualmachine"]
+    vm = await cloudstack.new_vm()
     updated = await cloudstack.api(
         "updateVirtualMachine", id=vm["id"], displayname="Web One", haenable="true"
     )
