@@ -102,7 +102,7 @@ async def test_a_volume_being_snapshotted_cannot_be_deleted(cloudstack: CloudSta
     volume = await cloudstack.new_volume()
     await cloudstack.ok("attachVolume", id=volume["id"], virtualmachineid=OMA_VM)
     await cloudstack.ok("detachVolume", id=volume["id"])
-    assert (await cloudstack.fault(command="createSnapshot", mode="delay", seconds=1.0)).status_code == 201
+    assert (await cloudstack.fault(command="createSnapshot", mode="delay", seconds=2.0)).status_code == 201
     pending = await cloudstack.api("createSnapshot", volumeid=volume["id"])
     refused = await cloudstack.call("deleteVolume", id=volume["id"])
     assert refused.status_code == 431

@@ -26,7 +26,7 @@ from .cloudstack_fixtures import (
 
 
 async def test_async_job_lifecycle(tmp_path: Path, nursery: trio.Nursery) -> None:
-    lab = await start_lab(nursery, tmp_path / "cs", job_delay=0.5)
+    lab = await start_lab(nursery, tmp_path / "cs", job_delay=2.0)  # long enough to look
     accepted = await lab.api("createVolume", name="slow", zoneid=ZONE1, diskofferingid=SMALL)
     assert set(accepted) == {"id", "jobid"}  # a create command answers the new object's id too
     pending = await lab.api("queryAsyncJobResult", jobid=accepted["jobid"])
