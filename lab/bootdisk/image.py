@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyapp.lab.disks import DiskBuildError, DiskLayout, MiB, Partition, PlacedPartition, build_disk
+from pyapp.lab.disks import DiskBuildError, DiskLayout, MiB, Partition, PlacedPartition, _run, build_disk
 from pyapp.lab.fsdisk import rewrite_partition
 from pyapp.lab.guest import GuestDisk, pwrite_all
 
@@ -90,14 +89,6 @@ def syslinux_cfg(kernel_args: str = KERNEL_ARGS) -> str:
         "  INITRD /initrd.gz\n"
         f"  APPEND {kernel_args}\n"
     )
-
-
-def _run(*args: str) -> None:
-    proc = subprocess.run(args, capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise DiskBuildError(
-            f"{' '.join(args)}: exit {proc.returncode}: {proc.stderr.decode(errors='replace')}"
-        )
 
 
 def _kernel(version: str | None) -> str:
