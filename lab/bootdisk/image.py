@@ -8,10 +8,10 @@ Layout (an MBR disk, partitions 1 MiB aligned by ``sfdisk``)::
                   ``syslinux.cfg``, the Debian kernel ``vmlinuz`` and the guest's ``initrd.gz``
     partition 2   FAT, label LABDATA: the data file the guest reads and digests at boot
 
-Both file systems are made by :func:`pyapp.lab.disks.build_disk` (``mkfs.fat`` + ``mcopy`` in a
+Both file systems are made by :func:`lab.disks.build_disk` (``mkfs.fat`` + ``mcopy`` in a
 scratch file, copied into place), so the data partition can later be rebuilt and only the blocks
-that differ written back, journalled when a :class:`~pyapp.lab.guest.GuestDisk` is given
-(:func:`rewrite_data`, through :func:`pyapp.lab.fsdisk.rewrite_partition`). The boot partition's
+that differ written back, journalled when a :class:`~lab.guest.GuestDisk` is given
+(:func:`rewrite_data`, through :func:`lab.guest.rewrite_partition`). The boot partition's
 FAT then gets its "hidden sectors" field (the partition's first sector, BPB offset 0x1C, which
 ``mkfs.fat`` leaves 0 in a scratch file) and ``syslinux --install --offset`` installs the boot
 loader into the image at the partition's offset.
@@ -28,9 +28,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyapp.lab.disks import DiskBuildError, DiskLayout, MiB, Partition, PlacedPartition, _run, build_disk
-from pyapp.lab.fsdisk import rewrite_partition
-from pyapp.lab.guest import GuestDisk, pwrite_all
+from lab.disks import DiskLayout, PlacedPartition, build_disk
+from lab.filesystems import DiskBuildError, MiB, Partition, run_tool
+from lab.guest import GuestDisk, pwrite_all, rewrite_partition
 
 from .initramfs import build_initramfs, kernel_versions
 from .marker import check_vm_name
@@ -140,14 +140,14 @@ def build_boot_disk(
         f.seek(0)
         f.write(sector0)
     pwrite_all(path, boot.start + BPB_HIDDEN_SECTORS, struct.pack("<I", boot.start // SECTOR))
-    _run("syslinux", "--install", "--offset", str(boot.start), str(path))
+    run_tool("syslinux", "--install", "--offset", str(boot.start), str(path))
     return BootDiskInfo(layout, vm_name, kernel, hashlib.sha256(data).hexdigest(), len(data))
 
 
 def rewrite_data(image_or_guest: Path | GuestDisk, info: BootDiskInfo, data: bytes) -> list[tuple[int, int]]:
     """Replace the data file with ``data`` as the guest would, in the image (no mount): the data
     partition is rebuilt and only the 64 KiB blocks that differ are written, through
-    ``image_or_guest`` (a :class:`~pyapp.lab.guest.GuestDisk` journals them for change tracking).
+    ``image_or_guest`` (a :class:`~lab.guest.GuestDisk` journals them for change tracking).
     Returns the written ``(offset, length)`` areas of the disk. The next boot prints ``data``'s
     digest."""
     if len(data) > info.data.size - MiB:
@@ -160,7 +160,7 @@ def read_data(info: BootDiskInfo, image: Path | None = None) -> bytes:
     source = image if image is not None else info.path
     with tempfile.TemporaryDirectory(prefix="lab-bootdisk-") as tmp:
         out = Path(tmp) / DATA_FILE
-        _run("mcopy", "-n", "-i", f"{source}@@{info.data.start}", f"::{DATA_FILE}", str(out))
+        run_tool("mcopy", "-n", "-i", f"{source}@@{info.data.start}", f"::{DATA_FILE}", str(out))
         return out.read_bytes()
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyapp.lab.disks import FIXED_TIME
+from lab.filesystems import FIXED_TIME
 
 from .marker import ERROR_MARKER, MARKER, check_vm_name
 

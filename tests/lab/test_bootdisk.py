@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from lab import DiskBuildError
 from lab.bootdisk import (
     BootDiskInfo,
     BootMarker,
@@ -37,7 +38,6 @@ from lab.bootdisk import (
 from lab.bootdisk import image as image_mod
 from lab.bootdisk import qemu as qemu_mod
 from lab.bootdisk.initramfs import GUEST_MODULES, kernel_versions, module_load_order
-from pyapp.lab import DiskBuildError
 
 MiB = 1024 * 1024
 DATA = b"replicated bytes of vm1\n" * 4096
