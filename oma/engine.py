@@ -30,7 +30,7 @@ several OMA processes on one database never drive the same job) and, per job:
    the last complete one and repairs whatever the failed pass left half-written.
 
 Every status change is one transaction with the row locked (``FOR UPDATE``, after its VM
-context: :func:`oma.api.replications.lock_job`); a terminal state releases the job's disks in the
+context: :func:`oma.replication.jobs.lock_job`); a terminal state releases the job's disks in the
 same transaction. A job that ends other than ``completed`` marks the volume generations it made
 and did not complete ``failed`` (with the reason; the file stays where the row says).
 
@@ -54,8 +54,8 @@ from typing import Any, Protocol
 
 import trio
 
-from oma.api.replications import TERMINAL, lock_job, on_status_change
 from oma.config import OmaConfig
+from oma.replication.jobs import TERMINAL, lock_job, on_status_change
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
 from oma.workers import ClaimWorker, claimant_gone
 from pyapp.api import ApiError
