@@ -12,7 +12,7 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
    event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
 6. when embedded, a watchdog restarting PostgreSQL if it dies (every database call retries a lost
    connection with backoff meanwhile, ``OMA_DB_RETRY_DEADLINE``);
-7. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
+7. the replication engine (``oma.replication.engine``, unless ``run_replications`` is off) and the backup
    services (unless ``run_backups`` is off: the backup engine ``oma.backups.engine``, the copy
    worker, retention), other background tasks: stopped first at shutdown, and waited for
    (bounded) so that they end their jobs, release the VMA's exports and remove unfinished files
@@ -55,7 +55,7 @@ from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
-from oma.engine import FINISH_TIMEOUT, ReplicationEngine
+from oma.replication.engine import FINISH_TIMEOUT, ReplicationEngine
 from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
 from oma.store import MIGRATIONS_DIR

@@ -17,7 +17,7 @@ from pyapp.logs import RecentRecords
 
 if TYPE_CHECKING:
     from oma.backups.engine import BackupEngine
-    from oma.engine import ReplicationEngine
+    from oma.replication.engine import ReplicationEngine
 
 STATE_KEY = "oma"
 

@@ -14,7 +14,7 @@ from test_oma_credentials import cred_body
 from test_oma_replications import job_body
 from vma_double import VmaDouble
 
-from oma.engine import (
+from oma.replication.engine import (
     JobError,
     ReplicationEngine,
     finish_job,
