@@ -55,11 +55,12 @@ from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
-from oma.replication.engine import FINISH_TIMEOUT, ReplicationEngine
+from oma.replication.engine import ReplicationEngine
 from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
 from oma.store import MIGRATIONS_DIR
 from oma.vma_client import VmaClient
+from oma.workers import FINISH_TIMEOUT
 from pyapp.api import fast_json_views, install_error_handlers
 from pyapp.db import (
     Database,

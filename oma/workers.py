@@ -40,6 +40,10 @@ from pyapp.process import ProcessRef
 
 log = logging.getLogger(__name__)
 
+#: How long the end of one driven row (stopping the VMA's copy or export, closing exports) may
+#: hold a shutdown; each step of that end bounds itself by it.
+FINISH_TIMEOUT = 8.0
+
 
 def new_worker_id() -> str:
     """``host:pid@start:random``: who claimed a row, and whether that very process is still alive

@@ -55,9 +55,9 @@ from oma.backups.chains import disk_lock, lock_stored_point
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
-from oma.replication.engine import FINISH_TIMEOUT, ResolveLogin
+from oma.vcenter_login import ResolveLogin
 from oma.vma_client import ExportedDisk, VmaClient, VmaError, VmaJobNotFound, exports_of
-from oma.workers import ClaimWorker, claimant_gone
+from oma.workers import FINISH_TIMEOUT, ClaimWorker, claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Database

@@ -46,18 +46,18 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import trio
 
 from oma.config import OmaConfig
 from oma.replication.jobs import TERMINAL, lock_job, on_status_change
+from oma.vcenter_login import ResolveLogin
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
-from oma.workers import ClaimWorker, claimant_gone
+from oma.workers import FINISH_TIMEOUT, ClaimWorker, claimant_gone
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
@@ -65,29 +65,11 @@ from pyapp.nbd_export import ExportError, NbdExport, free_tcp_port, reap_orphane
 
 log = logging.getLogger(__name__)
 
-#: How long the end of a job (stopping the VMA's copy, closing exports) may hold a shutdown.
-FINISH_TIMEOUT = 8.0
 #: How long the VMA's own final report may lag behind its ``/status`` before the engine ends the job.
 REPORT_GRACE = 5.0
 EXPORT_ATTEMPTS = 3
 #: The node id file in the volumes directory (see :func:`node_id`).
 NODE_ID_FILE = ".oma-node-id"
-
-
-class Login(Protocol):
-    @property
-    def vcenter(self) -> str: ...
-    @property
-    def username(self) -> str: ...
-    @property
-    def password(self) -> str: ...
-    @property
-    def tls_mode(self) -> str: ...
-    @property
-    def tls_thumbprint(self) -> str: ...
-
-
-ResolveLogin = Callable[[int | None], Awaitable[Login]]
 
 
 class JobError(Exception):
