@@ -4,14 +4,11 @@ One engine runs in each OMA process (a background task of the app, stopped befor
 and the VMA client close). It claims pending jobs with ``SELECT … FOR UPDATE SKIP LOCKED`` (so
 several OMA processes on one database never drive the same job) and, per job:
 
-1. allocates each disk's target volume, one persistent sparse raw file per VM disk, keyed by the
-   VM's identity (vCenter, managed object id, disk id; :func:`volume_path`), recorded in
-   ``replica_volumes`` (state ``creating``) *before* its file is made. A disk whose job carries a
-   base (``base_change_id``) writes into the volume that received that base — if it is still that
-   volume generation, on this node; when its file is gone (or larger than the disk) the job fails
-   and says to run an initial replication. Any other disk (an ``initial`` job, a base of no
-   volume, a volume of another generation or a failed one) gets a new volume generation (a new
-   zeroed file) and a full pass: a base is never applied to a volume that did not receive it;
+1. allocates each disk's target volume (:func:`oma.replication.volumes.allocate_volumes`): the
+   volume that received the job's base (``base_change_id``) while it is still that generation on
+   this node, else a new volume generation and a full pass, recorded in ``replica_volumes``
+   *before* its file is made; a base's volume whose file is gone fails the job, which then says
+   to run an initial replication;
 2. serves each volume with ``qemu-nbd --shared=8`` on a free loopback port (the tunnel forwards
    it to the VMA) and records volume and export on the job's disks;
 3. tells the VMA: ``PUT /api/v1/config`` (the seed's dynamic allocation, for a single-disk job)
@@ -34,61 +31,44 @@ context: :func:`oma.replication.jobs.lock_job`); a terminal state releases the j
 same transaction. A job that ends other than ``completed`` marks the volume generations it made
 and did not complete ``failed`` (with the reason; the file stays where the row says).
 
-A volume lives on one node (``node_id``: the id stored in the volumes directory, so every OMA
-process that sees the same volumes directory is the same node); the engine claims only jobs whose
-disks' volumes are on its node or do not exist yet.
+A volume lives on one node (:func:`oma.replication.volumes.node_id`); the engine claims only jobs
+whose disks' volumes are on its node or do not exist yet.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from oma.config import OmaConfig
-from oma.replication.jobs import TERMINAL, lock_job, on_status_change
+from oma.replication.jobs import TERMINAL, JobError, lock_job, on_status_change
+from oma.replication.volumes import (
+    DiskTarget,
+    Writer,
+    allocate_volumes,
+    mark_unfinished,
+    node_id,
+    prepare_volume,
+    safe_name,
+    start_export,
+)
 from oma.vcenter_login import ResolveLogin
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
 from oma.workers import FINISH_TIMEOUT, ClaimWorker, claimant_gone
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
-from pyapp.nbd_export import ExportError, NbdExport, free_tcp_port, reap_orphaned_exports
+from pyapp.nbd_export import reap_orphaned_exports
 
 log = logging.getLogger(__name__)
 
 #: How long the VMA's own final report may lag behind its ``/status`` before the engine ends the job.
 REPORT_GRACE = 5.0
-EXPORT_ATTEMPTS = 3
-#: The node id file in the volumes directory (see :func:`node_id`).
-NODE_ID_FILE = ".oma-node-id"
-
-
-class JobError(Exception):
-    """A step of the job failed; the message is what the operator reads in ``error_message``."""
-
-
-@dataclass
-class DiskTarget:
-    disk_id: str
-    capacity: int
-    volume: Path
-    volume_id: str = ""
-    generation: int = 0
-    #: A new volume generation (a new zeroed file, a full pass); else the volume of the base.
-    fresh: bool = False
-    #: The change ID the pass builds on; None: a full pass.
-    base: str | None = None
-    export: NbdExport | None = None
-    uri: str = ""
 
 
 @dataclass
@@ -97,98 +77,6 @@ class RunningJob:
     vm_path: str
     targets: list[DiskTarget] = field(default_factory=list)
     started_on_vma: bool = False
-
-
-def safe_name(name: str) -> str:
-    """A file name for a VM or disk name: anything but ``[A-Za-z0-9._-]`` becomes ``_``."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
-    return cleaned or "_"
-
-
-def volume_path(config: OmaConfig, vcenter: str, vm_id: str, disk_id: str, volume_id: str) -> Path:
-    """``<volumes>/<vcenter>/<vm id>/<disk>-<volume id>.raw``: from the VM's identity, never its
-    name; the volume id makes it unique whatever :func:`safe_name` folds together."""
-    return (
-        config.volumes_dir
-        / safe_name(vcenter or "vcenter")
-        / safe_name(vm_id)
-        / f"{safe_name(disk_id)}-{volume_id}.raw"
-    )
-
-
-def node_id(volumes_dir: Path) -> str:
-    """This node's id: the one stored in ``volumes_dir`` (made once, atomically). Every OMA
-    process that sees the same volumes directory is the same node. Blocking: run it in a thread."""
-    volumes_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    path = volumes_dir / NODE_ID_FILE
-    if not path.exists():
-        tmp = path.with_name(f"{NODE_ID_FILE}.{os.getpid()}.{uuid.uuid4().hex}")
-        tmp.write_text(f"node-{uuid.uuid4().hex}\n")
-        try:
-            os.link(tmp, path)  # fails if another process made it first: then keep theirs
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
-    value = path.read_text().strip()
-    if not value:
-        raise JobError(f"{path} is empty: remove it so that the OMA makes a new node id")
-    return value
-
-
-def volume_usable(path: Path, capacity: int) -> str | None:
-    """Why the existing volume file at ``path`` cannot take an incremental pass of a disk of
-    ``capacity`` bytes (None: it can). Blocking: run it in a thread."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return f"volume file {path} is missing"
-    if size > capacity:
-        return f"volume file {path} ({size} bytes) is larger than the disk ({capacity} bytes)"
-    return None
-
-
-def prepare_volume(path: Path, capacity: int, *, fresh: bool) -> None:
-    """A zeroed sparse volume of ``capacity`` bytes (``fresh``), else the existing one, grown to
-    ``capacity`` if the disk grew. Blocking: run it in a thread."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    if fresh:
-        tmp = path.with_name(f"{path.name}.new")
-        with tmp.open("wb") as f:
-            f.truncate(capacity)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise JobError(f"target volume {path} is missing") from None
-    if size > capacity:
-        raise JobError(f"target volume {path} ({size} bytes) is larger than the disk ({capacity} bytes)")
-    if size < capacity:
-        with path.open("r+b") as f:
-            f.truncate(capacity)
-            os.fsync(f.fileno())
-
-
-def start_export(target: DiskTarget, export_name: str, record_dir: Path | None = None) -> NbdExport:
-    """``qemu-nbd`` on a free loopback port; another port if the one picked was taken meanwhile.
-    ``record_dir``: where the export is recorded before it starts (see :mod:`pyapp.nbd_export`)."""
-    error: ExportError | None = None
-    for _ in range(EXPORT_ATTEMPTS):
-        export = NbdExport(
-            target.volume, name=export_name, port=free_tcp_port(), shared=8, record_dir=record_dir
-        )
-        try:
-            return export.start()
-        except ExportError as e:
-            error = e
-    raise JobError(f"cannot export {target.volume}: {error}")
 
 
 class ReplicationEngine(ClaimWorker):
@@ -329,8 +217,11 @@ class ReplicationEngine(ClaimWorker):
             "SELECT credential_id FROM vm_contexts WHERE context_id = $1", row["vm_context_id"]
         )
         login = await self.resolve_login(credential_id)
-        if not await self._allocate(job, row, [dict(d) for d in disks]):
+        writer = Writer(job.job_id, row["vm_name"], job.vm_path, await self.node_id())
+        targets = await allocate_volumes(self.db, self.config, writer, [dict(d) for d in disks])
+        if targets is None:
             return  # cancelled while pending
+        job.targets.extend(targets)
         for target in job.targets:
             await trio.to_thread.run_sync(
                 partial(prepare_volume, target.volume, target.capacity, fresh=target.fresh)
@@ -383,149 +274,6 @@ class ReplicationEngine(ClaimWorker):
                 "bases": {t.disk_id: t.base for t in job.targets},
             },
         )
-
-    async def _allocate(self, job: RunningJob, row: dict[str, Any], disks: list[dict[str, Any]]) -> bool:
-        """Decide and record each disk's volume (one transaction, before any file is touched);
-        fills ``job.targets``. False when the job ended meanwhile."""
-        node = await self.node_id()
-        current = {
-            r["disk_id"]: dict(r)
-            for r in await self.db.fetch(
-                "SELECT id, disk_id, path FROM replica_volumes WHERE vcenter_host = $1 AND vm_id = $2"
-                " AND disk_id = ANY($3::text[])",
-                disks[0]["vcenter_host"] if disks else "",
-                disks[0]["vm_id"] if disks else "",
-                [d["disk_id"] for d in disks],
-            )
-        }
-        # Whether each existing file can take an incremental pass, looked at before the transaction.
-        unusable = {
-            d["disk_id"]: await trio.to_thread.run_sync(
-                volume_usable, Path(current[d["disk_id"]]["path"]), d["capacity_bytes"]
-            )
-            for d in disks
-            if d["disk_id"] in current
-        }
-        superseded: list[Path] = []
-        targets: list[DiskTarget] = []  # the job's only once the transaction committed
-        with trio.CancelScope(shield=True):  # a transaction cut in the middle would keep rows locked
-            async with self.db.transaction() as conn:
-                state = (await lock_job(conn, job.job_id))["status"]
-                if state in TERMINAL:
-                    return False
-                for d in disks:
-                    target, old_path = await self._volume_for(conn, job, row, d, node, unusable)
-                    targets.append(target)
-                    if old_path is not None:
-                        superseded.append(old_path)
-                    await conn.execute(
-                        "UPDATE replication_job_disks SET volume_id = $3, volume_generation = $4,"
-                        " base_change_id = $5, volume_path = $6 WHERE job_id = $1 AND disk_id = $2",
-                        job.job_id,
-                        target.disk_id,
-                        target.volume_id,
-                        target.generation,
-                        target.base,
-                        str(target.volume),
-                    )
-        job.targets.extend(targets)
-        for old in superseded:  # a pre-006 file that no volume row names any more
-            await trio.to_thread.run_sync(partial(old.unlink, missing_ok=True))
-        return True
-
-    async def _volume_for(
-        self,
-        conn: Any,
-        job: RunningJob,
-        row: dict[str, Any],
-        disk: dict[str, Any],
-        node: str,
-        unusable: dict[str, str | None],
-    ) -> tuple[DiskTarget, Path | None]:
-        """The volume of one disk: the base's volume when it is still usable, else a new volume
-        generation (recorded ``creating``). Returns the target and a superseded file to remove."""
-        disk_id, capacity, base = disk["disk_id"], disk["capacity_bytes"], disk["base_change_id"]
-        vol = await conn.fetchrow(
-            "SELECT id, path, generation, state, node_id FROM replica_volumes"
-            " WHERE vcenter_host = $1 AND vm_id = $2 AND disk_id = $3 FOR UPDATE",
-            disk["vcenter_host"],
-            disk["vm_id"],
-            disk_id,
-        )
-        if vol is not None and vol["node_id"] is not None and vol["node_id"] != node:
-            raise JobError(
-                f"the volume of {disk_id} ({vol['path']}) is on OMA node {vol['node_id']}, not on this one"
-                f" ({node}): the job must run there"
-            )
-        display = (row["vm_name"], job.vm_path, capacity, job.job_id, node)
-        why_new: str | None = None
-        if base is None:
-            why_new = "a full pass (initial replication, or no complete earlier pass)"
-        elif vol is None:
-            why_new = "the volume of the base is gone"
-        elif vol["id"] != disk["volume_id"] or vol["generation"] != disk["volume_generation"]:
-            why_new = "the volume was made anew since the job was created"
-        elif vol["state"] != "ready":
-            why_new = f"the volume is {vol['state']}"
-        elif unusable.get(disk_id):
-            # A volume that vanished (or no longer fits) is an incident for an operator to look at
-            # (a volumes directory not mounted, a file removed), not something to paper over with
-            # a silent full copy: the job fails and says what to do.
-            raise JobError(
-                f"{unusable[disk_id]}: an incremental pass needs the volume that holds its base"
-                f' ({base}); run an initial replication (replication_type "initial") to make a new'
-                " volume with a full pass"
-            )
-        if why_new is None:
-            assert vol is not None
-            await conn.execute(
-                "UPDATE replica_volumes SET vm_name = $2, vm_path = $3, size_bytes ="
-                " greatest(size_bytes, $4),"
-                " job_id = $5, node_id = $6, updated_at = now() WHERE id = $1",
-                vol["id"],
-                *display,
-            )
-            target = DiskTarget(
-                disk_id, capacity, Path(vol["path"]), vol["id"], vol["generation"], False, base
-            )
-            return target, None
-        if base is not None:
-            log.warning(
-                "%s: full pass into a new volume generation instead of an incremental pass: %s",
-                disk_id,
-                why_new,
-            )
-        if vol is None:
-            volume_id = f"vol-{uuid.uuid4().hex}"
-            path = volume_path(self.config, disk["vcenter_host"], disk["vm_id"], disk_id, volume_id)
-            await conn.execute(
-                "INSERT INTO replica_volumes (id, vcenter_host, vm_id, disk_id, vm_name, vm_path, size_bytes,"
-                " job_id, node_id, path, generation, state)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 1, 'creating')",
-                volume_id,
-                disk["vcenter_host"],
-                disk["vm_id"],
-                disk_id,
-                *display,
-                str(path),
-            )
-            return DiskTarget(disk_id, capacity, path, volume_id, 1, True, None), None
-        path = volume_path(self.config, disk["vcenter_host"], disk["vm_id"], disk_id, vol["id"])
-        generation = await conn.fetchval(
-            "UPDATE replica_volumes SET vm_name = $2, vm_path = $3, size_bytes = $4, job_id"
-            " = $5, node_id = $6,"
-            " path = $7, generation = generation + 1, state = 'creating', error_message = NULL,"
-            " updated_at = now() WHERE id = $1 RETURNING generation",
-            vol["id"],
-            *display,
-            str(path),
-        )
-        old: Path | None = None
-        if vol["path"] != str(path) and not await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM replica_volumes WHERE path = $1)", vol["path"]
-        ):
-            old = Path(vol["path"])
-        return DiskTarget(disk_id, capacity, path, vol["id"], generation, True, None), old
 
     async def _status(self, job_id: str) -> str | None:
         status: str | None = await self.db.fetchval(
@@ -607,31 +355,15 @@ class ReplicationEngine(ClaimWorker):
                 log.exception("recording the end of the job failed")
 
     async def _mark_unfinished_volumes(self, job: RunningJob, error: str | None) -> None:
-        """The volume generations this job made and did not complete (no change ID stored: still
-        ``creating``) are marked ``failed`` with the reason; their files stay where the rows say,
-        and the next pass makes a new generation."""
-        fresh = [t for t in job.targets if t.fresh]
-        if not fresh:
+        """The volume generations this job made and did not complete are marked ``failed``, with
+        the reason (:func:`~oma.replication.volumes.mark_unfinished`)."""
+        if not any(t.fresh for t in job.targets):
             return
         status = await self._status(job.job_id)
         reason = (
             error or f"the replication job {job.job_id} ended {status or 'deleted'} before its pass completed"
         )
-        with trio.CancelScope(shield=True):
-            marked = await self.db.fetch(
-                "UPDATE replica_volumes v SET state = 'failed', error_message = $3, updated_at ="
-                " now()"
-                " FROM unnest($1::text[], $2::int[]) AS u(id, generation)"
-                " WHERE v.id = u.id AND v.generation = u.generation AND v.state = 'creating'"
-                " RETURNING v.path",
-                [t.volume_id for t in fresh],
-                [t.generation for t in fresh],
-                f"job {job.job_id}: {reason}"[:4000],
-            )
-        if marked:
-            log.warning(
-                "volumes left incomplete, marked failed", extra={"volumes": [r["path"] for r in marked]}
-            )
+        await mark_unfinished(self.db, job.job_id, job.targets, reason)
 
     async def _stop_on_vma(self, job_id: str) -> None:
         try:

@@ -35,6 +35,10 @@ JOB_COLUMNS = (
 )
 
 
+class JobError(Exception):
+    """A step of the job failed; the message is what the operator reads in ``error_message``."""
+
+
 async def load_job(conn: Any, job_id: str, *, for_update: bool = False) -> dict[str, Any]:
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(f"SELECT {JOB_COLUMNS} FROM replication_jobs WHERE id = $1{lock}", job_id)

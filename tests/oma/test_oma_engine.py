@@ -14,15 +14,9 @@ from test_oma_credentials import cred_body
 from test_oma_replications import job_body
 from vma_double import VmaDouble
 
-from oma.replication.engine import (
-    JobError,
-    ReplicationEngine,
-    finish_job,
-    node_id,
-    prepare_volume,
-    safe_name,
-    volume_path,
-)
+from oma.replication.engine import ReplicationEngine, finish_job
+from oma.replication.jobs import JobError
+from oma.replication.volumes import node_id, prepare_volume, safe_name, volume_path
 from oma.state import STATE_KEY, OmaState
 
 
