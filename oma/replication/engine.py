@@ -46,7 +46,8 @@ from typing import Any
 import trio
 
 from oma.config import OmaConfig
-from oma.replication.jobs import TERMINAL, JobError, lock_job, on_status_change
+from oma.replication.events import JobChange, JobEvents
+from oma.replication.jobs import TERMINAL, JobError, finish_job
 from oma.replication.volumes import (
     DiskTarget,
     Writer,
@@ -85,7 +86,14 @@ class ReplicationEngine(ClaimWorker):
     lease_table = "replication_jobs"
     active_statuses = ("pending", "replicating")
 
-    def __init__(self, config: OmaConfig, db: Database, vma: VmaClient, resolve_login: ResolveLogin) -> None:
+    def __init__(
+        self,
+        config: OmaConfig,
+        db: Database,
+        vma: VmaClient,
+        resolve_login: ResolveLogin,
+        events: JobEvents,
+    ) -> None:
         super().__init__(
             max_active=config.max_active_jobs,
             poll_interval=config.engine_poll_interval,
@@ -96,6 +104,8 @@ class ReplicationEngine(ClaimWorker):
         self.db = db
         self.vma = vma
         self.resolve_login = resolve_login
+        #: Where the jobs this engine ends are published.
+        self.events = events
         #: Jobs this process drives now, by id (their volumes and exports).
         self.jobs: dict[str, RunningJob] = {}
         self._node_id: str | None = None
@@ -105,6 +115,12 @@ class ReplicationEngine(ClaimWorker):
         if self._node_id is None:
             self._node_id = await trio.to_thread.run_sync(node_id, self.config.volumes_dir)
         return self._node_id
+
+    def job_changed(self, change: JobChange) -> None:
+        """A listener of the app's :class:`~oma.replication.events.JobEvents`: a job created by
+        this process is claimed at once instead of at the next poll."""
+        if change.old is None:
+            self.wake()
 
     @property
     def engine_id(self) -> str:
@@ -143,7 +159,7 @@ class ReplicationEngine(ClaimWorker):
             await trio.to_thread.run_sync(reap_orphaned_exports, self.config.export_records_dir)
         reason = "its process is gone" if gone else "its lease expired"
         error = f"the OMA worker driving the job ({row['previous']}) stopped: {reason}"
-        if await finish_job(self.db, row["id"], "failed", error):
+        if await finish_job(self.db, self.events, row["id"], "failed", error):
             log.warning("job of a stopped OMA worker failed", extra={"claimed_by": row["previous"]})
 
     async def claim(self, limit: int) -> list[Any]:
@@ -314,7 +330,7 @@ class ReplicationEngine(ClaimWorker):
                         if now - vma_ended_at > REPORT_GRACE:
                             # The VMA ended but its own report did not arrive: end the job from its answer.
                             if answer["status"] == "completed":
-                                await finish_job(self.db, job.job_id, "completed", None)
+                                await finish_job(self.db, self.events, job.job_id, "completed", None)
                                 return "completed"
                             raise JobError(f"the VMA reports: {answer.get('error') or 'failed'}")
             await trio.sleep(interval)
@@ -348,7 +364,7 @@ class ReplicationEngine(ClaimWorker):
             try:
                 if job.started_on_vma:
                     await self._store_figures(job.job_id)
-                if error is not None and await finish_job(self.db, job.job_id, "failed", error):
+                if error is not None and await finish_job(self.db, self.events, job.job_id, "failed", error):
                     log.error("replication job failed: %s", error)
                 await self._mark_unfinished_volumes(job, error)
             except Exception:
@@ -392,34 +408,3 @@ class ReplicationEngine(ClaimWorker):
                 rows,
             )
 
-
-async def finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
-    """End ``job_id`` as ``status`` unless it has ended already; True if this call ended it.
-    Shielded: a transaction cut in the middle would keep the job row locked."""
-    with trio.CancelScope(shield=True):
-        ended = await _finish_job(db, job_id, status, error)
-    return ended
-
-
-async def _finish_job(db: Database, job_id: str, status: str, error: str | None) -> bool:
-    async with db.transaction() as conn:
-        try:
-            job = await lock_job(conn, job_id)
-        except ApiError:
-            return False  # deleted meanwhile
-        if job["status"] in TERMINAL:
-            return False
-        operation = "Replication completed" if status == "completed" else "Replication failed"
-        await conn.execute(
-            "UPDATE replication_jobs SET status = $2, error_message = COALESCE($3, error_message),"
-            " current_operation = $4,"
-            " progress_percent = CASE WHEN $2 = 'completed' THEN 100 ELSE progress_percent END,"
-            " completed_at = now(), updated_at = now()"
-            " WHERE id = $1",
-            job_id,
-            status,
-            None if error is None else error[:4000],
-            operation,
-        )
-        await on_status_change(conn, job, status)
-    return True
