@@ -60,7 +60,7 @@ from oma.replication.volumes import (
 )
 from oma.vcenter_login import ResolveLogin
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
-from oma.workers import FINISH_TIMEOUT, ClaimWorker, claimant_gone
+from oma.workers import FINISH_TIMEOUT, VmaJobEngine, claimant_gone
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
@@ -80,7 +80,7 @@ class RunningJob:
     started_on_vma: bool = False
 
 
-class ReplicationEngine(ClaimWorker):
+class ReplicationEngine(VmaJobEngine):
     kind = "replication engine"
     action = "replication_engine"
     lease_table = "replication_jobs"
@@ -94,16 +94,7 @@ class ReplicationEngine(ClaimWorker):
         resolve_login: ResolveLogin,
         events: JobEvents,
     ) -> None:
-        super().__init__(
-            max_active=config.max_active_jobs,
-            poll_interval=config.engine_poll_interval,
-            db=db,
-            lease_ttl=config.job_lease_ttl,
-        )
-        self.config = config
-        self.db = db
-        self.vma = vma
-        self.resolve_login = resolve_login
+        super().__init__(config, db, vma, resolve_login, max_active=config.max_active_jobs)
         #: Where the jobs this engine ends are published.
         self.events = events
         #: Jobs this process drives now, by id (their volumes and exports).
@@ -121,10 +112,6 @@ class ReplicationEngine(ClaimWorker):
         this process is claimed at once instead of at the next poll."""
         if change.old is None:
             self.wake()
-
-    @property
-    def engine_id(self) -> str:
-        return self.worker_id
 
     def active_count(self) -> int:
         return len(self.jobs)
@@ -407,4 +394,3 @@ class ReplicationEngine(ClaimWorker):
                 " WHERE job_id = $1 AND disk_id = $2",
                 rows,
             )
-
