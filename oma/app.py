@@ -12,17 +12,22 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
    event at shutdown (quart-trio also bounds it with ``BACKGROUND_TASK_SHUTDOWN_TIMEOUT``);
 6. when embedded, a watchdog restarting PostgreSQL if it dies (every database call retries a lost
    connection with backoff meanwhile, ``OMA_DB_RETRY_DEADLINE``);
-7. the replication engine (``oma.engine``, unless ``run_replications`` is off) and the backup
-   services (unless ``run_backups`` is off: the backup engine ``oma.backups.engine``, the copy
-   worker, retention), other background tasks: stopped first at shutdown, and waited for
-   (bounded) so that they end their jobs, release the VMA's exports and remove unfinished files
-   while the database and the VMA client are still open.
+7. the replication engine (``oma.replication.engine``, unless ``run_replications`` is off),
+   subscribed to the replication job events (``OmaState.job_events``) so that a job created here
+   is claimed at once, and the backup services (unless ``run_backups`` is off: the backup engine
+   ``oma.backups.engine``, the copy worker, retention), other background tasks: stopped first at
+   shutdown, and waited for (bounded) so that they end their jobs, release the VMA's exports and
+   remove unfinished files while the database and the VMA client are still open.
+
+The app is the service shell: it wires the domains (``oma.replication``, ``oma.backups``,
+``oma.restore``, …) to each other and to the HTTP layer (``oma.api``, one blueprint per area in
+``API_BLUEPRINTS``); the domains never import it, nor ``oma.state`` or ``oma.api``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import httpx
 import trio
@@ -55,11 +60,12 @@ from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.crypto import SecretBox, hash_password, load_or_create_key
-from oma.engine import FINISH_TIMEOUT, ReplicationEngine
+from oma.replication.engine import ReplicationEngine
 from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
 from oma.store import MIGRATIONS_DIR
 from oma.vma_client import VmaClient
+from oma.workers import FINISH_TIMEOUT
 from pyapp.api import fast_json_views, install_error_handlers
 from pyapp.db import (
     Database,
@@ -80,6 +86,24 @@ SWAGGER_PREFIX = f"{API_PREFIX}/swagger/"
 EMBEDDED_DB_NAME = "oma"
 ADMIN_BLUEPRINTS = frozenset({"credentials", "enrollment_admin", "debug"})
 PRUNE_INTERVAL_S = 600.0
+#: The blueprint of every API area (one per area of the seed), all under ``API_PREFIX``.
+API_BLUEPRINTS = (
+    auth.bp,
+    health.bp,
+    vms.bp,
+    replications.bp,
+    vm_contexts.bp,
+    discovery.bp,
+    credentials.bp,
+    debug.bp,
+    restore.bp,
+    repositories.bp,
+    policies.bp,
+    backups.bp,
+    users.bp,
+    enrollment.admin_bp,
+    enrollment.public_bp,
+)
 
 
 async def ensure_first_admin(db: Database, username: str, password: str) -> bool:
@@ -124,14 +148,8 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     st = OmaState(config=config, recent_logs=recent_logs)
     app.extensions[STATE_KEY] = st
 
-    for module in (auth, health, vms, replications, vm_contexts, discovery, credentials, debug, restore):
-        app.register_blueprint(module.bp, url_prefix=API_PREFIX)
-    app.register_blueprint(repositories.bp, url_prefix=API_PREFIX)
-    app.register_blueprint(policies.bp, url_prefix=API_PREFIX)
-    app.register_blueprint(backups.bp, url_prefix=API_PREFIX)
-    app.register_blueprint(users.bp, url_prefix=API_PREFIX)
-    app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
-    app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
+    for blueprint in API_BLUEPRINTS:
+        app.register_blueprint(blueprint, url_prefix=API_PREFIX)
     fast_json_views(app)
 
     @app.before_request
@@ -184,9 +202,11 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         app.add_background_task(watch_embedded, embedded, stop)
                     restore_service = start_restore_service(app, config, db)  # cleanup when run_backups
                     engine: ReplicationEngine | None = None
+                    stop_listening: Callable[[], None] | None = None
                     if config.run_replications:
-                        engine = ReplicationEngine(config, db, st.vma_, resolve_login)
-                        st.engine, st.engine_wakeup = engine, engine.wake
+                        engine = ReplicationEngine(config, db, st.vma_, resolve_login, st.job_events)
+                        st.engine = engine
+                        stop_listening = st.job_events.subscribe(engine.job_changed)
                         app.add_background_task(engine.run)
                     copier: CopyWorker | None = None
                     retention: RetentionService | None = None
@@ -216,7 +236,9 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         await restore_service.shutdown()
                         services = [s for s in (copier, retention) if s is not None]
                         engines = [e for e in (engine, backup_engine) if e is not None]
-                        st.engine_wakeup = st.backup_engine_wakeup = None
+                        if stop_listening is not None:
+                            stop_listening()
+                        st.backup_engine_wakeup = None
                         for service in services:
                             service.stop()  # copies in flight go back to pending, their files removed
                         for e in engines:

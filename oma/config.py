@@ -63,7 +63,7 @@ class OmaConfig:
     db_pool_size: int = 30
     workers: int = 1
     max_body_bytes: int = 1024 * 1024
-    #: The replication engine (oma/engine.py): off for processes that only serve the API.
+    #: The replication engine (oma/replication/engine.py): off for processes that only serve the API.
     run_replications: bool = True
     nbd_host: str = "127.0.0.1"
     max_active_jobs: int = 8

@@ -1,4 +1,7 @@
-"""What the running OMA holds: configuration, database, secret box, VMA client, recent logs."""
+"""What the running OMA holds: configuration, database, secret box, VMA client, recent logs, the
+engines and the replication job events. The service shell (:mod:`oma.app`) fills it; the HTTP
+layer (:mod:`oma.api`) reads it through :func:`state`. Domains never import it: they are handed
+what they need."""
 
 from __future__ import annotations
 
@@ -11,13 +14,14 @@ from quart import current_app
 
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
+from oma.replication.events import JobEvents
 from oma.vma_client import VmaClient
 from pyapp.db import Database
 from pyapp.logs import RecentRecords
 
 if TYPE_CHECKING:
     from oma.backups.engine import BackupEngine
-    from oma.engine import ReplicationEngine
+    from oma.replication.engine import ReplicationEngine
 
 STATE_KEY = "oma"
 
@@ -31,16 +35,12 @@ class OmaState:
     box_: SecretBox | None = None
     vma_: VmaClient | None = None
     migrations_applied: list[int] = field(default_factory=list)
-    #: Set while the replication engine runs: wakes it up to claim a job created here at once.
-    engine_wakeup: Callable[[], None] | None = None
+    #: Where the replication domain publishes job changes (the app subscribes the engine).
+    job_events: JobEvents = field(default_factory=JobEvents)
     engine: ReplicationEngine | None = None
     #: Set while the backup engine runs: wakes it up to claim a backup created here at once.
     backup_engine_wakeup: Callable[[], None] | None = None
     backup_engine: BackupEngine | None = None
-
-    def wake_engine(self) -> None:
-        if self.engine_wakeup is not None:
-            self.engine_wakeup()
 
     def wake_backup_engine(self) -> None:
         if self.backup_engine_wakeup is not None:

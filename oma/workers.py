@@ -1,5 +1,6 @@
 """The life of an OMA background worker that claims rows: the replication engine, the backup
-engine and the copy worker.
+engine and the copy worker (:class:`ClaimWorker`); what the two engines that run their jobs on
+the VMA share (:class:`VmaJobEngine`).
 
 Each one runs as a background task of the app and, until stopped:
 
@@ -34,11 +35,18 @@ from typing import Any, ClassVar
 
 import trio
 
+from oma.config import OmaConfig
+from oma.vcenter_login import ResolveLogin
+from oma.vma_client import VmaClient
 from pyapp.db import Database, Record
 from pyapp.logs import log_context
 from pyapp.process import ProcessRef
 
 log = logging.getLogger(__name__)
+
+#: How long the end of one driven row (stopping the VMA's copy or export, closing exports) may
+#: hold a shutdown; each step of that end bounds itself by it.
+FINISH_TIMEOUT = 8.0
 
 
 def new_worker_id() -> str:
@@ -261,3 +269,27 @@ class ClaimWorker(ABC):
                         log.exception("%s: renewing leases failed", self.kind)
             with trio.move_on_after(self.poll_interval):
                 await self._wake.wait()
+
+
+class VmaJobEngine(ClaimWorker):
+    """A claim worker whose jobs run on the VMA (the replication and the backup engine): its
+    configuration, database, VMA client and the vCenter logins its jobs are sent with; it polls
+    every ``engine_poll_interval`` and its claims last ``job_lease_ttl``."""
+
+    def __init__(
+        self, config: OmaConfig, db: Database, vma: VmaClient, resolve_login: ResolveLogin, *, max_active: int
+    ) -> None:
+        super().__init__(
+            max_active=max_active,
+            poll_interval=config.engine_poll_interval,
+            db=db,
+            lease_ttl=config.job_lease_ttl,
+        )
+        self.config = config
+        self.db = db
+        self.vma = vma
+        self.resolve_login = resolve_login
+
+    @property
+    def engine_id(self) -> str:
+        return self.worker_id

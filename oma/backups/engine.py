@@ -55,9 +55,9 @@ from oma.backups.chains import disk_lock, lock_stored_point
 from oma.backups.repositories import ensure_ready
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
-from oma.engine import FINISH_TIMEOUT, ResolveLogin
+from oma.vcenter_login import ResolveLogin
 from oma.vma_client import ExportedDisk, VmaClient, VmaError, VmaJobNotFound, exports_of
-from oma.workers import ClaimWorker, claimant_gone
+from oma.workers import FINISH_TIMEOUT, VmaJobEngine, claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Database
@@ -212,7 +212,7 @@ async def finish_backup(
     return ended is not None
 
 
-class BackupEngine(ClaimWorker):
+class BackupEngine(VmaJobEngine):
     kind = "backup engine"
     action = "backup_engine"
     lease_table = "backup_jobs"
@@ -228,26 +228,13 @@ class BackupEngine(ClaimWorker):
         *,
         after_backup: AfterBackup | None = None,
     ) -> None:
-        super().__init__(
-            max_active=config.max_active_backups,
-            poll_interval=config.engine_poll_interval,
-            db=db,
-            lease_ttl=config.job_lease_ttl,
-        )
-        self.config = config
-        self.db = db
-        self.vma = vma
+        super().__init__(config, db, vma, resolve_login, max_active=config.max_active_backups)
         self.box = box
-        self.resolve_login = resolve_login
         self.after_backup = after_backup
         #: Backups this process drives now, by id.
         self.backups: dict[str, RunningBackup] = {}
         #: The mover's reconnection window when the export drops.
         self.reconnect_timeout = RECONNECT_TIMEOUT
-
-    @property
-    def engine_id(self) -> str:
-        return self.worker_id
 
     def active_count(self) -> int:
         return len(self.backups)

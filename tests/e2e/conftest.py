@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lab import Lab, LabVM
-from oma.engine import ReplicationEngine
+from oma.replication.engine import ReplicationEngine
 from oma.state import STATE_KEY, OmaState
 from pyapp.db import create_database, with_database
 from pyapp.nbd_export import free_tcp_port

@@ -14,15 +14,10 @@ from test_oma_credentials import cred_body
 from test_oma_replications import job_body
 from vma_double import VmaDouble
 
-from oma.engine import (
-    JobError,
-    ReplicationEngine,
-    finish_job,
-    node_id,
-    prepare_volume,
-    safe_name,
-    volume_path,
-)
+from oma.replication.engine import ReplicationEngine
+from oma.replication.events import JobChange, JobEvents
+from oma.replication.jobs import JobError, finish_job
+from oma.replication.volumes import node_id, prepare_volume, safe_name, volume_path
 from oma.state import STATE_KEY, OmaState
 
 
@@ -37,7 +32,7 @@ async def test_two_engines_on_one_database_never_claim_the_same_job(oma: Oma) ->
     async def no_login(credential_id: int | None) -> None:
         raise AssertionError("not called")
 
-    engines = [ReplicationEngine(oma.config, st.db, st.vma, no_login) for _ in range(2)]  # type: ignore[arg-type]
+    engines = [ReplicationEngine(oma.config, st.db, st.vma, no_login, st.job_events) for _ in range(2)]  # type: ignore[arg-type]
     claimed: list[list[str]] = [[], []]
 
     async def claim(n: int) -> None:
@@ -55,8 +50,8 @@ async def test_two_engines_on_one_database_never_claim_the_same_job(oma: Oma) ->
     }
     assert owners == {engines[0].engine_id, engines[1].engine_id}
     # a finished job stays finished: the engine's end does not override the VMA's report
-    assert await finish_job(st.db, ids[0], "completed", None)
-    assert not await finish_job(st.db, ids[0], "failed", "late")
+    assert await finish_job(st.db, st.job_events, ids[0], "completed", None)
+    assert not await finish_job(st.db, st.job_events, ids[0], "failed", "late")
     assert (await oma.get(f"/replications/{ids[0]}")).json()["status"] == "completed"
 
 
@@ -74,6 +69,41 @@ async def test_engine_fails_a_job_it_cannot_size_and_releases_its_disks(
         assert job["status"] == "failed" and "capacity" in job["error_message"]
         assert not any(d["active"] for d in job["disks"])
         assert not any(path == "/api/v1/replicate" for _, path, _ in vma.requests)
+
+
+def test_job_events_reach_every_listener_until_it_unsubscribes() -> None:
+    events, heard = JobEvents(), []
+
+    def broken(change: JobChange) -> None:
+        raise RuntimeError("a listener that fails")
+
+    stop_broken = events.subscribe(broken)
+    stop = events.subscribe(heard.append)
+    events.publish(JobChange("repl-1", None, "pending"))  # the broken listener does not stop the others
+    stop()
+    stop()  # twice: harmless
+    events.publish(JobChange("repl-1", "pending", "cancelled"))
+    stop_broken()
+    assert heard == [JobChange("repl-1", None, "pending")]
+
+
+async def test_a_job_created_here_wakes_the_engine_and_its_end_is_published(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble
+) -> None:
+    # A poll interval far longer than the test: only the creation's event can make the engine claim.
+    config = make_config(tmp_path, oma_dsn, vma.base_url, run_replications=True, engine_poll_interval=60)
+    async with run_oma(config) as oma:
+        st: OmaState = oma.extra["app"].extensions[STATE_KEY]
+        heard: list[JobChange] = []
+        stop = st.job_events.subscribe(heard.append)
+        body = job_body("woken")
+        body["source_vm"]["disks"] = [{"id": "disk-2000"}]  # no capacity: the engine fails it at once
+        job_id = (await oma.post("/replications", json=body)).json()["id"]
+        with trio.fail_after(10):
+            while (await oma.get(f"/replications/{job_id}")).json()["status"] == "pending":
+                await trio.sleep(0.05)
+        stop()
+        assert heard == [JobChange(job_id, None, "pending"), JobChange(job_id, "pending", "failed")]
 
 
 def test_volumes(tmp_path: Path) -> None:
@@ -231,7 +261,7 @@ async def test_the_engine_claims_only_jobs_whose_volumes_are_on_its_node(oma: Om
     async def no_login(credential_id: int | None) -> None:
         raise AssertionError("not called")
 
-    engine = ReplicationEngine(oma.config, st.db, st.vma, no_login)  # type: ignore[arg-type]
+    engine = ReplicationEngine(oma.config, st.db, st.vma, no_login, st.job_events)  # type: ignore[arg-type]
     node = await engine.node_id()
     for name, volume_node in (("here", node), ("there", "node-elsewhere"), ("legacy", None)):
         await st.db.execute(
