@@ -47,8 +47,8 @@ from oma.api import (
     vm_contexts,
     vms,
 )
+from oma.api.access import authorize_request
 from oma.api.credentials import resolve_login
-from oma.auth import authorize_request
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, enqueue_policy_copies
 from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
 from oma.backups.engine import BackupEngine

@@ -30,8 +30,8 @@ from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import requires
 from oma.api.requests import MAX_NAME, PageQuery, QueryModel, RequestModel, json_response, not_cut_short
-from oma.auth import requires
 from oma.backups.chains import delete_backup
 from oma.backups.engine import ACTIVE, LATEST_POINT
 from oma.backups.layout import manifest_path, point_path, vm_key

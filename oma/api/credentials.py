@@ -26,8 +26,8 @@ from pydantic import AfterValidator, Field, model_validator
 from quart import Blueprint
 from quart_schema import validate_request
 
+from oma.api.access import current_principal, requires
 from oma.api.requests import MAX_NAME, RequestModel
-from oma.auth import current_principal, requires
 from oma.crypto import SecretBoxError
 from oma.state import state
 from oma.store.rows import row_dict

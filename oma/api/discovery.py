@@ -26,11 +26,11 @@ from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import requires
 from oma.api.credentials import resolve_login
 from oma.api.requests import MAX_NAME, PageQuery, RequestModel, SerialId
 from oma.api.vm_contexts import list_ungrouped
 from oma.api.vms import InventoryVCenter, InventoryVM, upsert_vms
-from oma.auth import requires
 from oma.state import state
 from oma.store.rows import new_id
 from oma.vma_client import DiscoveredVM, DiscoverResult, VmaError, VmaUnreachable

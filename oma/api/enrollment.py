@@ -35,8 +35,8 @@ from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import current_principal, public, requires
 from oma.api.requests import MAX_NAME, PageQuery, QueryModel, RequestModel, client_ip
-from oma.auth import current_principal, public, requires
 from oma.crypto import SecretBoxError, hash_password
 from oma.state import state
 from oma.store.pages import page_body

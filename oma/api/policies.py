@@ -17,8 +17,8 @@ from pydantic import Field
 from quart import Blueprint, current_app
 from quart_schema import validate_request
 
+from oma.api.access import requires
 from oma.api.requests import MAX_NAME, RequestModel, not_cut_short
-from oma.auth import requires
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, request_copy
 from oma.backups.retention import RETENTION_KEY, RetentionService, retention_status
 from oma.state import state

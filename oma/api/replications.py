@@ -40,6 +40,7 @@ from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import allow_vma, current_principal, requires
 from oma.api.requests import (
     MAX_NAME,
     MAX_TEXT,
@@ -50,7 +51,6 @@ from oma.api.requests import (
     json_response,
     not_cut_short,
 )
-from oma.auth import allow_vma, current_principal, requires
 from oma.state import state
 from oma.store.pages import json_page
 from oma.store.rows import iso, new_id, row_dict

@@ -26,8 +26,8 @@ from pydantic import BaseModel, Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import requires
 from oma.api.requests import MAX_NAME, RequestModel
-from oma.auth import requires
 from oma.backups import repositories as repos
 from oma.backups.repositories import (
     REPOSITORY_OVERLAP,

@@ -20,8 +20,8 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import current_principal, requires
 from oma.api.requests import MAX_NAME, MAX_TEXT, PageQuery, RequestModel, json_response
-from oma.auth import current_principal, requires
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
 from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
 from oma.restore.service import RestoreService, restore_service

@@ -17,9 +17,9 @@ from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring
 
+from oma.api.access import requires
 from oma.api.replications import JOB_COLUMNS
 from oma.api.requests import MAX_NAME, PageQuery
-from oma.auth import requires
 from oma.state import state
 from oma.store.pages import page_body
 from oma.store.rows import row_dict

@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import allow_vma, requires
 from oma.api.requests import MAX_NAME, MAX_TEXT, PageQuery, RequestModel, json_response
-from oma.auth import allow_vma, requires
 from oma.state import state
 from oma.store.pages import json_page
 from oma.store.rows import row_dict
