@@ -27,11 +27,11 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_credentials import cred_body
 from vma_double import ExportDisk, VmaDouble
 
-from oma.api.backups import resolve_disk_id
 from oma.api.credentials import resolve_login
 from oma.backups.copies import enqueue_policy_copies
 from oma.backups.engine import BackupEngine
 from oma.backups.layout import manifest_path, vm_dir, vm_key
+from oma.backups.vm_disks import resolve_disk_id
 from oma.state import STATE_KEY, OmaState
 from oma.store import MIGRATIONS_DIR
 from pyapp import mover
