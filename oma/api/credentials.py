@@ -94,17 +94,7 @@ async def list_credentials() -> dict[str, Any]:
 @validate_request(CreateCredentialRequest)
 async def create_credential(data: CreateCredentialRequest) -> tuple[dict[str, Any], int]:
     st = state()
-    new = NewCredential(
-        credential_name=data.credential_name,
-        vcenter_host=data.vcenter_host,
-        username=data.username,
-        password=data.password,
-        datacenter=data.datacenter,
-        is_active=data.is_active,
-        is_default=data.is_default,
-        tls_mode=data.tls_mode,
-        tls_thumbprint=data.tls_thumbprint,
-    )
+    new = NewCredential(**data.model_dump())
     return await vmware.create_credential(st.db, st.box, new, current_principal().subject), 201
 
 
@@ -127,16 +117,7 @@ async def update_credential(cred_id: int, data: UpdateCredentialRequest) -> dict
     if not data.model_dump(exclude_unset=True):
         raise ApiError.unprocessable("nothing to update")
     st = state()
-    changes = CredentialChanges(
-        credential_name=data.credential_name,
-        vcenter_host=data.vcenter_host,
-        username=data.username,
-        password=data.password,
-        datacenter=data.datacenter,
-        is_active=data.is_active,
-        tls_mode=data.tls_mode,
-        tls_thumbprint=data.tls_thumbprint,
-    )
+    changes = CredentialChanges(**data.model_dump())
     return await vmware.update_credential(st.db, st.box, cred_id, changes)
 
 

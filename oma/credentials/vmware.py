@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from oma.crypto import SecretBox, SecretBoxError
 from oma.store.rows import row_dict
-from oma.vma_client import VmaClient, VmaError, VmaUnreachable
+from oma.vma_client import DiscoverResult, VmaClient, VmaError, VmaUnreachable
 from pyapp.api import ApiError
 from pyapp.db import Database, Record, UniqueViolation
 from pyapp.logs import log_context
@@ -129,6 +129,19 @@ async def resolve_login(db: Database, box: SecretBox, credential_id: int | None)
         row["datacenter"],
         row["tls_mode"],
         row["tls_thumbprint"],
+    )
+
+
+async def discover_with(vma: VmaClient, login: VCenterLogin, filter: str = "") -> DiscoverResult:
+    """The VMA's discovery of the VMs ``login`` sees in vCenter (``filter``: the VMA's filter)."""
+    return await vma.discover(
+        vcenter=login.vcenter,
+        username=login.username,
+        password=login.password,
+        datacenter=login.datacenter,
+        tls_mode=login.tls_mode,
+        tls_thumbprint=login.tls_thumbprint,
+        filter=filter,
     )
 
 
@@ -288,14 +301,7 @@ async def try_login(db: Database, box: SecretBox, vma: VmaClient, cred_id: int) 
     login = await resolve_login(db, box, cred_id)
     started = time.monotonic()
     try:
-        result = await vma.discover(
-            vcenter=login.vcenter,
-            username=login.username,
-            password=login.password,
-            datacenter=login.datacenter,
-            tls_mode=login.tls_mode,
-            tls_thumbprint=login.tls_thumbprint,
-        )
+        result = await discover_with(vma, login)
     except VmaUnreachable as exc:
         ok, message, vm_count = False, f"could not reach the VMA to test: {exc.message}", None
     except VmaError as exc:

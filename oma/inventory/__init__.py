@@ -7,6 +7,7 @@
 - :mod:`oma.inventory.discovery` — discovery through the VMA, and adding discovered VMs to
   management (as contexts, without creating any job).
 
-It uses :func:`oma.credentials.vmware.resolve_login` for the vCenter login of a discovery. The
+It uses :func:`oma.credentials.vmware.resolve_login` and
+:func:`oma.credentials.vmware.discover_with` for the vCenter login of a discovery. The
 HTTP side is :mod:`oma.api.vms`, :mod:`oma.api.vm_contexts` and :mod:`oma.api.discovery`.
 """

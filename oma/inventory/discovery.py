@@ -11,7 +11,8 @@ A VM is known by its identity (the vCenter and the VM's managed object id), neve
 two VMs of one name are two contexts, and a renamed VM keeps its context (its name follows).
 
 The vCenter login comes from a stored credential (``credential_id``, else the default one:
-:func:`oma.credentials.vmware.resolve_login`).
+:func:`oma.credentials.vmware.resolve_login`), and the VMA discovers with it
+(:func:`oma.credentials.vmware.discover_with`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from oma.credentials.vmware import resolve_login
+from oma.credentials.vmware import discover_with, resolve_login
 from oma.crypto import SecretBox
 from oma.inventory.vms import InventoryVCenter, InventoryVM, store_inventory
 from oma.store.rows import new_id
@@ -39,15 +40,7 @@ async def _discover(
     login = await resolve_login(db, box, credential_id)
     started = time.monotonic()
     try:
-        result = await vma.discover(
-            vcenter=login.vcenter,
-            username=login.username,
-            password=login.password,
-            tls_mode=login.tls_mode,
-            tls_thumbprint=login.tls_thumbprint,
-            datacenter=login.datacenter,
-            filter=filter,
-        )
+        result = await discover_with(vma, login, filter)
     except VmaUnreachable as exc:
         raise ApiError.upstream(exc.message) from exc
     except VmaError as exc:
