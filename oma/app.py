@@ -26,6 +26,7 @@ The app is the service shell: it wires the domains (``oma.replication``, ``oma.b
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import AsyncGenerator, Callable
 
@@ -52,13 +53,13 @@ from oma.api import (
     vm_contexts,
     vms,
 )
-from oma.api.credentials import resolve_login
-from oma.auth import authorize_request
+from oma.api.access import authorize_request
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, enqueue_policy_copies
 from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
 from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
+from oma.credentials import vmware
 from oma.crypto import SecretBox, hash_password, load_or_create_key
 from oma.replication.engine import ReplicationEngine
 from oma.restore.service import start_restore_service
@@ -201,6 +202,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                     if embedded is not None:  # killed or crashed: started again, same socket
                         app.add_background_task(watch_embedded, embedded, stop)
                     restore_service = start_restore_service(app, config, db)  # cleanup when run_backups
+                    resolve_login = functools.partial(vmware.resolve_login, db, st.box)
                     engine: ReplicationEngine | None = None
                     stop_listening: Callable[[], None] | None = None
                     if config.run_replications:

@@ -15,8 +15,8 @@ from pydantic import BaseModel, Field
 from quart import Blueprint, current_app
 from quart_schema import validate_querystring
 
+from oma.api.access import requires
 from oma.api.health import DB_DEADLINE_S, assess
-from oma.auth import requires
 from oma.state import state
 from oma.vma_client import VmaError
 from pyapp.db import PostgresError

@@ -1,43 +1,30 @@
 """Discovery (enhanced): VMs found through the VMA's ``POST /api/v1/discover``, added to
-management as VM contexts without creating any job.
+management as VM contexts without creating any job (:mod:`oma.inventory.discovery`).
 
 - ``discover-vms``: discover, refresh the inventory, optionally add every VM found
   (``create_context``);
-- ``add-vms``: add the named VMs (every VM of a name, or one VM by inventory path; names not
-  found in vCenter are reported, not invented);
+- ``add-vms``: add the named VMs (every VM of a name, or one VM by inventory path);
 - ``bulk-add``: add every VM matching the filter (optionally skipping powered-off ones);
 - ``preview``: discover and tell which VMs are new, persisting nothing;
 - ``ungrouped-vms``: contexts that belong to no machine group.
-
-A VM is known by its identity (the vCenter and the VM's managed object id), never by its name:
-two VMs of one name are two contexts, and a renamed VM keeps its context (its name follows).
 
 The vCenter login comes from a stored credential (``credential_id``, else the default one).
 """
 
 from __future__ import annotations
 
-import logging
-import time
-from collections.abc import Iterable
 from typing import Any
 
 from pydantic import Field
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma.api.credentials import resolve_login
+from oma.api.access import requires
 from oma.api.requests import MAX_NAME, PageQuery, RequestModel, SerialId
-from oma.api.vm_contexts import list_ungrouped
-from oma.api.vms import InventoryVCenter, InventoryVM, upsert_vms
-from oma.auth import requires
+from oma.inventory import discovery
+from oma.inventory.contexts import list_ungrouped
 from oma.state import state
-from oma.store.rows import new_id
-from oma.vma_client import DiscoveredVM, DiscoverResult, VmaError, VmaUnreachable
-from pyapp.api import OPERATION_FAILED, ApiError
-from pyapp.logs import log_context
 
-log = logging.getLogger(__name__)
 bp = Blueprint("discovery", __name__)
 
 
@@ -63,169 +50,54 @@ class BulkAddRequest(RequestModel):
     exclude_powered_off: bool = False
 
 
-async def _discover(credential_id: int | None, filter: str) -> tuple[DiscoverResult, int | None, float]:
-    login = await resolve_login(credential_id)
-    started = time.monotonic()
-    try:
-        result = await state().vma.discover(
-            vcenter=login.vcenter,
-            username=login.username,
-            password=login.password,
-            tls_mode=login.tls_mode,
-            tls_thumbprint=login.tls_thumbprint,
-            datacenter=login.datacenter,
-            filter=filter,
-        )
-    except VmaUnreachable as exc:
-        raise ApiError.upstream(exc.message) from exc
-    except VmaError as exc:
-        raise ApiError(502, OPERATION_FAILED, f"discovery failed: {exc.message}") from exc
-    return result, login.credential_id, round((time.monotonic() - started) * 1000, 1)
-
-
-async def _persist_inventory(result: DiscoverResult) -> None:
-    vcenter = InventoryVCenter(host=result.vcenter.host, datacenter=result.vcenter.datacenter)
-    vms = [InventoryVM.model_validate(vm.model_dump()) for vm in result.vms]
-    async with state().db.transaction() as conn:
-        await upsert_vms(conn, vcenter, vms, "discovery")
-
-
-async def _existing_contexts(vcenter: str, vms: Iterable[DiscoveredVM]) -> dict[str, str]:
-    """VM id -> context id of the discovered VMs already managed."""
-    rows = await state().db.fetch(
-        "SELECT vmware_vm_id, context_id FROM vm_contexts WHERE vcenter_host = $1"
-        " AND vmware_vm_id = ANY($2::text[])",
-        vcenter,
-        [vm.id for vm in vms],
-    )
-    return {r["vmware_vm_id"]: r["context_id"] for r in rows}
-
-
-async def _add_contexts(
-    result: DiscoverResult, vms: list[DiscoveredVM], credential_id: int | None
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Create a context per VM; returns (added, skipped-because-already-managed)."""
-    added: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    async with state().db.transaction() as conn:
-        for vm in vms:
-            context_id = await conn.fetchval(
-                "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, "
-                "datacenter,"
-                " credential_id, auto_added, cpu_count, memory_mb, os_type, power_state)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, true, $8, $9, $10, $11)"
-                " ON CONFLICT (vcenter_host, vmware_vm_id) DO NOTHING RETURNING context_id",
-                new_id("ctx"),
-                vm.name,
-                vm.id,
-                vm.path,
-                result.vcenter.host,
-                result.vcenter.datacenter,
-                credential_id,
-                vm.num_cpu,
-                vm.memory_mb,
-                vm.guest_os,
-                vm.power_state,
-            )
-            if context_id is None:
-                # already managed: the name and path follow the VM (renamed or moved)
-                await conn.execute(
-                    "UPDATE vm_contexts SET vm_name = $3, vm_path = $4, updated_at = now()"
-                    " WHERE vcenter_host = $1 AND vmware_vm_id = $2 AND (vm_name, vm_path) IS"
-                    " DISTINCT FROM ($3, $4)",
-                    result.vcenter.host,
-                    vm.id,
-                    vm.name,
-                    vm.path,
-                )
-                skipped.append({"vm_name": vm.name, "vm_id": vm.id, "reason": "already managed"})
-            else:
-                added.append(
-                    {"vm_name": vm.name, "context_id": context_id, "vm_id": vm.id, "vm_path": vm.path}
-                )
-    return added, skipped
-
-
-def _vm_view(vm: DiscoveredVM, existing: dict[str, str]) -> dict[str, Any]:
-    view = vm.model_dump()
-    view["existing"] = vm.id in existing
-    view["context_id"] = existing.get(vm.id)
-    return view
-
-
 @bp.post("/discovery/discover-vms")
 @requires("operator")
 @validate_request(DiscoverRequest)
 async def discover_vms(data: DiscoverRequest) -> dict[str, Any]:
-    with log_context(action="discovery"):
-        result, credential_id, duration = await _discover(data.credential_id, data.filter)
-        await _persist_inventory(result)
-        added: list[dict[str, Any]] = []
-        if data.create_context:
-            added, _ = await _add_contexts(result, result.vms, credential_id)
-        existing = await _existing_contexts(result.vcenter.host, result.vms)
-        log.info("discovery done", extra={"vm_count": len(result.vms), "contexts_created": len(added)})
-    return {
-        "vcenter": result.vcenter.model_dump(),
-        "discovered_vms": [_vm_view(vm, existing) for vm in result.vms],
-        "count": len(result.vms),
-        "contexts_created": len(added),
-        "added": added,
-        "duration_ms": duration,
-    }
+    st = state()
+    return await discovery.discover_vms(
+        st.db,
+        st.box,
+        st.vma,
+        credential_id=data.credential_id,
+        filter=data.filter,
+        create_context=data.create_context,
+    )
 
 
 @bp.post("/discovery/add-vms")
 @requires("operator")
 @validate_request(AddVMsRequest)
 async def add_vms(data: AddVMsRequest) -> dict[str, Any]:
-    with log_context(action="discovery_add"):
-        result, credential_id, _ = await _discover(data.credential_id, "")
-        await _persist_inventory(result)
-        # A name adds every VM of that name (names are not unique); an inventory path adds one VM.
-        wanted = list(dict.fromkeys(data.vm_names))
-        found = [vm for vm in result.vms if vm.name in wanted or vm.path in wanted]
-        seen = {vm.name for vm in found} | {vm.path for vm in found}
-        not_found = [n for n in wanted if n not in seen]
-        added, skipped = await _add_contexts(result, found, credential_id)
-        log.info("VMs added", extra={"added": len(added), "not_found": len(not_found)})
-    return {"added": added, "skipped": skipped, "not_found": not_found, "added_count": len(added)}
+    st = state()
+    return await discovery.add_vms(
+        st.db, st.box, st.vma, credential_id=data.credential_id, vm_names=data.vm_names
+    )
 
 
 @bp.post("/discovery/bulk-add")
 @requires("operator")
 @validate_request(BulkAddRequest)
 async def bulk_add(data: BulkAddRequest) -> dict[str, Any]:
-    with log_context(action="discovery_bulk_add"):
-        result, credential_id, _ = await _discover(data.credential_id, data.filter)
-        await _persist_inventory(result)
-        chosen = [vm for vm in result.vms if not (data.exclude_powered_off and vm.power_state != "poweredOn")]
-        added, skipped = await _add_contexts(result, chosen, credential_id)
-        log.info("bulk add done", extra={"added": len(added), "skipped": len(skipped)})
-    return {
-        "added": added,
-        "skipped": skipped,
-        "excluded": len(result.vms) - len(chosen),
-        "discovered": len(result.vms),
-        "added_count": len(added),
-    }
+    st = state()
+    return await discovery.bulk_add(
+        st.db,
+        st.box,
+        st.vma,
+        credential_id=data.credential_id,
+        filter=data.filter,
+        exclude_powered_off=data.exclude_powered_off,
+    )
 
 
 @bp.post("/discovery/preview")
 @requires("operator")
 @validate_request(PreviewRequest)
 async def preview(data: PreviewRequest) -> dict[str, Any]:
-    result, _, duration = await _discover(data.credential_id, data.filter)
-    existing = await _existing_contexts(result.vcenter.host, result.vms)
-    views = [_vm_view(vm, existing) for vm in result.vms]
-    return {
-        "vcenter": result.vcenter.model_dump(),
-        "vms": views,
-        "total": len(views),
-        "new_count": sum(1 for v in views if not v["existing"]),
-        "existing_count": sum(1 for v in views if v["existing"]),
-        "duration_ms": duration,
-    }
+    st = state()
+    return await discovery.preview(
+        st.db, st.box, st.vma, credential_id=data.credential_id, filter=data.filter
+    )
 
 
 @bp.get("/discovery/ungrouped-vms")

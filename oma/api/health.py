@@ -28,7 +28,7 @@ from typing import Any
 import trio
 from quart import Blueprint, current_app
 
-from oma.auth import allow_vma, public
+from oma.api.access import allow_vma, public
 from oma.backups.copies import COPY_WORKER_KEY
 from oma.backups.retention import RETENTION_KEY
 from oma.state import OmaState, state

@@ -16,6 +16,7 @@ from pydantic import Field
 from quart import Blueprint, Response
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import allow_vma, current_principal, requires
 from oma.api.requests import (
     MAX_NAME,
     MAX_TEXT,
@@ -26,7 +27,6 @@ from oma.api.requests import (
     json_response,
     not_cut_short,
 )
-from oma.auth import allow_vma, current_principal, requires
 from oma.replication import change_ids
 from oma.replication.creation import create_job
 from oma.replication.identity import DiskSpec, SourceVm

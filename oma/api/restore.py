@@ -17,15 +17,14 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from pydantic import BaseModel, Field
-from quart import Blueprint, Response
+from quart import Blueprint, Response, current_app
 from quart_schema import validate_querystring, validate_request
 
+from oma.api.access import current_principal, requires
 from oma.api.requests import MAX_NAME, MAX_TEXT, PageQuery, RequestModel, json_response
-from oma.auth import current_principal, requires
+from oma.restore import full
 from oma.restore.archive import CHUNK, ArchiveFormat, stream_archive
-from oma.restore.full import JOB_COLUMNS, LIST_COLUMNS, check_restore_root, job_body
-from oma.restore.service import RestoreService, restore_service
-from oma.store.pages import json_page
+from oma.restore.service import SERVICE_KEY, RestoreService
 from pyapp.api import ApiError
 
 bp = Blueprint("restore", __name__)
@@ -81,6 +80,15 @@ class _Keepalive:
             await self._service.touch(self._mount_id)
 
 
+def restore_service() -> RestoreService:
+    """The process's restore service (started by the app: ``start_restore_service``); 503 when it
+    is not running."""
+    service: RestoreService | None = current_app.extensions.get(SERVICE_KEY)
+    if service is None:
+        raise ApiError(503, "SERVICE_UNAVAILABLE", "the restore service is not running")
+    return service
+
+
 def _disposition(filename: str) -> str:
     """``Content-Disposition`` for a name read from a guest: an ASCII fallback without quotes or
     control characters (a hostile name must not break the header), and the exact name in
@@ -123,10 +131,8 @@ async def list_mounts() -> dict[str, Any]:
 @requires("operator")
 @validate_querystring(ListFilesQuery)
 async def list_files(mount_id: str, query_args: ListFilesQuery) -> dict[str, Any]:
-    service = restore_service()
-    mount = await service.touch(mount_id)
-    files, truncated = await service.run_sync(
-        lambda: mount.listdir(query_args.path, recursive=query_args.recursive, limit=query_args.limit)
+    files, truncated = await restore_service().list_files(
+        mount_id, query_args.path, recursive=query_args.recursive, limit=query_args.limit
     )
     return {
         "mount_id": mount_id,
@@ -142,9 +148,7 @@ async def list_files(mount_id: str, query_args: ListFilesQuery) -> dict[str, Any
 @requires("operator")
 @validate_querystring(PathQuery)
 async def file_info(mount_id: str, query_args: PathQuery) -> dict[str, Any]:
-    service = restore_service()
-    mount = await service.touch(mount_id)
-    return await service.run_sync(mount.stat, query_args.path)
+    return await restore_service().file_info(mount_id, query_args.path)
 
 
 @bp.get("/restore/<mount_id>/download")
@@ -152,8 +156,7 @@ async def file_info(mount_id: str, query_args: PathQuery) -> dict[str, Any]:
 @validate_querystring(PathQuery)
 async def download_file(mount_id: str, query_args: PathQuery) -> Response:
     service = restore_service()
-    mount = await service.touch(mount_id)
-    reader, info = await service.run_sync(mount.open_file, query_args.path)
+    reader, info = await service.open_file(mount_id, query_args.path)
     keepalive = _Keepalive(service, mount_id)
 
     async def body() -> AsyncIterator[bytes]:
@@ -173,8 +176,7 @@ async def download_file(mount_id: str, query_args: PathQuery) -> Response:
 @validate_querystring(DirectoryDownloadQuery)
 async def download_directory(mount_id: str, query_args: DirectoryDownloadQuery) -> Response:
     service = restore_service()
-    mount = await service.touch(mount_id)
-    start = await service.run_sync(mount.locate_directory, query_args.path)
+    mount, start = await service.locate_directory(mount_id, query_args.path)
     fmt: ArchiveFormat = query_args.format
     root_name = start.parts[-1] if start.parts else f"restore-{mount_id}"
     body = stream_archive(
@@ -205,10 +207,7 @@ async def cleanup_status() -> dict[str, Any]:
 @requires("operator")
 @validate_request(FullRestoreRequest)
 async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], int]:
-    service = restore_service()
-    # A path target only under an administrator's restore root (403 TARGET_NOT_ALLOWED).
-    await service.run_sync(check_restore_root, data.target_type, data.target, service.config.restore_roots)
-    job = await service.start_full_restore(
+    job = await restore_service().start_full_restore(
         data.backup_id, data.target_type, data.target, current_principal().subject
     )
     return job, 202
@@ -218,24 +217,12 @@ async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], 
 @requires("viewer")
 @validate_querystring(FullRestoreListQuery)
 async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
-    return json_response(await json_page(
-        restore_service().db,
-        "restores",
-        columns=LIST_COLUMNS,
-        from_where="FROM restore_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
-        " AND ($2::text IS NULL OR t.backup_id = $2)",
-        order=[("created_at", "DESC"), ("id", "DESC")],
-        args=(query_args.status, query_args.backup_id),
-        page=query_args,
-    ))
+    return json_response(
+        await full.restore_page(restore_service().db, query_args.status, query_args.backup_id, query_args)
+    )
 
 
 @bp.get("/restore/full/<restore_id>")
 @requires("viewer")
 async def get_full_restore(restore_id: str) -> dict[str, Any]:
-    row = await restore_service().db.fetchrow(
-        f"SELECT {JOB_COLUMNS} FROM restore_jobs WHERE id = $1", restore_id
-    )
-    if row is None:
-        raise ApiError.not_found(f"restore job {restore_id!r} not found", "RESTORE_NOT_FOUND")
-    return job_body(row)
+    return await full.load_restore(restore_service().db, restore_id)

@@ -2,7 +2,7 @@
 
 Create, list, read, change role or enabled state, delete, reset a password, and read the
 authentication audit log. The rules (tokens revoked with the access they stood for, the last
-enabled administrator kept) are :mod:`oma.users`; docs/oma.md "Users and roles" is the contract.
+enabled administrator kept) are :mod:`oma.access.users`; docs/oma.md "Users and roles" is the contract.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from pydantic import ConfigDict, Field, field_validator
 from quart import Blueprint
 from quart_schema import validate_querystring, validate_request
 
-from oma import users
+from oma.access import users
+from oma.access.audit import audit_page
+from oma.access.roles import Role
+from oma.api.access import current_principal, requires
 from oma.api.requests import MAX_NAME, PageQuery, RequestModel, client_ip
-from oma.auth import Role, current_principal, requires
 from oma.state import state
-from oma.store.pages import page_body
-from oma.store.rows import row_dict
 
 bp = Blueprint("users", __name__)
 
@@ -60,14 +60,7 @@ class AuditQuery(PageQuery):
 @requires("admin")
 @validate_querystring(PageQuery)
 async def list_users(query_args: PageQuery) -> dict[str, Any]:
-    db = state().db
-    rows = await db.fetch(
-        f"SELECT {users.USER_COLUMNS} FROM users ORDER BY id LIMIT $1 OFFSET $2",
-        query_args.limit,
-        query_args.offset,
-    )
-    total = await db.fetchval("SELECT count(*) FROM users")
-    return page_body("users", [users.user_body(r) for r in rows], total, query_args)
+    return await users.user_page(state().db, query_args)
 
 
 @bp.post("/users")
@@ -89,20 +82,7 @@ async def create_user(data: CreateUserRequest) -> tuple[dict[str, Any], int]:
 @requires("admin")
 @validate_querystring(AuditQuery)
 async def audit_log(query_args: AuditQuery) -> dict[str, Any]:
-    db = state().db
-    where = "WHERE ($1::text IS NULL OR event_type = $1) AND ($2::text IS NULL OR actor = $2)"
-    rows = await db.fetch(
-        "SELECT id, event_type, actor, subject, client_ip, details, created_at FROM auth_audit_log"
-        f" {where} ORDER BY created_at DESC, id DESC LIMIT $3 OFFSET $4",
-        query_args.event_type,
-        query_args.actor,
-        query_args.limit,
-        query_args.offset,
-    )
-    total = await db.fetchval(
-        f"SELECT count(*) FROM auth_audit_log {where}", query_args.event_type, query_args.actor
-    )
-    return page_body("events", [row_dict(r) for r in rows], total, query_args)
+    return await audit_page(state().db, query_args.event_type, query_args.actor, query_args)
 
 
 @bp.get("/users/<int:user_id>")

@@ -3,10 +3,11 @@ verified there.
 
 **Queueing.** :func:`enqueue_policy_copies` (called by the backup engine after each completed
 backup) queues one ``pending`` row of ``backup_copies`` per enabled copy rule of the backup's
-policy; :func:`request_copy` is the manual ``POST /backups/{id}/copy``. A copy of an incremental
-is only valid next to the copy of its parent (the overlay names its backing file relatively), so
-queueing for a rule also queues the copies of the point's ancestors that the destination lacks
-(a rule added to a running chain) and re-queues those that failed.
+policy; :func:`request_copy` (in a transaction of its own: :func:`queue_copy`) is the manual
+``POST /backups/{id}/copy``. A copy of an incremental is only valid next to the copy of its
+parent (the overlay names its backing file relatively), so queueing for a rule also queues the
+copies of the point's ancestors that the destination lacks (a rule added to a running chain) and
+re-queues those that failed.
 
 **The worker.** :class:`CopyWorker` runs in every OMA process with the backup services. It claims
 pending rows with ``FOR UPDATE SKIP LOCKED`` — never a copy whose parent's copy in the same
@@ -48,6 +49,7 @@ import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -60,6 +62,7 @@ from oma.workers import ClaimWorker, claimant_gone
 from pyapp import mover
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record
+from pyapp.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,11 @@ POLL_INTERVAL_S = 2.0
 STREAM_CHUNK = 64 << 20
 TMP_SUFFIX = ".copy-tmp"
 ACTIVE_STATUSES = ("copying", "verifying")
+#: A copy as the API shows it (``GET /backups/{id}/copies``).
+COPY_COLUMNS = (
+    "id AS copy_id, backup_id, repository_id, status, file_path, size_bytes, disk_digest, verified,"
+    " error_message, created_at, started_at, completed_at"
+)
 #: How long a shutdown waits for the worker to put its copies back.
 STOP_TIMEOUT_S = 10.0
 
@@ -185,6 +193,28 @@ async def request_copy(conn: Connection, backup_id: str, repository_id: str) -> 
     if existing["status"] == "failed":
         await conn.execute(f"UPDATE backup_copies SET {_REQUEUE_SET} WHERE id = $1", existing["id"])
     return str(existing["id"])
+
+
+async def queue_copy(db: Database, backup_id: str, repository_id: str) -> str:
+    """:func:`request_copy` in a transaction of its own; returns the copy's id."""
+    async with db.transaction() as conn:
+        copy_id = await request_copy(conn, backup_id, repository_id)
+    with log_context(action="backup_copy_request"):
+        log.info(
+            "backup copy requested",
+            extra={"backup_id": backup_id, "repository_id": repository_id, "copy_id": copy_id},
+        )
+    return copy_id
+
+
+async def copies_of(db: Database, backup_id: str) -> list[dict[str, Any]]:
+    """The copies of one point, oldest first; 404 for an unknown point."""
+    if not await db.fetchval("SELECT EXISTS (SELECT 1 FROM backup_jobs WHERE id = $1)", backup_id):
+        raise ApiError.not_found(f"backup {backup_id} not found")
+    rows = await db.fetch(
+        f"SELECT {COPY_COLUMNS} FROM backup_copies WHERE backup_id = $1 ORDER BY created_at, id", backup_id
+    )
+    return [dict(r.items()) for r in rows]
 
 
 # -- files --------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from typing import Any, Literal
 import trio
 
 from oma.restore.points import hold_completed
+from oma.store.pages import Page, json_page
 from oma.store.rows import new_id
 from oma.workers import claimant_gone
 from pyapp import mover
@@ -408,3 +409,25 @@ def job_body(row: Record) -> dict[str, Any]:
     out = dict(row.items())
     out["restore_id"] = out.pop("id")
     return out
+
+
+async def restore_page(db: Database, status: str | None, backup_id: str | None, page: Page) -> str:
+    """A page of the full restore jobs (optionally of one status and/or one point), newest first,
+    as JSON."""
+    return await json_page(
+        db,
+        "restores",
+        columns=LIST_COLUMNS,
+        from_where="FROM restore_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
+        " AND ($2::text IS NULL OR t.backup_id = $2)",
+        order=[("created_at", "DESC"), ("id", "DESC")],
+        args=(status, backup_id),
+        page=page,
+    )
+
+
+async def load_restore(db: Database, restore_id: str) -> dict[str, Any]:
+    row = await db.fetchrow(f"SELECT {JOB_COLUMNS} FROM restore_jobs WHERE id = $1", restore_id)
+    if row is None:
+        raise ApiError.not_found(f"restore job {restore_id!r} not found", "RESTORE_NOT_FOUND")
+    return job_body(row)

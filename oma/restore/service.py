@@ -26,11 +26,9 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
-from quart import current_app
-from quart_trio import QuartTrio
 
 from oma.backups.repositories import RepositorySpec, config_of, root_of
 from oma.config import OmaConfig
@@ -38,13 +36,14 @@ from oma.restore.full import (
     TARGET_IN_REPOSITORY,
     TargetType,
     accept_job,
+    check_restore_root,
     check_target,
     fail_orphaned_jobs,
     job_body,
     run_full_restore,
     written_paths,
 )
-from oma.restore.mount import Mount
+from oma.restore.mount import Located, LockedReader, Mount
 from oma.restore.points import completed_backup, hold_completed
 from oma.store.rows import new_id
 from oma.workers import new_worker_id
@@ -52,6 +51,9 @@ from pyapp.api import ApiError
 from pyapp.db import Database, Record
 from pyapp.logs import log_context
 from pyapp.mover import MoverError
+
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +153,9 @@ class RestoreService:
     async def start_full_restore(
         self, backup_id: str, target_type: TargetType, target: str, created_by: str
     ) -> dict[str, Any]:
-        """Check the point and the target, record the job and start it; returns the job."""
+        """Check the target against the restore roots (403 ``TARGET_NOT_ALLOWED``), the point and
+        the target, record the job and start it; returns the job."""
+        await self.run_sync(check_restore_root, target_type, target, self.config.restore_roots)
         backup = await completed_backup(self.db, backup_id, "restored")
         roots = await self.repository_roots()
         plan = await self.run_sync(check_target, target_type, target, roots)
@@ -265,6 +269,28 @@ class RestoreService:
                 self._mounts[mount_id] = mount
         self._opening.pop(mount_id, None)
         return mount
+
+    async def list_files(
+        self, mount_id: str, path: str, *, recursive: bool, limit: int
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """:meth:`Mount.listdir` of the mount ``mount_id``, after recording the access."""
+        mount = await self.touch(mount_id)
+        return await self.run_sync(lambda: mount.listdir(path, recursive=recursive, limit=limit))
+
+    async def file_info(self, mount_id: str, path: str) -> dict[str, Any]:
+        """:meth:`Mount.stat` of the mount ``mount_id``, after recording the access."""
+        mount = await self.touch(mount_id)
+        return await self.run_sync(mount.stat, path)
+
+    async def open_file(self, mount_id: str, path: str) -> tuple[LockedReader, dict[str, Any]]:
+        """:meth:`Mount.open_file` of the mount ``mount_id``, after recording the access."""
+        mount = await self.touch(mount_id)
+        return await self.run_sync(mount.open_file, path)
+
+    async def locate_directory(self, mount_id: str, path: str) -> tuple[Mount, Located]:
+        """The mount ``mount_id`` and its directory at ``path``, after recording the access."""
+        mount = await self.touch(mount_id)
+        return mount, await self.run_sync(mount.locate_directory, path)
 
     async def _open(self, what: str, path: str, volumes: list[str] | None) -> Mount:
         try:
@@ -389,11 +415,4 @@ def start_restore_service(app: QuartTrio, config: OmaConfig, db: Database) -> Re
     service = RestoreService(config, db)
     app.extensions[SERVICE_KEY] = service
     app.add_background_task(service.run)
-    return service
-
-
-def restore_service() -> RestoreService:
-    service: RestoreService | None = current_app.extensions.get(SERVICE_KEY)
-    if service is None:
-        raise ApiError(503, "SERVICE_UNAVAILABLE", "the restore service is not running")
     return service

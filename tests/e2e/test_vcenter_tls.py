@@ -54,6 +54,6 @@ async def test_the_credentials_tls_mode_decides_how_the_vma_checks_vcenter(
     ]
     assert vma_warnings and all(tls_lab.url in r.getMessage() for r in vma_warnings)
     oma_warnings = [
-        r for r in caplog.records if r.name == "oma.api.credentials" and r.levelno == logging.WARNING
+        r for r in caplog.records if r.name == "oma.credentials.vmware" and r.levelno == logging.WARNING
     ]
     assert oma_warnings and all(tls_lab.url in r.getMessage() for r in oma_warnings)

@@ -27,11 +27,11 @@ from oma_harness import Oma, make_config, run_oma
 from test_oma_credentials import cred_body
 from vma_double import ExportDisk, VmaDouble
 
-from oma.api.backups import resolve_disk_id
-from oma.api.credentials import resolve_login
 from oma.backups.copies import enqueue_policy_copies
 from oma.backups.engine import BackupEngine
 from oma.backups.layout import manifest_path, vm_dir, vm_key
+from oma.backups.vm_disks import resolve_disk_id
+from oma.credentials import vmware
 from oma.state import STATE_KEY, OmaState
 from oma.store import MIGRATIONS_DIR
 from pyapp import mover
@@ -409,6 +409,7 @@ async def test_start_validation_and_conflicts(tmp_path: Path, oma_dsn: str, vma:
         assert empty["chain_id"] is None and empty["backup_count"] == 0 and empty["disk_id"] == "disk-2000"
 
         # two engines on one database never claim the same backup
+        resolve_login = functools.partial(vmware.resolve_login, lab.db, lab.st.box)
         engines = [BackupEngine(oma.config, lab.db, lab.st.vma, lab.st.box, resolve_login) for _ in range(2)]
         claimed: list[list[str]] = [[], []]
 

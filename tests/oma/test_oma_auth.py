@@ -176,7 +176,7 @@ async def test_concurrent_guesses_do_not_slip_past_the_lock(oma: Oma) -> None:
 
 
 def test_an_ipv6_client_is_counted_by_its_64() -> None:
-    from oma.auth import address_key
+    from oma.access.throttle import address_key
 
     assert (
         address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:ffff:1:2:3") == "2001:db8:1:2::/64"

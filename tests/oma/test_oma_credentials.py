@@ -172,8 +172,8 @@ async def test_a_vcenter_host_carrying_a_login_is_refused_without_echoing_it(
 
 
 def test_logins_do_not_show_their_password_in_repr() -> None:
-    from oma.api.credentials import VCenterLogin
     from oma.backups.repositories import RepositorySpec
+    from oma.credentials.vmware import VCenterLogin
 
     secret = f"Zq-{uuid.uuid4().hex}-pw"
     assert secret not in repr(VCenterLogin(1, "vc", "u", secret, "DC0"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from oma_harness import Oma
 
-from oma.auth import issue_token
+from oma.access.tokens import issue_token
 from pyapp.db import open_database
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "oma.md"

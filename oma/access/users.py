@@ -14,8 +14,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from oma.auth import Role, audit
+from oma.access.audit import audit
+from oma.access.roles import Role
 from oma.crypto import hash_password, verify_password
+from oma.store.pages import Page, page_body
 from pyapp.api import ApiError
 from pyapp.db import Connection, Database, Record
 
@@ -46,6 +48,14 @@ async def _user(conn: Connection | Database, user_id: int, *, lock: bool = False
 
 async def get_user(db: Database, user_id: int) -> dict[str, Any]:
     return user_body(await _user(db, user_id))
+
+
+async def user_page(db: Database, page: Page) -> dict[str, Any]:
+    rows = await db.fetch(
+        f"SELECT {USER_COLUMNS} FROM users ORDER BY id LIMIT $1 OFFSET $2", page.limit, page.offset
+    )
+    total = await db.fetchval("SELECT count(*) FROM users")
+    return page_body("users", [user_body(r) for r in rows], total, page)
 
 
 async def create_user(
