@@ -37,6 +37,8 @@ from quart_schema import QuartSchema
 from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 
+from oma.access import tokens
+from oma.access.users import ensure_first_admin
 from oma.api import (
     auth,
     backups,
@@ -60,7 +62,8 @@ from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
 from oma.config import OmaConfig
 from oma.credentials import vmware
-from oma.crypto import SecretBox, hash_password, load_or_create_key
+from oma.crypto import SecretBox, load_or_create_key
+from oma.enrollment import codes
 from oma.replication.engine import ReplicationEngine
 from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
@@ -69,7 +72,6 @@ from oma.vma_client import VmaClient
 from oma.workers import FINISH_TIMEOUT
 from pyapp.api import fast_json_views, install_error_handlers
 from pyapp.db import (
-    Database,
     EmbeddedPostgres,
     apply_migrations,
     create_database,
@@ -105,29 +107,6 @@ API_BLUEPRINTS = (
     enrollment.admin_bp,
     enrollment.public_bp,
 )
-
-
-async def ensure_first_admin(db: Database, username: str, password: str) -> bool:
-    """Create ``username`` as administrator when the users table is empty. True if created."""
-    if await db.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
-        return False
-    password_hash = await hash_password(password)
-    created = await db.fetchval(
-        "INSERT INTO users (username, password_hash, role)"
-        " SELECT $1, $2, 'admin' WHERE NOT EXISTS (SELECT 1 FROM users)"
-        " ON CONFLICT (username) DO NOTHING RETURNING id",  # several workers may start at once
-        username,
-        password_hash,
-    )
-    return created is not None
-
-
-async def prune_expired(db: Database) -> None:
-    await db.execute("DELETE FROM auth_tokens WHERE expires_at < now() - interval '1 day'")
-    await db.execute(
-        "DELETE FROM vma_pairing_codes p WHERE p.expires_at < now() - interval '1 day'"
-        " AND NOT EXISTS (SELECT 1 FROM vma_enrollments e WHERE e.pairing_code_id = p.id)"
-    )
 
 
 def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -> QuartTrio:
@@ -192,7 +171,8 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         with log_context(action="prune"):
                             while not stop.is_set():
                                 try:
-                                    await prune_expired(db)
+                                    await tokens.prune_expired_tokens(db)
+                                    await codes.prune_expired_codes(db)
                                 except Exception:
                                     log.exception("pruning expired tokens failed")
                                 with trio.move_on_after(PRUNE_INTERVAL_S):

@@ -76,3 +76,9 @@ async def live_tokens(db: Database, user_id: int, current_token_id: str | None, 
     )
     total = await db.fetchval(f"SELECT count(*) {live}", user_id)
     return page_body("tokens", [dict(r.items()) for r in rows], total, page)
+
+
+async def prune_expired_tokens(db: Database) -> None:
+    """Forget tokens a day after they expired (a day of grace so a refused token is still named in
+    its audit rows while someone looks)."""
+    await db.execute("DELETE FROM auth_tokens WHERE expires_at < now() - interval '1 day'")

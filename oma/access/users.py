@@ -242,3 +242,18 @@ async def revoke_own_token(
         if revoked is None:
             raise ApiError.not_found(f"token {token_id} not found")
         await audit(conn, event, actor, client_ip=client_ip, token_id=token_id)
+
+
+async def ensure_first_admin(db: Database, username: str, password: str) -> bool:
+    """Create ``username`` as administrator when the users table is empty. True if created."""
+    if await db.fetchval("SELECT EXISTS (SELECT 1 FROM users)"):
+        return False
+    password_hash = await hash_password(password)
+    created = await db.fetchval(
+        "INSERT INTO users (username, password_hash, role)"
+        " SELECT $1, $2, 'admin' WHERE NOT EXISTS (SELECT 1 FROM users)"
+        " ON CONFLICT (username) DO NOTHING RETURNING id",  # several workers may start at once
+        username,
+        password_hash,
+    )
+    return created is not None

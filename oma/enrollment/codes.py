@@ -52,3 +52,11 @@ async def create_pairing_code(
             ttl_seconds=ttl_seconds,
         )
     return {"pairing_code": _format_code(raw), "expires_at": iso(expires_at), "valid_for": ttl_seconds}
+
+
+async def prune_expired_codes(db: Database) -> None:
+    """Forget pairing codes a day after they expired, unless an enrollment used one."""
+    await db.execute(
+        "DELETE FROM vma_pairing_codes p WHERE p.expires_at < now() - interval '1 day'"
+        " AND NOT EXISTS (SELECT 1 FROM vma_enrollments e WHERE e.pairing_code_id = p.id)"
+    )
