@@ -34,11 +34,13 @@ from quart_trio import QuartTrio
 from oma.api import (
     auth,
     backups,
+    cloudstack,
     credentials,
     debug,
     discovery,
     enrollment,
     health,
+    network_mappings,
     policies,
     replications,
     repositories,
@@ -132,6 +134,8 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     app.register_blueprint(users.bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.admin_bp, url_prefix=API_PREFIX)
     app.register_blueprint(enrollment.public_bp, url_prefix=API_PREFIX)
+    for bp in (cloudstack.settings_bp, cloudstack.ossea_bp, network_mappings.bp):
+        app.register_blueprint(bp, url_prefix=API_PREFIX)
     fast_json_views(app)
 
     @app.before_request
