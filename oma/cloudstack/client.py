@@ -7,7 +7,8 @@ sends every request; nothing here signs anything. This module wraps it for a tri
   read-only call (``list*``, ``query*``, ``get*``) is abandoned when its task is cancelled; a
   call that changes something is waited for (bounded by the request timeout), so its outcome is
   never lost;
-- **bounded**: every request has a timeout (``OMA_CLOUDSTACK_TIMEOUT``); an asynchronous job
+- **bounded**: every request has a timeout (``OMA_CLOUDSTACK_TIMEOUT``, of which at most 5 s to
+  connect, as for the VMA); an asynchronous job
   (``jobid``) is polled with ``queryAsyncJobResult`` until ``jobstatus`` 1 (done) or 2 (failed),
   for at most ``OMA_CLOUDSTACK_JOB_TIMEOUT``;
 - **retried when safe** (tenacity, exponential backoff with jitter): a connection that could
@@ -94,8 +95,9 @@ class Login:
 @dataclass(frozen=True)
 class ClientOptions:
     timeout: float = 30.0
+    connect_timeout: float = 5.0
     job_timeout: float = 300.0
-    attempts: int = 4
+    attempts: int = 3
     #: Retries stop once this much time has gone since the first attempt.
     retry_deadline: float = 60.0
     backoff_initial: float = 0.5
@@ -288,6 +290,19 @@ def _api_error(command: str, source: KeySource, exc: CloudStackApiException) -> 
     return map_error(command, code if isinstance(code, int) else status, str(text), source)
 
 
+class _TimedSession(requests.Session):
+    """A session whose every request has (connect, read) timeouts: ``cs`` passes one number for
+    both, and a host that does not answer the connection should not take the read's time."""
+
+    def __init__(self, connect: float, read: float) -> None:
+        super().__init__()
+        self._timeouts = (connect, read)
+
+    def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
+        kwargs["timeout"] = self._timeouts
+        return super().send(request, **kwargs)
+
+
 def _log_retry(command: str) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
@@ -309,13 +324,15 @@ class CloudStackClient:
         refuse_unsignable({"apiKey": login.api_key})
         self.login = login
         self.options = options or ClientOptions()
+        options = self.options
         self._api = CloudStack(
             endpoint=login.api_url,
             key=login.api_key,
             secret=login.secret_key,
-            timeout=max(1, math.ceil(self.options.timeout)),
+            timeout=max(1, math.ceil(options.timeout)),
             method="post",  # keys and signature in the body, never in a URL a proxy logs
             retry=0,  # retries are this module's, with its rules
+            session=_TimedSession(min(options.connect_timeout, options.timeout), options.timeout),
         )
 
     def __enter__(self) -> CloudStackClient:
@@ -402,7 +419,9 @@ class CloudStackClient:
         options = self.options
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(lambda exc: retryable(exc, read_only)),
-            wait=tenacity.wait_exponential_jitter(initial=options.backoff_initial, max=options.backoff_max),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=options.backoff_initial, max=options.backoff_max, jitter=options.backoff_initial
+            ),
             stop=tenacity.stop_after_attempt(options.attempts)
             | tenacity.stop_after_delay(options.retry_deadline),
             sleep=trio.sleep,

@@ -222,7 +222,7 @@ async def ossea_config(
             name=values["name"],
             login=login,
             resources=resources_,
-            is_active=bool(values.get("is_active", True)),
+            is_active=bool(values.get("is_active", False)),
             created_by=actor,
         )
         body = {**answer, "message": "CloudStack settings created", "config": created}

@@ -161,8 +161,10 @@ class OmaVmVolumes:
     async def create(self, *, name: str, size_bytes: int, disk_offering_id: str, zone_id: str) -> Volume:
         """A new data volume of at least ``size_bytes`` (whole GiB), detached. A custom-size
         offering gets the size; a fixed-size one is used as it is when it is large enough (422
-        otherwise)."""
+        otherwise). ``name`` is for display: a ``~`` in it (which CloudStack would refuse, see
+        :mod:`.client`) becomes ``-``."""
         gib = size_gib(size_bytes)
+        name = name.replace("~", "-")
         offerings = await self.client.list("listDiskOfferings", id=disk_offering_id)
         found = next((o for o in offerings if str(o.get("id", "")).lower() == disk_offering_id.lower()), None)
         if found is None:
@@ -247,7 +249,13 @@ class OmaVmVolumes:
             return volume
 
     async def delete(self, volume_id: str) -> None:
-        """Delete a detached volume (CloudStack refuses an attached one: 409)."""
+        """Delete a detached volume (an attached one: 409, detach it first)."""
+        volume = await self.get(volume_id)
+        if volume.virtual_machine_id is not None:
+            raise ApiError.conflict(
+                f"CloudStack volume {volume_id} is attached to VM {volume.virtual_machine_id}:"
+                " detach it first"
+            )
         await self.client.job("deleteVolume", id=volume_id)
         log.info(
             "CloudStack volume deleted", extra={"action": "cloudstack_volume_delete", "volume_id": volume_id}
