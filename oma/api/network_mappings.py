@@ -105,7 +105,8 @@ async def mapping_status(vm_id: str) -> dict[str, Any]:
     return await service.mapping_status(st.db, st.box, st.config, vm_id)
 
 
-@bp.delete("/network-mappings/<vm_id>/<path:source_network_name>")
+# (string: spelled out: quart-schema reads "<a>/<path:b>" as one parameter in the OpenAPI path)
+@bp.delete("/network-mappings/<string:vm_id>/<path:source_network_name>")
 @requires("operator")
 @validate_querystring(TestNetworkQuery)
 async def delete_mapping(

@@ -43,9 +43,16 @@ class LoginFields:
 
 @asynccontextmanager
 async def _client(
-    db: Database, box: SecretBox, config: OmaConfig, given: LoginFields
+    db: Database, box: SecretBox, config: OmaConfig, given: LoginFields, config_id: int | None = None
 ) -> AsyncIterator[tuple[CloudStackClient, StoredSettings | None]]:
-    login, stored = await settings.login_for(db, box, given.api_url, given.api_key, given.secret_key)
+    """A client of the request's login; without one, of the settings ``config_id`` (else of the
+    active settings)."""
+    stored: StoredSettings | None
+    if config_id is not None and given == LoginFields():
+        stored = await settings.settings_by_id(db, box, config_id)
+        login = stored.login
+    else:
+        login, stored = await settings.login_for(db, box, given.api_url, given.api_key, given.secret_key)
     with CloudStackClient(login, ClientOptions.from_config(config)) as client:
         yield client, stored
 
@@ -54,14 +61,14 @@ async def _client(
 
 
 async def test_connection(
-    db: Database, box: SecretBox, config: OmaConfig, given: LoginFields
+    db: Database, box: SecretBox, config: OmaConfig, given: LoginFields, config_id: int | None = None
 ) -> dict[str, Any]:
     """Connect and say how it went: ``{success, message, api_url, cloudstack_version, zone_count,
     account, duration_ms}``, or ``success: false`` with CloudStack's refusal as ``error``
     (``{code, message, details}``, as the error envelope would carry it). Testing the saved
-    settings records the outcome on them."""
+    settings (the active ones, or ``config_id``) records the outcome on them."""
     started = time.monotonic()
-    async with _client(db, box, config, given) as (client, stored):
+    async with _client(db, box, config, given, config_id) as (client, stored):
         result = await _test(client)
     result["duration_ms"] = round((time.monotonic() - started) * 1000, 1)
     if stored is not None:
@@ -194,13 +201,7 @@ async def ossea_config(
         return {**answer, "id": config_id, "message": f"CloudStack settings {config_id} deleted"}, 200
     if action == "test":
         given = LoginFields(**{k: (fields or {}).get(k) for k in ("api_url", "api_key", "secret_key")})
-        if given.api_url is None and given.api_key is None and config_id is not None:
-            stored = await settings.settings_by_id(db, box, config_id)
-            with CloudStackClient(stored.login, ClientOptions.from_config(config)) as client:
-                result = await _test(client)
-            await settings.record_test(db, config_id, result["success"], result["message"])
-        else:
-            result = await test_connection(db, box, config, given)
+        result = await test_connection(db, box, config, given, config_id)
         return {
             **answer,
             "success": result["success"],

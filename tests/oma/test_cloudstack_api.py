@@ -434,3 +434,35 @@ async def test_the_keys_are_in_no_answer_and_no_log(
     texts.append((await oma.get("/settings/cloudstack/networks")).text)
     texts.append((await oma.get("/debug/logs?limit=1000")).text)
     assert_no_keys(lab, *texts, log_capture.getvalue())
+
+
+# The seed's "CloudStack (OSSEA) Settings", "OSSEA Config" and "Network Mapping and Service
+# Offerings" sections: every path, in the OpenAPI document with its request model.
+SEED_PATHS = {
+    ("post", "/api/v1/settings/cloudstack/test-connection"),
+    ("post", "/api/v1/settings/cloudstack/detect-oma-vm"),
+    ("get", "/api/v1/settings/cloudstack/networks"),
+    ("post", "/api/v1/settings/cloudstack/validate"),
+    ("post", "/api/v1/settings/cloudstack/discover-all"),
+    ("post", "/api/v1/ossea/config"),
+    ("post", "/api/v1/ossea/discover-resources"),
+    ("post", "/api/v1/ossea/config-streamlined"),
+    ("post", "/api/v1/network-mappings"),
+    ("get", "/api/v1/network-mappings"),
+    ("get", "/api/v1/network-mappings/{vm_id}"),
+    ("get", "/api/v1/network-mappings/{vm_id}/status"),
+    ("delete", "/api/v1/network-mappings/{vm_id}/{source_network_name}"),
+    ("get", "/api/v1/networks/available"),
+    ("post", "/api/v1/networks/resolve"),
+    ("get", "/api/v1/service-offerings/available"),
+}
+
+
+async def test_openapi_lists_every_cloudstack_path(oma: Oma) -> None:
+    spec = (await oma.client.get(oma.url("/swagger/openapi.json"))).json()
+    present = {(method, path) for path, ops in spec["paths"].items() for method in ops}
+    assert SEED_PATHS - present == set()
+    for method, path in SEED_PATHS:
+        if method == "post":
+            assert "requestBody" in spec["paths"][path][method], path
+        assert "504" in spec["paths"][path][method]["responses"], path
