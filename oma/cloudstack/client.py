@@ -436,6 +436,13 @@ class CloudStackClient:
             raise _api_error(command, self.login.source, exc) from None
         except (CloudStackException, requests.exceptions.RequestException) as exc:
             raise _transport_error(command, self.login.api_url, exc) from None
+        except urllib3.exceptions.LocationValueError:  # a URL requests could not even parse
+            raise CloudStackError(
+                422,
+                VALIDATION_FAILED,
+                f"not a usable CloudStack API URL: {self.login.api_url}",
+                command=command,
+            ) from None
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     def _send(self, command: str, params: dict[str, Any], fetch_list: bool) -> Any:

@@ -14,6 +14,7 @@ saving) or nothing (the active settings): :func:`login_for` decides, and refuses
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -43,7 +44,19 @@ PUBLIC_COLUMNS = (
     "id, name, api_url, domain, zone_id, template_id, network_id, service_offering_id, disk_offering_id,"
     " oma_vm_id, is_active, created_by, created_at, updated_at, last_test_at, last_test_ok, last_test_message"
 )
+#: A DNS name (internationalised names in their ASCII form, ``xn--…``).
+_HOST = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def api_url_of(value: str) -> str:
@@ -51,6 +64,8 @@ def api_url_of(value: str) -> str:
     ``http://host:8080`` or the endpoint itself, ``http://host:8080/client/api`` (no scheme:
     ``http``). Refused (ValueError): another scheme, a login in the URL, a query or fragment."""
     text = value.strip()
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError("the CloudStack URL must not contain spaces or control characters")
     if "://" not in text:
         text = f"http://{text}"
     parts = urlsplit(text)
@@ -60,6 +75,8 @@ def api_url_of(value: str) -> str:
         raise ValueError("the CloudStack URL must not carry a login; give api_key and secret_key")
     if not parts.hostname:
         raise ValueError("the CloudStack URL has no host")
+    if not (_HOST.match(parts.hostname) or _is_ip(parts.hostname)):
+        raise ValueError(f"the CloudStack URL's host is not a host name or address: {parts.hostname!r}")
     try:
         parts.port  # noqa: B018 - a port that is not a number raises here
     except ValueError as exc:
@@ -73,9 +90,8 @@ def api_url_of(value: str) -> str:
 
 
 def _key(value: str) -> str:
-    refuse = value.strip() != value or not value
-    if refuse:
-        raise ValueError("a key must not be empty nor start or end with spaces")
+    if not value or value.strip() != value or not value.isprintable():
+        raise ValueError("a key must not be empty, start or end with spaces, nor hold control characters")
     if "~" in value:
         raise ValueError("contains '~': CloudStack would refuse every request signed with it")
     return value

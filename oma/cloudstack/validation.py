@@ -83,9 +83,10 @@ class Check:
         return out
 
 
-def _not_chosen(what: str, required: bool, why: str) -> Check:
+def _not_chosen(what: str, required: bool, why: str, when_required: Status = "fail") -> Check:
+    """A choice not made: ``when_required`` with ``why`` when choices are required, else skipped."""
     if required:
-        return Check("fail", f"no {what} is chosen: {why}")
+        return Check(when_required, f"no {what} is chosen: {why}")
     return Check("skipped", f"no {what} is chosen")
 
 
@@ -168,9 +169,7 @@ async def _disk_offering(client: CloudStackClient, offering_id: str, required: b
 
 async def _service_offering(client: CloudStackClient, offering_id: str, required: bool) -> Check:
     if not offering_id:
-        if required:
-            return Check("warning", "no compute offering is chosen: failover will need one")
-        return Check("skipped", "no compute offering is chosen")
+        return _not_chosen("compute offering", required, "failover will need one", "warning")
     found = await _one(client, "listServiceOfferings", offering_id)
     if found is None:
         return Check("fail", f"CloudStack has no compute offering {offering_id}")
@@ -187,9 +186,7 @@ async def _service_offering(client: CloudStackClient, offering_id: str, required
 
 async def _network(client: CloudStackClient, network_id: str, zone_id: str, required: bool) -> Check:
     if not network_id:
-        if required:
-            return Check("warning", "no default network is chosen: failover will need network mappings")
-        return Check("skipped", "no default network is chosen")
+        return _not_chosen("default network", required, "failover will need network mappings", "warning")
     found = await _one(client, "listNetworks", network_id)
     if found is None:
         return Check("fail", f"CloudStack has no network {network_id} this key may use")
@@ -208,7 +205,7 @@ async def _network(client: CloudStackClient, network_id: str, zone_id: str, requ
 
 async def _template(client: CloudStackClient, template_id: str) -> Check:
     if not template_id:
-        return Check("skipped", "no template is chosen")
+        return _not_chosen("template", False, "")
     found = await _one(client, "listTemplates", template_id, templatefilter="executable")
     if found is None:
         return Check("fail", f"CloudStack has no template {template_id} this key may use")

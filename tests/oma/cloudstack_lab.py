@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import trio
+
+from pyapp.process import aterminate
 
 API_KEY = "oma-test-api-key-Ab3_-9"
 SECRET_KEY = "oma-test-secret-key-Zz8_-1"
@@ -134,10 +135,5 @@ async def run_cloudstack_lab(
                 secret_key,
             )
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            with trio.move_on_after(20):
-                await proc.wait()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        with trio.CancelScope(shield=True):
+            await aterminate(proc)

@@ -24,7 +24,9 @@ from oma.cloudstack.client import (
     Login,
     map_error,
 )
+from oma.cloudstack.settings import api_url_of
 from pyapp.api import CONFLICT, OPERATION_FAILED, UPSTREAM_UNAVAILABLE, ApiError
+from pyapp.nbd_export import free_tcp_port
 
 FAST = ClientOptions(backoff_initial=0.01, backoff_max=0.05, poll_initial=0.02, poll_max=0.05)
 
@@ -77,7 +79,7 @@ async def test_cloudstack_refuses_what_cs_signs_with_a_tilde_so_the_client_never
     assert (caught.value.status, caught.value.code) == (422, CLOUDSTACK_UNSIGNABLE_VALUE)
     assert caught.value.details == {"parameter": "name"} and "~" in caught.value.message
     # ... before anything is sent (a URL where nothing listens gives the same answer) ...
-    closed = f"http://127.0.0.1:{closed_port()}/client/api"
+    closed = f"http://127.0.0.1:{free_tcp_port()}/client/api"
     with client(lab, api_url=closed) as c, pytest.raises(ApiError) as caught:
         await c.job("createVolume", name="x~y", zoneid=ZONE1, diskofferingid=CUSTOM_DISK, size=1)
     assert caught.value.code == CLOUDSTACK_UNSIGNABLE_VALUE
@@ -161,12 +163,6 @@ async def test_a_job_past_its_deadline_is_a_504_naming_the_job(lab: LabCloudStac
     assert caught.value.details["job_id"] in caught.value.message
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A port that accepts connections and never answers."""
@@ -177,7 +173,7 @@ def silent_server() -> Iterator[int]:
 
 
 async def test_unreachable_and_silent_cloudstacks(lab: LabCloudStack, silent_server: int) -> None:
-    closed = f"http://127.0.0.1:{closed_port()}/client/api"
+    closed = f"http://127.0.0.1:{free_tcp_port()}/client/api"
     with client(lab, api_url=closed) as c, pytest.raises(ApiError) as caught:
         await c.list("listZones")
     assert (caught.value.status, caught.value.code) == (502, UPSTREAM_UNAVAILABLE)
@@ -213,3 +209,30 @@ def test_the_error_table(errorcode: int, source: str, status: int, code: str) ->
     error = map_error("listZones", errorcode, "text", source)  # type: ignore[arg-type]
     assert (error.status, error.code) == (status, code)
     assert error.details["cloudstack_errorcode"] == errorcode
+
+
+@pytest.mark.parametrize(
+    ("typed", "endpoint"),
+    [
+        ("cloudstack:8080", "http://cloudstack:8080/client/api"),
+        ("https://cs.example.org", "https://cs.example.org/client/api"),
+        ("http://10.0.0.5:8080/client/api/", "http://10.0.0.5:8080/client/api"),
+        ("http://[fd00::5]:8080/cs", "http://[fd00::5]:8080/cs/client/api"),
+        ("ftp://cs", None),
+        ("http://user:pw@cs", None),
+        ("http://cs/?a=1", None),
+        ("http://cs:99999", None),
+        ("http://a..b", None),
+        ("x" * 300, None),
+        ("http://cs/a b", None),
+        ("http://c\x7fs", None),
+        ("http://[::1", None),
+        ("::", None),
+    ],
+)
+def test_api_urls_as_operators_type_them(typed: str, endpoint: str | None) -> None:
+    if endpoint is None:
+        with pytest.raises(ValueError):
+            api_url_of(typed)
+    else:
+        assert api_url_of(typed) == endpoint
