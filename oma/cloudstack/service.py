@@ -233,10 +233,8 @@ async def ossea_config(
         if not values and not any(v is not None for v in chosen.values()):
             raise ApiError.unprocessable("update needs config with the fields to change")
         stored = await settings.settings_by_id(db, box, config_id)
-        login = Login(
-            values.get("api_url") or stored.login.api_url,
-            values.get("api_key") or stored.login.api_key,
-            values.get("secret_key") or stored.login.secret_key,
+        login = _changed_login(
+            stored.login, values.get("api_url"), values.get("api_key"), values.get("secret_key")
         )
         validation = await _verified(config, login, stored.resources.merged(**chosen)) if verify else None
         updated = await settings.update_config(
@@ -253,6 +251,18 @@ async def ossea_config(
         body = {**answer, "message": "CloudStack settings updated", "config": updated}
         return ({**body, "validation": validation} if validation else body), 200
     raise ApiError.unprocessable(f"unknown action {action!r}: get, create, update, delete or test")
+
+
+def _changed_login(stored: Login, api_url: str | None, api_key: str | None, secret_key: str | None) -> Login:
+    """The saved login with what a request changes. The keys go together, and a new URL comes
+    with them: saved keys are never sent to a URL a request names."""
+    if (api_key is None) != (secret_key is None):
+        raise ApiError.unprocessable(
+            "give api_key and secret_key together (or neither, to keep the saved ones)"
+        )
+    if api_key is None and api_url is not None and api_url != stored.api_url:
+        raise ApiError.unprocessable("a new api_url needs its api_key and secret_key")
+    return Login(api_url or stored.api_url, api_key or stored.api_key, secret_key or stored.secret_key)
 
 
 def _needs_id(action: str, config_id: int | None) -> int:
@@ -276,15 +286,13 @@ async def save_streamlined(
     when they exist: their keys are kept when the request gives none) and make them the active
     ones. No ``oma_vm_id``: the OMA VM is detected (:mod:`~oma.cloudstack.omavm`)."""
     existing_id = await settings.config_id_by_name(db, name)
-    if given.api_key is None and given.secret_key is None and existing_id is not None:
+    if existing_id is not None:
         stored = await settings.settings_by_id(db, box, existing_id)
-        login = Login(given.api_url or stored.login.api_url, stored.login.api_key, stored.login.secret_key)
+        login = _changed_login(stored.login, given.api_url, given.api_key, given.secret_key)
     elif given.api_url and given.api_key and given.secret_key:
         login = Login(given.api_url, given.api_key, given.secret_key)
     else:
-        raise ApiError.unprocessable(
-            "give api_url, api_key and secret_key (the keys may be left out to keep saved ones)"
-        )
+        raise ApiError.unprocessable("new settings need api_url, api_key and secret_key")
     with CloudStackClient(login, ClientOptions.from_config(config)) as client:
         if not chosen.get("oma_vm_id"):
             chosen = {

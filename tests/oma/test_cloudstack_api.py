@@ -237,10 +237,19 @@ async def test_ossea_config_actions(oma: Oma, lab: LabCloudStack, oma_dsn: str) 
         ({"action": "create", "config": {"name": "x"}}, 422, "VALIDATION_FAILED"),
         ({"action": "explode"}, 422, "VALIDATION_FAILED"),
         ({"action": "get", "id": 0}, 422, "VALIDATION_FAILED"),
+        ({"action": "update", "id": 1, "config": {"secret_key": "s"}}, 422, "VALIDATION_FAILED"),
+        (
+            {"action": "update", "id": 1, "config": {"api_url": "http://elsewhere:8080"}},
+            422,
+            "VALIDATION_FAILED",
+        ),
         ({"action": "create", "config": {"name": "x", "zone_id": "zone-1"}}, 422, "VALIDATION_FAILED"),
     ],
 )
-async def test_ossea_config_bad_operations(oma: Oma, body: dict[str, Any], status: int, code: str) -> None:
+async def test_ossea_config_bad_operations(
+    oma: Oma, lab: LabCloudStack, body: dict[str, Any], status: int, code: str
+) -> None:
+    await oma.post("/ossea/config", json={"action": "create", "config": {"name": "one", **lab.login()}})
     r = await oma.post("/ossea/config", json=body)
     assert (r.status_code, r.json()["code"]) == (status, code), r.text
 
@@ -347,6 +356,10 @@ async def test_streamlined_save_detects_the_oma_vm_and_keeps_keys(oma: Oma, lab:
     assert r.json()["details"]["oma_vm"]["status"] == "fail"
     r = await oma.post("/ossea/config-streamlined", json={"zone_id": ZONE1})
     assert r.status_code == 422  # disk_offering_id is needed
+    # saved keys are not sent to a URL the request names
+    moved = {"base_url": "http://elsewhere:8080", "zone_id": ZONE1, "disk_offering_id": CUSTOM_DISK}
+    r = await oma.post("/ossea/config-streamlined", json=moved)
+    assert r.status_code == 422 and "a new api_url needs its api_key" in r.json()["error"]
 
 
 async def test_validate(oma: Oma, lab: LabCloudStack) -> None:
@@ -405,7 +418,8 @@ async def test_a_5xx_is_retried_and_a_stored_key_refused_is_a_409(oma: Oma, lab:
     await lab.fault(command="listNetworks", mode="error", errorcode=530, times=2)
     r = await oma.get("/settings/cloudstack/networks")
     assert r.status_code == 200 and r.json()["count"] == 4, r.text
-    update = {"action": "update", "id": 1, "config": {"secret_key": "changed"}, "verify": False}
+    keys = {"api_key": lab.api_key, "secret_key": "changed"}
+    update = {"action": "update", "id": 1, "config": keys, "verify": False}
     assert (await oma.post("/ossea/config", json=update)).status_code == 200
     r = await oma.get("/settings/cloudstack/networks")
     assert (r.status_code, r.json()["code"]) == (409, "CLOUDSTACK_AUTH_FAILED"), r.text
