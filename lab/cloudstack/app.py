@@ -176,8 +176,9 @@ def _from_loopback() -> bool:
 
 def create_app(settings: LabSettings) -> QuartTrio:
     app = QuartTrio(__name__)
-    # A job body is shielded; pending jobs are cancelled at shutdown and failed at the next start.
-    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = 10
+    # Pending jobs are cancelled at once at shutdown (and failed at the next start); a job whose
+    # body started finishes anyway, its body is shielded.
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = None
     cloud = Cloud(settings.seed, settings.options, settings.faults)
     runner = JobRunner(cloud, settings.job_delay, app.add_background_task)
     api = CloudStackApi(cloud, runner, settings.credentials)

@@ -13,6 +13,7 @@ stderr and status 1.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
 import sys
@@ -28,7 +29,7 @@ from pyapp.logs import setup_logging
 from pyapp.service import StartupError, bind_sockets, failure_message
 
 from .app import LabSettings, create_app
-from .cloud import Options
+from .cloud import Options, mac_problem
 from .seed import DEFAULT_SEED, SeedError, load_seed
 from .signing import Credentials
 
@@ -67,6 +68,14 @@ def settings_from(args: argparse.Namespace) -> tuple[LabSettings, str, int]:
         seed = load_seed(args.seed)
     except SeedError as exc:
         raise StartupError(str(exc)) from exc
+    oma_network = next(n for n in seed.networks if n.id == seed.omavm.networkid)
+    if args.oma_vm_mac is not None and (problem := mac_problem(args.oma_vm_mac)) is not None:
+        raise StartupError(f"--oma-vm-mac: {problem}")
+    if args.oma_vm_ip is not None and not _address_in(args.oma_vm_ip, oma_network.cidr):
+        raise StartupError(
+            f"--oma-vm-ip: {args.oma_vm_ip} is not a host address of the OMA VM's network"
+            f" {oma_network.name} ({oma_network.cidr})"
+        )
     data_dir: Path = args.data_dir.absolute()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +89,17 @@ def settings_from(args: argparse.Namespace) -> tuple[LabSettings, str, int]:
     )
     settings = LabSettings(seed, options, Credentials(args.api_key, args.secret_key), args.job_delay)
     return settings, args.host, args.port
+
+
+def _address_in(address: str, cidr: str | None) -> bool:
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        return False
+    if cidr is None:
+        return False
+    network = ipaddress.IPv4Network(cidr)
+    return ip in network and ip not in (network.network_address, network.broadcast_address)
 
 
 def hypercorn_config(host: str, port: int) -> HypercornConfig:

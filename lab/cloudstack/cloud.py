@@ -87,6 +87,15 @@ def standard_mac(mac: str) -> str:
     return mac.replace("-", ":").lower()
 
 
+def mac_problem(mac: str) -> str | None:
+    """Why CloudStack refuses ``mac`` for a NIC (NetUtils.isValidMac, isUnicastMac), or None."""
+    if not _MAC.match(mac):
+        return f"Mac address is not valid: {mac}"
+    if int(mac[:2], 16) & 1:
+        return f"Mac address is not unicast: {mac}"
+    return None
+
+
 @dataclass
 class Options:
     """What the command line sets."""
@@ -276,6 +285,13 @@ class Cloud:
             if vm is None:
                 raise InvalidParameterValue("Please specify a valid zone.")
             zone_id = vm.zoneid
+        size = self._data_disk_size(disk_offering_id, size_gb)
+        return self._new_volume(
+            name or str(uuid.uuid4()), zone_id, "DATADISK", size, diskofferingid=disk_offering_id
+        )
+
+    def _data_disk_size(self, disk_offering_id: str, size_gb: int | None) -> int:
+        """A data disk's size in bytes from its offering, or the custom size an offering needs."""
         offering = self.disk_offerings[disk_offering_id]
         if offering.iscustomized:
             if size_gb is None:
@@ -286,14 +302,10 @@ class Cloud:
                 raise InvalidParameterValue(
                     f"Volume size: {size_gb}GB is out of allowed range. Max: {high} Min:{low}"
                 )
-            size = size_gb * GiB
-        else:
-            if size_gb is not None:
-                raise InvalidParameterValue("This disk offering does not allow custom size")
-            size = offering.disksize * GiB
-        return self._new_volume(
-            name or str(uuid.uuid4()), zone_id, "DATADISK", size, diskofferingid=offering.id
-        )
+            return size_gb * GiB
+        if size_gb is not None:
+            raise InvalidParameterValue("This disk offering does not allow custom size")
+        return offering.disksize * GiB
 
     async def _create_on_primary(self, vol: Volume) -> None:
         await self.storage.create_volume_file(vol.id, vol.size)
@@ -413,10 +425,7 @@ class Cloud:
         vol = self.volume(volume_id)
         if vol is None:
             raise InvalidParameterValue(f"Unable to find volume with ID: {volume_id}")
-        if any(
-            s.volumeid == vol.id and s.state in ("Allocated", "Creating") and s.removed is None
-            for s in self.state.snapshots.values()
-        ):
+        if self._snapshot_in_progress({vol.id}):
             raise InvalidParameterValue(
                 "There are snapshot operations in progress on the volume, unable to delete it"
             )
@@ -433,6 +442,12 @@ class Cloud:
         vol.virtualmachineid = vol.deviceid = vol.attached = None
 
     # -- snapshots ------------------------------------------------------------------------------
+
+    def _snapshot_in_progress(self, volume_ids: set[str]) -> bool:
+        return any(
+            s.volumeid in volume_ids and s.state in ("Allocated", "Creating") and s.removed is None
+            for s in self.state.snapshots.values()
+        )
 
     def alloc_snapshot(self, volume_id: str, name: str | None) -> Snapshot:
         """createSnapshot's synchronous part (``allocSnapshot`` and ``supportedByHypervisor``)."""
@@ -456,11 +471,7 @@ class Cloud:
                     f"Creating snapshot failed due to volume:{vol.id} is associated with vm:{vm.instancename}"
                     f" is in {vm.state} state"
                 )
-            attached = {v.id for v in self.vm_volumes(vm)}
-            if any(
-                s.volumeid in attached and s.state in ("Allocated", "Creating") and s.removed is None
-                for s in self.state.snapshots.values()
-            ):
+            if self._snapshot_in_progress({v.id for v in self.vm_volumes(vm)}):
                 raise InvalidParameterValue(
                     "There is other active snapshot tasks on the instance to which the volume is attached,"
                     " please try again later"
@@ -578,11 +589,10 @@ class Cloud:
             if nic.networkid == net.id
         }
         if wanted:
-            if not _MAC.match(wanted):
-                raise InvalidParameterValue(f"Mac address is not valid: {wanted}")
+            problem = mac_problem(wanted)
+            if problem is not None:
+                raise InvalidParameterValue(problem)
             mac = standard_mac(wanted)
-            if int(mac[:2], 16) & 1:
-                raise InvalidParameterValue(f"Mac address is not unicast: {wanted}")
             if mac in in_use:
                 raise InvalidParameterValue(f"The MAC address {mac} is already in use in network {net.name}")
             return mac
@@ -672,7 +682,7 @@ class Cloud:
                     deviceid=index,
                 )
             )
-        data_disk: Volume | None = None
+        data_size = self._data_disk_size(disk_offering_id, size_gb) if disk_offering_id else None
         vm = VirtualMachine(
             id=vm_uuid,
             internalid=self.state.new_internal_id(),
@@ -685,30 +695,30 @@ class Cloud:
             created=cs_date(),
             nics=nics,
         )
-        if disk_offering_id is not None:
-            data_disk = self.alloc_volume(
-                name=f"DATA-{vm.internalid}",
-                zone_id=zone_id,
-                disk_offering_id=disk_offering_id,
-                size_gb=size_gb,
-                vm_id=None,
-            )
         self.state.vms[vm.id] = vm
         root = self._new_volume(f"ROOT-{vm.internalid}", zone_id, "ROOT", size, templateid=template.id)
         self._attach(root, vm, 0)
-        if data_disk is not None:
-            self._attach(data_disk, vm, 1)
+        if disk_offering_id is not None and data_size is not None:
+            data = self._new_volume(
+                f"DATA-{vm.internalid}", zone_id, "DATADISK", data_size, diskofferingid=disk_offering_id
+            )
+            self._attach(data, vm, 1)
         return vm
 
     async def deploy_vm(self, vm_id: str, start: bool) -> VirtualMachine:
         """deployVirtualMachine's job: the volumes created on primary storage, the VM started."""
         vm = self.state.vms[vm_id]
-        for vol in self.vm_volumes(vm):
-            if vol.state == "Allocated":
-                await self._create_on_primary(vol)
+        await self._create_allocated_volumes(vm)
         if start:
             self._power_on(vm)
         return vm
+
+    async def _create_allocated_volumes(self, vm: VirtualMachine) -> None:
+        """A VM's volumes get their files before it first runs (CloudStack creates them on
+        primary storage when the VM is deployed on a host)."""
+        for vol in self.vm_volumes(vm):
+            if vol.state == "Allocated":
+                await self._create_on_primary(vol)
 
     def _vm_for_power(self, vm_id: str) -> VirtualMachine:
         vm = self.vm(vm_id)
@@ -721,9 +731,7 @@ class Cloud:
     async def start_vm(self, vm_id: str) -> VirtualMachine:
         vm = self._vm_for_power(vm_id)
         if vm.state != "Running":  # starting a running VM succeeds and changes nothing
-            for vol in self.vm_volumes(vm):
-                if vol.state == "Allocated":
-                    await self._create_on_primary(vol)
+            await self._create_allocated_volumes(vm)
             self._power_on(vm)
         return vm
 

@@ -23,12 +23,13 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from . import render
 from .cloud import Cloud
 from .errors import InvalidParameterValue, param_error
 from .jobs import AsyncStart
+from .state import Snapshot, VirtualMachine, Volume
 
 Args = dict[str, Any]
 ParamType = Literal["uuid", "string", "long", "integer", "boolean", "uuids", "strings", "map"]
@@ -170,39 +171,51 @@ def _page(args: Args, items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     return items[start : start + size], len(items)
 
 
-def _listed(object_name: str, args: Args, items: list[dict[str, Any]]) -> dict[str, Any]:
-    shown, count = _page(args, items)
+def _listed(
+    object_name: str,
+    args: Args,
+    items: Iterable[dict[str, Any]],
+    *,
+    like: tuple[str, ...] = ("name",),
+    **equal: str,
+) -> dict[str, Any]:
+    """A list answer: ``items`` filtered as the list commands filter, then paged. ``equal`` maps
+    an argument to the field it must equal; ``ids`` keeps the listed ids; ``keyword`` matches the
+    ``like`` fields by substring, ignoring case (SQL LIKE)."""
+
+    def matches(obj: Mapping[str, Any]) -> bool:
+        if any(arg in args and obj.get(field) != args[arg] for arg, field in equal.items()):
+            return False
+        if "ids" in args and obj.get("id") not in args["ids"]:
+            return False
+        keyword = args.get("keyword")
+        return not keyword or any(keyword.lower() in str(obj.get(f, "")).lower() for f in like)
+
+    shown, count = _page(args, [obj for obj in items if matches(obj)])
     return render.list_response(object_name, shown, count)
 
 
-def _matches(args: Args, obj: Mapping[str, Any], *, like: Iterable[str] = ("name",), **equal: str) -> bool:
-    """Filters as the list commands apply them: ``equal`` maps an argument to the field it must
-    equal; ``keyword`` matches the ``like`` fields by substring, ignoring case (SQL LIKE)."""
-    for arg, field in equal.items():
-        if arg in args and obj.get(field) != args[arg]:
-            return False
-    keyword = args.get("keyword")
-    if keyword:
-        return any(keyword.lower() in str(obj.get(f, "")).lower() for f in like)
-    return True
+_Row = TypeVar("_Row", VirtualMachine, Volume, Snapshot)
+
+
+def _live(objects: Iterable[_Row]) -> list[_Row]:
+    """Objects not removed, oldest first (CloudStack lists by id)."""
+    return sorted((o for o in objects if o.removed is None), key=lambda o: o.internalid)
 
 
 # -- synchronous commands -----------------------------------------------------------------------
 
 
 async def list_zones(cloud: Cloud, args: Args) -> dict[str, Any]:
-    items = [render.zone(cloud, z) for z in cloud.zones.values()]
-    return _listed("zone", args, [z for z in items if _matches(args, z, id="id", name="name")])
+    return _listed("zone", args, (render.zone(cloud, z) for z in cloud.zones.values()), id="id", name="name")
 
 
 async def list_domains(cloud: Cloud, args: Args) -> dict[str, Any]:
-    items = [render.domain(cloud)]
-    return _listed("domain", args, [d for d in items if _matches(args, d, id="id", name="name")])
+    return _listed("domain", args, [render.domain(cloud)], id="id", name="name")
 
 
 async def list_accounts(cloud: Cloud, args: Args) -> dict[str, Any]:
-    items = [render.account(cloud)]
-    return _listed("account", args, [a for a in items if _matches(args, a, id="id", name="name")])
+    return _listed("account", args, [render.account(cloud)], id="id", name="name")
 
 
 async def list_capabilities(cloud: Cloud, args: Args) -> dict[str, Any]:
@@ -210,29 +223,23 @@ async def list_capabilities(cloud: Cloud, args: Args) -> dict[str, Any]:
 
 
 async def list_networks(cloud: Cloud, args: Args) -> dict[str, Any]:
-    items = [render.network(cloud, n) for n in cloud.networks.values()]
+    items = (render.network(cloud, n) for n in cloud.networks.values())
     return _listed(
-        "network",
-        args,
-        [
-            n
-            for n in items
-            if _matches(args, n, like=("name", "displaytext"), id="id", zoneid="zoneid", type="type")
-        ],
+        "network", args, items, like=("name", "displaytext"), id="id", zoneid="zoneid", type="type"
     )
 
 
 async def list_service_offerings(cloud: Cloud, args: Args) -> dict[str, Any]:
-    items = [render.service_offering(cloud, o) for o in cloud.service_offerings.values()]
-    return _listed("serviceoffering", args, [o for o in items if _matches(args, o, id="id", name="name")])
+    items = (render.service_offering(cloud, o) for o in cloud.service_offerings.values())
+    return _listed("serviceoffering", args, items, id="id", name="name")
 
 
 async def list_disk_offerings(cloud: Cloud, args: Args) -> dict[str, Any]:
-    items = [render.disk_offering(cloud, o) for o in cloud.disk_offerings.values()]
-    return _listed("diskoffering", args, [o for o in items if _matches(args, o, id="id", name="name")])
+    items = (render.disk_offering(cloud, o) for o in cloud.disk_offerings.values())
+    return _listed("diskoffering", args, items, id="id", name="name")
 
 
-TEMPLATE_FILTERS = {
+TEMPLATE_FILTERS = (
     "featured",
     "self",
     "selfexecutable",
@@ -240,90 +247,54 @@ TEMPLATE_FILTERS = {
     "executable",
     "community",
     "all",
-}
+)
 
 
 async def list_templates(cloud: Cloud, args: Args) -> dict[str, Any]:
     if args["templatefilter"] not in TEMPLATE_FILTERS:
         raise InvalidParameterValue(
-            f"Please specify a valid template filter, one of {', '.join(sorted(TEMPLATE_FILTERS))}"
+            f"Please specify a valid template filter, one of {', '.join(TEMPLATE_FILTERS)}"
         )
-    items = [
-        e for t in cloud.templates.values() for e in render.template_entries(cloud, t, args.get("zoneid"))
-    ]
-    return _listed("template", args, [t for t in items if _matches(args, t, id="id", name="name")])
-
-
-def _vm_matches(cloud: Cloud, args: Args, vm: dict[str, Any]) -> bool:
-    if "name" in args and args["name"].lower() not in vm["name"].lower():  # name LIKE %name%
-        return False
-    if "ids" in args and vm["id"] not in args["ids"]:
-        return False
-    if "networkid" in args and all(n["networkid"] != args["networkid"] for n in vm["nic"]):
-        return False
-    return _matches(args, vm, like=("name", "displayname", "state"), id="id", zoneid="zoneid", state="state")
+    zone = args.get("zoneid")
+    items = (e for t in cloud.templates.values() for e in render.template_entries(cloud, t, zone))
+    return _listed("template", args, items, id="id", name="name")
 
 
 async def list_virtual_machines(cloud: Cloud, args: Args) -> dict[str, Any]:
-    vms = sorted((vm for vm in cloud.state.vms.values() if vm.removed is None), key=lambda v: v.internalid)
-    items = [render.virtual_machine(cloud, vm) for vm in vms]
-    return _listed("virtualmachine", args, [vm for vm in items if _vm_matches(cloud, args, vm)])
+    def wanted(vm: dict[str, Any]) -> bool:
+        if "name" in args and args["name"].lower() not in vm["name"].lower():  # name LIKE %name%
+            return False
+        return "networkid" not in args or any(n["networkid"] == args["networkid"] for n in vm["nic"])
+
+    items = (render.virtual_machine(cloud, vm) for vm in _live(cloud.state.vms.values()))
+    return _listed(
+        "virtualmachine", args, filter(wanted, items), like=("name", "displayname", "state"), id="id",
+        zoneid="zoneid", state="state",
+    )  # fmt: skip
 
 
 async def list_nics(cloud: Cloud, args: Args) -> dict[str, Any]:
     vm = cloud.vm(args["virtualmachineid"])
     if vm is None:
         raise InvalidParameterValue(f"Unable to find a virtual machine with id {args['virtualmachineid']}")
-    items = [render.nic(cloud, n) for n in vm.nics]
-    return _listed("nic", args, [n for n in items if _matches(args, n, nicid="id", networkid="networkid")])
+    items = (render.nic(cloud, n) for n in vm.nics)
+    return _listed("nic", args, items, nicid="id", networkid="networkid")
 
 
 async def list_volumes(cloud: Cloud, args: Args) -> dict[str, Any]:
-    vols = sorted((v for v in cloud.state.volumes.values() if v.removed is None), key=lambda v: v.internalid)
-    items = [render.volume(cloud, v) for v in vols]
+    items = (render.volume(cloud, v) for v in _live(cloud.state.volumes.values()))
     return _listed(
-        "volume",
-        args,
-        [
-            v
-            for v in items
-            if ("ids" not in args or v["id"] in args["ids"])
-            and _matches(
-                args,
-                v,
-                id="id",
-                zoneid="zoneid",
-                virtualmachineid="virtualmachineid",
-                type="type",
-                name="name",
-                diskofferingid="diskofferingid",
-            )
-        ],
-    )
+        "volume", args, items, id="id", zoneid="zoneid", virtualmachineid="virtualmachineid", type="type",
+        name="name", diskofferingid="diskofferingid",
+    )  # fmt: skip
 
 
 async def list_snapshots(cloud: Cloud, args: Args) -> dict[str, Any]:
-    snaps = sorted(
-        (s for s in cloud.state.snapshots.values() if s.removed is None), key=lambda s: s.internalid
-    )
-    items = [render.snapshot(cloud, s) for s in snaps]
+    items = (render.snapshot(cloud, s) for s in _live(cloud.state.snapshots.values()))
     return _listed(
-        "snapshot",
-        args,
-        [
-            s
-            for s in items
-            if _matches(
-                args,
-                s,
-                id="id",
-                volumeid="volumeid",
-                zoneid="zoneid",
-                name="name",
-                snapshottype="snapshottype",
-            )
-        ],
-    )
+        "snapshot", args, items, id="id", volumeid="volumeid", zoneid="zoneid", name="name",
+        snapshottype="snapshottype",
+    )  # fmt: skip
 
 
 async def query_async_job_result(cloud: Cloud, args: Args) -> dict[str, Any]:
@@ -463,214 +434,90 @@ async def destroy_virtual_machine(cloud: Cloud, args: Args) -> AsyncStart:
 _USER = "org.apache.cloudstack.api.command.user"
 _ADMIN = "org.apache.cloudstack.api.command.admin"
 
-COMMANDS: dict[str, Command] = {
-    c.name: c
-    for c in (
-        Command(
-            "listZones", (P("id", "uuid", "zone"), P("name"), P("available", "boolean"), *PAGING), list_zones
-        ),
-        Command("listDomains", (P("id", "uuid", "domain"), P("name"), *PAGING), list_domains),
-        Command("listAccounts", (P("id", "uuid", "account"), P("name"), *PAGING), list_accounts),
-        Command("listCapabilities", (), list_capabilities),
-        Command(
-            "listNetworks",
-            (
-                P("id", "uuid", "network"),
-                P("zoneid", "uuid", "zone"),
-                P("type"),
-                P("canusefordeploy", "boolean"),
-                P("isrecursive", "boolean"),
-                *PAGING,
-            ),
-            list_networks,
-        ),
-        Command(
-            "listServiceOfferings",
-            (P("id", "uuid", "serviceoffering"), P("name"), P("zoneid", "uuid", "zone"), *PAGING),
-            list_service_offerings,
-        ),
-        Command(
-            "listDiskOfferings",
-            (P("id", "uuid", "diskoffering"), P("name"), P("zoneid", "uuid", "zone"), *PAGING),
-            list_disk_offerings,
-        ),
-        Command(
-            "listTemplates",
-            (
-                P("templatefilter", required=True),
-                P("id", "uuid", "template"),
-                P("name"),
-                P("zoneid", "uuid", "zone"),
-                P("hypervisor"),
-                *PAGING,
-            ),
-            list_templates,
-        ),
-        Command(
-            "listVirtualMachines",
-            (
-                P("id", "uuid", "vm"),
-                P("ids", "uuids", "vm"),
-                P("zoneid", "uuid", "zone"),
-                P("name"),
-                P("state"),
-                P("networkid", "uuid", "network"),
-                P("details", "strings"),
-                P("isrecursive", "boolean"),
-                *PAGING,
-            ),
-            list_virtual_machines,
-        ),
-        Command(
-            "listNics",
-            (
-                P("virtualmachineid", "uuid", "vm", required=True),
-                P("nicid", "uuid", "nic"),
-                P("networkid", "uuid", "network"),
-                *PAGING,
-            ),
-            list_nics,
-        ),
-        Command(
-            "listVolumes",
-            (
-                P("id", "uuid", "volume"),
-                P("ids", "uuids", "volume"),
-                P("zoneid", "uuid", "zone"),
-                P("virtualmachineid", "uuid", "vm"),
-                P("type"),
-                P("name"),
-                P("diskofferingid", "uuid", "diskoffering"),
-                P("isrecursive", "boolean"),
-                *PAGING,
-            ),
-            list_volumes,
-        ),
-        Command(
-            "listSnapshots",
-            (
-                P("id", "uuid", "snapshot"),
-                P("volumeid", "uuid", "volume"),
-                P("zoneid", "uuid", "zone"),
-                P("name"),
-                P("snapshottype"),
-                P("isrecursive", "boolean"),
-                *PAGING,
-            ),
-            list_snapshots,
-        ),
-        Command("queryAsyncJobResult", (P("jobid", "uuid", "job", required=True),), query_async_job_result),
-        Command("deleteVolume", (P("id", "uuid", "volume", required=True),), delete_volume, mutates=True),
-        Command(
-            "updateVirtualMachine",
-            (P("id", "uuid", "vm", required=True), P("displayname"), P("name"), P("haenable", "boolean")),
-            update_virtual_machine,
-            mutates=True,
-        ),
-        Command(
-            "createVolume",
-            (
-                P("name"),
-                P("zoneid", "uuid", "zone"),
-                P("diskofferingid", "uuid", "diskoffering"),
-                P("size", "long"),
-                P("virtualmachineid", "uuid", "vm"),
-                P("displayvolume", "boolean"),
-            ),
-            start=create_volume,
-            java_class=f"{_ADMIN}.volume.CreateVolumeCmdByAdmin",
-            mutates=True,
-        ),
-        Command(
-            "attachVolume",
-            (
-                P("id", "uuid", "volume", required=True),
-                P("virtualmachineid", "uuid", "vm", required=True),
-                P("deviceid", "long"),
-            ),
-            start=attach_volume,
-            java_class=f"{_ADMIN}.volume.AttachVolumeCmdByAdmin",
-            mutates=True,
-        ),
-        Command(
-            "detachVolume",
-            (P("id", "uuid", "volume"), P("virtualmachineid", "uuid", "vm"), P("deviceid", "long")),
-            start=detach_volume,
-            java_class=f"{_ADMIN}.volume.DetachVolumeCmdByAdmin",
-            mutates=True,
-        ),
-        Command(
-            "createSnapshot",
-            (
-                P("volumeid", "uuid", "volume", required=True),
-                P("name"),
-                P("asyncbackup", "boolean"),
-                P("quiescevm", "boolean"),
-            ),
-            start=create_snapshot,
-            java_class=f"{_USER}.snapshot.CreateSnapshotCmd",
-            mutates=True,
-        ),
-        Command(
-            "revertSnapshot",
-            (P("id", "uuid", "snapshot", required=True),),
-            start=revert_snapshot,
-            java_class=f"{_USER}.snapshot.RevertSnapshotCmd",
-            mutates=True,
-        ),
-        Command(
-            "deleteSnapshot",
-            (P("id", "uuid", "snapshot", required=True),),
-            start=delete_snapshot,
-            java_class=f"{_USER}.snapshot.DeleteSnapshotCmd",
-            mutates=True,
-        ),
-        Command(
-            "deployVirtualMachine",
-            (
-                P("zoneid", "uuid", "zone", required=True),
-                P("serviceofferingid", "uuid", "serviceoffering", required=True),
-                P("templateid", "uuid", "template", required=True),
-                P("name"),
-                P("displayname"),
-                P("networkids", "uuids", "network"),
-                P("ipaddress"),
-                P("macaddress"),
-                P("iptonetworklist", "map"),
-                P("startvm", "boolean"),
-                P("rootdisksize", "long"),
-                P("diskofferingid", "uuid", "diskoffering"),
-                P("size", "long"),
-                P("hypervisor"),
-            ),
-            start=deploy_virtual_machine,
-            java_class=f"{_ADMIN}.vm.DeployVMCmdByAdmin",
-            mutates=True,
-        ),
-        Command(
-            "startVirtualMachine",
-            (P("id", "uuid", "vm", required=True),),
-            start=start_virtual_machine,
-            java_class=f"{_ADMIN}.vm.StartVMCmdByAdmin",
-            mutates=True,
-        ),
-        Command(
-            "stopVirtualMachine",
-            (P("id", "uuid", "vm", required=True), P("forced", "boolean")),
-            start=stop_virtual_machine,
-            java_class=f"{_ADMIN}.vm.StopVMCmdByAdmin",
-            mutates=True,
-        ),
-        Command(
-            "destroyVirtualMachine",
-            (
-                P("id", "uuid", "vm", required=True),
-                P("expunge", "boolean"),
-                P("volumeids", "uuids", "volume"),
-            ),
-            start=destroy_virtual_machine,
-            java_class=f"{_ADMIN}.vm.DestroyVMCmdByAdmin",
-            mutates=True,
-        ),
-    )
-}
+
+def _job(name: str, params: tuple[Param, ...], start: AsyncHandler, java_class: str) -> Command:
+    return Command(name, params, start=start, java_class=java_class, mutates=True)
+
+
+_ID_VOLUME = P("id", "uuid", "volume", required=True)
+_ID_SNAPSHOT = P("id", "uuid", "snapshot", required=True)
+_ID_VM = P("id", "uuid", "vm", required=True)
+
+# One entry a command, its parameters in the order CloudStack's command class declares them.
+# fmt: off
+COMMANDS: dict[str, Command] = {c.name: c for c in (
+    Command("listZones", (
+        P("id", "uuid", "zone"), P("name"), P("available", "boolean"), *PAGING,
+    ), list_zones),
+    Command("listDomains", (P("id", "uuid", "domain"), P("name"), *PAGING), list_domains),
+    Command("listAccounts", (P("id", "uuid", "account"), P("name"), *PAGING), list_accounts),
+    Command("listCapabilities", (), list_capabilities),
+    Command("listNetworks", (
+        P("id", "uuid", "network"), P("zoneid", "uuid", "zone"), P("type"), P("canusefordeploy", "boolean"),
+        P("isrecursive", "boolean"), *PAGING,
+    ), list_networks),
+    Command("listServiceOfferings", (
+        P("id", "uuid", "serviceoffering"), P("name"), P("zoneid", "uuid", "zone"), *PAGING,
+    ), list_service_offerings),
+    Command("listDiskOfferings", (
+        P("id", "uuid", "diskoffering"), P("name"), P("zoneid", "uuid", "zone"), *PAGING,
+    ), list_disk_offerings),
+    Command("listTemplates", (
+        P("templatefilter", required=True), P("id", "uuid", "template"), P("name"),
+        P("zoneid", "uuid", "zone"), P("hypervisor"), *PAGING,
+    ), list_templates),
+    Command("listVirtualMachines", (
+        P("id", "uuid", "vm"), P("ids", "uuids", "vm"), P("zoneid", "uuid", "zone"), P("name"), P("state"),
+        P("networkid", "uuid", "network"), P("details", "strings"), P("isrecursive", "boolean"), *PAGING,
+    ), list_virtual_machines),
+    Command("listNics", (
+        P("virtualmachineid", "uuid", "vm", required=True), P("nicid", "uuid", "nic"),
+        P("networkid", "uuid", "network"), *PAGING,
+    ), list_nics),
+    Command("listVolumes", (
+        P("id", "uuid", "volume"), P("ids", "uuids", "volume"), P("zoneid", "uuid", "zone"),
+        P("virtualmachineid", "uuid", "vm"), P("type"), P("name"),
+        P("diskofferingid", "uuid", "diskoffering"), P("isrecursive", "boolean"), *PAGING,
+    ), list_volumes),
+    Command("listSnapshots", (
+        P("id", "uuid", "snapshot"), P("volumeid", "uuid", "volume"), P("zoneid", "uuid", "zone"), P("name"),
+        P("snapshottype"), P("isrecursive", "boolean"), *PAGING,
+    ), list_snapshots),
+    Command("queryAsyncJobResult", (P("jobid", "uuid", "job", required=True),), query_async_job_result),
+    Command("deleteVolume", (_ID_VOLUME,), delete_volume, mutates=True),
+    Command("updateVirtualMachine", (
+        _ID_VM, P("displayname"), P("name"), P("haenable", "boolean"),
+    ), update_virtual_machine, mutates=True),
+    _job("createVolume", (
+        P("name"), P("zoneid", "uuid", "zone"), P("diskofferingid", "uuid", "diskoffering"),
+        P("size", "long"), P("virtualmachineid", "uuid", "vm"), P("displayvolume", "boolean"),
+    ), create_volume, f"{_ADMIN}.volume.CreateVolumeCmdByAdmin"),
+    _job("attachVolume", (
+        _ID_VOLUME, P("virtualmachineid", "uuid", "vm", required=True), P("deviceid", "long"),
+    ), attach_volume, f"{_ADMIN}.volume.AttachVolumeCmdByAdmin"),
+    _job("detachVolume", (
+        P("id", "uuid", "volume"), P("virtualmachineid", "uuid", "vm"), P("deviceid", "long"),
+    ), detach_volume, f"{_ADMIN}.volume.DetachVolumeCmdByAdmin"),
+    _job("createSnapshot", (
+        P("volumeid", "uuid", "volume", required=True), P("name"), P("asyncbackup", "boolean"),
+        P("quiescevm", "boolean"),
+    ), create_snapshot, f"{_USER}.snapshot.CreateSnapshotCmd"),
+    _job("revertSnapshot", (_ID_SNAPSHOT,), revert_snapshot, f"{_USER}.snapshot.RevertSnapshotCmd"),
+    _job("deleteSnapshot", (_ID_SNAPSHOT,), delete_snapshot, f"{_USER}.snapshot.DeleteSnapshotCmd"),
+    _job("deployVirtualMachine", (
+        P("zoneid", "uuid", "zone", required=True),
+        P("serviceofferingid", "uuid", "serviceoffering", required=True),
+        P("templateid", "uuid", "template", required=True), P("name"), P("displayname"),
+        P("networkids", "uuids", "network"), P("ipaddress"), P("macaddress"), P("iptonetworklist", "map"),
+        P("startvm", "boolean"), P("rootdisksize", "long"), P("diskofferingid", "uuid", "diskoffering"),
+        P("size", "long"), P("hypervisor"),
+    ), deploy_virtual_machine, f"{_ADMIN}.vm.DeployVMCmdByAdmin"),
+    _job("startVirtualMachine", (_ID_VM,), start_virtual_machine, f"{_ADMIN}.vm.StartVMCmdByAdmin"),
+    _job("stopVirtualMachine", (
+        _ID_VM, P("forced", "boolean"),
+    ), stop_virtual_machine, f"{_ADMIN}.vm.StopVMCmdByAdmin"),
+    _job("destroyVirtualMachine", (
+        _ID_VM, P("expunge", "boolean"), P("volumeids", "uuids", "volume"),
+    ), destroy_virtual_machine, f"{_ADMIN}.vm.DestroyVMCmdByAdmin"),
+)}
+# fmt: on

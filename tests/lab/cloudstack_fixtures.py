@@ -152,6 +152,18 @@ class CloudStackLab:
         )["volume"]
         return volume
 
+    async def new_vm(self, **params: str) -> dict[str, Any]:
+        """A deployed VM (zone 1, lab-isolated, Medium Instance, the seed's template unless
+        ``params`` say otherwise), as its job answers it."""
+        deploy = {
+            "zoneid": ZONE1,
+            "serviceofferingid": MEDIUM_SO,
+            "templateid": TEMPLATE,
+            "networkids": ISOLATED,
+        }
+        vm: dict[str, Any] = (await self.ok("deployVirtualMachine", **{**deploy, **params}))["virtualmachine"]
+        return vm
+
     async def state(self) -> dict[str, Any]:
         response = await self.http.get(f"{self.base}/lab/state")
         assert response.status_code == 200, response.text

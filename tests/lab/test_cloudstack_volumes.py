@@ -10,11 +10,8 @@ import trio
 
 from .cloudstack_fixtures import (
     CUSTOM,
-    ISOLATED,
-    MEDIUM_SO,
     OMA_VM,
     SMALL,
-    TEMPLATE,
     ZONE1,
     ZONE2,
     ZONE2_NET,
@@ -29,7 +26,7 @@ from .cloudstack_fixtures import (
 
 
 async def test_async_job_lifecycle(tmp_path: Path, nursery: trio.Nursery) -> None:
-    lab = await start_lab(nursery, tmp_path / "cs", job_delay=0.5)
+    lab = await start_lab(nursery, tmp_path / "cs", job_delay=2.0)  # long enough to look
     accepted = await lab.api("createVolume", name="slow", zoneid=ZONE1, diskofferingid=SMALL)
     assert set(accepted) == {"id", "jobid"}  # a create command answers the new object's id too
     pending = await lab.api("queryAsyncJobResult", jobid=accepted["jobid"])
@@ -133,16 +130,7 @@ async def test_attach_rules(cloudstack: CloudStackLab) -> None:
 
 
 async def test_a_volume_attached_elsewhere_cannot_be_attached(cloudstack: CloudStackLab) -> None:
-    vm = (
-        await cloudstack.ok(
-            "deployVirtualMachine",
-            zoneid=ZONE1,
-            serviceofferingid=MEDIUM_SO,
-            templateid=TEMPLATE,
-            startvm="false",
-            networkids=ISOLATED,
-        )
-    )["virtualmachine"]
+    vm = await cloudstack.new_vm(startvm="false")
     volume = await cloudstack.new_volume()
     await cloudstack.ok("attachVolume", id=volume["id"], virtualmachineid=vm["id"])
     assert not cloudstack.link(volume["id"]).exists()  # not the OMA's guest
@@ -186,15 +174,7 @@ async def test_detach_rules(cloudstack: CloudStackLab) -> None:
 
 
 async def test_root_volume_detaches_and_reattaches_only_while_stopped(cloudstack: CloudStackLab) -> None:
-    vm = (
-        await cloudstack.ok(
-            "deployVirtualMachine",
-            zoneid=ZONE1,
-            serviceofferingid=MEDIUM_SO,
-            templateid=TEMPLATE,
-            networkids=ISOLATED,
-        )
-    )["virtualmachine"]
+    vm = await cloudstack.new_vm()
     assert vm["state"] == "Running"
     root = (await cloudstack.api("listVolumes", virtualmachineid=vm["id"], type="ROOT"))["volume"][0]
     assert root["deviceid"] == 0
@@ -252,11 +232,9 @@ async def test_create_volume_with_a_vm_attaches_it(cloudstack: CloudStackLab) ->
     result = await cloudstack.ok("createVolume", name="direct", diskofferingid=SMALL, virtualmachineid=OMA_VM)
     assert result["volume"]["zoneid"] == ZONE1 and result["volume"]["deviceid"] == 1
     assert cloudstack.link(result["volume"]["id"]).exists()
-    zone2_vm = await cloudstack.call(
-        "deployVirtualMachine",
-        zoneid=ZONE2,
-        serviceofferingid=MEDIUM_SO,
-        templateid=TEMPLATE,
-        networkids=ZONE2_NET,
+    zone2_vm = await cloudstack.new_vm(zoneid=ZONE2, networkids=ZONE2_NET)
+    wrong_zone = await cloudstack.run("createVolume", name="x", diskofferingid=SMALL, zoneid=ZONE1,
+                                      virtualmachineid=zone2_vm["id"])  # fmt: skip
+    assert (
+        wrong_zone["jobresult"]["errortext"] == "Please specify a VM that is in the same zone as the volume."
     )
-    assert zone2_vm.status_code == 200, zone2_vm.text
