@@ -285,16 +285,12 @@ def run_workers(config: OmaConfig) -> int:
                     deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
                     if len(deaths) > MAX_RESTARTS:
                         log.error(
-                            "%d worker deaths within %.0f s: stopping",
-                            len(deaths),
-                            RESTART_WINDOW_S,
+                            "%d worker deaths within %.0f s: stopping", len(deaths), RESTART_WINDOW_S,
                             extra={"action": "shutdown"},
                         )
                         return 1
                     log.error(
-                        "worker %s exited (%s): starting another",
-                        worker.pid,
-                        worker.exitcode,
+                        "worker %s exited (%s): starting another", worker.pid, worker.exitcode,
                         extra={"action": "worker_restart"},
                     )
                     worker.join(0)

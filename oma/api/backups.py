@@ -321,19 +321,17 @@ async def start_backup(data: StartBackupRequest) -> tuple[dict[str, Any], int]:
 @validate_querystring(BackupListQuery)
 async def list_backups(query_args: BackupListQuery) -> Response:
     q = query_args
-    return json_response(
-        await json_page(
-            state().db,
-            "backups",
-            columns=BACKUP_FIELDS,
-            from_where=f"FROM ({BACKUP_VIEW}) t WHERE ($1::text IS NULL OR t.vm_name = $1)"
-            " AND ($2::text IS NULL OR t.vm_context_id = $2) AND ($3::text IS NULL OR t.repository_id = $3)"
-            " AND ($4::text IS NULL OR t.backup_type = $4) AND ($5::text IS NULL OR t.status = $5)",
-            order=[("created_at", "DESC"), ("backup_id", "DESC")],
-            args=(q.vm_name, q.vm_context_id, q.repository_id, q.backup_type, q.status),
-            page=q,
-        )
-    )
+    return json_response(await json_page(
+        state().db,
+        "backups",
+        columns=BACKUP_FIELDS,
+        from_where=f"FROM ({BACKUP_VIEW}) t WHERE ($1::text IS NULL OR t.vm_name = $1)"
+        " AND ($2::text IS NULL OR t.vm_context_id = $2) AND ($3::text IS NULL OR t.repository_id = $3)"
+        " AND ($4::text IS NULL OR t.backup_type = $4) AND ($5::text IS NULL OR t.status = $5)",
+        order=[("created_at", "DESC"), ("backup_id", "DESC")],
+        args=(q.vm_name, q.vm_context_id, q.repository_id, q.backup_type, q.status),
+        page=q,
+    ))
 
 
 @bp.get("/backup/chain")

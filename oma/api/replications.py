@@ -200,18 +200,16 @@ async def _disks_for(conn: Database | Connection, vm: SourceVM) -> list[SourceDi
 @allow_vma
 @validate_querystring(ReplicationListQuery)
 async def list_replications(query_args: ReplicationListQuery) -> Response:
-    return json_response(
-        await json_page(
-            state().db,
-            "replications",
-            columns=JOB_COLUMNS,
-            from_where="FROM replication_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
-            " AND ($2::text IS NULL OR t.vm_name = $2)",
-            order=[("created_at", "DESC"), ("id", "DESC")],
-            args=(query_args.status, query_args.vm_name),
-            page=query_args,
-        )
-    )
+    return json_response(await json_page(
+        state().db,
+        "replications",
+        columns=JOB_COLUMNS,
+        from_where="FROM replication_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
+        " AND ($2::text IS NULL OR t.vm_name = $2)",
+        order=[("created_at", "DESC"), ("id", "DESC")],
+        args=(query_args.status, query_args.vm_name),
+        page=query_args,
+    ))
 
 
 @dataclass(frozen=True)

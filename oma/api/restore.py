@@ -218,18 +218,16 @@ async def start_full_restore(data: FullRestoreRequest) -> tuple[dict[str, Any], 
 @requires("viewer")
 @validate_querystring(FullRestoreListQuery)
 async def list_full_restores(query_args: FullRestoreListQuery) -> Response:
-    return json_response(
-        await json_page(
-            restore_service().db,
-            "restores",
-            columns=LIST_COLUMNS,
-            from_where="FROM restore_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
-            " AND ($2::text IS NULL OR t.backup_id = $2)",
-            order=[("created_at", "DESC"), ("id", "DESC")],
-            args=(query_args.status, query_args.backup_id),
-            page=query_args,
-        )
-    )
+    return json_response(await json_page(
+        restore_service().db,
+        "restores",
+        columns=LIST_COLUMNS,
+        from_where="FROM restore_jobs t WHERE ($1::text IS NULL OR t.status = $1)"
+        " AND ($2::text IS NULL OR t.backup_id = $2)",
+        order=[("created_at", "DESC"), ("id", "DESC")],
+        args=(query_args.status, query_args.backup_id),
+        page=query_args,
+    ))
 
 
 @bp.get("/restore/full/<restore_id>")

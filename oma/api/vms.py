@@ -98,17 +98,15 @@ async def upsert_vms(
 @validate_querystring(VmListQuery)
 async def list_vms(query_args: VmListQuery) -> Response:
     pattern = None if query_args.search is None else f"%{query_args.search}%"
-    return json_response(
-        await json_page(
-            state().db,
-            "vms",
-            columns=VM_COLUMNS,
-            from_where="FROM vms t WHERE ($1::text IS NULL OR t.name ILIKE $1)",
-            order=[("name", "ASC"), ("id", "ASC")],
-            args=(pattern,),
-            page=query_args,
-        )
-    )
+    return json_response(await json_page(
+        state().db,
+        "vms",
+        columns=VM_COLUMNS,
+        from_where="FROM vms t WHERE ($1::text IS NULL OR t.name ILIKE $1)",
+        order=[("name", "ASC"), ("id", "ASC")],
+        args=(pattern,),
+        page=query_args,
+    ))
 
 
 @bp.post("/vms/inventory")

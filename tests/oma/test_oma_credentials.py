@@ -244,6 +244,8 @@ async def test_insecure_is_explicit_and_shows_in_answers_and_logs(
     assert [c["tls_mode"] for c in listing if c["id"] == cred["id"]] == ["insecure"]
     await oma.post(f"/vmware-credentials/{cred['id']}/test")
     assert vma.requests[-1][2]["tls_mode"] == "insecure"
-    warnings = [line for line in log_capture.getvalue().splitlines() if "without TLS verification" in line]
+    warnings = [
+        line for line in log_capture.getvalue().splitlines() if "without TLS verification" in line
+    ]
     assert len(warnings) >= 2  # on create and on each use
     assert all(vma.vcenter_host in line and "warning" in line.lower() for line in warnings)
