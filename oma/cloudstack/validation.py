@@ -150,38 +150,54 @@ def _zone(zones: list[dict[str, Any]], zone_id: str, required: bool) -> Check:
     return Check("pass", f"zone {zone['name']}", {"zone": zone})
 
 
-async def _disk_offering(client: CloudStackClient, offering_id: str, required: bool) -> Check:
-    if not offering_id:
-        return _not_chosen("disk offering", required, "replica volumes are created with it")
-    found = await _one(client, "listDiskOfferings", offering_id)
-    if found is None:
-        return Check("fail", f"CloudStack has no disk offering {offering_id}")
-    offering = disk_offering_view(found)
-    if not offering["is_customized"]:
-        return Check(
-            "warning",
-            f"disk offering {offering['name']} has a fixed size ({offering['disk_size_gb']} GiB): only disks"
-            " up to that size can be replicated; a custom-size offering fits every disk",
-            {"disk_offering": offering},
-        )
-    return Check("pass", f"disk offering {offering['name']} (custom size)", {"disk_offering": offering})
+@dataclass(frozen=True)
+class _Offering:
+    """A kind of offering as the checks see it."""
+
+    key: str
+    what: str
+    command: str
+    view: Callable[[dict[str, Any]], dict[str, Any]]
+    #: The warning for an offering that is not customisable.
+    fixed: Callable[[dict[str, Any]], str]
+    custom: str
 
 
-async def _service_offering(client: CloudStackClient, offering_id: str, required: bool) -> Check:
+DISK_OFFERING = _Offering(
+    "disk_offering",
+    "disk offering",
+    "listDiskOfferings",
+    disk_offering_view,
+    lambda o: (
+        f"disk offering {o['name']} has a fixed size ({o['disk_size_gb']} GiB): only disks up to"
+        " that size can be replicated; a custom-size offering fits every disk"
+    ),
+    "custom size",
+)
+SERVICE_OFFERING = _Offering(
+    "service_offering",
+    "compute offering",
+    "listServiceOfferings",
+    service_offering_view,
+    lambda o: (
+        f"compute offering {o['name']} has fixed CPU and memory ({o['cpu']} vCPU, {o['memory_mb']} MB):"
+        " failed-over VMs get exactly that"
+    ),
+    "custom",
+)
+
+
+async def _offering(client: CloudStackClient, kind: _Offering, offering_id: str, unchosen: Check) -> Check:
     if not offering_id:
-        return _not_chosen("compute offering", required, "failover will need one", "warning")
-    found = await _one(client, "listServiceOfferings", offering_id)
+        return unchosen
+    found = await _one(client, kind.command, offering_id)
     if found is None:
-        return Check("fail", f"CloudStack has no compute offering {offering_id}")
-    offering = service_offering_view(found)
+        return Check("fail", f"CloudStack has no {kind.what} {offering_id}")
+    offering = kind.view(found)
+    details = {kind.key: offering}
     if not offering["is_customized"]:
-        return Check(
-            "warning",
-            f"compute offering {offering['name']} has fixed CPU and memory ({offering['cpu']} vCPU,"
-            f" {offering['memory_mb']} MB): failed-over VMs get exactly that",
-            {"service_offering": offering},
-        )
-    return Check("pass", f"compute offering {offering['name']} (custom)", {"service_offering": offering})
+        return Check("warning", kind.fixed(offering), details)
+    return Check("pass", f"{kind.what} {offering['name']} ({kind.custom})", details)
 
 
 async def _network(client: CloudStackClient, network_id: str, zone_id: str, required: bool) -> Check:
@@ -323,11 +339,16 @@ async def validate(
     except CloudStackError as exc:
         checks["permissions"] = _failed(exc)
     checks["zone"] = _zone(zones, zone_id, require_choices)
+    unchosen_disk = _not_chosen("disk offering", require_choices, "replica volumes are created with it")
+    unchosen_compute = _not_chosen("compute offering", require_choices, "failover will need one", "warning")
     steps: tuple[tuple[str, Callable[[], Awaitable[Check]]], ...] = (
-        ("disk_offering", partial(_disk_offering, client, resources.disk_offering_id, require_choices)),
+        (
+            "disk_offering",
+            partial(_offering, client, DISK_OFFERING, resources.disk_offering_id, unchosen_disk),
+        ),
         (
             "service_offering",
-            partial(_service_offering, client, resources.service_offering_id, require_choices),
+            partial(_offering, client, SERVICE_OFFERING, resources.service_offering_id, unchosen_compute),
         ),
         ("network", partial(_network, client, resources.network_id, zone_id, require_choices)),
         ("template", partial(_template, client, resources.template_id)),
