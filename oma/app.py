@@ -42,11 +42,13 @@ from oma.access.users import ensure_first_admin
 from oma.api import (
     auth,
     backups,
+    cloudstack,
     credentials,
     debug,
     discovery,
     enrollment,
     health,
+    network_mappings,
     policies,
     replications,
     repositories,
@@ -106,6 +108,9 @@ API_BLUEPRINTS = (
     users.bp,
     enrollment.admin_bp,
     enrollment.public_bp,
+    cloudstack.settings_bp,
+    cloudstack.ossea_bp,
+    network_mappings.bp,
 )
 
 

@@ -30,6 +30,12 @@
 | where full restores may write (``:``-separated) | | ``OMA_RESTORE_ROOTS`` | none: NBD only |
 | seconds a claimed job's lease lasts without renewal | | ``OMA_JOB_LEASE_TTL`` | ``60`` |
 | seconds a lost database connection is retried | | ``OMA_DB_RETRY_DEADLINE`` | ``120`` |
+| where the OMA VM's block devices appear (``disk/by-id/...``) | | ``OMA_DEVICE_ROOT`` | ``/dev`` |
+| seconds one CloudStack API request may take | | ``OMA_CLOUDSTACK_TIMEOUT`` | ``30`` |
+| seconds a CloudStack asynchronous job may take | | ``OMA_CLOUDSTACK_JOB_TIMEOUT`` | ``300`` |
+| seconds an attached volume's device may take to appear | | ``OMA_DEVICE_WAIT_TIMEOUT`` | ``60`` |
+| the OMA VM's MAC addresses (``,``-separated) | | ``OMA_VM_MACS`` | none: read from the OS |
+| the OMA VM's IP addresses (``,``-separated) | | ``OMA_VM_IPS`` | none: read from the OS |
 """
 
 from __future__ import annotations
@@ -82,6 +88,17 @@ class OmaConfig:
     job_lease_ttl: float = 60.0
     #: How long a database call keeps retrying a lost connection (backoff) before it fails.
     db_retry_deadline: float = 120.0
+    #: Where the OMA VM's block devices appear: an attached CloudStack volume is
+    #: ``<device_root>/disk/by-id/virtio-<first 20 hex digits of its UUID>`` (oma/cloudstack).
+    device_root: Path = Path("/dev")
+    #: One CloudStack API request (connect and answer), and one asynchronous job, at most.
+    cloudstack_timeout: float = 30.0
+    cloudstack_job_timeout: float = 300.0
+    #: How long an attached volume's device may take to appear (or a detached one to go).
+    device_wait_timeout: float = 60.0
+    #: The addresses the OMA VM is found by in CloudStack; empty: this host's, read from the OS.
+    oma_vm_macs: tuple[str, ...] = ()
+    oma_vm_ips: tuple[str, ...] = ()
 
     @property
     def key_file(self) -> Path:
@@ -149,4 +166,15 @@ class OmaConfig:
             restore_roots=tuple(Path(p) for p in (env_str("OMA_RESTORE_ROOTS") or "").split(":") if p),
             job_lease_ttl=env_float("OMA_JOB_LEASE_TTL", 60.0),
             db_retry_deadline=env_float("OMA_DB_RETRY_DEADLINE", 120.0),
+            device_root=env_path("OMA_DEVICE_ROOT", Path("/dev")) or Path("/dev"),
+            cloudstack_timeout=env_float("OMA_CLOUDSTACK_TIMEOUT", 30.0),
+            cloudstack_job_timeout=env_float("OMA_CLOUDSTACK_JOB_TIMEOUT", 300.0),
+            device_wait_timeout=env_float("OMA_DEVICE_WAIT_TIMEOUT", 60.0),
+            oma_vm_macs=_env_list("OMA_VM_MACS"),
+            oma_vm_ips=_env_list("OMA_VM_IPS"),
         )
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    """A ``,``-separated list from the environment (empty entries dropped)."""
+    return tuple(part.strip() for part in (env_str(name) or "").split(",") if part.strip())

@@ -215,8 +215,9 @@ ERROR_RESPONSES = {
     422: "request body does not match the schema (unknown fields included)",
     429: "too many requests",
     500: "internal error",
-    502: "an upstream service (VMA, vCenter) failed",
-    503: "unavailable (a repository, the database)",
+    502: "an upstream service (VMA, vCenter, CloudStack) failed or could not be reached",
+    503: "unavailable (a repository, the database, CloudStack's request limit)",
+    504: "an upstream service (CloudStack, a job of it) did not answer in time",
 }
 
 ERROR_SCHEMA: dict[str, Any] = {
