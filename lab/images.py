@@ -6,7 +6,8 @@ template's ``image``) may be raw or QCOW2; :func:`inspect_image` asks ``qemu-img
 (qemu-img's own probe: the same one qemu uses) and how large the disk is, and :func:`copy_as_raw`
 writes its bytes as a raw file with ``qemu-img convert`` (zeros become holes), under the final name
 only once the copy is whole. Other formats qemu-img knows (VMDK, VDI, VHDX, ...) are refused: the
-lab takes the two formats a KVM cloud keeps its disks in.
+lab takes the two formats a KVM cloud keeps its disks in. :func:`partition_layout` reads the
+partition table such a disk has (``sfdisk --json``), since the lab did not build it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lab.filesystems import DiskBuildError
+from lab.disks import DiskLayout, PlacedPartition
+from lab.filesystems import DiskBuildError, Partition
 
 ImageFormat = Literal["raw", "qcow2"]
 FORMATS: tuple[ImageFormat, ...] = ("raw", "qcow2")
@@ -75,3 +77,20 @@ def copy_as_raw(image: ImageInfo, target: Path, size: int | None = None) -> None
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def partition_layout(raw: Path) -> DiskLayout:
+    """The partitions ``sfdisk`` finds on the raw disk ``raw`` (their file systems unknown to the
+    lab: ``"none"``). A disk without a partition table is given as an empty ``dos`` table."""
+    size = raw.stat().st_size
+    proc = subprocess.run(["sfdisk", "--json", str(raw)], capture_output=True, check=False)
+    if proc.returncode != 0:  # no table sfdisk knows
+        return DiskLayout(raw, size, "dos", ())
+    table = json.loads(proc.stdout)["partitiontable"]
+    sector = int(table.get("sectorsize", 512))
+    placed = []
+    for entry in table.get("partitions", []):
+        number = int("".join(c for c in entry["node"][len(str(raw)) :] if c.isdigit()))
+        start, length = int(entry["start"]) * sector, int(entry["size"]) * sector
+        placed.append(PlacedPartition(number, start, length, Partition(length, "none")))
+    return DiskLayout(raw, size, "gpt" if table["label"] == "gpt" else "dos", tuple(placed))
