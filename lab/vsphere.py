@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, cast
+from typing import IO, Any, TypedDict, Unpack, cast
 from urllib.parse import urlsplit
 
 import trio
@@ -48,7 +48,7 @@ from lab.images import copy_as_raw, inspect_image, partition_layout
 from lab.simulator import LabError, Ready, build_vcsim, vcsim_command
 from pyapp.process import ProcessRef, aterminate, terminate
 
-__all__ = ["DiskSpec", "Lab", "LabDisk", "LabNic", "LabVM", "MiB", "NicSpec"]
+__all__ = ["DiskSpec", "Lab", "LabDisk", "LabNic", "LabVM", "MiB", "NicSpec", "VmOptions"]
 
 #: Where a running lab announces itself (the simulator's ready line), in its directory.
 LAB_FILE = "lab.json"
@@ -84,6 +84,20 @@ class NicSpec:
     def __post_init__(self) -> None:
         if self.mac is not None and (not _MAC_RE.fullmatch(self.mac) or int(self.mac[:2], 16) & 1):
             raise ValueError(f"not a unicast MAC address in lower case: {self.mac!r}")
+
+
+class VmOptions(TypedDict, total=False):
+    """How :meth:`Lab.create_vm` and :meth:`Lab.create_boot_vm` make a VM, besides its disks and
+    NICs (defaults in :meth:`Lab.create_vm`)."""
+
+    guest_id: str
+    memory_mb: int
+    num_cpus: int
+    datacenter: str
+    datastore: str
+    power_on: bool
+    folder: str
+    directory: str | None
 
 
 @dataclass(frozen=True)
@@ -375,38 +389,23 @@ class Lab:
         name: str,
         disks: Sequence[DiskSpec],
         *,
-        guest_id: str = "otherLinux64Guest",
-        memory_mb: int = 1024,
-        num_cpus: int = 1,
         network: str = "VM Network",
         nics: Sequence[NicSpec] | None = None,
-        datacenter: str = "DC0",
-        datastore: str = "LocalDS_0",
-        power_on: bool = True,
-        folder: str = "",
-        directory: str | None = None,
+        **options: Unpack[VmOptions],
     ) -> LabVM:
         """Build the disk images, then create the VM through the vSphere API with those disks.
 
         A disk is built from its partitions, or copied from its ``image``
         (:meth:`DiskSpec.from_image`). ``nics``: the VM's network cards (vmxnet3) in order; by
-        default one on ``network`` with a MAC vCenter generates. ``folder``: a VM folder path under
-        the datacenter's ``vm`` folder (``"f2"``, ``"a/b"``), made when missing, so the VM's
-        inventory path is ``/DC0/vm/<folder>/<name>``; ``directory``: the VM's directory on the
-        datastore (default: its name; two VMs of one name in two folders need two)."""
-        return self._create(
-            name,
-            [(spec.size, _disk_builder(spec)) for spec in disks],
-            nics=(NicSpec(network),) if nics is None else nics,
-            guest_id=guest_id,
-            memory_mb=memory_mb,
-            num_cpus=num_cpus,
-            datacenter=datacenter,
-            datastore=datastore,
-            power_on=power_on,
-            folder=folder,
-            directory=directory,
-        )
+        default one on ``network`` with a MAC vCenter generates. ``options`` (:class:`VmOptions`):
+        ``guest_id`` (``otherLinux64Guest``), ``memory_mb`` (1024), ``num_cpus`` (1),
+        ``datacenter`` (``DC0``), ``datastore`` (``LocalDS_0``), ``power_on`` (True), ``folder``: a
+        VM folder path under the datacenter's ``vm`` folder (``"f2"``, ``"a/b"``), made when
+        missing, so the VM's inventory path is ``/DC0/vm/<folder>/<name>``; ``directory``: the VM's
+        directory on the datastore (default: its name; two VMs of one name in two folders need
+        two)."""
+        nic_specs = (NicSpec(network),) if nics is None else nics
+        return self._create(name, [(spec.size, _disk_builder(spec)) for spec in disks], nic_specs, **options)
 
     def create_boot_vm(
         self,
@@ -416,23 +415,16 @@ class Lab:
         data: bytes | None = None,
         disks: Sequence[DiskSpec] = (),
         nics: Sequence[NicSpec] | None = None,
-        guest_id: str = "otherLinux64Guest",
-        memory_mb: int = 512,
-        num_cpus: int = 1,
-        datacenter: str = "DC0",
-        datastore: str = "LocalDS_0",
-        power_on: bool = True,
-        folder: str = "",
-        directory: str | None = None,
+        **options: Unpack[VmOptions],
     ) -> LabVM:
         """A VM whose disk 0 is the lab's bootable guest (:func:`lab.bootdisk.build_boot_disk`,
         ``docs/lab-boot.md``) named ``name`` (1-63 of ``[A-Za-z0-9._-]``), its data file holding
         ``data`` (default: a few KiB naming the VM), followed by ``disks``. A VM that boots from a
         copy of disk 0 prints the boot line ``vm.boot`` describes (``vm.boot.data_sha256``); the
         guest changes its data file between passes with
-        ``rewrite_data(vm.disks[0].guest, vm.boot, new)`` (journalled for CBT). The other
-        arguments are :meth:`create_vm`'s; the defaults (1 CPU, 512 MB) fit CloudStack's Small
-        Instance."""
+        ``rewrite_data(vm.disks[0].guest, vm.boot, new)`` (journalled for CBT). ``nics`` and
+        ``options`` as for :meth:`create_vm`, but 512 MB of memory by default: 1 CPU and 512 MB fit
+        CloudStack's Small Instance."""
         content = data if data is not None else f"lab guest {name}\n".encode() * 256
         booted: list[BootDiskInfo] = []
 
@@ -440,35 +432,25 @@ class Lab:
             booted.append(build_boot_disk(flat, vm_name=name, size=size, data=content))
             return booted[0].layout
 
-        vm = self._create(
-            name,
-            [(size, boot_disk), *[(spec.size, _disk_builder(spec)) for spec in disks]],
-            nics=(NicSpec(),) if nics is None else nics,
-            guest_id=guest_id,
-            memory_mb=memory_mb,
-            num_cpus=num_cpus,
-            datacenter=datacenter,
-            datastore=datastore,
-            power_on=power_on,
-            folder=folder,
-            directory=directory,
-        )
+        builders = [(size, boot_disk), *[(spec.size, _disk_builder(spec)) for spec in disks]]
+        options.setdefault("memory_mb", 512)
+        vm = self._create(name, builders, (NicSpec(),) if nics is None else nics, **options)
         return dataclasses.replace(vm, boot=booted[0])
 
     def _create(
         self,
         name: str,
         disks: Sequence[tuple[int, Callable[[Path], DiskLayout]]],
-        *,
         nics: Sequence[NicSpec],
-        guest_id: str,
-        memory_mb: int,
-        num_cpus: int,
-        datacenter: str,
-        datastore: str,
-        power_on: bool,
-        folder: str,
-        directory: str | None,
+        *,
+        guest_id: str = "otherLinux64Guest",
+        memory_mb: int = 1024,
+        num_cpus: int = 1,
+        datacenter: str = "DC0",
+        datastore: str = "LocalDS_0",
+        power_on: bool = True,
+        folder: str = "",
+        directory: str | None = None,
     ) -> LabVM:
         """Each disk's image made by its builder (given the raw file to write), then the VM."""
         if len(disks) > 15:
