@@ -30,6 +30,7 @@ Stopping
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -63,6 +64,9 @@ KVM_FAILURE = "KVM internal error"
 NO_BOOTABLE_DEVICE = "No bootable device."
 #: SeaBIOS's debug port (``CONFIG_DEBUG_IO``): what it writes there goes to the firmware log.
 SEABIOS_DEBUG_PORT = "0x402"
+#: The private temporary directories holding a running qemu's QMP socket.
+CONTROL_DIR_PREFIX = "lab-qemu-"
+_QMP_OPTIONS = ",server=on,wait=off"
 #: How long :meth:`RunningVM.start` waits for qemu to be up (it takes well under a second).
 UP_TIMEOUT_S = 30.0
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
@@ -123,6 +127,17 @@ def serial_option(console: Path) -> str:
     return f"file:{_drive_path(console)}"
 
 
+def control_dir_of(argv: Sequence[str]) -> Path | None:
+    """The private directory of a lab qemu's QMP socket, from its command line (None when it has
+    none): what is left to remove when a qemu that :meth:`RunningVM.stop` did not stop is gone."""
+    for option, value in itertools.pairwise(argv):
+        if option == "-qmp" and value.startswith("unix:") and value.endswith(_QMP_OPTIONS):
+            socket = Path(value.removeprefix("unix:").removesuffix(_QMP_OPTIONS).replace(",,", ","))
+            if socket.parent.name.startswith(CONTROL_DIR_PREFIX):
+                return socket.parent
+    return None
+
+
 def qemu_command(spec: VmSpec, console: Path, accel: Accel, qmp: Path | None = None) -> list[str]:
     """The command line that runs ``spec`` with its serial console written to ``console``, the
     firmware's messages to :func:`firmware_log_of` ``console``, and QMP on the socket ``qmp``."""
@@ -140,7 +155,7 @@ def qemu_command(spec: VmSpec, console: Path, accel: Accel, qmp: Path | None = N
         "-device", f"isa-debugcon,iobase={SEABIOS_DEBUG_PORT},chardev=firmware",
     ]  # fmt: skip
     if qmp is not None:
-        cmd += ["-qmp", f"unix:{_drive_path(qmp)},server=on,wait=off"]
+        cmd += ["-qmp", f"unix:{_drive_path(qmp)}{_QMP_OPTIONS}"]
     for i, disk in enumerate(spec.disks):
         cmd += ["-drive", f"file={_drive_path(disk.path)},if=virtio,index={i},format={disk.format}"]
     for i, mac in enumerate(spec.macs):
@@ -180,7 +195,7 @@ class RunningVM:
         console.write_bytes(b"")
         firmware_log_of(console).write_bytes(b"")
         stderr_path = qemu_messages_of(console)
-        control_dir = Path(tempfile.mkdtemp(prefix="lab-qemu-"))  # short: a socket path is <108 bytes
+        control_dir = Path(tempfile.mkdtemp(prefix=CONTROL_DIR_PREFIX))  # short: socket paths are <108 bytes
         try:
             with stderr_path.open("wb") as err:
                 proc = subprocess.Popen(

@@ -23,6 +23,7 @@ checked against the VM's console path in the qemu command line) and stops them
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from typing import Any
 import trio
 
 from lab.bootdisk import RunningVM, VmSpec
-from lab.bootdisk.qemu import firmware_log_of, qemu_messages_of, serial_option
+from lab.bootdisk.qemu import control_dir_of, firmware_log_of, qemu_messages_of, serial_option
 from pyapp import process
 
 log = logging.getLogger(__name__)
@@ -129,4 +130,8 @@ def stop_leftover(reference: str, console: Path) -> bool:
     if serial_option(console) not in argv:
         return False
     log.warning("stopping qemu pid %d left running by a previous run of the double", ref.pid)
-    return ref.terminate(STOP_GRACE_S)
+    stopped = ref.terminate(STOP_GRACE_S)
+    qmp = control_dir_of(argv)
+    if qmp is not None:
+        shutil.rmtree(qmp, ignore_errors=True)
+    return stopped

@@ -20,7 +20,7 @@ import pytest
 import trio
 
 from lab.bootdisk import BootDiskInfo, BootMarker, build_boot_disk, find_marker, zero_boot_sector
-from lab.bootdisk.qemu import NO_BOOTABLE_DEVICE
+from lab.bootdisk.qemu import NO_BOOTABLE_DEVICE, control_dir_of
 from lab.cloudstack.cli import serve
 from lab.cloudstack.seed import DEFAULT_SEED, Seed, SeedError, load_seed
 from pyapp.process import ProcessRef, cmdline
@@ -330,13 +330,15 @@ async def test_a_killed_double_leaves_qemu_and_its_restart_stops_it(
     lab = client(first, data_dir)
     killed = await running_vm(lab)
     orphan = await qemu_of(lab, killed["id"])
+    qmp_dir = control_dir_of(cmdline(orphan["pid"]))
+    assert qmp_dir is not None and qmp_dir.is_dir()
     first.stop(signal.SIGKILL)
     assert not gone(orphan["process"]), "qemu runs in a session of its own"
 
     second = LabProcess(data_dir)
     processes.append(second)
     lab = client(second, data_dir)
-    assert gone(orphan["process"])
+    assert gone(orphan["process"]) and not qmp_dir.exists()
     assert await vm_state(lab, killed["id"]) == "Stopped"
     await lab.http.aclose()
     assert second.stop(signal.SIGTERM) == 0
