@@ -8,13 +8,24 @@
     The boot line the guest prints on its serial console, and its parser.
 :mod:`~lab.bootdisk.qemu`
     :class:`RunningVM` runs a VM under ``qemu-system-x86_64`` (KVM when a probe boot shows it
-    works, TCG otherwise), waits for the boot line and stops it.
+    works, TCG otherwise), knows when qemu is up (:mod:`~lab.bootdisk.qmp`), waits for the boot
+    line and stops it.
 """
 
 from .image import BootDiskInfo, build_boot_disk, read_data, rewrite_data, zero_boot_sector
 from .initramfs import InitramfsError, build_initramfs
 from .marker import BootMarker, GuestReportedError, find_marker
-from .qemu import BootTimeout, ProbeResult, RunningVM, VmDisk, VmError, VmSpec, accelerator, probe_kvm
+from .qemu import (
+    BootTimeout,
+    NoBootableDisk,
+    ProbeResult,
+    RunningVM,
+    VmDisk,
+    VmError,
+    VmSpec,
+    accelerator,
+    probe_kvm,
+)
 
 __all__ = [
     "BootDiskInfo",
@@ -22,6 +33,7 @@ __all__ = [
     "BootTimeout",
     "GuestReportedError",
     "InitramfsError",
+    "NoBootableDisk",
     "ProbeResult",
     "RunningVM",
     "VmDisk",

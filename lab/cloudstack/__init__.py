@@ -14,12 +14,13 @@ The layers (moto's split of a service double):
 ``seed``      the fixed cloud: zones, offerings, networks, templates (a JSON seed file)
 ``state``     what clients create (VMs, volumes, snapshots, jobs), saved atomically in the data dir
 ``storage``   volume and snapshot files (raw), and the OMA guest's ``disk/by-id`` links
+``hypervisor`` the zone's one KVM host: a qemu process per running user VM, its console
 ``cloud``     the state model and CloudStack's rules
 ``jobs``      asynchronous jobs (``queryAsyncJobResult``)
 ``commands``  each API command: parameters as CloudStack declares them, what it does
 ``render``    CloudStack's JSON for every object, list and error
 ``faults``    lab-only fault injection
-``app``       HTTP: ``/client/api``, ``/lab/faults``, ``/lab/state``
+``app``       HTTP: ``/client/api``, ``/lab/faults``, ``/lab/state``, ``/lab/vms/<id>/console``
 ``cli``       ``cloudstack-lab`` / ``python -m lab.cloudstack``
 
 ``docs/cloudstack-lab.md`` is the user's guide: command line, commands, rules, admin endpoints,

@@ -14,8 +14,9 @@ request says ``response=json``; the double speaks only JSON, so a request withou
 client did not ask for -- a client that forgot the parameter fails here as it would against
 CloudStack.
 
-``/lab/faults`` and ``/lab/state`` are the double's own (not CloudStack's, not signed): answered
-only to loopback clients.
+``/lab/faults``, ``/lab/state`` and ``/lab/vms/<id>/console`` (what a VM printed on its serial
+console; ``/lab/vms/<id>/firmware``: its firmware's messages) are the double's own (not
+CloudStack's, not signed): answered only to loopback clients.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
+import trio
 from pydantic import ValidationError
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -187,6 +189,12 @@ def create_app(settings: LabSettings) -> QuartTrio:
     @app.before_serving
     async def open_cloud() -> None:
         await cloud.open()
+        app.add_background_task(cloud.watch_guests)
+
+    @app.after_serving
+    async def stop_guests() -> None:
+        with trio.CancelScope(shield=True):
+            await cloud.shutdown()
 
     @app.route("/client/api", methods=["GET", "POST"])
     async def client_api() -> Response:
@@ -223,5 +231,25 @@ def create_app(settings: LabSettings) -> QuartTrio:
         if not _from_loopback():
             return _json({"error": "the lab endpoints answer loopback clients only"}, 403)
         return _json(cloud.lab_state())
+
+    @app.route("/lab/vms/<vm_id>/<log_name>", methods=["GET"])
+    async def lab_vm_log(vm_id: str, log_name: str) -> Response:
+        if not _from_loopback():
+            return _json({"error": "the lab endpoints answer loopback clients only"}, 403)
+        if log_name not in ("console", "firmware"):
+            return _json({"error": f"no lab endpoint /lab/vms/<id>/{log_name}: console or firmware"}, 404)
+        vm = cloud.vm(vm_id)
+        if vm is None or vm.is_oma:
+            return _json({"error": f"no user VM {vm_id}"}, 404)
+        path = cloud.host.console(vm.id) if log_name == "console" else cloud.host.firmware_log(vm.id)
+        try:
+            text = await trio.to_thread.run_sync(path.read_bytes)
+        except FileNotFoundError:
+            return _json({"error": f"VM {vm_id} has not run: it has no {log_name} log"}, 404)
+        return Response(
+            text,
+            content_type="text/plain; charset=utf-8",
+            headers={"X-Lab-VM-State": vm.state, "Cache-Control": "no-store"},
+        )
 
     return app

@@ -29,7 +29,7 @@ from pyapp.logs import setup_logging
 from pyapp.service import StartupError, bind_sockets, failure_message
 
 from .app import LabSettings, create_app
-from .cloud import Options, mac_problem
+from .cloud import Cloud, Options, mac_problem
 from .seed import DEFAULT_SEED, SeedError, load_seed
 from .signing import Credentials
 
@@ -120,16 +120,25 @@ async def serve(
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the double until ``shutdown_trigger`` is set (or the caller cancels); reports the
-    API's URL once requests are answered."""
+    API's URL once requests are answered. Every qemu the double started is stopped on the way
+    out."""
     hc = hypercorn_config(host, port)
     sockets = bind_sockets(hc)
-    app = wrap_app(create_app(settings), hc.wsgi_max_body_size, None)
+    lab_app = create_app(settings)
+    cloud: Cloud = lab_app.extensions["lab_cloud"]
+    app = wrap_app(lab_app, hc.wsgi_max_body_size, None)
     stop = shutdown_trigger if shutdown_trigger is not None else trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(worker_serve, app, hc, sockets=sockets, shutdown_trigger=stop.wait)
-        )
-        task_status.started(f"{binds[0]}/client/api")
+    try:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(worker_serve, app, hc, sockets=sockets, shutdown_trigger=stop.wait)
+            )
+            task_status.started(f"{binds[0]}/client/api")
+    finally:
+        # Cancelled (a test's nursery), the app's after_serving may not run: the VMs' qemus are
+        # stopped here either way.
+        with trio.CancelScope(shield=True):
+            await cloud.shutdown()
 
 
 async def _run(settings: LabSettings, host: str, port: int) -> None:

@@ -26,9 +26,15 @@ Rules kept (with the CloudStack code they come from):
 * destroy with expunge (``VolumeOrchestrator.cleanupVolumes``): the ROOT volume goes, data disks
   stay, detached.
 
-Starting and stopping a VM only changes its state, in :meth:`Cloud._power_on` and
-:meth:`Cloud._power_off` (the one place a later change will start and stop a guest). For the OMA
-VM they also make and remove the guest's device links.
+VMs start and stop in one place, :meth:`Cloud._power_on` and :meth:`Cloud._power_off`. A user VM
+runs as a qemu process on the double's one KVM host (:mod:`.hypervisor`): ``Starting`` while qemu
+comes up, ``Running`` once it is, back to ``Stopped`` when it could not start (the job fails as
+CloudStack's does when no host could start the VM: 533, "Unable to create a deployment for ...").
+A qemu that exits on its own is noticed by :meth:`Cloud.watch_guests`, which stops the VM as
+CloudStack's power-state sync does for a VM that powered off out of band (the double has no HA to
+restart it). Volumes attached to or detached from a running VM are recorded at once and reach its
+qemu at its next start (no hot-plug). The OMA VM is not a qemu VM: it is the host the OMA runs on;
+starting and stopping it makes and removes its guest's device links.
 """
 
 from __future__ import annotations
@@ -45,14 +51,19 @@ from typing import Any
 
 import trio
 
+from lab.bootdisk import VmDisk, VmError, VmSpec
+
 from .errors import (
+    ApiErrorCode,
     CloudRuntimeError,
     CloudStackError,
     InsufficientAddressCapacity,
     InvalidParameterValue,
     RuntimeFailure,
+    ServerApiError,
 )
 from .faults import FaultMode, Faults
+from .hypervisor import Guest, Host, stop_leftover
 from .seed import Network, Seed, Template
 from .state import Job, Nic, Snapshot, State, StateStore, VirtualMachine, Volume, cs_date
 from .storage import Storage
@@ -61,6 +72,10 @@ log = logging.getLogger(__name__)
 
 GiB = 1 << 30
 CDROM_DEVICE_ID = 3
+#: How often :meth:`Cloud.watch_guests` looks for qemus that exited on their own.
+GUEST_WATCH_S = 0.2
+#: VM states in which a user VM has (or is getting, or losing) a qemu.
+POWERED = ("Starting", "Running", "Stopping")
 
 #: Entity kinds a UUID parameter can name (ParamProcessWorker looks them up including removed).
 KINDS = (
@@ -113,6 +128,7 @@ class Cloud:
         self.faults = faults
         self.store = StateStore(options.data_dir)
         self.storage = Storage(options.data_dir, options.device_root)
+        self.host = Host(options.data_dir)
         self.state = State()
         #: Held by every change: job bodies and synchronous commands that change state run one at
         #: a time (CloudStack serialises work on a VM and its volumes the same way).
@@ -130,6 +146,7 @@ class Cloud:
         server does), make sure the OMA VM exists with the configured MAC and IP, and lay the OMA
         guest's device links out again (the device root may be a fresh directory)."""
         self.state = self.store.load()
+        await self._stop_left_behind()
         for job in self.state.jobs.values():
             if job.status == 0:
                 job.status, job.resultcode, job.completed = 2, 530, cs_date()
@@ -149,6 +166,17 @@ class Cloud:
             nic.ipaddress = self.options.oma_ip
         self._sync_guest_devices(oma)
         await self.save()
+
+    async def _stop_left_behind(self) -> None:
+        """User VMs the previous run left powered: their host (the double) went down. A qemu it
+        left running (it was killed) is stopped; every such VM is Stopped."""
+        for vm in self.state.vms.values():
+            if vm.is_oma or vm.removed is not None or vm.state not in POWERED:
+                continue
+            if vm.guest is not None:
+                await trio.to_thread.run_sync(stop_leftover, vm.guest, self.host.console(vm.id))
+            log.info("VM %s was %s when the double stopped: its qemu is gone, it is Stopped", vm.id, vm.state)
+            vm.state, vm.guest = "Stopped", None
 
     async def _create_oma_vm(self) -> None:
         spec = self.seed.omavm
@@ -308,7 +336,11 @@ class Cloud:
         return offering.disksize * GiB
 
     async def _create_on_primary(self, vol: Volume) -> None:
-        await self.storage.create_volume_file(vol.id, vol.size)
+        template = self.templates.get(vol.templateid or "") if vol.type == "ROOT" else None
+        if template is not None and template.image is not None:
+            await self.storage.create_volume_from_image(vol.id, template.image, vol.size)
+        else:
+            await self.storage.create_volume_file(vol.id, vol.size)
         vol.state, vol.path = "Ready", vol.id
 
     def _device_id(self, vm: VirtualMachine, wanted: int | None) -> int:
@@ -710,7 +742,7 @@ class Cloud:
         vm = self.state.vms[vm_id]
         await self._create_allocated_volumes(vm)
         if start:
-            self._power_on(vm)
+            await self._power_on(vm)
         return vm
 
     async def _create_allocated_volumes(self, vm: VirtualMachine) -> None:
@@ -732,24 +764,87 @@ class Cloud:
         vm = self._vm_for_power(vm_id)
         if vm.state != "Running":  # starting a running VM succeeds and changes nothing
             await self._create_allocated_volumes(vm)
-            self._power_on(vm)
+            await self._power_on(vm)
         return vm
 
-    async def stop_vm(self, vm_id: str) -> VirtualMachine:
+    async def stop_vm(self, vm_id: str, forced: bool = False) -> VirtualMachine:
         vm = self._vm_for_power(vm_id)
         if vm.state != "Stopped":
-            self._power_off(vm)
+            await self._power_off(vm, forced=forced)
         return vm
 
-    def _power_on(self, vm: VirtualMachine) -> None:
-        """The one place a VM starts."""
-        vm.state = "Running"
-        self._sync_guest_devices(vm)
+    def guest_spec(self, vm: VirtualMachine) -> VmSpec:
+        """What the VM runs as under qemu: its volumes in device-id order, its NICs' MACs in NIC
+        order, its offering's memory and CPUs."""
+        volumes = self.vm_volumes(vm)
+        if not any(v.deviceid == 0 for v in volumes):
+            raise InvalidParameterValue(f"Unable to start VM {vm.name}: it has no ROOT volume")
+        offering = self.service_offerings[vm.serviceofferingid]
+        return VmSpec(
+            vm.instancename,
+            [VmDisk(self.storage.volume_file(v.id)) for v in volumes],
+            [nic.macaddress for nic in sorted(vm.nics, key=lambda n: n.deviceid)],
+            memory_mb=offering.memory,
+            cpus=offering.cpunumber,
+        )
 
-    def _power_off(self, vm: VirtualMachine) -> None:
-        """The one place a VM stops."""
-        vm.state = "Stopped"
-        self._sync_guest_devices(vm)
+    async def _power_on(self, vm: VirtualMachine) -> None:
+        """The one place a VM starts: a user VM is Running once its qemu is up."""
+        if vm.is_oma:
+            vm.state = "Running"
+            self._sync_guest_devices(vm)
+            return
+        spec = self.guest_spec(vm)
+        vm.state = "Starting"
+        try:
+            guest = await self.host.start(vm.id, spec)
+        except VmError as exc:
+            vm.state = "Stopped"
+            log.warning("VM %s (%s) did not start: %s", vm.id, vm.instancename, exc)
+            raise ServerApiError(
+                ApiErrorCode.INSUFFICIENT_CAPACITY_ERROR,
+                f'Unable to create a deployment for VM instance {{id: "{vm.internalid}", name: '
+                f'"{vm.instancename}", uuid: "{vm.id}", type="User"}}',
+            ) from exc
+        ref = guest.running.process_ref()
+        vm.state, vm.guest = "Running", str(ref) if ref is not None else None
+
+    async def _power_off(self, vm: VirtualMachine, *, forced: bool = False) -> None:
+        """The one place a VM stops: a user VM's qemu is stopped (SIGTERM, then SIGKILL after a
+        grace period; SIGKILL at once when ``forced``)."""
+        if vm.is_oma:
+            vm.state = "Stopped"
+            self._sync_guest_devices(vm)
+            return
+        vm.state = "Stopping"
+        await self.host.stop(vm.id, forced=forced)
+        vm.state, vm.guest = "Stopped", None
+
+    async def watch_guests(self) -> None:
+        """Forever: a user VM whose qemu exited on its own becomes Stopped (CloudStack's power
+        state sync for a VM that powered off out of band)."""
+        while True:
+            await trio.sleep(GUEST_WATCH_S)
+            for guest in self.host.exited():
+                with trio.CancelScope(shield=True):
+                    async with self.lock:
+                        await self._guest_exited(guest)
+
+    async def _guest_exited(self, guest: Guest) -> None:
+        if self.host.guests.get(guest.vm_id) is not guest:
+            return  # stopped by a job meanwhile
+        await self.host.forget(guest)
+        vm = self.vm(guest.vm_id)
+        if vm is not None and vm.state == "Running":
+            log.warning("VM %s (%s): its qemu exited on its own; the VM is Stopped", vm.id, vm.instancename)
+            vm.state, vm.guest = "Stopped", None
+            await self.save()
+
+    async def shutdown(self) -> None:
+        """The double stops: so does every qemu it started (their VMs are Stopped at the next
+        start)."""
+        async with self.lock:
+            await self.host.stop_all()
 
     def _sync_guest_devices(self, vm: VirtualMachine) -> None:
         """The OMA guest's disk/by-id: a link per attached volume while it runs, none otherwise."""
@@ -772,8 +867,8 @@ class Cloud:
             raise InvalidParameterValue(
                 "The following supplied volumes are not DATADISK attached to the VM: " + ", ".join(strays)
             )
-        if vm.state == "Running":
-            self._power_off(vm)
+        if vm.state in POWERED:
+            await self._power_off(vm)
         for volume_id in volume_ids:
             vol = self.state.volumes[volume_id]
             self._detach(vol)
@@ -785,6 +880,7 @@ class Cloud:
                 else:
                     self._detach(vol)
             vm.state, vm.removed = "Expunging", cs_date()
+            self.host.remove_files(vm.id)
         else:
             vm.state = "Destroyed"
             for vol in self.vm_volumes(vm):
@@ -822,4 +918,5 @@ class Cloud:
             "pending_jobs": [j.model_dump() for j in self.state.jobs.values() if j.status == 0],
             "device_links": self.storage.device_links(),
             "files": self.storage.files(),
+            "guests": self.host.describe(),
         }

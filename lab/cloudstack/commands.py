@@ -416,7 +416,8 @@ async def start_virtual_machine(cloud: Cloud, args: Args) -> AsyncStart:
 
 async def stop_virtual_machine(cloud: Cloud, args: Args) -> AsyncStart:
     async def body() -> dict[str, Any]:
-        return {"virtualmachine": render.virtual_machine(cloud, await cloud.stop_vm(args["id"]))}
+        vm = await cloud.stop_vm(args["id"], args.get("forced", False))
+        return {"virtualmachine": render.virtual_machine(cloud, vm)}
 
     return AsyncStart(body, "VirtualMachine", args["id"])
 

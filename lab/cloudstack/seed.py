@@ -5,6 +5,10 @@ data-volume limit, global settings and the OMA's own VM are read from a JSON see
 (``default_seed.json`` beside this module, or ``--seed FILE``) at every start; only what clients
 create (VMs, volumes, snapshots, jobs) is state (:mod:`.state`). A seed refers to its own ids, so a
 test can name a zone or an offering without listing it first.
+
+A template may name an ``image`` (raw or QCOW2, a path relative to the seed file): lab only, a
+template with contents, so a VM deployed from it boots (CloudStack would have downloaded it with
+``registerTemplate``). Its format and size are checked when the seed is loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lab.images import ImageError, inspect_image
 
 DEFAULT_SEED = Path(__file__).with_name("default_seed.json")
 
@@ -95,6 +101,11 @@ class Template(_Strict):
     ostypename: str = "Other Linux (64-bit)"
     format: str = "RAW"
     zoneid: str | None = Field(default=None, description="None: in every zone (crossZones)")
+    image: Path | None = Field(
+        default=None,
+        description="lab only: a raw or QCOW2 image a ROOT volume made from the template holds"
+        " (relative to the seed file); without one a ROOT volume is all zeros",
+    )
 
 
 class HypervisorCapability(_Strict):
@@ -164,9 +175,24 @@ def load_seed(path: Path = DEFAULT_SEED) -> Seed:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SeedError(f"cannot read the seed {path}: {exc}") from exc
+    for template in raw.get("templates", []) if isinstance(raw, dict) else []:
+        if isinstance(template, dict) and isinstance(template.get("image"), str):
+            template["image"] = str(path.parent / template["image"])
     try:
-        return Seed.model_validate(raw)
+        seed = Seed.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "(top)"
         raise SeedError(f"invalid seed {path}: {where}: {first['msg']}") from exc
+    for template in seed.templates:
+        if template.image is not None:
+            try:
+                image = inspect_image(template.image)
+            except ImageError as exc:
+                raise SeedError(f"invalid seed {path}: template {template.name}: {exc}") from exc
+            if image.virtual_size > template.size:
+                raise SeedError(
+                    f"invalid seed {path}: template {template.name}: its image holds"
+                    f" {image.virtual_size} bytes, more than its size {template.size}"
+                )
+    return seed

@@ -47,12 +47,14 @@ class VirtualMachine(BaseModel):
     zoneid: str
     serviceofferingid: str
     templateid: str
-    state: str  # Stopped, Starting, Running, Stopping, Destroyed, Expunging
+    state: str  # Stopped, Starting, Running, Stopping, Destroyed, Expunging, Error
     created: str
     nics: list[Nic]
     haenable: bool = False
     is_oma: bool = False
     removed: str | None = None
+    #: the qemu running the VM (``pid@start``, :class:`pyapp.process.ProcessRef`), while it runs
+    guest: str | None = None
 
     @property
     def instancename(self) -> str:

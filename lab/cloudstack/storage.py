@@ -2,7 +2,9 @@
 
 A volume file is ``<data-dir>/primary/<uuid>`` (the name CloudStack's KVM agent gives a volume on
 file-based primary storage). It is created sparse, at its full size, when the volume is first
-attached (CloudStack allocates a data volume on primary storage only then). A snapshot is a copy
+attached (CloudStack allocates a data volume on primary storage only then); a ROOT volume of a
+template that has an image (lab only, see :mod:`.seed`) holds that image's disk, converted to raw
+(:func:`lab.images.copy_as_raw`), then zeros up to its size. A snapshot is a copy
 of the volume file in ``<data-dir>/secondary/snapshots/<uuid>``; reverting copies it back.
 Copies keep holes (``cp --sparse=always``, reflinked where the file system can) and go through a
 temporary name, so a copy cut short never leaves a half file under a volume's or snapshot's name.
@@ -22,6 +24,8 @@ import subprocess
 from pathlib import Path
 
 import trio
+
+from lab.images import copy_as_raw, inspect_image
 
 
 def virtio_serial(volume_uuid: str) -> str:
@@ -57,6 +61,12 @@ class Storage:
             os.replace(tmp, final)
 
         await trio.to_thread.run_sync(create)
+
+    async def create_volume_from_image(self, volume_uuid: str, image: Path, size: int) -> None:
+        """A raw file of ``size`` bytes holding the disk of ``image`` (raw or QCOW2), under its
+        final name only when whole."""
+        final = self.volume_file(volume_uuid)
+        await trio.to_thread.run_sync(lambda: copy_as_raw(inspect_image(image), final, size))
 
     async def copy(self, source: Path, target: Path) -> None:
         """``target`` becomes a copy of ``source`` with the same holes; replaced only once the copy

@@ -13,6 +13,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from lab import DiskBuildError
 from lab.bootdisk import (
     BootDiskInfo,
     BootMarker,
-    BootTimeout,
     GuestReportedError,
+    NoBootableDisk,
     RunningVM,
     VmDisk,
     VmError,
@@ -38,14 +39,13 @@ from lab.bootdisk import (
 from lab.bootdisk import image as image_mod
 from lab.bootdisk import qemu as qemu_mod
 from lab.bootdisk.initramfs import GUEST_MODULES, kernel_versions, module_load_order
+from lab.bootdisk.qmp import Qmp
 
 MiB = 1024 * 1024
 DATA = b"replicated bytes of vm1\n" * 4096
 MACS = ("52:54:00:aa:00:01", "52:54:00:aa:00:02")
 #: A normal boot takes about 6 s under TCG on a loaded 2-core machine.
 BOOT_DEADLINE_S = 60.0
-#: Long enough that a disk that boots would have printed its line (two and a half normal boots).
-NO_BOOT_DEADLINE_S = 15.0
 TOOLS = ("qemu-system-x86_64", "qemu-img", "syslinux", "mcopy", "mdir", "mkfs.fat", "sfdisk", "cpio")
 
 
@@ -201,10 +201,33 @@ def test_zeroed_boot_sector_never_prints_the_marker(tmp_path: Path) -> None:
     assert info.path.read_bytes()[:512] == bytes(512)
     spec = VmSpec(info.vm_name, [VmDisk(info.path)])
     with RunningVM.start(spec, tmp_path / "broken.console") as vm:
-        with pytest.raises(BootTimeout, match=r"VM vm-broken printed no boot line in 15 s"):
-            vm.wait_for_marker(NO_BOOT_DEADLINE_S)
+        # the firmware says so at once (its log, not the serial console)
+        with pytest.raises(NoBootableDisk, match=r"Boot failed: not a bootable disk.*No bootable device"):
+            vm.wait_for_marker(BOOT_DEADLINE_S)
         assert vm.running(), "a disk that does not boot leaves qemu running, with no boot line"
     assert "MOVER-LAB-BOOT" not in vm.console_text()
+    assert "No bootable device." in vm.firmware_text()
+
+
+def test_a_qemu_that_cannot_start_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.qcow2"
+    bad.write_bytes(b"QFI\xfb" + bytes(508))  # a QCOW2 header of version 0
+    before = set(Path(tempfile.gettempdir()).glob("lab-qemu-*"))
+    with pytest.raises(VmError, match=r"qemu for vm1 exited \(1\): .*Unsupported qcow2 version 0"):
+        RunningVM.start(VmSpec("vm1", [VmDisk(bad, "qcow2")]), tmp_path / "c", accel="tcg")
+    assert set(Path(tempfile.gettempdir()).glob("lab-qemu-*")) == before, "its QMP directory is removed"
+
+
+def test_start_returns_once_qemu_is_up(tmp_path: Path) -> None:
+    disk = tmp_path / "blank.img"
+    disk.write_bytes(bytes(MiB))
+    with RunningVM.start(VmSpec("vm1", [VmDisk(disk)]), tmp_path / "c", accel="tcg") as vm:
+        with Qmp.connect(vm.control_dir / "qmp.sock", 5) as qmp:
+            assert qmp.execute("query-status")["status"] == "running"
+            assert qmp.execute("query-name") == {"name": "vm1"}
+        ref = vm.process_ref()
+        assert ref is not None and ref.alive()
+    assert not ref.alive() and not vm.control_dir.exists()
 
 
 def test_accelerator_is_probed_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,6 +250,11 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert f"file={tmp_path}/c.qcow2,if=virtio,index=1,format=qcow2" in cmd
     assert "virtio-net-pci,netdev=nic0,mac=52:54:00:aa:00:01,romfile=" in cmd
     assert "user,id=nic0,restrict=on" in cmd
+    assert f"file,id=firmware,path={tmp_path}/console.firmware.log" in cmd
+    assert "isa-debugcon,iobase=0x402,chardev=firmware" in cmd
+    with_qmp = qemu_mod.qemu_command(spec, tmp_path / "console", "tcg", tmp_path / "q.sock")
+    assert with_qmp[with_qmp.index("-qmp") + 1] == f"unix:{tmp_path}/q.sock,server=on,wait=off"
+    assert "-qmp" not in cmd
 
 
 def test_bad_specs_and_missing_tools_are_clear_errors(

@@ -127,7 +127,7 @@ async def test_lab_endpoints_answer_loopback_only(tmp_path: Path) -> None:
     app = create_app(lab_settings(tmp_path / "cs"))
     client = app.test_client()
     remote = {"client": ("192.0.2.10", 40000)}
-    for path in ("/lab/state", "/lab/faults"):
+    for path in ("/lab/state", "/lab/faults", f"/lab/vms/{OMA_VM}/console"):
         response = await client.get(path, scope_base=remote)
         assert response.status_code == 403
     posted = await client.post(

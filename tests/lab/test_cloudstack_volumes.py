@@ -185,15 +185,20 @@ async def test_root_volume_detaches_and_reattaches_only_while_stopped(cloudstack
     }
     await cloudstack.ok("stopVirtualMachine", id=vm["id"])
     await cloudstack.ok("detachVolume", id=root["id"])
-    await cloudstack.ok("startVirtualMachine", id=vm["id"])  # a VM without its root disk "starts" here
-    await cloudstack.ok("stopVirtualMachine", id=vm["id"])
-    await cloudstack.ok("startVirtualMachine", id=vm["id"])
-    refused = await cloudstack.run("attachVolume", id=root["id"], virtualmachineid=vm["id"], deviceid="0")
-    assert refused["jobresultcode"] == 431
-    await cloudstack.ok("stopVirtualMachine", id=vm["id"])
+    rootless = await cloudstack.run("startVirtualMachine", id=vm["id"])  # qemu needs a boot disk
+    assert rootless["jobresult"] == {
+        "errorcode": 431,
+        "errortext": f"Unable to start VM {vm['name']}: it has no ROOT volume",
+    }
+    listed = (await cloudstack.api("listVirtualMachines", id=vm["id"]))["virtualmachine"][0]
+    assert listed["state"] == "Stopped"
     back = await cloudstack.ok("attachVolume", id=root["id"], virtualmachineid=vm["id"], deviceid="0")
     assert back["volume"]["deviceid"] == 0
+    await cloudstack.ok("startVirtualMachine", id=vm["id"])
     second = await cloudstack.new_volume()
+    refused = await cloudstack.run("attachVolume", id=second["id"], virtualmachineid=vm["id"], deviceid="0")
+    assert refused["jobresultcode"] == 431
+    await cloudstack.ok("stopVirtualMachine", id=vm["id"])
     twice = await cloudstack.run("attachVolume", id=second["id"], virtualmachineid=vm["id"], deviceid="0")
     assert twice["jobresult"]["errortext"] == "Vm already has root volume attached to it"
 
