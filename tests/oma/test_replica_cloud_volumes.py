@@ -9,6 +9,8 @@ tests/e2e/test_cloudstack_replication.py."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,20 +111,28 @@ async def volume_row(st: OmaState) -> dict[str, Any]:
     return dict(row)
 
 
-async def test_cloud_volumes_recorded_before_creation_reused_and_replacing_files(
-    tmp_path: Path, oma_dsn: str, vma: VmaDouble
-) -> None:
+@asynccontextmanager
+async def oma_with_cloud(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble, **cloud: Any
+) -> AsyncIterator[tuple[Oma, OmaState, FakeCloud]]:
+    """The OMA with its engine on, a default credential, and a :class:`FakeCloud` as the cloud
+    volumes of both the engine and the API."""
     config = make_config(tmp_path, oma_dsn, vma.base_url, run_replications=True, engine_poll_interval=0.1)
     async with run_oma(config) as oma:
-        assert (
-            await oma.post("/vmware-credentials", json=cred_body(vma, is_default=True))
-        ).status_code == 201
+        r = await oma.post("/vmware-credentials", json=cred_body(vma, is_default=True))
+        assert r.status_code == 201, r.text
         st: OmaState = oma.extra["app"].extensions[STATE_KEY]
         assert st.engine is not None
         (tmp_path / "cloud").mkdir()
-        cloud = FakeCloud(tmp_path / "cloud", st.db, is_configured=False)
-        st.engine.cloud = st.replica_volumes = cloud  # the engine's and the API's
+        fake = FakeCloud(tmp_path / "cloud", st.db, **cloud)
+        st.engine.cloud = st.replica_volumes = fake
+        yield oma, st, fake
 
+
+async def test_cloud_volumes_recorded_before_creation_reused_and_replacing_files(
+    tmp_path: Path, oma_dsn: str, vma: VmaDouble
+) -> None:
+    async with oma_with_cloud(tmp_path, oma_dsn, vma, is_configured=False) as (oma, st, cloud):
         # 1. not configured: a file volume, as without a cloud
         job, _ = await run(oma, vma)
         file_path = Path(job["disks"][0]["volume_path"])
@@ -167,17 +177,9 @@ async def test_cloud_volumes_recorded_before_creation_reused_and_replacing_files
 async def test_a_failed_create_deletes_what_the_cloud_allocated_and_fails_the_job(
     tmp_path: Path, oma_dsn: str, vma: VmaDouble
 ) -> None:
-    config = make_config(tmp_path, oma_dsn, vma.base_url, run_replications=True, engine_poll_interval=0.1)
-    async with run_oma(config) as oma:
-        assert (
-            await oma.post("/vmware-credentials", json=cred_body(vma, is_default=True))
-        ).status_code == 201
-        st: OmaState = oma.extra["app"].extensions[STATE_KEY]
-        assert st.engine is not None
+    async with oma_with_cloud(tmp_path, oma_dsn, vma, fail_create=True) as (oma, st, cloud):
         engine = st.engine
-        (tmp_path / "cloud").mkdir()
-        cloud = FakeCloud(tmp_path / "cloud", st.db, fail_create=True)
-        engine.cloud = cloud
+        assert engine is not None
 
         job = (await oma.post("/replications", json=job_body("app01"))).json()
 
