@@ -6,13 +6,19 @@ What runs, all on loopback and in this process:
   with two disks (an ext4 system disk and an ext4 data disk, both with files) and ``db01`` with one;
 - the OMA (``oma``) with an embedded PostgreSQL in the demo's data directory and its replication
   engine, and the VMA (``vma``) reading the lab's snapshot images with ``nbdkit``;
+- the lab CloudStack (``python -m lab.cloudstack``, a test double of CloudStack's API, its own
+  process): the OMA VM's volume devices appear under the demo's ``cloudstack/dev`` (the OMA's
+  ``device_root``);
 - the VMA enrolled with the OMA (pairing code, ed25519 proof, approval), a default VMware
-  credential stored in the OMA, the VMs discovered through the OMA.
+  credential stored in the OMA, the VMs discovered through the OMA, CloudStack configured through
+  the OMA's API (``/ossea/config-streamlined``: zone, custom-size disk offering; the OMA VM found
+  by its MAC address) and each VM's network mapped to a CloudStack network.
 
-Then, per VM, a replication (full pass into new zeroed target volumes exported by the OMA with
-``qemu-nbd``), guest writes, a second replication (incremental: CBT's changed extents only), and
-the verification: each target volume equals the source disk under ``qemu-img compare`` and no
-snapshot is left in the lab. A summary table closes the replication part.
+Then, per VM, a replication (full pass into new CloudStack data volumes, attached to the OMA VM
+and exported by the OMA with ``qemu-nbd``), guest writes, a second replication (incremental:
+CBT's changed extents only, into the same volumes, still attached), and the verification: each
+target volume equals the source disk under ``qemu-img compare`` and no snapshot is left in the
+lab. A summary table closes the replication part, with the CloudStack volumes made.
 
 Then the backup part, on web01's data disk: a local repository, a full backup, the guest changing
 its files, an incremental backup (QCOW2 overlays written by the mover, with manifests); every file
@@ -53,11 +59,19 @@ from oma.app import create_app
 from oma.config import OmaConfig
 from pyapp.cli import iec_size
 from pyapp.nbd_export import free_tcp_port
+from pyapp.process import aterminate
 from vma.config import VmaConfig
 from vma.server import serve_vma
 from vma.vsphere.client import VCenterLogin, VSphere
 
 TERMINAL = ("completed", "failed", "cancelled")
+#: The lab CloudStack's login and what the demo chooses in it (lab/cloudstack/default_seed.json).
+CLOUDSTACK_API_KEY = "demo-api-key"
+CLOUDSTACK_SECRET_KEY = "demo-secret-key"
+CLOUDSTACK_ZONE = "lab-zone-1"
+CLOUDSTACK_NETWORK = "lab-isolated"
+OMA_VM_MAC = "02:00:4f:4d:41:01"
+CLOUDSTACK_READY = "CloudStack lab listening on "
 
 
 def random_files(prefix: str, count: int, size: int, seed: int) -> dict[str, bytes]:
@@ -208,6 +222,115 @@ async def run_pass(api: Api, vms: list[LabVM], kind: str) -> list[PassResult]:
                 await trio.sleep(0.1)
                 r.disks = (await api.call("GET", f"/replications/{job_id}"))["disks"]
     return [results[job_id] for job_id in jobs]  # in the VMs' order, whichever ended first
+
+
+async def start_cloudstack(work: Path) -> tuple[trio.Process, str]:
+    """The lab CloudStack as its own process on a free loopback port: the process and its API URL
+    (once it printed it)."""
+    cmd = [
+        sys.executable,
+        *("-m", "lab.cloudstack", "--port", "0", "--data-dir", str(work / "cloudstack")),
+        *("--device-root", str(work / "cloudstack" / "dev"), "--oma-vm-mac", OMA_VM_MAC),
+        *("--api-key", CLOUDSTACK_API_KEY, "--secret-key", CLOUDSTACK_SECRET_KEY, "--job-delay", "0.1"),
+    ]
+    with (work / "cloudstack.log").open("wb") as log_file:
+        proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, stderr=log_file)
+    assert proc.stdout is not None
+    line = b""
+    with trio.fail_after(60):
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive_some(1)
+            if not chunk:
+                raise RuntimeError(f"the lab CloudStack exited: see {work / 'cloudstack.log'}")
+            line += chunk
+    text = line.decode().strip()
+    if not text.startswith(CLOUDSTACK_READY):
+        raise RuntimeError(f"the lab CloudStack said {text!r}")
+    return proc, text.removeprefix(CLOUDSTACK_READY)
+
+
+async def configure_cloudstack(api: Api, api_url: str, vms: list[LabVM]) -> dict[str, Any]:
+    """CloudStack through the OMA's API, as an operator sets it up: discover, save (the OMA VM
+    detected by its MAC), validate, and map each VM's network. Returns the saved settings."""
+    login = {"api_url": api_url, "api_key": CLOUDSTACK_API_KEY, "secret_key": CLOUDSTACK_SECRET_KEY}
+    found = await api.call("POST", "/settings/cloudstack/discover-all", login)
+    zone = next(z for z in found["zones"] if z["name"] == CLOUDSTACK_ZONE)
+    disk = next(o for o in found["disk_offerings"] if o["is_customized"])
+    saved = await api.call(
+        "POST",
+        "/ossea/config-streamlined",
+        {
+            "base_url": api_url.removesuffix("/client/api"),
+            "api_key": CLOUDSTACK_API_KEY,
+            "secret_key": CLOUDSTACK_SECRET_KEY,
+            "zone_id": zone["id"],
+            "disk_offering_id": disk["id"],
+        },
+    )
+    checks = await api.call("POST", "/settings/cloudstack/validate", {})
+    if not checks["success"]:
+        raise RuntimeError(f"CloudStack settings are not ready: {checks}")
+    network = (await api.call("POST", "/networks/resolve", {"network_name": CLOUDSTACK_NETWORK}))["networks"][
+        0
+    ]
+    for vm in vms:
+        await api.call(
+            "POST",
+            "/network-mappings",
+            {
+                "vm_id": vm.moref,
+                "source_network_name": "VM Network",
+                "destination_network_id": network["network_id"],
+            },
+        )
+    config: dict[str, Any] = saved["config"]
+    print(
+        f"           zone {zone['name']}, disk offering {disk['name']} (custom size),"
+        f" OMA VM {config['oma_vm_id']}; VM Network -> {CLOUDSTACK_NETWORK} for {len(vms)} VMs"
+    )
+    return config
+
+
+async def cloudstack_report(
+    http: httpx.AsyncClient, api_url: str, full: list[PassResult], incremental: list[PassResult]
+) -> dict[str, Any]:
+    """The CloudStack part of the summary: each replica volume as CloudStack has it, whether both
+    passes wrote into it and whether it equals its source."""
+    r = await http.get(f"{api_url.removesuffix('/client/api')}/lab/state")
+    r.raise_for_status()
+    in_cloud = {v["id"]: v for v in r.json()["volumes"]}
+    volumes = []
+    for f, i in zip(full, incremental, strict=True):
+        by_disk = {d["disk_id"]: d for d in i.disks}
+        for d in f.disks:
+            volume_id = d.get("cloudstack_volume_id")
+            held = in_cloud.get(volume_id or "", {})
+            volumes.append(
+                {
+                    "vm": f.vm,
+                    "disk_id": d["disk_id"],
+                    "cloudstack_volume_id": volume_id,
+                    "size_bytes": held.get("size"),
+                    "attached_to": held.get("virtualmachineid"),
+                    "device": d["volume_path"],
+                    "same_volume_both_passes": bool(volume_id)
+                    and by_disk[d["disk_id"]].get("cloudstack_volume_id") == volume_id,
+                    "target_equals_source": f.equal.get(d["disk_id"], False)
+                    and i.equal.get(d["disk_id"], False),
+                }
+            )
+    return {"volumes_created": len(volumes), "volumes": volumes}
+
+
+def print_cloudstack(section: dict[str, Any]) -> None:
+    print(f"\nCloudStack volumes made: {section['volumes_created']}")
+    for v in section["volumes"]:
+        print(
+            f"  {v['vm']:<6} {v['disk_id']:<10} {v['cloudstack_volume_id']}"
+            f" {iec_size(v['size_bytes'] or 0):>9} attached to {v['attached_to']}"
+            f"  same volume both passes: {'yes' if v['same_volume_both_passes'] else 'NO'}"
+            f"  equal to source: {'yes' if v['target_equals_source'] else 'NO'}"
+        )
 
 
 def images_equal(a: Path, b: Path) -> bool:
@@ -427,6 +550,7 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
     )
     lab = Lab(work / "lab", qcda_window=64 * MiB, tls=True)  # HTTPS, its certificate pinned below
     await trio.to_thread.run_sync(lab.start)
+    cloudstack: trio.Process | None = None
     try:
         vms = await trio.to_thread.run_sync(build_lab_vms, lab)
         for vm in vms:
@@ -446,7 +570,13 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
             admin_password=admin_password,
             db_pool_size=10,
             engine_poll_interval=0.25,
+            # the lab CloudStack's OMA VM: its MAC, and where its volumes' devices appear
+            oma_vm_macs=(OMA_VM_MAC,),
+            device_root=work / "cloudstack" / "dev",
         )
+        print(f"[{time.monotonic() - t0:5.1f} s] starting the lab CloudStack ...", flush=True)
+        cloudstack, cloudstack_url = await start_cloudstack(work)
+        print(f"           CloudStack API at {cloudstack_url}", flush=True)
         print(
             f"[{time.monotonic() - t0:5.1f} s] starting the OMA (embedded PostgreSQL in {work / 'oma'}) ..."
         )
@@ -518,6 +648,11 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
                     for vm in found["discovered_vms"]:
                         disks = ", ".join(f"{d['id']} {iec_size(d['capacity_bytes'])}" for d in vm["disks"])
                         print(f"           {vm['name']:<6} {vm['path']:<16} {vm['power_state']:<10} {disks}")
+                    print(
+                        f"[{time.monotonic() - t0:5.1f} s] configuring CloudStack through the OMA's API ...",
+                        flush=True,
+                    )
+                    await configure_cloudstack(api, cloudstack_url, vms)
 
                     print(
                         f"\n[{time.monotonic() - t0:5.1f} s] pass 1: full replication of {len(vms)} VMs",
@@ -546,12 +681,18 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
 
                     print_summary(full, incremental, vms, snapshots)
                     report["replication"] = replication_report(full, incremental, vms, snapshots)
+                    report["cloudstack"] = await cloudstack_report(http, cloudstack_url, full, incremental)
+                    print_cloudstack(report["cloudstack"])
                     ok = (
                         all(
                             r.status == "completed" and r.equal and all(r.equal.values())
                             for r in full + incremental
                         )
                         and snapshots == 0
+                        and all(
+                            v["same_volume_both_passes"] and v["target_equals_source"]
+                            for v in report["cloudstack"]["volumes"]
+                        )
                     )
                     for r in full + incremental:
                         if r.status != "completed":
@@ -563,6 +704,9 @@ async def demo(work: Path, quiet_logs: bool, report: dict[str, Any]) -> bool:
                 stop_oma.set()
                 vma_scope.cancel()
     finally:
+        if cloudstack is not None:
+            with trio.CancelScope(shield=True):
+                await aterminate(cloudstack)
         await trio.to_thread.run_sync(lab.stop)
     report["passed"], report["seconds"] = ok, round(time.monotonic() - t0, 3)
     print(f"\ndemo {'passed' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s")
@@ -602,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, report)
     finally:
         if args.keep:
-            print(f"kept in {work}: oma/volumes (targets), backups, oma/pgdata, lab, services.log")
+            print(f"kept in {work}: cloudstack (target volumes), backups, oma/pgdata, lab, services.log")
         else:
             shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1

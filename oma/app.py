@@ -14,10 +14,13 @@ While serving, the app holds (opened in ``while_serving``, closed in reverse ord
    connection with backoff meanwhile, ``OMA_DB_RETRY_DEADLINE``);
 7. the replication engine (``oma.replication.engine``, unless ``run_replications`` is off),
    subscribed to the replication job events (``OmaState.job_events``) so that a job created here
-   is claimed at once, and the backup services (unless ``run_backups`` is off: the backup engine
-   ``oma.backups.engine``, the copy worker, retention), other background tasks: stopped first at
-   shutdown, and waited for (bounded) so that they end their jobs, release the VMA's exports and
-   remove unfinished files while the database and the VMA client are still open.
+   is claimed at once, and handed CloudStack's replica volumes (``OmaState.replica_volumes``:
+   :class:`oma.cloudstack.volumes.ReplicaVolumes` as the replication domain's ``CloudVolumes``;
+   one :class:`~oma.cloudstack.volumes.OmaVmLock` per process), and the backup services (unless
+   ``run_backups`` is off: the backup engine ``oma.backups.engine``, the copy worker, retention),
+   other background tasks: stopped first at shutdown, and waited for (bounded) so that they end
+   their jobs, release the VMA's exports and remove unfinished files while the database and the
+   VMA client are still open.
 
 The app is the service shell: it wires the domains (``oma.replication``, ``oma.backups``,
 ``oma.restore``, …) to each other and to the HTTP layer (``oma.api``, one blueprint per area in
@@ -62,6 +65,7 @@ from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, enqueue_policy_copie
 from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
 from oma.backups.engine import BackupEngine
 from oma.backups.retention import RETENTION_KEY, RetentionService
+from oma.cloudstack.volumes import OmaVmLock, ReplicaVolumes
 from oma.config import OmaConfig
 from oma.credentials import vmware
 from oma.crypto import SecretBox, load_or_create_key
@@ -188,10 +192,14 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         app.add_background_task(watch_embedded, embedded, stop)
                     restore_service = start_restore_service(app, config, db)  # cleanup when run_backups
                     resolve_login = functools.partial(vmware.resolve_login, db, st.box)
+                    # The replication domain's cloud volumes: CloudStack's, whenever it is configured.
+                    st.replica_volumes = ReplicaVolumes(db, st.box, config, OmaVmLock(db))
                     engine: ReplicationEngine | None = None
                     stop_listening: Callable[[], None] | None = None
                     if config.run_replications:
-                        engine = ReplicationEngine(config, db, st.vma_, resolve_login, st.job_events)
+                        engine = ReplicationEngine(
+                            config, db, st.vma_, resolve_login, st.job_events, st.replica_volumes
+                        )
                         st.engine = engine
                         stop_listening = st.job_events.subscribe(engine.job_changed)
                         app.add_background_task(engine.run)
@@ -239,6 +247,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                             for e in engines:
                                 await e.stopped.wait()
                         st.engine = st.backup_engine = None
+                        st.replica_volumes = None
                         st.vma_ = None
                 st.db_ = None
         finally:

@@ -15,6 +15,7 @@ from quart import current_app
 from oma.config import OmaConfig
 from oma.crypto import SecretBox
 from oma.replication.events import JobEvents
+from oma.replication.volumes import CloudVolumes
 from oma.vma_client import VmaClient
 from pyapp.db import Database
 from pyapp.logs import RecentRecords
@@ -38,6 +39,8 @@ class OmaState:
     #: Where the replication domain publishes job changes (the app subscribes the engine).
     job_events: JobEvents = field(default_factory=JobEvents)
     engine: ReplicationEngine | None = None
+    #: The cloud's replica volumes (CloudStack's), set while serving.
+    replica_volumes: CloudVolumes | None = None
     #: Set while the backup engine runs: wakes it up to claim a backup created here at once.
     backup_engine_wakeup: Callable[[], None] | None = None
     backup_engine: BackupEngine | None = None

@@ -32,6 +32,7 @@ from oma.replication.creation import create_job
 from oma.replication.identity import DiskSpec, SourceVm
 from oma.replication.jobs import JobUpdate, delete_job, get_job, list_jobs, update_job
 from oma.replication.progress import job_progress
+from oma.replication.volumes import delete_job_volumes
 from oma.state import state
 from oma.vma_client import VmaError, VmaJobNotFound, VmaUnreachable
 from pyapp.api import JOB_NOT_FOUND, OPERATION_FAILED, ApiError
@@ -166,12 +167,28 @@ async def update_replication(job_id: str, data: UpdateReplicationRequest) -> dic
         return await update_job(st.db, st.job_events, job_id, JobUpdate(**data.model_dump()))
 
 
+class DeleteReplicationQuery(QueryModel):
+    delete_volumes: bool = Field(
+        False,
+        description="also delete the volumes the job wrote into: CloudStack volumes are detached"
+        " from the OMA VM and deleted, files removed (the next pass of the disks is a full one)",
+    )
+
+
 @bp.delete("/replications/<job_id>")
 @requires("operator")
-async def delete_replication(job_id: str) -> dict[str, Any]:
+@validate_querystring(DeleteReplicationQuery)
+async def delete_replication(job_id: str, query_args: DeleteReplicationQuery) -> dict[str, Any]:
+    st = state()
     with not_cut_short():
-        await delete_job(state().db, job_id)
-    return {"message": "replication job deleted", "job_id": job_id}
+        deleted = (
+            await delete_job_volumes(st.db, st.replica_volumes, job_id) if query_args.delete_volumes else []
+        )
+        await delete_job(st.db, job_id)
+    answer: dict[str, Any] = {"message": "replication job deleted", "job_id": job_id}
+    if query_args.delete_volumes:
+        answer["volumes_deleted"] = deleted
+    return answer
 
 
 @bp.post("/replications/<job_id>/changeid")

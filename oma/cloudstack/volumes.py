@@ -18,6 +18,10 @@ to the OMA VM only waits for its device, detaching a detached volume does nothin
 whose device does not appear within the deadline detaches the volume again before it fails
 (504 ``DEVICE_TIMEOUT``), so no volume is left attached without a device; deleting the volume is
 the caller's decision.
+
+:class:`ReplicaVolumes` is what the replication domain gets of all this (its
+``oma.replication.volumes.CloudVolumes``, handed over by the app): each call uses the active
+settings (their zone, disk offering and OMA VM) and this process's :class:`OmaVmLock`.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ import trio
 
 from oma.cloudstack.client import PARAM_ERROR, CloudStackClient, CloudStackError
 from oma.cloudstack.resources import disk_offering_view, volume_view
+from oma.cloudstack.settings import CLOUDSTACK_NOT_CONFIGURED, active_client
 from oma.config import OmaConfig
+from oma.crypto import SecretBox
 from pyapp.api import CONFLICT, NOT_FOUND, ApiError
 from pyapp.db import Database
 
@@ -282,3 +288,81 @@ class OmaVmVolumes:
                     exc.message,
                     extra={"action": "cloudstack_volume_attach", "volume_id": volume_id},
                 )
+
+
+class ReplicaVolumes:
+    """Replica volumes in the active CloudStack settings' zone, made with their disk offering and
+    attached to their OMA VM: the replication domain's ``CloudVolumes`` (module doc). One per
+    process, sharing ``lock`` with every other volume operation of the process."""
+
+    def __init__(self, db: Database, box: SecretBox, config: OmaConfig, lock: OmaVmLock) -> None:
+        self.db = db
+        self.box = box
+        self.config = config
+        self.lock = lock
+
+    @asynccontextmanager
+    async def _volumes(self, *needs: str) -> AsyncIterator[tuple[OmaVmVolumes, dict[str, str]]]:
+        """The OMA VM's volume operations with the active settings, and their resources; 409
+        ``CLOUDSTACK_NOT_CONFIGURED`` naming what the settings lack of ``needs`` (and the OMA VM)."""
+        async with active_client(self.db, self.box, self.config) as (client, stored):
+            resources = {
+                "zone_id": stored.resources.zone_id,
+                "disk_offering_id": stored.resources.disk_offering_id,
+                "oma_vm_id": stored.resources.oma_vm_id,
+            }
+            missing = [n for n in ("oma_vm_id", *needs) if not resources[n]]
+            if missing:
+                raise ApiError(
+                    409,
+                    CLOUDSTACK_NOT_CONFIGURED,
+                    f"the CloudStack settings {stored.name!r} have no {', '.join(missing)}: replica volumes"
+                    " need a zone, a disk offering and the OMA VM (POST /ossea/config)",
+                )
+            yield OmaVmVolumes.from_config(client, self.lock, resources["oma_vm_id"], self.config), resources
+
+    async def configured(self) -> bool:
+        return bool(
+            await self.db.fetchval("SELECT EXISTS (SELECT 1 FROM cloudstack_configs WHERE is_active)")
+        )
+
+    async def create(self, name: str, size_bytes: int) -> str:
+        async with self._volumes("zone_id", "disk_offering_id") as (volumes, resources):
+            volume = await volumes.create(
+                name=name,
+                size_bytes=size_bytes,
+                disk_offering_id=resources["disk_offering_id"],
+                zone_id=resources["zone_id"],
+            )
+        return volume.id
+
+    async def find(self, name: str) -> str | None:
+        async with self._volumes() as (volumes, _):
+            items = await volumes.client.list("listVolumes", name=name, listall=True)
+        found = [Volume.from_cloudstack(i) for i in items if i.get("name") == name]
+        return found[0].id if found else None
+
+    async def size(self, volume_id: str) -> int | None:
+        async with self._volumes() as (volumes, _):
+            try:
+                volume = await volumes.get(volume_id)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return None
+                raise
+        return volume.size_bytes
+
+    async def attach(self, volume_id: str) -> Path:
+        async with self._volumes() as (volumes, _):
+            return (await volumes.attach(volume_id)).device
+
+    async def delete(self, volume_id: str) -> bool:
+        async with self._volumes() as (volumes, _):
+            try:
+                await volumes.detach(volume_id)
+                await volumes.delete(volume_id)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return False
+                raise
+        return True

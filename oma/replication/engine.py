@@ -33,6 +33,13 @@ and did not complete ``failed`` (with the reason; the file stays where the row s
 
 A volume lives on one node (:func:`oma.replication.volumes.node_id`); the engine claims only jobs
 whose disks' volumes are on its node or do not exist yet.
+
+When the app hands the engine the cloud's volumes (:class:`~oma.replication.volumes.CloudVolumes`,
+CloudStack's) and CloudStack is configured, step 1 records cloud volume generations; each new one
+is created with the disk's size and every target is attached to the OMA VM (kept attached between
+passes) and its device exported instead of a file. A job that ends other than ``completed``
+deletes the cloud volumes it created (:func:`~oma.replication.volumes.undo_unfinished`); so does
+the take-over of a dead worker's job.
 """
 
 from __future__ import annotations
@@ -49,14 +56,18 @@ from oma.config import OmaConfig
 from oma.replication.events import JobChange, JobEvents
 from oma.replication.jobs import TERMINAL, JobError, finish_job
 from oma.replication.volumes import (
+    CLOUDSTACK,
+    CloudVolumes,
     DiskTarget,
     Writer,
     allocate_volumes,
+    make_cloud_volume,
     mark_unfinished,
     node_id,
     prepare_volume,
     safe_name,
     start_export,
+    undo_unfinished,
 )
 from oma.vcenter_login import ResolveLogin
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
@@ -93,10 +104,14 @@ class ReplicationEngine(VmaJobEngine):
         vma: VmaClient,
         resolve_login: ResolveLogin,
         events: JobEvents,
+        cloud: CloudVolumes | None = None,
     ) -> None:
         super().__init__(config, db, vma, resolve_login, max_active=config.max_active_jobs)
         #: Where the jobs this engine ends are published.
         self.events = events
+        #: The cloud's volumes (CloudStack's), when the app wires them: replica volumes there
+        #: whenever the cloud is configured.
+        self.cloud = cloud
         #: Jobs this process drives now, by id (their volumes and exports).
         self.jobs: dict[str, RunningJob] = {}
         self._node_id: str | None = None
@@ -148,6 +163,7 @@ class ReplicationEngine(VmaJobEngine):
         error = f"the OMA worker driving the job ({row['previous']}) stopped: {reason}"
         if await finish_job(self.db, self.events, row["id"], "failed", error):
             log.warning("job of a stopped OMA worker failed", extra={"claimed_by": row["previous"]})
+        await undo_unfinished(self.db, self.cloud, row["id"], error)
 
     async def claim(self, limit: int) -> list[Any]:
         # A job never runs where its volume is not: only jobs whose disks' volumes are on this node
@@ -221,14 +237,23 @@ class ReplicationEngine(VmaJobEngine):
         )
         login = await self.resolve_login(credential_id)
         writer = Writer(job.job_id, row["vm_name"], job.vm_path, await self.node_id())
-        targets = await allocate_volumes(self.db, self.config, writer, [dict(d) for d in disks])
+        targets = await allocate_volumes(self.db, self.config, writer, [dict(d) for d in disks], self.cloud)
         if targets is None:
             return  # cancelled while pending
         job.targets.extend(targets)
+        if any(t.backend == CLOUDSTACK for t in targets):
+            await self._note(job.job_id, "Preparing CloudStack volumes")
         for target in job.targets:
-            await trio.to_thread.run_sync(
-                partial(prepare_volume, target.volume, target.capacity, fresh=target.fresh)
-            )
+            if target.backend == CLOUDSTACK:
+                if self.cloud is None:
+                    raise JobError(
+                        f"the volume of {target.disk_id} is a CloudStack volume: CloudStack is not wired"
+                    )
+                await make_cloud_volume(self.db, self.cloud, job.job_id, target)
+            else:
+                await trio.to_thread.run_sync(
+                    partial(prepare_volume, target.volume, target.capacity, fresh=target.fresh)
+                )
             target.export = await trio.to_thread.run_sync(
                 start_export, target, safe_name(target.disk_id), self.config.export_records_dir
             )
@@ -359,13 +384,16 @@ class ReplicationEngine(VmaJobEngine):
 
     async def _mark_unfinished_volumes(self, job: RunningJob, error: str | None) -> None:
         """The volume generations this job made and did not complete are marked ``failed``, with
-        the reason (:func:`~oma.replication.volumes.mark_unfinished`)."""
+        the reason (:func:`~oma.replication.volumes.mark_unfinished`); its cloud volumes are
+        deleted first (:func:`~oma.replication.volumes.undo_unfinished`)."""
         if not any(t.fresh for t in job.targets):
             return
         status = await self._status(job.job_id)
         reason = (
             error or f"the replication job {job.job_id} ended {status or 'deleted'} before its pass completed"
         )
+        if any(t.fresh and t.backend == CLOUDSTACK for t in job.targets):
+            await undo_unfinished(self.db, self.cloud, job.job_id, reason)
         await mark_unfinished(self.db, job.job_id, job.targets, reason)
 
     async def _stop_on_vma(self, job_id: str) -> None:

@@ -58,7 +58,7 @@ async def job_disks(conn: Database | Connection, job_id: str) -> list[dict[str, 
     """The disks of ``job_id`` as the API shows them, each with the last change ID it stored."""
     rows = await conn.fetch(
         "SELECT d.disk_id, d.capacity_bytes, d.active, d.base_change_id, d.volume_id, d.volume_generation,"
-        " d.volume_path, d.nbd_uri,"
+        " d.volume_path, d.cloudstack_volume_id, d.nbd_uri,"
         " d.copy_mode, d.bytes_written, d.bytes_zeroed,"
         " (SELECT c.change_id FROM vm_disk_changeids c WHERE c.job_id = d.job_id AND c.disk_id = d.disk_id"
         "  ORDER BY c.id DESC LIMIT 1) AS change_id"

@@ -118,7 +118,15 @@ async def oma_dsn(postgres_admin_dsn: str) -> str:
 
 
 @pytest.fixture
-async def product(tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery) -> AsyncIterator[Product]:
+def oma_overrides() -> dict[str, Any]:
+    """More configuration of the product's OMA (a test module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture
+async def product(
+    tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery, oma_overrides: dict[str, Any]
+) -> AsyncIterator[Product]:
     vma_port = free_tcp_port()
     config = make_config(
         tmp_path,
@@ -129,6 +137,7 @@ async def product(tmp_path: Path, oma_dsn: str, lab: Lab, nursery: trio.Nursery)
         vma_timeout=10.0,
         # The secret the VMA gets at enrollment (below): the OMA signs its requests to it with it.
         vma_secret_file=tmp_path / "oma.secret",
+        **oma_overrides,
     )
     async with run_oma(config) as oma:
         appliance_id, secret = await enroll(oma)
