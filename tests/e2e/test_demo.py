@@ -30,8 +30,11 @@ def test_demo_runs_end_to_end_within_three_minutes(tmp_path: Path) -> None:
     assert time.monotonic() - started < 180
     out = r.stdout
     assert "demo passed" in out and "snapshots left in vCenter: 0" in out
-    replication, _, backups = out.partition("backups of web01")
+    replication, _, rest = out.partition("CloudStack volumes made: 3")
+    cloudstack, _, backups = rest.partition("backups of web01")
     assert replication.count(" yes") == 3  # three disks, each equal to its source after both passes
+    # each a CloudStack volume kept through both passes, equal to its source
+    assert cloudstack.count("same volume both passes: yes  equal to source: yes") == 3
     # two backup points, every file restored from each equal to the guest's
     assert backups.count(" equal ") == 2 and "DIFFER" not in backups
     assert "chain verified against its manifests: yes" in backups
@@ -56,3 +59,12 @@ def test_demo_runs_end_to_end_within_three_minutes(tmp_path: Path) -> None:
         p["status"] == "completed" and p["files_equal"] is True and p["files_restored"] > 0 for p in points
     )
     assert summary["backup"]["chain_verified"] is True
+    # the replicas are CloudStack volumes of the lab CloudStack, attached to the OMA VM, one per
+    # disk, the same volume through both passes, each equal to its source
+    volumes = summary["cloudstack"]["volumes"]
+    assert summary["cloudstack"]["volumes_created"] == len(volumes) == 3
+    assert len({v["cloudstack_volume_id"] for v in volumes}) == 3
+    assert len({v["attached_to"] for v in volumes}) == 1
+    assert all(v["same_volume_both_passes"] is True and v["target_equals_source"] is True for v in volumes)
+    serials = ["virtio-" + v["cloudstack_volume_id"].replace("-", "")[:20] for v in volumes]
+    assert all(v["device"].endswith(serial) for v, serial in zip(volumes, serials, strict=True))
