@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import socket
 import sys
 from importlib.metadata import PackageNotFoundError, version
@@ -31,6 +30,7 @@ import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from pyapp.atomic_file import write_atomic
 from vma.tunnel.ssh import ssh_fingerprint
 
 
@@ -43,24 +43,6 @@ def _version() -> str:
         return version("vmware-cloudstack-mover")
     except PackageNotFoundError:
         return "0.0.0"
-
-
-def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """``data`` into ``path`` with ``mode``: a new file, fsynced, renamed over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    tmp.replace(path)
-    dirfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
 
 
 def known_hosts_line(host: str, port: int, host_key: str) -> str:
@@ -171,19 +153,19 @@ def _write(
     if tunnel:
         host = tunnel.get("ssh_host") or urlsplit(oma).hostname or ""
         known_hosts = state_dir / "known_hosts"
-        write_private(
+        write_atomic(
             key_file,
             key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
             ),
         )
-        write_private(
+        write_atomic(
             key_file.with_suffix(".pub"),
             key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
             + b"\n",
             0o644,
         )
-        write_private(
+        write_atomic(
             known_hosts, known_hosts_line(host, int(tunnel["ssh_port"]), tunnel["host_key"]).encode()
         )
         config.update(
@@ -197,8 +179,8 @@ def _write(
             tunnel_forward_ports=[int(p) for p in tunnel["open_ports"]],
             tunnel_local_address=local_address,
         )
-    write_private(secret_file, f"{result['secret']}\n".encode())
-    write_private(config_path, (json.dumps(config, indent=2) + "\n").encode())
+    write_atomic(secret_file, f"{result['secret']}\n".encode())
+    write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode())
     return config
 
 

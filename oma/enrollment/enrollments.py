@@ -10,9 +10,7 @@ code and by the signature of the challenge; the administrators' steps (:func:`ap
 from __future__ import annotations
 
 import logging
-import os
 import secrets
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -25,6 +23,7 @@ from oma.enrollment.keys import check_public_key, signature_verifies
 from oma.enrollment.sshd import end_sessions, install_key, remove_key, settings_from, tunnel_for_vma
 from oma.store.rows import new_id, row_dict
 from pyapp.api import ApiError
+from pyapp.atomic_file import write_atomic
 from pyapp.db import Connection, Database
 from pyapp.logs import log_context
 
@@ -118,7 +117,7 @@ async def approve(
                 )
                 await trio.to_thread.run_sync(install_key, tunnel, enrollment_id, public_key)
             if config.vma_secret_file is not None:
-                await trio.to_thread.run_sync(write_private, config.vma_secret_file, secret + "\n")
+                await trio.to_thread.run_sync(write_atomic, config.vma_secret_file, f"{secret}\n".encode())
     with log_context(action="vma_approve"):
         log.info(
             "VMA enrollment approved", extra={"enrollment_id": enrollment_id, "appliance_id": appliance_id}
@@ -308,15 +307,3 @@ async def result(
                 body["secret"] = None
                 body["message"] = "credentials were already delivered; ask an administrator to re-enroll"
     return body
-
-
-def write_private(path: Path, text: str) -> None:
-    """Write a secret 0600: a new file, fsynced, renamed over the old one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

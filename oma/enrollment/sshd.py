@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 
 from oma.config import OmaConfig
 from pyapp.api import ApiError
+from pyapp.atomic_file import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +96,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as f:
-        f.write("".join(f"{line}\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.chmod(0o644)
-    tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, "".join(f"{line}\n" for line in lines).encode("ascii"), 0o644)
 
 
 def _lines(path: Path) -> list[str]:
