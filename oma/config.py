@@ -36,6 +36,14 @@
 | seconds an attached volume's device may take to appear | | ``OMA_DEVICE_WAIT_TIMEOUT`` | ``60`` |
 | the OMA VM's MAC addresses (``,``-separated) | | ``OMA_VM_MACS`` | none: read from the OS |
 | the OMA VM's IP addresses (``,``-separated) | | ``OMA_VM_IPS`` | none: read from the OS |
+| NBD export ports (``first-last``; the tunnel forwards them) | | ``OMA_NBD_PORTS`` | none: any free port |
+| the tunnel user's ``authorized_keys`` | | ``OMA_TUNNEL_AUTHORIZED_KEYS`` | none: no tunnel |
+| the tunnel's unprivileged user | | ``OMA_TUNNEL_USER`` | ``oma-tunnel`` |
+| the sshd host VMAs dial | | ``OMA_TUNNEL_SSH_HOST`` | the OMA URL's host |
+| the sshd port VMAs dial | | ``OMA_TUNNEL_SSH_PORT`` | ``22`` |
+| sshd's public host key | | ``OMA_TUNNEL_HOST_KEY_FILE`` | ``/etc/ssh/ssh_host_ed25519_key.pub`` |
+| sshd's log (ends a revoked VMA's session) | | ``OMA_TUNNEL_SSHD_LOG`` | none |
+| the OMA API port VMAs reach through the tunnel | | ``OMA_TUNNEL_API_PORT`` | the listen port |
 """
 
 from __future__ import annotations
@@ -99,6 +107,16 @@ class OmaConfig:
     #: The addresses the OMA VM is found by in CloudStack; empty: this host's, read from the OS.
     oma_vm_macs: tuple[str, ...] = ()
     oma_vm_ips: tuple[str, ...] = ()
+    #: The ports NBD exports are served on (the tunnel forwards each); empty: any free port.
+    nbd_ports: tuple[int, ...] = ()
+    #: The tunnel (docs/tunnel.md): approval installs the VMA's key in this file; None: no tunnel.
+    tunnel_authorized_keys: Path | None = None
+    tunnel_user: str = "oma-tunnel"
+    tunnel_ssh_host: str = ""
+    tunnel_ssh_port: int = 22
+    tunnel_host_key_file: Path = Path("/etc/ssh/ssh_host_ed25519_key.pub")
+    tunnel_sshd_log: Path | None = None
+    tunnel_api_port: int | None = None
 
     @property
     def key_file(self) -> Path:
@@ -172,7 +190,32 @@ class OmaConfig:
             device_wait_timeout=env_float("OMA_DEVICE_WAIT_TIMEOUT", 60.0),
             oma_vm_macs=_env_list("OMA_VM_MACS"),
             oma_vm_ips=_env_list("OMA_VM_IPS"),
+            nbd_ports=port_range(env_str("OMA_NBD_PORTS", "") or ""),
+            tunnel_authorized_keys=env_path("OMA_TUNNEL_AUTHORIZED_KEYS"),
+            tunnel_user=env_str("OMA_TUNNEL_USER", "oma-tunnel") or "oma-tunnel",
+            tunnel_ssh_host=env_str("OMA_TUNNEL_SSH_HOST", "") or "",
+            tunnel_ssh_port=env_int("OMA_TUNNEL_SSH_PORT", 22, minimum=1),
+            tunnel_host_key_file=env_path(
+                "OMA_TUNNEL_HOST_KEY_FILE", Path("/etc/ssh/ssh_host_ed25519_key.pub")
+            )
+            or Path("/etc/ssh/ssh_host_ed25519_key.pub"),
+            tunnel_sshd_log=env_path("OMA_TUNNEL_SSHD_LOG"),
+            tunnel_api_port=env_int("OMA_TUNNEL_API_PORT", 0, minimum=0) or None,
         )
+
+
+def port_range(text: str) -> tuple[int, ...]:
+    """``"10809-10840"`` (or one port) as the ports it names; empty: none."""
+    if not text.strip():
+        return ()
+    first, _, last = text.strip().partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ConfigError(f"a port range is FIRST-LAST, got {text!r}") from None
+    if not 0 < lo <= hi < 65536 or hi - lo >= 1024:
+        raise ConfigError(f"a port range is 1 to 1024 ports within 1-65535, got {text!r}")
+    return tuple(range(lo, hi + 1))
 
 
 def _env_list(name: str) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pyapp.atomic_file import write_atomic
 from pyapp.process import ProcessRef, cmdline, pids, terminate
 
 log = logging.getLogger(__name__)
@@ -173,19 +174,8 @@ class NbdExport:
 
 
 def write_record(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to ``path`` durably: a temporary file, fsynced, renamed, directory fsynced."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``data`` to ``path`` durably (:func:`pyapp.atomic_file.write_atomic`)."""
+    write_atomic(path, json.dumps(data).encode("utf-8"))
 
 
 def _is_qemu_nbd(argv: list[str]) -> bool:

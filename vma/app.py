@@ -7,7 +7,8 @@ remove their snapshots (shielded).
 
 Every call to vCenter has a deadline (``vsphere_call_timeout``, ``vsphere_task_timeout``). At
 start, and every ``recovery_interval`` seconds, what jobs of a previous run left (snapshots, work
-directories) is found through the job journal and removed (:mod:`vma.replication.recovery`)."""
+directories) is found through the job journal and removed (:mod:`vma.replication.recovery`). With
+``tunnel_host`` set, the SSH tunnel to the OMA is kept up beside them (:mod:`vma.tunnel`)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,20 @@ def create_app(cfg: VmaConfig) -> QuartTrio:
         configure_tls(cfg.vcenter_ca_file)
         stop = trio.Event()
         app.add_background_task(recovery_loop, cfg, st.tracker, stop)
+        tunnel_scope = trio.CancelScope()
+
+        async def keep_tunnel() -> None:
+            with tunnel_scope:
+                await st.tunnel.run()
+
+        app.add_background_task(keep_tunnel)
         log.info(
             "VMA API serving",
             extra={"action": "startup", "source": cfg.source, "oma_url": cfg.oma_url},
         )
         yield
         stop.set()
+        tunnel_scope.cancel()
         log.info("VMA API stopping", extra={"action": "shutdown"})
         await st.aclose()
 

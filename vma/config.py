@@ -50,6 +50,30 @@ class VmaConfig:
     oma_backoff_max: float = 60.0
     oma_unreachable_deadline: float = 600.0
 
+    # -- the tunnel to the OMA (docs/tunnel.md; written by ``vma-enroll``) -----------------------
+    #: The OMA's sshd; empty: no tunnel (the OMA reaches this VMA directly).
+    tunnel_host: str = ""
+    tunnel_port: int = 22
+    tunnel_user: str = "oma-tunnel"
+    #: This VMA's ed25519 private key (0600) and the known_hosts file pinning the OMA's host key.
+    tunnel_key_file: Path | None = None
+    tunnel_known_hosts: Path | None = None
+    #: The OMA's loopback port this VMA's API is forwarded to (the OMA calls the VMA there).
+    tunnel_remote_port: int = 9081
+    #: The OMA's loopback ports this VMA reaches on ``tunnel_local_address`` at the same port
+    #: numbers: the OMA's API and its NBD export ports.
+    tunnel_forward_ports: list[int] = field(default_factory=list)
+    #: Where those forwards listen here (a loopback address).
+    tunnel_local_address: str = "127.0.0.1"
+    #: The cipher (docs/tunnel.md, bench/RESULTS.md: chosen for speed).
+    tunnel_cipher: str = "aes128-gcm@openssh.com"
+    #: Seconds between keep-alives; the tunnel is dropped after three go unanswered.
+    tunnel_keepalive: float = 15.0
+    #: Reconnection backoff: first delay and cap (seconds).
+    tunnel_backoff_initial: float = 1.0
+    tunnel_backoff_max: float = 60.0
+    ssh: str = "ssh"
+
     # -- vCenter ---------------------------------------------------------------------------------
     #: vCenter's certificate is checked as each credential's ``tls_mode`` says (sent by the OMA;
     #: ``verify`` unless given). True skips every check, for every vCenter (a WARNING each connect).
@@ -123,6 +147,8 @@ class VmaConfig:
         for name in ("vsphere_call_timeout", "vsphere_task_timeout", "recovery_interval"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.tunnel_host and (self.tunnel_key_file is None or self.tunnel_known_hosts is None):
+            raise ConfigError("a tunnel (tunnel_host) needs tunnel_key_file and tunnel_known_hosts")
         if not self.export_timeout > 0:
             raise ConfigError(
                 f"export_timeout must be a positive number of seconds, got {self.export_timeout}"
@@ -140,7 +166,14 @@ class VmaConfig:
         if unknown:
             raise ValueError(f"unknown configuration keys: {', '.join(sorted(unknown))}")
         values = dict(data)
-        for key in ("work_dir", "socket_dir", "oma_secret_file", "vddk_libdir"):
+        for key in (
+            "work_dir",
+            "socket_dir",
+            "oma_secret_file",
+            "vddk_libdir",
+            "tunnel_key_file",
+            "tunnel_known_hosts",
+        ):
             if values.get(key) is not None:
                 values[key] = Path(values[key])
         if "datastore_roots" in values:

@@ -1,5 +1,5 @@
 """What the blueprints share: the configuration, the job tracker, the replicator, the exporter,
-OMA clients."""
+OMA clients, the tunnel."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from vma.oma_client.client import OmaClient
 from vma.replication.export import Exporter
 from vma.replication.jobs import JobTracker, Journal
 from vma.replication.replicate import Replicator
+from vma.tunnel.ssh import Tunnel
 
 
 @dataclass
@@ -25,8 +26,10 @@ class VmaState:
     oma_clients: dict[str, OmaClient] = field(default_factory=dict)
     replicator: Replicator = field(init=False)
     exporter: Exporter = field(init=False)
+    tunnel: Tunnel = field(init=False)
 
     def __post_init__(self) -> None:
+        self.tunnel = Tunnel(self.config)
         self.tracker = JobTracker(Journal(self.config.work_dir))
         self.replicator = Replicator(self.config, self.oma_for)
         self.exporter = Exporter(self.config)

@@ -97,6 +97,7 @@ async def approve(enrollment_id: str, data: DecisionRequest) -> dict[str, Any]:
         actor=current_principal().subject,
         reason=data.reason,
         client_ip=client_ip(),
+        config=st.config,
     )
 
 
@@ -116,8 +117,9 @@ async def reject(enrollment_id: str, data: DecisionRequest) -> dict[str, Any]:
 @admin_bp.delete("/admin/vma/revoke/<enrollment_id>")
 @requires("admin")
 async def revoke(enrollment_id: str) -> dict[str, Any]:
+    st = state()
     return await enrollments.revoke(
-        state().db, enrollment_id, actor=current_principal().subject, client_ip=client_ip()
+        st.db, enrollment_id, actor=current_principal().subject, client_ip=client_ip(), config=st.config
     )
 
 
@@ -160,5 +162,10 @@ async def verify(data: VerifyRequest) -> dict[str, Any]:
 async def result(query_args: ResultQuery) -> dict[str, Any]:
     st = state()
     return await enrollments.result(
-        st.db, st.box, query_args.enrollment_id, query_args.signature, client_ip=client_ip()
+        st.db,
+        st.box,
+        query_args.enrollment_id,
+        query_args.signature,
+        client_ip=client_ip(),
+        config=st.config,
     )

@@ -13,12 +13,17 @@ import logging
 import secrets
 from typing import Any
 
+import trio
+
+from oma.config import OmaConfig
 from oma.crypto import SecretBox, SecretBoxError, hash_password
 from oma.enrollment.audit import audit
 from oma.enrollment.codes import code_digest
 from oma.enrollment.keys import check_public_key, signature_verifies
+from oma.enrollment.sshd import end_sessions, install_key, remove_key, settings_from, tunnel_for_vma
 from oma.store.rows import new_id, row_dict
 from pyapp.api import ApiError
+from pyapp.atomic_file import write_atomic
 from pyapp.db import Connection, Database
 from pyapp.logs import log_context
 
@@ -68,8 +73,12 @@ async def approve(
     actor: str,
     reason: str | None,
     client_ip: str | None,
+    config: OmaConfig | None = None,
 ) -> dict[str, Any]:
-    """Issue the appliance id and secret of an enrollment awaiting approval."""
+    """Issue the appliance id and secret of an enrollment awaiting approval. With a ``config``:
+    the VMA's key goes into the tunnel's ``authorized_keys`` and the secret into the OMA's
+    ``vma_secret_file`` (it signs its requests to the VMA with it), both before the commit, so a
+    failure leaves the enrollment awaiting approval."""
     secret = secrets.token_urlsafe(32)
     secret_hash = await hash_password(secret)
     appliance_id = f"vma-{secrets.token_hex(6)}"
@@ -100,6 +109,15 @@ async def approve(
             reason=reason,
         )
         enrollment = await _locked_enrollment(conn, enrollment_id)
+        if config is not None:
+            tunnel = settings_from(config)
+            if tunnel is not None:
+                public_key = await conn.fetchval(
+                    "SELECT public_key FROM vma_enrollments WHERE id = $1", enrollment_id
+                )
+                await trio.to_thread.run_sync(install_key, tunnel, enrollment_id, public_key)
+            if config.vma_secret_file is not None:
+                await trio.to_thread.run_sync(write_atomic, config.vma_secret_file, f"{secret}\n".encode())
     with log_context(action="vma_approve"):
         log.info(
             "VMA enrollment approved", extra={"enrollment_id": enrollment_id, "appliance_id": appliance_id}
@@ -128,8 +146,17 @@ async def reject(
     return enrollment
 
 
-async def revoke(db: Database, enrollment_id: str, *, actor: str, client_ip: str | None) -> dict[str, Any]:
-    """Revoke an approved VMA: its secret is dropped and its tokens revoked in one transaction."""
+async def revoke(
+    db: Database,
+    enrollment_id: str,
+    *,
+    actor: str,
+    client_ip: str | None,
+    config: OmaConfig | None = None,
+) -> dict[str, Any]:
+    """Revoke an approved VMA: its secret is dropped and its tokens revoked in one transaction.
+    With a ``config``: its key leaves the tunnel's ``authorized_keys`` and its open tunnel session
+    is ended."""
     async with db.transaction() as conn:
         enrollment = await _locked_enrollment(conn, enrollment_id)
         if enrollment["status"] != "approved":
@@ -154,6 +181,14 @@ async def revoke(db: Database, enrollment_id: str, *, actor: str, client_ip: str
             tokens_revoked=int(tokens.split()[-1]),
         )
         enrollment = await _locked_enrollment(conn, enrollment_id)
+        public_key = await conn.fetchval(
+            "SELECT public_key FROM vma_enrollments WHERE id = $1", enrollment_id
+        )
+    tunnel = settings_from(config) if config is not None else None
+    if tunnel is not None:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(remove_key, tunnel, enrollment_id)
+            await trio.to_thread.run_sync(end_sessions, tunnel, public_key)
     with log_context(action="vma_revoke"):
         log.info("VMA revoked", extra={"enrollment_id": enrollment_id})
     return enrollment
@@ -226,10 +261,17 @@ async def verify(
 
 
 async def result(
-    db: Database, box: SecretBox, enrollment_id: str, signature: str, *, client_ip: str | None
+    db: Database,
+    box: SecretBox,
+    enrollment_id: str,
+    signature: str,
+    *,
+    client_ip: str | None,
+    config: OmaConfig | None = None,
 ) -> dict[str, Any]:
     """The enrollment's state for the VMA that signs its challenge; once approved, the appliance
-    id and — the first time only — the secret."""
+    id, the tunnel's parameters when the OMA has a tunnel, and — the first time only — the
+    secret."""
     async with db.transaction() as conn:
         row = await conn.fetchrow(
             "SELECT status, public_key, challenge, vma_name, appliance_id, secret_ciphertext, decision_reason"
@@ -245,6 +287,9 @@ async def result(
         if row["status"] == "approved":
             body["appliance_id"] = row["appliance_id"]
             body["login_path"] = "/api/v1/auth/login"
+            tunnel = settings_from(config) if config is not None else None
+            if config is not None and tunnel is not None:
+                body["tunnel"] = tunnel_for_vma(config, tunnel)
             if row["secret_ciphertext"] is not None:
                 try:
                     body["secret"] = box.decrypt(row["secret_ciphertext"], SECRET_PURPOSE)

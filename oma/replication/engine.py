@@ -255,7 +255,11 @@ class ReplicationEngine(VmaJobEngine):
                     partial(prepare_volume, target.volume, target.capacity, fresh=target.fresh)
                 )
             target.export = await trio.to_thread.run_sync(
-                start_export, target, safe_name(target.disk_id), self.config.export_records_dir
+                start_export,
+                target,
+                safe_name(target.disk_id),
+                self.config.export_records_dir,
+                self.config.nbd_ports,
             )
             port = target.export.port
             target.uri = f"nbd://{self.config.nbd_host}:{port}/{target.export.name}"

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
+import socket
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -202,19 +204,35 @@ def prepare_volume(path: Path, capacity: int, *, fresh: bool) -> None:
             os.fsync(f.fileno())
 
 
-def start_export(target: DiskTarget, export_name: str, record_dir: Path | None = None) -> NbdExport:
-    """``qemu-nbd`` on a free loopback port; another port if the one picked was taken meanwhile.
-    ``record_dir``: where the export is recorded before it starts (see :mod:`pyapp.nbd_export`)."""
+def start_export(
+    target: DiskTarget, export_name: str, record_dir: Path | None = None, ports: tuple[int, ...] = ()
+) -> NbdExport:
+    """``qemu-nbd`` on a free loopback port (one of ``ports`` when given: the tunnel forwards
+    those); another port if the one picked was taken meanwhile. ``record_dir``: where the export is
+    recorded before it starts (see :mod:`pyapp.nbd_export`)."""
     error: ExportError | None = None
     for _ in range(EXPORT_ATTEMPTS):
         export = NbdExport(
-            target.volume, name=export_name, port=free_tcp_port(), shared=8, record_dir=record_dir
+            target.volume, name=export_name, port=_pick_port(ports), shared=8, record_dir=record_dir
         )
         try:
             return export.start()
         except ExportError as e:
             error = e
     raise JobError(f"cannot export {target.volume}: {error}")
+
+
+def _pick_port(ports: tuple[int, ...]) -> int:
+    if not ports:
+        return free_tcp_port()
+    for port in random.sample(ports, len(ports)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise JobError(f"every NBD export port ({ports[0]}-{ports[-1]}, OMA_NBD_PORTS) is in use")
 
 
 @dataclass(frozen=True)

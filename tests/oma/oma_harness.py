@@ -90,7 +90,7 @@ async def run_oma(config: OmaConfig) -> AsyncIterator[Oma]:
         root.setLevel(logging.INFO)
     app = create_app(config, recent_logs=recent)
     hc = HypercornConfig()
-    hc.bind = ["127.0.0.1:0"]
+    hc.bind = [f"127.0.0.1:{config.port}"]  # 0 (make_config): a free port
     hc.accesslog = None
     hc.graceful_timeout = 5
     stop = trio.Event()

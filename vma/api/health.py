@@ -1,4 +1,5 @@
-"""``GET /api/v1/health``: the service is up, since how long."""
+"""``GET /api/v1/health``: the service is up, since how long, and the tunnel's state
+(``disabled``, ``connecting``, ``up`` or ``down`` with its last error)."""
 
 from __future__ import annotations
 
@@ -35,4 +36,5 @@ async def health() -> dict[str, Any]:
         "timestamp": utc_now_iso(),
         "uptime": format_uptime(uptime),
         "uptime_seconds": round(uptime, 3),
+        "tunnel": state().tunnel.health(),
     }
