@@ -4,14 +4,19 @@ Calls: ``POST /api/v1/discover`` (VMware inventory through the VMA, which holds 
 connection), ``GET /api/v1/progress/{job_id}`` (live figures of a running job), and for the
 replication engine ``POST /api/v1/replicate``, ``PUT /api/v1/config``, ``GET /api/v1/status/{job_id}``
 and ``POST /api/v1/cleanup``; for the backup engine the same endpoints in ``"mode": "export"``
-(:meth:`VmaClient.export`, :func:`exports_of`; see docs/backup.md, "The VMA's export job").
+(:meth:`VmaClient.export`, :func:`exports_of`; see docs/backup.md, "The VMA's export job"); for
+the failover engine ``POST /api/v1/vms/{vm_id}/power-off`` and ``power-on`` (:meth:`VmaClient.power_off`,
+:meth:`VmaClient.power_on`; docs/vma.md, "Additions to the seed").
 Every call has a timeout. Failures are told apart for the operator:
 
 - :class:`VmaUnreachable`: no answer (connection refused, DNS, timeout) — the tunnel or the VMA is
   down;
 - :class:`VmaRequestFailed`: the VMA answered with an error (its ``{"error","code"}`` envelope is
   carried through), e.g. vCenter refused the credentials;
-- :class:`VmaJobNotFound`: the VMA does not know the job (404).
+- :class:`VmaJobNotFound`: the VMA does not know the job (404);
+- :class:`VmaVmNotFound`: vCenter has no VM with that id (404 ``VM_NOT_FOUND``);
+- :class:`VmaVmBusy`: jobs of the VMA work on the VM, so it refused to power it off (409
+  ``VM_BUSY``; ``active_jobs`` names them).
 
 Every request is signed with the enrolled VMA's secret (``Authorization: Mover-HMAC``,
 pyapp/vma_auth.py; docs/vma.md, "Who may call the VMA"). The vCenter password travels in the
@@ -32,6 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pyapp.vma_auth import SecretFile, SignedAuth
 
 log = logging.getLogger(__name__)
+#: Seconds a power call may take beyond the guest's shutdown: vCenter's power task.
+POWER_TASK_WAIT = 300.0
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
 
@@ -54,6 +61,36 @@ class VmaRequestFailed(VmaError):
 
 class VmaJobNotFound(VmaError):
     pass
+
+
+class VmaVmNotFound(VmaError):
+    """vCenter has no VM with the id a power call named."""
+
+
+class VmaVmBusy(VmaRequestFailed):
+    """The VMA refused to power a VM off while its jobs ``active_jobs`` work on it."""
+
+    def __init__(self, message: str, active_jobs: list[str], *, code: str | None, status: int) -> None:
+        super().__init__(message, code=code, status=status)
+        self.active_jobs = active_jobs
+
+
+class PowerResult(BaseModel):
+    """The VMA's answer to a power call. ``outcome``: ``already_off``, ``guest_shutdown`` (the guest
+    shut down through VMware Tools), ``forced`` (``PowerOffVM_Task``), ``already_on``,
+    ``powered_on``."""
+
+    model_config = ConfigDict(extra="allow")
+    vm_id: str
+    name: str
+    action: Literal["power_off", "power_on"]
+    outcome: Literal["already_off", "guest_shutdown", "forced", "already_on", "powered_on"]
+    previous_power_state: str
+    power_state: str
+    tools_running: bool
+    guest_shutdown_attempted: bool
+    elapsed_seconds: float
+    message: str
 
 
 class DiscoveredVM(BaseModel):
@@ -122,6 +159,14 @@ def tls_fields(tls_mode: str, tls_thumbprint: str) -> dict[str, str]:
     return {"tls_mode": tls_mode, **({"tls_thumbprint": tls_thumbprint} if tls_thumbprint else {})}
 
 
+def login_fields(
+    vcenter: str, username: str, password: str, tls_mode: str, tls_thumbprint: str
+) -> dict[str, str]:
+    """A vCenter login as the VMA's calls take it (``/discover``, the power calls)."""
+    login = {"vcenter": vcenter, "username": username, "password": password}
+    return {**login, **tls_fields(tls_mode, tls_thumbprint)}
+
+
 class VmaClient:
     """``secret_file``: the enrolled VMA's secret (``OMA_VMA_SECRET_FILE``), re-read when it
     changes; every request is signed with it (pyapp/vma_auth.py). Without it the VMA answers 401."""
@@ -155,7 +200,13 @@ class VmaClient:
             code = body.get("code") if isinstance(body, dict) else None
             text = message or f"HTTP {response.status_code}"
             if response.status_code == 404:
+                if code == "VM_NOT_FOUND":
+                    raise VmaVmNotFound(text, code=code, status=404)
                 raise VmaJobNotFound(text, code=code, status=404)
+            if response.status_code == 409 and code == "VM_BUSY":
+                jobs = body.get("active_jobs") if isinstance(body, dict) else None
+                active = [str(j) for j in jobs] if isinstance(jobs, list) else []
+                raise VmaVmBusy(f"VMA refused {method} {path}: {text}", active, code=code, status=409)
             if response.status_code == 401:
                 text += " (the OMA signs its VMA requests with the secret in OMA_VMA_SECRET_FILE)"
             raise VmaRequestFailed(
@@ -304,3 +355,66 @@ class VmaClient:
         if not isinstance(body, dict):
             raise VmaRequestFailed("VMA cleanup answer is not a JSON object")
         return body
+
+    async def _power(self, vm_id: str, action: str, payload: dict[str, Any], wait_s: float) -> PowerResult:
+        path = f"/api/v1/vms/{quote(vm_id, safe='')}/{action}"
+        try:
+            body = await self._request("POST", path, payload, wait_s=wait_s)
+        except VmaJobNotFound as exc:  # a 404 that is not VM_NOT_FOUND: no such endpoint
+            raise VmaRequestFailed(
+                f"VMA refused POST {path}: {exc.message} (a VMA without the power endpoints?)",
+                code=exc.code,
+                status=exc.status,
+            ) from exc
+        try:
+            return PowerResult.model_validate(body)
+        except ValidationError as exc:
+            raise VmaRequestFailed(
+                f"VMA {action} answer does not match the contract: {exc.error_count()} errors"
+            ) from exc
+
+    async def power_off(
+        self,
+        vm_id: str,
+        *,
+        vcenter: str,
+        username: str,
+        password: str,
+        force: bool = True,
+        shutdown_timeout: float = 120.0,
+        final_pass: bool = False,
+        tls_mode: str = "verify",
+        tls_thumbprint: str = "",
+        wait_s: float | None = None,
+    ) -> PowerResult:
+        """Power the VM ``vm_id`` (its managed object id) off: a guest shutdown when VMware Tools
+        run, waited for up to ``shutdown_timeout`` s, then ``PowerOffVM_Task`` if ``force``. A VM
+        already off is a success (``outcome`` ``already_off``): retry freely. ``final_pass``: the
+        caller is a live failover whose final pass follows, so the VMA's active jobs on the VM do
+        not refuse it (else :class:`VmaVmBusy`). The request waits ``shutdown_timeout`` plus the
+        power task: ``wait_s`` defaults to that plus 300 s."""
+        payload = {
+            **login_fields(vcenter, username, password, tls_mode, tls_thumbprint),
+            "force": force,
+            "shutdown_timeout": shutdown_timeout,
+            "final_pass": final_pass,
+        }
+        return await self._power(
+            vm_id, "power-off", payload, wait_s if wait_s is not None else shutdown_timeout + POWER_TASK_WAIT
+        )
+
+    async def power_on(
+        self,
+        vm_id: str,
+        *,
+        vcenter: str,
+        username: str,
+        password: str,
+        tls_mode: str = "verify",
+        tls_thumbprint: str = "",
+        wait_s: float = POWER_TASK_WAIT,
+    ) -> PowerResult:
+        """Power the VM ``vm_id`` on (a live failover's rollback); a VM already on is a success
+        (``outcome`` ``already_on``)."""
+        payload = login_fields(vcenter, username, password, tls_mode, tls_thumbprint)
+        return await self._power(vm_id, "power-on", payload, wait_s)

@@ -245,7 +245,8 @@ class EnvelopeOpenAPIProvider(OpenAPIProvider):
         paths, components = super().build_paths(rule)
         for operations in paths.values():
             for operation in operations.values():
-                responses = dict(operation.get("responses", {}))
+                # quart-schema keys documented answers by int: one kind of key, or no JSON dump sorts them
+                responses = {str(code): answer for code, answer in operation.get("responses", {}).items()}
                 if not any(str(code).startswith("2") for code in responses):
                     responses["2XX"] = {
                         "description": "success",

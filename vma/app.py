@@ -20,7 +20,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from pyapp.vma_auth import AuthFailed, SecretFile, Verifier
-from vma.api import cleanup, config, discover, health, replicate, status
+from vma.api import cleanup, config, discover, health, power, replicate, status
 from vma.api.errors import error_response, install_error_handlers
 from vma.config import VmaConfig
 from vma.replication.recovery import recovery_loop
@@ -39,7 +39,7 @@ def create_app(cfg: VmaConfig) -> QuartTrio:
     app.config["JSON_SORT_KEYS"] = False
     st = VmaState(cfg)
     app.extensions["vma"] = st
-    for module in (health, cleanup, status, config, discover, replicate):
+    for module in (health, cleanup, status, config, discover, replicate, power):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     install_error_handlers(app)
     secret = SecretFile(cfg.oma_secret_file)

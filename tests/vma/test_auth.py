@@ -25,7 +25,7 @@ def routes(api: Vma) -> list[tuple[str, str]]:
     for rule in app.url_map.iter_rules():
         if rule.endpoint == "static":
             continue
-        path = rule.rule.replace("<job_id>", "repl-auth-1")
+        path = rule.rule.replace("<job_id>", "repl-auth-1").replace("<vm_id>", "vm-1")
         assert "<" not in path, f"fill in the parameters of {rule.rule}"
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             out.append((method, path))

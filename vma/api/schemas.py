@@ -42,14 +42,33 @@ class CleanupRequest(RequestModel):
     action: Literal["delete_snapshot", "cleanup_all"]
 
 
-class DiscoverRequest(RequestModel):
+class VCenterRequest(RequestModel):
+    """A body carrying a vCenter login (``vma/api/validation.py`` ``vcenter_login``)."""
+
     vcenter: str = Field(min_length=1, max_length=1024)
     username: str = Field(min_length=1, max_length=1024)
     password: str = Field(min_length=1, max_length=1024)
     tls_mode: Literal["verify", "thumbprint", "insecure"] | None = None
     tls_thumbprint: str | None = Field(None, max_length=200)
+
+
+class DiscoverRequest(VCenterRequest):
     datacenter: str | None = Field(None, max_length=255)
     filter: str | None = Field(None, max_length=255)
+
+
+class PowerOffRequest(VCenterRequest):
+    force: bool = Field(True, description="power off hard when the guest did not shut down")
+    shutdown_timeout: float = Field(
+        120.0, ge=0, le=3600, description="seconds the guest may take to shut down; 0: no guest shutdown"
+    )
+    final_pass: bool = Field(
+        False, description="the caller is a live failover whose final pass follows: active jobs do not block"
+    )
+
+
+class PowerOnRequest(VCenterRequest):
+    pass
 
 
 class ConfigRequest(RequestModel):

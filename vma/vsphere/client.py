@@ -1,6 +1,7 @@
 # pyvmomi's stubs leave the data-object constructors and pyVim's helpers unannotated:
 # mypy: disable-error-code="no-untyped-call"
-"""Everything the VMA asks vCenter, through pyvmomi: discovery, CBT, snapshots, changed areas.
+"""Everything the VMA asks vCenter, through pyvmomi: discovery, CBT, snapshots, changed areas,
+and a VM's power (state, guest shutdown, power off and on).
 
 pyvmomi blocks, so every call here is synchronous and the async side runs it through
 :func:`run` (a worker thread under :data:`LIMITER`). One :class:`VSphere` holds one session; it
@@ -78,7 +79,15 @@ DEADLINES = Deadlines()
 #: Functions that wait for vCenter tasks (:class:`VSphere` methods, and the cleanup API's and the
 #: start-up recovery's snapshot removals): their deadline is ``call + task``.
 TASK_METHODS = frozenset(
-    {"create_snapshot", "remove_snapshot", "ensure_cbt", "_remove_snapshots", "remove_job_snapshots"}
+    {
+        "create_snapshot",
+        "remove_snapshot",
+        "ensure_cbt",
+        "_remove_snapshots",
+        "remove_job_snapshots",
+        "power_off_vm",
+        "power_on_vm",
+    }
 )
 
 
@@ -152,6 +161,14 @@ class CbtResetError(VSphereError):
     """vCenter refused the stored change ID (CBT was reset or turned off since): a full pass is due."""
 
 
+class VmNotFound(VSphereError):
+    """vCenter has no VM with this managed object id (the API answers 404)."""
+
+    def __init__(self, vm_id: str, host: str) -> None:
+        super().__init__(f"vCenter {host} has no VM {vm_id}")
+        self.vm_id = vm_id
+
+
 @dataclass(frozen=True)
 class VCenterLogin:
     """Where and how to log in. ``host`` is ``name``, ``name:port`` or a URL (``http://h:p/sdk``);
@@ -197,6 +214,18 @@ class DiskInfo:
     def disk_id(self) -> str:
         """The OMA's name for the disk: ``disk-<device key>``."""
         return f"disk-{self.key}"
+
+
+@dataclass(frozen=True)
+class VmPower:
+    """A VM's power as vCenter reports it now."""
+
+    vm_id: str
+    name: str
+    power_state: str  # poweredOn | poweredOff | suspended
+    #: VMware Tools run in the guest (``guest.toolsRunningStatus`` is ``guestToolsRunning``): only
+    #: then can the guest be asked to shut down.
+    tools_running: bool
 
 
 @dataclass(frozen=True)
@@ -549,6 +578,67 @@ class VSphere:
             if p == "/" + path.strip("/"):
                 return candidate
         raise VSphereError(f"no VM at {path!r}")
+
+    # -- power ---------------------------------------------------------------------------------------
+
+    POWER_PROPERTIES = ("name", "runtime.powerState", "guest.toolsRunningStatus")
+
+    def vm_by_id(self, vm_id: str) -> Any:
+        """The VM whose managed object id is ``vm_id`` (discovery's ``id``, e.g. ``vm-143``);
+        :class:`VmNotFound` when vCenter has none (or the id names another kind of object)."""
+        vm = vim.VirtualMachine(vm_id, self.si._stub)
+        self.vm_power(vm)
+        return vm
+
+    def vm_power(self, vm: Any) -> VmPower:
+        """The VM's power state and whether VMware Tools run in its guest (one property read)."""
+        try:
+            props = self.properties([vm], list(self.POWER_PROPERTIES)).get(vm._moId)
+        except (vmodl.fault.ManagedObjectNotFound, vmodl.fault.InvalidArgument, vmodl.fault.InvalidType) as e:
+            raise VmNotFound(vm._moId, self.login.host) from e
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"reading the power state of {vm._moId} failed: {fault_message(e)}") from e
+        if props is None or "runtime.powerState" not in props:
+            raise VmNotFound(vm._moId, self.login.host)
+        return VmPower(
+            vm_id=vm._moId,
+            name=str(props.get("name", "")),
+            power_state=str(props["runtime.powerState"]),
+            tools_running=str(props.get("guest.toolsRunningStatus")) == "guestToolsRunning",
+        )
+
+    def shutdown_guest(self, vm: Any) -> None:
+        """Ask the guest to shut down (``ShutdownGuest``, through VMware Tools). vCenter answers at
+        once; the guest powers off when it is done: poll :meth:`vm_power`."""
+        try:
+            vm.ShutdownGuest()
+        except vmodl.MethodFault as e:
+            raise VSphereError(f"guest shutdown of {vm._moId} refused: {fault_message(e)}") from e
+        log.info("guest shutdown requested", extra={"action": "guest_shutdown", "vm": vm._moId})
+
+    def power_off_vm(self, vm: Any) -> bool:
+        """Power the VM off hard (``PowerOffVM_Task``). False: it was off already (also when it went
+        off meanwhile and vCenter refused the task for that)."""
+        return self._power_task(vm, "PowerOffVM_Task", "poweredOff")
+
+    def power_on_vm(self, vm: Any) -> bool:
+        """Power the VM on (``PowerOnVM_Task``; a suspended VM resumes). False: it was on already."""
+        return self._power_task(vm, "PowerOnVM_Task", "poweredOn")
+
+    def _power_task(self, vm: Any, method: str, wanted: str) -> bool:
+        if self.vm_power(vm).power_state == wanted:
+            return False
+        try:
+            self._wait(getattr(vm, method)(), f"{method} of {vm._moId}")
+        except (VSphereError, vmodl.MethodFault) as e:
+            # InvalidPowerState: someone else got there first. Any other failure stands.
+            if self.vm_power(vm).power_state == wanted:
+                return False
+            if isinstance(e, VSphereError):
+                raise
+            raise VSphereError(f"{method} of {vm._moId} failed: {fault_message(e)}") from e
+        log.info("VM %s", wanted, extra={"action": method, "vm": vm._moId})
+        return True
 
     # -- CBT -----------------------------------------------------------------------------------------
 
