@@ -99,6 +99,10 @@ class OmaConfig:
     #: The addresses the OMA VM is found by in CloudStack; empty: this host's, read from the OS.
     oma_vm_macs: tuple[str, ...] = ()
     oma_vm_ips: tuple[str, ...] = ()
+    #: How a failed-over guest is known to answer (oma/failover/guest.py: running, lab-console),
+    #: and how long its start may take until then.
+    failover_guest_check: str = "running"
+    failover_boot_timeout: float = 300.0
 
     @property
     def key_file(self) -> Path:
@@ -172,6 +176,8 @@ class OmaConfig:
             device_wait_timeout=env_float("OMA_DEVICE_WAIT_TIMEOUT", 60.0),
             oma_vm_macs=_env_list("OMA_VM_MACS"),
             oma_vm_ips=_env_list("OMA_VM_IPS"),
+            failover_guest_check=env_str("OMA_FAILOVER_GUEST_CHECK", "running") or "running",
+            failover_boot_timeout=env_float("OMA_FAILOVER_BOOT_TIMEOUT", 300.0),
         )
 
 
