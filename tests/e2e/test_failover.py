@@ -36,7 +36,8 @@ from tests.oma.cloudstack_lab import (
 pytestmark = pytest.mark.e2e
 
 DEVICE_WAIT_S = 2.0
-JOB_TIMEOUT_S = 10.0
+#: A start includes the double's KVM probe boot (about 4 s, once) and qemu coming up.
+JOB_TIMEOUT_S = 60.0
 #: Under TCG on a shared 2-core machine the lab guest boots in 6-8 s; room for a busy machine.
 BOOT_TIMEOUT_S = 90.0
 
