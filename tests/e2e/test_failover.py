@@ -128,7 +128,9 @@ async def assert_back_on_the_oma_vm(cloud: LabCloudStack, volume_ids: list[str])
         assert cloud.link(volume_id).name in state["device_links"]
     assert [vm for vm in state["vms"] if vm["id"] != OMA_VM] == [], state["vms"]
     assert state["snapshots"] == [], state["snapshots"]
-    assert sorted(v["id"] for v in state["volumes"] if v["virtualmachineid"] != OMA_VM) == [], state["volumes"]
+    assert sorted(v["id"] for v in state["volumes"] if v["virtualmachineid"] != OMA_VM) == [], state[
+        "volumes"
+    ]
     assert state["guests"] == {}, state["guests"]
     assert state["pending_jobs"] == [], state["pending_jobs"]
 
@@ -204,7 +206,9 @@ async def test_a_failed_deploy_rolls_the_job_back_and_a_retry_succeeds(
     await configure(product, cloud, boot_vm)
     first = await replicate(product, boot_vm)
     volume_ids = [d["cloudstack_volume_id"] for d in first["disks"]]
-    await cloud.fault(command="deployVirtualMachine", mode="job_failure", errorcode=533, errortext="no capacity")
+    await cloud.fault(
+        command="deployVirtualMachine", mode="job_failure", errorcode=533, errortext="no capacity"
+    )
 
     r = await product.oma.post("/failover/test", json={"vm_id": boot_vm.moref})
     assert r.status_code == 201, r.text

@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 import trio
-from cloudstack_lab import CUSTOM_DISK, MEDIUM_SO, OMA_VM_MAC, TEST_NET, ZONE1, LabCloudStack, run_cloudstack_lab
+from cloudstack_lab import (
+    CUSTOM_DISK,
+    MEDIUM_SO,
+    OMA_VM_MAC,
+    TEST_NET,
+    ZONE1,
+    LabCloudStack,
+    run_cloudstack_lab,
+)
 from oma_harness import Oma, make_config, run_oma
 from vma_double import VmaDouble
 
@@ -33,7 +41,12 @@ async def oma(tmp_path: Path, oma_dsn: str, vma: VmaDouble, lab: LabCloudStack) 
 
 
 async def configure(oma: Oma, lab: LabCloudStack) -> None:
-    body = {**lab.login(), "zone_id": ZONE1, "disk_offering_id": CUSTOM_DISK, "service_offering_id": MEDIUM_SO}
+    body = {
+        **lab.login(),
+        "zone_id": ZONE1,
+        "disk_offering_id": CUSTOM_DISK,
+        "service_offering_id": MEDIUM_SO,
+    }
     r = await oma.post("/ossea/config-streamlined", json=body)
     assert r.status_code == 200, r.text
 
@@ -42,7 +55,8 @@ async def manage(oma: Oma) -> None:
     """A managed VM of 1 CPU, 512 MB and one NIC, never replicated."""
     async with open_database(oma.config.database_url or "", min_size=1, max_size=1) as db:
         await db.execute(
-            "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host, current_status)"
+            "INSERT INTO vm_contexts (context_id, vm_name, vmware_vm_id, vm_path, vcenter_host,"
+            " current_status)"
             " VALUES ('ctx-fo', 'fo1', 'vm-77', '/DC/vm/fo1', 'vc.lab', 'discovered')"
         )
         nics = [{"key": 4000, "network": "VM Network", "mac_address": "00:50:56:00:00:01"}]
@@ -87,7 +101,9 @@ async def test_readiness_names_what_is_missing(oma: Oma, lab: LabCloudStack) -> 
     assert checks(body)["networks"] is True and body["network_ids"] == [TEST_NET]
 
 
-async def test_a_job_that_fails_validation_ends_failed_and_gives_the_vm_back(oma: Oma, lab: LabCloudStack) -> None:
+async def test_a_job_that_fails_validation_ends_failed_and_gives_the_vm_back(
+    oma: Oma, lab: LabCloudStack
+) -> None:
     await manage(oma)
     await configure(oma, lab)
     r = await oma.post("/failover/test", json={"vm_name": "fo1"})
@@ -97,7 +113,10 @@ async def test_a_job_that_fails_validation_ends_failed_and_gives_the_vm_back(oma
         while (job := (await oma.get(f"/failover/{job_id}/status")).json())["status"] not in ("failed",):
             assert job["status"] in ("running", "rolling_back"), job
             await trio.sleep(0.05)
-    assert [(s["name"], s["status"]) for s in job["steps"]] == [("validate", "failed"), ("rollback", "completed")]
+    assert [(s["name"], s["status"]) for s in job["steps"]] == [
+        ("validate", "failed"),
+        ("rollback", "completed"),
+    ]
     assert job["error_message"].startswith("validate: the VM is not ready to fail over: replication:")
     assert job["steps"][0]["error_message"] and job["steps"][0]["ended_at"] and job["current_step"] is None
     context = (await oma.get("/vm-contexts/fo1")).json()["context"]

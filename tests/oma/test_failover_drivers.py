@@ -74,17 +74,21 @@ def test_without_virt_v2v_in_place_the_conversion_fails_naming_it(
         drivers.convert(tmp_path / "disk")
 
 
-def test_the_conversion_runs_virt_v2v_in_place_on_disk_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_conversion_runs_virt_v2v_in_place_on_disk_0(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stand-in ``virt-v2v-in-place`` on PATH records its arguments (the real one is not
     installed here): the command line is ``-i disk <disk>``; a failing run fails with its stderr."""
     record = tmp_path / "argv"
     fake = tmp_path / "virt-v2v-in-place"
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n[ -z "$FAIL" ] || {{ echo "no root" >&2; exit 1; }}\n')
+    fake.write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n[ -z "$FAIL" ] || {{ echo "no root" >&2; exit 1; }}\n'
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     done = drivers.convert(tmp_path / "disk0")
     assert record.read_text().split() == ["-i", "disk", str(tmp_path / "disk0")]
     assert done == {"converted": True, "command": drivers.v2v_command(tmp_path / "disk0")}
     monkeypatch.setenv("FAIL", "1")
-    with pytest.raises(drivers.ConversionError, match="exit 1.*no root"):
+    with pytest.raises(drivers.ConversionError, match=r"exit 1.*no root"):
         drivers.convert(tmp_path / "disk0")
