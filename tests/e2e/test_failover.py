@@ -21,14 +21,11 @@ from lab.bootdisk import find_marker, read_data, rewrite_data
 from oma.cloudstack.omavm import os_addresses
 from tests.e2e.conftest import Product
 from tests.e2e.test_cloudstack_replication import assert_targets_equal, replica_volumes
+from tests.e2e.test_cloudstack_replication import configure as configure_replication
 from tests.oma.cloudstack_lab import (
-    CUSTOM_DISK,
-    ISOLATED,
-    MEDIUM_SO,
     OMA_VM,
     TEMPLATE,
     TEST_NET,
-    ZONE1,
     LabCloudStack,
     run_cloudstack_lab,
 )
@@ -67,37 +64,27 @@ def boot_vm(lab: Lab) -> LabVM:
 
 
 async def configure(product: Product, cloud: LabCloudStack, vm: LabVM) -> None:
-    """CloudStack's settings (with a template to deploy from), the VM added, its network mapped
-    for live and for test failovers."""
-    oma = product.oma
-    r = await oma.post(
-        "/ossea/config-streamlined",
+    """As for replication (a template to deploy from too), and the VM's network mapped for test
+    failovers."""
+    await configure_replication(product, cloud, vm, template_id=TEMPLATE)
+    r = await product.oma.post(
+        "/network-mappings",
         json={
-            "base_url": cloud.base,
-            "api_key": cloud.api_key,
-            "secret_key": cloud.secret_key,
-            "zone_id": ZONE1,
-            "disk_offering_id": CUSTOM_DISK,
-            "service_offering_id": MEDIUM_SO,
-            "network_id": ISOLATED,
-            "template_id": TEMPLATE,
+            "vm_id": vm.moref,
+            "source_network_name": vm.nics[0].network,
+            "destination_network_id": TEST_NET,
+            "is_test_network": True,
         },
     )
-    assert r.status_code == 200, r.text
-    assert r.json()["config"]["oma_vm_id"] == OMA_VM
-    r = await oma.post("/discovery/add-vms", json={"vm_names": [vm.name]})
-    assert r.status_code == 200, r.text
-    for network, test in ((ISOLATED, False), (TEST_NET, True)):
-        r = await oma.post(
-            "/network-mappings",
-            json={
-                "vm_id": vm.moref,
-                "source_network_name": vm.nics[0].network,
-                "destination_network_id": network,
-                "is_test_network": test,
-            },
-        )
-        assert r.status_code == 201, r.text
+    assert r.status_code == 201, r.text
+
+
+async def replicated(product: Product, cloud: LabCloudStack, vm: LabVM) -> tuple[dict[str, Any], list[str]]:
+    """``vm`` configured and replicated once: the job, and its CloudStack volume ids in disk order."""
+    assert vm.boot is not None
+    await configure(product, cloud, vm)
+    first = await replicate(product, vm)
+    return first, [d["cloudstack_volume_id"] for d in first["disks"]]
 
 
 async def replicate(product: Product, vm: LabVM) -> dict[str, Any]:
@@ -138,10 +125,8 @@ async def assert_back_on_the_oma_vm(cloud: LabCloudStack, volume_ids: list[str])
 async def test_a_test_failover_boots_the_replica_and_ending_it_lets_replication_go_on(
     product: Product, cloud: LabCloudStack, boot_vm: LabVM
 ) -> None:
+    _, volume_ids = await replicated(product, cloud, boot_vm)
     assert boot_vm.boot is not None
-    await configure(product, cloud, boot_vm)
-    first = await replicate(product, boot_vm)
-    volume_ids = [d["cloudstack_volume_id"] for d in first["disks"]]
 
     r = await product.oma.get(f"/failover/{boot_vm.moref}/readiness")
     assert r.status_code == 200, r.text
@@ -202,10 +187,7 @@ async def test_a_test_failover_boots_the_replica_and_ending_it_lets_replication_
 async def test_a_failed_deploy_rolls_the_job_back_and_a_retry_succeeds(
     product: Product, cloud: LabCloudStack, boot_vm: LabVM
 ) -> None:
-    assert boot_vm.boot is not None
-    await configure(product, cloud, boot_vm)
-    first = await replicate(product, boot_vm)
-    volume_ids = [d["cloudstack_volume_id"] for d in first["disks"]]
+    before, volume_ids = await replicated(product, cloud, boot_vm)
     await cloud.fault(
         command="deployVirtualMachine", mode="job_failure", errorcode=533, errortext="no capacity"
     )
@@ -224,7 +206,7 @@ async def test_a_failed_deploy_rolls_the_job_back_and_a_retry_succeeds(
         ("rollback", "completed"),
     ]
     await assert_back_on_the_oma_vm(cloud, volume_ids)
-    assert_targets_equal(first, boot_vm)  # reverted: the replicas hold what they held
+    assert_targets_equal(before, boot_vm)  # reverted: the replicas hold what they held
 
     r = await product.oma.post("/failover/test", json={"vm_id": boot_vm.moref})
     assert r.status_code == 201, r.text

@@ -35,18 +35,14 @@ async def lab(tmp_path: Path) -> AsyncIterator[LabCloudStack]:
 
 @pytest.fixture
 async def oma(tmp_path: Path, oma_dsn: str, vma: VmaDouble, lab: LabCloudStack) -> AsyncIterator[Oma]:
-    config = make_config(tmp_path, oma_dsn, vma.base_url, oma_vm_macs=(OMA_VM_MAC,))
-    async with run_oma(config) as handle:
+    """An OMA that finds its VM in the lab CloudStack (as for the network mappings' tests)."""
+    async with run_oma(make_config(tmp_path, oma_dsn, vma.base_url, oma_vm_macs=(OMA_VM_MAC,))) as handle:
         yield handle
 
 
 async def configure(oma: Oma, lab: LabCloudStack) -> None:
-    body = {
-        **lab.login(),
-        "zone_id": ZONE1,
-        "disk_offering_id": CUSTOM_DISK,
-        "service_offering_id": MEDIUM_SO,
-    }
+    body = {**lab.login(), "zone_id": ZONE1, "disk_offering_id": CUSTOM_DISK}
+    body["service_offering_id"] = MEDIUM_SO
     r = await oma.post("/ossea/config-streamlined", json=body)
     assert r.status_code == 200, r.text
 
