@@ -50,6 +50,7 @@ from oma.api import (
     debug,
     discovery,
     enrollment,
+    failover,
     health,
     network_mappings,
     policies,
@@ -70,6 +71,8 @@ from oma.config import OmaConfig
 from oma.credentials import vmware
 from oma.crypto import SecretBox, load_or_create_key
 from oma.enrollment import codes
+from oma.failover.engine import FailoverEngine
+from oma.failover.guest import guest_check
 from oma.replication.engine import ReplicationEngine
 from oma.restore.service import start_restore_service
 from oma.state import STATE_KEY, OmaState
@@ -115,6 +118,7 @@ API_BLUEPRINTS = (
     cloudstack.settings_bp,
     cloudstack.ossea_bp,
     network_mappings.bp,
+    failover.bp,
 )
 
 
@@ -193,7 +197,18 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                     restore_service = start_restore_service(app, config, db)  # cleanup when run_backups
                     resolve_login = functools.partial(vmware.resolve_login, db, st.box)
                     # The replication domain's cloud volumes: CloudStack's, whenever it is configured.
-                    st.replica_volumes = ReplicaVolumes(db, st.box, config, OmaVmLock(db))
+                    oma_vm_lock = OmaVmLock(db)  # one per process: every volume operation on the OMA VM
+                    st.replica_volumes = ReplicaVolumes(db, st.box, config, oma_vm_lock)
+                    # The failover engine: CloudStack through the same OMA VM lock as the replicas.
+                    st.failover = FailoverEngine(
+                        config,
+                        db,
+                        st.box,
+                        oma_vm_lock,
+                        guest_check(config.failover_guest_check),
+                        boot_timeout=config.failover_boot_timeout,
+                    )
+                    app.add_background_task(st.failover.run)
                     engine: ReplicationEngine | None = None
                     stop_listening: Callable[[], None] | None = None
                     if config.run_replications:
@@ -228,6 +243,11 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                         yield
                     finally:
                         stop.set()
+                        if st.failover is not None:
+                            st.failover.stop()  # an undo under way finishes (shielded)
+                            with trio.move_on_after(FINISH_TIMEOUT):
+                                await st.failover.stopped.wait()
+                            st.failover = None
                         await restore_service.shutdown()
                         services = [s for s in (copier, retention) if s is not None]
                         engines = [e for e in (engine, backup_engine) if e is not None]

@@ -117,6 +117,10 @@ class OmaConfig:
     tunnel_host_key_file: Path = Path("/etc/ssh/ssh_host_ed25519_key.pub")
     tunnel_sshd_log: Path | None = None
     tunnel_api_port: int | None = None
+    #: How a failed-over guest is known to answer (oma/failover/guest.py: running, lab-console),
+    #: and how long its start may take until then.
+    failover_guest_check: str = "running"
+    failover_boot_timeout: float = 300.0
 
     @property
     def key_file(self) -> Path:
@@ -201,6 +205,8 @@ class OmaConfig:
             or Path("/etc/ssh/ssh_host_ed25519_key.pub"),
             tunnel_sshd_log=env_path("OMA_TUNNEL_SSHD_LOG"),
             tunnel_api_port=env_int("OMA_TUNNEL_API_PORT", 0, minimum=0) or None,
+            failover_guest_check=env_str("OMA_FAILOVER_GUEST_CHECK", "running") or "running",
+            failover_boot_timeout=env_float("OMA_FAILOVER_BOOT_TIMEOUT", 300.0),
         )
 
 

@@ -22,6 +22,7 @@ from pyapp.logs import RecentRecords
 
 if TYPE_CHECKING:
     from oma.backups.engine import BackupEngine
+    from oma.failover.engine import FailoverEngine
     from oma.replication.engine import ReplicationEngine
 
 STATE_KEY = "oma"
@@ -44,6 +45,8 @@ class OmaState:
     #: Set while the backup engine runs: wakes it up to claim a backup created here at once.
     backup_engine_wakeup: Callable[[], None] | None = None
     backup_engine: BackupEngine | None = None
+    #: The failover engine (oma.failover), while the app serves.
+    failover: FailoverEngine | None = None
 
     def wake_backup_engine(self) -> None:
         if self.backup_engine_wakeup is not None:

@@ -55,9 +55,9 @@ async def cloud(tmp_path: Path) -> AsyncIterator[LabCloudStack]:
         yield lab_cloud
 
 
-async def configure(product: Product, cloud: LabCloudStack, vm: LabVM) -> None:
-    """CloudStack's settings through the OMA's API (the OMA VM found by this host's MAC), the VM
-    added from vCenter and its network mapped."""
+async def configure(product: Product, cloud: LabCloudStack, vm: LabVM, **settings: str) -> None:
+    """CloudStack's settings through the OMA's API (the OMA VM found by this host's MAC; more
+    resources in ``settings``), the VM added from vCenter and its network mapped."""
     oma = product.oma
     r = await oma.post(
         "/ossea/config-streamlined",
@@ -69,6 +69,7 @@ async def configure(product: Product, cloud: LabCloudStack, vm: LabVM) -> None:
             "disk_offering_id": CUSTOM_DISK,
             "service_offering_id": MEDIUM_SO,
             "network_id": ISOLATED,
+            **settings,
         },
     )
     assert r.status_code == 200, r.text
