@@ -36,6 +36,7 @@
 | seconds an attached volume's device may take to appear | | ``OMA_DEVICE_WAIT_TIMEOUT`` | ``60`` |
 | the OMA VM's MAC addresses (``,``-separated) | | ``OMA_VM_MACS`` | none: read from the OS |
 | the OMA VM's IP addresses (``,``-separated) | | ``OMA_VM_IPS`` | none: read from the OS |
+| who reads ``/metrics`` without a token (docs/oma.md) | | ``OMA_METRICS_PUBLIC`` | ``loopback`` |
 """
 
 from __future__ import annotations
@@ -99,6 +100,9 @@ class OmaConfig:
     #: The addresses the OMA VM is found by in CloudStack; empty: this host's, read from the OS.
     oma_vm_macs: tuple[str, ...] = ()
     oma_vm_ips: tuple[str, ...] = ()
+    #: ``/metrics`` without a token: ``loopback`` (from this host), ``public`` (anyone), ``token``
+    #: (nobody: a viewer's token is needed). docs/oma.md, "Metrics".
+    metrics_access: str = "loopback"
 
     @property
     def key_file(self) -> Path:
@@ -172,7 +176,16 @@ class OmaConfig:
             device_wait_timeout=env_float("OMA_DEVICE_WAIT_TIMEOUT", 60.0),
             oma_vm_macs=_env_list("OMA_VM_MACS"),
             oma_vm_ips=_env_list("OMA_VM_IPS"),
+            metrics_access=_metrics_access(env_str("OMA_METRICS_PUBLIC", "loopback") or "loopback"),
         )
+
+
+def _metrics_access(value: str) -> str:
+    access = {"loopback": "loopback", "1": "public", "true": "public", "yes": "public",
+              "0": "token", "false": "token", "no": "token"}.get(value.strip().lower())  # fmt: skip
+    if access is None:
+        raise ConfigError(f"OMA_METRICS_PUBLIC must be loopback, 1 or 0, got {value!r}")
+    return access
 
 
 def _env_list(name: str) -> tuple[str, ...]:
