@@ -87,7 +87,7 @@ def read_password(env: str, prompt: str) -> str:
 def connect(args: argparse.Namespace) -> Client:
     client = Client(args.oma)
     token_file = args.token_file or os.environ.get("OMA_TOKEN_FILE")
-    user = args.user or os.environ.get("OMA_USER")
+    user = args.login_user or os.environ.get("OMA_USER")
     if token_file:
         try:
             client.token = Path(token_file).read_text().strip()
@@ -176,14 +176,14 @@ def cmd_users(client: Client, args: argparse.Namespace) -> tuple[Any, str]:
             "POST", "/users", body={"username": args.name, "password": password, "role": args.role}
         )
         return answer, table([answer], USER_COLUMNS)
-    user_id = find_user(client, args.user)
+    user_id = find_user(client, args.target)
     if action == "delete":
         answer = client.call("DELETE", f"/users/{user_id}")
-        return answer, f"user {args.user} deleted ({answer['tokens_revoked']} tokens revoked)"
+        return answer, f"user {args.target} deleted ({answer['tokens_revoked']} tokens revoked)"
     if action == "reset-password":
-        password = read_password("OMA_NEW_PASSWORD", f"new password for {args.user}: ")
+        password = read_password("OMA_NEW_PASSWORD", f"new password for {args.target}: ")
         answer = client.call("POST", f"/users/{user_id}/password", body={"password": password})
-        return answer, f"password of {args.user} reset ({answer['tokens_revoked']} tokens revoked)"
+        return answer, f"password of {args.target} reset ({answer['tokens_revoked']} tokens revoked)"
     change: dict[str, Any] = {"role": args.role} if action == "set-role" else {"enabled": action == "enable"}
     answer = client.call("PUT", f"/users/{user_id}", body=change)
     return answer, table([answer], USER_COLUMNS)
@@ -202,7 +202,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-file", help="a file holding a bearer token (env OMA_TOKEN_FILE)")
     p.add_argument(
-        "--user", help="log in as this user; password from OMA_PASSWORD or a prompt (env OMA_USER)"
+        "--user",
+        dest="login_user",
+        help="log in as this user; password from OMA_PASSWORD or a prompt (env OMA_USER)",
     )
     p.add_argument("--json", action="store_true", help="print the API's JSON answer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -241,13 +243,13 @@ def parser() -> argparse.ArgumentParser:
     mk.add_argument("name")
     mk.add_argument("--role", choices=ROLES, default="viewer")
     role = us_sub.add_parser("set-role")
-    role.add_argument("user")
+    role.add_argument("target", metavar="USER")
     role.add_argument("role", choices=ROLES)
     for action in ("enable", "disable", "delete"):
-        us_sub.add_parser(action).add_argument("user")
+        us_sub.add_parser(action).add_argument("target", metavar="USER")
     us_sub.add_parser(
         "reset-password", help="password from OMA_NEW_PASSWORD, a prompt or stdin"
-    ).add_argument("user")
+    ).add_argument("target", metavar="USER")
     us.set_defaults(run=cmd_users)
     return p
 
