@@ -30,12 +30,13 @@ The app is the service shell: it wires the domains (``oma.replication``, ``oma.b
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 from collections.abc import AsyncGenerator, Callable
 
 import httpx
 import trio
-from quart import request
+from quart import Response, request
 from quart_schema import QuartSchema
 from quart_schema.openapi import Info
 from quart_trio import QuartTrio
@@ -61,7 +62,7 @@ from oma.api import (
     vm_contexts,
     vms,
 )
-from oma.api.access import authorize_request
+from oma.api.access import authorize_request, requires
 from oma.backups.copies import COPY_WORKER_KEY, CopyWorker, enqueue_policy_copies
 from oma.backups.copies import STOP_TIMEOUT_S as COPY_STOP_TIMEOUT
 from oma.backups.engine import BackupEngine
@@ -79,6 +80,7 @@ from oma.state import STATE_KEY, OmaState
 from oma.store import MIGRATIONS_DIR
 from oma.vma_client import VmaClient
 from oma.workers import FINISH_TIMEOUT
+from pyapp import metrics
 from pyapp.api import fast_json_views, install_error_handlers
 from pyapp.db import (
     EmbeddedPostgres,
@@ -86,6 +88,7 @@ from pyapp.db import (
     create_database,
     load_migrations,
     open_database,
+    report_pool_metrics,
     watch_embedded,
     with_database,
 )
@@ -96,6 +99,7 @@ log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
 SWAGGER_PREFIX = f"{API_PREFIX}/swagger/"
 EMBEDDED_DB_NAME = "oma"
+METRICS_PATH = "/metrics"
 ADMIN_BLUEPRINTS = frozenset({"credentials", "enrollment_admin", "debug"})
 PRUNE_INTERVAL_S = 600.0
 #: The blueprint of every API area (one per area of the seed), all under ``API_PREFIX``.
@@ -122,6 +126,20 @@ API_BLUEPRINTS = (
 )
 
 
+def metrics_without_token(access: str, remote_addr: str | None) -> bool:
+    """``/metrics`` is read without a token by anyone (``public``), from this host only
+    (``loopback``: a Prometheus on the OMA host, or reaching it through a local proxy), or by
+    nobody (``token``: a viewer's bearer token, as for the API)."""
+    if access == "public":
+        return True
+    if access != "loopback" or not remote_addr:
+        return False
+    try:
+        return ipaddress.ip_address(remote_addr).is_loopback
+    except ValueError:
+        return False
+
+
 def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -> QuartTrio:
     app = QuartTrio("oma")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
@@ -138,6 +156,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
         security=[{"bearer": []}],
     )
     install_error_handlers(app)
+    metrics.time_requests(app)  # first, so that a request refused by _authenticate is timed too
     st = OmaState(config=config, recent_logs=recent_logs)
     app.extensions[STATE_KEY] = st
 
@@ -145,9 +164,17 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
         app.register_blueprint(blueprint, url_prefix=API_PREFIX)
     fast_json_views(app)
 
+    @app.get(METRICS_PATH)
+    @requires("viewer")
+    async def metrics_view() -> Response:
+        """Prometheus' scrape (pyapp/metrics.py); who may read it: ``OMA_METRICS_PUBLIC``."""
+        return metrics.metrics_response()
+
     @app.before_request
     async def _authenticate() -> None:
         if request.path.startswith(SWAGGER_PREFIX):
+            return
+        if request.path == METRICS_PATH and metrics_without_token(config.metrics_access, request.remote_addr):
             return
         view = app.view_functions.get(request.endpoint) if request.endpoint else None
         await authorize_request(st.db, view, admin_area=request.blueprint in ADMIN_BLUEPRINTS)
@@ -192,6 +219,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
                                     await stop.wait()
 
                     app.add_background_task(prune_loop)
+                    app.add_background_task(report_pool_metrics, db, stop)
                     if embedded is not None:  # killed or crashed: started again, same socket
                         app.add_background_task(watch_embedded, embedded, stop)
                     restore_service = start_restore_service(app, config, db)  # cleanup when run_backups

@@ -44,6 +44,7 @@
 | sshd's public host key | | ``OMA_TUNNEL_HOST_KEY_FILE`` | ``/etc/ssh/ssh_host_ed25519_key.pub`` |
 | sshd's log (ends a revoked VMA's session) | | ``OMA_TUNNEL_SSHD_LOG`` | none |
 | the OMA API port VMAs reach through the tunnel | | ``OMA_TUNNEL_API_PORT`` | the listen port |
+| who reads ``/metrics`` without a token (docs/oma.md) | | ``OMA_METRICS_PUBLIC`` | ``loopback`` |
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ class OmaConfig:
     #: and how long its start may take until then.
     failover_guest_check: str = "running"
     failover_boot_timeout: float = 300.0
+    #: ``/metrics`` without a token: ``loopback`` (from this host), ``public`` (anyone), ``token``
+    #: (nobody: a viewer's token is needed). docs/oma.md, "Metrics".
+    metrics_access: str = "loopback"
 
     @property
     def key_file(self) -> Path:
@@ -207,6 +211,7 @@ class OmaConfig:
             tunnel_api_port=env_int("OMA_TUNNEL_API_PORT", 0, minimum=0) or None,
             failover_guest_check=env_str("OMA_FAILOVER_GUEST_CHECK", "running") or "running",
             failover_boot_timeout=env_float("OMA_FAILOVER_BOOT_TIMEOUT", 300.0),
+            metrics_access=_metrics_access(env_str("OMA_METRICS_PUBLIC", "loopback") or "loopback"),
         )
 
 
@@ -222,6 +227,14 @@ def port_range(text: str) -> tuple[int, ...]:
     if not 0 < lo <= hi < 65536 or hi - lo >= 1024:
         raise ConfigError(f"a port range is 1 to 1024 ports within 1-65535, got {text!r}")
     return tuple(range(lo, hi + 1))
+
+
+def _metrics_access(value: str) -> str:
+    access = {"loopback": "loopback", "1": "public", "true": "public", "yes": "public",
+              "0": "token", "false": "token", "no": "token"}.get(value.strip().lower())  # fmt: skip
+    if access is None:
+        raise ConfigError(f"OMA_METRICS_PUBLIC must be loopback, 1 or 0, got {value!r}")
+    return access
 
 
 def _env_list(name: str) -> tuple[str, ...]:

@@ -56,7 +56,8 @@ from pyapp.db import (
     with_database,
 )
 from pyapp.logs import redact_text, setup_logging
-from pyapp.service import StartupError, bind_sockets, failure_message
+from pyapp.metrics import mark_worker_dead, prepare_multiprocess_dir
+from pyapp.service import Notifier, StartupError, bind_sockets, failure_message
 
 log = logging.getLogger("oma.server")
 
@@ -155,17 +156,33 @@ async def run_server(config: OmaConfig) -> None:
     recent = setup_logging(config.log_level.upper())
     hc = hypercorn_config(config)
     sockets = bind_sockets(hc)
+    notifier = Notifier()
+    pinging = trio.CancelScope()
+
+    async def serve(app: Any, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        try:
+            await worker_serve(app, hc, sockets=sockets, shutdown_trigger=stop.wait, task_status=task_status)
+        finally:
+            pinging.cancel()  # alive until the graceful shutdown is over
+
+    async def ping() -> None:
+        with pinging:
+            await notifier.watchdog()
+
     async with trio.open_nursery() as nursery:
         stop: trio.Event = await nursery.start(_shutdown_on_signal)
         if config.database_url is not None:
             await check_database(config.database_url)
         app = wrap_app(create_app(config, recent_logs=recent), hc.wsgi_max_body_size, None)
-        binds: list[str] = await nursery.start(
-            partial(worker_serve, app, hc, sockets=sockets, shutdown_trigger=stop.wait)
-        )
+        binds: list[str] = await nursery.start(serve, app)
         for bind in binds:
             print(f"OMA listening on {bind}", flush=True)
+        # worker_serve reports only once the app's start-up (database, migrations) is done and
+        # the sockets accept: what READY=1 means for systemd (a Type=notify unit).
+        notifier.ready(f"listening on {', '.join(binds)}")
+        nursery.start_soon(ping)
         await stop.wait()
+        notifier.stopping()
     # Every task is done: the signal receiver returned and serve() finished its graceful shutdown.
 
 
@@ -230,6 +247,8 @@ def run_workers(config: OmaConfig) -> int:
         assert config.database_url is not None
         trio.run(check_database, config.database_url)  # refused: one line, not N dying workers
         load_or_create_key(config.key_file)  # once, before the workers race for it
+        # every worker writes its samples there, so that /metrics on any worker reads them all
+        prepare_multiprocess_dir(config.data_dir / "run" / "metrics")
         ctx = multiprocessing.get_context("spawn")
         shutdown = ctx.Event()
         ready = ctx.Queue()
@@ -240,8 +259,12 @@ def run_workers(config: OmaConfig) -> int:
         workers = [new_worker() for _ in range(config.workers)]
         stop_requested = False
 
+        notifier = Notifier()
+
         def on_signal(signum: int, frame: object) -> None:
             nonlocal stop_requested
+            if not stop_requested:
+                notifier.stopping()
             stop_requested = True
             shutdown.set()
 
@@ -268,9 +291,16 @@ def run_workers(config: OmaConfig) -> int:
                 print(
                     f"OMA listening on http://{repr_socket_addr(sock.family, sock.getsockname())}", flush=True
                 )
+            # every worker serves (its database is up, it accepts on the shared socket): ready
+            notifier.ready(f"{len(workers)} workers listening")
+            ping_every = notifier.watchdog_interval()
+            last_ping = 0.0
             deaths: list[float] = []
             while not stop_requested:
-                time.sleep(0.5)
+                if ping_every is not None and time.monotonic() - last_ping >= ping_every:
+                    notifier.notify("WATCHDOG=1")  # this supervising loop is alive
+                    last_ping = time.monotonic()
+                time.sleep(min(0.5, ping_every or 0.5))
                 if embedded is not None and not stop_requested:
                     try:
                         embedded.ensure_running()
@@ -294,6 +324,8 @@ def run_workers(config: OmaConfig) -> int:
                         extra={"action": "worker_restart"},
                     )
                     worker.join(0)
+                    if worker.pid is not None:
+                        mark_worker_dead(worker.pid)  # its gauges no longer count
                     workers[i] = new_worker()
                     workers[i].start()
             return 0

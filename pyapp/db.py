@@ -37,6 +37,8 @@ import tenacity
 import trio
 import trio_asyncio  # type: ignore[import-untyped]
 
+from pyapp import metrics
+
 log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
@@ -263,6 +265,20 @@ async def open_database(
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await bridge.run(pool.close)
+
+
+async def report_pool_metrics(db: Database, stop: trio.Event, interval: float = 1.0) -> None:
+    """Keep ``db``'s pool in the metrics (``mover_db_pool_connections``: open, in use, allowed),
+    sampled every ``interval`` seconds until ``stop`` is set; a service runs it beside its work."""
+    gauge = metrics.PoolGauge()
+    try:
+        while not stop.is_set():
+            stats = db.pool_stats()
+            gauge.update(stats["size"], stats["idle"], stats["max_size"])
+            with trio.move_on_after(interval):
+                await stop.wait()
+    finally:
+        gauge.close()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from pyapp import _mover
+from pyapp import _mover, metrics
 from pyapp._mover import (
     CancelledError,
     ChecksumReport,
@@ -151,22 +151,27 @@ async def copy(
         connect_timeout=connect_timeout,
     )
     error: MoverError | None = None
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_cancel_on_exit, job)
-        if on_progress is not None:
-            nursery.start_soon(_report, job, on_progress, progress_interval)
-        try:
-            # Not abandonable: on cancellation _cancel_on_exit asks the copy to stop, and this
-            # waits for the thread to return.
-            result = await trio.to_thread.run_sync(job.run, limiter=LIMITER)
-        except MoverError as e:
-            error = e  # raised below, outside the nursery, as itself rather than in a group
-        finally:
-            nursery.cancel_scope.cancel()
+    metrics.ACTIVE_COPIES.inc()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_exit, job)
+            if on_progress is not None:
+                nursery.start_soon(_report, job, on_progress, progress_interval)
+            try:
+                # Not abandonable: on cancellation _cancel_on_exit asks the copy to stop, and this
+                # waits for the thread to return.
+                result = await trio.to_thread.run_sync(job.run, limiter=LIMITER)
+            except MoverError as e:
+                error = e  # raised below, outside the nursery, as itself rather than in a group
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        metrics.ACTIVE_COPIES.dec()
     if error is not None:
         if isinstance(error, CancelledError):
             await trio.lowlevel.checkpoint()  # raises trio.Cancelled when that was the cause
         raise error
+    metrics.copy_finished(result.bytes_written, result.bytes_zeroed, result.bytes_read, result.seconds)
     if on_progress is not None:
         on_progress(result)
     return result

@@ -22,6 +22,7 @@ APT_PACKAGES=(
     nfs-common cifs-utils            # mount.nfs and mount.cifs for backup repositories
     golang-go golang-github-vmware-govmomi-dev  # the vSphere lab simulator
     openssh-client openssh-server    # the VMA -> OMA tunnel
+    systemd                          # systemd-analyze: tests/test_systemd.py verifies the shipped units
     python3-venv
     linux-image-amd64 busybox-static syslinux syslinux-common  # the lab's bootable guest (lab/bootdisk)
 )

@@ -19,6 +19,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
+from pyapp import metrics
 from pyapp.vma_auth import AuthFailed, SecretFile, Verifier
 from vma.api import cleanup, config, discover, health, power, replicate, status
 from vma.api.errors import error_response, install_error_handlers
@@ -28,9 +29,17 @@ from vma.state import VmaState
 from vma.vsphere.client import configure_deadlines, configure_tls
 
 API_PREFIX = "/api/v1"
-#: Paths answered without the OMA's signature (docs/vma.md, "Who may call the VMA").
-PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health"})
+METRICS_PATH = "/metrics"
+#: Paths answered without the OMA's signature (docs/vma.md, "Who may call the VMA"): the health
+#: check, and Prometheus' scrape, which a scraper on this host cannot sign (the API listens on
+#: loopback; docs/vma.md, "Metrics").
+PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health", METRICS_PATH})
 log = logging.getLogger(__name__)
+
+
+async def metrics_view() -> Response:
+    """Prometheus' scrape (pyapp/metrics.py)."""
+    return metrics.metrics_response()
 
 
 def create_app(cfg: VmaConfig) -> QuartTrio:
@@ -42,6 +51,8 @@ def create_app(cfg: VmaConfig) -> QuartTrio:
     for module in (health, cleanup, status, config, discover, replicate, power):
         app.register_blueprint(module.bp, url_prefix=API_PREFIX)
     install_error_handlers(app)
+    metrics.time_requests(app)  # before _authenticate: a refused request is timed too
+    app.add_url_rule(METRICS_PATH, "metrics", metrics_view, methods=["GET"])
     secret = SecretFile(cfg.oma_secret_file)
     verifier = Verifier()
 

@@ -26,7 +26,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from pyapp.logs import setup_logging
-from pyapp.service import bind_sockets, failure_message
+from pyapp.service import Notifier, bind_sockets, failure_message
 from vma.app import create_app
 from vma.config import VmaConfig
 
@@ -55,10 +55,11 @@ async def serve_vma(
     config: VmaConfig,
     *,
     handle_signals: bool = True,
+    notifier: Notifier | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled or (``handle_signals``) SIGTERM/SIGINT; reports the bound URL through
-    ``task_status``."""
+    ``task_status``. A signal sends systemd ``STOPPING=1`` through ``notifier`` when given."""
     hc = HypercornConfig()
     hc.bind = [f"{config.host}:{config.port}"]
     hc.accesslog = None
@@ -69,6 +70,8 @@ async def serve_vma(
     async def watch_signals() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
+                if notifier is not None:
+                    notifier.stopping()
                 stop.set()
                 return
 
@@ -101,10 +104,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logging.getLogger("hypercorn.access").setLevel(logging.WARNING)
 
+    notifier = Notifier()
+    pinging = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[str]) -> None:
+        try:
+            await serve_vma(config, notifier=notifier, task_status=task_status)
+        finally:
+            pinging.cancel()  # alive until the graceful shutdown is over
+
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            url: str = await nursery.start(serve_vma, config)
+            url: str = await nursery.start(serve)
             print(json.dumps({"event": "listening", "url": url}), flush=True)
+            notifier.ready(f"listening on {url}")  # the app started and the socket accepts
+            with pinging:
+                await notifier.watchdog()
 
     try:
         trio.run(run)

@@ -58,7 +58,7 @@ from oma.crypto import SecretBox
 from oma.vcenter_login import ResolveLogin
 from oma.vma_client import ExportedDisk, VmaClient, VmaError, VmaJobNotFound, exports_of
 from oma.workers import FINISH_TIMEOUT, VmaJobEngine, claimant_gone
-from pyapp import mover
+from pyapp import metrics, mover
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
@@ -242,6 +242,7 @@ class BackupEngine(VmaJobEngine):
     def start(self, nursery: trio.Nursery, row: Any) -> None:
         job = RunningBackup.from_row(row)
         self.backups[job.backup_id] = job
+        metrics.ACTIVE_JOBS.labels("backup").inc()
         nursery.start_soon(self._drive, job)
 
     def driven_ids(self) -> list[str]:
@@ -297,6 +298,7 @@ class BackupEngine(VmaJobEngine):
 
     async def _drive(self, job: RunningBackup) -> None:
         with log_context(job_id=job.backup_id, action="backup_engine"):
+            started = time.monotonic()
             error: str | None = None
             try:
                 await self._run(job)
@@ -313,7 +315,9 @@ class BackupEngine(VmaJobEngine):
             finally:
                 with trio.CancelScope(shield=True):  # each step of _finish bounds itself
                     await self._finish(job, error)
+                    await self._count(job, started)
                 self.backups.pop(job.backup_id, None)
+                metrics.ACTIVE_JOBS.labels("backup").dec()
                 self.wake()
             if job.completed and self.after_backup is not None:
                 try:
@@ -638,6 +642,22 @@ class BackupEngine(VmaJobEngine):
                 "disk_digest": result.disk_digest,
             },
         )
+
+    async def _count(self, job: RunningBackup, started: float) -> None:
+        """The backup's end in the metrics: its status, and for a completed point the bytes its
+        copy wrote as data and its time."""
+        if job.completed:
+            metrics.job_ended("backup", "completed")
+            written = job.progress.bytes_written if job.progress is not None else 0
+            metrics.pass_completed("backup", written, time.monotonic() - started)
+            return
+        with trio.move_on_after(FINISH_TIMEOUT):
+            try:
+                status = await self.db.fetchval("SELECT status FROM backup_jobs WHERE id = $1", job.backup_id)
+            except Exception:
+                log.exception("reading the backup's end for the metrics failed")
+                return
+            metrics.job_ended("backup", status or "deleted")
 
     async def _finish(self, job: RunningBackup, error: str | None) -> None:
         """Release the export, and unless the point completed remove its files and fail it.

@@ -72,6 +72,7 @@ from oma.replication.volumes import (
 from oma.vcenter_login import ResolveLogin
 from oma.vma_client import VmaClient, VmaError, VmaJobNotFound
 from oma.workers import FINISH_TIMEOUT, VmaJobEngine, claimant_gone
+from pyapp import metrics
 from pyapp.api import ApiError
 from pyapp.db import Database
 from pyapp.logs import log_context
@@ -89,6 +90,9 @@ class RunningJob:
     vm_path: str
     targets: list[DiskTarget] = field(default_factory=list)
     started_on_vma: bool = False
+    #: Bytes the VMA sent as data in this pass (its per-disk figures), once known.
+    data_bytes: int | None = None
+    started: float = field(default_factory=time.monotonic)
 
 
 class ReplicationEngine(VmaJobEngine):
@@ -134,6 +138,7 @@ class ReplicationEngine(VmaJobEngine):
     def start(self, nursery: trio.Nursery, row: Any) -> None:
         job = RunningJob(row["id"], row["vm_path"])
         self.jobs[job.job_id] = job
+        metrics.ACTIVE_JOBS.labels("replication").inc()
         nursery.start_soon(self._drive, job, dict(row))
 
     def driven_ids(self) -> list[str]:
@@ -211,7 +216,9 @@ class ReplicationEngine(VmaJobEngine):
             finally:
                 with trio.CancelScope(shield=True):  # each step of _finish bounds itself
                     await self._finish(job, error, shutdown=shutdown)
+                    await self._count(job)
                 self.jobs.pop(job.job_id, None)
+                metrics.ACTIVE_JOBS.labels("replication").dec()
                 self.wake()
 
     async def _note(self, job_id: str, operation: str) -> None:
@@ -386,6 +393,18 @@ class ReplicationEngine(VmaJobEngine):
             except Exception:
                 log.exception("recording the end of the job failed")
 
+    async def _count(self, job: RunningJob) -> None:
+        """The job's end in the metrics: its status, and for a completed pass its bytes and time."""
+        with trio.move_on_after(FINISH_TIMEOUT):
+            try:
+                status = await self._status(job.job_id) or "deleted"
+            except Exception:
+                log.exception("reading the job's end for the metrics failed")
+                return
+            metrics.job_ended("replication", status)
+            if status == "completed":
+                metrics.pass_completed("replication", job.data_bytes or 0, time.monotonic() - job.started)
+
     async def _mark_unfinished_volumes(self, job: RunningJob, error: str | None) -> None:
         """The volume generations this job made and did not complete are marked ``failed``, with
         the reason (:func:`~oma.replication.volumes.mark_unfinished`); its cloud volumes are
@@ -420,6 +439,9 @@ class ReplicationEngine(VmaJobEngine):
             for d in progress.get("disks") or []
             if isinstance(d, dict) and d.get("disk_id")
         ]
+        job = self.jobs.get(job_id)
+        if job is not None:
+            job.data_bytes = sum(r[3] or 0 for r in rows if isinstance(r[3], int))
         if rows:
             await self.db.executemany(
                 "UPDATE replication_job_disks SET copy_mode = $3, bytes_written = $4, bytes_zeroed = $5"

@@ -14,8 +14,8 @@ from tests.vma.conftest import Vma
 from vma.app import create_app
 
 ENVELOPE = {"error", "code", "timestamp"}
-#: The one route anyone may call.
-PUBLIC = "/api/v1/health"
+#: The routes anyone may call: the health check and Prometheus' scrape (docs/vma.md, "Metrics").
+PUBLIC = ("/api/v1/health", "/metrics")
 
 
 def routes(api: Vma) -> list[tuple[str, str]]:
@@ -51,7 +51,7 @@ async def test_every_route_but_health_refuses_a_request_without_the_omas_signatu
     async with httpx.AsyncClient(timeout=30) as http:
         for method, path in routes(api):
             url = f"{api.url}{path}"
-            if path == PUBLIC:
+            if path in PUBLIC:
                 assert (await http.request(method, url)).status_code == 200
                 continue
             content = BODY if method in ("POST", "PUT") else b""
