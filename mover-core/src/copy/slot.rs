@@ -1,0 +1,203 @@
+//! One slot of a copy: take the next work item, read it, scan it for zeros, then write it or
+//! send it as zero commands.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::checkpoint::DoneSet;
+use crate::endpoint::Endpoint;
+use crate::error::{MoverError, Result};
+use crate::manifest::ManifestBuilder;
+use crate::plan::{Plan, WorkItem};
+use crate::progress::{CancelToken, Progress};
+
+use super::is_zero;
+
+/// State every slot of one copy shares; only atomics on the hot path.
+pub(super) struct Shared {
+    pub(super) plan: Plan,
+    pub(super) next: AtomicUsize,
+    pub(super) done: DoneSet,
+    pub(super) progress: Arc<Progress>,
+    pub(super) cancel: Arc<CancelToken>,
+    pub(super) stop: AtomicBool,
+    pub(super) error: Mutex<Option<MoverError>>,
+    pub(super) manifest: Option<Arc<ManifestBuilder>>,
+    /// Every flush of the target so far reached stable storage.
+    pub(super) durable: AtomicBool,
+}
+
+impl Shared {
+    pub(super) fn fail(&self, err: MoverError) {
+        let mut slot = self.error.lock().expect("error slot");
+        if slot.is_none() {
+            *slot = Some(err);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.cancel.is_cancelled()
+    }
+}
+
+pub(super) async fn run_slot(
+    shared: Arc<Shared>,
+    src: Arc<dyn Endpoint>,
+    dst: Arc<dyn Endpoint>,
+    request_size: usize,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    while !shared.stopped() {
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        let Some(&item) = shared.plan.items.get(i) else {
+            break;
+        };
+        if shared.done.contains(i) {
+            continue;
+        }
+        if buf.capacity() == 0 {
+            buf = vec![0u8; request_size];
+        }
+        let manifest = shared.manifest.as_deref();
+        match copy_item(&shared.progress, &*src, &*dst, item, buf, manifest).await {
+            Ok(b) => {
+                buf = b;
+                shared.done.mark(i);
+                Progress::add(&shared.progress.extents_done, 1);
+            }
+            Err(e) => {
+                shared.fail(e);
+                break;
+            }
+        }
+    }
+}
+
+async fn copy_item(
+    progress: &Progress,
+    src: &dyn Endpoint,
+    dst: &dyn Endpoint,
+    item: WorkItem,
+    mut buf: Vec<u8>,
+    manifest: Option<&ManifestBuilder>,
+) -> Result<Vec<u8>> {
+    let WorkItem {
+        offset,
+        length,
+        zero,
+    } = item;
+    if zero {
+        zero_range(progress, dst, offset, length, manifest).await?;
+        return Ok(buf);
+    }
+    buf.resize(length as usize, 0);
+    let buf = src
+        .read(offset, buf)
+        .await
+        .map_err(|e| e.on_source(offset, length))?;
+    Progress::add(&progress.bytes_read, length);
+    if is_zero(&buf) {
+        zero_range(progress, dst, offset, length, manifest).await?;
+        return Ok(buf);
+    }
+    let runs = zero_runs(offset, &buf);
+    let buf = if runs.is_empty() {
+        let buf = dst
+            .write(offset, buf)
+            .await
+            .map_err(|e| e.on_target(offset, length))?;
+        Progress::add(&progress.bytes_written, length);
+        buf
+    } else {
+        write_around_zeros(progress, dst, offset, buf, &runs).await?
+    };
+    if let Some(m) = manifest {
+        // The target now holds exactly `buf` here, zero runs included.
+        m.record(offset, &buf);
+    }
+    Ok(buf)
+}
+
+/// Granularity of the zero scan inside a data request (nbdcopy's default `--sparse` size):
+/// all-zero blocks of this size, aligned on the disk, go out as zero commands, so a zero
+/// cluster of a QCOW2 target or a zero block of a raw file never becomes data, whatever the
+/// request size.
+const ZERO_BLOCK: u64 = 4096;
+
+/// The runs of all-zero `ZERO_BLOCK`s (aligned on the disk, not on the buffer) in `buf`, read
+/// at `offset`, as `(start, end)` within `buf`. Empty when there is none.
+pub(super) fn zero_runs(offset: u64, buf: &[u8]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut start = 0usize;
+    while start < buf.len() {
+        let block_end = ((offset + start as u64) / ZERO_BLOCK + 1) * ZERO_BLOCK - offset;
+        let end = usize::try_from(block_end).map_or(buf.len(), |e| e.min(buf.len()));
+        // Only whole blocks: a piece at an unaligned edge is written as data.
+        let whole = end - start == ZERO_BLOCK as usize;
+        if whole && is_zero(&buf[start..end]) {
+            match runs.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => runs.push((start, end)),
+            }
+        }
+        start = end;
+    }
+    runs
+}
+
+/// Write `buf` (read at `offset`) as data, except for `runs`, which become zero commands.
+async fn write_around_zeros(
+    progress: &Progress,
+    dst: &dyn Endpoint,
+    offset: u64,
+    buf: Vec<u8>,
+    runs: &[(usize, usize)],
+) -> Result<Vec<u8>> {
+    let mut scratch: Vec<u8> = Vec::new();
+    let mut pos = 0usize;
+    let mut pieces: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len() * 2 + 1);
+    for &(s, e) in runs {
+        if s > pos {
+            pieces.push((pos, s, false));
+        }
+        pieces.push((s, e, true));
+        pos = e;
+    }
+    if pos < buf.len() {
+        pieces.push((pos, buf.len(), false));
+    }
+    for (s, e, zero) in pieces {
+        let (at, len) = (offset + s as u64, (e - s) as u64);
+        if zero {
+            zero_range(progress, dst, at, len, None).await?;
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(&buf[s..e]);
+            scratch = dst
+                .write(at, scratch)
+                .await
+                .map_err(|err| err.on_target(at, len))?;
+            Progress::add(&progress.bytes_written, len);
+        }
+    }
+    Ok(buf)
+}
+
+/// One zero command for a range known (from the allocation map) or found (scanned) to be zeros.
+async fn zero_range(
+    progress: &Progress,
+    dst: &dyn Endpoint,
+    offset: u64,
+    length: u64,
+    manifest: Option<&ManifestBuilder>,
+) -> Result<()> {
+    dst.write_zeroes(offset, length)
+        .await
+        .map_err(|e| e.on_target(offset, length))?;
+    if let Some(m) = manifest {
+        m.record_zero(offset, length);
+    }
+    Progress::add(&progress.bytes_zeroed, length);
+    Ok(())
+}
