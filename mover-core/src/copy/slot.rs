@@ -1,14 +1,16 @@
 //! One slot of a copy: take the next work item, read it, scan it for zeros, then write it or
 //! send it as zero commands.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
 
 use crate::checkpoint::DoneSet;
 use crate::endpoint::Endpoint;
 use crate::error::{MoverError, Result};
 use crate::manifest::ManifestBuilder;
-use crate::plan::{Plan, WorkItem};
+use crate::plan::{self, Plan, WorkItem};
 use crate::progress::{CancelToken, Progress};
 
 use super::is_zero;
@@ -25,6 +27,10 @@ pub(super) struct Shared {
     pub(super) manifest: Option<Arc<ManifestBuilder>>,
     /// Every flush of the target so far reached stable storage.
     pub(super) durable: AtomicBool,
+    /// What the target read as zeros before the copy began: no zero command goes there.
+    pub(super) known_zeros: ZeroMap,
+    /// Set when the target is flushed as the copy goes.
+    pub(super) flush_ahead: Option<FlushAhead>,
 }
 
 impl Shared {
@@ -59,12 +65,14 @@ pub(super) async fn run_slot(
         if buf.capacity() == 0 {
             buf = vec![0u8; request_size];
         }
-        let manifest = shared.manifest.as_deref();
-        match copy_item(&shared.progress, &*src, &*dst, item, buf, manifest).await {
+        match copy_item(&shared, &*src, &*dst, item, buf).await {
             Ok(b) => {
                 buf = b;
                 shared.done.mark(i);
                 Progress::add(&shared.progress.extents_done, 1);
+                if let Some(f) = &shared.flush_ahead {
+                    f.written(shared.progress.bytes_written.load(Ordering::Relaxed));
+                }
             }
             Err(e) => {
                 shared.fail(e);
@@ -75,20 +83,20 @@ pub(super) async fn run_slot(
 }
 
 async fn copy_item(
-    progress: &Progress,
+    shared: &Shared,
     src: &dyn Endpoint,
     dst: &dyn Endpoint,
     item: WorkItem,
     mut buf: Vec<u8>,
-    manifest: Option<&ManifestBuilder>,
 ) -> Result<Vec<u8>> {
+    let (progress, manifest) = (&*shared.progress, shared.manifest.as_deref());
     let WorkItem {
         offset,
         length,
         zero,
     } = item;
     if zero {
-        zero_range(progress, dst, offset, length, manifest).await?;
+        zero_range(shared, dst, offset, length, manifest).await?;
         return Ok(buf);
     }
     buf.resize(length as usize, 0);
@@ -98,7 +106,7 @@ async fn copy_item(
         .map_err(|e| e.on_source(offset, length))?;
     Progress::add(&progress.bytes_read, length);
     if is_zero(&buf) {
-        zero_range(progress, dst, offset, length, manifest).await?;
+        zero_range(shared, dst, offset, length, manifest).await?;
         return Ok(buf);
     }
     let runs = zero_runs(offset, &buf);
@@ -110,7 +118,7 @@ async fn copy_item(
         Progress::add(&progress.bytes_written, length);
         buf
     } else {
-        write_around_zeros(progress, dst, offset, buf, &runs).await?
+        write_around_zeros(shared, dst, offset, buf, &runs).await?
     };
     if let Some(m) = manifest {
         // The target now holds exactly `buf` here, zero runs included.
@@ -148,7 +156,7 @@ pub(super) fn zero_runs(offset: u64, buf: &[u8]) -> Vec<(usize, usize)> {
 
 /// Write `buf` (read at `offset`) as data, except for `runs`, which become zero commands.
 async fn write_around_zeros(
-    progress: &Progress,
+    shared: &Shared,
     dst: &dyn Endpoint,
     offset: u64,
     buf: Vec<u8>,
@@ -170,7 +178,7 @@ async fn write_around_zeros(
     for (s, e, zero) in pieces {
         let (at, len) = (offset + s as u64, (e - s) as u64);
         if zero {
-            zero_range(progress, dst, at, len, None).await?;
+            zero_range(shared, dst, at, len, None).await?;
         } else {
             scratch.clear();
             scratch.extend_from_slice(&buf[s..e]);
@@ -178,26 +186,126 @@ async fn write_around_zeros(
                 .write(at, scratch)
                 .await
                 .map_err(|err| err.on_target(at, len))?;
-            Progress::add(&progress.bytes_written, len);
+            Progress::add(&shared.progress.bytes_written, len);
         }
     }
     Ok(buf)
 }
 
-/// One zero command for a range known (from the allocation map) or found (scanned) to be zeros.
+/// Make a range known (from the allocation map) or found (scanned) to be zeros on the source
+/// read as zeros on the target: one zero command, except where the target already did.
 async fn zero_range(
-    progress: &Progress,
+    shared: &Shared,
     dst: &dyn Endpoint,
     offset: u64,
     length: u64,
     manifest: Option<&ManifestBuilder>,
 ) -> Result<()> {
-    dst.write_zeroes(offset, length)
-        .await
-        .map_err(|e| e.on_target(offset, length))?;
+    for (at, len) in shared.known_zeros.gaps(offset, length) {
+        dst.write_zeroes(at, len)
+            .await
+            .map_err(|e| e.on_target(at, len))?;
+    }
     if let Some(m) = manifest {
         m.record_zero(offset, length);
     }
-    Progress::add(&progress.bytes_zeroed, length);
+    Progress::add(&shared.progress.bytes_zeroed, length);
     Ok(())
+}
+
+/// The ranges of a target that read as zeros, asked once before the copy writes anything, as
+/// sorted, disjoint `(start, end)` runs. Nothing else writes the target while the engine copies
+/// into it, and no work item overlaps another, so a range in the map still reads as zeros when
+/// the item that covers it comes: its zero command would change nothing.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct ZeroMap(pub(super) Vec<(u64, u64)>);
+
+impl ZeroMap {
+    /// The zero runs of `target`'s allocation map.
+    pub(super) async fn of(target: &dyn Endpoint) -> Result<Self> {
+        let map = plan::allocation_map(target).await?;
+        Ok(Self(
+            map.into_iter()
+                .filter(|e| e.zero)
+                .map(|e| (e.offset, e.end()))
+                .collect(),
+        ))
+    }
+
+    /// The parts of `[offset, offset + length)` not known to read as zeros, as
+    /// `(offset, length)`, in order.
+    pub(super) fn gaps(&self, offset: u64, length: u64) -> Vec<(u64, u64)> {
+        let end = offset + length;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        let first = self.0.partition_point(|&(_, e)| e <= offset);
+        for &(s, e) in &self.0[first..] {
+            if s >= end || pos >= end {
+                break;
+            }
+            if s > pos {
+                out.push((pos, s - pos));
+            }
+            pos = pos.max(e);
+        }
+        if pos < end {
+            out.push((pos, end - pos));
+        }
+        out
+    }
+}
+
+/// When the next flush of a target flushed as the copy goes is due
+/// ([`CopyOptions::flush_ahead`](super::CopyOptions::flush_ahead)), and the signal to the task
+/// that sends it.
+pub(super) struct FlushAhead {
+    every: u64,
+    /// `bytes_written` at which the next flush is due.
+    due: AtomicU64,
+    wanted: Notify,
+    done: AtomicBool,
+}
+
+impl FlushAhead {
+    pub(super) fn new(every: u64) -> Self {
+        Self {
+            every,
+            due: AtomicU64::new(every),
+            wanted: Notify::new(),
+            done: AtomicBool::new(false),
+        }
+    }
+
+    /// A slot finished an item; `written` bytes are written so far.
+    fn written(&self, written: u64) {
+        if written >= self.due.load(Ordering::Relaxed) {
+            self.due.store(written + self.every, Ordering::Relaxed);
+            // Stored as a permit if the flusher is busy: at most one flush follows.
+            self.wanted.notify_one();
+        }
+    }
+
+    /// The slots are done: the flusher stops (the final flush is the engine's).
+    pub(super) fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.wanted.notify_one();
+    }
+}
+
+/// Flush `target` whenever [`FlushAhead`] says, one flush at a time, until the slots are done.
+/// A failed flush fails the copy, as the final one would.
+pub(super) async fn flush_ahead(shared: Arc<Shared>, target: Arc<dyn Endpoint>) {
+    let Some(f) = &shared.flush_ahead else {
+        return;
+    };
+    loop {
+        f.wanted.notified().await;
+        if f.done.load(Ordering::SeqCst) || shared.stopped() {
+            return;
+        }
+        if let Err(e) = target.flush().await {
+            shared.fail(e.on_target(0, 0));
+            return;
+        }
+    }
 }

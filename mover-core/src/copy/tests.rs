@@ -1,6 +1,6 @@
 //! The engine on local files: plans, zero runs, checkpoints, refused options.
 
-use super::slot::zero_runs;
+use super::slot::{zero_runs, ZeroMap};
 use super::*;
 use crate::endpoint::{file::FileEndpoint, Access};
 
@@ -153,4 +153,262 @@ async fn bad_options_are_refused() {
         run(&src, &dst, PlanKind::All, &opts).await,
         Err(MoverError::InvalidPlan(_))
     ));
+}
+
+#[test]
+fn known_zeros_leave_gaps_to_zero() {
+    let map = ZeroMap(vec![(10, 20), (30, 40), (40, 50), (70, 80)]);
+    assert_eq!(
+        map.gaps(0, 100),
+        vec![(0, 10), (20, 10), (50, 20), (80, 20)]
+    );
+    assert_eq!(map.gaps(12, 6), vec![]);
+    assert_eq!(map.gaps(15, 20), vec![(20, 10)]);
+    assert_eq!(map.gaps(45, 30), vec![(50, 20)]);
+    assert_eq!(map.gaps(80, 5), vec![(80, 5)]);
+    assert_eq!(ZeroMap::default().gaps(7, 3), vec![(7, 3)]);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Event {
+    Write,
+    Zero(u64, u64),
+    Flush,
+}
+
+/// What a [`Probe`] saw, shared by the handles it hands out.
+#[derive(Default)]
+struct Seen {
+    /// Writes and zero commands as they completed, flushes as they began.
+    events: Mutex<Vec<Event>>,
+    in_flight: AtomicUsize,
+    most_in_flight: AtomicUsize,
+}
+
+impl Seen {
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+
+    fn zeroed(&self) -> Vec<(u64, u64)> {
+        let zeroed = self.events().into_iter().filter_map(|e| match e {
+            Event::Zero(o, l) => Some((o, l)),
+            _ => None,
+        });
+        zeroed.collect()
+    }
+}
+
+/// A local file as a target, with the capabilities a test gives it, recording the writes, zero
+/// commands, flushes and requests in flight it sees; each write takes at least 2 ms, so that a
+/// copy of a few MiB lasts long enough for a flush to come during it.
+struct Probe {
+    inner: Arc<dyn Endpoint>,
+    caps: crate::endpoint::Capabilities,
+    seen: Arc<Seen>,
+}
+
+impl Probe {
+    async fn open(path: &str, size: u64, flush_ahead: bool) -> (Arc<dyn Endpoint>, Arc<Seen>) {
+        let inner: Arc<dyn Endpoint> = Arc::new(
+            FileEndpoint::open(path, Access::Write { create_size: size })
+                .await
+                .unwrap(),
+        );
+        let caps = crate::endpoint::Capabilities {
+            flush_ahead,
+            ..inner.capabilities().clone()
+        };
+        let seen = Arc::new(Seen::default());
+        let probe = Self {
+            inner,
+            caps,
+            seen: Arc::clone(&seen),
+        };
+        (Arc::new(probe), seen)
+    }
+
+    async fn counted<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let now = self.seen.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.seen.most_in_flight.fetch_max(now, Ordering::SeqCst);
+        let out = work.await;
+        self.seen.in_flight.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
+}
+
+#[async_trait::async_trait]
+impl Endpoint for Probe {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> &crate::endpoint::Capabilities {
+        &self.caps
+    }
+
+    async fn another(&self) -> Result<Arc<dyn Endpoint>> {
+        Ok(Arc::new(Self {
+            inner: self.inner.another().await?,
+            caps: self.caps.clone(),
+            seen: Arc::clone(&self.seen),
+        }))
+    }
+
+    async fn read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        self.counted(self.inner.read(offset, buf)).await
+    }
+
+    async fn write(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let slow = async {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            self.inner.write(offset, buf).await
+        };
+        let buf = self.counted(slow).await?;
+        self.seen.events.lock().unwrap().push(Event::Write);
+        Ok(buf)
+    }
+
+    async fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        self.counted(self.inner.write_zeroes(offset, length))
+            .await?;
+        let zeroed = Event::Zero(offset, length);
+        self.seen.events.lock().unwrap().push(zeroed);
+        Ok(())
+    }
+
+    async fn extents(&self, offset: u64, length: u64) -> Result<Vec<crate::endpoint::Extent>> {
+        self.inner.extents(offset, length).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.seen.events.lock().unwrap().push(Event::Flush);
+        self.inner.flush().await
+    }
+}
+
+/// A target that is a hole except for stale data at `stale` (MiB ranges).
+fn stale_target(dir: &std::path::Path, size: u64, stale: &[(u64, u64)]) -> String {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("stale.raw");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(size).unwrap();
+    for &(start, end) in stale {
+        f.write_all_at(&vec![0xa5u8; ((end - start) << 20) as usize], start << 20)
+            .unwrap();
+    }
+    path.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_commands_go_only_where_the_target_does_not_read_as_zeros() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, expect) = sparse_source(dir.path()).await;
+    // Stale data in two holes of the source, and under the source's data at 5 MiB.
+    let stale = [(2, 4), (5, 6), (10, 11)];
+    let dst = stale_target(dir.path(), expect.len() as u64, &stale);
+    let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(&src, Access::Read).await.unwrap());
+    let (d, seen) = Probe::open(&dst, expect.len() as u64, false).await;
+    let opts = CopyOptions {
+        request_size: 1 << 16,
+        ..CopyOptions::default()
+    };
+    let snap = copy(
+        s,
+        d,
+        &PlanKind::Allocated,
+        &opts,
+        Arc::default(),
+        Arc::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read(&dst).unwrap(), expect);
+    let zeroed = seen.zeroed();
+    let inside =
+        |&(o, l): &(u64, u64)| stale.iter().any(|&(s, e)| o >= s << 20 && o + l <= e << 20);
+    assert!(
+        zeroed.iter().all(inside),
+        "zeroed outside the stale data: {zeroed:?}"
+    );
+    // The stale MiB at 5 MiB holds the source's data up to 300,000 bytes in; the rest of
+    // its page-rounded extent (up to 303,104) is written as data.
+    let zeroed_bytes: u64 = zeroed.iter().map(|z| z.1).sum();
+    assert_eq!(zeroed_bytes, (3 << 20) + (1 << 20) - 303_104);
+    // What the copy reports is what it reported before it knew the target's zeros.
+    assert_eq!(snap.bytes_planned, expect.len() as u64);
+    assert_eq!(snap.bytes_done(), snap.bytes_planned);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_flushed_ahead_is_flushed_as_the_copy_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, expect) = sparse_source(dir.path()).await;
+    let size = expect.len() as u64;
+    for (flush_ahead, every, ahead) in [
+        (true, 64 << 10, true),
+        (true, 0, false),
+        (false, 64 << 10, false),
+    ] {
+        let dst = dir.path().join("dst.raw");
+        let _ = std::fs::remove_file(&dst);
+        let dst = dst.to_str().unwrap();
+        let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(&src, Access::Read).await.unwrap());
+        let (d, seen) = Probe::open(dst, size, flush_ahead).await;
+        let opts = CopyOptions {
+            request_size: 1 << 16,
+            flush_ahead: every,
+            ..CopyOptions::default()
+        };
+        copy(
+            s,
+            d,
+            &PlanKind::Allocated,
+            &opts,
+            Arc::default(),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(dst).unwrap(), expect);
+        let events = seen.events();
+        let last_write = events.iter().rposition(|e| *e == Event::Write).unwrap();
+        let flushes_before = events[..last_write]
+            .iter()
+            .filter(|e| **e == Event::Flush)
+            .count();
+        // However many came before, the last flush follows every write.
+        assert_eq!(events.last(), Some(&Event::Flush), "{events:?}");
+        assert_eq!(
+            flushes_before > 0,
+            ahead,
+            "flush_ahead {flush_ahead}, every {every}: {events:?}"
+        );
+        if !ahead {
+            assert_eq!(events.iter().filter(|e| **e == Event::Flush).count(), 1);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffer_budget_bounds_the_requests_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, expect) = sparse_source(dir.path()).await;
+    let dst = dir.path().join("dst.raw");
+    let dst = dst.to_str().unwrap();
+    let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(&src, Access::Read).await.unwrap());
+    let (d, seen) = Probe::open(dst, expect.len() as u64, false).await;
+    let opts = CopyOptions {
+        connections: 1,
+        requests: 16,
+        request_size: 1 << 16,
+        buffer_budget: 2 << 16,
+        ..CopyOptions::default()
+    };
+    copy(s, d, &PlanKind::All, &opts, Arc::default(), Arc::default())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(dst).unwrap(), expect);
+    let most = seen.most_in_flight.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&most), "{most} requests in flight");
 }
