@@ -274,27 +274,65 @@ fn slot_count(
         .min(target.capabilities().max_in_flight)
 }
 
-/// One handle pair per connection; an endpoint without multi-conn shares its one handle.
+/// The source and target handles of one connection.
+type Pair = (Arc<dyn Endpoint>, Arc<dyn Endpoint>);
+
+/// One handle pair per connection; an endpoint without multi-conn shares its one handle. The
+/// further connections are dialled all at once: each costs a handshake of several round trips.
 async fn connect_pairs(
     source: &Arc<dyn Endpoint>,
     target: &Arc<dyn Endpoint>,
     connections: usize,
-) -> Result<Vec<(Arc<dyn Endpoint>, Arc<dyn Endpoint>)>> {
-    let mut pairs = vec![(Arc::clone(source), Arc::clone(target))];
-    for _ in 1..connections {
-        let s = if source.capabilities().multi_conn {
-            source.another().await?
-        } else {
-            Arc::clone(source)
-        };
-        let d = if target.capabilities().multi_conn {
-            target.another().await?
-        } else {
-            Arc::clone(target)
-        };
-        pairs.push((s, d));
+) -> Result<Vec<Pair>> {
+    let another = |end: &Arc<dyn Endpoint>| {
+        let end = Arc::clone(end);
+        async move {
+            if end.capabilities().multi_conn {
+                end.another().await
+            } else {
+                Ok(end)
+            }
+        }
+    };
+    let mut dialling = JoinSet::new();
+    for i in 1..connections {
+        let (s, d) = (another(source), another(target));
+        dialling.spawn(async move { (i, tokio::try_join!(s, d)) });
     }
-    Ok(pairs)
+    let mut pairs = vec![(Arc::clone(source), Arc::clone(target))];
+    let mut dialled = Vec::with_capacity(connections);
+    let mut failure = None;
+    while let Some(joined) = dialling.join_next().await {
+        match joined {
+            Ok((i, Ok(pair))) => dialled.push((i, pair)),
+            Ok((_, Err(e))) => failure = failure.or(Some(e)),
+            Err(e) => {
+                let e = MoverError::io("connection dialler", std::io::Error::other(e));
+                failure = failure.or(Some(e));
+            }
+        }
+    }
+    dialled.sort_by_key(|(i, _)| *i);
+    pairs.extend(dialled.into_iter().map(|(_, pair)| pair));
+    match failure {
+        None => Ok(pairs),
+        Some(e) => {
+            close_pairs(&pairs, source, target).await;
+            Err(e)
+        }
+    }
+}
+
+/// Close the connections `connect_pairs` dialled (not `source` and `target` themselves).
+async fn close_pairs(pairs: &[Pair], source: &Arc<dyn Endpoint>, target: &Arc<dyn Endpoint>) {
+    for (s, d) in pairs.iter().skip(1) {
+        if !Arc::ptr_eq(s, source) {
+            let _ = s.close().await;
+        }
+        if !Arc::ptr_eq(d, target) {
+            let _ = d.close().await;
+        }
+    }
 }
 
 /// Wait for every slot, recording checkpoints on the way; abandon the slots only when a
@@ -453,14 +491,7 @@ pub async fn copy_reporting(
         }),
     };
     progress.finish();
-    for (s, d) in pairs.iter().skip(1) {
-        if !Arc::ptr_eq(s, &source) {
-            let _ = s.close().await;
-        }
-        if !Arc::ptr_eq(d, &target) {
-            let _ = d.close().await;
-        }
-    }
+    close_pairs(&pairs, &source, &target).await;
     if let Some(e) = failure {
         return Err(e);
     }
