@@ -209,23 +209,33 @@ struct Probe {
 }
 
 impl Probe {
-    async fn open(path: &str, size: u64, flush_ahead: bool) -> (Arc<dyn Endpoint>, Arc<Seen>) {
-        let inner: Arc<dyn Endpoint> = Arc::new(
-            FileEndpoint::open(path, Access::Write { create_size: size })
-                .await
-                .unwrap(),
-        );
+    /// Copy the file `src` into a probe over the file `dst` (created as needed); what the copy
+    /// reported, and what the probe saw.
+    async fn copy(
+        src: &str,
+        dst: &str,
+        flush_ahead: bool,
+        kind: PlanKind,
+        opts: &CopyOptions,
+    ) -> (ProgressSnapshot, Arc<Seen>) {
+        let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(src, Access::Read).await.unwrap());
+        let size = s.capabilities().size;
+        let write = Access::Write { create_size: size };
+        let inner: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(dst, write).await.unwrap());
         let caps = crate::endpoint::Capabilities {
             flush_ahead,
             ..inner.capabilities().clone()
         };
         let seen = Arc::new(Seen::default());
-        let probe = Self {
+        let d = Arc::new(Self {
             inner,
             caps,
             seen: Arc::clone(&seen),
-        };
-        (Arc::new(probe), seen)
+        });
+        let snap = copy(s, d, &kind, opts, Arc::default(), Arc::default())
+            .await
+            .unwrap();
+        (snap, seen)
     }
 
     async fn counted<T>(&self, work: impl std::future::Future<Output = T>) -> T {
@@ -307,22 +317,11 @@ async fn zero_commands_go_only_where_the_target_does_not_read_as_zeros() {
     // Stale data in two holes of the source, and under the source's data at 5 MiB.
     let stale = [(2, 4), (5, 6), (10, 11)];
     let dst = stale_target(dir.path(), expect.len() as u64, &stale);
-    let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(&src, Access::Read).await.unwrap());
-    let (d, seen) = Probe::open(&dst, expect.len() as u64, false).await;
     let opts = CopyOptions {
         request_size: 1 << 16,
         ..CopyOptions::default()
     };
-    let snap = copy(
-        s,
-        d,
-        &PlanKind::Allocated,
-        &opts,
-        Arc::default(),
-        Arc::default(),
-    )
-    .await
-    .unwrap();
+    let (snap, seen) = Probe::copy(&src, &dst, false, PlanKind::Allocated, &opts).await;
     assert_eq!(std::fs::read(&dst).unwrap(), expect);
     let zeroed = seen.zeroed();
     let inside =
@@ -344,7 +343,6 @@ async fn zero_commands_go_only_where_the_target_does_not_read_as_zeros() {
 async fn a_target_flushed_ahead_is_flushed_as_the_copy_goes() {
     let dir = tempfile::tempdir().unwrap();
     let (src, expect) = sparse_source(dir.path()).await;
-    let size = expect.len() as u64;
     for (flush_ahead, every, ahead) in [
         (true, 64 << 10, true),
         (true, 0, false),
@@ -353,23 +351,12 @@ async fn a_target_flushed_ahead_is_flushed_as_the_copy_goes() {
         let dst = dir.path().join("dst.raw");
         let _ = std::fs::remove_file(&dst);
         let dst = dst.to_str().unwrap();
-        let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(&src, Access::Read).await.unwrap());
-        let (d, seen) = Probe::open(dst, size, flush_ahead).await;
         let opts = CopyOptions {
             request_size: 1 << 16,
             flush_ahead: every,
             ..CopyOptions::default()
         };
-        copy(
-            s,
-            d,
-            &PlanKind::Allocated,
-            &opts,
-            Arc::default(),
-            Arc::default(),
-        )
-        .await
-        .unwrap();
+        let (_, seen) = Probe::copy(&src, dst, flush_ahead, PlanKind::Allocated, &opts).await;
         assert_eq!(std::fs::read(dst).unwrap(), expect);
         let events = seen.events();
         let last_write = events.iter().rposition(|e| *e == Event::Write).unwrap();
@@ -396,8 +383,6 @@ async fn the_buffer_budget_bounds_the_requests_in_flight() {
     let (src, expect) = sparse_source(dir.path()).await;
     let dst = dir.path().join("dst.raw");
     let dst = dst.to_str().unwrap();
-    let s: Arc<dyn Endpoint> = Arc::new(FileEndpoint::open(&src, Access::Read).await.unwrap());
-    let (d, seen) = Probe::open(dst, expect.len() as u64, false).await;
     let opts = CopyOptions {
         connections: 1,
         requests: 16,
@@ -405,9 +390,7 @@ async fn the_buffer_budget_bounds_the_requests_in_flight() {
         buffer_budget: 2 << 16,
         ..CopyOptions::default()
     };
-    copy(s, d, &PlanKind::All, &opts, Arc::default(), Arc::default())
-        .await
-        .unwrap();
+    let (_, seen) = Probe::copy(&src, dst, false, PlanKind::All, &opts).await;
     assert_eq!(std::fs::read(dst).unwrap(), expect);
     let most = seen.most_in_flight.load(Ordering::SeqCst);
     assert!((1..=2).contains(&most), "{most} requests in flight");
