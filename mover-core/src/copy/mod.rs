@@ -74,7 +74,7 @@ mod tests;
 
 pub(crate) use job::complete_manifest;
 pub use job::{run, CopyOutcome, ManifestReport};
-use slot::{flush_ahead, run_slot, FlushAhead, Shared, ZeroMap};
+use slot::{flush_ahead, run_slot, FlushAhead, Shared, ZeroMap, MAX_ZERO_RUNS};
 
 /// The default [`CopyOptions::buffer_budget`]. On the reference disk, NBD to NBD through
 /// `qemu-nbd`, 16 or 32 slots of 1 MiB copied as fast as 64, with less CPU; 64 slots cost
@@ -246,7 +246,7 @@ async fn prepare(
         dst_caps.cheap_extents && !opts.target_is_zero && !matches!(kind, PlanKind::Explicit(_));
     let known_zeros = async {
         if ask_zeros {
-            ZeroMap::of(target).await
+            ZeroMap::of(target, MAX_ZERO_RUNS).await
         } else {
             Ok(ZeroMap::default())
         }

@@ -220,16 +220,26 @@ async fn zero_range(
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(super) struct ZeroMap(pub(super) Vec<(u64, u64)>);
 
+/// Most zero runs a [`ZeroMap`] keeps (16 MiB): a target fragmented beyond that is known as far
+/// as they reach, and zeroed by command past it, as if nothing were known.
+pub(super) const MAX_ZERO_RUNS: usize = 1 << 20;
+
 impl ZeroMap {
-    /// The zero runs of `target`'s allocation map.
-    pub(super) async fn of(target: &dyn Endpoint) -> Result<Self> {
-        let map = plan::allocation_map(target).await?;
-        Ok(Self(
-            map.into_iter()
-                .filter(|e| e.zero)
-                .map(|e| (e.offset, e.end()))
-                .collect(),
-        ))
+    /// The zero runs of `target`'s allocation map, at most `limit` of them (the engine asks for
+    /// [`MAX_ZERO_RUNS`]).
+    pub(super) async fn of(target: &dyn Endpoint, limit: usize) -> Result<Self> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        plan::visit_allocation(target, |e| {
+            if e.zero {
+                match runs.last_mut() {
+                    Some(last) if last.1 == e.offset => last.1 = e.end(),
+                    _ => runs.push((e.offset, e.end())),
+                }
+            }
+            runs.len() < limit
+        })
+        .await?;
+        Ok(Self(runs))
     }
 
     /// The parts of `[offset, offset + length)` not known to read as zeros, as

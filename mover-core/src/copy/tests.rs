@@ -155,6 +155,23 @@ async fn bad_options_are_refused() {
     ));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_known_zeros_are_the_targets_zero_runs_up_to_a_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    // Holes at 0-2, 4-5 and 6-16 MiB around the stale data.
+    let dst = stale_target(dir.path(), 16 << 20, &[(2, 4), (5, 6)]);
+    let target = FileEndpoint::open(&dst, Access::Read).await.unwrap();
+    let runs = [(0, 2 << 20), (4 << 20, 5 << 20), (6 << 20, 16 << 20)];
+    assert_eq!(
+        ZeroMap::of(&target, 10).await.unwrap(),
+        ZeroMap(runs.to_vec())
+    );
+    assert_eq!(
+        ZeroMap::of(&target, 2).await.unwrap(),
+        ZeroMap(runs[..2].to_vec())
+    );
+}
+
 #[test]
 fn known_zeros_leave_gaps_to_zero() {
     let map = ZeroMap(vec![(10, 20), (30, 40), (40, 50), (70, 80)]);
