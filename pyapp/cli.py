@@ -579,7 +579,7 @@ def report_usage(e: UsageError, as_json: bool) -> int:
     return EXIT_USAGE
 
 
-# The core's limits (copy.rs CopyOptions::check, qcow2/writer.rs, manifest.rs), checked here too
+# The core's limits (copy/mod.rs CopyOptions::check, qcow2/writer.rs, manifest.rs), checked here too
 # so that a bad value is a usage error before anything is opened.
 REQUEST_SIZE = byte_size(4 << 10, 32 << 20, "4 KiB to 32 MiB")
 CLUSTER_SIZE = byte_size(512, 2 << 20, "512 B to 2 MiB")

@@ -121,17 +121,32 @@ fn push_range(items: &mut Vec<WorkItem>, offset: u64, length: u64, zero: bool, r
 
 /// The source's allocation map over the whole disk, window by window.
 pub async fn allocation_map(source: &dyn Endpoint) -> Result<Vec<Extent>> {
-    let size = source.capabilities().size;
     let mut out: Vec<Extent> = Vec::new();
+    visit_allocation(source, |e| {
+        push_extent(&mut out, e.offset, e.length, e.zero);
+        true
+    })
+    .await?;
+    Ok(out)
+}
+
+/// Hand `visit` the allocation map of `endpoint` over the whole disk, extent by extent in disk
+/// order, asked window by window (two touching extents of one kind may come apart at a window
+/// edge); `visit` answers false to stop there.
+pub async fn visit_allocation(
+    endpoint: &dyn Endpoint,
+    mut visit: impl FnMut(Extent) -> bool,
+) -> Result<()> {
+    let size = endpoint.capabilities().size;
     let mut pos = 0;
     while pos < size {
         let len = EXTENTS_WINDOW.min(size - pos);
-        let extents = source.extents(pos, len).await?;
+        let extents = endpoint.extents(pos, len).await?;
         let mut covered = pos;
         for e in extents {
             if e.offset != covered || e.length == 0 {
                 return Err(MoverError::Protocol {
-                    endpoint: source.name().to_owned(),
+                    endpoint: endpoint.name().to_owned(),
                     message: format!("allocation map has a gap or overlap at {covered}"),
                 });
             }
@@ -140,20 +155,22 @@ pub async fn allocation_map(source: &dyn Endpoint) -> Result<Vec<Extent>> {
                 ..e
             };
             covered = e.end();
-            push_extent(&mut out, e.offset, e.length, e.zero);
+            if !visit(e) {
+                return Ok(());
+            }
             if covered >= pos + len {
                 break;
             }
         }
         if covered == pos {
             return Err(MoverError::Protocol {
-                endpoint: source.name().to_owned(),
+                endpoint: endpoint.name().to_owned(),
                 message: format!("allocation map made no progress at {pos}"),
             });
         }
         pos = covered;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Build the plan for copying `source` with this kind of plan.

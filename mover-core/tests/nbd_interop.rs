@@ -3,7 +3,7 @@
 //! guard's `Drop`, and `PR_SET_PDEATHSIG` should the test process die first). libnbd's `nbdinfo`
 //! is the oracle for allocation maps.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -931,25 +931,47 @@ fn flushless_server(socket: &Path, file: &Path, size: u64) -> Server {
     )
 }
 
+/// A sparse `source.raw` of `size` bytes holding `pattern(offset, len, seed)` at each
+/// `(offset, len, seed)` of `data`, and its contents.
+fn source_with_data(dir: &Path, size: u64, data: &[(u64, usize, u64)]) -> (PathBuf, Vec<u8>) {
+    use std::os::unix::fs::FileExt;
+    let source = dir.join("source.raw");
+    let f = std::fs::File::create(&source).unwrap();
+    f.set_len(size).unwrap();
+    for &(offset, len, seed) in data {
+        f.write_all_at(&pattern(offset, len, seed), offset).unwrap();
+    }
+    let contents = std::fs::read(&source).unwrap();
+    (source, contents)
+}
+
 /// Copy `source` to `target` with `copy::run` and default options (plus `checkpoint`).
 async fn run_copy(
     source: &str,
     target: &str,
     checkpoint: Option<&Path>,
 ) -> mover_core::Result<mover_core::copy::CopyOutcome> {
-    use mover_core::copy::{self, CopyOptions};
-    use mover_core::endpoint::OpenOptions;
-    use mover_core::plan::PlanKind;
-    let opts = CopyOptions {
+    let opts = mover_core::copy::CopyOptions {
         checkpoint: checkpoint.map(Path::to_owned),
         request_size: 256 << 10,
-        ..CopyOptions::default()
+        ..mover_core::copy::CopyOptions::default()
     };
-    copy::run(
+    run_copy_with(source, target, &opts).await
+}
+
+/// Copy what `source` reports allocated to `target` with `copy::run` and `opts`.
+async fn run_copy_with(
+    source: &str,
+    target: &str,
+    opts: &mover_core::copy::CopyOptions,
+) -> mover_core::Result<mover_core::copy::CopyOutcome> {
+    use mover_core::endpoint::OpenOptions;
+    use mover_core::plan::PlanKind;
+    mover_core::copy::run(
         source,
         target,
         &PlanKind::Allocated,
-        &opts,
+        opts,
         &OpenOptions::default(),
         Arc::default(),
         Arc::default(),
@@ -961,20 +983,7 @@ async fn run_copy(
 async fn a_copy_into_a_server_without_flush_is_not_durable() {
     let dir = tempfile::tempdir().unwrap();
     let size = 4 * MIB;
-    let source = dir.path().join("source.raw");
-    std::fs::File::create(&source)
-        .unwrap()
-        .set_len(size)
-        .unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&source)
-            .unwrap();
-        f.write_all_at(&pattern(MIB, 512 << 10, 5), MIB).unwrap();
-    }
-    let want = std::fs::read(&source).unwrap();
+    let (source, want) = source_with_data(dir.path(), size, &[(MIB, 512 << 10, 5)]);
     let source = source.to_str().unwrap();
 
     // nbdkit without flush: the bytes arrive, but the copy says they are not durable, with a
@@ -1022,6 +1031,86 @@ async fn a_copy_into_a_server_without_flush_is_not_durable() {
     let raw = dir.path().join("copy.raw");
     let outcome = run_copy(source, raw.to_str().unwrap(), None).await.unwrap();
     assert!(outcome.durable);
+}
+
+/// The requests `nbdkit --filter=log` logged of one kind (`Zero`, `Flush`, `Write`), in order,
+/// as `(offset, count)` (zero for a flush); replies are logged as `...Zero id=`, not matched.
+fn logged(log: &Path, kind: &str) -> Vec<(u64, u64)> {
+    let field = |line: &str, name: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .map_or(0, |v| {
+                u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+            })
+    };
+    let text = std::fs::read_to_string(log).unwrap();
+    let wanted = format!(" {kind} id=");
+    text.lines()
+        .filter(|l| l.contains(&wanted))
+        .map(|l| (field(l, "offset="), field(l, "count=")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_zeroes_only_what_does_not_read_as_zeros_and_flushes_as_it_goes() {
+    use mover_core::copy::CopyOptions;
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let size = 8 * MIB;
+    // The source: data at 1 MiB and 6 MiB, holes elsewhere.
+    let data = [(MIB, MIB as usize, 8), (6 * MIB, MIB as usize, 8)];
+    let (source, want) = source_with_data(dir.path(), size, &data);
+    // Targets: a fresh sparse file, and one with stale data at 3-4 MiB (a hole of the source).
+    let stale = dir.path().join("stale.raw");
+    std::fs::File::create(&stale)
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .write_all_at(&vec![0xa5; MIB as usize], 3 * MIB)
+        .unwrap();
+    let fresh = sparse_file(dir.path(), size);
+    let opts = CopyOptions {
+        request_size: 256 << 10,
+        flush_ahead: 256 << 10,
+        ..CopyOptions::default()
+    };
+    for (file, zeroed) in [(&fresh, vec![]), (&stale, vec![(3 * MIB, MIB)])] {
+        let (sock, log) = (dir.path().join("k.sock"), dir.path().join("k.log"));
+        let _ = std::fs::remove_file(&log);
+        let kit = nbdkit_unix(
+            &sock,
+            &[
+                "--filter=log",
+                "file",
+                file.to_str().unwrap(),
+                &format!("logfile={}", log.display()),
+            ],
+        );
+        let target = unix_uri(&sock, "");
+        let ep = NbdEndpoint::open(&target, write_access(size))
+            .await
+            .unwrap();
+        let caps = ep.capabilities().clone();
+        ep.close().await.unwrap();
+        assert!(caps.cheap_extents && caps.flush_ahead, "{caps:?}");
+        let outcome = run_copy_with(source.to_str().unwrap(), &target, &opts)
+            .await
+            .unwrap();
+        drop(kit);
+        assert!(std::fs::read(file).unwrap() == want, "{}", file.display());
+        assert!(outcome.durable);
+        // The holes of the source still count as zeroed.
+        assert_eq!(outcome.progress.bytes_zeroed, size - 2 * MIB);
+        assert_eq!(logged(&log, "Zero"), zeroed, "{}", file.display());
+        // 2 MiB of data in 256 KiB requests, a flush due every 256 KiB written (one at a
+        // time): more than the final flush.
+        let flushes = logged(&log, "Flush").len();
+        assert!(flushes >= 2, "{flushes} flushes into {}", file.display());
+    }
 }
 
 /// Options with short deadlines, for servers that stop answering.

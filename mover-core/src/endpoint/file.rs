@@ -84,6 +84,8 @@ impl FileEndpoint {
                     read_only: access == Access::Read,
                     multi_conn: true,
                     extents: !block_device,
+                    cheap_extents: !block_device,
+                    flush_ahead: false,
                     fast_zero: true,
                     max_request: 1 << 30,
                     max_in_flight: super::LOCAL_IN_FLIGHT,

@@ -65,6 +65,17 @@ pub struct Capabilities {
     pub multi_conn: bool,
     /// `extents` reports real allocation rather than "all data".
     pub extents: bool,
+    /// `extents` over the whole disk costs little next to the zero commands it can save (NBD
+    /// block status, `SEEK_HOLE` on a file): before a copy writes into this endpoint, the
+    /// engine asks which ranges already read as zeros and sends no zero command there. False
+    /// where the map is dear (a QCOW2 image walks its tables and backing chain) or says "all
+    /// data" anyway.
+    pub cheap_extents: bool,
+    /// Completed writes wait in a cache that only a flush writes back (an NBD server: its own
+    /// write-back cache, or its host's page cache). A copy into it flushes as it goes, one
+    /// flush at a time, so that the write-back overlaps the copy and the final flush finds
+    /// little left to write. A local file starts its own write-back after each write instead.
+    pub flush_ahead: bool,
     /// `write_zeroes` is cheaper than writing zero bytes.
     pub fast_zero: bool,
     /// Largest single request the endpoint accepts, in bytes.

@@ -26,6 +26,10 @@
 //!   (remembered), gets zero buffers written instead.
 //! - `another()` dials a new connection when the server allows multi-conn, else shares this
 //!   one (which already carries many requests at once).
+//! - An export reports `cheap_extents` when it offers `base:allocation` (a copy into it asks
+//!   which ranges already read as zeros and sends no zero command there) and `flush_ahead`
+//!   when it can be written and flushed (a copy flushes it as it goes, so that the server's
+//!   write-back overlaps the copy).
 //! - A server that does not advertise `NBD_FLAG_SEND_FLUSH` is never sent a flush; `flush`
 //!   then succeeds without making anything durable, and `flush_durable` says so (`false`), so
 //!   a copy into such a server reports `durable: false`.
@@ -103,6 +107,10 @@ impl NbdEndpoint {
             read_only: access == Access::Read || info.has(proto::TFLAG_READ_ONLY),
             multi_conn: info.has(proto::TFLAG_CAN_MULTI_CONN),
             extents: info.base_allocation.is_some(),
+            cheap_extents: info.base_allocation.is_some(),
+            flush_ahead: access != Access::Read
+                && !info.has(proto::TFLAG_READ_ONLY)
+                && info.has(proto::TFLAG_SEND_FLUSH),
             fast_zero: info.has(proto::TFLAG_SEND_WRITE_ZEROES),
             max_request: u64::from(max_request),
             // The server decides how much it serves at once.
