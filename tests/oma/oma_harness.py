@@ -59,6 +59,14 @@ class Oma:
         return await self.client.delete(self.url(path), headers=kw.pop("headers", self.auth), **kw)
 
 
+def own_secret_file(tmp_path: Path) -> Path:
+    """A copy of :func:`double_secret_file` for one OMA."""
+    path = tmp_path / "vma-double.secret"
+    path.write_bytes(double_secret_file().read_bytes())
+    path.chmod(0o600)
+    return path
+
+
 def make_config(tmp_path: Path, dsn: str, vma_url: str, **overrides: Any) -> OmaConfig:
     values: dict[str, Any] = {
         "data_dir": tmp_path / "oma-data",
@@ -67,7 +75,9 @@ def make_config(tmp_path: Path, dsn: str, vma_url: str, **overrides: Any) -> Oma
         "database_url": dsn,
         "vma_url": vma_url,
         "vma_timeout": 3.0,
-        "vma_secret_file": double_secret_file(),
+        # its own copy: approving an enrollment writes the new VMA's secret into this file, which
+        # must not change what the next test's OMA signs with
+        "vma_secret_file": own_secret_file(tmp_path),
         "admin_username": ADMIN_USER,
         "admin_password": ADMIN_PASSWORD,
         "db_pool_size": 5,
