@@ -37,7 +37,7 @@ from collections.abc import AsyncGenerator, Callable
 import httpx
 import trio
 from quart import Response, request
-from quart_schema import QuartSchema
+from quart_schema import QuartSchema, hide
 from quart_schema.openapi import Info
 from quart_trio import QuartTrio
 
@@ -165,6 +165,7 @@ def create_app(config: OmaConfig, *, recent_logs: RecentRecords | None = None) -
     fast_json_views(app)
 
     @app.get(METRICS_PATH)
+    @hide  # Prometheus' text format, not part of the JSON API the OpenAPI document describes
     @requires("viewer")
     async def metrics_view() -> Response:
         """Prometheus' scrape (pyapp/metrics.py); who may read it: ``OMA_METRICS_PUBLIC``."""

@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator
 
 import trio
 from quart import Response, request
+from quart_schema import hide
 from quart_trio import QuartTrio
 
 from pyapp import metrics
@@ -37,6 +38,7 @@ PUBLIC_PATHS = frozenset({f"{API_PREFIX}/health", METRICS_PATH})
 log = logging.getLogger(__name__)
 
 
+@hide  # Prometheus' text format, not part of the JSON API the OpenAPI document describes
 async def metrics_view() -> Response:
     """Prometheus' scrape (pyapp/metrics.py)."""
     return metrics.metrics_response()
