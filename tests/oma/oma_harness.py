@@ -62,6 +62,7 @@ class Oma:
 def own_secret_file(tmp_path: Path) -> Path:
     """A copy of :func:`double_secret_file` for one OMA."""
     path = tmp_path / "vma-double.secret"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(double_secret_file().read_bytes())
     path.chmod(0o600)
     return path

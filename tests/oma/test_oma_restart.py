@@ -40,6 +40,9 @@ async def test_restart_keeps_every_record(tmp_path: Path, oma_dsn: str, vma: Vma
             f"/replications/{job['id']}/changeid", json={"disk_id": "disk-2000", "change_id": "cid-1"}
         )
         _, enrollment_id, appliance_id, secret = await enrolled_vma(oma)
+        # approval hands the OMA the new VMA's secret to sign with: the double is that VMA now
+        assert config.vma_secret_file is not None and config.vma_secret_file.read_text().strip() == secret
+        vma.secret = secret
         vma_token = await oma.login(appliance_id, secret)
         admin_token = oma.token
         before = {
