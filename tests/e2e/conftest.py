@@ -20,10 +20,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from lab import Lab, LabVM
+from oma.cloudstack.omavm import os_addresses
 from oma.replication.engine import ReplicationEngine
 from oma.state import STATE_KEY, OmaState
 from pyapp.db import create_database, with_database
 from pyapp.nbd_export import free_tcp_port
+from tests.oma.cloudstack_lab import LabCloudStack, run_cloudstack_lab
 from tests.oma.oma_harness import Oma, make_config, run_oma
 from tests.vma.conftest import signed_client, vma_config
 from vma.config import VmaConfig
@@ -115,6 +117,16 @@ async def oma_dsn(postgres_admin_dsn: str) -> str:
     name = f"oma_e2e_{uuid.uuid4().hex[:12]}"
     await create_database(postgres_admin_dsn, name)
     return with_database(postgres_admin_dsn, name)
+
+
+@pytest.fixture
+async def cloud(tmp_path: Path) -> AsyncIterator[LabCloudStack]:
+    """The lab CloudStack, its OMA VM holding this host's first MAC (so detection finds it); the
+    device links of volumes attached to it under ``<tmp_path>/cloudstack/dev``."""
+    host = os_addresses()
+    assert host.macs, "this host has no MAC address for the OMA VM to have"
+    async with run_cloudstack_lab(tmp_path / "cloudstack", oma_vm_mac=host.macs[0]) as lab_cloud:
+        yield lab_cloud
 
 
 @pytest.fixture

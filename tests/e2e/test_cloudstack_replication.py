@@ -9,7 +9,6 @@ in CloudStack, no device link left — and the next replication succeeds."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import pytest
 import trio
 
 from lab import LabVM, MiB
-from oma.cloudstack.omavm import os_addresses
 from tests.e2e.conftest import Product
 from tests.oma.cloudstack_lab import (
     CUSTOM_DISK,
@@ -26,7 +24,6 @@ from tests.oma.cloudstack_lab import (
     OMA_VM,
     ZONE1,
     LabCloudStack,
-    run_cloudstack_lab,
 )
 from tests.vma.conftest import images_equal
 
@@ -45,14 +42,6 @@ def oma_overrides(tmp_path: Path) -> dict[str, Any]:
         "device_wait_timeout": DEVICE_WAIT_S,
         "cloudstack_job_timeout": JOB_TIMEOUT_S,
     }
-
-
-@pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[LabCloudStack]:
-    host = os_addresses()
-    assert host.macs, "this host has no MAC address for the OMA VM to have"
-    async with run_cloudstack_lab(tmp_path / "cloudstack", oma_vm_mac=host.macs[0]) as lab_cloud:
-        yield lab_cloud
 
 
 async def configure(product: Product, cloud: LabCloudStack, vm: LabVM, **settings: str) -> None:

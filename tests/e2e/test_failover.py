@@ -9,7 +9,6 @@ step ends the job rolled back with nothing leaked, and a retry succeeds."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import trio
 
 from lab import Lab, LabVM
 from lab.bootdisk import find_marker, read_data, rewrite_data
-from oma.cloudstack.omavm import os_addresses
 from tests.e2e.conftest import Product
 from tests.e2e.test_cloudstack_replication import assert_targets_equal, replica_volumes
 from tests.e2e.test_cloudstack_replication import configure as configure_replication
@@ -27,7 +25,6 @@ from tests.oma.cloudstack_lab import (
     TEMPLATE,
     TEST_NET,
     LabCloudStack,
-    run_cloudstack_lab,
 )
 
 pytestmark = pytest.mark.e2e
@@ -48,14 +45,6 @@ def oma_overrides(tmp_path: Path) -> dict[str, Any]:
         "failover_guest_check": "lab-console",
         "failover_boot_timeout": BOOT_TIMEOUT_S,
     }
-
-
-@pytest.fixture
-async def cloud(tmp_path: Path) -> AsyncIterator[LabCloudStack]:
-    host = os_addresses()
-    assert host.macs, "this host has no MAC address for the OMA VM to have"
-    async with run_cloudstack_lab(tmp_path / "cloudstack", oma_vm_mac=host.macs[0]) as lab_cloud:
-        yield lab_cloud
 
 
 @pytest.fixture
